@@ -1,0 +1,25 @@
+"""The `linkcrm` command: one click group, its commands grouped by job in sibling modules."""
+
+from __future__ import annotations
+
+import click
+
+from engine import __version__
+from engine.cli.rules import bench, explain, test, validate
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="linkcrm")
+def main() -> None:
+    """linkcrm: Tolinku deep-link webhooks into your CRM, mapped by YAML rules.
+
+    \b
+    Check and try rules before any webhook arrives:
+      linkcrm validate rules/
+      linkcrm test rules/
+      linkcrm explain event.json --target hubspot
+    """
+
+
+for command in (validate, test, explain, bench):
+    main.add_command(command)

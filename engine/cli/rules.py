@@ -1,0 +1,205 @@
+"""Rule commands: `validate`, `test`, `explain` and `bench`."""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import click
+
+from engine.errors import ConfigError, Problem
+from engine.evaluator import Plan, plan
+from engine.explain import target_view
+from engine.fieldmap import TARGETS
+from engine.rulefiles import discover, load_ruleset
+from engine.rules import RuleSet
+from engine.ruletests import run_tests
+from engine.validation import check_paths
+from engine.yamlsource import YamlError, load_yaml
+
+from .output import FORMAT_OPTION, emit_json, fail, rules_paths
+
+PATHS = click.argument("paths", nargs=-1, type=click.Path(exists=True))
+
+
+def _summary(problems: list[Problem], files: int) -> str:
+    counts = Counter(p.severity for p in problems)
+    errors, warnings = counts["error"], counts["warning"]
+    parts = []
+    if errors:
+        parts.append(f"{errors} error{'s' * (errors != 1)}")
+    if warnings:
+        parts.append(f"{warnings} warning{'s' * (warnings != 1)}")
+    in_files = len({p.location.file for p in problems})
+    return f"{' and '.join(parts)} in {in_files} file{'s' * (in_files != 1)}" if parts else (
+        f"ok: {files} file{'s' * (files != 1)} checked, no problems")
+
+
+@click.command()
+@PATHS
+@FORMAT_OPTION
+@click.option("--strict", is_flag=True, help="Treat warnings as errors.")
+def validate(paths: tuple[str, ...], output_format: str, strict: bool) -> None:
+    """Check rule files, rule tests and the field map (schema and meaning).
+
+    Prints every problem as `file:line:col: code: message` with a hint, sorted by place.
+    Exit 0 when clean (warnings allowed unless --strict), 1 on errors, 2 on usage errors.
+
+    \b
+    Example:
+      linkcrm validate rules/
+    """
+    chosen = rules_paths(paths)
+    problems = check_paths(chosen)
+    sources = discover(chosen)
+    checked = len(sources.rule_files) + len(sources.test_files) + bool(sources.field_map)
+    failed = any(p.severity == "error" or strict for p in problems)
+    if output_format == "json":
+        emit_json({"ok": not failed, "problems": [p.as_json() for p in problems],
+                   "files": checked})
+    else:
+        for problem in problems:
+            click.echo(problem.render(), err=False)
+        click.echo(_summary(problems, checked))
+    sys.exit(1 if failed else 0)
+
+
+def _load(paths: list[str]) -> RuleSet:
+    try:
+        return load_ruleset(paths)
+    except ConfigError as error:
+        errors = sorted((p for p in error.problems), key=Problem.sort_key)
+        for problem in errors:
+            click.echo(problem.render(), err=True)
+        fail("the rules do not load; fix the errors above (`linkcrm validate` lists them)")
+
+
+@click.command()
+@PATHS
+@FORMAT_OPTION
+def test(paths: tuple[str, ...], output_format: str) -> None:
+    """Run the rule tests (`*_test.yaml`) against the rules beside them.
+
+    Each case gives an event and the expected action plan; a failure shows the case's
+    `file:line` and a diff. Prints `N passed, N failed`; exit 1 on any failure.
+
+    \b
+    Example:
+      linkcrm test rules/
+    """
+    chosen = rules_paths(paths)
+    ruleset = _load(chosen)
+    sources = discover(chosen)
+    results = run_tests(sources.test_files, ruleset)
+    passed = sum(r.passed for r in results)
+    failed = len(results) - passed
+    if output_format == "json":
+        emit_json({"passed": passed, "failed": failed, "cases": [r.as_dict() for r in results]})
+    else:
+        for result in results:
+            if result.passed:
+                continue
+            click.echo(f"{result.location}: FAIL {result.name}")
+            for block in (result.diff, result.error):
+                for line in block.splitlines():
+                    click.echo(f"    {line}")
+        if not results:
+            click.echo("no rule tests found (rule tests are *_test.yaml files beside the rules)")
+        click.echo(f"{passed} passed, {failed} failed")
+    sys.exit(1 if failed or not results else 0)
+
+
+def _read_event(source: str) -> Any:
+    try:
+        text = sys.stdin.read() if source == "-" else Path(source).read_text(encoding="utf-8")
+    except OSError as error:
+        fail(f"cannot read {source}: {error.strerror}", 2)
+    try:
+        return json.loads(text)
+    except ValueError:
+        pass
+    try:
+        return load_yaml(text, source).data
+    except YamlError as error:
+        fail(f"{source} is neither JSON nor YAML: {error}")
+
+
+def _explain_text(event: Any, result: Plan, ruleset: RuleSet, target: str | None) -> None:
+    click.echo(f"event: {result.event_type or '(no event type)'}")
+    click.echo("matched: " + (", ".join(result.matched) or "no rule"))
+    for skip in result.skipped:
+        click.echo(f"  skipped {skip.rule}: {skip.reason}")
+    if not result.actions and not result.failures:
+        click.echo("actions: none (the event is recorded as ignored)")
+    for number, action in enumerate(result.actions, 1):
+        click.echo(f"{number}. {action.kind} (rule {action.rule})")
+        shown = action.as_dict()
+        if target is not None:
+            view = target_view(action, ruleset.field_map, target).as_dict()
+            click.echo(f"   as sent to {target}:")
+            shown = view
+        for key, value in shown.items():
+            if key in ("rule", "action", "target") or value in ({}, [], None):
+                continue
+            click.echo(f"   {key}: {json.dumps(value, ensure_ascii=False)}")
+    for failure in result.failures:
+        click.echo(f"error: {failure.message}")
+
+
+@click.command()
+@click.argument("event")
+@click.option("--rules", "rules_dir", type=click.Path(exists=True), multiple=True,
+              help="Rule files or folders (default: $LINKCRM_RULES or ./rules).")
+@click.option("--target", type=click.Choice(TARGETS),
+              help="Also show each field under that CRM's name with its coerced value.")
+@FORMAT_OPTION
+def explain(event: str, rules_dir: tuple[str, ...], target: str | None,
+            output_format: str) -> None:
+    """Show what the rules do with one event: matches, skips and why, the action plan.
+
+    EVENT is a JSON (or YAML) file holding the event envelope, or - for standard input.
+    No CRM is contacted. Exit 1 when an action fails to evaluate.
+
+    \b
+    Example:
+      linkcrm explain install.json --target hubspot
+    """
+    ruleset = _load(rules_paths(rules_dir))
+    envelope = _read_event(event)
+    result = plan(envelope, ruleset)
+    if output_format == "json":
+        document = result.as_dict(envelope)
+        if target is not None:
+            actions = document["actions"]
+            assert isinstance(actions, list)
+            for shown, action in zip(actions, result.actions, strict=True):
+                assert isinstance(shown, dict)
+                shown["target"] = target_view(action, ruleset.field_map, target).as_dict()
+        emit_json(document)
+    else:
+        _explain_text(envelope, result, ruleset, target)
+    sys.exit(1 if result.failures else 0)
+
+
+@click.command()
+@click.option("--events", "count", default=200, show_default=True,
+              help="Distinct events to cycle through (both payload shapes).")
+@click.option("--seconds", default=3.0, show_default=True, help="Time per measurement.")
+@click.option("--rules", "rules_dir", type=click.Path(exists=True), multiple=True,
+              help="The shipped rules folder (default: $LINKCRM_RULES or ./rules).")
+def bench(count: int, seconds: float, rules_dir: tuple[str, ...]) -> None:
+    """Measure rule evaluation: events/second for the shipped rules, single core, next to
+    a hand-written Python function that produces the same action plans.
+
+    \b
+    Example:
+      linkcrm bench --events 200 --seconds 3
+    """
+    from engine.bench import run_benchmark
+
+    ruleset = _load(rules_paths(rules_dir))
+    for line in run_benchmark(ruleset, count, seconds):
+        click.echo(line)

@@ -1,0 +1,114 @@
+"""The exception tree and the `Problem` record that every user-facing check reports.
+
+    LinkcrmError
+    ├── ConfigError            a rule file, rule test or field map is wrong (carries Problems)
+    ├── EvaluationError        one action could not be evaluated for one event
+    ├── StorageError           the store could not commit or read
+    └── CRMError               a target refused or failed an action
+        ├── RetryableCRMError  try again later (timeouts, 5xx, 429, expired tokens)
+        └── PermanentCRMError  a fix is needed first (missing property, validation error)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+Severity = Literal["error", "warning"]
+
+
+@dataclass(frozen=True, order=True)
+class Location:
+    """Where in which file: 1-based line and column, like compilers print them."""
+
+    file: str
+    line: int = 0
+    column: int = 0
+
+    def __str__(self) -> str:
+        if not self.line:
+            return self.file
+        return f"{self.file}:{self.line}:{self.column}"
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One finding of `linkcrm validate`: `file:line:col: code: message`, then a hint."""
+
+    location: Location
+    code: str
+    message: str
+    hint: str = ""
+    severity: Severity = "error"
+    rule: str = ""
+    path: str = ""
+    detail: str = ""  # extra lines shown verbatim under the message (e.g. JMESPath's caret)
+
+    def sort_key(self) -> tuple[str, int, int, str, str]:
+        return (self.location.file, self.location.line, self.location.column, self.code, self.message)
+
+    def render(self) -> str:
+        where = f"rule {self.rule!r} at {self.path}: " if self.rule else (
+            f"at {self.path}: " if self.path else ""
+        )
+        label = self.code if self.severity == "error" else f"{self.code} (warning)"
+        lines = [f"{self.location}: {label}: {where}{self.message}"]
+        lines.extend(f"    {line}" for line in self.detail.splitlines())
+        if self.hint:
+            lines.append(f"    hint: {self.hint}")
+        return "\n".join(lines)
+
+    def as_json(self) -> dict[str, object]:
+        return {
+            "file": self.location.file,
+            "line": self.location.line,
+            "column": self.location.column,
+            "severity": self.severity,
+            "code": self.code,
+            "message": self.message,
+            "rule": self.rule or None,
+            "path": self.path or None,
+            "hint": self.hint or None,
+            "detail": self.detail or None,
+        }
+
+
+class LinkcrmError(Exception):
+    """Base of every error linkcrm raises on purpose."""
+
+
+@dataclass
+class ConfigError(LinkcrmError):
+    """Rule files, rule tests or the field map have problems; nothing was loaded."""
+
+    problems: list[Problem] = field(default_factory=list)
+
+    def __str__(self) -> str:
+        return "\n".join(p.render() for p in sorted(self.problems, key=Problem.sort_key))
+
+
+class EvaluationError(LinkcrmError):
+    """An action failed to evaluate for one event (a JMESPath type error, an empty identity).
+
+    The message names the rule, the action, the expression and the event.
+    """
+
+
+class StorageError(LinkcrmError):
+    """The store could not commit or read; the caller must not acknowledge."""
+
+
+class CRMError(LinkcrmError):
+    """A CRM target failed an action."""
+
+
+class RetryableCRMError(CRMError):
+    """Transient: back off and try again (honour `retry_after` seconds when set)."""
+
+    def __init__(self, message: str, *, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class PermanentCRMError(CRMError):
+    """The CRM refused the action for a reason that a retry cannot fix."""
