@@ -19,12 +19,14 @@ class TargetView:
     target: str
     identity: dict[str, JSON] = field(default_factory=dict)
     fields: dict[str, dict[str, JSON]] = field(default_factory=dict)  # set / set_once
+    scalars: dict[str, JSON] = field(default_factory=dict)  # key, title, amount
     stage: dict[str, JSON] | None = None
     unmapped: list[str] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, JSON]:
         result: dict[str, JSON] = {"target": self.target, "identity": dict(self.identity)}
+        result.update(self.scalars)
         result.update({name: dict(values) for name, values in self.fields.items()})
         if self.stage is not None:
             result["stage"] = dict(self.stage)
@@ -61,6 +63,9 @@ def target_view(action: Action, field_map: FieldMap, target: str) -> TargetView:
             except CoercionError as error:
                 view.errors.append(str(error))
         view.fields[map_name] = shown
+    for name, value in action.payload().items():
+        if name not in action.field_maps and name != "stage" and value is not None:
+            view.scalars[name] = value
     stage_name = getattr(action, "stage", None)
     if isinstance(stage_name, str):
         deal = action.kind == "create_deal"

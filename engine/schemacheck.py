@@ -136,7 +136,8 @@ def _single(
             else _TYPE_WORDS.get(expected, expected)
         )
         hint = ""
-        if expected == "string" and isinstance(value, bool | int | float):
+        is_expression = "JMESPath" in str(schema.get("description", ""))
+        if expected == "string" and is_expression and isinstance(value, bool | int | float):
             literal = "true" if value is True else "false" if value is False else value
             hint = f'JMESPath constants go inside YAML quotes: "`{literal}`"'
         elif value is None:
@@ -166,6 +167,9 @@ def _single(
                        "list several keys in priority order: "
                        "identity: [{email: data.email}, {deep_link_token: data.token}]",
                        path=where)
+    if kind == "minProperties" and "upsert_contact" in schema.get("properties", {}):
+        return Problem(location, "invalid-action", "the action is empty",
+                       "write one of: upsert_contact, set_stage, create_deal", path=where)
     if kind in ("minProperties", "minItems"):
         return Problem(location, "empty-value", f"{describe(value)} must not be empty",
                        "fill it in or remove the key", path=where)
@@ -173,13 +177,20 @@ def _single(
 
 
 def _alternatives(document: YamlDocument, error: ValidationError) -> list[Problem]:
-    """anyOf/oneOf: report the branch that got furthest, or the shapes that were allowed."""
-    deepest = best_match(error.context)
+    """anyOf/oneOf: report the branch whose type the value has, or the shapes allowed."""
     path: Path = tuple(error.absolute_path)
-    if deepest is not None and len(deepest.absolute_path) > len(path):
-        return _convert(document, deepest)
+    branches: dict[int, list[ValidationError]] = {}
+    for sub in error.context or []:
+        branches.setdefault(int(sub.relative_schema_path[0]), []).append(sub)
+    wrong_type = {
+        index for index, errors in branches.items()
+        if any(e.validator == "type" and tuple(e.absolute_path) == path for e in errors)
+    }
+    fitting = [errors for index, errors in sorted(branches.items()) if index not in wrong_type]
+    if len(fitting) == 1 or (fitting and error.validator == "anyOf"):
+        return [p for sub in fitting[0] for p in _convert(document, sub)]
     kinds = []
-    for sub in error.context:
+    for sub in error.context or []:
         if sub.validator == "type" and isinstance(sub.validator_value, str):
             kinds.append(_TYPE_WORDS.get(sub.validator_value, sub.validator_value))
         if sub.validator == "required" and error.validator == "oneOf":
@@ -192,5 +203,5 @@ def _alternatives(document: YamlDocument, error: ValidationError) -> list[Proble
         return [Problem(document.location(path), "wrong-type",
                         f"expected {' or '.join(dict.fromkeys(kinds))}, got "
                         f"{describe(error.instance)}", path=json_path(path))]
-    assert deepest is not None
-    return _convert(document, deepest)
+    deepest = best_match(error.context)
+    return _convert(document, deepest) if deepest is not None else []

@@ -75,6 +75,7 @@ class Mark:
     column: int
     style: str | None = None  # None (plain), "'", '"', "|", ">"
     end_line: int = 0
+    end_column: int = 0
 
 
 @dataclass
@@ -112,7 +113,9 @@ class YamlDocument:
     def _block_location(self, mark: Mark, offset: int) -> Location:
         lines = self.text.splitlines()
         first = mark.line  # the header line holds the indicator; content starts below it
-        value_lines = lines[first : max(mark.end_line, first + 1)]
+        # A block scalar ends where the next line starts (column 1): that line is not content.
+        last = mark.end_line - 1 if mark.end_column == 1 else mark.end_line
+        value_lines = lines[first : max(last, first + 1)]
         contents = [raw for raw in value_lines if raw.strip()]
         indent = min((len(raw) - len(raw.lstrip()) for raw in contents), default=0)
         remaining = offset
@@ -159,9 +162,8 @@ def load_yaml(text: str, file: str) -> YamlDocument:
 
 def _mark(node: Node) -> Mark:
     style = node.style if isinstance(node, ScalarNode) else None
-    return Mark(
-        node.start_mark.line + 1, node.start_mark.column + 1, style, node.end_mark.line + 1
-    )
+    start, end = node.start_mark, node.end_mark
+    return Mark(start.line + 1, start.column + 1, style, end.line + 1, end.column + 1)
 
 
 def _build(node: Node, path: Path, document: YamlDocument) -> Any:
