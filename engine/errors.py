@@ -45,7 +45,8 @@ class Problem:
     detail: str = ""  # extra lines shown verbatim under the message (e.g. JMESPath's caret)
 
     def sort_key(self) -> tuple[str, int, int, str, str]:
-        return (self.location.file, self.location.line, self.location.column, self.code, self.message)
+        where = self.location
+        return (where.file, where.line, where.column, self.code, self.message)
 
     def render(self) -> str:
         where = f"rule {self.rule!r} at {self.path}: " if self.rule else (

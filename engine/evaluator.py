@@ -64,10 +64,15 @@ def _is_false(value: object) -> bool:
     return value is None or value is False or value == "" or value == [] or value == {}
 
 
+# JMESPath's own interpreter lets Python's TypeError/ValueError escape for some type mismatches
+# (`'a' < `1``, a zero slice step); they fail the action like any JMESPath error.
+EVALUATION_ERRORS = (JMESPathError, TypeError, ValueError)
+
+
 def _search(expression: Expression, event: Any, what: str) -> Any:
     try:
         return expression.search(event)
-    except JMESPathError as error:
+    except EVALUATION_ERRORS as error:
         raise _ActionError(f"{what}: {expression.source!r} failed: {error}") from None
 
 
@@ -142,7 +147,7 @@ def plan(event: Any, ruleset: RuleSet) -> Plan:
         if rule.when is not None:
             try:
                 condition = rule.when.search(event)
-            except JMESPathError as error:
+            except EVALUATION_ERRORS as error:
                 failures.append(ActionFailure(
                     rule.name, "when", -1,
                     f"rule {rule.name!r}, event {event_type}: when {rule.when.source!r} "

@@ -192,10 +192,13 @@ def load_field_map(path: Path) -> FieldMap:
     try:
         document = load_yaml(path.read_text(encoding="utf-8"), file)
     except YamlError as error:
-        raise ConfigError([Problem(error.location, "yaml-syntax", error.message, error.hint)])
+        raise ConfigError(
+            [Problem(error.location, "yaml-syntax", error.message, error.hint)]
+        ) from None
     except OSError as error:
         raise ConfigError([Problem(Location(file), "missing-field-map", str(error.strerror),
-                                   "every rules folder needs a fields.yaml (see README)")])
+                                   "every rules folder needs a fields.yaml (see README)")]
+                          ) from None
     problems = schema_problems(document, "fields.schema.json")
     problems.extend(_semantic_problems(document))
     if any(p.severity == "error" for p in problems):

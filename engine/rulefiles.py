@@ -49,7 +49,8 @@ def discover(paths: Sequence[str | Path]) -> Sources:
             maps = [path / FIELD_MAP_NAME] if (path / FIELD_MAP_NAME).is_file() else []
         elif path.is_file():
             candidates = [path]
-            maps = [path.parent / FIELD_MAP_NAME] if (path.parent / FIELD_MAP_NAME).is_file() else []
+            sibling = path.parent / FIELD_MAP_NAME
+            maps = [sibling] if sibling.is_file() else []
         else:
             raise FileNotFoundError(f"{path}: no such file or folder")
         for candidate in candidates:
@@ -127,7 +128,7 @@ class _Loader:
         broken = {p.path for p in schema}
         for index, raw in enumerate(data["rules"]):
             prefix = json_path(("rules", index))
-            if any(b == prefix or b.startswith(prefix + ".") or b.startswith(prefix + "[")
+            if any(b == prefix or b.startswith((prefix + ".", prefix + "["))
                    for b in broken) or not isinstance(raw, dict):
                 self._note_name(raw, document, index)
                 continue

@@ -150,9 +150,10 @@ def run_test_file(path: Path, ruleset: RuleSet) -> list[CaseResult]:
         wanted = case.get("expect_errors", [])
         missing = [w for w in wanted if not any(w in e for e in errors)]
         unexpected = [e for e in errors if not any(w in e for w in wanted)]
-        error = "\n".join([f"expected an error containing {w!r}" for w in missing]
-                          + [f"unexpected error: {e}" for e in unexpected])
-        results.append(CaseResult(str(path), name, location, not diff and not error, diff, error))
+        report = "\n".join([f"expected an error containing {w!r}" for w in missing]
+                           + [f"unexpected error: {e}" for e in unexpected])
+        results.append(CaseResult(str(path), name, location, not diff and not report, diff,
+                                  report))
     return results
 
 

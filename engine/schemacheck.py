@@ -72,9 +72,11 @@ def _convert(document: YamlDocument, error: ValidationError) -> list[Problem]:
     kind = error.validator
     schema = error.schema if isinstance(error.schema, dict) else {}
     where = json_path(path)
+    instance: Any = error.instance
+    expected: Any = error.validator_value
     if kind == "additionalProperties":
         allowed = set(schema.get("properties", {}))
-        extras = sorted(set(error.instance) - allowed)
+        extras = sorted(set(instance) - allowed)
         is_action = "upsert_contact" in allowed
         return [
             Problem(
@@ -87,10 +89,10 @@ def _convert(document: YamlDocument, error: ValidationError) -> list[Problem]:
             for extra in extras
         ]
     if kind == "required":
-        missing = [name for name in error.validator_value if name not in error.instance]
+        missing = [name for name in expected if name not in instance]
         return [_missing(document, path, name) for name in missing]
     if kind == "propertyNames":
-        name = str(error.instance)
+        name = str(instance)
         return [
             Problem(
                 document.location((*path, name), key=True),
@@ -126,12 +128,13 @@ def _missing(document: YamlDocument, path: Path, name: str) -> Problem:
 def _single(
     document: YamlDocument, path: Path, error: ValidationError, schema: dict[str, Any]
 ) -> Problem:
-    kind, value, where = error.validator, error.instance, json_path(path)
+    kind, where = error.validator, json_path(path)
+    value: Any = error.instance
+    expected: Any = error.validator_value
     location = document.location(path)
     if kind == "type":
-        expected = error.validator_value
         words = (
-            " or ".join(_TYPE_WORDS.get(t, t) for t in expected)
+            " or ".join(str(_TYPE_WORDS.get(t, t)) for t in expected)
             if isinstance(expected, list)
             else _TYPE_WORDS.get(expected, expected)
         )
@@ -148,7 +151,7 @@ def _single(
         return Problem(location, "empty-expression", "the expression is empty",
                        "write a JMESPath expression, or remove the key", path=where)
     if kind in ("const", "enum"):
-        allowed = [error.validator_value] if kind == "const" else list(error.validator_value)
+        allowed = [expected] if kind == "const" else list(expected)
         hint = suggest(str(value), [str(a) for a in allowed]) if isinstance(value, str) else (
             "expected " + " or ".join(repr(a) for a in allowed)
         )
@@ -194,7 +197,8 @@ def _alternatives(document: YamlDocument, error: ValidationError) -> list[Proble
         if sub.validator == "type" and isinstance(sub.validator_value, str):
             kinds.append(_TYPE_WORDS.get(sub.validator_value, sub.validator_value))
         if sub.validator == "required" and error.validator == "oneOf":
-            kinds.append("'" + "' or '".join(sub.validator_value) + "'")
+            names: Any = sub.validator_value
+            kinds.append("'" + "' or '".join(names) + "'")
     if error.validator == "oneOf" and isinstance(error.instance, dict):
         return [Problem(document.location(path), "invalid-value",
                         "give exactly one of " + " or ".join(dict.fromkeys(kinds)),
