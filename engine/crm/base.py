@@ -1,0 +1,69 @@
+"""The one interface every CRM target implements, shaped like httpx's BaseTransport.
+
+A target receives planned actions (`engine.actions`) with an idempotency key and either returns
+an `Outcome` or raises one of the two errors the worker understands:
+
+    RetryableCRMError  timeouts, 5xx, 429, Salesforce 403 REQUEST_LIMIT_EXCEEDED, expired
+                       tokens: the worker backs off (honouring `retry_after`) and tries again
+    PermanentCRMError  a missing property, a validation error: the action is dead-lettered with
+                       the CRM's own message until someone fixes the cause and replays it
+
+Vendor exceptions, status codes and field names never cross this boundary: each adapter maps
+httpx errors and CRM responses to these two, and canonical field names to its CRM's own through
+the field map. Adapters take an injected `httpx.AsyncClient` and never build their own transport.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+from engine.actions import Action, IdentityKey
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What a target did. `record_id` is the CRM's id of the contact or deal; `summary` is a
+    short account for operators, never carrying field values (they may be personal data)."""
+
+    record_id: str | None
+    summary: str
+    created: bool = False
+
+
+class IdentityStore(Protocol):
+    """The identity map and deal keys, shared by every worker through the database."""
+
+    async def lookup_identity(self, target: str, keys: Sequence[IdentityKey]) -> str | None: ...
+
+    async def bind_identity(self, target: str, key: IdentityKey, record_id: str) -> str: ...
+
+    async def unbind_identity(self, target: str, key: IdentityKey) -> None: ...
+
+    async def lookup_deal(self, target: str, deal_key: str) -> str | None: ...
+
+    async def bind_deal(self, target: str, deal_key: str, deal_id: str) -> str: ...
+
+
+class RateLimitStore(Protocol):
+    """A token bucket shared by every process, so N workers do not multiply a CRM's limit."""
+
+    async def take_tokens(
+        self, bucket: str, cost: float, capacity: float, refill_per_second: float
+    ) -> float: ...
+
+
+class Target(Protocol):
+    """A CRM target: `local`, `hubspot`, `salesforce` or `pipedrive`."""
+
+    name: str
+
+    async def execute(self, action: Action, idempotency_key: str) -> Outcome:
+        """Apply one planned action. Must be idempotent for the same key: a retry after a lost
+        response finds what the first attempt made instead of making it again."""
+        ...
+
+    async def aclose(self) -> None:
+        """Release what the target holds (not the injected client, which the caller owns)."""
+        ...

@@ -1,0 +1,83 @@
+"""HTTP plumbing every CRM adapter shares: transport errors and status codes mapped to the two
+errors the worker understands, and Retry-After parsing.
+
+Like httpx's own `map_httpcore_exceptions`, this is the one place where httpx exceptions are
+translated; adapters add only their CRM's own rules (Salesforce's 403 REQUEST_LIMIT_EXCEEDED,
+HubSpot's 409 duplicates, ...) before falling back to `raise_for_status`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from datetime import UTC, datetime
+from email.utils import parsedate_to_datetime
+from typing import Any
+
+import httpx
+
+from engine.errors import PermanentCRMError, RetryableCRMError
+
+RETRYABLE_STATUS = frozenset({408, 425, 429, 500, 502, 503, 504})
+
+
+def retry_after(headers: Mapping[str, str], now: datetime | None = None) -> float | None:
+    """Seconds to wait from a `Retry-After` header (delta seconds or an HTTP date)."""
+    value = headers.get("retry-after") or headers.get("Retry-After")
+    if not value:
+        return None
+    value = value.strip()
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    current = now or datetime.now(UTC)
+    return max(0.0, (when - current).total_seconds())
+
+
+async def send(client: httpx.AsyncClient, crm: str, request: httpx.Request) -> httpx.Response:
+    """Send `request`; a timeout or a broken connection becomes RetryableCRMError.
+
+    The response is returned whatever its status: the caller decides what a status means.
+    """
+    try:
+        return await client.send(request)
+    except httpx.TimeoutException as error:
+        raise RetryableCRMError(f"{crm}: {request.method} {request.url.path} timed out "
+                                f"({type(error).__name__})") from None
+    except httpx.TransportError as error:
+        raise RetryableCRMError(f"{crm}: {request.method} {request.url.path} failed: "
+                                f"{type(error).__name__}") from None
+
+
+def body_of(response: httpx.Response) -> Any:
+    try:
+        return response.json()
+    except ValueError:
+        return response.text[:500]
+
+
+def raise_for_status(crm: str, response: httpx.Response, message: str = "") -> None:
+    """Map a non-2xx status: retryable ones to RetryableCRMError (with Retry-After), the rest
+    to PermanentCRMError carrying the CRM's own message."""
+    if response.is_success:
+        return
+    what = f"{crm}: {response.request.method} {response.request.url.path} -> " \
+           f"{response.status_code}: {message or _message(body_of(response))}"
+    if response.status_code in RETRYABLE_STATUS:
+        raise RetryableCRMError(what, retry_after=retry_after(response.headers))
+    raise PermanentCRMError(what)
+
+
+def _message(body: Any) -> str:
+    """The CRM's own words from the usual error body shapes (object, Salesforce's array)."""
+    if isinstance(body, list) and body and isinstance(body[0], dict):
+        return "; ".join(f"{e.get('errorCode', '')}: {e.get('message', '')}" for e in body)
+    if isinstance(body, dict):
+        for key in ("message", "error", "error_description", "error_info"):
+            if isinstance(body.get(key), str):
+                return str(body[key])
+    return str(body)[:300]
