@@ -1,0 +1,189 @@
+"""The plain records that go in and out of a Storage, shared by every backend."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Literal
+
+from engine.actions import JSON, IdentityKey
+
+EventStatus = Literal["received", "processed", "ignored", "failed", "dead"]
+EVENT_STATUSES: tuple[EventStatus, ...] = ("received", "processed", "ignored", "failed", "dead")
+# Waiting for a worker: new (`received`) or due again after a retryable failure (`failed`).
+PENDING_STATUSES: tuple[EventStatus, ...] = ("received", "failed")
+FinalStatus = Literal["processed", "ignored", "dead"]
+
+OutcomeStatus = Literal["ok", "retrying", "dead"]
+OUTCOME_STATUSES: tuple[OutcomeStatus, ...] = ("ok", "retrying", "dead")
+
+
+@dataclass(frozen=True)
+class NewEvent:
+    """One delivery as the receiver accepted it, before it has an id.
+
+    `dedupe_key` is computed by the receiver (sha256 hex of the signed raw body for webhooks);
+    the storage's unique constraint on it decides what is a duplicate.
+    """
+
+    body: bytes
+    event_type: str
+    event_timestamp: str
+    dedupe_key: str
+    received_at: datetime
+    source: str = "tolinku"
+    headers: Mapping[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class StoreResult:
+    """`id` of the stored event, or of the earlier one when `duplicate`."""
+
+    id: int
+    duplicate: bool
+
+
+@dataclass(frozen=True)
+class InboxEvent:
+    """An inbox row. `id` grows with arrival order, so it doubles as the arrival sequence.
+
+    `body` is None once `purge_raw_bodies` dropped it; the dedupe key and status stay.
+    """
+
+    id: int
+    dedupe_key: str
+    source: str
+    event_type: str
+    event_timestamp: str
+    received_at: datetime
+    headers: Mapping[str, str]
+    body: bytes | None
+    status: EventStatus
+    attempts: int
+    lease_owner: str | None
+    lease_expires_at: datetime | None
+    next_attempt_at: datetime | None
+    last_error: str | None
+    updated_at: datetime
+
+    @property
+    def sequence(self) -> int:
+        return self.id
+
+
+@dataclass(frozen=True)
+class NewOutcome:
+    """What happened when one action ran against one target (recorded after every attempt)."""
+
+    event_id: int
+    rule: str
+    action_kind: str
+    target: str
+    idempotency_key: str
+    status: OutcomeStatus
+    request_summary: JSON = None
+    response: JSON = None
+    error: str | None = None
+    next_attempt_at: datetime | None = None
+
+
+@dataclass(frozen=True)
+class ActionOutcome:
+    """The latest outcome of one action on one target; `attempts` counts every recording."""
+
+    id: int
+    event_id: int
+    rule: str
+    action_kind: str
+    target: str
+    idempotency_key: str
+    status: OutcomeStatus
+    attempts: int
+    request_summary: JSON
+    response: JSON
+    error: str | None
+    next_attempt_at: datetime | None
+    created_at: datetime
+    updated_at: datetime
+
+
+@dataclass(frozen=True)
+class DeadLetter:
+    """A dead event (`action_kind` None) or a dead action outcome, with the error to read."""
+
+    event_id: int
+    event_type: str
+    rule: str | None
+    action_kind: str | None
+    target: str | None
+    error: str | None
+    attempts: int
+    updated_at: datetime
+
+
+@dataclass(frozen=True)
+class InboxStats:
+    """Inbox depth by status (every status present, zero when empty) and the oldest pending."""
+
+    by_status: Mapping[str, int]
+    oldest_pending_received_at: datetime | None
+
+
+@dataclass(frozen=True)
+class StageChange:
+    at: datetime
+    from_stage: str | None
+    to_stage: str
+    event_id: int | None
+
+
+@dataclass(frozen=True)
+class LocalContact:
+    """A contact of the embedded CRM with its identities, fields and stage history."""
+
+    id: int
+    identities: tuple[IdentityKey, ...]
+    fields: Mapping[str, JSON]
+    stage: str | None
+    created_at: datetime
+    updated_at: datetime
+    stage_history: tuple[StageChange, ...] = ()
+
+
+@dataclass(frozen=True)
+class LocalDeal:
+    id: int
+    key: str
+    title: str
+    stage: str | None
+    amount: float | None
+    contact_id: int | None
+    fields: Mapping[str, JSON]
+    created_at: datetime
+    updated_at: datetime
+
+
+@dataclass(frozen=True)
+class ContactResult:
+    """The contact an operation touched; `created` when this call made it."""
+
+    contact_id: int
+    created: bool
+
+
+@dataclass(frozen=True)
+class StageResult:
+    contact_id: int
+    from_stage: str | None
+    to_stage: str | None
+    changed: bool
+
+
+@dataclass(frozen=True)
+class DealResult:
+    """`created` is False when a deal with that key already existed (it is returned unchanged)."""
+
+    deal_id: int
+    contact_id: int | None
+    created: bool

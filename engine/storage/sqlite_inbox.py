@@ -1,0 +1,256 @@
+"""Inbox operations on SQLite: store with dedupe, leases, retries, dead letters, purge, stats.
+
+Each function runs inside the caller's transaction (the group-commit writer's for writes).
+"""
+
+from __future__ import annotations
+
+import functools
+import sqlite3
+from collections.abc import Sequence
+
+from engine.storage.records import (
+    EVENT_STATUSES,
+    DeadLetter,
+    EventStatus,
+    InboxEvent,
+    InboxStats,
+    NewEvent,
+    StoreResult,
+)
+from engine.storage.sqlite_rows import (
+    EVENT_COLUMNS,
+    dumps,
+    event_from_row,
+    parse_optional_ts,
+    parse_ts,
+    placeholders,
+    ts,
+)
+
+PENDING = "status IN ('received', 'failed')"
+
+# The SET clauses of lease-guarded updates; fixed text, values are always parameters.
+FINISH = (
+    "status = ?, last_error = ?, next_attempt_at = NULL,"
+    " lease_owner = NULL, lease_expires_at = NULL, updated_at = ?"
+)
+RETRY_LATER = (
+    "status = 'failed', last_error = ?, next_attempt_at = ?,"
+    " lease_owner = NULL, lease_expires_at = NULL, updated_at = ?"
+)
+EXTEND = "lease_expires_at = ?"
+
+
+_ROW = "(?, ?, ?, ?, ?, ?, ?, 'received', 0, ?)"
+
+
+@functools.lru_cache(maxsize=64)
+def _insert(count: int) -> str:
+    """One INSERT for `count` rows: the text holds placeholders only, never data."""
+    return (
+        "INSERT INTO inbox (dedupe_key, source, event_type, event_timestamp, received_at,"
+        " headers, body, status, attempts, updated_at) VALUES "
+        + ", ".join([_ROW] * count)
+        + " ON CONFLICT (dedupe_key) DO NOTHING"
+    )
+
+
+# SQLite allows 32766 parameters per statement; 8 per row.
+_MAX_ROWS = 1000
+
+
+def store_many(connection: sqlite3.Connection, events: Sequence[NewEvent]) -> list[StoreResult]:
+    """Insert a batch, a thousand rows per statement at most."""
+    results: list[StoreResult] = []
+    for start in range(0, len(events), _MAX_ROWS):
+        results += _store_chunk(connection, events[start : start + _MAX_ROWS])
+    return results
+
+
+def _store_chunk(connection: sqlite3.Connection, events: Sequence[NewEvent]) -> list[StoreResult]:
+    """Insert rows with one statement; the unique dedupe key decides what is new.
+
+    One statement is one step for SQLite and one GIL hand-off for Python, which is what keeps
+    the writer thread from starving the event loop under load. Rows get consecutive ids in
+    VALUES order (the caller holds the write lock), so when every row went in, the ids follow
+    from the last one without another query.
+    """
+    params: list[object] = []
+    for event in events:
+        received = ts(event.received_at)
+        params += (
+            event.dedupe_key, event.source, event.event_type, event.event_timestamp,
+            received, dumps(dict(event.headers)), event.body, received,
+        )
+    cursor = connection.execute(_insert(len(events)), params)
+    inserted, last = cursor.rowcount, cursor.lastrowid or 0
+    if inserted == len(events):
+        return [StoreResult(id=last - inserted + 1 + i, duplicate=False) for i in range(inserted)]
+    # Some were seen before (a retry, or identical copies within this batch).
+    added: dict[str, int] = {}
+    if inserted > 0:
+        added = dict(connection.execute(
+            "SELECT dedupe_key, id FROM inbox WHERE id > ? AND id <= ?", (last - inserted, last)
+        ).fetchall())
+    results: list[StoreResult] = []
+    claimed: set[str] = set()
+    for event in events:
+        key = event.dedupe_key
+        if key in added and key not in claimed:
+            claimed.add(key)  # the first of identical copies in one batch is the stored one
+            results.append(StoreResult(id=added[key], duplicate=False))
+            continue
+        existing = added.get(key)
+        if existing is None:
+            existing = connection.execute(
+                "SELECT id FROM inbox WHERE dedupe_key = ?", (key,)
+            ).fetchone()[0]
+        results.append(StoreResult(id=existing, duplicate=True))
+    return results
+
+
+def get(connection: sqlite3.Connection, event_id: int) -> InboxEvent | None:
+    row = connection.execute(
+        f"SELECT {EVENT_COLUMNS} FROM inbox WHERE id = ?", (event_id,)
+    ).fetchone()
+    return None if row is None else event_from_row(row)
+
+
+def list_events(
+    connection: sqlite3.Connection, status: EventStatus | None, limit: int, before_id: int | None
+) -> list[InboxEvent]:
+    rows = connection.execute(
+        f"SELECT {EVENT_COLUMNS} FROM inbox"
+        " WHERE (? IS NULL OR status = ?) AND (? IS NULL OR id < ?)"
+        " ORDER BY id DESC LIMIT ?",
+        (status, status, before_id, before_id, limit),
+    ).fetchall()
+    return [event_from_row(row) for row in rows]
+
+
+def claim(
+    connection: sqlite3.Connection, worker_id: str, limit: int, now: str, expires: str
+) -> list[InboxEvent]:
+    due = connection.execute(
+        f"SELECT id FROM inbox WHERE {PENDING}"
+        " AND (next_attempt_at IS NULL OR next_attempt_at <= ?)"
+        " AND (lease_expires_at IS NULL OR lease_expires_at <= ?)"
+        " ORDER BY id LIMIT ?",
+        (now, now, max(limit, 0)),
+    ).fetchall()
+    claimed = []
+    for (event_id,) in due:
+        row = connection.execute(
+            "UPDATE inbox SET lease_owner = ?, lease_expires_at = ?,"
+            " attempts = attempts + 1, updated_at = ?"
+            f" WHERE id = ? RETURNING {EVENT_COLUMNS}",
+            (worker_id, expires, now, event_id),
+        ).fetchone()
+        claimed.append(event_from_row(row))
+    return claimed
+
+
+def update_leased(
+    connection: sqlite3.Connection,
+    assignments: str,
+    params: tuple[object, ...],
+    event_id: int,
+    worker_id: str,
+) -> bool:
+    """Apply one of the SET clauses above only while `worker_id` holds the event's lease."""
+    cursor = connection.execute(
+        f"UPDATE inbox SET {assignments} WHERE id = ? AND lease_owner = ? AND {PENDING}",
+        (*params, event_id, worker_id),
+    )
+    return cursor.rowcount == 1
+
+
+def set_ordering_keys(connection: sqlite3.Connection, event_id: int, keys: Sequence[str]) -> None:
+    connection.execute("DELETE FROM inbox_ordering_keys WHERE event_id = ?", (event_id,))
+    connection.executemany(
+        "INSERT INTO inbox_ordering_keys (event_id, ordering_key) VALUES (?, ?)"
+        " ON CONFLICT DO NOTHING",
+        [(event_id, key) for key in keys],
+    )
+
+
+def earlier_unfinished(
+    connection: sqlite3.Connection, event_id: int, keys: Sequence[str]
+) -> list[int]:
+    unique = sorted(set(keys))
+    if not unique:
+        return []
+    rows = connection.execute(
+        "SELECT DISTINCT k.event_id FROM inbox_ordering_keys AS k"
+        " JOIN inbox AS i ON i.id = k.event_id"
+        f" WHERE k.ordering_key IN ({placeholders(len(unique))}) AND k.event_id < ?"
+        f" AND i.{PENDING} ORDER BY k.event_id",
+        (*unique, event_id),
+    ).fetchall()
+    return [row[0] for row in rows]
+
+
+def dead_letters(connection: sqlite3.Connection, limit: int) -> list[DeadLetter]:
+    rows = connection.execute(
+        "SELECT id, event_type, NULL, NULL, NULL, last_error, attempts, updated_at"
+        " FROM inbox WHERE status = 'dead'"
+        " UNION ALL"
+        " SELECT o.event_id, i.event_type, o.rule, o.action_kind, o.target, o.error,"
+        " o.attempts, o.updated_at FROM action_outcomes AS o"
+        " JOIN inbox AS i ON i.id = o.event_id WHERE o.status = 'dead'"
+        " ORDER BY 8 DESC, 1 DESC LIMIT ?",
+        (limit,),
+    ).fetchall()
+    return [
+        DeadLetter(
+            event_id=row[0], event_type=row[1], rule=row[2], action_kind=row[3],
+            target=row[4], error=row[5], attempts=row[6], updated_at=parse_ts(row[7]),
+        )
+        for row in rows
+    ]
+
+
+def requeue(connection: sqlite3.Connection, event_id: int, now: str) -> bool:
+    """Pending again, attempts reset, dead outcomes retrying; not while a worker holds a live
+    lease (it would finish and overwrite the requeue) and not once the raw body is gone."""
+    cursor = connection.execute(
+        "UPDATE inbox SET status = 'received', attempts = 0, last_error = NULL,"
+        " next_attempt_at = NULL, lease_owner = NULL, lease_expires_at = NULL, updated_at = ?"
+        " WHERE id = ? AND body IS NOT NULL"
+        " AND (lease_owner IS NULL OR lease_expires_at <= ?)",
+        (now, event_id, now),
+    )
+    if cursor.rowcount != 1:
+        return False
+    connection.execute(
+        "UPDATE action_outcomes SET status = 'retrying', attempts = 0, next_attempt_at = NULL,"
+        " updated_at = ? WHERE event_id = ? AND status = 'dead'",
+        (now, event_id),
+    )
+    return True
+
+
+def requeue_dead(connection: sqlite3.Connection, now: str) -> list[int]:
+    rows = connection.execute(
+        "SELECT id FROM inbox WHERE status = 'dead'"
+        " UNION SELECT event_id FROM action_outcomes WHERE status = 'dead' ORDER BY 1"
+    ).fetchall()
+    return [row[0] for row in rows if requeue(connection, row[0], now)]
+
+
+def purge_raw_bodies(connection: sqlite3.Connection, cutoff: str) -> int:
+    cursor = connection.execute(
+        "UPDATE inbox SET body = NULL WHERE body IS NOT NULL AND received_at < ?"
+        " AND status IN ('processed', 'ignored')",
+        (cutoff,),
+    )
+    return cursor.rowcount
+
+
+def stats(connection: sqlite3.Connection) -> InboxStats:
+    counts: dict[str, int] = dict.fromkeys(EVENT_STATUSES, 0)
+    for status, count in connection.execute("SELECT status, COUNT(*) FROM inbox GROUP BY status"):
+        counts[status] = count
+    oldest = connection.execute(f"SELECT MIN(received_at) FROM inbox WHERE {PENDING}").fetchone()
+    return InboxStats(by_status=counts, oldest_pending_received_at=parse_optional_ts(oldest[0]))

@@ -1,0 +1,150 @@
+"""The SQLite schema as numbered migrations, applied once each under the write lock."""
+
+from __future__ import annotations
+
+import sqlite3
+
+from engine.errors import StorageError
+
+# Append new versions; never edit one that has shipped. Types and constraints stay close to
+# what PostgreSQL accepts so the two schemas read alike (times are ISO 8601 UTC text here).
+MIGRATIONS: tuple[tuple[int, tuple[str, ...]], ...] = (
+    (1, (
+        """CREATE TABLE inbox (
+            id INTEGER PRIMARY KEY AUTOINCREMENT,
+            dedupe_key TEXT NOT NULL UNIQUE,
+            source TEXT NOT NULL,
+            event_type TEXT NOT NULL,
+            event_timestamp TEXT NOT NULL,
+            received_at TEXT NOT NULL,
+            headers TEXT NOT NULL,
+            body BLOB,
+            status TEXT NOT NULL DEFAULT 'received'
+                CHECK (status IN ('received', 'processed', 'ignored', 'failed', 'dead')),
+            attempts INTEGER NOT NULL DEFAULT 0,
+            lease_owner TEXT,
+            lease_expires_at TEXT,
+            next_attempt_at TEXT,
+            last_error TEXT,
+            updated_at TEXT NOT NULL
+        )""",
+        "CREATE INDEX inbox_pending ON inbox (id) WHERE status IN ('received', 'failed')",
+        "CREATE INDEX inbox_status ON inbox (status, id)",
+        "CREATE INDEX inbox_received_at ON inbox (received_at)",
+        """CREATE TABLE inbox_ordering_keys (
+            event_id INTEGER NOT NULL REFERENCES inbox (id),
+            ordering_key TEXT NOT NULL,
+            PRIMARY KEY (event_id, ordering_key)
+        )""",
+        "CREATE INDEX inbox_ordering_keys_key ON inbox_ordering_keys (ordering_key, event_id)",
+        """CREATE TABLE action_outcomes (
+            id INTEGER PRIMARY KEY AUTOINCREMENT,
+            event_id INTEGER NOT NULL REFERENCES inbox (id),
+            rule TEXT NOT NULL,
+            action_kind TEXT NOT NULL,
+            target TEXT NOT NULL,
+            idempotency_key TEXT NOT NULL,
+            status TEXT NOT NULL CHECK (status IN ('ok', 'retrying', 'dead')),
+            attempts INTEGER NOT NULL DEFAULT 0,
+            request_summary TEXT,
+            response TEXT,
+            error TEXT,
+            next_attempt_at TEXT,
+            created_at TEXT NOT NULL,
+            updated_at TEXT NOT NULL,
+            UNIQUE (target, idempotency_key)
+        )""",
+        "CREATE INDEX action_outcomes_event ON action_outcomes (event_id)",
+        "CREATE INDEX action_outcomes_status ON action_outcomes (status)",
+        """CREATE TABLE identity_map (
+            target TEXT NOT NULL,
+            field TEXT NOT NULL,
+            value TEXT NOT NULL,
+            record_id TEXT NOT NULL,
+            created_at TEXT NOT NULL,
+            PRIMARY KEY (target, field, value)
+        )""",
+        """CREATE TABLE deal_keys (
+            target TEXT NOT NULL,
+            deal_key TEXT NOT NULL,
+            deal_id TEXT NOT NULL,
+            created_at TEXT NOT NULL,
+            PRIMARY KEY (target, deal_key)
+        )""",
+        """CREATE TABLE rate_buckets (
+            bucket TEXT PRIMARY KEY,
+            tokens REAL NOT NULL,
+            updated_at TEXT NOT NULL
+        )""",
+        """CREATE TABLE local_contacts (
+            id INTEGER PRIMARY KEY AUTOINCREMENT,
+            fields TEXT NOT NULL,
+            stage TEXT,
+            created_at TEXT NOT NULL,
+            updated_at TEXT NOT NULL
+        )""",
+        """CREATE TABLE local_contact_identities (
+            field TEXT NOT NULL,
+            value TEXT NOT NULL,
+            contact_id INTEGER NOT NULL REFERENCES local_contacts (id),
+            PRIMARY KEY (field, value)
+        )""",
+        "CREATE INDEX local_contact_identities_contact ON local_contact_identities (contact_id)",
+        """CREATE TABLE local_stage_history (
+            id INTEGER PRIMARY KEY AUTOINCREMENT,
+            contact_id INTEGER NOT NULL REFERENCES local_contacts (id),
+            from_stage TEXT,
+            to_stage TEXT NOT NULL,
+            changed_at TEXT NOT NULL,
+            event_id INTEGER
+        )""",
+        "CREATE INDEX local_stage_history_contact ON local_stage_history (contact_id, id)",
+        """CREATE TABLE local_deals (
+            id INTEGER PRIMARY KEY AUTOINCREMENT,
+            deal_key TEXT NOT NULL UNIQUE,
+            title TEXT NOT NULL,
+            stage TEXT,
+            amount REAL,
+            contact_id INTEGER REFERENCES local_contacts (id),
+            fields TEXT NOT NULL,
+            created_at TEXT NOT NULL,
+            updated_at TEXT NOT NULL
+        )""",
+    )),
+)
+
+LATEST = MIGRATIONS[-1][0]
+
+
+def current_version(connection: sqlite3.Connection) -> int:
+    exists = connection.execute(
+        "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'schema_version'"
+    ).fetchone()
+    if exists is None:
+        return 0
+    row = connection.execute("SELECT MAX(version) FROM schema_version").fetchone()
+    return int(row[0] or 0)
+
+
+def migrate(connection: sqlite3.Connection, applied_at: str) -> int:
+    """Apply the missing migrations; the caller holds the write lock (BEGIN IMMEDIATE), so a
+    second process starting at the same time waits, then finds nothing left to do."""
+    connection.execute(
+        "CREATE TABLE IF NOT EXISTS schema_version ("
+        "version INTEGER PRIMARY KEY, applied_at TEXT NOT NULL)"
+    )
+    version = current_version(connection)
+    if version > LATEST:
+        raise StorageError(
+            f"the database schema is version {version}, newer than this linkcrm knows "
+            f"({LATEST}); upgrade linkcrm before using this database"
+        )
+    for number, statements in MIGRATIONS:
+        if number <= version:
+            continue
+        for statement in statements:
+            connection.execute(statement)
+        connection.execute(
+            "INSERT INTO schema_version (version, applied_at) VALUES (?, ?)", (number, applied_at)
+        )
+    return LATEST

@@ -1,0 +1,192 @@
+"""The storage contract on SQLite, plus what only SQLite has: group commit, pragmas, URLs."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+import subprocess
+import sys
+import textwrap
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+
+import pytest
+
+from engine.errors import StorageError
+from engine.storage import Storage, open_storage
+from engine.storage.groupcommit import GroupCommitWriter
+from engine.storage.sqlite import SQLiteStorage
+from tests.storage_contract import FakeClock, StorageContract, event
+
+
+class _FullDatabase(SQLiteStorage):
+    """A database that cannot grow by one page: every write that needs space fails."""
+
+    def _configure(self, connection: sqlite3.Connection) -> None:
+        super()._configure(connection)
+        pages = connection.execute("PRAGMA page_count").fetchone()[0]
+        connection.execute(f"PRAGMA max_page_count = {int(pages)}")
+
+
+class TestSQLiteStorage(StorageContract):
+    @pytest.fixture
+    def database(self, tmp_path: Path) -> Path:
+        return tmp_path / "linkcrm.db"
+
+    @pytest.fixture
+    def make_storage(self, database: Path, clock: FakeClock) -> Callable[[], Storage]:
+        return lambda: SQLiteStorage(database, clock=clock)
+
+    @pytest.fixture
+    async def storage(self, make_storage: Callable[[], Storage]) -> AsyncIterator[Storage]:
+        opened = make_storage()
+        await opened.migrate()
+        yield opened
+        await opened.close()
+
+    @pytest.fixture
+    async def failing_storage(
+        self, database: Path, clock: FakeClock
+    ) -> AsyncIterator[Storage]:
+        setup = SQLiteStorage(database, clock=clock)
+        await setup.migrate()
+        await setup.close()
+        opened = _FullDatabase(database, clock=clock)
+        yield opened
+        await opened.close()
+
+
+pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+@pytest.fixture
+async def storage(tmp_path: Path) -> AsyncIterator[SQLiteStorage]:
+    opened = SQLiteStorage(tmp_path / "linkcrm.db")
+    await opened.migrate()
+    yield opened
+    await opened.close()
+
+
+async def test_writer_is_wal_with_synchronous_full(storage: SQLiteStorage) -> None:
+    def pragmas(connection: sqlite3.Connection) -> tuple[str, int]:
+        mode = connection.execute("PRAGMA journal_mode").fetchone()[0]
+        return mode, connection.execute("PRAGMA synchronous").fetchone()[0]
+
+    assert await storage._writer.run(pragmas) == ("wal", 2)  # 2 = FULL
+
+
+async def test_concurrent_writes_share_commits(
+    storage: SQLiteStorage, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    commits: list[int] = []
+    original = GroupCommitWriter._commit
+
+    def counting(self: GroupCommitWriter, connection: sqlite3.Connection) -> None:
+        commits.append(1)
+        original(self, connection)
+
+    monkeypatch.setattr(GroupCommitWriter, "_commit", counting)
+    results = await asyncio.gather(*(storage.store_event(event(n)) for n in range(200)))
+    assert len({r.id for r in results}) == 200
+    assert len(commits) < 100, f"{len(commits)} commits for 200 concurrent writes"
+
+
+async def test_a_failed_commit_fails_every_waiter_and_keeps_nothing(
+    storage: SQLiteStorage, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def failing(self: GroupCommitWriter, connection: sqlite3.Connection) -> None:
+        raise sqlite3.OperationalError("disk I/O error")
+
+    monkeypatch.setattr(GroupCommitWriter, "_commit", failing)
+    results = await asyncio.gather(
+        *(storage.store_event(event(n)) for n in range(20)), return_exceptions=True)
+    assert all(isinstance(r, StorageError) for r in results)
+    assert "disk I/O error" in str(results[0])
+    monkeypatch.undo()
+    assert await storage.list_events() == []
+    # The writer recovers: the same events can be stored once the disk is back.
+    again = await asyncio.gather(*(storage.store_event(event(n)) for n in range(20)))
+    assert not any(r.duplicate for r in again)
+
+
+async def test_one_failing_job_does_not_undo_its_batch_mates(storage: SQLiteStorage) -> None:
+    stages = ("lead", "customer")
+    from tests.storage_contract import TOKEN
+
+    results = await asyncio.gather(
+        storage.store_event(event(1)),
+        storage.local_set_stage([TOKEN], "no-such-stage", stages),
+        storage.store_event(event(2)),
+        return_exceptions=True,
+    )
+    assert isinstance(results[1], ValueError)
+    assert len(await storage.list_events()) == 2
+
+
+async def test_an_acknowledged_write_is_in_the_file(storage: SQLiteStorage) -> None:
+    stored = await storage.store_event(event(1))
+    with sqlite3.connect(storage.path) as other:
+        row = other.execute("SELECT dedupe_key FROM inbox WHERE id = ?", (stored.id,)).fetchone()
+    assert row == (event(1).dedupe_key,)
+
+
+async def test_migrations_from_two_processes_at_once(tmp_path: Path) -> None:
+    database = tmp_path / "race.db"
+    script = textwrap.dedent(f"""
+        import asyncio
+        from engine.storage.sqlite import SQLiteStorage
+        async def main():
+            storage = SQLiteStorage({str(database)!r})
+            print(await storage.migrate())
+            await storage.close()
+        asyncio.run(main())
+    """)
+    processes = [
+        subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True)
+        for _ in range(3)
+    ]
+    outputs = [p.communicate(timeout=60) for p in processes]
+    assert [p.returncode for p in processes] == [0, 0, 0], outputs
+    assert len({out.strip() for out, _ in outputs}) == 1
+    with sqlite3.connect(database) as connection:
+        versions = connection.execute("SELECT version FROM schema_version").fetchall()
+    assert len(versions) == len(set(versions))
+
+
+@pytest.mark.parametrize(
+    ("url", "path"),
+    [("sqlite:///linkcrm.db", "linkcrm.db"), ("sqlite:////var/lib/l.db", "/var/lib/l.db")],
+)
+async def test_sqlite_urls(url: str, path: str) -> None:
+    opened = open_storage(url)
+    try:
+        assert isinstance(opened, SQLiteStorage) and opened.path == path
+    finally:
+        await opened.close()
+
+
+@pytest.mark.parametrize("url", ["sqlite://linkcrm.db", "sqlite:///:memory:", "sqlite:///"])
+def test_bad_sqlite_urls_say_how_to_write_one(url: str) -> None:
+    with pytest.raises(StorageError, match=r"sqlite:///linkcrm\.db"):
+        open_storage(url)
+
+
+def test_unknown_scheme_is_named_without_the_rest_of_the_url() -> None:
+    with pytest.raises(StorageError, match="'mysql'") as caught:
+        open_storage("mysql://admin:hunter2@db/linkcrm")
+    assert "hunter2" not in str(caught.value)
+
+
+async def test_an_unwritable_location_is_a_storage_error(tmp_path: Path) -> None:
+    opened = SQLiteStorage(tmp_path / "missing-dir" / "linkcrm.db")
+    try:
+        with pytest.raises(StorageError, match="unable to open"):
+            await opened.migrate()
+    finally:
+        await opened.close()
