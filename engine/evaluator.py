@@ -135,15 +135,12 @@ def plan(event: Any, ruleset: RuleSet) -> Plan:
     event_type = event.get("event") if isinstance(event, dict) else None
     if not isinstance(event_type, str):
         event_type = ""
+    listening, others = ruleset.dispatch(event_type)
     matched: list[str] = []
-    skipped: list[Skip] = []
+    skipped: list[Skip] = [Skip(name, reason) for name, reason in others]
     actions: list[Action] = []
     failures: list[ActionFailure] = []
-    for rule in ruleset.rules:
-        if not rule.listens_to(event_type):
-            skipped.append(Skip(rule.name, f"listens to {', '.join(rule.on)}, "
-                                           f"not {event_type or 'this event'}"))
-            continue
+    for rule in listening:
         if rule.when is not None:
             try:
                 condition = rule.when.search(event)

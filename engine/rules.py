@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
 
 from engine.actions import Action
@@ -43,11 +43,33 @@ class Rule:
         return any(fnmatchcase(event_type, pattern) for pattern in self.on)
 
 
+Dispatch = tuple[tuple[Rule, ...], tuple[tuple[str, str], ...]]
+
+_DISPATCH_CACHE_LIMIT = 1024  # event types are few; a flood of made-up ones is not cached
+
+
 @dataclass(frozen=True)
 class RuleSet:
     rules: tuple[Rule, ...]
     field_map: FieldMap
     files: tuple[str, ...] = ()
+    _dispatch: dict[str, Dispatch] = field(default_factory=dict, compare=False, repr=False)
 
     def rule(self, name: str) -> Rule | None:
         return next((r for r in self.rules if r.name == name), None)
+
+    def dispatch(self, event_type: str) -> Dispatch:
+        """The rules listening to `event_type`, in file order, and (rule, reason) for the
+        others; computed once per event type."""
+        cached = self._dispatch.get(event_type)
+        if cached is not None:
+            return cached
+        listening = tuple(r for r in self.rules if r.listens_to(event_type))
+        others = tuple(
+            (r.name, f"listens to {', '.join(r.on)}, not {event_type or 'this event'}")
+            for r in self.rules if r not in listening
+        )
+        result = (listening, others)
+        if len(self._dispatch) < _DISPATCH_CACHE_LIMIT:
+            self._dispatch[event_type] = result
+        return result
