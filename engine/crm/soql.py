@@ -1,0 +1,82 @@
+"""SOQL built safely: the one string-escaping function and the few queries linkcrm sends."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+
+# One pass over the characters is the "backslash first" rule made structural: each input
+# character maps once, so a backslash an earlier mapping wrote is never escaped again.
+_ESCAPES = {
+    "\\": "\\\\",
+    "'": "\\'",
+    '"': '\\"',
+    "\n": "\\n",
+    "\r": "\\r",
+    "\t": "\\t",
+    "\b": "\\b",
+    "\f": "\\f",
+}
+_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_]*$")
+
+
+def escape(value: str) -> str:
+    r"""The body of a SOQL string literal holding `value` exactly (quotes not included).
+
+    Salesforce's rules: `\` is the escape character; `'` and `\` are reserved and must be
+    escaped; the valid sequences are `\n \r \t \b \f \" \' \\ \uXXXX` (and `\_ \%` in
+    LIKE only); any other backslash sequence is an error. Other control characters have no
+    short escape, so they travel as `\uXXXX`; `%` and `_` are left alone because `\%` and `\_`
+    are errors outside LIKE (and linkcrm never uses LIKE).
+    """
+    out = []
+    for char in value:
+        mapped = _ESCAPES.get(char)
+        if mapped is not None:
+            out.append(mapped)
+        elif ord(char) < 0x20 or ord(char) == 0x7F or 0xD800 <= ord(char) <= 0xDFFF:
+            # A lone surrogate (possible from JSON) cannot travel as UTF-8 in the URL.
+            out.append(f"\\u{ord(char):04x}")
+        else:
+            out.append(char)
+    return "".join(out)
+
+
+def literal(value: str) -> str:
+    r"""`value` as a quoted SOQL string literal.
+
+    >>> print(literal("O'Brien \\ co"))
+    'O\'Brien \\ co'
+    """
+    return "'" + escape(value) + "'"
+
+
+def name(value: str) -> str:
+    """An object or field API name, checked: names cannot be escaped, only refused."""
+    if not _NAME.match(value):
+        raise ValueError(f"{value!r} is not a Salesforce API name")
+    return value
+
+
+def select_where(
+    fields: Sequence[str], sobject: str, field: str, values: Sequence[str], limit: int | None = None
+) -> str:
+    """`SELECT f1, f2 FROM Obj WHERE Field = 'v'` (one value) or `... IN ('a', 'b')`.
+
+    >>> select_where(["Id"], "Lead", "Email", ["a@b.co"], limit=2)
+    "SELECT Id FROM Lead WHERE Email = 'a@b.co' LIMIT 2"
+    """
+    if not values:
+        raise ValueError("select_where needs at least one value")
+    columns = ", ".join(name(f) for f in dict.fromkeys(fields))
+    if len(values) == 1:
+        condition = f"{name(field)} = {literal(values[0])}"
+    else:
+        condition = f"{name(field)} IN ({', '.join(literal(v) for v in values)})"
+    query = f"SELECT {columns} FROM {name(sobject)} WHERE {condition}"
+    return query if limit is None else f"{query} LIMIT {int(limit)}"
+
+
+def select_all(fields: Sequence[str], sobject: str) -> str:
+    """`SELECT f1, f2 FROM Obj` (small setup objects such as LeadStatus)."""
+    return f"SELECT {', '.join(name(f) for f in fields)} FROM {name(sobject)}"
