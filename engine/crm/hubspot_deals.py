@@ -1,0 +1,166 @@
+"""Deals in HubSpot: one deal per linkcrm key, ever, associated with the contact.
+
+HubSpot cannot make a deal create idempotent by itself, so linkcrm's key goes into a unique deal
+property (`targets.hubspot.deal_key_property`). Before creating, the deal is looked up in the
+identity map and then in HubSpot by that property; a create whose response was lost is found by
+the retry, and a racing second create gets 409 (the unique value is taken) and finds the first.
+A deal is bound in the identity map only once it is associated with its contact.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from urllib.parse import quote
+
+from engine.actions import IdentityKey
+from engine.crm.base import IdentityStore, Outcome
+from engine.crm.hubspot_api import (
+    CRM,
+    HubSpotAPI,
+    HubSpotObject,
+    as_list,
+    as_object,
+    existing_id,
+    parse_object,
+)
+from engine.crm.hubspot_plan import DEAL_TO_CONTACT, DealSpec
+from engine.errors import CRMError, RetryableCRMError
+
+BATCH = 100
+DEALS = "/crm/v3/objects/deals"
+
+Results = dict[int, Outcome | Exception]
+
+
+@dataclass(frozen=True)
+class DealJob:
+    spec: DealSpec
+    contact_id: str
+    keys: tuple[IdentityKey, ...]  # the contact's identity, forgotten if the id is stale
+
+
+def association(contact_id: str) -> list[dict[str, object]]:
+    return [{"to": {"id": contact_id}, "types": [
+        {"associationCategory": "HUBSPOT_DEFINED", "associationTypeId": DEAL_TO_CONTACT}]}]
+
+
+class DealWriter:
+    def __init__(self, api: HubSpotAPI, identities: IdentityStore, key_property: str) -> None:
+        self.api = api
+        self.identities = identities
+        self.key_property = key_property
+
+    async def run(self, jobs: Sequence[DealJob]) -> Results:
+        """Create each job's deal unless its key already has one. One deal goes the
+        single-request way; several are read and created in batches of 100."""
+        results: Results = {}
+        if len(jobs) == 1:
+            try:
+                results[jobs[0].spec.index] = await self.create_one(jobs[0])
+            except CRMError as error:
+                results[jobs[0].spec.index] = error
+            return results
+        for start in range(0, len(jobs), BATCH):
+            chunk = list(jobs[start:start + BATCH])
+            try:
+                await self._batch(chunk, results)
+            except CRMError as error:
+                for job in chunk:
+                    results.setdefault(job.spec.index, error)
+        return results
+
+    async def create_one(self, job: DealJob) -> Outcome:
+        spec = job.spec
+        existing = await self.find(spec.key)
+        if existing is not None:
+            return await self._adopt(job, existing.id)
+        response = await self.api.call("POST", DEALS, expect=(201, 409), json={
+            "properties": spec.properties, "associations": association(job.contact_id)})
+        body = response.json()
+        if response.status_code == 409:
+            # The key is taken: a lost response's create, or a racing worker's. Find it.
+            deal_id = existing_id(body)
+            if deal_id is None:
+                found = await self.find(spec.key)
+                if found is None:
+                    raise RetryableCRMError(f"{CRM}: deal key conflict but no deal found yet")
+                deal_id = found.id
+            return await self._adopt(job, deal_id)
+        record = parse_object(body)
+        if record is None:
+            raise RetryableCRMError(f"{CRM}: POST {DEALS} answered 201 without an id")
+        deal_id = await self.identities.bind_deal(CRM, spec.key, record.id)
+        return Outcome(deal_id, "deal created and associated with the contact", True)
+
+    async def find(self, key: str) -> HubSpotObject | None:
+        response = await self.api.call(
+            "GET", f"{DEALS}/{quote(key, safe='')}", expect=(200, 404),
+            params={"idProperty": self.key_property, "properties": self.key_property})
+        return parse_object(response.json()) if response.status_code == 200 else None
+
+    async def associate(self, job: DealJob, deal_id: str) -> None:
+        """Idempotent: associating twice leaves one association."""
+        path = f"/crm/v4/objects/deals/{deal_id}/associations/default/contacts/{job.contact_id}"
+        response = await self.api.call("PUT", path, expect=(200, 201, 404))
+        if response.status_code == 404:
+            # The contact was deleted or merged away in HubSpot: forget the stale id so the
+            # retry finds (or makes) the contact again.
+            for key in job.keys:
+                await self.identities.unbind_identity(CRM, key)
+            raise RetryableCRMError(f"{CRM}: PUT {path} -> 404: contact or deal not found")
+
+    async def _adopt(self, job: DealJob, deal_id: str) -> Outcome:
+        # Made by an attempt whose answer was lost (or by a racing worker): make sure it is
+        # associated before the map says it is done.
+        await self.associate(job, deal_id)
+        deal_id = await self.identities.bind_deal(CRM, job.spec.key, deal_id)
+        return Outcome(deal_id, "deal already existed for this key; associated with the contact")
+
+    async def _batch(self, chunk: list[DealJob], results: Results) -> None:
+        keys = [job.spec.key for job in chunk]
+        response = await self.api.call("POST", DEALS + "/batch/read", expect=(200, 207), json={
+            "inputs": [{"id": key} for key in keys], "idProperty": self.key_property,
+            "properties": [self.key_property], "propertiesWithHistory": []})
+        found = self._by_key(response.json())
+        missing: list[DealJob] = []
+        for job in chunk:
+            record = found.get(job.spec.key)
+            if record is None:
+                missing.append(job)
+                continue
+            try:
+                results[job.spec.index] = await self._adopt(job, record.id)
+            except CRMError as error:
+                results[job.spec.index] = error
+        if not missing:
+            return
+        response = await self.api.call("POST", DEALS + "/batch/create", expect=(201, 207, 400, 409),
+                                       json={"inputs": [
+                                           {"properties": job.spec.properties,
+                                            "associations": association(job.contact_id)}
+                                           for job in missing]})
+        created = self._by_key(response.json()) if response.status_code in (201, 207) else {}
+        for job in missing:
+            spec = job.spec
+            record = created.get(spec.key)
+            try:
+                if record is not None:
+                    deal_id = await self.identities.bind_deal(CRM, spec.key, record.id)
+                    results[spec.index] = Outcome(
+                        deal_id, "deal created and associated with the contact", True)
+                else:
+                    # The batch was refused (a key taken meanwhile, a bad value): each alone,
+                    # so a conflict finds its deal and only a bad one fails.
+                    results[spec.index] = await self.create_one(job)
+            except CRMError as error:
+                results[spec.index] = error
+
+    def _by_key(self, body: object) -> dict[str, HubSpotObject]:
+        found: dict[str, HubSpotObject] = {}
+        for raw in as_list(as_object(body).get("results")):
+            record = parse_object(raw)
+            key = record.properties.get(self.key_property) if record else None
+            if record is not None and key is not None:
+                found[key] = record
+        return found
