@@ -197,10 +197,11 @@ def create_app(
     async def readyz(request: Request) -> Response:
         try:
             await asyncio.wait_for(storage.ping(), timeout=5)
+            durability = await asyncio.wait_for(storage.durability(), timeout=5)
         except (StorageError, TimeoutError) as error:
             log.warning("not ready", extra={"error": str(error) or "storage ping timed out"})
             return JSONResponse({"status": "unavailable"}, status_code=503)
-        return JSONResponse({"status": "ready"})
+        return JSONResponse({"status": "ready", "storage": dict(durability)})
 
     async def metrics_endpoint(request: Request) -> Response:
         return PlainTextResponse(

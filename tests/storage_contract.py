@@ -435,6 +435,8 @@ class StorageContract:
 
     async def test_ping_answers_when_migrated(self, storage: Storage) -> None:
         await storage.ping()
+        durability = await storage.durability()
+        assert all(isinstance(value, int) for value in durability.values())
 
     async def test_unmigrated_database_says_to_migrate(
         self, make_storage: Callable[[], Storage]

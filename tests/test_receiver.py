@@ -401,7 +401,10 @@ def test_identify_is_refused_when_no_keys_are_configured(storage: SQLiteStorage)
 
 def test_healthz_and_readyz(client: TestClient) -> None:
     assert client.get("/healthz").json() == {"status": "ok"}
-    assert client.get("/readyz").json() == {"status": "ready"}
+    assert client.get("/readyz").json() == {
+        "status": "ready",
+        "storage": {"sqlite_synchronous": 2, "sqlite_wal": 1},  # 2 = FULL
+    }
 
 
 def test_metrics_count_received_rejected_duplicates_and_inbox(client: TestClient) -> None:

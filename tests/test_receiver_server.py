@@ -17,6 +17,8 @@ import pytest
 
 from engine.signing import sign
 
+pytestmark = pytest.mark.slow
+
 SECRET = "whsec_server_test"
 DEADLINE = 2.0
 # The app answers 408 at the deadline; the socket-level deadline (deadline + 1 s grace) closes

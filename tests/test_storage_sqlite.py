@@ -73,11 +73,9 @@ async def storage(tmp_path: Path) -> AsyncIterator[SQLiteStorage]:
 
 
 async def test_writer_is_wal_with_synchronous_full(storage: SQLiteStorage) -> None:
-    def pragmas(connection: sqlite3.Connection) -> tuple[str, int]:
-        mode = connection.execute("PRAGMA journal_mode").fetchone()[0]
-        return mode, connection.execute("PRAGMA synchronous").fetchone()[0]
-
-    assert await storage._writer.run(pragmas) == ("wal", 2)  # 2 = FULL
+    assert await storage.durability() == {"sqlite_synchronous": 2, "sqlite_wal": 1}  # FULL
+    with sqlite3.connect(storage.path) as other:  # WAL is a property of the file
+        assert other.execute("PRAGMA journal_mode").fetchone() == ("wal",)
 
 
 async def test_concurrent_writes_share_commits(

@@ -5,7 +5,10 @@ from __future__ import annotations
 import click
 
 from engine import __version__
+from engine.cli.ops import crm, events, purge, replay
 from engine.cli.rules import bench, explain, test, validate
+from engine.cli.samples import send_samples
+from engine.cli.service import migrate, serve, worker
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -18,8 +21,19 @@ def main() -> None:
       linkcrm validate rules/
       linkcrm test rules/
       linkcrm explain event.json --target hubspot
+
+    \b
+    Run the service and look at what it did:
+      linkcrm serve
+      linkcrm send-samples && linkcrm crm contacts
+      linkcrm events list --status dead
     """
 
 
 for command in (validate, test, explain, bench):
     main.add_command(command)
+for command in (serve, worker, migrate):
+    main.add_command(command)
+for command in (events, replay, crm, purge):
+    main.add_command(command)
+main.add_command(send_samples)

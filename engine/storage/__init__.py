@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import abc
+import asyncio
 import importlib
 from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime
@@ -99,6 +100,15 @@ class Storage(abc.ABC):
     async def close(self) -> None:
         """Finish queued writes and release connections; idempotent."""
 
+    async def wait_for_events(self, timeout: float) -> bool:
+        """Wait until new work may be due (an event was stored or requeued, by this process or
+        another) or `timeout` seconds pass; True when woken early. A worker calls it after an
+        empty claim instead of sleeping. A wake-up is a hint (claim again, maybe find nothing)
+        and a missed one costs one timeout, so callers keep the timeout short (a poll
+        interval). This default only sleeps; PostgreSQL answers through LISTEN/NOTIFY."""
+        await asyncio.sleep(timeout)
+        return False
+
     async def __aenter__(self) -> Storage:
         return self
 
@@ -156,7 +166,9 @@ class Storage(abc.ABC):
     @abc.abstractmethod
     async def earlier_unfinished(self, event_id: int, keys: Sequence[str]) -> list[int]:
         """Ids of pending events that arrived before `event_id` and share one of `keys`; the
-        worker applies an event only when this is empty (per-identity order)."""
+        worker applies an event only when this is empty (per-identity order). PostgreSQL also
+        counts an earlier pending event whose keys are not recorded yet (another machine's
+        worker is planning it), after giving it a moment to record them."""
 
     # -- action outcomes ----------------------------------------------------------------------
 
@@ -279,6 +291,12 @@ class Storage(abc.ABC):
     @abc.abstractmethod
     async def inbox_stats(self) -> InboxStats:
         """Inbox depth by status and the receipt time of the oldest pending event."""
+
+    async def durability(self) -> Mapping[str, int]:
+        """Durability settings read from the live writing connection, as numbers for
+        /metrics (SQLite: `sqlite_synchronous` 2 = FULL, `sqlite_wal` 1 = WAL on); empty
+        when the backend has nothing to report."""
+        return {}
 
 
 def open_storage(url: str, *, clock: Clock = utc_now) -> Storage:

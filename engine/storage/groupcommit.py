@@ -2,7 +2,8 @@
 
 SQLite allows one writer at a time, and with `synchronous=FULL` each commit waits for an fsync.
 Instead of one fsync per request, the writer takes everything that queued up while the previous
-commit was syncing and commits it together, then resolves every waiter. Each job runs inside its
+commit was syncing and commits it together, then resolves every waiter. Inbox inserts are
+"bulk" jobs: all of a batch's go in with one INSERT statement. Every other job runs inside its
 own SAVEPOINT, so a job that raises (a constraint it checks, a ValueError) is undone alone; a
 database error or a failed COMMIT fails every job of the batch with StorageError and keeps none
 of them: no caller is ever told "stored" for a write that was not committed.
@@ -22,7 +23,6 @@ from typing import Any, TypeVar
 from engine.errors import StorageError
 
 T = TypeVar("T")
-Item = TypeVar("Item")
 
 log = logging.getLogger(__name__)
 

@@ -366,6 +366,15 @@ class SQLiteStorage(Storage):
     async def inbox_stats(self) -> InboxStats:
         return await self._read(inbox.stats, "count the inbox")
 
+    async def durability(self) -> Mapping[str, int]:
+        # Through the writer: it is the connection whose commits answer "stored".
+        def read(connection: sqlite3.Connection) -> dict[str, int]:
+            mode = str(connection.execute("PRAGMA journal_mode").fetchone()[0]).lower()
+            level = int(connection.execute("PRAGMA synchronous").fetchone()[0])
+            return {"sqlite_synchronous": level, "sqlite_wal": int(mode == "wal")}
+
+        return await self._write(read, "read the durability settings")
+
 
 def _require_identity(identity: Sequence[IdentityKey]) -> None:
     if not identity:

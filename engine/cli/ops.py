@@ -1,0 +1,350 @@
+"""Operations commands: `events list|show`, `replay`, `crm contacts|deals` and `purge`."""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+from datetime import timedelta
+from typing import Any
+
+import click
+
+from engine.actions import JSON
+from engine.errors import ConfigError
+from engine.evaluator import plan
+from engine.rulefiles import load_ruleset
+from engine.settings import Settings
+from engine.storage import (
+    EVENT_STATUSES,
+    ActionOutcome,
+    EventStatus,
+    InboxEvent,
+    LocalContact,
+    LocalDeal,
+    Storage,
+    utc_now,
+)
+
+from .output import FORMAT_OPTION, emit_json, fail
+from .runtime import iso, load_settings, rules_location, with_storage
+
+STATUS = click.Choice(EVENT_STATUSES)
+
+
+def _event_row(event: InboxEvent) -> dict[str, JSON]:
+    return {
+        "id": event.id, "event": event.event_type, "source": event.source,
+        "status": event.status, "attempts": event.attempts,
+        "received_at": iso(event.received_at), "event_timestamp": event.event_timestamp,
+        "next_attempt_at": iso(event.next_attempt_at), "last_error": event.last_error,
+        "body_purged": event.body is None,
+    }
+
+
+def _outcome_row(outcome: ActionOutcome) -> dict[str, JSON]:
+    return {
+        "rule": outcome.rule, "action": outcome.action_kind, "target": outcome.target,
+        "status": outcome.status, "attempts": outcome.attempts, "error": outcome.error,
+        "next_attempt_at": iso(outcome.next_attempt_at), "response": outcome.response,
+        "request": outcome.request_summary, "idempotency_key": outcome.idempotency_key,
+        "updated_at": iso(outcome.updated_at),
+    }
+
+
+@click.group()
+def events() -> None:
+    """Inspect the delivery log: every stored event, its status and its actions' outcomes.
+
+    \b
+    Example:
+      linkcrm events list --status dead
+      linkcrm events show 42
+    """
+
+
+@events.command("list")
+@click.option("--status", type=STATUS, help="Only events in this status (dead: dead letters).")
+@click.option("--limit", default=50, show_default=True, type=click.IntRange(min=1))
+@FORMAT_OPTION
+def list_events(status: EventStatus | None, limit: int, output_format: str) -> None:
+    """List events, newest first.
+
+    \b
+    Example:
+      linkcrm events list --status dead --format json
+    """
+    settings = load_settings()
+    found = with_storage(settings, lambda s: s.list_events(status=status, limit=limit))
+    rows = [_event_row(event) for event in found]
+    if output_format == "json":
+        emit_json(rows)
+        return
+    if not rows:
+        click.echo("no events" + (f" with status {status}" if status else ""))
+        return
+    click.echo(f"{'ID':>6}  {'RECEIVED':<20}  {'STATUS':<9}  {'TRIES':>5}  EVENT")
+    for row in rows:
+        received = str(row["received_at"])[:19].replace("T", " ")
+        line = (f"{row['id']:>6}  {received:<20}  {row['status']!s:<9}  "
+                f"{row['attempts']:>5}  {row['event']}")
+        error = row["last_error"]
+        if isinstance(error, str) and error:
+            first = error.splitlines()[0]
+            line += f"  ({first[:70]}{'...' if len(first) > 70 else ''})"
+        click.echo(line)
+
+
+@events.command("show")
+@click.argument("event_id", type=int)
+@FORMAT_OPTION
+def show_event(event_id: int, output_format: str) -> None:
+    """Show one event: its body, which rules match it (with the rules as they are now),
+    each planned action, and each target's recorded outcome.
+
+    \b
+    Example:
+      linkcrm events show 42
+    """
+    settings = load_settings()
+
+    async def read(storage: Storage) -> tuple[InboxEvent | None, list[ActionOutcome]]:
+        return await storage.get_event(event_id), await storage.list_outcomes(event_id)
+
+    event, outcomes = with_storage(settings, read)
+    if event is None:
+        fail(f"no event {event_id}; `linkcrm events list` shows the ids")
+    body: Any = None
+    if event.body is not None:
+        try:
+            body = json.loads(event.body)
+        except ValueError:
+            body = event.body.decode("utf-8", "replace")
+    document: dict[str, Any] = {**_event_row(event), "body": body,
+                                "outcomes": [_outcome_row(o) for o in outcomes]}
+    document["plan"] = _current_plan(body, settings)
+    if output_format == "json":
+        emit_json(document)
+        return
+    _show_text(document)
+
+
+def _current_plan(body: Any, settings: Settings) -> dict[str, Any] | None:
+    if not isinstance(body, dict):
+        return None
+    try:
+        ruleset = load_ruleset([rules_location(settings)])
+    except (ConfigError, OSError):
+        return {"error": "the rules do not load; `linkcrm validate` lists why"}
+    result = plan(body, ruleset).as_dict()
+    result.pop("event", None)
+    return result
+
+
+def _show_text(document: dict[str, Any]) -> None:
+    click.echo(f"event {document['id']}: {document['event']} ({document['source']})")
+    click.echo(f"  status: {document['status']} after {document['attempts']} attempt(s)")
+    click.echo(f"  received: {document['received_at']}   happened: "
+               f"{document['event_timestamp']}")
+    if document["next_attempt_at"]:
+        click.echo(f"  next attempt: {document['next_attempt_at']}")
+    for line in (document["last_error"] or "").splitlines():
+        click.echo(f"  error: {line}")
+    current = document["plan"]
+    if document["body_purged"]:
+        click.echo("  body: purged (the event cannot be replayed)")
+    elif current is not None and "error" in current:
+        click.echo(f"  plan: {current['error']}")
+    elif current is not None:
+        click.echo("  rules matched (as the rules are now): "
+                   + (", ".join(current["matched"]) or "none"))
+        for number, action in enumerate(current["actions"], 1):
+            click.echo(f"    {number}. {action['action']} (rule {action['rule']})")
+        for error in current["errors"]:
+            click.echo(f"    error: {error['error']}")
+    if not document["outcomes"]:
+        click.echo("  outcomes: none recorded")
+    for outcome in document["outcomes"]:
+        click.echo(f"  {outcome['target']}: {outcome['action']} (rule {outcome['rule']}) "
+                   f"-> {outcome['status']} after {outcome['attempts']} attempt(s)")
+        response = outcome["response"]
+        if isinstance(response, dict) and response.get("summary"):
+            click.echo(f"      {response['summary']}")
+        if outcome["error"]:
+            click.echo(f"      error: {outcome['error']}")
+
+
+@click.command()
+@click.argument("event_ids", nargs=-1, type=int)
+@click.option("--status", type=STATUS, help="Re-queue every event in this status.")
+@click.option("--all-dead", is_flag=True,
+              help="Re-queue every dead event and every event with a dead action.")
+@FORMAT_OPTION
+def replay(event_ids: tuple[int, ...], status: EventStatus | None, all_dead: bool,
+           output_format: str) -> None:
+    """Re-queue events so the worker applies them again, with the rules as they are now.
+
+    Actions that already succeeded on a target are not redone (their idempotency keys are
+    kept when a rule's values change); dead actions are retried. Exit 1 when an event could
+    not be re-queued (unknown, its body purged, or being worked on right now).
+
+    \b
+    Examples:
+      linkcrm replay 42 43
+      linkcrm replay --all-dead
+    """
+    if not event_ids and status is None and not all_dead:
+        raise click.UsageError("name event ids, --status S or --all-dead")
+    settings = load_settings()
+
+    async def requeue(storage: Storage) -> tuple[list[int], list[int]]:
+        done: list[int] = []
+        refused: list[int] = []
+        for event_id in event_ids:
+            (done if await storage.requeue(event_id) else refused).append(event_id)
+        if all_dead:
+            done += await storage.requeue_dead()
+        if status is not None:
+            before: int | None = None
+            while page := await storage.list_events(status=status, limit=500, before_id=before):
+                for event in page:
+                    (done if await storage.requeue(event.id) else refused).append(event.id)
+                before = page[-1].id
+        return sorted(set(done)), refused
+
+    done, refused = with_storage(settings, requeue)
+    if output_format == "json":
+        emit_json({"requeued": list(done), "refused": list(refused)})
+    else:
+        click.echo(f"requeued {len(done)} event(s)" + (f": {_ids(done)}" if done else "")
+                   + ("; the worker applies them with the current rules" if done else ""))
+    for event_id in refused:
+        click.echo(f"error: event {event_id} was not re-queued (unknown, body purged, "
+                   "or being worked on right now)", err=True)
+    sys.exit(1 if refused else 0)
+
+
+def _ids(ids: list[int]) -> str:
+    shown = ", ".join(str(i) for i in ids[:20])
+    return shown + (f" and {len(ids) - 20} more" if len(ids) > 20 else "")
+
+
+@click.group()
+def crm() -> None:
+    """What the embedded CRM (the `local` target) holds.
+
+    \b
+    Example:
+      linkcrm crm contacts --format json
+    """
+
+
+def _contact_row(contact: LocalContact) -> dict[str, JSON]:
+    return {
+        "id": contact.id,
+        "identities": [{"field": k.field, "value": k.value} for k in contact.identities],
+        "fields": dict(contact.fields),
+        "stage": contact.stage,
+        "stage_history": [
+            {"from": c.from_stage, "to": c.to_stage, "at": iso(c.at), "event_id": c.event_id}
+            for c in contact.stage_history
+        ],
+        "created_at": iso(contact.created_at),
+        "updated_at": iso(contact.updated_at),
+    }
+
+
+@crm.command()
+@click.option("--limit", type=click.IntRange(min=1), help="At most this many contacts.")
+@FORMAT_OPTION
+def contacts(limit: int | None, output_format: str) -> None:
+    """List contacts with their identities, fields, stage and stage history, oldest first.
+
+    \b
+    Example:
+      linkcrm crm contacts --format json
+    """
+    settings = load_settings()
+    rows = [_contact_row(c) for c in with_storage(settings, lambda s: s.local_contacts(limit))]
+    if output_format == "json":
+        emit_json(rows)
+        return
+    if not rows:
+        click.echo("no contacts yet (send some events: `linkcrm send-samples`)")
+    for row in rows:
+        identities = row["identities"]
+        assert isinstance(identities, list)
+        names = ", ".join(f"{i['field']}={i['value']}" for i in identities if isinstance(i, dict))
+        click.echo(f"contact {row['id']}  stage: {row['stage'] or '-'}  ({names})")
+        fields = row["fields"]
+        assert isinstance(fields, dict)
+        for name, value in sorted(fields.items()):
+            click.echo(f"    {name}: {json.dumps(value, ensure_ascii=False)}")
+        history = row["stage_history"]
+        assert isinstance(history, list)
+        for change in history:
+            assert isinstance(change, dict)
+            click.echo(f"    stage {change['from'] or '(none)'} -> {change['to']} "
+                       f"at {change['at']}")
+
+
+@crm.command()
+@click.option("--limit", type=click.IntRange(min=1), help="At most this many deals.")
+@FORMAT_OPTION
+def deals(limit: int | None, output_format: str) -> None:
+    """List deals (one per deal key, ever), oldest first.
+
+    \b
+    Example:
+      linkcrm crm deals --format json
+    """
+    settings = load_settings()
+    found: list[LocalDeal] = with_storage(settings, lambda s: s.local_deals(limit))
+    rows: list[dict[str, JSON]] = [
+        {"id": d.id, "key": d.key, "title": d.title, "stage": d.stage, "amount": d.amount,
+         "contact_id": d.contact_id, "fields": dict(d.fields), "created_at": iso(d.created_at)}
+        for d in found
+    ]
+    if output_format == "json":
+        emit_json(rows)
+        return
+    if not rows:
+        click.echo("no deals yet")
+    for row in rows:
+        click.echo(f"deal {row['id']}  {row['title']}  stage: {row['stage'] or '-'}  "
+                   f"contact: {row['contact_id'] or '-'}  key: {row['key']}")
+
+
+_DURATION = re.compile(r"^\s*(\d+)\s*([smhdw])\s*$")
+_UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days", "w": "weeks"}
+
+
+def _duration(_ctx: click.Context | None, _param: click.Parameter | None,
+              value: str) -> timedelta:
+    match = _DURATION.match(value)
+    if match is None:
+        raise click.BadParameter(f"{value!r} is not a duration; use e.g. 30d, 12h, 90m or 2w")
+    return timedelta(**{_UNITS[match.group(2)]: int(match.group(1))})
+
+
+@click.command()
+@click.option("--older-than", "older_than", required=True, callback=_duration,
+              help="Age, e.g. 30d, 12h, 2w.")
+@FORMAT_OPTION
+def purge(older_than: timedelta, output_format: str) -> None:
+    """Drop the raw bodies of processed and ignored events older than the given age.
+
+    Dedupe keys, statuses and outcomes are kept, so a late retry of a purged delivery is
+    still answered as a duplicate; a purged event can no longer be replayed.
+
+    \b
+    Example:
+      linkcrm purge --older-than 30d
+    """
+    settings = load_settings()
+    cutoff = utc_now() - older_than
+    dropped = with_storage(settings, lambda s: s.purge_raw_bodies(cutoff))
+    if output_format == "json":
+        emit_json({"purged": dropped, "received_before": iso(cutoff)})
+    else:
+        click.echo(f"dropped the raw body of {dropped} event(s) received before {iso(cutoff)}")

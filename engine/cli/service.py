@@ -1,0 +1,148 @@
+"""Service commands: `serve`, `worker` and `migrate`."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+from collections.abc import Iterable
+
+import click
+
+from engine.crm.targets import select_targets
+from engine.errors import ConfigError, StorageError
+from engine.jsonlog import configure_logging
+from engine.metrics import Metrics, Sample
+from engine.receiver import run
+from engine.rules import RuleSet
+from engine.settings import Settings
+from engine.storage import Storage, open_storage
+from engine.worker_service import InProcessWorker, in_process_worker, open_worker
+
+from .output import fail
+from .runtime import (
+    database_label,
+    load_rules,
+    load_settings,
+    require_secret,
+    show_problems,
+    with_storage,
+)
+
+CONCURRENCY = click.option(
+    "--concurrency", type=click.IntRange(min=1), default=None,
+    help="Events each target handles at once [default: $LINKCRM_WORKER_CONCURRENCY or 4].",
+)
+
+
+def _check_targets() -> list[str]:
+    try:
+        return select_targets(os.environ)
+    except ConfigError as error:
+        show_problems(error.problems)
+        fail("fix the target settings above", 2)
+
+
+async def storage_gauges(storage: Storage, metrics: Metrics) -> None:
+    """Publish the live database connection's durability settings on /metrics, e.g.
+    `linkcrm_storage_setting{setting="sqlite_synchronous"} 2` (FULL)."""
+
+    async def collect() -> Iterable[Sample]:
+        values = await storage.durability()
+        return [Sample({"setting": name}, value) for name, value in sorted(values.items())]
+
+    metrics.gauge("linkcrm_storage_setting",
+                  "Durability settings of the live database connection (SQLite: "
+                  "sqlite_synchronous 2 = FULL, sqlite_wal 1 = WAL).", collect)
+
+
+@click.command()
+@click.option("--host", default="127.0.0.1", show_default=True, help="Interface to bind.")
+@click.option("--port", default=8000, show_default=True, type=click.IntRange(0, 65535),
+              help="TCP port to listen on.")
+@click.option("--no-worker", is_flag=True,
+              help="Only receive and store; run `linkcrm worker` elsewhere.")
+@click.option("--no-migrate", is_flag=True,
+              help="Do not create or upgrade the database schema at start.")
+@CONCURRENCY
+def serve(host: str, port: int, no_worker: bool, no_migrate: bool,
+          concurrency: int | None) -> None:
+    """Receive Tolinku webhooks and apply the rules: the main job.
+
+    Verifies and durably stores every event before answering (POST /webhooks/tolinku,
+    POST /v1/identify), and runs the worker in the same process, which applies the rules
+    to every enabled target (the embedded `local` CRM when no CRM credentials are set).
+    Also serves GET /healthz, /readyz and /metrics. Needs WEBHOOK_SECRET; reads
+    LINKCRM_DATABASE_URL (default sqlite:///linkcrm.db) and LINKCRM_RULES (default rules/).
+    Stops on Ctrl-C or SIGTERM.
+
+    \b
+    Example:
+      export WEBHOOK_SECRET=whsec_...
+      linkcrm serve --port 8000
+    """
+    settings = load_settings()
+    require_secret(settings)
+    hooks: list[InProcessWorker] = [storage_gauges]
+    if not no_worker:
+        ruleset = load_rules(settings)
+        _check_targets()
+        hooks.append(in_process_worker(ruleset, settings, os.environ, concurrency))
+    try:
+        run(settings, host=host, port=port, migrate=not no_migrate, workers=hooks)
+    except StorageError as error:
+        fail(f"{database_label(settings.database_url)}: {error}")
+    except ConfigError as error:
+        show_problems(error.problems)
+        fail("fix the settings above", 2)
+
+
+@click.command()
+@CONCURRENCY
+def worker(concurrency: int | None) -> None:
+    """Run only the worker: apply the rules to stored events (scale-out, or next to
+    `linkcrm serve --no-worker`). Several workers may share one database.
+
+    Stops on Ctrl-C or SIGTERM, letting in-flight events finish for a few seconds.
+
+    \b
+    Example:
+      linkcrm worker --concurrency 8
+    """
+    settings = load_settings()
+    ruleset = load_rules(settings)
+    _check_targets()
+    configure_logging(settings.log_level)
+    try:
+        asyncio.run(_work(settings, ruleset, concurrency))
+    except StorageError as error:
+        fail(f"{database_label(settings.database_url)}: {error}")
+
+
+async def _work(settings: Settings, ruleset: RuleSet, concurrency: int | None) -> None:
+    storage = open_storage(settings.database_url)
+    try:
+        if await storage.schema_version() == 0:
+            raise StorageError("the database has no schema yet; run `linkcrm migrate`")
+        async with open_worker(storage, ruleset, settings, os.environ, metrics=Metrics(),
+                               concurrency=concurrency) as running:
+            loop = asyncio.get_running_loop()
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                loop.add_signal_handler(signum, running.stop)
+            await running.run()
+    finally:
+        await storage.close()
+
+
+@click.command()
+def migrate() -> None:
+    """Create or upgrade the database schema (LINKCRM_DATABASE_URL). Safe to run twice;
+    `linkcrm serve` runs it at start unless given --no-migrate.
+
+    \b
+    Example:
+      LINKCRM_DATABASE_URL=sqlite:///linkcrm.db linkcrm migrate
+    """
+    settings = load_settings()
+    version = with_storage(settings, lambda storage: storage.migrate())
+    click.echo(f"{database_label(settings.database_url)}: schema at version {version}")
