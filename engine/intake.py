@@ -121,9 +121,13 @@ def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not valid JSON")
 
 
+# One shared decoder: json.loads with any option builds a new decoder on every call.
+_DECODER = json.JSONDecoder(parse_constant=_reject_constant)
+
+
 def parse_json(body: bytes) -> Any:
     try:
-        return json.loads(body, parse_constant=_reject_constant)
+        return _DECODER.decode(body.decode("utf-8"))
     except (ValueError, RecursionError) as error:
         detail = str(error) if isinstance(error, ValueError) else "nested too deeply"
         raise Rejected("bad_json", 400, f"the body is not valid JSON: {detail}") from None
