@@ -203,6 +203,26 @@ async def test_rate_limit_bucket_is_shared_by_every_pool(url: str) -> None:
         await _close(storages)
 
 
+async def test_rate_limit_bucket_is_shared_with_another_process(
+    storage: PostgresStorage, url: str
+) -> None:
+    waits = [await storage.take_tokens("pipedrive", 1, 10, 0.001) for _ in range(6)]
+    assert waits.count(0) == 6
+    script = textwrap.dedent(f"""
+        import asyncio
+        from engine.storage.postgres import PostgresStorage
+        async def main():
+            storage = PostgresStorage.from_url({url!r})
+            waits = [await storage.take_tokens("pipedrive", 1, 10, 0.001) for _ in range(10)]
+            print(waits.count(0))
+            await storage.close()
+        asyncio.run(main())
+    """)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=60, check=True)
+    assert done.stdout.strip() == "4", done.stderr  # the 4 this process left, no more
+
+
 async def test_an_earlier_event_being_planned_elsewhere_holds_back_a_later_one(
     storage: PostgresStorage,
 ) -> None:

@@ -307,7 +307,6 @@ class PostgresStorage(Storage):
     ) -> float:
         if not 0 < cost <= capacity or refill_per_second <= 0:
             raise ValueError("need 0 < cost <= capacity and refill_per_second > 0")
-        bucket = f"{bucket}:{os.getpid()}"  # MUTATION: one bucket per process
         return await self._call(
             "take rate-limit tokens", maps.take_tokens, bucket, cost, capacity,
             refill_per_second, self._now())
