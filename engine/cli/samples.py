@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 from typing import Any
 
 import click
@@ -44,8 +45,10 @@ def encode(document: dict[str, Any]) -> bytes:
               help="Where `linkcrm serve` listens.")
 @click.option("--token", default="ref_sample_sam", show_default=True,
               help="The referral link token the story is about.")
+@click.option("--wait", "wait_seconds", default=20.0, show_default=True,
+              help="Seconds to wait for the server to come up (it may be starting).")
 @FORMAT_OPTION
-def send_samples(url: str, token: str, output_format: str) -> None:
+def send_samples(url: str, token: str, wait_seconds: float, output_format: str) -> None:
     """Sign (WEBHOOK_SECRET) and post the sample story to a running server: an install, a
     referral sign-up and a conversion, then an identify call when LINKCRM_API_KEYS is set.
     A few seconds later `linkcrm crm contacts` shows the contact, its stage history
@@ -63,6 +66,7 @@ def send_samples(url: str, token: str, output_format: str) -> None:
     sent: list[dict[str, Any]] = []
     failed = False
     with httpx.Client(timeout=10.0) as client:
+        _wait_until_ready(client, base, wait_seconds)
         requests = []
         for document in story(token):
             body = encode(document)
@@ -105,3 +109,17 @@ def send_samples(url: str, token: str, output_format: str) -> None:
         click.echo("error: the server refused a sample; does it use the same WEBHOOK_SECRET?",
                    err=True)
     sys.exit(1 if failed else 0)
+
+
+def _wait_until_ready(client: httpx.Client, base: str, seconds: float) -> None:
+    """Poll `/readyz` so that `linkcrm serve & linkcrm send-samples` works in one line."""
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            if client.get(f"{base}/readyz").status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        if time.monotonic() >= deadline:
+            return  # the first post then reports what is wrong
+        time.sleep(0.2)
