@@ -23,7 +23,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
-from engine.crm.base import Target
+from engine.crm.base import Target, batches
 from engine.crm.local import current_event
 from engine.errors import StorageError
 from engine.metrics import Metrics
@@ -31,6 +31,7 @@ from engine.retrying import RetryPolicy
 from engine.rules import RuleSet
 from engine.storage import ActionOutcome, Clock, FinalStatus, InboxEvent, Storage, utc_now
 from engine.worker_apply import Applier, Lane, PartResult, Sleep
+from engine.worker_batch import Batcher
 from engine.worker_plan import KeyedAction, Work, ordering_keys, prepare
 
 log = logging.getLogger(__name__)
@@ -41,9 +42,11 @@ class WorkerOptions:
     """How hard the worker works and how long it waits in-process before rescheduling.
 
     `concurrency` is how many events each target handles at once (with one target, the number
-    of events in flight). Waits longer than `short_wait` (backoff), `order_wait` (an earlier
-    event of the same identity) or `busy_wait` (a full lane) are rescheduled in the store, so a
-    restart loses nothing and a worker slot is never held for long.
+    of events in flight). A target with batch endpoints gets the calls that queue up while a
+    batch is in flight in its next batch, at most `batch_size` (1: no batching). Waits longer
+    than `short_wait` (backoff), `order_wait` (an earlier event of the same identity) or
+    `busy_wait` (a full lane) are rescheduled in the store, so a restart loses nothing and a
+    worker slot is never held for long.
     """
 
     concurrency: int = 4
@@ -53,6 +56,7 @@ class WorkerOptions:
     order_wait: float = 5.0
     busy_wait: float = 2.0
     drain_timeout: float = 5.0
+    batch_size: int = 100
     policy: RetryPolicy = field(default_factory=RetryPolicy)
 
 
@@ -90,6 +94,12 @@ class Worker:
         self.clock = clock
         n = max(1, self.options.concurrency)
         self.lanes = {target.name: Lane(target, n) for target in self.targets}
+        # Calls go through a Batcher where the target has batch endpoints: concurrent events'
+        # actions then share requests, which is what a rate-limited CRM needs.
+        self.callers: dict[str, Target] = {
+            target.name: Batcher(target, self.options.batch_size)
+            if batches(target) and self.options.batch_size > 1 else target
+            for target in self.targets}
         # With several targets, room for one more target's worth of events: a stuck target can
         # fill its own lane and queue, and the others still have `n` events to work on.
         self.capacity = n if len(self.targets) == 1 else n * (len(self.targets) + 1)
@@ -184,6 +194,9 @@ class Worker:
             for task in pending:
                 task.cancel()
             await asyncio.gather(*pending, return_exceptions=True)
+        for caller in self.callers.values():
+            if isinstance(caller, Batcher):
+                await caller.aclose()
 
     # -- one event ----------------------------------------------------------------------------
 
@@ -224,7 +237,8 @@ class Worker:
         if not await lane.acquire(self.options.busy_wait):
             return PartResult(target.name, False, self._after(1.0), f"{target.name}: busy")
         try:
-            result = await self.applier.apply(job.event, target, job.work.actions, job.known)
+            result = await self.applier.apply(job.event, self.callers[target.name],
+                                              job.work.actions, job.known)
         finally:
             lane.release()
         if result.done:

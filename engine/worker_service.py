@@ -3,19 +3,23 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 from collections.abc import AsyncIterator, Callable, Coroutine, Mapping
 from typing import Any
 
 import httpx
 
 from engine import __version__
-from engine.crm.targets import build_targets
+from engine.crm.targets import build_targets, start_targets
+from engine.errors import ConfigError
 from engine.metrics import Metrics
 from engine.retrying import RetryPolicy
 from engine.rules import RuleSet
 from engine.settings import Settings
 from engine.storage import Storage
 from engine.worker import Worker, WorkerOptions
+
+log = logging.getLogger("engine.worker")
 
 # CRM calls: generous reads (batch endpoints are slow), short connects (a dead host fails fast
 # into the retry policy instead of holding a lane).
@@ -42,8 +46,9 @@ async def open_worker(
     metrics: Metrics,
     concurrency: int | None = None,
 ) -> AsyncIterator[Worker]:
-    """A worker on `storage` with the targets the environment selects; the HTTP client and the
-    targets are closed on exit. Raises ConfigError for an unknown or unconfigured target.
+    """A worker on `storage` with the targets the environment selects, started (Pipedrive's
+    labels resolved); the HTTP client and the targets are closed on exit. Raises ConfigError
+    for an unknown or unconfigured target, or a CRM not set up for the field map.
 
         async with open_worker(storage, ruleset, settings, os.environ, metrics=m) as worker:
             await worker.run()
@@ -52,6 +57,7 @@ async def open_worker(
     async with httpx.AsyncClient(timeout=CRM_TIMEOUT, headers=headers) as client:
         targets = build_targets(environ, storage, ruleset.field_map, client)
         try:
+            await start_targets(targets)
             yield Worker(storage, ruleset, targets, metrics=metrics,
                          options=worker_options(settings, concurrency))
         finally:
@@ -69,8 +75,15 @@ def in_process_worker(
     and metrics; it stops (draining briefly) when the server shuts down."""
 
     async def run(storage: Storage, metrics: Metrics) -> None:
-        async with open_worker(storage, ruleset, settings, environ, metrics=metrics,
-                               concurrency=concurrency) as worker:
-            await worker.run()
+        try:
+            async with open_worker(storage, ruleset, settings, environ, metrics=metrics,
+                                   concurrency=concurrency) as worker:
+                await worker.run()
+        except ConfigError as error:
+            # `serve` checked the targets before binding; one changed since (a Pipedrive field
+            # deleted): say so, since nobody awaits this task until shutdown.
+            log.error("the worker cannot start", extra={
+                "problems": [problem.render() for problem in error.problems]})
+            raise
 
     return run

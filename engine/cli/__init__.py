@@ -5,6 +5,7 @@ from __future__ import annotations
 import click
 
 from engine import __version__
+from engine.cli.admin import doctor_command, provision_command
 from engine.cli.ops import crm, events, purge, replay
 from engine.cli.rules import bench, explain, test, validate
 from engine.cli.samples import send_samples
@@ -27,6 +28,11 @@ def main() -> None:
       linkcrm serve
       linkcrm send-samples && linkcrm crm contacts
       linkcrm events list --status dead
+
+    \b
+    Set up and check a CRM target:
+      linkcrm provision hubspot
+      linkcrm doctor hubspot
     """
 
 
@@ -37,3 +43,5 @@ for command in (serve, worker, migrate):
 for command in (events, replay, crm, purge):
     main.add_command(command)
 main.add_command(send_samples)
+for command in (provision_command, doctor_command):
+    main.add_command(command)

@@ -6,6 +6,7 @@ import asyncio
 import os
 import signal
 from collections.abc import Iterable
+from typing import NoReturn
 
 import click
 
@@ -41,6 +42,32 @@ def _check_targets() -> list[str]:
     except ConfigError as error:
         show_problems(error.problems)
         fail("fix the target settings above", 2)
+
+
+def _not_set_up(error: ConfigError) -> NoReturn:
+    show_problems(error.problems)
+    names = sorted({problem.location.file for problem in error.problems})
+    verb = "is" if len(names) == 1 else "are"
+    fail(f"{' and '.join(names)} {verb} not set up for the field map: fix the problems above, then "
+         "start again (" + ", ".join(f"`linkcrm doctor {name}`" for name in names) +
+         " checks)")
+
+
+def _start_targets(settings: Settings, ruleset: RuleSet, *, migrate: bool) -> None:
+    """Start the targets once before the port is bound, so a CRM that is not set up for the
+    field map (a Pipedrive field label that does not exist) stops `serve` with its fix
+    instead of dead-lettering every action."""
+
+    async def start(storage: Storage) -> None:
+        if migrate:
+            await storage.migrate()  # the shared rate limits live in the database
+        async with open_worker(storage, ruleset, settings, os.environ, metrics=Metrics()):
+            pass
+
+    try:
+        with_storage(settings, start)
+    except ConfigError as error:
+        _not_set_up(error)
 
 
 async def storage_gauges(storage: Storage, metrics: Metrics) -> None:
@@ -87,6 +114,7 @@ def serve(host: str, port: int, no_worker: bool, no_migrate: bool,
     if not no_worker:
         ruleset = load_rules(settings)
         _check_targets()
+        _start_targets(settings, ruleset, migrate=not no_migrate)
         hooks.append(in_process_worker(ruleset, settings, os.environ, concurrency))
     try:
         run(settings, host=host, port=port, migrate=not no_migrate, workers=hooks)
@@ -117,6 +145,8 @@ def worker(concurrency: int | None) -> None:
         asyncio.run(_work(settings, ruleset, concurrency))
     except StorageError as error:
         fail(f"{database_label(settings.database_url)}: {error}")
+    except ConfigError as error:
+        _not_set_up(error)
 
 
 async def _work(settings: Settings, ruleset: RuleSet, concurrency: int | None) -> None:

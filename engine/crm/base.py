@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, TypeGuard, runtime_checkable
 
 from engine.actions import Action, IdentityKey
 
@@ -67,3 +67,31 @@ class Target(Protocol):
     async def aclose(self) -> None:
         """Release what the target holds (not the injected client, which the caller owns)."""
         ...
+
+
+@runtime_checkable
+class StartableTarget(Target, Protocol):
+    """A target with start-up work (Pipedrive resolves field labels to keys): run once before
+    the first action; a PermanentCRMError means the CRM is not set up for the field map."""
+
+    async def start(self) -> object: ...
+
+
+@runtime_checkable
+class BatchTarget(Target, Protocol):
+    """A target that applies several queued actions in fewer requests (HubSpot batch upsert,
+    Salesforce sObject Collections). One result per item, in order: its Outcome or the
+    RetryableCRMError/PermanentCRMError that item alone would have raised, never another's.
+    Items are applied in order, so a later action on an identity never overtakes an earlier
+    one that failed."""
+
+    async def execute_many(self, items: Sequence[tuple[Action, str]]
+                           ) -> list[Outcome | Exception]: ...
+
+
+def startable(target: Target) -> TypeGuard[StartableTarget]:
+    return isinstance(target, StartableTarget)
+
+
+def batches(target: Target) -> TypeGuard[BatchTarget]:
+    return isinstance(target, BatchTarget)

@@ -42,9 +42,18 @@ async def send(client: httpx.AsyncClient, crm: str, request: httpx.Request) -> h
     """Send `request`; a timeout or a broken connection becomes RetryableCRMError.
 
     The response is returned whatever its status: the caller decides what a status means.
+    A read timeout asks for a wait as long as the timeout before the retry: the CRM may still
+    be working on the request, and a write that lands after its retry was sent could make a
+    second record in a CRM without idempotent creates (Pipedrive).
     """
     try:
         return await client.send(request)
+    except httpx.ReadTimeout:
+        timeout = request.extensions.get("timeout")
+        read = timeout.get("read") if isinstance(timeout, dict) else None
+        raise RetryableCRMError(
+            f"{crm}: {request.method} {request.url.path} timed out waiting for the answer",
+            retry_after=float(read) if isinstance(read, int | float) else None) from None
     except httpx.TimeoutException as error:
         raise RetryableCRMError(f"{crm}: {request.method} {request.url.path} timed out "
                                 f"({type(error).__name__})") from None

@@ -1,20 +1,27 @@
-"""Which targets a worker applies actions to, chosen from the environment."""
+"""Which targets a worker applies actions to, chosen and built from the environment."""
 
 from __future__ import annotations
 
 import difflib
-from collections.abc import Callable, Mapping
+import logging
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import httpx
 
-from engine.crm.base import Target
+from engine.crm.base import Target, startable
+from engine.crm.credentials import HubSpotSettings, PipedriveSettings, SalesforceEnvironment
+from engine.crm.hubspot import HubSpotTarget
 from engine.crm.local import LocalTarget
-from engine.errors import ConfigError, Location, Problem
+from engine.crm.pipedrive import PipedriveTarget
+from engine.crm.pipedrive_fields import PipedriveSetupError
+from engine.crm.salesforce import SalesforceTarget
+from engine.errors import ConfigError, Location, PermanentCRMError, Problem, RetryableCRMError
 from engine.fieldmap import FieldMap
 from engine.storage import Storage
 
 TARGETS_VARIABLE = "LINKCRM_TARGETS"
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -29,31 +36,88 @@ class TargetContext:
 
 
 Factory = Callable[[TargetContext], Target]
+# Problems with a target's settings beyond their presence (a malformed URL, an unreadable key).
+Check = Callable[[Mapping[str, str]], object]
 
 
 @dataclass(frozen=True)
 class TargetSpec:
-    """A target's credentials (all required) and its factory (None: not wired in yet)."""
+    """A target's credentials and its factory (None: not wired in yet).
+
+    `credentials` must all be set, or all of one of the `alternatives` (Salesforce: client
+    credentials or JWT bearer); `check` raises ConfigError for settings that are present but
+    wrong, so `linkcrm serve` refuses them before it binds its port.
+    """
 
     credentials: tuple[str, ...]
     factory: Factory | None
+    alternatives: tuple[tuple[str, ...], ...] = ()
+    check: Check | None = None
+
+    def credential_sets(self) -> tuple[tuple[str, ...], ...]:
+        return (self.credentials, *self.alternatives)
+
+    def configured(self, environ: Mapping[str, str]) -> bool:
+        return bool(self.credentials) and any(
+            all(_set(environ, v) for v in names) for names in self.credential_sets())
+
+    def touched(self, environ: Mapping[str, str]) -> bool:
+        return any(_set(environ, v) for names in self.credential_sets() for v in names)
+
+    def missing(self, environ: Mapping[str, str]) -> list[str]:
+        """What the nearest complete set still lacks: the fewest missing, then the set the
+        user went furthest with (SF_USERNAME set: JWT bearer), then the first."""
+        gaps = [([v for v in names if not _set(environ, v)], len(names))
+                for names in self.credential_sets()]
+        return min(gaps, key=lambda gap: (len(gap[0]), len(gap[0]) - gap[1]))[0]
+
+    def hint(self, missing: list[str], name: str) -> str:
+        others = [" + ".join(names) for names in self.alternatives]
+        return f"export {missing[0]}=..." + "".join(f"; or set {o}" for o in others) + \
+            f" (or leave {name} out of {TARGETS_VARIABLE})"
 
 
 def _local(context: TargetContext) -> Target:
     return LocalTarget(context.storage, context.field_map)
 
 
-# ---------------------------------------------------------------------------------------------
-# The registry: target name -> credentials and factory. The CRM adapters plug in here, e.g.
-#     "hubspot": TargetSpec(("HUBSPOT_ACCESS_TOKEN",), _hubspot),
-# with `_hubspot(context)` building `HubSpotTarget(context.client, ..., context.storage, ...)`.
-# A target whose factory is None can be named but refuses to start with a clear message.
-# ---------------------------------------------------------------------------------------------
+def _hubspot(context: TargetContext) -> Target:
+    settings = HubSpotSettings.from_env(context.environ)
+    return HubSpotTarget(context.client, settings.token, context.field_map, context.storage,
+                         context.storage, base_url=settings.base_url,
+                         requests_per_window=settings.rate_limit)
+
+
+def _salesforce(context: TargetContext) -> Target:
+    found = SalesforceEnvironment.from_env(context.environ)
+    return SalesforceTarget.from_settings(context.client, found.settings, context.field_map,
+                                          context.storage, context.storage,
+                                          limit_backoff=found.limit_backoff)
+
+
+def _pipedrive(context: TargetContext) -> Target:
+    settings = PipedriveSettings.from_env(context.environ)
+    return PipedriveTarget(context.client, api_token=settings.api_token,
+                           domain=settings.domain, base_url=settings.base_url,
+                           burst_limit=settings.rate_limit, field_map=context.field_map,
+                           identities=context.storage, rate_limits=context.storage)
+
+
+_SF_JWT = ("SF_INSTANCE_URL", "SF_CLIENT_ID", "SF_USERNAME")
+
+# The registry: target name -> credentials and factory. A target whose factory is None can be
+# named but refuses to start with a clear message (tests plug fakes in the same way).
 REGISTRY: dict[str, TargetSpec] = {
     "local": TargetSpec((), _local),
-    "hubspot": TargetSpec(("HUBSPOT_ACCESS_TOKEN",), None),
-    "salesforce": TargetSpec(("SF_INSTANCE_URL", "SF_CLIENT_ID", "SF_CLIENT_SECRET"), None),
-    "pipedrive": TargetSpec(("PIPEDRIVE_API_TOKEN", "PIPEDRIVE_DOMAIN"), None),
+    "hubspot": TargetSpec(("HUBSPOT_ACCESS_TOKEN",), _hubspot,
+                          check=HubSpotSettings.from_env),
+    "salesforce": TargetSpec(("SF_INSTANCE_URL", "SF_CLIENT_ID", "SF_CLIENT_SECRET"),
+                             _salesforce,
+                             alternatives=((*_SF_JWT, "SF_PRIVATE_KEY_FILE"),
+                                           (*_SF_JWT, "SF_PRIVATE_KEY")),
+                             check=SalesforceEnvironment.from_env),
+    "pipedrive": TargetSpec(("PIPEDRIVE_API_TOKEN", "PIPEDRIVE_DOMAIN"), _pipedrive,
+                            check=PipedriveSettings.from_env),
 }
 
 
@@ -63,20 +127,18 @@ def select_targets(
     """The names of the targets the environment selects, in a stable order.
 
     `LINKCRM_TARGETS=local,hubspot` names them explicitly (each CRM needs its credentials).
-    Without it, every CRM whose credentials are all set is used, and `local` when none is.
-    Raises ConfigError naming every unknown target and every missing credential at once, so
-    `linkcrm serve` can refuse to start before it binds its port.
+    Without it, every CRM whose credentials are set is used, and `local` when none is.
+    Raises ConfigError naming every unknown target, missing credential and malformed setting
+    at once, so `linkcrm serve` can refuse to start before it binds its port.
     """
     names, problems = _chosen(environ, registry)
     for name in names:
         spec = registry[name]
-        missing = [variable for variable in spec.credentials if not _set(environ, variable)]
-        if missing:
-            problems.append(_problem(
-                "missing-credentials",
-                f"target {name!r} needs {', '.join(missing)}",
-                f"export {missing[0]}=... (or leave {name} out of {TARGETS_VARIABLE})",
-            ))
+        if spec.credentials and not spec.configured(environ):
+            missing = spec.missing(environ)
+            problems.append(_problem("missing-credentials",
+                                     f"target {name!r} needs {', '.join(missing)}",
+                                     spec.hint(missing, name)))
         elif spec.factory is None:
             problems.append(_problem(
                 "target-unavailable",
@@ -84,6 +146,11 @@ def select_targets(
                 f"use {TARGETS_VARIABLE}=local, or an adapter that is wired into "
                 "engine.crm.targets.REGISTRY",
             ))
+        elif spec.check is not None:
+            try:
+                spec.check(environ)
+            except ConfigError as error:
+                problems.extend(error.problems)
     if problems:
         raise ConfigError(problems)
     return names
@@ -100,6 +167,7 @@ def build_targets(
     """Build the targets `select_targets` names; they share `client` (the caller closes it).
 
         targets = build_targets(os.environ, storage, ruleset.field_map, client)
+        await start_targets(targets)
     """
     context = TargetContext(environ, storage, field_map, client)
     built: list[Target] = []
@@ -110,26 +178,43 @@ def build_targets(
     return built
 
 
+async def start_targets(targets: Sequence[Target]) -> None:
+    """Run the start-up of the targets that have one (Pipedrive resolves its field labels to
+    keys). A CRM that is not set up for the field map raises ConfigError listing every problem
+    with its fix (`linkcrm provision pipedrive`, ...); a CRM that cannot be reached right now
+    is logged and starts at its first action instead, so an outage never stops the service."""
+    problems: list[Problem] = []
+    for target in targets:
+        if not startable(target):
+            continue
+        try:
+            await target.start()
+        except RetryableCRMError as error:
+            log.warning("target not started yet; it retries at its first action",
+                        extra={"target": target.name, "error": str(error)})
+        except PipedriveSetupError as error:
+            problems.extend(Problem(Location(target.name), "target-not-set-up", p.message,
+                                    p.fix) for p in error.problems)
+        except PermanentCRMError as error:
+            problems.append(Problem(Location(target.name), "target-refused", str(error),
+                                    f"run `linkcrm doctor {target.name}` to see what to fix"))
+    if problems:
+        raise ConfigError(problems)
+
+
 def _chosen(
     environ: Mapping[str, str], registry: Mapping[str, TargetSpec]
 ) -> tuple[list[str], list[Problem]]:
     raw = environ.get(TARGETS_VARIABLE, "").strip()
     if not raw:
-        configured = [
-            name for name, spec in registry.items()
-            if spec.credentials and all(_set(environ, v) for v in spec.credentials)
-        ]
-        partial = [
-            (name, [v for v in spec.credentials if not _set(environ, v)])
-            for name, spec in registry.items()
-            if spec.credentials and name not in configured
-            and any(_set(environ, v) for v in spec.credentials)
-        ]
+        configured = [name for name, spec in registry.items() if spec.configured(environ)]
         problems = [
             _problem("missing-credentials",
                      f"{name} credentials are incomplete: {', '.join(missing)} not set",
                      f"set {', '.join(missing)}, or unset the other {name} variables")
-            for name, missing in partial
+            for name, spec in registry.items()
+            if spec.credentials and name not in configured and spec.touched(environ)
+            for missing in [spec.missing(environ)]
         ]
         return (configured or ["local"]), problems
     names: list[str] = []

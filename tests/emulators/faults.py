@@ -1,5 +1,6 @@
 """Fault injection shared by the emulators: 5xx, 429, slow answers, dropped connections, and
-the hard one, a write that commits and then loses its response.
+the hard one, a write that commits and then loses its response. A slow answer still commits,
+late: after a client that timed out has given up on it.
 
 Wrap an emulator app: `FaultInjector(app, rate=0.2, too_many=lambda: (429, headers, body))`.
 Each request draws once from a seeded generator; with probability `rate` it gets one fault from
@@ -57,8 +58,11 @@ class FaultInjector:
         elif kind == "too_many":
             await _answer(send, *self.too_many())
         elif kind == "slow":
+            # A slow CRM still does the work: the request is read as it arrived and answered
+            # late, so a client that gave up meanwhile never learns that the write happened.
+            arrived = await _read_request(receive)
             await asyncio.sleep(self.slow_seconds)
-            await self.app(scope, receive, send)
+            await self.app(scope, _replay(arrived, receive), send)
         elif kind == "drop_before":
             await _drop(send)
         else:  # drop_after_commit: the write happens, the answer is lost
@@ -67,6 +71,24 @@ class FaultInjector:
 
             await self.app(scope, receive, swallow)
             await _drop(send)
+
+
+async def _read_request(receive: Receive) -> list[dict[str, Any]]:
+    messages: list[dict[str, Any]] = []
+    while True:
+        message = await receive()
+        messages.append(message)
+        if message["type"] != "http.request" or not message.get("more_body", False):
+            return messages
+
+
+def _replay(messages: list[dict[str, Any]], receive: Receive) -> Receive:
+    pending = list(messages)
+
+    async def replay() -> Any:
+        return pending.pop(0) if pending else await receive()
+
+    return replay
 
 
 async def _answer(send: Send, status: int, headers: dict[str, str], body: Any) -> None:
