@@ -37,7 +37,7 @@ def env(tmp_path: Path) -> dict[str, str]:
 def migrated(env: dict[str, str]) -> dict[str, str]:
     done = cli("migrate", env=env)
     assert done.returncode == 0, done.stderr
-    assert done.stdout.strip().endswith("schema at version 1")
+    assert done.stdout.strip().endswith("schema at version 2")
     return env
 
 

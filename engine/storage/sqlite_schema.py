@@ -111,6 +111,11 @@ MIGRATIONS: tuple[tuple[int, tuple[str, ...]], ...] = (
             updated_at TEXT NOT NULL
         )""",
     )),
+    # Every acknowledged delivery writes each inbox index inside the request's commit; the
+    # receipt-time index only served `purge`, a rare maintenance scan that can do without it.
+    (2, (
+        "DROP INDEX IF EXISTS inbox_received_at",
+    )),
 )
 
 LATEST = MIGRATIONS[-1][0]
