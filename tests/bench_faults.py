@@ -37,6 +37,8 @@ def main() -> int:
     parser.add_argument("--concurrency", type=int, default=8)
     parser.add_argument("--timeout", type=float, default=1800.0)
     parser.add_argument("--targets", default="local,hubspot,salesforce,pipedrive")
+    parser.add_argument("--pipedrive-budget", type=int, default=1_000_000,
+                        help="Pipedrive's daily token budget (30,000 on the smallest account)")
     args = parser.parse_args()
     # A dropped connection is the fault asked for, not news: keep uvicorn's tracebacks quiet.
     logging.getLogger("uvicorn.error").addFilter(_not_a_dropped_connection)
@@ -46,7 +48,8 @@ def main() -> int:
         report = asyncio.run(fault_run.run(ruleset, Path(directory), people,
                                            fault_rate=args.fault_rate,
                                            concurrency=args.concurrency, timeout=args.timeout,
-                                           targets=tuple(args.targets.split(","))))
+                                           targets=tuple(args.targets.split(",")),
+                                           daily_budget=args.pipedrive_budget))
     wrong = fault_run.problems(report, ruleset)
     print(f"{report.events} events ({people} people x 4), {args.fault_rate:.0%} faults, "
           f"worker concurrency {args.concurrency}")

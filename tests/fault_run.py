@@ -86,9 +86,14 @@ async def _store_backlog(storage: Storage, people: int, seed: int) -> None:
 
 async def run(ruleset: RuleSet, directory: Path, people: int, *, fault_rate: float = 0.2,
               concurrency: int = 8, timeout: float = 600.0, seed: int = 11,
-              targets: tuple[str, ...] = ("local", *CRMS)) -> Report:
+              targets: tuple[str, ...] = ("local", *CRMS),
+              daily_budget: int = 1_000_000) -> Report:
     """Store `people` stories, run the worker until every event is finished, read back every
-    CRM. Raises AssertionError when the events do not finish within `timeout` seconds."""
+    CRM. Raises AssertionError when the events do not finish within `timeout` seconds.
+
+    `daily_budget` is Pipedrive's daily token budget: about 60 tokens per new person (two
+    searches at 20), so the smallest account's 30,000 runs out near 500 people; the default
+    is a larger account's, since running out is not what this run is about."""
     report = Report(people, people * 4)
     field_map = ruleset.field_map
     storage = open_storage(f"sqlite:///{directory / 'linkcrm.db'}")
@@ -99,7 +104,8 @@ async def run(ruleset: RuleSet, directory: Path, people: int, *, fault_rate: flo
     async with running(field_map, fault_rate=fault_rate, slow_seconds=SLOW_SECONDS, seed=seed,
                        hubspot={"rate_limit": 5000, "window_seconds": 0.1},
                        pipedrive={"burst_limit": 400, "burst_window": 0.5, "search_limit": 10,
-                                  "search_window": 0.5, "search_lag": 1.0}) as stack, \
+                                  "search_window": 0.5, "search_lag": 1.0,
+                                  "daily_budget": daily_budget}) as stack, \
             httpx.AsyncClient(timeout=httpx.Timeout(CLIENT_TIMEOUT, connect=2.0)) as client:
         built = build_targets(stack.environ(*targets), storage, field_map, client)
         await start_targets(built)

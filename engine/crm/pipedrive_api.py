@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Awaitable, Callable, Mapping
 from datetime import UTC, datetime
 from typing import Any
@@ -39,14 +40,16 @@ class PipedriveAPI:
 
     A 429 pauses the pacer that was exceeded for its Retry-After (or `x-ratelimit-reset`) and
     the request is sent again, up to `max_429` times, when the wait is short; a longer wait (an
-    exhausted daily budget) becomes RetryableCRMError carrying the wait. A remaining count of 0
-    pauses the pacer until the window resets, so the next request does not earn a 429.
+    exhausted daily budget) becomes RetryableCRMError carrying the wait, and so does every call
+    until then, unsent and at once (a lane must not hang until midnight). A remaining count of
+    0 pauses the pacer until the window resets, so the next request does not earn a 429.
     """
 
     def __init__(self, client: httpx.AsyncClient, *, api_token: str, base_url: str,
                  burst: Pacer | None = None, search: Pacer | None = None,
                  sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
-                 max_inline_wait: float = 30.0, max_429: int = 3) -> None:
+                 max_inline_wait: float = 30.0, max_429: int = 3,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         if not api_token:
             raise PermanentCRMError("pipedrive: no API token; set PIPEDRIVE_API_TOKEN")
         self._client = client
@@ -56,6 +59,8 @@ class PipedriveAPI:
         self._sleep = sleep
         self._max_inline_wait = max_inline_wait
         self._max_429 = max_429
+        self._clock = clock
+        self._spent_until = 0.0  # the daily budget ran out: nothing is sent before this
 
     async def get(self, path: str, params: Params | None = None, *, search: bool = False,
                   missing_ok: bool = False) -> Record | None:
@@ -119,6 +124,10 @@ class PipedriveAPI:
                     json: object = None, search: bool = False,
                     missing_ok: bool = False) -> Record | None:
         pacer = self.search if search else self.burst
+        spent = self._spent_until - self._clock()
+        if spent > 0:
+            raise RetryableCRMError(f"{CRM}: {method} {path} not sent: the daily API token "
+                                    "budget is spent until it resets", retry_after=spent)
         for attempt in range(self._max_429 + 1):
             if self.burst is not None:
                 await self.burst.acquire()
@@ -131,7 +140,11 @@ class PipedriveAPI:
             self._learn(response, pacer)
             if response.status_code == 429:
                 wait = _wait(response.headers)
-                if pacer is not None:
+                if wait > self._max_inline_wait:
+                    # The daily budget is spent: pausing the pacer would hang every call until
+                    # it resets; fail them fast instead, so the worker reschedules them.
+                    self._spent_until = self._clock() + wait
+                elif pacer is not None:
                     pacer.pause(wait)
                 if wait <= self._max_inline_wait and attempt < self._max_429:
                     if pacer is None:
