@@ -21,11 +21,9 @@ from engine.storage.records import (
     LocalDeal,
     StageChange,
     StageResult,
+    kept_fields,
+    merge_contact_fields,
 )
-
-
-def _blank(value: JSON) -> bool:
-    return value is None or value == ""
 
 
 def _lock_id(key: IdentityKey) -> int:
@@ -97,13 +95,7 @@ async def upsert_contact(
         row = await cursor.fetchone()
         assert row is not None
         fields = json_object(row[0])
-        merged = dict(fields)
-        for name, value in set_fields.items():
-            if not _blank(value):
-                merged[name] = value
-        for name, value in set_once.items():
-            if not _blank(value) and _blank(merged.get(name)):
-                merged[name] = value
+        merged = merge_contact_fields(fields, set_fields, set_once)
         if merged != fields:
             await connection.execute(
                 f"UPDATE local_contacts SET fields = %(fields)s, updated_at = {NOW}"
@@ -174,7 +166,7 @@ async def create_deal(
         if identity:
             await _lock_identities(connection, identity)
             contact_id = (await _ensure_contact(connection, identity, now)).contact_id
-        kept = {name: value for name, value in fields.items() if not _blank(value)}
+        kept = kept_fields(fields)
         cursor = await connection.execute(
             "INSERT INTO local_deals"
             " (deal_key, title, stage, amount, contact_id, fields, created_at, updated_at)"

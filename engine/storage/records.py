@@ -187,3 +187,28 @@ class DealResult:
     deal_id: int
     contact_id: int | None
     created: bool
+
+
+def is_blank(value: JSON) -> bool:
+    """Null and "" leave a field untouched: the local CRM never clears a value by accident."""
+    return value is None or value == ""
+
+
+def merge_contact_fields(
+    current: Mapping[str, JSON], set_fields: Mapping[str, JSON], set_once: Mapping[str, JSON]
+) -> dict[str, JSON]:
+    """The contact's fields after an upsert: `set` overwrites, `set_once` fills only empty
+    fields, blank values are skipped. Shared by every backend so they cannot drift apart."""
+    merged = dict(current)
+    for name, value in set_fields.items():
+        if not is_blank(value):
+            merged[name] = value
+    for name, value in set_once.items():
+        if not is_blank(value) and is_blank(merged.get(name)):
+            merged[name] = value
+    return merged
+
+
+def kept_fields(fields: Mapping[str, JSON]) -> dict[str, JSON]:
+    """`fields` without its blank values."""
+    return {name: value for name, value in fields.items() if not is_blank(value)}

@@ -16,6 +16,8 @@ from engine.storage.records import (
     LocalDeal,
     StageChange,
     StageResult,
+    kept_fields,
+    merge_contact_fields,
 )
 from engine.storage.sqlite_rows import (
     dumps,
@@ -23,10 +25,6 @@ from engine.storage.sqlite_rows import (
     parse_ts,
     placeholders,
 )
-
-
-def _blank(value: JSON) -> bool:
-    return value is None or value == ""
 
 
 def find_contact(connection: sqlite3.Connection, identity: Sequence[IdentityKey]) -> int | None:
@@ -75,13 +73,7 @@ def upsert_contact(
         "SELECT fields FROM local_contacts WHERE id = ?", (result.contact_id,)
     ).fetchone()
     fields = loads_object(row[0])
-    merged = dict(fields)
-    for name, value in set_fields.items():
-        if not _blank(value):
-            merged[name] = value
-    for name, value in set_once.items():
-        if not _blank(value) and _blank(merged.get(name)):
-            merged[name] = value
+    merged = merge_contact_fields(fields, set_fields, set_once)
     if merged != fields:
         connection.execute(
             "UPDATE local_contacts SET fields = ?, updated_at = ? WHERE id = ?",
@@ -137,7 +129,7 @@ def create_deal(
     if existing is not None:
         return DealResult(deal_id=existing[0], contact_id=existing[1], created=False)
     contact_id = ensure_contact(connection, identity, now).contact_id if identity else None
-    kept = {name: value for name, value in fields.items() if not _blank(value)}
+    kept = kept_fields(fields)
     row = connection.execute(
         "INSERT INTO local_deals "
         "(deal_key, title, stage, amount, contact_id, fields, created_at, updated_at) "
