@@ -4,12 +4,13 @@
     outcome = await target.execute(action, idempotency_key)
     outcomes = await target.execute_many([(action, key), ...])   # a queue drains in batches
 
-Contacts are upserted by the first identity key HubSpot keeps unique (`deep_link_token`, a
-hasUniqueValue property, or `email`) through batch upsert with `idProperty`; `set_once` and the
-forward-only lifecycle stage read the contact first (batch read). Deals carry linkcrm's key in a
-unique deal property so a retried create finds the deal instead of making a second one. Every
-request is paced below HubSpot's rolling ten-second limit, shared by all workers through the
-`RateLimitStore`.
+Contacts are upserted by the first identity key HubSpot keeps unique (`deep_link_token` or
+another hasUniqueValue property) through batch upsert with `idProperty`; a contact known only by
+`email` is batch-read by email, then updated by id or created (HubSpot refuses partial upserts
+by email). `set_once` and the forward-only lifecycle stage read the contact first (batch read).
+Deals carry linkcrm's key in a unique deal property so a retried create finds the deal instead
+of making a second one. Every request is paced below HubSpot's rolling ten-second limit, shared
+by all workers through the `RateLimitStore`.
 """
 
 from __future__ import annotations
@@ -80,7 +81,7 @@ class HubSpotTarget:
         self.api.limit = requests_per_window
         self.identities = identities
         self.translator = Translator(field_map, unique or unique_properties(field_map))
-        self.contacts = ContactWriter(self.api, identities)
+        self.contacts = ContactWriter(self.api, identities, self.translator.unique)
         self.deals = DealWriter(self.api, identities, self.translator.deal_key_property)
 
     async def execute(self, action: Action, idempotency_key: str) -> Outcome:

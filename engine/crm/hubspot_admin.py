@@ -14,9 +14,9 @@ from __future__ import annotations
 import httpx
 
 from engine.crm.hubspot import unique_properties
-from engine.crm.hubspot_api import DEFAULT_BASE_URL, HubSpotAPI, as_list, as_object
+from engine.crm.hubspot_api import DEFAULT_BASE_URL, HubSpotAPI, as_list, as_object, without_fix
 from engine.crm.hubspot_plan import CRM, Translator
-from engine.errors import CRMError
+from engine.errors import CRMError, RetryableCRMError
 from engine.fieldmap import FieldMap, FieldSpec
 
 OBJECTS = {"contact": "contacts", "deal": "deals"}
@@ -32,6 +32,7 @@ COMPATIBLE = {"string": {"string", "phone_number"}, "number": {"number"},
               "date": {"date", "datetime"}, "datetime": {"datetime"},
               "enumeration": {"enumeration"}, "bool": {"bool", "enumeration"}}
 PROVISION = "run `linkcrm provision hubspot`"
+SCOPES = "the crm.objects.contacts/deals and crm.schemas read and write scopes"
 
 
 def wanted_properties(field_map: FieldMap) -> dict[str, dict[str, dict[str, object]]]:
@@ -68,12 +69,13 @@ def _create_body(name: str, label: str, kind: str, group: str, *, unique: bool,
                                "description": "Written by linkcrm from Tolinku deep-link events."}
     if unique:
         body["hasUniqueValue"] = True
+    # HubSpot's OptionInput requires label, value and hidden (displayOrder is optional).
     if hs_type == "enumeration" and spec is not None:
-        body["options"] = [{"label": o, "value": o, "displayOrder": i}
+        body["options"] = [{"label": o, "value": o, "displayOrder": i, "hidden": False}
                            for i, o in enumerate(spec.options)]
     if hs_type == "bool":
-        body["options"] = [{"label": "Yes", "value": "true", "displayOrder": 0},
-                           {"label": "No", "value": "false", "displayOrder": 1}]
+        body["options"] = [{"label": "Yes", "value": "true", "displayOrder": 0, "hidden": False},
+                           {"label": "No", "value": "false", "displayOrder": 1, "hidden": False}]
     return body
 
 
@@ -115,9 +117,7 @@ async def doctor(client: httpx.AsyncClient, token: str, field_map: FieldMap, *,
     try:
         existing = {object_: await _existing(api, object_) for object_ in OBJECTS.values()}
     except CRMError as error:
-        return [f"cannot read HubSpot properties: {error}; fix: set HUBSPOT_ACCESS_TOKEN to a "
-                "private-app token with the crm.objects.contacts/deals and crm.schemas "
-                "read and write scopes"]
+        return [_access_problem(api, error)]
     problems = []
     for object_, properties in wanted_properties(field_map).items():
         for name, body in properties.items():
@@ -126,8 +126,8 @@ async def doctor(client: httpx.AsyncClient, token: str, field_map: FieldMap, *,
     try:
         problems.extend(await _deal_stage_problems(api, field_map))
     except CRMError as error:
-        problems.append(f"cannot read deal pipelines: {error}; fix: give the private app the "
-                        "crm.objects.deals.read scope")
+        problems.append(f"cannot read deal pipelines: {without_fix(error)}; fix: give the "
+                        "private app the crm.objects.deals.read scope")
     return problems
 
 
@@ -185,3 +185,24 @@ async def _deal_stage_problems(api: HubSpotAPI, field_map: FieldMap) -> list[str
             f"{wanted!r} ({', '.join(sorted(stages))}); fix: change its hubspot value in the "
             "field map" for stage in field_map.deal_stages
             if stage.value(CRM) and stage.value(CRM) not in stages]
+
+
+def _access_problem(api: HubSpotAPI, error: CRMError) -> str:
+    """Why the first read failed, blaming what did fail (the network, HubSpot, the token or
+    its scopes), with one fix."""
+    status, where, said = api.last_status, api.base_url, without_fix(error)
+    if status is None:
+        return (f"cannot read HubSpot properties: HubSpot at {where} is unreachable ({said}); "
+                "fix: check the network connection (and any proxy or firewall) and "
+                "HUBSPOT_BASE_URL, then run `linkcrm doctor hubspot` again")
+    if isinstance(error, RetryableCRMError):
+        return (f"cannot read HubSpot properties: HubSpot at {where} is not answering normally "
+                f"({said}); fix: wait a few minutes, then run `linkcrm doctor hubspot` again")
+    if status == 401:
+        return (f"cannot read HubSpot properties: HubSpot refused the token ({said}); fix: set "
+                f"HUBSPOT_ACCESS_TOKEN to a private-app token of this account with {SCOPES}")
+    if status == 403:
+        return (f"cannot read HubSpot properties: the token lacks a scope ({said}); fix: give "
+                f"the private app {SCOPES}")
+    return (f"cannot read HubSpot properties at {where} ({said}); fix: check HUBSPOT_BASE_URL, "
+            f"and that HUBSPOT_ACCESS_TOKEN is a private-app token with {SCOPES}")

@@ -25,6 +25,10 @@ from engine.errors import CRMError, PermanentCRMError, RetryableCRMError
 CRM = "hubspot"
 DEFAULT_BASE_URL = "https://api.hubapi.com"
 EXISTING_ID = re.compile(r"Existing ID: (\d+)")
+# A unique value already taken, in the words HubSpot uses for it: 409 "... already exists" or
+# 400 VALIDATION_ERROR "... already has that value" (both seen; which one an account gets is
+# not documented).
+TAKEN = re.compile(r"already (has that value|exists)", re.IGNORECASE)
 EMAIL = re.compile(r"[^\s@\"'<>()\[\],;:]+@[^\s@\"'<>()\[\],;:]+\.[A-Za-z]{2,}")
 THROTTLED_ATTEMPTS = 4
 SEARCH_PER_SECOND = 4  # docs say 4 or 5 per second (unverified which): take the lower
@@ -85,6 +89,26 @@ def existing_id(body: object) -> str | None:
     return str(vid) if isinstance(vid, int | str) and str(vid).isdigit() else None
 
 
+def unique_conflict(status: int, body: object) -> bool:
+    """Whether an answer says a unique value (email, a hasUniqueValue property such as the
+    deep-link token or the deal key) is held by another record: a 409, or a 400
+    VALIDATION_ERROR saying the value "already has that value" / "already exists". The caller
+    still looks the holder up: the words alone never decide which record to adopt."""
+    if status == 409:
+        return True
+    if status != 400:
+        return False
+    data = as_object(body)
+    texts = [str(data.get("message", ""))]
+    texts += [str(as_object(e).get("message", "")) for e in as_list(data.get("errors"))]
+    return any(TAKEN.search(text) for text in texts)
+
+
+def without_fix(error: Exception) -> str:
+    """An error's text without the "; fix: ..." it may carry, for callers that give their own."""
+    return str(error).partition("; fix: ")[0]
+
+
 def error_for(response: httpx.Response) -> CRMError:
     """A non-expected status as the error the worker understands, with HubSpot's message."""
     message = hubspot_message(body_of(response))
@@ -136,6 +160,7 @@ class HubSpotAPI:
         self._sleep = sleep
         self.sent = 0
         self.throttled = 0
+        self.last_status: int | None = None  # None: the last request got no answer at all
 
     async def call(self, method: str, path: str, *, json: object = None,
                    params: Mapping[str, str] | None = None, expect: Sequence[int] = (200,),
@@ -151,7 +176,9 @@ class HubSpotAPI:
                 headers={"Authorization": f"Bearer {self._token}",
                          "Accept": "application/json"})
             self.sent += 1
+            self.last_status = None
             response = await send(self._client, CRM, request)
+            self.last_status = response.status_code
             if not search:
                 self._observe(response.headers)
             if response.status_code != 429:

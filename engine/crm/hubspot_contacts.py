@@ -1,15 +1,23 @@
-"""Contact writes for HubSpot: batched reads, batch upserts by a unique property, 409 recovery.
+"""Contact writes for HubSpot: batched reads, batch upserts by a unique property, conflict recovery.
 
-For each chunk of up to 100 contact groups sharing an `idProperty`: one batch read (only when
-`set_once`, a stage or an attached identity needs HubSpot's current values), then one batch
-upsert of the groups that have something to write. A rejected batch (400, or 409 "Contact
-already exists") is split so only the culprit fails; a single group's 409 names the contact
-that already holds the email or unique value, which is then read and updated instead.
+For each chunk of up to 100 contact groups sharing a custom unique `idProperty` (the deep-link
+token): one batch read (only when `set_once`, a stage or an attached identity needs HubSpot's
+current values), then one batch upsert of the groups that have something to write. Every input
+writes its id property too, so each result names its input even when HubSpot echoes only the
+properties written; an existing contact's result is also recognised by its record id.
+
+Contacts located by `email` are never batch-upserted (HubSpot refuses partial upserts by email):
+they are batch-read by email, then updated by record id or created one by one.
+
+A rejected batch (400, or 409 "Contact already exists") is split so only the culprit fails. A
+unique value already held by another contact (409, or 400 VALIDATION_ERROR "already has that
+value": HubSpot answers either) means that contact is the person: it is found (by the id a 409
+names, else by reading the unique value) and updated instead.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from engine.actions import IdentityKey
@@ -20,9 +28,11 @@ from engine.crm.hubspot_api import (
     HubSpotObject,
     as_list,
     as_object,
+    error_for,
     existing_id,
     hubspot_message,
     parse_object,
+    unique_conflict,
 )
 from engine.crm.hubspot_plan import ContactGroup, Locator
 from engine.errors import CRMError, PermanentCRMError, RetryableCRMError
@@ -55,9 +65,14 @@ class _Run:
 
 
 class ContactWriter:
-    def __init__(self, api: HubSpotAPI, identities: IdentityStore) -> None:
+    """`unique` names the contact properties HubSpot keeps unique (email, the token, ...): the
+    ones whose taken value can point at the contact that already holds it."""
+
+    def __init__(self, api: HubSpotAPI, identities: IdentityStore,
+                 unique: Iterable[str] = ("email",)) -> None:
         self.api = api
         self.identities = identities
+        self.unique = frozenset(unique)
 
     async def run(self, groups: Sequence[ContactGroup]
                   ) -> tuple[Results, dict[Locator, str], dict[Locator, Exception]]:
@@ -65,14 +80,19 @@ class ContactWriter:
         HubSpot id of each contact written or found, and the error of each that failed."""
         run = _Run()
         by_property: dict[str, list[ContactGroup]] = {}
+        by_email: list[ContactGroup] = []
         for group in groups:
-            if group.locator.unique:
+            if group.locator.unique and group.locator.property == "email":
+                by_email.append(group)
+            elif group.locator.unique:
                 by_property.setdefault(group.locator.property, []).append(group)
-                continue
-            try:
-                await self.by_record_id(group, run)
-            except CRMError as error:
-                run.fail(group, error)
+            else:
+                try:
+                    await self.by_record_id(group, run)
+                except CRMError as error:
+                    run.fail(group, error)
+        for start in range(0, len(by_email), BATCH):
+            await self._by_email(by_email[start:start + BATCH], run)
         for prop, members in by_property.items():
             for start in range(0, len(members), BATCH):
                 chunk = members[start:start + BATCH]
@@ -118,10 +138,32 @@ class ContactWriter:
                 found[_key(id_property or "", value)] = record
         return found
 
+    async def _by_email(self, chunk: list[ContactGroup], run: _Run) -> None:
+        """Contacts located by email: one batch read by email, then each found contact is
+        updated by its record id and each missing one created (never a batch upsert by email,
+        which HubSpot refuses as a partial upsert)."""
+        try:
+            reads = await self.read("email", chunk)
+        except CRMError as error:
+            for group in chunk:
+                run.fail(group, error)
+            return
+        for group in chunk:
+            current = reads[group.locator].current
+            try:
+                if current is not None:
+                    await self.update_existing(group, current.id, run, locator_taken=False,
+                                               current=current)
+                else:
+                    await self.create(group, run)
+            except CRMError as error:
+                run.fail(group, error)
+
     async def _write(self, prop: str, chunk: list[ContactGroup], reads: dict[Locator, _Read],
                      run: _Run) -> None:
         inputs: list[dict[str, object]] = []
         pending: dict[str, tuple[ContactGroup, list[str]]] = {}
+        by_id: dict[str, str] = {}  # record id of a contact read -> its pending key
         for group in chunk:
             read = reads.get(group.locator, _Read(found=False, known=False))
             planned = group.plan(read.current.properties if read.current else None,
@@ -129,9 +171,14 @@ class ContactWriter:
             if read.current is not None and not planned.properties:
                 await self._finish(group, read.current.id, planned.summaries, False, run)
                 continue
-            inputs.append({"id": group.locator.value, "idProperty": prop,
-                           "properties": planned.properties})
-            pending[_key(prop, group.locator.value)] = (group, planned.summaries)
+            key = _key(prop, group.locator.value)
+            # The id property is written in every input (the value it already holds), so the
+            # result names its input even when HubSpot echoes only the properties written.
+            inputs.append({"id": group.locator.value, "idProperty": prop, "properties": {
+                **planned.properties, prop: group.locator.value}})
+            pending[key] = (group, planned.summaries)
+            if read.current is not None:
+                by_id[read.current.id] = key
         if not inputs:
             return
         response = await self.api.call("POST", CONTACTS + "/batch/upsert",
@@ -142,13 +189,17 @@ class ContactWriter:
                                  response.status_code, body, run)
             return
         data = as_object(body)
-        for raw in as_list(data.get("results")):
-            record = parse_object(raw)
-            value = record.properties.get(prop) if record else None
-            entry = pending.pop(_key(prop, value), None) if value is not None else None
-            if record is not None and entry is not None:
+        records = [r for r in map(parse_object, as_list(data.get("results"))) if r is not None]
+        errors = as_list(data.get("errors"))
+        for record in records:
+            value = record.properties.get(prop)
+            match = _key(prop, value) if value else by_id.get(record.id)
+            if match is None and len(pending) == 1 and len(records) == 1 and not errors:
+                match = next(iter(pending))  # one input, one result: it is that input's
+            entry = pending.pop(match, None) if match is not None else None
+            if entry is not None:
                 await self._finish(entry[0], record.id, entry[1], record.new, run)
-        _fail_unanswered(prop, pending, as_list(data.get("errors")), run)
+        _fail_unanswered(prop, pending, errors, run)
 
     async def _rejected(self, prop: str, groups: list[ContactGroup],
                         reads: dict[Locator, _Read], status: int, body: object,
@@ -162,20 +213,27 @@ class ContactWriter:
                     run.fail(group, error)
             return
         group = groups[0]
-        found = existing_id(body) if status == 409 else None
+        read = reads.get(group.locator, _Read(found=False, known=False))
+        found = None
+        if unique_conflict(status, body):
+            # Another contact holds a unique value this one writes: that contact is this person.
+            planned = group.plan(read.current.properties if read.current else None,
+                                 known=read.known)
+            found = existing_id(body) or await self._holder(group, planned.properties, skip=prop)
         if found is None:
             run.fail(group, PermanentCRMError(
                 f"{CRM}: POST {CONTACTS}/batch/upsert -> {status}: {hubspot_message(body)}"))
             return
-        read = reads.get(group.locator)
-        await self.update_existing(group, found, run, locator_taken=bool(read and read.found))
+        await self.update_existing(group, found, run, locator_taken=read.found)
 
     async def update_existing(self, group: ContactGroup, record_id: str, run: _Run, *,
-                              locator_taken: bool) -> None:
-        """Update the contact HubSpot names (a 409's existing id, the identity map's, search's)
-        instead of creating one: read it first, for set_once and the stage."""
-        found = await self.batch_read([record_id], group.read_properties(), None)
-        current = found.get(record_id)
+                              locator_taken: bool, current: HubSpotObject | None = None) -> None:
+        """Update the contact HubSpot names (a conflict's holder, the identity map's, search's,
+        a read by email's) instead of creating one: read it first (unless `current` is that
+        read), for set_once and the stage."""
+        if current is None:
+            found = await self.batch_read([record_id], group.read_properties(), None)
+            current = found.get(record_id)
         if current is None:
             # Deleted or merged away since it was named: forget it and find again on retry.
             for key in group.keys:
@@ -190,12 +248,16 @@ class ContactWriter:
             properties[prop] = value  # attach the key this contact was looked for by
         while properties:
             response = await self.api.call("PATCH", f"{CONTACTS}/{record_id}",
-                                           json={"properties": properties}, expect=(200, 409))
-            if response.status_code == 200:
+                                           json={"properties": properties},
+                                           expect=(200, 400, 409))
+            status = response.status_code
+            if status == 200:
                 break
+            if not unique_conflict(status, response.json()):
+                raise error_for(response)
             if not group.locator.unique or properties.pop(prop, None) is None:
                 run.fail(group, PermanentCRMError(
-                    f"{CRM}: PATCH {CONTACTS}/{record_id} -> 409: "
+                    f"{CRM}: PATCH {CONTACTS}/{record_id} -> {status}: "
                     f"{hubspot_message(response.json())}; two HubSpot contacts hold this "
                     "person's identities: merge them in HubSpot, then replay"))
                 return
@@ -214,20 +276,42 @@ class ContactWriter:
         if record_id is not None:
             await self.update_existing(group, record_id, run, locator_taken=False)
             return
+        await self.create(group, run)
+
+    async def create(self, group: ContactGroup, run: _Run) -> None:
+        """Create the group's contact; when a unique value it writes is taken (409, or 400
+        "already has that value"), the contact holding it is this person: update that one."""
         planned = group.plan(None, known=True)
-        response = await self.api.call("POST", CONTACTS, expect=(201, 409), json={
+        response = await self.api.call("POST", CONTACTS, expect=(201, 400, 409), json={
             "properties": planned.properties, "associations": []})
         body = response.json()
-        if response.status_code == 409:
-            found = existing_id(body)
+        status = response.status_code
+        if status == 400 and not unique_conflict(status, body):
+            raise error_for(response)
+        if status in (400, 409):
+            found = existing_id(body) if status == 409 else None
+            found = found or await self._holder(group, planned.properties)
             if found is None:
-                raise PermanentCRMError(f"{CRM}: POST {CONTACTS} -> 409: {hubspot_message(body)}")
+                raise PermanentCRMError(f"{CRM}: POST {CONTACTS} -> {status}: "
+                                        f"{hubspot_message(body)}")
             await self.update_existing(group, found, run, locator_taken=False)
             return
         record = parse_object(body)
         if record is None:
             raise RetryableCRMError(f"{CRM}: POST {CONTACTS} answered 201 without an id")
         await self._finish(group, record.id, planned.summaries, True, run)
+
+    async def _holder(self, group: ContactGroup, properties: Mapping[str, str],
+                      skip: str | None = None) -> str | None:
+        """The contact that holds one of the unique values in `properties` (other than
+        `skip`, the upsert's own id property), read by that value; None if none does."""
+        for name in sorted(n for n in properties if n in self.unique and n != skip):
+            value = properties[name]
+            found = await self.batch_read([value], group.read_properties(), name)
+            holder = found.get(_key(name, value))
+            if holder is not None:
+                return holder.id
+        return None
 
     async def _search(self, group: ContactGroup) -> str | None:
         response = await self.api.call("POST", CONTACTS + "/search", search=True, json={

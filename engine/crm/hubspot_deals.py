@@ -3,7 +3,8 @@
 HubSpot cannot make a deal create idempotent by itself, so linkcrm's key goes into a unique deal
 property (`targets.hubspot.deal_key_property`). Before creating, the deal is looked up in the
 identity map and then in HubSpot by that property; a create whose response was lost is found by
-the retry, and a racing second create gets 409 (the unique value is taken) and finds the first.
+the retry, and a racing second create is refused because the unique value is taken (409, or
+400 VALIDATION_ERROR "already has that value": HubSpot answers either) and finds the first.
 A deal is bound in the identity map only once it is associated with its contact.
 """
 
@@ -21,11 +22,14 @@ from engine.crm.hubspot_api import (
     HubSpotObject,
     as_list,
     as_object,
+    error_for,
     existing_id,
+    hubspot_message,
     parse_object,
+    unique_conflict,
 )
 from engine.crm.hubspot_plan import DEAL_TO_CONTACT, DealSpec
-from engine.errors import CRMError, RetryableCRMError
+from engine.errors import CRMError, PermanentCRMError, RetryableCRMError
 
 BATCH = 100
 DEALS = "/crm/v3/objects/deals"
@@ -75,16 +79,24 @@ class DealWriter:
         existing = await self.find(spec.key)
         if existing is not None:
             return await self._adopt(job, existing.id)
-        response = await self.api.call("POST", DEALS, expect=(201, 409), json={
+        response = await self.api.call("POST", DEALS, expect=(201, 400, 409), json={
             "properties": spec.properties, "associations": association(job.contact_id)})
         body = response.json()
-        if response.status_code == 409:
-            # The key is taken: a lost response's create, or a racing worker's. Find it.
-            deal_id = existing_id(body)
+        status = response.status_code
+        if status == 400 and not unique_conflict(status, body):
+            raise error_for(response)
+        if status in (400, 409):
+            # The key is taken (409, or 400 "already has that value"): a lost response's
+            # create, or a racing worker's. Find it by the key, and adopt it.
+            deal_id = existing_id(body) if status == 409 else None
             if deal_id is None:
                 found = await self.find(spec.key)
-                if found is None:
+                if found is None and status == 409:
                     raise RetryableCRMError(f"{CRM}: deal key conflict but no deal found yet")
+                if found is None:
+                    # Another unique deal property holds a taken value: not ours to adopt.
+                    raise PermanentCRMError(f"{CRM}: POST {DEALS} -> 400: "
+                                            f"{hubspot_message(body)}")
                 deal_id = found.id
             return await self._adopt(job, deal_id)
         record = parse_object(body)

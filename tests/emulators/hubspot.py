@@ -54,13 +54,19 @@ def create_hubspot_emulator(
     token: str = "hs-test-token", *, rate_limit: int = 100, window_seconds: float = 10.0,
     daily_limit: int = 250_000, search_per_second: int = 5, latency: float = 0.0,
     conflict_format: str = "legacy", search_lag: float = 0.0, send_retry_after: bool = False,
+    unique_conflict: str = "409", upsert_echo: str = "all",
 ) -> tuple[Starlette, HubSpotState]:
-    """The app and its inspectable state (records, properties, counts of requests and 429s)."""
+    """The app and its inspectable state (records, properties, counts of requests and 429s).
+    Switches for behaviour HubSpot shows either way: `conflict_format` (the 409 body),
+    `unique_conflict` ("409" or "400" for a taken hasUniqueValue value), `upsert_echo` ("all"
+    or "written" properties in batch upsert results)."""
+    assert unique_conflict in ("409", "400") and upsert_echo in ("all", "written")
     state = HubSpotState(token=token, limit=RollingLimit(rate_limit, window_seconds),
                          search_limit=RollingLimit(search_per_second, 1.0),
                          daily_limit=daily_limit, conflict_format=conflict_format,
                          search_lag=search_lag, latency=latency,
-                         send_retry_after=send_retry_after)
+                         send_retry_after=send_retry_after, unique_conflict=unique_conflict,
+                         upsert_echo=upsert_echo)
     validators = load_validators()
     ops = Operations(state)
 

@@ -69,7 +69,7 @@ class Operations:
     def create(self, request: Request, body: Any) -> tuple[int, Any]:
         object_type = self._type(request)
         values = object_type.normalise(body["properties"], creating=True)
-        links = self._associations(object_type, body["associations"])
+        links = self._associations(object_type, body.get("associations", []))
         record = self.state.create(object_type, values)
         self._link(object_type, record, links)
         return 201, record.as_json()
@@ -80,7 +80,9 @@ class Operations:
         record = object_type.find(id_property, request.path_params["id"])
         if record is None:
             raise _not_found(f"{object_type.singular.lower()} {request.path_params['id']}")
-        names = [n for n in request.query_params.get("properties", "").split(",") if n]
+        # Repeated (?properties=a&properties=b, the official client) or comma-separated.
+        names = [n for v in request.query_params.getlist("properties") for n in v.split(",")
+                 if n]
         return 200, record.as_json(names)
 
     def update(self, request: Request, body: Any) -> tuple[int, Any]:
@@ -114,7 +116,8 @@ class Operations:
 
     def batch_upsert(self, request: Request, body: Any) -> tuple[int, Any]:
         """Per-input validation errors answer 207; a duplicate email or unique value answers
-        409 for the whole batch and writes nothing (as batch create does)."""
+        409 for the whole batch and writes nothing (as batch create does); so does a partial
+        upsert by email (400). Results echo all properties or only those written (a switch)."""
         object_type = self._type(request)
         inputs = body["inputs"]
         seen: set[tuple[str, str]] = set()
@@ -128,7 +131,14 @@ class Operations:
                 raise ApiError(400, error_body(f"Duplicate IDs found in batch input: [{value}]",
                                                "VALIDATION_ERROR"))
             seen.add((id_property, value))
-        planned: list[tuple[dict[str, str], Record | None]] = []
+            if id_property == "email" and object_type.find("email", value) is not None:
+                # Updating an existing contact by email is a partial upsert, which HubSpot
+                # does not support by email.
+                raise ApiError(400, error_body(
+                    "Partial upserts are not supported when using email as the idProperty; "
+                    "use a custom unique property as the idProperty, or update existing "
+                    "contacts by record id", "VALIDATION_ERROR"))
+        planned: list[tuple[dict[str, str], Record | None, list[str]]] = []
         errors: list[dict[str, Any]] = []
         for item in inputs:
             try:
@@ -137,9 +147,10 @@ class Operations:
             except ApiError as error:
                 errors.append({**error.body, "context": {"ids": [item["id"]]}})
                 continue
-            planned.append((values, object_type.find(item["idProperty"], item["id"])))
+            planned.append((values, object_type.find(item["idProperty"], item["id"]),
+                            list(item["properties"])))
         claimed: dict[tuple[str, str], str] = {}
-        for position, (values, record) in enumerate(planned):
+        for position, (values, record, _) in enumerate(planned):
             self.state.check_unique(object_type, values, record.id if record else None)
             target = record.id if record else f"new {position}"
             for name, value in values.items():
@@ -149,13 +160,14 @@ class Operations:
                         f"Duplicate unique value {value!r} for {name} in batch input",
                         "CONFLICT"))
         results = []
-        for values, record in planned:
+        for values, record, written in planned:
             new = record is None
             if record is None:
                 record = self.state.create(object_type, values)
             else:
                 record = self.state.update(object_type, record, values)
-            results.append({**record.as_json(), "new": new})
+            echoed = written if self.state.upsert_echo == "written" else None
+            results.append({**record.as_json(echoed), "new": new})
         return (207 if errors else 200), _batch(results, errors)
 
     def batch_create(self, request: Request, body: Any) -> tuple[int, Any]:
@@ -163,7 +175,7 @@ class Operations:
         prepared = []
         for item in body["inputs"]:
             values = object_type.normalise(item["properties"], creating=True)
-            links = self._associations(object_type, item["associations"])
+            links = self._associations(object_type, item.get("associations", []))
             self.state.check_unique(object_type, values, None)
             prepared.append((values, links))
         claimed: set[tuple[str, str]] = set()

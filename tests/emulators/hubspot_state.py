@@ -8,7 +8,16 @@ What it enforces, and where each rule comes from (CRM_FACTS.md section 1 unless 
   (INVALID_DATE otherwise); read-only properties are refused (READ_ONLY_VALUE);
 - email is the contacts' dedupe key and hasUniqueValue properties are unique: a duplicate is
   409 "Contact already exists. Existing ID: N" in the older (category CONFLICT) or newer
-  (OBJECT_ALREADY_EXISTS, identityProfile, errors[].in) format, switchable;
+  (OBJECT_ALREADY_EXISTS, identityProfile, errors[].in) format, switchable; a taken value of a
+  hasUniqueValue property (the deep-link token, the deal key) is that 409, or with
+  `unique_conflict="400"` a 400 VALIDATION_ERROR "... already has that value" that names no
+  record (HubSpot answers either; which one is not documented);
+- batch upsert results echo every property (`upsert_echo="all"`) or only those each input
+  wrote (`"written"`), as HubSpot may; a partial upsert by `email` (one that would update an
+  existing contact) is refused with 400, as HubSpot's contacts guide says;
+- property options need `label`, `value` and `hidden` (the spec's OptionInput); a create needs
+  `properties` only (`associations` is optional); GET reads `properties` repeated
+  (`?properties=a&properties=b`, what the official client sends) or comma-separated;
 - `lifecyclestage` only moves forward: a backwards write is silently ignored (200, value
   unchanged), as HubSpot users report; clearing it with "" first is what moves it back;
 - the ten-second rolling limit counts each accepted request; search is exempt from it and has
@@ -252,6 +261,8 @@ class HubSpotState:
     search_limit: RollingLimit
     daily_limit: int = 250_000
     conflict_format: str = "legacy"  # or "identity_profile" (the newer 409 body)
+    unique_conflict: str = "409"  # or "400": a custom unique value taken is a VALIDATION_ERROR
+    upsert_echo: str = "all"  # or "written": upsert results carry only the properties written
     search_lag: float = 0.0
     latency: float = 0.0
     send_retry_after: bool = False
@@ -320,6 +331,10 @@ class HubSpotState:
 
     def conflict(self, object_type: ObjectType, name: str, value: str,
                  existing: Record) -> ApiError:
+        if name != "email" and self.unique_conflict == "400":
+            return validation_error([_result(name, "INVALID_PROPERTY_VALUE", (
+                f"Another {object_type.singular.lower()} already has that value for the "
+                f"unique property {name}."))])
         if object_type is not self.contacts:
             return ApiError(409, error_body(
                 f"A {object_type.singular.lower()} with {name} {value!r} already exists. "
