@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import secrets
 import time
@@ -11,7 +12,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qsl
+from urllib.parse import parse_qsl, unquote_plus
 
 from cryptography.hazmat.primitives.asymmetric import rsa
 from jsonschema import Draft202012Validator
@@ -210,7 +211,8 @@ class SalesforceEmulator:
             return JSONResponse({"error": "invalid_request", "error_description": "bad form"},
                                 400)
         try:
-            body = self._grant(request, dict(pairs))
+            form = _with_basic_client(request.headers.get("authorization", ""), dict(pairs))
+            body = self._grant(request, form)
         except _OAuthError as error:
             return JSONResponse(error.body, 400)
         self.counters["token_issued"] += 1
@@ -380,6 +382,29 @@ class SalesforceEmulator:
                             "request was using AllOrNone header"}]} for r in results]
         self.counters["collection_records"] += len(results)
         return JSONResponse(results)
+
+
+def _with_basic_client(authorization: str, form: dict[str, str]) -> dict[str, str]:
+    """The token form with the client's credentials from HTTP Basic authentication (RFC 6749
+    §2.3.1: each part form-urlencoded, then base64), which Salesforce accepts instead of
+    client_id and client_secret in the body. A client uses one method, not both at once."""
+    scheme, _, encoded = authorization.partition(" ")
+    if scheme.lower() != "basic":
+        return form
+    try:
+        client_id, colon, secret = base64.b64decode(encoded.strip(), validate=True) \
+            .decode().partition(":")
+    except (ValueError, UnicodeDecodeError):
+        raise _OAuthError("invalid_client", "invalid client credentials") from None
+    if not colon:
+        raise _OAuthError("invalid_client", "invalid client credentials")
+    if "client_secret" in form:
+        raise _OAuthError("invalid_request", "client authentication must use one method: "
+                          "HTTP Basic or client_secret in the body, not both")
+    client_id, secret = unquote_plus(client_id), unquote_plus(secret)
+    if form.setdefault("client_id", client_id) != client_id:
+        raise _OAuthError("invalid_client", "client identifier invalid")
+    return {**form, "client_secret": secret}
 
 
 async def _not_found(request: Request, error: Exception) -> Response:
