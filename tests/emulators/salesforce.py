@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import base64
 import json
 import secrets
 import time
@@ -12,19 +11,21 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qsl, unquote_plus
+from urllib.parse import parse_qsl, unquote
 
 from cryptography.hazmat.primitives.asymmetric import rsa
 from jsonschema import Draft202012Validator
 from starlette.applications import Starlette
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from tests.emulators.faults import FaultInjector
+from tests.emulators.paths import PathFrontEnd
 from tests.emulators.salesforce_model import Org, SFError
 from tests.emulators.salesforce_oauth import OAuthError as _OAuthError
-from tests.emulators.salesforce_oauth import verify_assertion
+from tests.emulators.salesforce_oauth import verify_assertion, with_basic_client
 from tests.emulators.salesforce_soql import SOQLError, parse
 
 SCHEMAS = Path(__file__).parent / "schemas" / "salesforce"
@@ -59,6 +60,12 @@ class SalesforceEmulator:
     api_usage: int = 0
     latency: float = 0.0
     query_page_size: int = 2000
+    # How the front end reads a percent-encoded External ID value in a URL path (the REST
+    # docs only say to encode it; clients report both): "decoded" takes each encoded segment
+    # as one literal value (`%2F`, `%2E%2E` stay in the value); "rerouted" decodes the whole
+    # path before routing, so `%2F` splits the value and `%2E%2E` climbs a level (seen as
+    # NOT_FOUND for values with `/`: texei-sfdx-plugin#111, simple-salesforce#22).
+    path_values: str = "decoded"
     org: Org = field(default_factory=Org)
     counters: Counter[str] = field(default_factory=Counter)
     schema_violations: list[str] = field(default_factory=list)
@@ -111,7 +118,11 @@ class SalesforceEmulator:
     def app(self) -> Starlette:
         data = "/services/data/{version}"
         api = self._api
-        return Starlette(routes=[
+        if self.path_values not in ("decoded", "rerouted"):
+            raise ValueError(f"path_values must be 'decoded' or 'rerouted', not "
+                             f"{self.path_values!r}")
+        rerouted = self.path_values == "rerouted"
+        return Starlette(middleware=[Middleware(PathFrontEnd, rerouted=rerouted)], routes=[
             Route("/services/oauth2/token", self._token, methods=["POST"]),
             Route(data + "/sobjects/{sobject}/describe", api(self._describe), methods=["GET"]),
             Route(data + "/sobjects/{sobject}/", api(self._create), methods=["POST"]),
@@ -211,7 +222,7 @@ class SalesforceEmulator:
             return JSONResponse({"error": "invalid_request", "error_description": "bad form"},
                                 400)
         try:
-            form = _with_basic_client(request.headers.get("authorization", ""), dict(pairs))
+            form = with_basic_client(request.headers.get("authorization", ""), dict(pairs))
             body = self._grant(request, form)
         except _OAuthError as error:
             return JSONResponse(error.body, 400)
@@ -273,9 +284,12 @@ class SalesforceEmulator:
 
     async def _by_external(self, request: Request) -> Response:
         sobject, name = request.path_params["sobject"], request.path_params["field"]
-        value = request.path_params["value"]
+        value = self._external_value(request)
         spec = self.org.fields(sobject).get(name)
-        if spec is None or not spec.external_id:
+        if spec is None or not spec.external_id or value is None \
+                or value.lower().endswith(".inc"):
+            # Salesforce's docs: a value ending in a top-level domain that is also a file
+            # format extension (".inc") is not found.
             raise SFError(404, "NOT_FOUND", "The requested resource does not exist")
         matches = self.find(sobject, name, value)
         if len(matches) > 1:
@@ -299,6 +313,16 @@ class SalesforceEmulator:
                 if created else Response(status_code=204)
         return JSONResponse({"id": record_id, "success": True, "errors": [],
                              "created": created}, 201 if created else 200)
+
+    def _external_value(self, request: Request) -> str | None:
+        """The External ID value of `/sobjects/<object>/<field>/<value>`, or None when the
+        path holds more segments than that (no such resource)."""
+        if self.path_values == "rerouted":  # the value as routing saw it, decoded
+            value = str(request.path_params["value"])
+            return None if not value or "/" in value else value
+        raw = bytes(request.scope.get("raw_path") or request.url.path.encode())
+        segment = raw.split(b"/", 7)[-1].decode("ascii", "replace")
+        return None if not segment or "/" in segment else unquote(segment)  # decoded alone
 
     # -- query and collections ---------------------------------------------------------------
 
@@ -382,29 +406,6 @@ class SalesforceEmulator:
                             "request was using AllOrNone header"}]} for r in results]
         self.counters["collection_records"] += len(results)
         return JSONResponse(results)
-
-
-def _with_basic_client(authorization: str, form: dict[str, str]) -> dict[str, str]:
-    """The token form with the client's credentials from HTTP Basic authentication (RFC 6749
-    §2.3.1: each part form-urlencoded, then base64), which Salesforce accepts instead of
-    client_id and client_secret in the body. A client uses one method, not both at once."""
-    scheme, _, encoded = authorization.partition(" ")
-    if scheme.lower() != "basic":
-        return form
-    try:
-        client_id, colon, secret = base64.b64decode(encoded.strip(), validate=True) \
-            .decode().partition(":")
-    except (ValueError, UnicodeDecodeError):
-        raise _OAuthError("invalid_client", "invalid client credentials") from None
-    if not colon:
-        raise _OAuthError("invalid_client", "invalid client credentials")
-    if "client_secret" in form:
-        raise _OAuthError("invalid_request", "client authentication must use one method: "
-                          "HTTP Basic or client_secret in the body, not both")
-    client_id, secret = unquote_plus(client_id), unquote_plus(secret)
-    if form.setdefault("client_id", client_id) != client_id:
-        raise _OAuthError("invalid_client", "client identifier invalid")
-    return {**form, "client_secret": secret}
 
 
 async def _not_found(request: Request, error: Exception) -> Response:
