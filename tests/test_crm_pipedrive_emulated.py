@@ -406,12 +406,51 @@ async def test_provision_is_idempotent_and_doctor_then_finds_nothing(
             wrong = await PipedriveAdmin(client, api_token="nope", base_url=url).doctor(
                 ruleset.field_map)
     assert any("'Deep link token' does not exist" in p and "provision" in p for p in before)
-    assert len(created) == 13 and again == []
-    assert after == ["pipeline 'Deep Link Referrals' has no stage 'Won'; fix: create the "
-                     "pipeline 'Deep Link Referrals' with the stages 'Qualified', 'Won' in "
-                     "Pipedrive (Settings > Pipelines), or change deal_pipeline/deal_stages "
-                     "for pipedrive in fields.yaml"]
+    assert any("has no stage 'Won'; fix: run `linkcrm provision pipedrive`" in p
+               for p in before)
+    assert len(created) == 16 and created[-3:] == [
+        "pipeline 'Deep Link Referrals': already exists",
+        "stage(s) 'Qualified' of pipeline 'Deep Link Referrals': already exist",
+        "created stage(s) 'Won' in pipeline 'Deep Link Referrals'"]
+    assert again == ["pipeline 'Deep Link Referrals': already exists",
+                     "stage(s) 'Qualified', 'Won' of pipeline 'Deep Link Referrals': "
+                     "already exist"]
+    assert after == []
     assert len(wrong) == 1 and "PIPEDRIVE_API_TOKEN" in wrong[0] and "nope" not in wrong[0]
+
+
+@pytest.mark.parametrize("new_pipeline_stages", [(), ("Qualified", "Contact Made")])
+async def test_provision_creates_the_pipeline_and_its_stages_once(
+        ruleset: RuleSet, new_pipeline_stages: tuple[str, ...]) -> None:
+    """Whether Pipedrive gives a pipeline made through the API stages of its own is not
+    documented: provision reads what the new pipeline has and adds only what is missing."""
+    emulator = PipedriveEmulator(api_token=TOKEN, burst_limit=1000,
+                                 new_pipeline_stages=new_pipeline_stages)
+    emulator.add_pipeline("Other", ["Won"])  # a stage of another pipeline is no match
+    with serve(emulator.app) as url:
+        async with httpx.AsyncClient() as client:
+            admin = PipedriveAdmin(client, api_token=TOKEN, base_url=url)
+            created = await admin.provision(ruleset.field_map)
+            again = await admin.provision(ruleset.field_map)
+            problems = await admin.doctor(ruleset.field_map)
+    pipeline = [line for line in created if "pipeline" in line]
+    if new_pipeline_stages:
+        assert pipeline == ["created pipeline 'Deep Link Referrals'",
+                            "stage(s) 'Qualified' of pipeline 'Deep Link Referrals': already "
+                            "exist",
+                            "created stage(s) 'Won' in pipeline 'Deep Link Referrals'"]
+    else:
+        assert pipeline == ["created pipeline 'Deep Link Referrals'",
+                            "created stage(s) 'Qualified', 'Won' in pipeline "
+                            "'Deep Link Referrals'"]
+    assert again == ["pipeline 'Deep Link Referrals': already exists",
+                     "stage(s) 'Qualified', 'Won' of pipeline 'Deep Link Referrals': "
+                     "already exist"]
+    assert problems == []
+    assert [p["name"] for p in emulator.pipelines].count("Deep Link Referrals") == 1
+    assert emulator.stage_names("Deep Link Referrals") == [
+        *new_pipeline_stages, *(s for s in ("Qualified", "Won") if s not in new_pipeline_stages)]
+    assert emulator.calls["POST /api/v2/pipelines"] == 1
 
 
 async def test_doctor_flags_an_unsearchable_identity_field_and_a_missing_stage_option(
