@@ -148,3 +148,36 @@ async def test_serve_and_worker_refuse_to_start_until_pipedrive_is_provisioned(
         assert cli("provision", "pipedrive", env=env).returncode == 0
         server = start_server(env)  # now it starts, and answers /readyz
         assert server.stop() in (0, -15)
+
+
+async def test_serve_refuses_wrong_crm_credentials_but_starts_through_an_outage(
+        tmp_path: Path) -> None:
+    """Every enabled CRM's credentials are checked before the port is bound: a wrong HubSpot
+    token or Salesforce secret stops `serve` (exit 1) with the fix; a CRM that cannot be
+    reached is said to be unreachable, not blamed on the credentials, and serve starts."""
+    async with running(FIELD_MAP) as stack:
+        env = service_env(tmp_path, **stack.environ("local", "hubspot", "salesforce"))
+        assert cli("migrate", env=env).returncode == 0
+        wrong = {"HUBSPOT_ACCESS_TOKEN": "pat-na1-wrong", "SF_CLIENT_SECRET": "wrong-secret"}
+        for name, variable in (("hubspot", "HUBSPOT_ACCESS_TOKEN"),
+                               ("salesforce", "SF_CLIENT_SECRET")):
+            refused = cli("serve", "--port", str(free_port()),
+                          env={**env, variable: wrong[variable]}, timeout=30)
+            assert refused.returncode == 1, refused.stderr
+            lines = refused.stderr.splitlines()
+            assert lines[-1] == f"error: {name} refused the credentials: fix them as said " \
+                                "above, then start again"
+            problem = next(line for line in lines if line.startswith(f"{name}: "))
+            assert problem.startswith(f"{name}: credentials-refused: ")
+            assert variable in problem and wrong[variable] not in refused.stderr
+        down = {**env, "SF_INSTANCE_URL": f"http://127.0.0.1:{free_port()}",
+                "HUBSPOT_BASE_URL": f"http://127.0.0.1:{free_port()}"}
+        server = start_server(down)
+        try:
+            log = server.log.read_text()
+        finally:
+            assert server.stop() in (0, -15)
+    for name in ("hubspot", "salesforce"):
+        assert f"{name} cannot be reached at start-up, so its credentials are not checked " \
+               "yet" in log
+    assert "refused the credentials" not in log

@@ -10,7 +10,7 @@ from typing import Any
 
 import httpx
 
-from engine.crm.base import RateLimitStore
+from engine.crm.base import CredentialsRefused, RateLimitStore
 from engine.crm.http import body_of, path_segment, raise_for_status, retry_after, send
 from engine.crm.pacing import Pacer, Sleep
 from engine.errors import PermanentCRMError, RetryableCRMError
@@ -21,7 +21,7 @@ Params = Mapping[str, str | int]
 CLOCK_SKEW = 120.0  # seconds of slack between our clock and Pipedrive's update_time
 
 
-class PipedriveAuthError(PermanentCRMError):
+class PipedriveAuthError(CredentialsRefused):
     """Pipedrive refused the API token (401)."""
 
 

@@ -120,6 +120,11 @@ class SalesforceTarget:
                    api_version=settings.api_version,
                    token_url=settings.resolved_token_url(), **options)
 
+    async def start(self) -> None:
+        """Get a token, so wrong credentials stop `linkcrm serve` at start-up (the token
+        endpoint raises CredentialsRefused) rather than dead-letter the first action."""
+        await self.tokens.token()
+
     async def aclose(self) -> None:
         """Nothing to release: the client belongs to the caller."""
 

@@ -15,6 +15,7 @@ import httpx
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 
+from engine.crm.base import CredentialsRefused
 from engine.crm.http import body_of, raise_for_status, send
 from engine.errors import PermanentCRMError, RetryableCRMError
 
@@ -154,8 +155,8 @@ class TokenSource:
             if fields.get("error") == "unknown_error":  # Salesforce's "retry your request"
                 raise RetryableCRMError(f"{CRM}: the token endpoint failed ({words})")
             # Otherwise the token endpoint, the authority on credentials, refused them.
-            raise PermanentCRMError(f"{CRM}: the token endpoint refused the credentials "
-                                    f"({words}); {self._credentials.hint}")
+            raise CredentialsRefused(f"{CRM}: the token endpoint refused the credentials "
+                                     f"({words}); {self._credentials.hint}")
         raise_for_status(CRM, response)
         body = body_of(response)
         token = body.get("access_token") if isinstance(body, dict) else None
