@@ -152,8 +152,12 @@ class TokenSource:
             fields = body if isinstance(body, dict) else {}
             words = ": ".join(str(fields[k]) for k in ("error", "error_description")
                               if fields.get(k)) or str(body)[:200]
-            if fields.get("error") == "unknown_error":  # Salesforce's "retry your request"
+            if fields.get("error") == "unknown_error" or "REQUEST_LIMIT_EXCEEDED" in words:
+                # Salesforce's "retry your request", or the org's allocation spent for now.
                 raise RetryableCRMError(f"{CRM}: the token endpoint failed ({words})")
+            if not fields.get("error"):  # not an OAuth answer: something else is in the way
+                raise PermanentCRMError(f"{CRM}: the token endpoint answered "
+                                        f"{response.status_code}: {words}")
             # Otherwise the token endpoint, the authority on credentials, refused them.
             raise CredentialsRefused(f"{CRM}: the token endpoint refused the credentials "
                                      f"({words}); {self._credentials.hint}")
