@@ -183,7 +183,8 @@ def build_targets(
 async def _check_hubspot(target: Target) -> None:
     """One read with the token (the contact properties: the scopes linkcrm needs): a 401 or
     403 is CredentialsRefused; an outage is a RetryableCRMError."""
-    assert isinstance(target, HubSpotTarget)
+    if not isinstance(target, HubSpotTarget):
+        return  # a stand-in under that name has no credentials to check
     response = await target.api.call("GET", "/crm/v3/properties/contacts",
                                      expect=(200, 401, 403))
     words = hubspot_message(body_of(response))
