@@ -26,7 +26,7 @@ from tests.emulators.server import serve
 HUBSPOT_TOKEN = "pat-na1-stack"
 PIPEDRIVE_TOKEN = "pd-stack-token"
 CRMS = ("hubspot", "salesforce", "pipedrive")
-PIPELINE = ("Deep Link Referrals", ["Qualified", "Won"])  # made by hand in Pipedrive
+PIPELINE = ("Deep Link Referrals", ["Qualified", "Won"])  # the field map's pipeline
 _PEM: list[str] = []
 
 

@@ -11,6 +11,7 @@ import click
 import pytest
 
 from engine.cli import main
+from engine.cli.admin import READY
 from engine.rulefiles import load_ruleset
 from tests.crm_stack import PIPELINE, running
 from tests.service_process import ROOT, cli, cli_json, free_port, service_env, start_server
@@ -77,21 +78,33 @@ def cli_json_failing(*args: str, env: dict[str, str]) -> Any:
     return json.loads(done.stdout)
 
 
-async def test_pipedrive_provision_creates_fields_and_names_what_it_cannot(
+async def test_pipedrive_provision_creates_fields_pipeline_and_stages(
         tmp_path: Path) -> None:
     async with running(FIELD_MAP, provision=False, pipeline=False) as stack:
         env = service_env(tmp_path, **stack.environ("pipedrive"))
+        sick = cli_json_failing("doctor", "pipedrive", env=env)
+        assert {"problem": "pipeline 'Deep Link Referrals' does not exist in Pipedrive",
+                "fix": "run `linkcrm provision pipedrive` to create the pipeline 'Deep Link "
+                       "Referrals' with the stages 'Qualified', 'Won' (or create them in "
+                       "Pipedrive: Settings > Pipelines), or change deal_pipeline/deal_stages "
+                       "for pipedrive in fields.yaml"} in sick["problems"]
         made = cli("provision", "pipedrive", env=env)
-        assert made.returncode == 1, made.stderr
+        assert made.returncode == 0, made.stdout + made.stderr
         assert "pipedrive: created person field 'Deep link token' (varchar)" in made.stdout
         assert "pipedrive: created deal field 'linkcrm deal key' (varchar)" in made.stdout
-        assert "pipedrive: still to do by hand:\n  - pipeline 'Deep Link Referrals' does " \
-               "not exist in Pipedrive\n    fix: create the pipeline" in made.stdout
-        stack.pipedrive.add_pipeline(*PIPELINE)
+        assert "pipedrive: created pipeline 'Deep Link Referrals'\n" \
+               "pipedrive: created stage(s) 'Qualified', 'Won' in pipeline 'Deep Link " \
+               "Referrals'\n" in made.stdout
+        assert stack.pipedrive.stage_names(PIPELINE[0]) == PIPELINE[1]
         assert cli("doctor", "pipedrive", env=env).returncode == 0
         again = cli("provision", "pipedrive", env=env)
         assert again.returncode == 0
-        assert again.stdout.startswith("pipedrive: nothing to create")
+        assert again.stdout == (
+            "pipedrive: pipeline 'Deep Link Referrals': already exists\n"
+            "pipedrive: stage(s) 'Qualified', 'Won' of pipeline 'Deep Link Referrals': "
+            "already exist\n"
+            f"pipedrive: ready ({READY})\n")
+        assert len(stack.pipedrive.pipelines) == 2  # the account's own, and this one
         refused = cli_json_failing("doctor", "pipedrive",
                                    env={**env, "PIPEDRIVE_API_TOKEN": "wrong"})
         [problem] = refused["problems"]
@@ -135,3 +148,36 @@ async def test_serve_and_worker_refuse_to_start_until_pipedrive_is_provisioned(
         assert cli("provision", "pipedrive", env=env).returncode == 0
         server = start_server(env)  # now it starts, and answers /readyz
         assert server.stop() in (0, -15)
+
+
+async def test_serve_refuses_wrong_crm_credentials_but_starts_through_an_outage(
+        tmp_path: Path) -> None:
+    """Every enabled CRM's credentials are checked before the port is bound: a wrong HubSpot
+    token or Salesforce secret stops `serve` (exit 1) with the fix; a CRM that cannot be
+    reached is said to be unreachable, not blamed on the credentials, and serve starts."""
+    async with running(FIELD_MAP) as stack:
+        env = service_env(tmp_path, **stack.environ("local", "hubspot", "salesforce"))
+        assert cli("migrate", env=env).returncode == 0
+        wrong = {"HUBSPOT_ACCESS_TOKEN": "pat-na1-wrong", "SF_CLIENT_SECRET": "wrong-secret"}
+        for name, variable in (("hubspot", "HUBSPOT_ACCESS_TOKEN"),
+                               ("salesforce", "SF_CLIENT_SECRET")):
+            refused = cli("serve", "--port", str(free_port()),
+                          env={**env, variable: wrong[variable]}, timeout=30)
+            assert refused.returncode == 1, refused.stderr
+            lines = refused.stderr.splitlines()
+            assert lines[-1] == f"error: {name} refused the credentials: fix them as said " \
+                                "above, then start again"
+            problem = next(line for line in lines if line.startswith(f"{name}: "))
+            assert problem.startswith(f"{name}: credentials-refused: ")
+            assert variable in problem and wrong[variable] not in refused.stderr
+        down = {**env, "SF_INSTANCE_URL": f"http://127.0.0.1:{free_port()}",
+                "HUBSPOT_BASE_URL": f"http://127.0.0.1:{free_port()}"}
+        server = start_server(down)
+        try:
+            log = server.log.read_text()
+        finally:
+            assert server.stop() in (0, -15)
+    for name in ("hubspot", "salesforce"):
+        assert f"{name} cannot be reached at start-up, so its credentials are not checked " \
+               "yet" in log
+    assert "refused the credentials" not in log

@@ -309,19 +309,73 @@ async def test_an_exhausted_daily_budget_is_retryable_later_without_a_storm(
     assert sum(emulator.calls.values()) == 1
 
 
-async def test_a_person_deleted_in_pipedrive_is_recreated(
-        ruleset: RuleSet, storage: Storage) -> None:
-    emulator = await provisioned(ruleset)
-    action = UpsertContact("r", (IdentityKey("deep_link_token", "tok_gone"),))
+@pytest.mark.parametrize(("deleted_reads", "deleted_in_search"), [
+    ("flagged", False), ("flagged", True), ("missing", False), ("missing", True)])
+async def test_a_person_or_deal_deleted_in_pipedrive_is_gone_not_updated(
+        ruleset: RuleSet, storage: Storage, deleted_reads: str, deleted_in_search: bool,
+        tmp_path: Path) -> None:
+    """Deletes are soft for 30 days; whether a deleted record still answers reads (with
+    `is_deleted: true`) or search is not documented. Either way it is gone for linkcrm: the
+    identity map entry is dropped, a new person is made and updated, a new deal made."""
+    emulator = await provisioned(ruleset, deleted_reads=deleted_reads,
+                                 deleted_in_search=deleted_in_search)
+    token = IdentityKey("deep_link_token", "tok_gone")
+    action = UpsertContact("r", (token,))
+    named = UpsertContact("r", (token,), set={"name": "Ann"})
+    deal = CreateDeal("r", (token,), key="referral-tok_gone", title="Referral", stage="new")
     with serve(emulator.app) as url:
         async with target(url, ruleset, storage) as pd:
             first = await pd.execute(action, "k1")
+            first_deal = await pd.execute(deal, "d1")
             emulator.delete_person(int(first.record_id or 0))
+            emulator.delete_deal(int(first_deal.record_id or 0))
             second = await pd.execute(action, "k2")
+            updated = await pd.execute(named, "k3")
+            second_deal = await pd.execute(deal, "d2")
+            again = await pd.execute(deal, "d3")
+        # A worker with an empty identity map finds the live records by search, never the
+        # deleted ones.
+        fresh = open_storage(f"sqlite:///{tmp_path / 'fresh.db'}")
+        await fresh.migrate()
+        async with target(url, ruleset, fresh) as other:
+            found = await other.execute(action, "k4")
+            found_deal = await other.execute(deal, "d4")
+        await fresh.close()
     assert second.created and second.record_id != first.record_id
-    assert list(emulator.persons) == [int(second.record_id or 0)]
+    assert updated.record_id == second.record_id and not updated.created
+    assert second_deal.created and second_deal.record_id != first_deal.record_id
+    assert (again.record_id, again.created) == (second_deal.record_id, False)
+    assert (found.record_id, found.created) == (second.record_id, False)
+    assert (found_deal.record_id, found_deal.created) == (second_deal.record_id, False)
+    [person] = emulator.live("person")
+    assert str(person["id"]) == second.record_id and person["name"] == "Ann"
+    assert emulator.persons[int(first.record_id or 0)]["name"] == "tok_gone"  # untouched
+    [live_deal] = emulator.live("deal")
+    assert str(live_deal["id"]) == second_deal.record_id
+    assert live_deal["person_id"] == int(second.record_id or 0)
     # The finished claim lets the re-creation go ahead without a recovery listing.
     assert emulator.calls["GET /api/v2/persons"] == 0
+
+
+async def test_the_emulator_deletes_softly_and_purges_after_30_days(ruleset: RuleSet) -> None:
+    now = [1_800_000_000.0]
+    emulator = await provisioned(ruleset, clock=lambda: now[0])
+    headers = {"x-api-token": TOKEN}
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=emulator.app),
+                                 base_url="http://pipedrive.test/api/v2",
+                                 headers=headers) as client:
+        made = (await client.post("/persons", json={"name": "Ann"})).json()["data"]
+        gone = await client.delete(f"/persons/{made['id']}")
+        assert gone.json() == {"success": True, "data": {"id": made["id"]},
+                               "additional_data": None}
+        read = (await client.get(f"/persons/{made['id']}")).json()["data"]
+        assert read["is_deleted"] is True
+        assert (await client.get("/persons")).json()["data"] == []
+        assert (await client.delete(f"/persons/{made['id']}")).status_code == 404
+        now[0] += 30 * 86_400
+        assert (await client.get(f"/persons/{made['id']}")).status_code == 404
+    emulator.deleted_reads = "missing"
+    assert emulator.persons == {}
 
 
 async def test_start_up_names_every_missing_label_and_the_fix(
@@ -352,12 +406,51 @@ async def test_provision_is_idempotent_and_doctor_then_finds_nothing(
             wrong = await PipedriveAdmin(client, api_token="nope", base_url=url).doctor(
                 ruleset.field_map)
     assert any("'Deep link token' does not exist" in p and "provision" in p for p in before)
-    assert len(created) == 13 and again == []
-    assert after == ["pipeline 'Deep Link Referrals' has no stage 'Won'; fix: create the "
-                     "pipeline 'Deep Link Referrals' with the stages 'Qualified', 'Won' in "
-                     "Pipedrive (Settings > Pipelines), or change deal_pipeline/deal_stages "
-                     "for pipedrive in fields.yaml"]
+    assert any("has no stage 'Won'; fix: run `linkcrm provision pipedrive`" in p
+               for p in before)
+    assert len(created) == 16 and created[-3:] == [
+        "pipeline 'Deep Link Referrals': already exists",
+        "stage(s) 'Qualified' of pipeline 'Deep Link Referrals': already exist",
+        "created stage(s) 'Won' in pipeline 'Deep Link Referrals'"]
+    assert again == ["pipeline 'Deep Link Referrals': already exists",
+                     "stage(s) 'Qualified', 'Won' of pipeline 'Deep Link Referrals': "
+                     "already exist"]
+    assert after == []
     assert len(wrong) == 1 and "PIPEDRIVE_API_TOKEN" in wrong[0] and "nope" not in wrong[0]
+
+
+@pytest.mark.parametrize("new_pipeline_stages", [(), ("Qualified", "Contact Made")])
+async def test_provision_creates_the_pipeline_and_its_stages_once(
+        ruleset: RuleSet, new_pipeline_stages: tuple[str, ...]) -> None:
+    """Whether Pipedrive gives a pipeline made through the API stages of its own is not
+    documented: provision reads what the new pipeline has and adds only what is missing."""
+    emulator = PipedriveEmulator(api_token=TOKEN, burst_limit=1000,
+                                 new_pipeline_stages=new_pipeline_stages)
+    emulator.add_pipeline("Other", ["Won"])  # a stage of another pipeline is no match
+    with serve(emulator.app) as url:
+        async with httpx.AsyncClient() as client:
+            admin = PipedriveAdmin(client, api_token=TOKEN, base_url=url)
+            created = await admin.provision(ruleset.field_map)
+            again = await admin.provision(ruleset.field_map)
+            problems = await admin.doctor(ruleset.field_map)
+    pipeline = [line for line in created if "pipeline" in line]
+    if new_pipeline_stages:
+        assert pipeline == ["created pipeline 'Deep Link Referrals'",
+                            "stage(s) 'Qualified' of pipeline 'Deep Link Referrals': already "
+                            "exist",
+                            "created stage(s) 'Won' in pipeline 'Deep Link Referrals'"]
+    else:
+        assert pipeline == ["created pipeline 'Deep Link Referrals'",
+                            "created stage(s) 'Qualified', 'Won' in pipeline "
+                            "'Deep Link Referrals'"]
+    assert again == ["pipeline 'Deep Link Referrals': already exists",
+                     "stage(s) 'Qualified', 'Won' of pipeline 'Deep Link Referrals': "
+                     "already exist"]
+    assert problems == []
+    assert [p["name"] for p in emulator.pipelines].count("Deep Link Referrals") == 1
+    assert emulator.stage_names("Deep Link Referrals") == [
+        *new_pipeline_stages, *(s for s in ("Qualified", "Won") if s not in new_pipeline_stages)]
+    assert emulator.calls["POST /api/v2/pipelines"] == 1
 
 
 async def test_doctor_flags_an_unsearchable_identity_field_and_a_missing_stage_option(

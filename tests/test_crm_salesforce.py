@@ -15,6 +15,7 @@ from jsonschema import Draft202012Validator
 
 from engine.actions import CreateDeal, IdentityKey, SetStage, UpsertContact
 from engine.crm import soql
+from engine.crm.http import path_segment
 from engine.crm.salesforce import SalesforceTarget
 from engine.crm.salesforce_auth import ClientCredentials
 from engine.errors import PermanentCRMError
@@ -318,6 +319,76 @@ async def test_a_deal_is_one_opportunity_even_when_linkcrm_forgot_making_it(
                            "CloseDate": "2026-03-31", "Deep_Link_Token__c": "tok_A1",
                            "Referral_Code__c": "RC1", "Linkcrm_Deal_Key__c": "referral-tok_A1"}
     assert emulator.counters["PATCH by_external"] == 1
+
+
+# -- values that a URL path would change ----------------------------------------------------
+
+AWKWARD_VALUES = [".", "..", "a/b", "../Opportunity", "x?y=1#z", "50%25 off", "ünïcødé ✓",
+                  "mail@acme.inc", "tok.json", "tok_plain-1"]
+
+
+@pytest.mark.parametrize("path_values", ["decoded", "rerouted"])
+async def test_any_token_or_deal_key_reaches_its_own_record_however_paths_are_read(
+        path_values: str, store: Storage) -> None:
+    """A dot segment in a URL reaches another resource (`.`, `..`); how an encoded `/` or
+    `%2E` is read depends on the server. So such values never travel in a path: each token
+    makes exactly one Lead holding it, found and updated again, and each deal key one
+    Opportunity, whichever way the org's front end reads paths."""
+    emulator = SalesforceEmulator(path_values=path_values)
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=emulator.app())) as client:
+        target = SalesforceTarget(client, instance_url=INSTANCE, credentials=ClientCredentials(
+            emulator.client_id, emulator.client_secret), field_map=FIELD_MAP,
+            identities=store, rate_limits=store, today=lambda: date(2026, 3, 1))
+        for value in AWKWARD_VALUES:
+            key = IdentityKey("deep_link_token", value)
+            first = await target.execute(upsert(key), f"{value}:1")
+            second = await target.execute(upsert(key, first_name="Ada"), f"{value}:2")
+            assert first.created and second.record_id == first.record_id, value
+            (lead,) = emulator.find("Lead", "Deep_Link_Token__c", value)
+            assert (lead["Id"], lead["FirstName"]) == (first.record_id, "Ada"), value
+            deal = CreateDeal(rule="r", identity=(key,), key=value, title="Referral")
+            made = await target.execute(deal, f"{value}:deal")
+            assert made.created, value
+            (opportunity,) = emulator.find("Opportunity", "Linkcrm_Deal_Key__c", value)
+            assert opportunity["Id"] == made.record_id
+    assert len(emulator.leads) == len(emulator.opportunities) == len(AWKWARD_VALUES)
+    assert emulator.schema_violations == []
+    # Only the plain value went into a path: its Lead's create and update, its Opportunity.
+    assert emulator.counters["PATCH by_external"] == 3
+
+
+@pytest.mark.parametrize(("path_values", "expected"), [
+    ("decoded", {"a%2Fb": (201, "a/b"), "%2E%2E": (201, ".."), "%2E": (201, "."),
+                 "x.inc": (404, None)}),
+    ("rerouted", {"a%2Fb": (404, None), "%2E%2E": (405, None), "%2E": (404, None),
+                  "x.inc": (404, None)}),
+])
+async def test_the_emulator_reads_encoded_path_values_as_its_switch_says(
+        path_values: str, expected: dict[str, tuple[int, str | None]]) -> None:
+    emulator = SalesforceEmulator(path_values=path_values)
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=emulator.app()),
+                                 base_url=INSTANCE) as client:
+        token = (await client.post("/services/oauth2/token", data={
+            "grant_type": "client_credentials", "client_id": emulator.client_id,
+            "client_secret": emulator.client_secret})).json()["access_token"]
+        for raw, (status, stored) in expected.items():
+            answer = await client.patch(
+                f"/services/data/v62.0/sobjects/Lead/Deep_Link_Token__c/{raw}",
+                json={"LastName": "A", "Company": "B"},
+                headers={"Authorization": f"Bearer {token}"})
+            assert answer.status_code == status, (raw, answer.text)
+            if stored is not None:
+                assert emulator.find("Lead", "Deep_Link_Token__c", stored), raw
+    assert len(emulator.leads) == sum(stored is not None for _, stored in expected.values())
+
+
+def test_a_path_segment_is_encoded_and_dot_segments_are_refused() -> None:
+    assert path_segment("a/b?c#d%e f") == "a%2Fb%3Fc%23d%25e%20f"
+    assert path_segment("ü") == "%C3%BC"
+    assert path_segment("a.b") == "a.b"
+    for value in (".", "..", "", "x\ud800"):
+        with pytest.raises(ValueError, match="path segment"):
+            path_segment(value)
 
 
 def test_request_schemas_are_valid_draft_2020_12_schemas() -> None:

@@ -12,6 +12,7 @@ import httpx
 import pytest
 
 from engine.actions import IdentityKey, UpsertContact
+from engine.crm.base import CredentialsRefused
 from engine.crm.salesforce import SalesforceTarget
 from engine.crm.salesforce_auth import ClientCredentials, JwtBearer, SalesforceSettings
 from engine.errors import PermanentCRMError, RetryableCRMError
@@ -138,6 +139,29 @@ async def test_a_token_endpoint_asking_for_a_retry_is_retryable(
     async with httpx.AsyncClient(transport=httpx.MockTransport(handler)) as mock:
         with pytest.raises(RetryableCRMError, match="retry your request"):
             await make(client=mock).execute(upsert(), "k")
+
+
+@pytest.mark.parametrize(("status", "body", "expected"), [
+    (400, {"error": "invalid_client", "error_description": "invalid client credentials"},
+     CredentialsRefused),
+    (403, [{"message": "TotalRequests Limit exceeded.", "errorCode": "REQUEST_LIMIT_EXCEEDED"}],
+     RetryableCRMError),
+    (403, "<html>Forbidden by the proxy</html>", PermanentCRMError),
+])
+async def test_only_an_oauth_refusal_blames_the_credentials(
+        make: Callable[..., SalesforceTarget], status: int, body: Any,
+        expected: type[Exception]) -> None:
+    """At start-up a CredentialsRefused stops `serve`: only the token endpoint's own OAuth
+    answer says the credentials are wrong, not a spent allocation or a proxy in the way."""
+    def handler(request: httpx.Request) -> httpx.Response:
+        if isinstance(body, str):
+            return httpx.Response(status, text=body)
+        return httpx.Response(status, json=body)
+
+    async with httpx.AsyncClient(transport=httpx.MockTransport(handler)) as mock:
+        with pytest.raises((PermanentCRMError, RetryableCRMError)) as caught:
+            await make(client=mock).start()
+    assert type(caught.value) is expected
 
 
 def test_the_jwt_assertion_is_rs256_with_the_claims_salesforce_checks() -> None:

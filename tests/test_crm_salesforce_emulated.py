@@ -305,3 +305,36 @@ async def test_the_emulator_answers_as_strictly_as_salesforce(
     update = await client.patch(f"{url}/services/data/v45.0/sobjects/Lead/Deep_Link_Token__c/t2",
                                 json={"Company": "C"}, headers=auth)
     assert (create.status_code, update.status_code, update.content) == (201, 204, b"")
+
+
+async def test_the_token_endpoint_takes_client_credentials_in_the_form_or_as_http_basic(
+        emulator: SalesforceEmulator, client: httpx.AsyncClient, url: str) -> None:
+    """RFC 6749 §2.3.1: Salesforce accepts the client's id and secret either in the form body
+    (what linkcrm sends) or as HTTP Basic authentication (what other clients send)."""
+    token_url = f"{url}/services/oauth2/token"
+    grant = {"grant_type": "client_credentials"}
+    secret, client_id = emulator.client_secret, emulator.client_id
+    in_form = await client.post(token_url, data={**grant, "client_id": client_id,
+                                                 "client_secret": secret})
+    as_basic = await client.post(token_url, data=grant, auth=(client_id, secret))
+    with_id_too = await client.post(token_url, data={**grant, "client_id": client_id},
+                                    auth=(client_id, secret))
+    for answer in (in_form, as_basic, with_id_too):
+        assert answer.status_code == 200, answer.text
+        token = answer.json()["access_token"]
+        described = await client.get(f"{url}/services/data/v62.0/sobjects/Lead/describe",
+                                     headers={"Authorization": f"Bearer {token}"})
+        assert described.status_code == 200
+    refusals = [
+        (await client.post(token_url, data=grant, auth=(client_id, "wrong")), "invalid_client"),
+        (await client.post(token_url, data={**grant, "client_id": "other"},
+                           auth=(client_id, secret)), "invalid_client"),
+        (await client.post(token_url, data={**grant, "client_secret": secret},
+                           auth=(client_id, secret)), "invalid_request"),
+        (await client.post(token_url, data=grant, headers={"Authorization": "Basic !!"}),
+         "invalid_client"),
+        (await client.post(token_url, data=grant), "invalid_request"),
+    ]
+    assert [(r.status_code, r.json()["error"]) for r, _ in refusals] == [
+        (400, code) for _, code in refusals]
+    emulator.schema_violations.clear()  # the last one lacks the client's credentials

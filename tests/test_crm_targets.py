@@ -18,7 +18,9 @@ from engine.errors import ConfigError
 from engine.rulefiles import load_ruleset
 from engine.storage import Storage, open_storage
 from tests.crm_stack import jwt_key
+from tests.emulators.hubspot import create_hubspot_emulator
 from tests.emulators.pipedrive import PipedriveEmulator
+from tests.emulators.salesforce import SalesforceEmulator
 
 pytestmark = pytest.mark.anyio
 FIELD_MAP = load_ruleset([Path(__file__).parent.parent / "rules"]).field_map
@@ -147,5 +149,54 @@ async def test_start_refuses_an_account_without_the_fields_and_waits_out_an_outa
         with pytest.raises(ConfigError) as caught:
             await start_targets(build_targets(environ, storage, FIELD_MAP, client))
     [problem] = caught.value.problems
-    assert problem.code == "target-refused" and "PIPEDRIVE_API_TOKEN" in problem.message
-    assert problem.hint == "run `linkcrm doctor pipedrive` to see what to fix"
+    assert problem.code == "credentials-refused" and "PIPEDRIVE_API_TOKEN" in problem.message
+    assert problem.hint == ("fix the pipedrive credentials, then start again (`linkcrm doctor "
+                            "pipedrive` checks them)")
+
+
+async def test_start_checks_every_crm_s_credentials_and_tells_an_outage_from_a_refusal(
+        storage: Storage, caplog: pytest.LogCaptureFixture) -> None:
+    """Wrong HubSpot, Salesforce or Pipedrive credentials stop the start with the fix; a CRM
+    that cannot be reached is logged as such (its credentials unchecked) and not blamed."""
+    hubspot_app, _ = create_hubspot_emulator("pat-right")
+    salesforce = SalesforceEmulator()
+    pipedrive = PipedriveEmulator(api_token="pd-right")
+    apps = {"hubspot.test": hubspot_app, "salesforce.test": salesforce.app(),
+            "pipedrive.test": pipedrive.app}
+
+    async def route(request: httpx.Request) -> httpx.Response:
+        transport = httpx.ASGITransport(app=apps[request.url.host])
+        return await transport.handle_async_request(request)
+
+    environ = {"LINKCRM_TARGETS": "hubspot,salesforce,pipedrive",
+               "HUBSPOT_ACCESS_TOKEN": "pat-wrong", "HUBSPOT_BASE_URL": "http://hubspot.test",
+               "SF_INSTANCE_URL": "http://salesforce.test", "SF_CLIENT_ID": salesforce.client_id,
+               "SF_CLIENT_SECRET": "wrong-secret", **PIPEDRIVE,
+               "PIPEDRIVE_API_TOKEN": "pd-wrong", "PIPEDRIVE_BASE_URL": "http://pipedrive.test"}
+    async with httpx.AsyncClient(transport=httpx.MockTransport(route)) as client:
+        with pytest.raises(ConfigError) as caught:
+            await start_targets(build_targets(environ, storage, FIELD_MAP, client))
+        refused = {p.location.file: p for p in caught.value.problems}
+        right = {**environ, "HUBSPOT_ACCESS_TOKEN": "pat-right",
+                 "SF_CLIENT_SECRET": salesforce.client_secret}
+        await start_targets(build_targets({**right, "LINKCRM_TARGETS": "hubspot,salesforce"},
+                                          storage, FIELD_MAP, client))
+    assert {name: p.code for name, p in refused.items()} == dict.fromkeys(
+        ("hubspot", "salesforce", "pipedrive"), "credentials-refused")
+    assert "HUBSPOT_ACCESS_TOKEN" in refused["hubspot"].message
+    assert "invalid_client" in refused["salesforce"].message
+    assert "SF_CLIENT_SECRET" in refused["salesforce"].message
+    assert all("wrong" not in p.message for p in refused.values())  # no secret in the output
+
+    def unreachable(request: httpx.Request) -> httpx.Response:
+        raise httpx.ConnectError("connection refused", request=request)
+
+    caplog.set_level("WARNING", logger="engine.crm.targets")
+    async with httpx.AsyncClient(transport=httpx.MockTransport(unreachable)) as client:
+        await start_targets(build_targets(environ, storage, FIELD_MAP, client))
+    warned = {r.target: r.getMessage() for r in caplog.records}  # type: ignore[attr-defined]
+    assert set(warned) == {"hubspot", "salesforce", "pipedrive"}
+    for name, message in warned.items():
+        assert message.startswith(f"{name} cannot be reached at start-up, so its credentials "
+                                  "are not checked yet (")
+        assert "ConnectError" in message and "wrong" not in message

@@ -64,14 +64,16 @@ def provision_command(target: str, output_format: str) -> None:
     \b
     hubspot     the property group and every mapped contact and deal property; the
                 deep-link token and the deal key unique (hasUniqueValue). Idempotent.
-    pipedrive   the person and deal custom fields (by their labels) and their options.
+    pipedrive   the person and deal custom fields (by their labels) and their options,
+                the deal pipeline and its stages (by their names). Idempotent.
     salesforce  prints the exact fields, External ID flags and picklist values to create
                 in Setup (the API has no safe way to create them).
 
-    Then checks the CRM as `doctor` does and lists what only a person can fix (a pipeline,
-    a stage) with how; exit 1 while anything is left. Reads the credentials from the
-    environment (HUBSPOT_ACCESS_TOKEN; PIPEDRIVE_API_TOKEN and PIPEDRIVE_DOMAIN; base URLs
-    from HUBSPOT_BASE_URL, PIPEDRIVE_BASE_URL) and the field map from LINKCRM_RULES.
+    Then checks the CRM as `doctor` does and lists what only a person can fix (a field of
+    the wrong type, a duplicate label) with how; exit 1 while anything is left. Reads the
+    credentials from the environment (HUBSPOT_ACCESS_TOKEN; PIPEDRIVE_API_TOKEN and
+    PIPEDRIVE_DOMAIN; base URLs from HUBSPOT_BASE_URL, PIPEDRIVE_BASE_URL) and the field map
+    from LINKCRM_RULES.
 
     \b
     Examples:

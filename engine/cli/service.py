@@ -47,6 +47,9 @@ def _check_targets() -> list[str]:
 def _not_set_up(error: ConfigError) -> NoReturn:
     show_problems(error.problems)
     names = sorted({problem.location.file for problem in error.problems})
+    if all(problem.code == "credentials-refused" for problem in error.problems):
+        fail(f"{' and '.join(names)} refused the credentials: fix them as said above, then "
+             "start again")
     verb = "is" if len(names) == 1 else "are"
     fail(f"{' and '.join(names)} {verb} not set up for the field map: fix the problems above, then "
          "start again (" + ", ".join(f"`linkcrm doctor {name}`" for name in names) +

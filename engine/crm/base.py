@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import Protocol, TypeGuard, runtime_checkable
 
 from engine.actions import Action, IdentityKey
+from engine.errors import PermanentCRMError
 
 
 @dataclass(frozen=True)
@@ -44,6 +45,11 @@ class IdentityStore(Protocol):
     async def lookup_deal(self, target: str, deal_key: str) -> str | None: ...
 
     async def bind_deal(self, target: str, deal_key: str, deal_id: str) -> str: ...
+
+
+class CredentialsRefused(PermanentCRMError):
+    """The CRM refused linkcrm's credentials (a wrong token, secret or key, a missing scope):
+    nothing works until a person fixes them. The message names the variables to check."""
 
 
 class RateLimitStore(Protocol):
@@ -71,8 +77,10 @@ class Target(Protocol):
 
 @runtime_checkable
 class StartableTarget(Target, Protocol):
-    """A target with start-up work (Pipedrive resolves field labels to keys): run once before
-    the first action; a PermanentCRMError means the CRM is not set up for the field map."""
+    """A target with start-up work (Pipedrive resolves field labels to keys, Salesforce gets
+    a token): run once before the first action. CredentialsRefused means the credentials are
+    wrong, another PermanentCRMError that the CRM is not set up for the field map, and a
+    RetryableCRMError that the CRM cannot be reached right now."""
 
     async def start(self) -> object: ...
 

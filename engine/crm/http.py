@@ -12,12 +12,36 @@ from collections.abc import Mapping
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
 from typing import Any
+from urllib.parse import quote
 
 import httpx
 
 from engine.errors import PermanentCRMError, RetryableCRMError
 
 RETRYABLE_STATUS = frozenset({408, 425, 429, 500, 502, 503, 504})
+DOT_SEGMENTS = frozenset({".", ".."})
+
+
+def path_segment(value: str) -> str:
+    """`value` as exactly one URL path segment: everything but letters, digits and `-._~`
+    percent-encoded (`/`, `?`, `#`, `%`, spaces, non-ASCII), so it can neither end the path
+    nor add a segment.
+
+    Raises ValueError for a value that no encoding keeps in its place: empty, or a dot
+    segment (`.`, `..`), which httpx and servers resolve (RFC 3986 §5.2.4), so the request
+    would reach another resource (and `%2E` is the same as `.`, RFC 3986 §2.3); and a lone
+    surrogate, which has no UTF-8 form. Callers send such values another way (a query
+    parameter, a body), or refuse them.
+
+        >>> path_segment("a/b?c")
+        'a%2Fb%3Fc'
+    """
+    if not value or value in DOT_SEGMENTS:
+        raise ValueError(f"{value!r} cannot be a URL path segment")
+    try:
+        return quote(value, safe="")
+    except UnicodeEncodeError:
+        raise ValueError("a value with a lone surrogate cannot be a URL path segment") from None
 
 
 def retry_after(headers: Mapping[str, str], now: datetime | None = None) -> float | None:

@@ -4,7 +4,9 @@ Pipedrive has no upsert and its search index lags writes, so search-then-create 
 linkcrm's identity map (shared by every worker through the database) guards each creation:
 
 1. **Mapped**: the identity map knows the record id for one of the action's identity keys:
-   GET it (a 404 means it was deleted in Pipedrive: unbind and carry on below).
+   GET it. Deletes are soft: a record deleted in Pipedrive answers 404 or `is_deleted: true`
+   for 30 days; either way it is gone (never updated): unbind and carry on below (a deal
+   mapping, which is never unbound, is followed by the one for its replacement).
 2. **Claim**: otherwise bind a *claim* for the first identity key under a separate claim key
    (`claim:<field>` / `<generation>:<value>`, deals `claim:<generation>:<deal key>`).
    `bind_identity`/`bind_deal` return the winner atomically, so one execution holds the claim;
@@ -12,7 +14,8 @@ linkcrm's identity map (shared by every worker through the database) guards each
    and give up with RetryableCRMError after `claim_wait`.
 3. **Find, then create**: the holder searches (`exact_match=true`, which ignores case, so every
    hit is read back and its field compared exactly: 'tok_A' never matches 'tok_a', nor a person
-   whose *other* field holds the value), creates only when nothing matches, and binds the record.
+   whose *other* field holds the value, and a deleted one is skipped), creates only when nothing
+   matches, and binds the record.
 
 A claim records its owner (a hash of the action's idempotency key) and its start time. A retry
 of the same action (its response was lost after Pipedrive committed the create) recognises its
@@ -294,7 +297,7 @@ class PipedriveTarget:
             raise PermanentCRMError(f"{TARGET}: no deal key field (targets.pipedrive.deal_key_"
                                     "field in fields.yaml)")
         deal_key, key_field = action.key, account.deal_key.key
-        existing = await self._ids.lookup_deal(TARGET, deal_key)
+        existing, slot = await self._mapped_deal(deal_key)
         if existing is not None:
             return Outcome(existing, f"deal {existing} already exists for this key")
         body = self._deal_body(account, action)
@@ -303,10 +306,10 @@ class PipedriveTarget:
         assert contact.record_id is not None
         body["person_id"] = int(contact.record_id)
         async with self._locks.hold(f"deal:{deal_key}"):
-            slots = Slots(lambda n: self._ids.lookup_deal(TARGET, f"claim:{n}:{deal_key}"),
-                          lambda n, v: self._ids.bind_deal(TARGET, f"claim:{n}:{deal_key}", v))
+            slots = Slots(lambda n: self._ids.lookup_deal(TARGET, f"claim:{n}:{slot}"),
+                          lambda n, v: self._ids.bind_deal(TARGET, f"claim:{n}:{slot}", v))
             claim = await self._claims.claim("deal", idempotency_key, slots,
-                                             lambda: self._ids.lookup_deal(TARGET, deal_key))
+                                             lambda: self._ids.lookup_deal(TARGET, slot))
             if not isinstance(claim, Claim):
                 return Outcome(claim, f"deal {claim} already exists for this key")
 
@@ -319,10 +322,21 @@ class PipedriveTarget:
             created = deal is None
             if deal is None:
                 deal = (await self._api.post("/deals", body))["data"]
-            winner = await self._ids.bind_deal(TARGET, deal_key, str(deal["id"]))
+            winner = await self._ids.bind_deal(TARGET, slot, str(deal["id"]))
             await claim.finish(slots)
         what = "created deal" if created else "found existing deal"
         return Outcome(winner, f"{what} {winner} for person {body['person_id']}", created=created)
+
+    async def _mapped_deal(self, deal_key: str) -> tuple[str | None, str]:
+        """The live deal the identity map holds for `deal_key`, and the map key to bind a new
+        one under. A deal deleted in Pipedrive is gone; since a mapping is never rewritten, the
+        deal that replaces deal N is mapped under `replaced:N:<deal key>`."""
+        slot = deal_key
+        while (deal_id := await self._ids.lookup_deal(TARGET, slot)) is not None:
+            if await self._api.record("/deals", deal_id) is not None:
+                return deal_id, slot
+            slot = f"replaced:{deal_id}:{deal_key}"
+        return None, slot
 
     def _deal_body(self, account: Account, action: CreateDeal) -> Record:
         assert account.deal_key is not None

@@ -10,8 +10,8 @@ from typing import Any
 
 import httpx
 
-from engine.crm.base import RateLimitStore
-from engine.crm.http import body_of, raise_for_status, retry_after, send
+from engine.crm.base import CredentialsRefused, RateLimitStore
+from engine.crm.http import body_of, path_segment, raise_for_status, retry_after, send
 from engine.crm.pacing import Pacer, Sleep
 from engine.errors import PermanentCRMError, RetryableCRMError
 
@@ -21,7 +21,7 @@ Params = Mapping[str, str | int]
 CLOCK_SKEW = 120.0  # seconds of slack between our clock and Pipedrive's update_time
 
 
-class PipedriveAuthError(PermanentCRMError):
+class PipedriveAuthError(CredentialsRefused):
     """Pipedrive refused the API token (401)."""
 
 
@@ -113,12 +113,18 @@ class PipedriveAPI:
                                         "sort_by": "id"}
         if keys:
             params["custom_fields"] = ",".join(keys[:15])
-        return next((r for r in await self.get_all(path, params) if holds(r)), None)
+        return next((r for r in await self.get_all(path, params)
+                     if not is_deleted(r) and holds(r)), None)
 
     async def record(self, path: str, record_id: str) -> Record | None:
-        """One record's `data`, or None when it does not exist (deleted in Pipedrive)."""
-        envelope = await self.get(f"{path}/{record_id}", missing_ok=True)
-        return None if envelope is None else envelope["data"]
+        """One record's `data`, or None when it is gone: deleted in Pipedrive, whether the
+        answer is a 404 or the record marked `is_deleted` (deletes are soft for 30 days), or
+        an id that is not Pipedrive's (ids are whole numbers)."""
+        if not record_id.isascii() or not record_id.isdigit():
+            return None
+        envelope = await self.get(f"{path}/{path_segment(record_id)}", missing_ok=True)
+        data = None if envelope is None else envelope.get("data")
+        return data if isinstance(data, dict) and not is_deleted(data) else None
 
     async def _call(self, method: str, path: str, *, params: Params | None = None,
                     json: object = None, search: bool = False,
@@ -173,6 +179,11 @@ class PipedriveAPI:
         reset = _seconds(response.headers.get("x-ratelimit-reset"))
         if reset is not None:
             pacer.pause(reset)
+
+
+def is_deleted(record: Record) -> bool:
+    """Deleted in Pipedrive: kept, marked, for 30 days; linkcrm treats it as gone."""
+    return record.get("is_deleted") is True
 
 
 def window_pacer(store: RateLimitStore, bucket: str, limit: int, window: float,

@@ -225,9 +225,10 @@ def _pipeline(field_map: FieldMap, catalog: Catalog, problems: list[SetupProblem
     wanted = field_map.deal_pipeline.get("pipedrive")
     live = [p for p in catalog.pipelines if not p.get("is_deleted")]
     stage_names = [s.value("pipedrive") for s in field_map.deal_stages if s.value("pipedrive")]
-    fix = (f"create the pipeline {wanted.name if wanted else '(any)'!r} with the stages "
-           f"{', '.join(map(repr, stage_names))} in Pipedrive (Settings > Pipelines), or change "
-           "deal_pipeline/deal_stages for pipedrive in fields.yaml")
+    fix = (f"run `linkcrm provision pipedrive` to create the pipeline "
+           f"{wanted.name if wanted else '(any)'!r} with the stages "
+           f"{', '.join(map(repr, stage_names))} (or create them in Pipedrive: Settings > "
+           "Pipelines), or change deal_pipeline/deal_stages for pipedrive in fields.yaml")
     if wanted is None:
         pipeline = live[0] if live else None
     else:

@@ -2,17 +2,18 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Iterable, Sequence
 from datetime import UTC, date, datetime
 from typing import Any
-from urllib.parse import quote, urlsplit
+from urllib.parse import urlsplit
 
 import httpx
 
 from engine.actions import JSON, Action, CreateDeal, IdentityKey, SetStage, UpsertContact
 from engine.crm import soql
 from engine.crm.base import IdentityStore, Outcome, RateLimitStore
-from engine.crm.http import body_of, raise_for_status
+from engine.crm.http import body_of, path_segment, raise_for_status
 from engine.crm.pacing import Pacer
 from engine.crm.salesforce_auth import (
     DEFAULT_API_VERSION,
@@ -20,11 +21,11 @@ from engine.crm.salesforce_auth import (
     SalesforceSettings,
     TokenSource,
 )
+from engine.crm.salesforce_external import ExternalIds
 from engine.crm.salesforce_records import (
     ContactAction,
     LeadMap,
     duplicates,
-    ids_of,
     opportunity_body,
 )
 from engine.crm.salesforce_rest import (
@@ -39,6 +40,7 @@ from engine.fieldmap import FieldMap
 
 BATCH = 200  # sObject Collections take at most 200 records per request
 IN_VALUES = 100  # values per SOQL IN list, keeping the query URL far below its 16 KB limit
+RECORD_ID = re.compile(r"[A-Za-z0-9]{15}(?:[A-Za-z0-9]{3})?")
 # Outcome | Exception, as HubSpot's execute_many answers (list is invariant: keep them equal).
 Result = Outcome | Exception
 
@@ -47,17 +49,15 @@ def _utc_today() -> date:
     return datetime.now(UTC).date()
 
 
-def _segment(value: str) -> str:
-    return quote(value, safe="")
-
-
 class SalesforceTarget:
     """Salesforce as a linkcrm target (see `engine.crm.base.Target`).
 
     Contacts are Leads. A Lead is read before it is written (set_once, forward-only Status and
     the LastName/Company/LeadSource defaults depend on what it holds) through the External ID
     (`GET /sobjects/Lead/<field>/<value>`), and written by upsert on that External ID, so a
-    retried create finds the Lead instead of making a second one. Identity keys that are not the
+    retried create finds the Lead instead of making a second one; a value that is not plain
+    (`.`, `..`, `/`, `%`, non-ASCII) never goes into a URL path but into a SOQL query and an
+    sObject Collections body (`engine.crm.salesforce_external`). Identity keys that are not the
     External ID (email) go through linkcrm's identity map, then a SOQL query whose values pass
     through `engine.crm.soql`. Deals are Opportunities upserted by the deal-key External ID
     (`targets.salesforce.deal_key_field`) after a read, so an existing Opportunity is never
@@ -99,6 +99,7 @@ class SalesforceTarget:
                                  limit_backoff=limit_backoff)
         self.field_map = field_map
         self.leads = LeadMap(field_map, external_id)
+        self.external = ExternalIds(self.api)
         self.identities = identities
         self.today = today
         settings = field_map.targets.get(CRM, {})
@@ -118,6 +119,11 @@ class SalesforceTarget:
                    field_map=field_map, identities=identities, rate_limits=rate_limits,
                    api_version=settings.api_version,
                    token_url=settings.resolved_token_url(), **options)
+
+    async def start(self) -> None:
+        """Get a token, so wrong credentials stop `linkcrm serve` at start-up (the token
+        endpoint raises CredentialsRefused) rather than dead-letter the first action."""
+        await self.tokens.token()
 
     async def aclose(self) -> None:
         """Nothing to release: the client belongs to the caller."""
@@ -194,17 +200,18 @@ class SalesforceTarget:
     async def _find(self, key: IdentityKey, fields: list[str]) -> dict[str, Any] | None:
         name = self.leads.identity_field(key)
         if key.field == self.leads.external_id:
-            return await self._get_external("Lead", name, key.value, fields)
+            return await self.external.get("Lead", name, key.value, fields)
         params = {"fields": ",".join(fields)}
         known = await self.identities.lookup_identity(CRM, [key])
-        if known:
-            response = await self.api.request("GET", f"/sobjects/Lead/{_segment(known)}",
+        if known and RECORD_ID.fullmatch(known):
+            response = await self.api.request("GET", f"/sobjects/Lead/{path_segment(known)}",
                                               params=params)
             if response.status_code == 200:
                 return dict(body_of(response))
             if response.status_code != 404:
                 raise_for_status(CRM, response, describe_errors(error_entries(body_of(response))))
-            await self.identities.unbind_identity(CRM, key)  # deleted or merged away
+        if known:  # deleted or merged away (or never a Salesforce id): find it again
+            await self.identities.unbind_identity(CRM, key)
         records = await self.api.query(soql.select_where(fields, "Lead", name, [key.value],
                                                          limit=10))
         # SOQL `=` ignores case; emails do too, other keys must match exactly.
@@ -214,21 +221,6 @@ class SalesforceTarget:
         if len(matches) > 1:
             raise duplicates("Lead", name, [str(r.get("Id")) for r in matches])
         return matches[0] if matches else None
-
-    async def _get_external(
-        self, sobject: str, field: str, value: str, fields: list[str]
-    ) -> dict[str, Any] | None:
-        response = await self.api.request(
-            "GET", f"/sobjects/{sobject}/{field}/{_segment(value)}",
-            params={"fields": ",".join(fields)})
-        if response.status_code == 200:
-            return dict(body_of(response))
-        if response.status_code == 404:
-            return None
-        if response.status_code == 300:
-            raise duplicates(sobject, field, ids_of(body_of(response)))
-        raise_for_status(CRM, response, describe_errors(error_entries(body_of(response))))
-        raise AssertionError("unreachable")  # pragma: no cover
 
     async def _write(
         self, identity: Sequence[IdentityKey], record: dict[str, Any] | None,
@@ -242,12 +234,12 @@ class SalesforceTarget:
         elif ext_key is not None and ext_name and (
                 record is None or record.get(ext_name) == ext_key.value):
             payload = {k: v for k, v in body.items() if k != ext_name}
-            record_id, created = await self._upsert("Lead", ext_name, ext_key.value, payload,
-                                                    record)
+            record_id, created = await self.external.upsert("Lead", ext_name, ext_key.value,
+                                                            payload, record)
             summary = "lead created" if created else "lead updated"
         elif record is not None:
             record_id, summary = str(record["Id"]), "lead updated"
-            await self.api.json("PATCH", f"/sobjects/Lead/{_segment(record_id)}", json=body)
+            await self.api.json("PATCH", f"/sobjects/Lead/{path_segment(record_id)}", json=body)
         else:
             answer = await self.api.json("POST", "/sobjects/Lead/", json=body)
             if not isinstance(answer, dict) or not answer.get("id"):
@@ -255,32 +247,6 @@ class SalesforceTarget:
             record_id, created, summary = str(answer["id"]), True, "lead created"
         await self._bind(identity, record_id)
         return Outcome(record_id, summary, created)
-
-    async def _upsert(
-        self, sobject: str, field: str, value: str, payload: dict[str, JSON],
-        record: dict[str, Any] | None,
-    ) -> tuple[str, bool]:
-        """PATCH by External ID; (record id, created). 204 is what API versions before 46.0
-        answer to an update."""
-        path = f"/sobjects/{sobject}/{field}/{_segment(value)}"
-        response = await self.api.request("PATCH", path, json=payload)
-        status = response.status_code
-        if status in (200, 201):
-            answer = body_of(response)
-            return str(answer["id"]), bool(answer.get("created", status == 201))
-        if status == 204:
-            found = record or await self._get_external(sobject, field, value, ["Id"])
-            return (str(found["Id"]) if found else ""), False
-        if status == 300:
-            raise duplicates(sobject, field, ids_of(body_of(response)))
-        message = describe_errors(error_entries(body_of(response)))
-        if status == 404:
-            raise PermanentCRMError(
-                f"{CRM}: PATCH {path} -> 404: {message}: {field} is not an External ID field "
-                f"on {sobject} (or does not exist); create it as `linkcrm provision salesforce` "
-                "prints, or run `linkcrm doctor salesforce`")
-        raise_for_status(CRM, response, message)
-        raise AssertionError("unreachable")  # pragma: no cover
 
     async def _bind(self, identity: Iterable[IdentityKey], record_id: str) -> None:
         for key in identity:
@@ -379,12 +345,13 @@ class SalesforceTarget:
         if known:
             return Outcome(known, "opportunity exists")
         # Read first: an upsert on an existing Opportunity would rewrite its stage and date.
-        found = await self._get_external("Opportunity", field, action.key, ["Id"])
+        found = await self.external.get("Opportunity", field, action.key, ["Id"])
         if found is not None:
             record_id = await self.identities.bind_deal(CRM, action.key, str(found["Id"]))
             return Outcome(record_id, "opportunity exists")
         body = opportunity_body(self.field_map, action, self.today(), self.leads)
-        record_id, created = await self._upsert("Opportunity", field, action.key, body, None)
+        record_id, created = await self.external.upsert("Opportunity", field, action.key, body,
+                                                        None)
         await self.identities.bind_deal(CRM, action.key, record_id)
         return Outcome(record_id, "opportunity created" if created else "opportunity exists",
                        created)

@@ -15,6 +15,7 @@ import httpx
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 
+from engine.crm.base import CredentialsRefused
 from engine.crm.http import body_of, raise_for_status, send
 from engine.errors import PermanentCRMError, RetryableCRMError
 
@@ -151,11 +152,15 @@ class TokenSource:
             fields = body if isinstance(body, dict) else {}
             words = ": ".join(str(fields[k]) for k in ("error", "error_description")
                               if fields.get(k)) or str(body)[:200]
-            if fields.get("error") == "unknown_error":  # Salesforce's "retry your request"
+            if fields.get("error") == "unknown_error" or "REQUEST_LIMIT_EXCEEDED" in words:
+                # Salesforce's "retry your request", or the org's allocation spent for now.
                 raise RetryableCRMError(f"{CRM}: the token endpoint failed ({words})")
+            if not fields.get("error"):  # not an OAuth answer: something else is in the way
+                raise PermanentCRMError(f"{CRM}: the token endpoint answered "
+                                        f"{response.status_code}: {words}")
             # Otherwise the token endpoint, the authority on credentials, refused them.
-            raise PermanentCRMError(f"{CRM}: the token endpoint refused the credentials "
-                                    f"({words}); {self._credentials.hint}")
+            raise CredentialsRefused(f"{CRM}: the token endpoint refused the credentials "
+                                     f"({words}); {self._credentials.hint}")
         raise_for_status(CRM, response)
         body = body_of(response)
         token = body.get("access_token") if isinstance(body, dict) else None

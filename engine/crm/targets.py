@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import difflib
 import logging
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import httpx
 
-from engine.crm.base import Target, startable
+from engine.crm.base import CredentialsRefused, Target, startable
 from engine.crm.credentials import HubSpotSettings, PipedriveSettings, SalesforceEnvironment
+from engine.crm.http import body_of
 from engine.crm.hubspot import HubSpotTarget
+from engine.crm.hubspot_api import hubspot_message
 from engine.crm.local import LocalTarget
 from engine.crm.pipedrive import PipedriveTarget
 from engine.crm.pipedrive_fields import PipedriveSetupError
@@ -178,20 +180,54 @@ def build_targets(
     return built
 
 
+async def _check_hubspot(target: Target) -> None:
+    """One read with the token (the contact properties: the scopes linkcrm needs): a 401 or
+    403 is CredentialsRefused; an outage is a RetryableCRMError."""
+    if not isinstance(target, HubSpotTarget):
+        return  # a stand-in under that name has no credentials to check
+    response = await target.api.call("GET", "/crm/v3/properties/contacts",
+                                     expect=(200, 401, 403))
+    words = hubspot_message(body_of(response))
+    if response.status_code == 401:
+        raise CredentialsRefused(f"hubspot: the access token was refused (401: {words}); set "
+                                 "HUBSPOT_ACCESS_TOKEN to a private-app token of this account")
+    if response.status_code == 403:
+        raise CredentialsRefused(f"hubspot: the access token lacks a scope (403: {words}); "
+                                 "give the private app read and write on contacts, deals and "
+                                 "their schemas (crm.objects.* and crm.schemas.*)")
+
+
+# Start-up checks of targets without a start() of their own.
+CHECKS: dict[str, Callable[[Target], Awaitable[None]]] = {"hubspot": _check_hubspot}
+
+
 async def start_targets(targets: Sequence[Target]) -> None:
-    """Run the start-up of the targets that have one (Pipedrive resolves its field labels to
-    keys). A CRM that is not set up for the field map raises ConfigError listing every problem
-    with its fix (`linkcrm provision pipedrive`, ...); a CRM that cannot be reached right now
-    is logged and starts at its first action instead, so an outage never stops the service."""
+    """Run each target's start-up, which checks its credentials: Pipedrive resolves its field
+    labels to keys, Salesforce gets a token, HubSpot reads its contact properties.
+
+    Refused credentials raise ConfigError with a `credentials-refused` problem per target; a
+    CRM that is not set up for the field map one problem per gap with its fix (`linkcrm
+    provision pipedrive`, ...). A CRM that cannot be reached or answers with a server error
+    right now says nothing about the credentials: that is logged as such and the target
+    starts at its first action, so an outage never stops the service."""
     problems: list[Problem] = []
     for target in targets:
-        if not startable(target):
+        check = CHECKS.get(target.name)
+        if not startable(target) and check is None:
             continue
         try:
-            await target.start()
+            if startable(target):
+                await target.start()
+            elif check is not None:
+                await check(target)
         except RetryableCRMError as error:
-            log.warning("target not started yet; it retries at its first action",
-                        extra={"target": target.name, "error": str(error)})
+            log.warning(f"{target.name} cannot be reached at start-up, so its credentials are "
+                        f"not checked yet ({error}); starting anyway: its actions retry until "
+                        "it answers", extra={"target": target.name, "error": str(error)})
+        except CredentialsRefused as error:
+            problems.append(Problem(Location(target.name), "credentials-refused", str(error),
+                                    f"fix the {target.name} credentials, then start again "
+                                    f"(`linkcrm doctor {target.name}` checks them)"))
         except PipedriveSetupError as error:
             problems.extend(Problem(Location(target.name), "target-not-set-up", p.message,
                                     p.fix) for p in error.problems)

@@ -17,7 +17,13 @@ Behaviour follows `CRM_FACTS.md` and Pipedrive's v2 OpenAPI (read once; nothing 
   (what makes search-then-create race); lists (`GET /persons`, `GET /deals`) do not lag;
 - token-based rate limits: each request's `x-token-cost` comes from a daily budget; per-token
   burst limit in a rolling `burst_window` and the Search API limit; `x-ratelimit-limit`,
-  `x-ratelimit-remaining`, `x-ratelimit-reset`; 429 with the failure envelope and Retry-After.
+  `x-ratelimit-remaining`, `x-ratelimit-reset`; 429 with the failure envelope and Retry-After;
+- deletes are soft ("Marks a person as deleted. After 30 days, the person will be permanently
+  deleted."): the record keeps its id with `is_deleted: true`, lists leave it out. What reads of
+  a deleted record answer is not documented, so two switches show each possibility:
+  `deleted_reads="flagged"` (GET and PATCH work, `is_deleted: true`) or `"missing"` (404), and
+  `deleted_in_search` (search still finds it) or not;
+- account set-up (fields, pipelines, stages): see `tests.emulators.pipedrive_setup`.
 
 State is plain attributes (`persons`, `deals`, `calls`, `tokens_used`, `rate_limited`, ...) for
 assertions. Wrap `emulator.app` in a `FaultInjector(too_many=emulator.too_many)` for faults.
@@ -35,7 +41,7 @@ import secrets
 import time
 from collections import Counter, deque
 from collections.abc import Callable
-from datetime import UTC, date, datetime
+from datetime import date, datetime
 from pathlib import Path
 from typing import Any
 
@@ -46,26 +52,13 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
+from tests.emulators.pipedrive_search import SearchIndex
+from tests.emulators.pipedrive_setup import INFO, AccountSetup, ApiError, Handler, builtin, rfc3339
+
 SCHEMAS = Path(__file__).parent / "schemas" / "pipedrive"
-SEARCHABLE = frozenset({"address", "varchar", "text", "varchar_auto", "double", "monetary",
-                        "phone"})
 TEXT_TYPES = {"varchar": 255, "varchar_auto": 255, "phone": 255, "text": 65535, "address": 255}
 V1_RETIRED = re.compile(r"^/(api/)?v1/(persons|deals)(/|$)")
-INFO = "Please check developers.pipedrive.com"
-PERSON_SEARCH_FIELDS = {"custom_fields", "email", "notes", "phone", "name"}
-DEAL_SEARCH_FIELDS = {"custom_fields", "notes", "title"}
-Handler = Callable[[Request, dict[str, str], Any], tuple[Any, Any]]
-
-
-class ApiError(Exception):
-    def __init__(self, status: int, error: str, info: str = INFO,
-                 headers: dict[str, str] | None = None) -> None:
-        super().__init__(error)
-        self.status, self.error, self.info, self.headers = status, error, info, headers or {}
-
-
-def rfc3339(moment: float) -> str:
-    return datetime.fromtimestamp(moment, UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
+DELETED_FOR = 30 * 86_400.0  # a deleted person or deal is kept, marked, for 30 days
 
 
 def _failure(error: str, info: str = INFO) -> dict[str, Any]:
@@ -73,20 +66,21 @@ def _failure(error: str, info: str = INFO) -> dict[str, Any]:
             "additional_data": None}
 
 
-def _builtin(code: str, name: str, field_type: str) -> dict[str, Any]:
-    return {"field_code": code, "field_name": name, "field_type": field_type,
-            "is_custom_field": False, "is_optional_response_field": False, "options": None,
-            "subfields": None}
-
-
-class PipedriveEmulator:
+class PipedriveEmulator(AccountSetup, SearchIndex):
     """One Pipedrive company account. Limits are per API token; the tests use one token."""
 
     def __init__(self, *, api_token: str = "pd-test-token", search_lag: float = 0.0,
                  latency: float = 0.0, burst_limit: int = 20, burst_window: float = 2.0,
                  search_limit: int = 10, search_window: float = 2.0,
                  daily_budget: int = 30_000, seed: int = 1,
+                 deleted_reads: str = "flagged", deleted_in_search: bool = False,
+                 new_pipeline_stages: tuple[str, ...] = (),
                  clock: Callable[[], float] = time.time) -> None:
+        if deleted_reads not in ("flagged", "missing"):
+            raise ValueError(f"deleted_reads must be 'flagged' or 'missing', not "
+                             f"{deleted_reads!r}")
+        self.deleted_reads, self.deleted_in_search = deleted_reads, deleted_in_search
+        self.new_pipeline_stages = new_pipeline_stages
         self.api_token, self.search_lag, self.latency = api_token, search_lag, latency
         self.burst_limit, self.burst_window = burst_limit, burst_window
         self.search_limit, self.search_window = search_limit, search_window
@@ -94,11 +88,11 @@ class PipedriveEmulator:
         self.persons: dict[int, dict[str, Any]] = {}
         self.deals: dict[int, dict[str, Any]] = {}
         self.fields: dict[str, list[dict[str, Any]]] = {
-            "person": [_builtin(*f) for f in (
+            "person": [builtin(*f) for f in (
                 ("name", "Name", "varchar"), ("emails", "Email", "varchar"),
                 ("phones", "Phone", "phone"), ("org_id", "Organization", "org"),
                 ("owner_id", "Owner", "user"))],
-            "deal": [_builtin(*f) for f in (
+            "deal": [builtin(*f) for f in (
                 ("title", "Title", "varchar"), ("value", "Value", "monetary"),
                 ("person_id", "Contact person", "people"), ("pipeline_id", "Pipeline", "int"),
                 ("stage_id", "Stage", "stage"), ("status", "Status", "status"))]}
@@ -112,6 +106,7 @@ class PipedriveEmulator:
         self._random = random.Random(seed)
         self._next_id = {"person": 1, "deal": 1, "field": 1, "option": 1, "pipeline": 1, "stage": 1}
         self._index: dict[tuple[str, int], dict[str, Any]] = {}
+        self._deleted_at: dict[tuple[str, int], float] = {}
         self._pending: list[tuple[float, str, int, dict[str, Any]]] = []
         self._burst: deque[float] = deque()
         self._search: deque[float] = deque()
@@ -131,35 +126,6 @@ class PipedriveEmulator:
         self._next_id[kind] += 1
         return value
 
-    def add_pipeline(self, name: str, stage_names: list[str]) -> int:
-        now = rfc3339(self.clock())
-        pipeline_id = self._id("pipeline")
-        self.pipelines.append({"id": pipeline_id, "name": name, "order_nr": pipeline_id,
-                               "is_deleted": False, "is_deal_probability_enabled": False,
-                               "add_time": now, "update_time": now})
-        for order, stage in enumerate(stage_names, 1):
-            self.stages.append({"id": self._id("stage"), "order_nr": order, "name": stage,
-                                "is_deleted": False, "deal_probability": 100,
-                                "pipeline_id": pipeline_id, "is_deal_rot_enabled": False,
-                                "days_to_rotten": None, "add_time": now, "update_time": now})
-        return pipeline_id
-
-    def add_field(self, kind: str, name: str, field_type: str,
-                  options: tuple[str, ...] | list[str] = ()) -> str:
-        code = f"{self._random.getrandbits(160):040x}"
-        opts = [{"id": self._id("option"), "label": label} for label in options]
-        self.fields[kind].append({"field_code": code, "field_name": name, "field_type": field_type,
-                                  "is_custom_field": True, "is_optional_response_field": False,
-                                  "options": opts or None, "subfields": None})
-        return code
-
-    def field_key(self, kind: str, name: str) -> str:
-        return str(next(f["field_code"] for f in self.fields[kind] if f["field_name"] == name))
-
-    def option_label(self, kind: str, name: str, option_id: Any) -> str | None:
-        spec = next(f for f in self.fields[kind] if f["field_name"] == name)
-        return next((o["label"] for o in spec["options"] or [] if o["id"] == option_id), None)
-
     def with_value(self, kind: str, name: str, value: Any) -> list[dict[str, Any]]:
         """Records whose custom field labelled `name` holds exactly `value`."""
         key = self.field_key(kind, name)
@@ -167,8 +133,16 @@ class PipedriveEmulator:
         return [r for r in records.values() if r["custom_fields"].get(key) == value]
 
     def delete_person(self, person_id: int) -> None:
-        self.persons.pop(person_id)
-        self._index.pop(("person", person_id), None)
+        """Delete as a person in Pipedrive does: marked deleted, gone for good in 30 days."""
+        self._soft_delete("person", person_id)
+
+    def delete_deal(self, deal_id: int) -> None:
+        self._soft_delete("deal", deal_id)
+
+    def live(self, kind: str) -> list[dict[str, Any]]:
+        """The persons or deals that are not deleted."""
+        records = self.persons if kind == "person" else self.deals
+        return [r for r in records.values() if not r["is_deleted"]]
 
     def reset_usage(self) -> None:
         """Forget the requests made so far (set-up traffic that a test does not measure)."""
@@ -196,28 +170,15 @@ class PipedriveEmulator:
             ("GET", "persons/{id}", 1, False, None, lambda r, p, b: self._get(r, "person", p)),
             ("PATCH", "persons/{id}", 5, False, "persons_update",
              lambda r, p, b: self._update_person(int(p["id"]), b)),
+            ("DELETE", "persons/{id}", 3, False, None, lambda r, p, b: self._delete("person", p)),
             ("GET", "deals", 10, False, None, lambda r, p, b: self._list(r, "deal")),
             ("POST", "deals", 5, False, "deals_create", lambda r, p, b: self._write_deal(None, b)),
             ("GET", "deals/search", 20, True, None, lambda r, p, b: self._find(r, "deal")),
             ("GET", "deals/{id}", 1, False, None, lambda r, p, b: self._get(r, "deal", p)),
             ("PATCH", "deals/{id}", 5, False, "deals_update",
              lambda r, p, b: self._write_deal(int(p["id"]), b)),
-            ("GET", "personFields", 10, False, None, lambda r, p, b: self._page(
-                r, self.fields["person"])),
-            ("POST", "personFields", 5, False, "person_fields_create",
-             lambda r, p, b: self._create_field("person", b)),
-            ("POST", "personFields/{code}/options", 5, False, "person_field_options_add",
-             lambda r, p, b: self._add_options("person", p["code"], b)),
-            ("GET", "dealFields", 10, False, None, lambda r, p, b: self._page(
-                r, self.fields["deal"])),
-            ("POST", "dealFields", 5, False, "deal_fields_create",
-             lambda r, p, b: self._create_field("deal", b)),
-            ("POST", "dealFields/{code}/options", 5, False, "deal_field_options_add",
-             lambda r, p, b: self._add_options("deal", p["code"], b)),
-            ("GET", "pipelines", 5, False, None, lambda r, p, b: self._page(r, self.pipelines)),
-            ("GET", "stages", 5, False, None, lambda r, p, b: self._page(r, [
-                s for s in self.stages if "pipeline_id" not in r.query_params
-                or str(s["pipeline_id"]) == r.query_params["pipeline_id"]])),
+            ("DELETE", "deals/{id}", 3, False, None, lambda r, p, b: self._delete("deal", p)),
+            *self._setup_routes(),
         ]
         routes = []
         for method, path, cost, search, schema, handler in table:
@@ -237,6 +198,7 @@ class PipedriveEmulator:
                 raise ApiError(410, "This endpoint is out of support. Use API v2 (/api/v2/).",
                                "v1 person and deal endpoints are out of support since "
                                "2026-08-01; see developers.pipedrive.com/changelog")
+            self._purge()
             route = next(((r, m) for r in self._ops if r[0] == method
                           and (m := r[1].match(path))), None)
             if route is None:
@@ -381,11 +343,38 @@ class PipedriveEmulator:
                 raise ApiError(400, f"Invalid value for custom field '{key}' of type "
                                     f"{field_type}")
 
-    def _get(self, request: Request, kind: str, params: dict[str, str]) -> tuple[Any, Any]:
-        records = self.persons if kind == "person" else self.deals
-        record = records.get(int(params["id"]))
-        if record is None:
+    def _record(self, kind: str, record_id: int) -> dict[str, Any]:
+        """The record a read or write by id reaches: 404 when there is none (or, with
+        `deleted_reads="missing"`, when it is deleted)."""
+        record = (self.persons if kind == "person" else self.deals).get(record_id)
+        if record is None or (record["is_deleted"] and self.deleted_reads == "missing"):
             raise ApiError(404, "Entity was not found", "Object was not found.")
+        return record
+
+    def _soft_delete(self, kind: str, record_id: int) -> None:
+        record = (self.persons if kind == "person" else self.deals)[record_id]
+        record["is_deleted"] = True
+        record["update_time"] = self.clock()
+        self._deleted_at[(kind, record_id)] = self.clock()
+
+    def _delete(self, kind: str, params: dict[str, str]) -> tuple[Any, Any]:
+        record = self._record(kind, int(params["id"]))
+        if record["is_deleted"]:
+            raise ApiError(404, "Entity was not found", "Object was not found.")
+        self._soft_delete(kind, record["id"])
+        return {"id": record["id"]}, None
+
+    def _purge(self) -> None:
+        """Delete for good what was deleted 30 days ago."""
+        now = self.clock()
+        for (kind, record_id), when in list(self._deleted_at.items()):
+            if now - when >= DELETED_FOR:
+                del self._deleted_at[(kind, record_id)]
+                (self.persons if kind == "person" else self.deals).pop(record_id, None)
+                self._index.pop((kind, record_id), None)
+
+    def _get(self, request: Request, kind: str, params: dict[str, str]) -> tuple[Any, Any]:
+        record = self._record(kind, int(params["id"]))
         keys = request.query_params.get("custom_fields")
         selected = keys.split(",") if keys else None
         if selected is not None and len(selected) > 15:
@@ -394,7 +383,8 @@ class PipedriveEmulator:
 
     def _list(self, request: Request, kind: str) -> tuple[Any, Any]:
         params = request.query_params
-        records = list((self.persons if kind == "person" else self.deals).values())
+        records = [r for r in (self.persons if kind == "person" else self.deals).values()
+                   if not r["is_deleted"]]
         if params.get("updated_since"):
             since = _parse_rfc3339(params["updated_since"], "updated_since")
             records = [r for r in records if int(r["update_time"]) >= since]
@@ -406,21 +396,6 @@ class PipedriveEmulator:
         keys = params.get("custom_fields")
         rendered = [self._render(kind, r, keys.split(",") if keys else None) for r in records]
         return self._page(request, rendered)
-
-    def _touch(self, kind: str, record: dict[str, Any]) -> None:
-        record["update_time"] = self.clock()
-        defs = self._custom_defs(kind)
-        custom = [str(v) for k, v in record["custom_fields"].items()
-                  if v is not None and defs[k]["field_type"] in SEARCHABLE
-                  and not isinstance(v, dict)]
-        snapshot = {"custom_fields": custom, "notes": []}
-        if kind == "person":
-            snapshot |= {"name": [record["name"]], "email": [e["value"] for e in record["emails"]],
-                         "phone": [p["value"] for p in record["phones"]]}
-        else:
-            snapshot |= {"title": [record["title"]]}
-        self._pending.append((record["update_time"] + self.search_lag, kind, record["id"],
-                              snapshot))
 
     def _create_person(self, body: dict[str, Any]) -> tuple[Any, Any]:
         if not str(body.get("name", "")).strip():
@@ -436,9 +411,7 @@ class PipedriveEmulator:
         return self._update_person(person["id"], body)
 
     def _update_person(self, person_id: int, body: dict[str, Any]) -> tuple[Any, Any]:
-        person = self.persons.get(person_id)
-        if person is None:
-            raise ApiError(404, "Entity was not found", "Object was not found.")
+        person = self._record("person", person_id)
         if "name" in body and not body["name"].strip():
             raise ApiError(400, "Name cannot be empty")
         self._check_custom("person", body.get("custom_fields", {}))
@@ -455,12 +428,14 @@ class PipedriveEmulator:
         return self._render("person", person), None
 
     def _write_deal(self, deal_id: int | None, body: dict[str, Any]) -> tuple[Any, Any]:
-        deal = self.deals.get(deal_id) if deal_id is not None else None
-        if deal_id is not None and deal is None:
-            raise ApiError(404, "Entity was not found", "Object was not found.")
+        deal = self._record("deal", deal_id) if deal_id is not None else None
         self._check_custom("deal", body.get("custom_fields", {}))
-        if "person_id" in body and body["person_id"] not in self.persons:
-            raise ApiError(400, f"Person with id {body['person_id']} does not exist")
+        if "person_id" in body:
+            try:
+                self._record("person", body["person_id"])
+            except ApiError:
+                raise ApiError(400, f"Person with id {body['person_id']} does not exist") \
+                    from None
         stages = {s["id"]: s for s in self.stages}
         pipeline_id = body.get("pipeline_id", deal["pipeline_id"] if deal else None)
         if pipeline_id is not None and pipeline_id not in {p["id"] for p in self.pipelines}:
@@ -492,78 +467,6 @@ class PipedriveEmulator:
         deal["custom_fields"].update(body.get("custom_fields", {}))
         self._touch("deal", deal)
         return self._render("deal", deal), None
-
-    # -- search ----------------------------------------------------------------------------------
-
-    def _find(self, request: Request, kind: str) -> tuple[Any, Any]:
-        params = request.query_params
-        exact = self._bool_param(params.get("exact_match"), "exact_match")
-        term = params.get("term", "").strip()
-        if len(term) < (1 if exact else 2):
-            raise ApiError(400, "Search term must be at least 2 characters long "
-                                "(1 with exact_match)")
-        allowed = PERSON_SEARCH_FIELDS if kind == "person" else DEAL_SEARCH_FIELDS
-        fields = params.get("fields", ",".join(sorted(allowed))).split(",")
-        if not set(fields) <= allowed:
-            raise ApiError(400, f"Parameter 'fields' must be among {', '.join(sorted(allowed))}")
-        now = self.clock()
-        for due in [p for p in self._pending if p[0] <= now]:
-            self._pending.remove(due)
-            _, entity, entity_id, snapshot = due
-            if entity_id in (self.persons if entity == "person" else self.deals):
-                self._index[(entity, entity_id)] = snapshot
-        needle = term.casefold()
-        items = []
-        for (entity, entity_id), snapshot in sorted(self._index.items()):
-            if entity != kind:
-                continue
-            matched = {f: [v for v in snapshot[f] if (v.casefold() == needle if exact
-                                                      else needle in v.casefold())]
-                       for f in fields}
-            if any(matched.values()):
-                items.append(self._hit(kind, entity_id, snapshot, matched.get("custom_fields", [])))
-        page, additional = self._page(request, items)
-        return {"items": page}, additional
-
-    def _hit(self, kind: str, entity_id: int, snapshot: dict[str, Any], custom: list[str]
-             ) -> dict[str, Any]:
-        base = {"id": entity_id, "type": kind, "visible_to": 3, "owner": {"id": 1},
-                "organization": None, "custom_fields": custom, "notes": []}
-        if kind == "person":
-            item = {**base, "name": snapshot["name"][0], "emails": snapshot["email"],
-                    "phones": snapshot["phone"]}
-        else:
-            deal = self.deals[entity_id]
-            stage = next(s for s in self.stages if s["id"] == deal["stage_id"])
-            person = self.persons.get(deal["person_id"] or 0)
-            item = {**base, "title": snapshot["title"][0], "value": deal["value"],
-                    "currency": deal["currency"], "status": deal["status"], "is_archived": False,
-                    "stage": {"id": stage["id"], "name": stage["name"]},
-                    "person": {"id": person["id"], "name": person["name"]} if person else None}
-        return {"result_score": 1.0, "item": item}
-
-    # -- fields ----------------------------------------------------------------------------------
-
-    def _create_field(self, kind: str, body: dict[str, Any]) -> tuple[Any, Any]:
-        options = [o["label"] for o in body.get("options", [])]
-        if body["field_type"] in ("enum", "set") and not options:
-            raise ApiError(400, "Options are required for enum and set fields")
-        code = self.add_field(kind, body["field_name"], body["field_type"], options)
-        return next(f for f in self.fields[kind] if f["field_code"] == code), None
-
-    def _add_options(self, kind: str, code: str, body: list[dict[str, str]]) -> tuple[Any, Any]:
-        spec = next((f for f in self.fields[kind] if f["field_code"] == code), None)
-        if spec is None:
-            raise ApiError(404, "Entity was not found", "Object was not found.")
-        if spec["field_type"] not in ("enum", "set"):
-            raise ApiError(400, "Only enum and set fields have options")
-        existing = {o["label"] for o in spec["options"] or []}
-        if any(o["label"] in existing for o in body):
-            raise ApiError(400, "Option with this label already exists")
-        added = [{"id": self._id("option"), "label": o["label"]} for o in body]
-        spec["options"] = [*(spec["options"] or []), *added]
-        return added, None
-
 
 def _valid_date(text: str) -> bool:
     try:

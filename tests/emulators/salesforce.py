@@ -11,19 +11,21 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qsl
+from urllib.parse import parse_qsl, unquote
 
 from cryptography.hazmat.primitives.asymmetric import rsa
 from jsonschema import Draft202012Validator
 from starlette.applications import Starlette
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from tests.emulators.faults import FaultInjector
+from tests.emulators.paths import PathFrontEnd
 from tests.emulators.salesforce_model import Org, SFError
 from tests.emulators.salesforce_oauth import OAuthError as _OAuthError
-from tests.emulators.salesforce_oauth import verify_assertion
+from tests.emulators.salesforce_oauth import verify_assertion, with_basic_client
 from tests.emulators.salesforce_soql import SOQLError, parse
 
 SCHEMAS = Path(__file__).parent / "schemas" / "salesforce"
@@ -58,6 +60,12 @@ class SalesforceEmulator:
     api_usage: int = 0
     latency: float = 0.0
     query_page_size: int = 2000
+    # How the front end reads a percent-encoded External ID value in a URL path (the REST
+    # docs only say to encode it; clients report both): "decoded" takes each encoded segment
+    # as one literal value (`%2F`, `%2E%2E` stay in the value); "rerouted" decodes the whole
+    # path before routing, so `%2F` splits the value and `%2E%2E` climbs a level (seen as
+    # NOT_FOUND for values with `/`: texei-sfdx-plugin#111, simple-salesforce#22).
+    path_values: str = "decoded"
     org: Org = field(default_factory=Org)
     counters: Counter[str] = field(default_factory=Counter)
     schema_violations: list[str] = field(default_factory=list)
@@ -110,7 +118,11 @@ class SalesforceEmulator:
     def app(self) -> Starlette:
         data = "/services/data/{version}"
         api = self._api
-        return Starlette(routes=[
+        if self.path_values not in ("decoded", "rerouted"):
+            raise ValueError(f"path_values must be 'decoded' or 'rerouted', not "
+                             f"{self.path_values!r}")
+        rerouted = self.path_values == "rerouted"
+        return Starlette(middleware=[Middleware(PathFrontEnd, rerouted=rerouted)], routes=[
             Route("/services/oauth2/token", self._token, methods=["POST"]),
             Route(data + "/sobjects/{sobject}/describe", api(self._describe), methods=["GET"]),
             Route(data + "/sobjects/{sobject}/", api(self._create), methods=["POST"]),
@@ -210,7 +222,8 @@ class SalesforceEmulator:
             return JSONResponse({"error": "invalid_request", "error_description": "bad form"},
                                 400)
         try:
-            body = self._grant(request, dict(pairs))
+            form = with_basic_client(request.headers.get("authorization", ""), dict(pairs))
+            body = self._grant(request, form)
         except _OAuthError as error:
             return JSONResponse(error.body, 400)
         self.counters["token_issued"] += 1
@@ -271,9 +284,12 @@ class SalesforceEmulator:
 
     async def _by_external(self, request: Request) -> Response:
         sobject, name = request.path_params["sobject"], request.path_params["field"]
-        value = request.path_params["value"]
+        value = self._external_value(request)
         spec = self.org.fields(sobject).get(name)
-        if spec is None or not spec.external_id:
+        if spec is None or not spec.external_id or value is None \
+                or value.lower().endswith(".inc"):
+            # Salesforce's docs: a value ending in a top-level domain that is also a file
+            # format extension (".inc") is not found.
             raise SFError(404, "NOT_FOUND", "The requested resource does not exist")
         matches = self.find(sobject, name, value)
         if len(matches) > 1:
@@ -297,6 +313,16 @@ class SalesforceEmulator:
                 if created else Response(status_code=204)
         return JSONResponse({"id": record_id, "success": True, "errors": [],
                              "created": created}, 201 if created else 200)
+
+    def _external_value(self, request: Request) -> str | None:
+        """The External ID value of `/sobjects/<object>/<field>/<value>`, or None when the
+        path holds more segments than that (no such resource)."""
+        if self.path_values == "rerouted":  # the value as routing saw it, decoded
+            value = str(request.path_params["value"])
+            return None if not value or "/" in value else value
+        raw = bytes(request.scope.get("raw_path") or request.url.path.encode())
+        segment = raw.split(b"/", 7)[-1].decode("ascii", "replace")
+        return None if not segment or "/" in segment else unquote(segment)  # decoded alone
 
     # -- query and collections ---------------------------------------------------------------
 

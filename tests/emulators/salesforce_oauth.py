@@ -1,4 +1,4 @@
-"""The Salesforce emulator's OAuth checks: JWT bearer assertions, and RSA keys for tests."""
+"""The Salesforce emulator's OAuth checks: client authentication, JWT assertions, RSA keys."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import binascii
 import json
 import time
 from collections.abc import Sequence
+from urllib.parse import unquote_plus
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
@@ -56,6 +57,29 @@ def verify_assertion(
         raise OAuthError("invalid_grant", "invalid assertion: exp must be within 3 minutes")
     if claims.get("sub") != username:
         raise OAuthError("invalid_grant", "user hasn't approved this consumer")
+
+
+def with_basic_client(authorization: str, form: dict[str, str]) -> dict[str, str]:
+    """The token form with the client's credentials from HTTP Basic authentication (RFC 6749
+    §2.3.1: each part form-urlencoded, then base64), which Salesforce accepts instead of
+    client_id and client_secret in the body. A client uses one method, not both at once."""
+    scheme, _, encoded = authorization.partition(" ")
+    if scheme.lower() != "basic":
+        return form
+    try:
+        client_id, colon, secret = base64.b64decode(encoded.strip(), validate=True) \
+            .decode().partition(":")
+    except (ValueError, UnicodeDecodeError):
+        raise OAuthError("invalid_client", "invalid client credentials") from None
+    if not colon:
+        raise OAuthError("invalid_client", "invalid client credentials")
+    if "client_secret" in form:
+        raise OAuthError("invalid_request", "client authentication must use one method: "
+                         "HTTP Basic or client_secret in the body, not both")
+    client_id, secret = unquote_plus(client_id), unquote_plus(secret)
+    if form.setdefault("client_id", client_id) != client_id:
+        raise OAuthError("invalid_client", "client identifier invalid")
+    return {**form, "client_secret": secret}
 
 
 def _unb64(part: str) -> bytes:
