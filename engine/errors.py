@@ -128,6 +128,12 @@ class PermanentCRMError(CRMError):
     """The CRM refused the action for a reason that a retry cannot fix."""
 
 
+def trace(error: BaseException) -> str:
+    """The frames of `error`'s traceback (file, line, function, source line) without the
+    error's message, which may quote event data."""
+    return "".join(traceback.format_list(traceback.extract_tb(error.__traceback__))).rstrip()
+
+
 def where(error: BaseException) -> str:
     """Where `error` was raised, as `file.py:line in function`, for a log line that must not
     carry the error's message (it may quote event data: emails, tokens)."""
