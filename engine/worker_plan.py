@@ -85,8 +85,8 @@ def prepare(event: InboxEvent, ruleset: RuleSet) -> Work:
     try:
         envelope: Any = json.loads(event.body)
     except RecursionError:
-        return Work(None, (), "the stored body is not JSON this worker can read: it nests "
-                              "too deeply")
+        return Work(None, (), "the stored body nests too deeply to be read (the receiver "
+                              "refuses such bodies now); the event cannot be evaluated")
     except ValueError as error:
         return Work(None, (), f"the stored body is not JSON: {error}")
     try:
