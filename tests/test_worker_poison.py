@@ -67,26 +67,26 @@ HOSTILE = [
      "set.deep_link_prefix is not a finite number (inf)"),
     ("1e400 as an amount", r'{"token":"f2","deal":"d5","title":"t","amount":1e400}', "dead",
      "amount is not a finite number"),
-    ("a 401-digit amount", '{"token":"f3","deal":"d6","title":"t","amount":%s}' % BIG, "dead",
+    ("a 401-digit amount", '{"token":"f3","deal":"d6","title":"t","amount":' + BIG + "}", "dead",
      "amount is a 401-digit number"),
-    ("a 401-digit field", '{"token":"f4","prefix":%s}' % BIG, "processed", None),
-    ("a field nested 100 deep", '{"token":"deep1","prefix":%s}' % ("[" * 100 + "]" * 100),
+    ("a 401-digit field", '{"token":"f4","prefix":' + BIG + "}", "processed", None),
+    ("a field nested 100 deep", '{"token":"deep1","prefix":' + "[" * 100 + "]" * 100 + "}",
      "dead", "nests deeper than 64 levels"),
-    ("a body nested 500 deep", '{"token":"deep2","x":%s}' % ("[" * 500 + "]" * 500),
+    ("a body nested 500 deep", '{"token":"deep2","x":' + "[" * 500 + "]" * 500 + "}",
      "processed", None),
-    ("a body nested beyond the parser", '{"token":"deep3","x":%s}' % ("[" * 5000 + "]" * 5000),
+    ("a body nested beyond the parser", '{"token":"deep3","x":' + "[" * 5000 + "]" * 5000 + "}",
      "dead", "nests too deeply"),
-    ("a 1 MB field", '{"token":"m1","prefix":"%s"}' % ("z" * MB), "processed", None),
-    ("a 1 MB identity", '{"token":"%s"}' % ("t" * MB), "dead",
+    ("a 1 MB field", '{"token":"m1","prefix":"' + "z" * MB + '"}', "processed", None),
+    ("a 1 MB identity", '{"token":"' + "t" * MB + '"}', "dead",
      "is 1048576 characters long; a key holds at most 512"),
     ("text beyond the BMP", r'{"token":"\ud83d\ude00","deal":"d9","title":"\ud83d\ude00"}',
      "processed", None),
 ]
 
 
-def raw_event(data: str, n: int = 0) -> NewEvent:
-    body = ('{"event":"install.tracked","timestamp":"2026-03-01T12:00:00Z","data":%s}'
-            % data).encode()
+def raw_event(data: str) -> NewEvent:
+    body = ('{"event":"install.tracked","timestamp":"2026-03-01T12:00:00Z","data":' + data
+            + "}").encode()
     return NewEvent(body=body, event_type="install.tracked",
                     event_timestamp="2026-03-01T12:00:00Z",
                     dedupe_key=hashlib.sha256(body).hexdigest(), received_at=datetime.now(UTC))

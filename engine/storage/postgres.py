@@ -346,6 +346,7 @@ class PostgresStorage(Storage):
     ) -> StageResult:
         _require_identity(identity)
         values.require_identity(identity)
+        values.require_name("stage", stage)
         if stage not in stages:  # before taking a connection: a rule error, not a storage one
             raise ValueError(f"unknown stage {stage!r}; the stages are {', '.join(stages)}")
         return await self._call(
