@@ -8,8 +8,11 @@ are processed.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import random
+import subprocess
+import sys
 from collections.abc import AsyncIterator, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -24,6 +27,7 @@ from engine.rules import RuleSet
 from engine.storage import NewEvent, Storage, open_storage
 from engine.worker import Worker, WorkerOptions
 from tests.postgres_support import fresh_schema, require_postgres, schema_url
+from tests.service_process import ROOT, cli_json, service_env, wait_for
 from tests.worker_helpers import FakeTarget, store, write_rules
 
 pytestmark = pytest.mark.anyio
@@ -208,3 +212,31 @@ async def test_a_value_the_store_refuses_is_dead_at_once_not_retried(
     assert (outcome.status, outcome.attempts) == ("dead", 1)
     assert outcome.error == "fake: identity deep_link_token is too long"
     assert len(target.calls) == 1
+
+
+def test_the_standalone_worker_dead_letters_a_poison_event_and_keeps_going(
+    url: str, tmp_path: Path
+) -> None:
+    async def fill() -> tuple[int, list[int]]:
+        async with open_storage(url) as storage:
+            await storage.migrate()
+            poison = (await storage.store_event(raw_event(r'{"token":"x\ud800"}'))).id
+            normal = [await store(storage, "install.tracked", token=f"tok_{n}")
+                      for n in range(3)]
+            return poison, normal
+
+    poison, normal = asyncio.run(fill())
+    env = service_env(tmp_path, LINKCRM_DATABASE_URL=url, LINKCRM_LOG_LEVEL="INFO")
+    worker = subprocess.Popen([sys.executable, "-m", "engine.cli", "worker"], env=env,
+                              cwd=ROOT, stderr=subprocess.PIPE)
+    try:
+        wanted = {poison: "dead", **{event_id: "processed" for event_id in normal}}
+        wait_for(lambda: {e["id"]: e["status"] for e in cli_json("events", "list", env=env)
+                          if e["id"] in wanted} == wanted, what="the worker")
+        assert worker.poll() is None  # still running
+    finally:
+        worker.terminate()
+        _, stderr = worker.communicate(timeout=20)
+    assert worker.returncode == 0, stderr
+    assert b"lone surrogate" not in stderr and b"Traceback" not in stderr
+    assert b"worker stopped" in stderr
