@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 import random
 import subprocess
 import sys
@@ -27,7 +28,7 @@ from engine.rules import RuleSet
 from engine.storage import NewEvent, Storage, open_storage
 from engine.worker import Worker, WorkerOptions
 from tests.postgres_support import fresh_schema, require_postgres, schema_url
-from tests.service_process import ROOT, cli_json, service_env, wait_for
+from tests.service_process import ROOT, cli, cli_json, service_env, wait_for
 from tests.worker_helpers import FakeTarget, store, write_rules
 
 pytestmark = pytest.mark.anyio
@@ -240,3 +241,20 @@ def test_the_standalone_worker_dead_letters_a_poison_event_and_keeps_going(
     assert worker.returncode == 0, stderr
     assert b"lone surrogate" not in stderr and b"Traceback" not in stderr
     assert b"worker stopped" in stderr
+
+
+async def test_the_cli_shows_every_hostile_event_and_contact(
+    url: str, storage: Storage, rules: RuleSet, tmp_path: Path
+) -> None:
+    ids = [(await storage.store_event(raw_event(data))).id for _, data, _, _ in HOSTILE]
+    await local_worker(storage, rules).run_until_idle()
+    env = service_env(tmp_path, LINKCRM_DATABASE_URL=url,
+                      LINKCRM_RULES=str(tmp_path / "rules"))
+    commands = [["events", "list"], ["crm", "contacts"], ["crm", "deals"]]
+    commands += [["events", "show", str(event_id)] for event_id in ids]
+    for command in commands:
+        for output in ("text", "json"):
+            done = await asyncio.to_thread(cli, *command, "--format", output, env=env)
+            assert (command, done.returncode, done.stderr) == (command, 0, ""), output
+            if output == "json":
+                json.loads(done.stdout)
