@@ -18,6 +18,7 @@ from collections.abc import AsyncIterator, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 
+import httpx
 import pytest
 
 from engine.crm.local import LocalTarget
@@ -25,10 +26,19 @@ from engine.errors import UnstorableValueError
 from engine.metrics import Metrics
 from engine.retrying import RetryPolicy
 from engine.rules import RuleSet
+from engine.signing import sign
 from engine.storage import NewEvent, Storage, open_storage
 from engine.worker import Worker, WorkerOptions
 from tests.postgres_support import fresh_schema, require_postgres, schema_url
-from tests.service_process import ROOT, cli, cli_json, service_env, wait_for
+from tests.service_process import (
+    ROOT,
+    SECRET,
+    cli,
+    cli_json,
+    service_env,
+    start_server,
+    wait_for,
+)
 from tests.worker_helpers import FakeTarget, store, write_rules
 
 pytestmark = pytest.mark.anyio
@@ -258,3 +268,28 @@ async def test_the_cli_shows_every_hostile_event_and_contact(
             assert (command, done.returncode, done.stderr) == (command, 0, ""), output
             if output == "json":
                 json.loads(done.stdout)
+
+
+def test_serve_takes_a_signed_poison_event_and_goes_on_with_the_next_ones(
+    tmp_path: Path,
+) -> None:
+    env = service_env(tmp_path)
+    server = start_server(env)
+    try:
+        for data in (r'{"token":"x\ud800"}', '{"token":"tok_1"}', '{"token":"tok_2"}'):
+            body = ('{"event":"install.tracked","timestamp":"2026-03-01T12:00:00Z","data":'
+                    + data + "}").encode()
+            sent = httpx.post(f"{server.url}/webhooks/tolinku", content=body, timeout=10,
+                              headers={"content-type": "application/json",
+                                       "x-webhook-signature": sign(body, SECRET)})
+            assert sent.status_code == 200, sent.text
+        wanted = {1: "dead", 2: "processed", 3: "processed"}
+        wait_for(lambda: {e["id"]: e["status"] for e in cli_json("events", "list", env=env)}
+                 == wanted, what="the in-process worker")
+        assert httpx.get(f"{server.url}/readyz", timeout=10).status_code == 200
+        assert server.metric("linkcrm_events_processed_total", status="dead") == 1
+        assert server.metric("linkcrm_task_crashes_total", task="worker") == 0
+    finally:
+        server.stop()
+    tokens = {i["value"] for c in cli_json("crm", "contacts", env=env) for i in c["identities"]}
+    assert tokens == {"tok_1", "tok_2"}
