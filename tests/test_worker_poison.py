@@ -21,8 +21,9 @@ from pathlib import Path
 import httpx
 import pytest
 
+from engine.actions import CreateDeal, IdentityKey, UpsertContact
 from engine.crm.local import LocalTarget
-from engine.errors import UnstorableValueError
+from engine.errors import PermanentCRMError, UnstorableValueError
 from engine.metrics import Metrics
 from engine.retrying import RetryPolicy
 from engine.rules import RuleSet
@@ -293,3 +294,21 @@ def test_serve_takes_a_signed_poison_event_and_goes_on_with_the_next_ones(
         server.stop()
     tokens = {i["value"] for c in cli_json("crm", "contacts", env=env) for i in c["identities"]}
     assert tokens == {"tok_1", "tok_2"}
+
+
+@pytest.mark.parametrize("action", [
+    UpsertContact(rule="r", identity=(IdentityKey("deep_link_token", "x\x00"),)),
+    UpsertContact(rule="r", identity=(IdentityKey("deep_link_token", "x"),),
+                  set={"deep_link_prefix": float("inf")}),
+    CreateDeal(rule="r", identity=(IdentityKey("deep_link_token", "x"),), key="d",
+               title="t", amount=float("inf")),
+], ids=["NUL in the identity", "an infinite field", "an infinite amount"])
+async def test_the_local_crm_refuses_what_no_store_keeps_at_once_on_both_backends(
+    storage: Storage, rules: RuleSet, action: UpsertContact | CreateDeal
+) -> None:
+    """Past the planner (a replay with other rules, a caller of its own), the embedded CRM
+    still says "permanent": both backends refuse the value the same way, never "retry"."""
+    target = LocalTarget(storage, rules.field_map)
+    with pytest.raises(PermanentCRMError, match="no store can keep it as it is"):
+        await target.execute(action, "key")
+    assert await storage.local_contacts() == [] and await storage.local_deals() == []
