@@ -79,8 +79,8 @@ def in_process_worker(
     async def worker(storage: Storage, metrics: Metrics) -> None:
         try:
             async with open_worker(storage, ruleset, settings, environ, metrics=metrics,
-                                   concurrency=concurrency) as worker:
-                await worker.run()
+                                   concurrency=concurrency) as running:
+                await running.run()
         except ConfigError as error:
             # `serve` checked the targets before binding; one changed since (a Pipedrive field
             # deleted): say so, since nobody awaits this task until shutdown.
