@@ -4,6 +4,7 @@
     ├── ConfigError            a rule file, rule test or field map is wrong (carries Problems)
     ├── EvaluationError        one action could not be evaluated for one event
     ├── StorageError           the store could not commit or read
+    │   └── UnstorableValueError   a value no store can keep (permanent: never retried)
     └── CRMError               a target refused or failed an action
         ├── RetryableCRMError  try again later (timeouts, 5xx, 429, expired tokens)
         └── PermanentCRMError  a fix is needed first (missing property, validation error)
@@ -11,7 +12,9 @@
 
 from __future__ import annotations
 
+import traceback
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Literal
 
 Severity = Literal["error", "warning"]
@@ -99,6 +102,16 @@ class StorageError(LinkcrmError):
     """The store could not commit or read; the caller must not acknowledge."""
 
 
+class UnstorableValueError(StorageError):
+    """A value that no backend can keep as it is: a lone surrogate, a NUL character in a key
+    or name, a number JSON cannot carry (1e400 overflows to infinity), a key too long to index.
+
+    Both backends refuse the same values with the same message, before writing anything.
+    Unlike its parent it is permanent: the action (or event) is dead at once, since retrying
+    the same value can never succeed.
+    """
+
+
 class CRMError(LinkcrmError):
     """A CRM target failed an action."""
 
@@ -113,3 +126,19 @@ class RetryableCRMError(CRMError):
 
 class PermanentCRMError(CRMError):
     """The CRM refused the action for a reason that a retry cannot fix."""
+
+
+def trace(error: BaseException) -> str:
+    """The frames of `error`'s traceback (file, line, function, source line) without the
+    error's message, which may quote event data."""
+    return "".join(traceback.format_list(traceback.extract_tb(error.__traceback__))).rstrip()
+
+
+def where(error: BaseException) -> str:
+    """Where `error` was raised, as `file.py:line in function`, for a log line that must not
+    carry the error's message (it may quote event data: emails, tokens)."""
+    frames = traceback.extract_tb(error.__traceback__)
+    if not frames:
+        return "(unknown)"
+    frame = frames[-1]
+    return f"{Path(frame.filename).name}:{frame.lineno} in {frame.name}"

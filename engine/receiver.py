@@ -45,6 +45,7 @@ from engine.resources import validator
 from engine.settings import Settings
 from engine.signing import verify_signature
 from engine.storage import Clock, NewEvent, Storage, open_storage, utc_now
+from engine.worker_supervisor import Supervisor
 
 log = logging.getLogger(__name__)
 
@@ -66,11 +67,16 @@ def create_app(
     metrics: Metrics | None = None,
     clock: Clock = utc_now,
     background: Sequence[BackgroundTask] = (),
+    supervisor: Supervisor | None = None,
 ) -> Starlette:
     """The receiver as a Starlette app. `storage` must be open and migrated; `background`
-    coroutines (the in-process worker) run for the app's lifetime and are cancelled at shutdown.
+    coroutines (the in-process worker) run for the app's lifetime under `supervisor`, which
+    restarts one that crashes (/readyz answers 503 until it runs again), and are cancelled at
+    shutdown.
     """
     metrics = metrics or Metrics()
+    supervisor = supervisor or Supervisor()
+    supervisor.attach(metrics)
     _register_gauges(metrics, storage, clock)
     identify_schema = validator(f"events/{IDENTIFY_EVENT}.json").evolve(
         format_checker=Draft202012Validator.FORMAT_CHECKER
@@ -196,6 +202,11 @@ def create_app(
         return JSONResponse({"status": "ok"})
 
     async def readyz(request: Request) -> Response:
+        if not supervisor.ready:
+            log.warning("not ready", extra={"error": "a background task crashed",
+                                            "down": sorted(supervisor.down)})
+            return JSONResponse({"status": "unavailable", "down": dict(supervisor.down)},
+                                status_code=503)
         try:
             await asyncio.wait_for(storage.ping(), timeout=5)
             durability = await asyncio.wait_for(storage.durability(), timeout=5)
@@ -213,10 +224,12 @@ def create_app(
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         if not api_keys:
             log.warning("LINKCRM_API_KEYS is not set: POST /v1/identify refuses every call")
-        tasks = [asyncio.create_task(task()) for task in background]
+        tasks = [asyncio.create_task(supervisor.run(getattr(task, "__name__", "background"), task))
+                 for task in background]
         try:
             yield
         finally:
+            supervisor.stop()
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
@@ -320,7 +333,11 @@ async def serve(
 
 
 def _bind(worker: Worker, storage: Storage, metrics: Metrics) -> BackgroundTask:
-    return lambda: worker(storage, metrics)
+    async def task() -> None:
+        await worker(storage, metrics)
+
+    task.__name__ = getattr(worker, "__name__", "background")  # the task's name in logs
+    return task
 
 
 def run(

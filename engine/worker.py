@@ -25,7 +25,7 @@ from datetime import datetime, timedelta
 
 from engine.crm.base import Target, batches
 from engine.crm.local import current_event
-from engine.errors import StorageError
+from engine.errors import StorageError, UnstorableValueError, where
 from engine.metrics import Metrics
 from engine.retrying import RetryPolicy
 from engine.rules import RuleSet
@@ -119,13 +119,12 @@ class Worker:
                                           "concurrency": self.options.concurrency})
         try:
             await self._loop(until_idle=False)
-        except asyncio.CancelledError:
+        finally:
+            # Stopped, cancelled or crashed: in-flight events finish or are released, so a
+            # restarted worker (or another process) takes them over at once.
             self._stopping = True
             await self._drain()
             log.info("worker stopped", extra={"worker_id": self.worker_id})
-            raise
-        await self._drain()
-        log.info("worker stopped", extra={"worker_id": self.worker_id})
 
     async def run_until_idle(self) -> None:
         """Work until no event is due and none is in flight (tests, one-off runs)."""
@@ -160,32 +159,42 @@ class Worker:
 
     async def _start(self, events: list[InboxEvent]) -> None:
         """Plan each event and record its ordering keys before any of them starts work, so a
-        later event of the batch always sees the earlier ones' keys."""
+        later event of the batch always sees the earlier ones' keys. A transient store failure
+        hands the whole batch back; anything else fails only the event it happened to."""
         jobs = [_Job(event, prepare(event, self.ruleset), {}, {}) for event in events]
-        try:
-            found = await asyncio.gather(*(self.storage.list_outcomes(e.id) for e in events))
-            for job, outcomes in zip(jobs, found, strict=True):
-                job.known = {(o.target, o.idempotency_key): o for o in outcomes}
-                for target in self.targets:
-                    if _unfinished(job, target.name):
-                        job.keys[target.name] = ordering_keys(target.name, job.work.actions)
-            await asyncio.gather(*(self.storage.set_ordering_keys(job.event.id, _all_keys(job))
-                                   for job in jobs))
-        except StorageError as error:
-            log.error("could not start events", extra={"error": str(error),
+        begun = await asyncio.gather(*(self._begin(job) for job in jobs),
+                                     return_exceptions=True)
+        transient = [error for error in begun if _transient(error)]
+        if transient:
+            log.error("could not start events", extra={"error": str(transient[0]),
                                                        "event_ids": [e.id for e in events]})
             await asyncio.gather(*(self._release(e, "the store failed at claim time", 1.0)
                                    for e in events))
             return
-        for job in jobs:
+        for job, result in zip(jobs, begun, strict=True):
+            if isinstance(result, Exception):
+                await self._bury(job.event, result)
+                continue
+            if isinstance(result, BaseException):
+                raise result
             task = asyncio.create_task(self._process(job), name=f"linkcrm-event-{job.event.id}")
             self._tasks.add(task)
             task.add_done_callback(self._finished)
 
+    async def _begin(self, job: _Job) -> None:
+        outcomes = await self.storage.list_outcomes(job.event.id)
+        job.known = {(o.target, o.idempotency_key): o for o in outcomes}
+        for target in self.targets:
+            if _unfinished(job, target.name):
+                job.keys[target.name] = ordering_keys(target.name, job.work.actions)
+        await self.storage.set_ordering_keys(job.event.id, _all_keys(job))
+
     def _finished(self, task: asyncio.Task[None]) -> None:
         self._tasks.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            log.error("event task failed", exc_info=task.exception())
+        error = None if task.cancelled() else task.exception()
+        if error is not None:
+            log.error("event task failed", extra={"error_type": type(error).__name__,
+                                                  "where": where(error)})
         self._notify()
 
     async def _drain(self) -> None:
@@ -218,7 +227,10 @@ class Worker:
         except asyncio.CancelledError:
             await self._release(event, "interrupted: the worker stopped", 0.0)
             raise
-        except StorageError as error:
+        except Exception as error:
+            if not _transient(error):
+                await self._bury(event, error)
+                return
             log.error("event left for a later attempt", extra={"event_id": event.id,
                                                                "error": str(error)})
             await self._release(event, f"storage error: {error}", 5.0)
@@ -312,6 +324,27 @@ class Worker:
                 owner.cancel()
                 return
 
+    async def _bury(self, event: InboxEvent, error: Exception) -> None:
+        """Dead-letter an event after an error that retrying cannot fix (a value the store
+        refuses, a bug): the error goes to the dead letter, the worker goes on. Should even
+        that fail, the event is handed back for a later attempt."""
+        message = f"the worker failed on this event: {type(error).__name__}: {error}"
+        # Type and place only: the message may quote event data (emails, tokens).
+        log.warning("event dead-lettered after an unexpected error", extra={
+            "event_id": event.id, "event_type": event.event_type,
+            "error_type": type(error).__name__, "where": where(error)})
+        try:
+            finished = await self.storage.finish(event.id, self.worker_id, "dead", message)
+        except StorageError as failure:
+            log.error("could not dead-letter the event", extra={"event_id": event.id,
+                                                                "error": str(failure)})
+            await self._release(event, message, 5.0)
+            return
+        if finished:
+            self.metrics.processed.inc(status="dead")
+        else:
+            log.warning("lease lost before finishing", extra={"event_id": event.id})
+
     async def _release(self, event: InboxEvent, why: str, delay: float) -> None:
         """Hand a leased event back (due after `delay`); if even that fails, the lease expiry
         hands it back."""
@@ -353,6 +386,12 @@ class Worker:
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(timeout):
                 await signal.wait()
+
+
+def _transient(error: object) -> bool:
+    """A store that could not commit or read may work again; every other error (a value the
+    store refuses, a bug) fails the same way on every attempt."""
+    return isinstance(error, StorageError) and not isinstance(error, UnstorableValueError)
 
 
 def _unfinished(job: _Job, target: str) -> bool:

@@ -10,7 +10,7 @@ from datetime import datetime, timedelta
 
 from engine.actions import JSON
 from engine.crm.base import Outcome, Target
-from engine.errors import PermanentCRMError, RetryableCRMError
+from engine.errors import PermanentCRMError, RetryableCRMError, UnstorableValueError
 from engine.metrics import Metrics
 from engine.retrying import RetryPolicy
 from engine.storage import ActionOutcome, Clock, InboxEvent, NewOutcome, OutcomeStatus, Storage
@@ -70,8 +70,9 @@ class Applier:
     """Runs actions against a target and records every attempt's outcome.
 
     Retryable errors wait in-process when the backoff is short (at most `short_wait` seconds)
-    and are rescheduled durably otherwise; a permanent error, or a retryable one past the
-    policy's last attempt, makes the action dead with the CRM's own message.
+    and are rescheduled durably otherwise; a permanent error (or a value the store refuses),
+    or a retryable one past the policy's last attempt, makes the action dead with the CRM's
+    own message.
     """
 
     storage: Storage
@@ -126,6 +127,10 @@ class Applier:
             except PermanentCRMError as error:
                 await self._record(event, target, keyed, "dead", error=str(error))
                 return _dead_line(target.name, keyed, str(error))
+            except UnstorableValueError as error:  # from the identity map: never retried
+                message = f"{target.name}: {error}"
+                await self._record(event, target, keyed, "dead", error=message)
+                return _dead_line(target.name, keyed, message)
             except Exception as error:  # an adapter bug must not stop the worker: retry it
                 log.exception("target raised an unexpected error", extra={
                     "event_id": event.id, "target": target.name, "rule": keyed.action.rule,

@@ -18,6 +18,7 @@ from engine.rules import RuleSet
 from engine.settings import Settings
 from engine.storage import Storage
 from engine.worker import Worker, WorkerOptions
+from engine.worker_supervisor import Supervisor
 
 log = logging.getLogger("engine.worker")
 
@@ -72,13 +73,14 @@ def in_process_worker(
     concurrency: int | None = None,
 ) -> InProcessWorker:
     """The worker as `linkcrm serve` runs it next to the receiver: same event loop, same storage
-    and metrics; it stops (draining briefly) when the server shuts down."""
+    and metrics; it stops (draining briefly) when the server shuts down. The receiver's
+    supervisor restarts it (a new Worker, targets started again) if it ever crashes."""
 
-    async def run(storage: Storage, metrics: Metrics) -> None:
+    async def worker(storage: Storage, metrics: Metrics) -> None:
         try:
             async with open_worker(storage, ruleset, settings, environ, metrics=metrics,
-                                   concurrency=concurrency) as worker:
-                await worker.run()
+                                   concurrency=concurrency) as running:
+                await running.run()
         except ConfigError as error:
             # `serve` checked the targets before binding; one changed since (a Pipedrive field
             # deleted): say so, since nobody awaits this task until shutdown.
@@ -86,4 +88,54 @@ def in_process_worker(
                 "problems": [problem.render() for problem in error.problems]})
             raise
 
-    return run
+    return worker
+
+
+class StandaloneWorker:
+    """`linkcrm worker`: the worker under a supervisor, so a crash restarts it (a new Worker,
+    targets started again) instead of ending the process; `stop()` (from a signal handler)
+    ends it for good. A ConfigError (a CRM not set up for the field map) is not retried: it
+    ends `run()` so the command can print the fix.
+
+        standalone = StandaloneWorker(storage, ruleset, settings, os.environ)
+        loop.add_signal_handler(signal.SIGTERM, standalone.stop)
+        await standalone.run()
+    """
+
+    def __init__(
+        self,
+        storage: Storage,
+        ruleset: RuleSet,
+        settings: Settings,
+        environ: Mapping[str, str],
+        *,
+        concurrency: int | None = None,
+        metrics: Metrics | None = None,
+        supervisor: Supervisor | None = None,
+    ) -> None:
+        self.storage = storage
+        self.ruleset = ruleset
+        self.settings = settings
+        self.environ = environ
+        self.concurrency = concurrency
+        self.metrics = metrics or Metrics()
+        self.supervisor = supervisor or Supervisor(self.metrics, fatal=(ConfigError,))
+        self.current: Worker | None = None
+        self._stopping = False
+
+    async def run(self) -> None:
+        await self.supervisor.run("worker", self._once)
+
+    def stop(self) -> None:
+        self._stopping = True
+        self.supervisor.stop()
+        if self.current is not None:
+            self.current.stop()
+
+    async def _once(self) -> None:
+        async with open_worker(self.storage, self.ruleset, self.settings, self.environ,
+                               metrics=self.metrics, concurrency=self.concurrency) as worker:
+            self.current = worker
+            if self._stopping:  # stopped while the targets were starting
+                return
+            await worker.run()

@@ -18,7 +18,7 @@ from datetime import UTC, datetime, timedelta
 import pytest
 
 from engine.actions import IdentityKey
-from engine.errors import StorageError
+from engine.errors import StorageError, UnstorableValueError
 from engine.storage import FinalStatus, NewEvent, NewOutcome, Storage
 
 STAGES = ("subscriber", "lead", "opportunity", "customer")
@@ -382,6 +382,77 @@ class StorageContract:
     async def test_contact_actions_need_an_identity(self, storage: Storage) -> None:
         with pytest.raises(ValueError):
             await storage.local_upsert_contact([], {"a": 1}, {})
+
+    # -- values: kept exactly or refused, the same on every backend ------------------------------
+
+    async def test_data_is_kept_exactly_or_refused_the_same_way(self, storage: Storage) -> None:
+        deep: object = "bottom"
+        for _ in range(63):  # 64 levels with the fields object itself: the most allowed
+            deep = [deep]
+        kept = {"nul": "a\x00b", "big": 10 ** 400, "mb": "z" * 1024 * 1024, "emoji": "\U0001f600",
+                "deep": deep, "tiny": 5e-324, "huge": 1.7e308}
+        await storage.local_upsert_contact([TOKEN], kept, {})
+        nested: object = 1
+        for _ in range(100):
+            nested = {"x": nested}
+        refusals = [
+            storage.local_upsert_contact([IdentityKey("email", "ada\x00@example.com")], {}, {}),
+            storage.local_upsert_contact([IdentityKey("deep_link_token", "x\ud800")], {}, {}),
+            storage.local_upsert_contact([IdentityKey("deep_link_token", "t" * 513)], {}, {}),
+            storage.local_upsert_contact([EMAIL], {"n": float("inf")}, {}),
+            storage.local_upsert_contact([EMAIL], {}, {"n": float("nan")}),
+            storage.local_upsert_contact([EMAIL], {"s": ["ok", "\udfff"]}, {}),
+            storage.local_upsert_contact([EMAIL], {"s": {"\ud800": 1}}, {}),
+            storage.local_upsert_contact([EMAIL], {"s": nested}, {}),
+            storage.local_set_stage([EMAIL], "lead\x00", STAGES),
+            storage.local_create_deal([EMAIL], "d\x00", "t", None, None, {}),
+            storage.local_create_deal([EMAIL], "d1", "title\x00", None, None, {}),
+            storage.local_create_deal([EMAIL], "d1", "t", None, float("inf"), {}),
+            storage.local_create_deal([EMAIL], "d1", "t", None, 10 ** 400, {}),
+            storage.local_create_deal([EMAIL], "d1", "t", None, None, {"f": float("-inf")}),
+            storage.bind_identity("hubspot", IdentityKey("email", "a\x00b"), "101"),
+            storage.bind_identity("hubspot", EMAIL, "10\x001"),
+            storage.lookup_identity("hubspot", [IdentityKey("deep_link_token", "\ud800")]),
+            storage.bind_deal("hubspot", "k" * 600, "201"),
+            storage.lookup_deal("hubspot", "k\x00"),
+        ]
+        for refused in refusals:
+            with pytest.raises(UnstorableValueError, match="no store can keep it as it is"):
+                await refused
+        [contact] = await storage.local_contacts()
+        assert contact.identities == (TOKEN,) and dict(contact.fields) == kept
+        assert await storage.local_deals() == []
+        assert await storage.lookup_identity("hubspot", [EMAIL]) is None
+        with pytest.raises(UnstorableValueError) as raised:
+            await storage.bind_identity("hubspot", IdentityKey("email", "ada\x00"), "101")
+        assert str(raised.value) == (
+            "identity email holds a NUL character (\\x00) at character 4, which a key cannot "
+            "hold: no store can keep it as it is; fix the value at its source, or map another "
+            "field")
+
+    async def test_diagnostics_are_cleaned_the_same_way(self, storage: Storage) -> None:
+        first = (await storage.store_event(event(1))).id
+        second = (await storage.store_event(event(2))).id
+        recorded = await storage.record_outcome(NewOutcome(
+            event_id=first, rule="r", action_kind="upsert_contact", target="hubspot",
+            idempotency_key="k1", status="dead", error="bad\x00value \ud800",
+            request_summary={"fields": ["a\x00"]},
+            response={"summary": "x\x00\udfff", "n": float("inf"), "k\ud800": 1}))
+        assert recorded.error == "bad\ufffdvalue \ufffd"
+        assert recorded.request_summary == {"fields": ["a\ufffd"]}
+        assert recorded.response == {"summary": "x\ufffd\ufffd", "n": "inf", "k\ufffd": 1}
+        [stored] = await storage.list_outcomes(first)
+        assert (stored.error, stored.response) == (recorded.error, recorded.response)
+        assert [e.id for e in await storage.claim("w", 2, 30)] == [first, second]
+        assert await storage.finish(first, "w", "dead", "why\x00 \ud800")
+        assert await storage.retry_later(second, "w", datetime(2030, 1, 1, tzinfo=UTC),
+                                         "later\x00")
+        dead = await storage.get_event(first)
+        waiting = await storage.get_event(second)
+        assert dead is not None and dead.last_error == "why\ufffd \ufffd"
+        assert waiting is not None and waiting.last_error == "later\ufffd"
+        errors = {letter.error for letter in await storage.list_dead_letters()}
+        assert errors == {"why\ufffd \ufffd", "bad\ufffdvalue \ufffd"}
 
     # -- maintenance -----------------------------------------------------------------------------
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import secrets
 import subprocess
 import sys
 import textwrap
@@ -13,13 +14,15 @@ from typing import Any
 import psycopg
 import pytest
 
-from engine.errors import StorageError
+from engine.actions import IdentityKey
+from engine.errors import StorageError, UnstorableValueError
 from engine.storage import NewEvent, Storage, StoreResult, open_storage
 from engine.storage import postgres_inbox as inbox
+from engine.storage import postgres_maps as maps
 from engine.storage.postgres import PLANNING_WAIT, PostgresStorage
 from engine.storage.postgres_schema import LATEST
 from tests.postgres_support import fresh_schema, require_postgres, schema_url
-from tests.storage_contract import FakeClock, StorageContract, event
+from tests.storage_contract import EMAIL, FakeClock, StorageContract, event
 
 
 @pytest.fixture(scope="session")
@@ -329,3 +332,24 @@ async def test_a_missing_schema_says_what_to_create(postgres: None) -> None:
     finally:
         await opened.close()
 
+
+
+async def test_a_value_the_server_refuses_is_permanent_not_transient(
+    storage: PostgresStorage,
+) -> None:
+    """The net behind the shared values check: what psycopg or the server refuses (a NUL in
+    text, a lone surrogate, an index entry over the size limit) fails the same way every
+    time, so it is an UnstorableValueError, which the worker never retries."""
+    refused = [
+        ("text with a NUL", IdentityKey("email", "a\x00b")),
+        ("a lone surrogate", IdentityKey("email", "a\ud800")),
+        ("an index entry over the limit", IdentityKey("email", secrets.token_hex(8000))),
+    ]
+    for what, key in refused:
+        with pytest.raises(UnstorableValueError, match="bind the identity: a value cannot be"):
+            # Straight to the SQL, past the values check, as a value it missed would go.
+            await storage._call("bind the identity", maps.bind_identity, "hubspot", key, "1",
+                                None)
+        assert await storage.lookup_identity("hubspot", [EMAIL]) is None, what
+    await storage.bind_identity("hubspot", EMAIL, "101")  # the connections are still fine
+    assert await storage.lookup_identity("hubspot", [EMAIL]) == "101"

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from engine.errors import StorageError
+from engine.errors import StorageError, UnstorableValueError
 from engine.storage import Storage, open_storage
 from engine.storage.groupcommit import GroupCommitWriter
 from engine.storage.sqlite import SQLiteStorage
@@ -123,6 +123,25 @@ async def test_one_failing_job_does_not_undo_its_batch_mates(storage: SQLiteStor
         return_exceptions=True,
     )
     assert isinstance(results[1], ValueError)
+    assert len(await storage.list_events()) == 2
+
+
+async def test_a_value_sqlite_cannot_bind_is_permanent_and_fails_alone(
+    storage: SQLiteStorage,
+) -> None:
+    """The net behind the shared values check: a value Python's sqlite3 cannot bind (a lone
+    surrogate, an int beyond 64 bits) is an UnstorableValueError, never retried, and its
+    batch mates are committed."""
+    results = await asyncio.gather(
+        storage.store_event(event(1)),
+        storage._write(lambda c: c.execute("SELECT ?", ("a\ud800",)), "bind text"),
+        storage._write(lambda c: c.execute("SELECT ?", (10 ** 30,)), "bind a number"),
+        storage.store_event(event(2)),
+        return_exceptions=True,
+    )
+    assert isinstance(results[1], UnstorableValueError)
+    assert str(results[1]).startswith("bind text: a value cannot be stored (UnicodeEncodeError")
+    assert isinstance(results[2], UnstorableValueError)
     assert len(await storage.list_events()) == 2
 
 

@@ -118,7 +118,7 @@ def show_event(event_id: int, output_format: str) -> None:
     if event.body is not None:
         try:
             body = json.loads(event.body)
-        except ValueError:
+        except (ValueError, RecursionError):  # not JSON, or nested past the parser's limit
             body = event.body.decode("utf-8", "replace")
     document: dict[str, Any] = {**_event_row(event), "body": body,
                                 "outcomes": [_outcome_row(o) for o in outcomes]}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 from pathlib import Path
 from typing import Any, NoReturn
@@ -26,8 +27,14 @@ def rules_paths(paths: tuple[str, ...]) -> list[str]:
     return [default]
 
 
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
 def emit_json(value: Any) -> None:
-    click.echo(json.dumps(value, indent=2, ensure_ascii=False))
+    text = json.dumps(value, indent=2, ensure_ascii=False)
+    # A lone surrogate (an event's "\ud800" escape) has no UTF-8 form; it only occurs inside
+    # JSON strings, where its escape is valid JSON for the same value.
+    click.echo(_SURROGATE.sub(lambda found: f"\\u{ord(found.group()):04x}", text))
 
 
 def fail(message: str, code: int = 1) -> NoReturn:

@@ -18,7 +18,12 @@ from engine.receiver import run
 from engine.rules import RuleSet
 from engine.settings import Settings
 from engine.storage import Storage, open_storage
-from engine.worker_service import InProcessWorker, in_process_worker, open_worker
+from engine.worker_service import (
+    InProcessWorker,
+    StandaloneWorker,
+    in_process_worker,
+    open_worker,
+)
 
 from .output import fail
 from .runtime import (
@@ -157,12 +162,13 @@ async def _work(settings: Settings, ruleset: RuleSet, concurrency: int | None) -
     try:
         if await storage.schema_version() == 0:
             raise StorageError("the database has no schema yet; run `linkcrm migrate`")
-        async with open_worker(storage, ruleset, settings, os.environ, metrics=Metrics(),
-                               concurrency=concurrency) as running:
-            loop = asyncio.get_running_loop()
-            for signum in (signal.SIGINT, signal.SIGTERM):
-                loop.add_signal_handler(signum, running.stop)
-            await running.run()
+        # Supervised: a crash is logged and the worker restarts; Ctrl-C or SIGTERM ends it.
+        standalone = StandaloneWorker(storage, ruleset, settings, os.environ,
+                                      concurrency=concurrency)
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(signum, standalone.stop)
+        await standalone.run()
     finally:
         await storage.close()
 

@@ -6,7 +6,12 @@ from contextvars import ContextVar
 
 from engine.actions import Action, CreateDeal, SetStage, UpsertContact
 from engine.crm.base import Outcome
-from engine.errors import PermanentCRMError, RetryableCRMError, StorageError
+from engine.errors import (
+    PermanentCRMError,
+    RetryableCRMError,
+    StorageError,
+    UnstorableValueError,
+)
 from engine.fieldmap import FieldMap
 from engine.storage import Storage
 
@@ -26,8 +31,9 @@ class LocalTarget:
         target = LocalTarget(storage, ruleset.field_map)
         outcome = await target.execute(action, idempotency_key)
 
-    A stage the field map does not know is a PermanentCRMError (a fix is needed); a storage
-    that cannot commit is a RetryableCRMError.
+    A stage the field map does not know, or a value no store can keep (UnstorableValueError),
+    is a PermanentCRMError (a fix is needed); a storage that cannot commit is a
+    RetryableCRMError.
     """
 
     name = "local"
@@ -39,9 +45,11 @@ class LocalTarget:
     async def execute(self, action: Action, idempotency_key: str) -> Outcome:
         try:
             return await self._apply(action)
+        except UnstorableValueError as error:
+            raise PermanentCRMError(f"local: {action.kind} failed: {error}") from None
         except StorageError as error:
             raise RetryableCRMError(f"local: {error}") from None
-        except ValueError as error:
+        except (ValueError, OverflowError) as error:
             raise PermanentCRMError(f"local: {action.kind} failed: {error}") from None
 
     async def _apply(self, action: Action) -> Outcome:

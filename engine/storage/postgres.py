@@ -20,15 +20,15 @@ from psycopg import errors as pg_errors
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
 from engine.actions import JSON, IdentityKey
-from engine.errors import StorageError
-from engine.storage import Clock, Storage, utc_now
+from engine.errors import StorageError, UnstorableValueError
+from engine.storage import Clock, Storage, utc_now, values
 from engine.storage import postgres_crm as crm
 from engine.storage import postgres_inbox as inbox
 from engine.storage import postgres_maps as maps
 from engine.storage.postgres_batch import Batcher
 from engine.storage.postgres_config import PoolSettings, split_url
 from engine.storage.postgres_notify import Wakeups
-from engine.storage.postgres_rows import Conn, clean
+from engine.storage.postgres_rows import Conn
 from engine.storage.postgres_schema import current_version
 from engine.storage.postgres_schema import migrate as apply_migrations
 from engine.storage.records import (
@@ -129,6 +129,10 @@ class PostgresStorage(Storage):
         try:
             async with pool.connection() as connection:
                 yield connection
+        except UnicodeEncodeError as error:  # text with a lone surrogate has no UTF-8 form
+            raise UnstorableValueError(
+                f"{doing}: a value cannot be stored ({values.storable_text(str(error))})"
+            ) from None
         except PoolTimeout:
             raise StorageError(
                 f"{doing}: no PostgreSQL connection within {self.pool_settings.timeout:g}s "
@@ -219,7 +223,8 @@ class PostgresStorage(Storage):
     ) -> bool:
         if status not in ("processed", "ignored", "dead"):
             raise ValueError(f"finish() takes processed, ignored or dead, not {status!r}")
-        params: dict[str, object] = {"status": status, "error": clean(error), "now": self._now()}
+        params: dict[str, object] = {
+            "status": status, "error": values.storable_text(error), "now": self._now()}
         return await self._call(
             "finish the event", inbox.update_leased, inbox.FINISH, params, event_id, worker_id)
 
@@ -227,7 +232,7 @@ class PostgresStorage(Storage):
         self, event_id: int, worker_id: str, next_attempt_at: datetime, error: str | None
     ) -> bool:
         params: dict[str, object] = {
-            "error": clean(error), "next": next_attempt_at, "now": self._now()}
+            "error": values.storable_text(error), "next": next_attempt_at, "now": self._now()}
         return await self._call(
             "schedule the retry", inbox.update_leased, inbox.RETRY_LATER, params, event_id,
             worker_id)
@@ -256,6 +261,7 @@ class PostgresStorage(Storage):
         return await self._call("read the outcome", maps.get_outcome, target, idempotency_key)
 
     async def record_outcome(self, outcome: NewOutcome) -> ActionOutcome:
+        outcome = values.storable_outcome(outcome)
         return await self._call("record the outcome", maps.record_outcome, outcome, self._now())
 
     async def list_outcomes(self, event_id: int) -> list[ActionOutcome]:
@@ -284,19 +290,26 @@ class PostgresStorage(Storage):
     # -- identity map and deal keys ---------------------------------------------------------------
 
     async def lookup_identity(self, target: str, keys: Sequence[IdentityKey]) -> str | None:
+        values.require_identity(keys)
         return await self._call("look up the identity", maps.lookup_identity, target, keys)
 
     async def bind_identity(self, target: str, key: IdentityKey, record_id: str) -> str:
+        values.require_identity([key])
+        values.require_key("record id", record_id)
         return await self._call(
             "bind the identity", maps.bind_identity, target, key, record_id, self._now())
 
     async def unbind_identity(self, target: str, key: IdentityKey) -> None:
+        values.require_identity([key])
         await self._call("unbind the identity", maps.unbind_identity, target, key)
 
     async def lookup_deal(self, target: str, deal_key: str) -> str | None:
+        values.require_key("deal key", deal_key)
         return await self._call("look up the deal", maps.lookup_deal, target, deal_key)
 
     async def bind_deal(self, target: str, deal_key: str, deal_id: str) -> str:
+        values.require_key("deal key", deal_key)
+        values.require_key("deal id", deal_id)
         return await self._call(
             "bind the deal", maps.bind_deal, target, deal_key, deal_id, self._now())
 
@@ -320,6 +333,7 @@ class PostgresStorage(Storage):
         set_once: Mapping[str, JSON],
     ) -> ContactResult:
         _require_identity(identity)
+        values.require_contact(identity, set, set_once)
         return await self._call(
             "upsert the contact", crm.upsert_contact, identity, set, set_once, self._now())
 
@@ -331,6 +345,8 @@ class PostgresStorage(Storage):
         event_id: int | None = None,
     ) -> StageResult:
         _require_identity(identity)
+        values.require_identity(identity)
+        values.require_name("stage", stage)
         if stage not in stages:  # before taking a connection: a rule error, not a storage one
             raise ValueError(f"unknown stage {stage!r}; the stages are {', '.join(stages)}")
         return await self._call(
@@ -347,6 +363,7 @@ class PostgresStorage(Storage):
     ) -> DealResult:
         if not key:
             raise ValueError("a deal needs a non-empty key")
+        values.require_deal(identity, key, title, stage, amount, fields)
         return await self._call(
             "create the deal", crm.create_deal, identity, key, title, stage, amount, fields,
             self._now())
@@ -382,6 +399,9 @@ def storage_error(error: psycopg.Error, doing: str) -> StorageError:
     message = (error.diag.message_primary if error.diag else None) or str(error).strip()
     if isinstance(error, pg_errors.UndefinedTable):
         return StorageError(f"{doing}: the schema is missing ({message}); run `linkcrm migrate`")
+    if isinstance(error, psycopg.DataError | pg_errors.ProgramLimitExceeded):
+        # A value the server (or psycopg) refuses: the same value fails every time.
+        return UnstorableValueError(f"{doing}: a value cannot be stored ({message})")
     return StorageError(f"{doing}: {message}")
 
 

@@ -18,8 +18,8 @@ from pathlib import Path
 from typing import TypeVar
 
 from engine.actions import JSON, IdentityKey
-from engine.errors import StorageError
-from engine.storage import Clock, Storage, utc_now
+from engine.errors import StorageError, UnstorableValueError
+from engine.storage import Clock, Storage, utc_now, values
 from engine.storage import sqlite_crm as crm
 from engine.storage import sqlite_inbox as inbox
 from engine.storage import sqlite_maps as maps
@@ -124,6 +124,8 @@ class SQLiteStorage(Storage):
                 return run(connection)
             finally:
                 connection.execute("ROLLBACK")
+        except _UNSTORABLE as error:
+            raise unstorable(error, doing) from None
         except sqlite3.Error as error:
             raise storage_error(error, doing) from None
 
@@ -136,6 +138,8 @@ class SQLiteStorage(Storage):
     async def _write(self, run: Callable[[sqlite3.Connection], T], doing: str) -> T:
         try:
             return await self._writer.run(run)
+        except _UNSTORABLE as error:  # a value this job could not bind; its batch is kept
+            raise unstorable(error, doing) from None
         except sqlite3.Error as error:  # a constraint one job hit; the rest of its batch is kept
             raise storage_error(error, doing) from None
 
@@ -210,7 +214,7 @@ class SQLiteStorage(Storage):
     ) -> bool:
         if status not in ("processed", "ignored", "dead"):
             raise ValueError(f"finish() takes processed, ignored or dead, not {status!r}")
-        params = (status, error, ts(self._now()))
+        params = (status, values.storable_text(error), ts(self._now()))
         return await self._write(
             lambda c: inbox.update_leased(c, inbox.FINISH, params, event_id, worker_id),
             "finish the event",
@@ -219,7 +223,7 @@ class SQLiteStorage(Storage):
     async def retry_later(
         self, event_id: int, worker_id: str, next_attempt_at: datetime, error: str | None
     ) -> bool:
-        params = (error, ts(next_attempt_at), ts(self._now()))
+        params = (values.storable_text(error), ts(next_attempt_at), ts(self._now()))
         return await self._write(
             lambda c: inbox.update_leased(c, inbox.RETRY_LATER, params, event_id, worker_id),
             "schedule the retry",
@@ -243,6 +247,7 @@ class SQLiteStorage(Storage):
         )
 
     async def record_outcome(self, outcome: NewOutcome) -> ActionOutcome:
+        outcome = values.storable_outcome(outcome)
         now = ts(self._now())
         return await self._write(
             lambda c: maps.record_outcome(c, outcome, now), "record the outcome"
@@ -270,23 +275,30 @@ class SQLiteStorage(Storage):
     # -- identity map and deal keys ---------------------------------------------------------------
 
     async def lookup_identity(self, target: str, keys: Sequence[IdentityKey]) -> str | None:
+        values.require_identity(keys)
         return await self._read(
             lambda c: maps.lookup_identity(c, target, keys), "look up the identity"
         )
 
     async def bind_identity(self, target: str, key: IdentityKey, record_id: str) -> str:
+        values.require_identity([key])
+        values.require_key("record id", record_id)
         now = ts(self._now())
         return await self._write(
             lambda c: maps.bind_identity(c, target, key, record_id, now), "bind the identity"
         )
 
     async def unbind_identity(self, target: str, key: IdentityKey) -> None:
+        values.require_identity([key])
         await self._write(lambda c: maps.unbind_identity(c, target, key), "unbind the identity")
 
     async def lookup_deal(self, target: str, deal_key: str) -> str | None:
+        values.require_key("deal key", deal_key)
         return await self._read(lambda c: maps.lookup_deal(c, target, deal_key), "look up the deal")
 
     async def bind_deal(self, target: str, deal_key: str, deal_id: str) -> str:
+        values.require_key("deal key", deal_key)
+        values.require_key("deal id", deal_id)
         now = ts(self._now())
         return await self._write(
             lambda c: maps.bind_deal(c, target, deal_key, deal_id, now), "bind the deal"
@@ -314,6 +326,7 @@ class SQLiteStorage(Storage):
         set_once: Mapping[str, JSON],
     ) -> ContactResult:
         _require_identity(identity)
+        values.require_contact(identity, set, set_once)
         now = ts(self._now())
         return await self._write(
             lambda c: crm.upsert_contact(c, identity, set, set_once, now), "upsert the contact"
@@ -327,6 +340,8 @@ class SQLiteStorage(Storage):
         event_id: int | None = None,
     ) -> StageResult:
         _require_identity(identity)
+        values.require_identity(identity)
+        values.require_name("stage", stage)
         now = ts(self._now())
         return await self._write(
             lambda c: crm.set_stage(c, identity, stage, stages, event_id, now), "set the stage"
@@ -343,6 +358,7 @@ class SQLiteStorage(Storage):
     ) -> DealResult:
         if not key:
             raise ValueError("a deal needs a non-empty key")
+        values.require_deal(identity, key, title, stage, amount, fields)
         now = ts(self._now())
         return await self._write(
             lambda c: crm.create_deal(c, identity, key, title, stage, amount, fields, now),
@@ -374,6 +390,16 @@ class SQLiteStorage(Storage):
             return {"sqlite_synchronous": level, "sqlite_wal": int(mode == "wal")}
 
         return await self._write(read, "read the durability settings")
+
+
+# What Python's sqlite3 raises for a value it cannot bind: text with a lone surrogate (no
+# UTF-8 form), an int beyond 64 bits. The values module refuses these first; this is the net.
+_UNSTORABLE = (UnicodeEncodeError, OverflowError, sqlite3.DataError)
+
+
+def unstorable(error: Exception, doing: str) -> UnstorableValueError:
+    return UnstorableValueError(f"{doing}: a value cannot be stored ({type(error).__name__}: "
+                                f"{values.storable_text(str(error))})")
 
 
 def _require_identity(identity: Sequence[IdentityKey]) -> None:
