@@ -223,3 +223,44 @@ def test_the_server_still_stores_signed_events(server: Server) -> None:
     )
     assert response.status_code == 200
     assert response.json()["status"] in ("stored", "duplicate")
+
+
+@pytest.mark.parametrize(
+    "framing",
+    [
+        b"content-length: 5\r\ntransfer-encoding: chunked\r\n",
+        b"Transfer-Encoding: chunked\r\nContent-Length: 40\r\n",
+    ],
+    ids=["cl-then-te", "te-then-cl"],
+)
+@pytest.mark.parametrize("path", [b"/webhooks/tolinku", b"/no-such-path"])
+def test_both_transfer_encoding_and_content_length_is_400_and_closes(
+    server: Server, framing: bytes, path: bytes
+) -> None:
+    """RFC 9112 section 6.1: never guess the framing, and never keep the connection."""
+    smuggled = b"GET /healthz HTTP/1.1\r\nhost: t\r\n\r\n"
+    sock = server.connect()
+    reader = _Reader(sock)
+    reader.start()
+    sock.sendall(b"POST " + path + b" HTTP/1.1\r\nhost: t\r\nx-webhook-signature: 00\r\n"
+                 + framing + b"\r\n0\r\n\r\n" + smuggled)
+    reader.join(timeout=10)
+    sock.close()
+    assert reader.closed_at is not None, "the connection was kept open"
+    assert reader.status == 400, reader.data[:300]
+    assert b"connection: close" in reader.data.lower()
+    assert b"Transfer-Encoding and Content-Length" in reader.data
+    assert reader.data.count(b"HTTP/1.1 ") == 1, "the request after it was served"
+
+
+def test_pipelined_requests_with_one_framing_header_are_all_served(server: Server) -> None:
+    """The control for the test above: the same bytes with one framing header keep going."""
+    sock = server.connect()
+    sock.sendall(b"POST /no-such-path HTTP/1.1\r\nhost: t\r\ntransfer-encoding: chunked\r\n"
+                 b"\r\n0\r\n\r\nGET /healthz HTTP/1.1\r\nhost: t\r\nconnection: close\r\n\r\n")
+    reader = _Reader(sock)
+    reader.start()
+    reader.join(timeout=10)
+    sock.close()
+    assert reader.data.count(b"HTTP/1.1 ") == 2, reader.data[:300]
+    assert b'{"status":"ok"}' in reader.data
