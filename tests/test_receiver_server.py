@@ -15,6 +15,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from engine.jsonlog import BURST
 from engine.signing import sign
 
 pytestmark = pytest.mark.slow
@@ -38,6 +39,7 @@ run(Settings.from_env(os.environ), host="127.0.0.1", port=int(sys.argv[1]))
 class Server:
     process: subprocess.Popen[bytes]
     port: int
+    log: Path
 
     def rss(self) -> int:
         return _status_kb(self.process.pid, "VmRSS") * 1024
@@ -77,7 +79,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     process = subprocess.Popen(
         [sys.executable, "-c", SERVER, str(port)], env=env, stdout=log, stderr=log
     )
-    started = Server(process, port)
+    started = Server(process, port, directory / "server.log")
     try:
         deadline = time.monotonic() + 30
         while True:
@@ -212,6 +214,25 @@ def test_an_idle_connection_is_closed(server: Server) -> None:
     sock.close()
     assert reader.closed_at is not None
     assert reader.closed_at - started < CUT_OFF_WITHIN
+
+
+def test_many_idle_connections_do_not_flood_the_log(server: Server) -> None:
+    """Each connection cut off at the deadline is one WARNING; a client holding many must not
+    write one line each: one call site writes at most BURST lines per window."""
+    before = len(server.log.read_bytes())
+    sockets = [server.connect() for _ in range(3 * BURST)]
+    readers = [_Reader(sock) for sock in sockets]
+    for reader in readers:
+        reader.start()
+    for reader in readers:
+        reader.join(timeout=CUT_OFF_WITHIN + 10)
+    for sock in sockets:
+        sock.close()
+    assert all(reader.closed_at is not None for reader in readers)
+    time.sleep(0.5)  # the last lines reach the file
+    written = server.log.read_bytes()[before:].decode().splitlines()
+    cut_off = [line for line in written if "request deadline passed" in line]
+    assert 0 < len(cut_off) <= BURST, f"{len(cut_off)} lines for {len(sockets)} connections"
 
 
 def test_the_server_still_stores_signed_events(server: Server) -> None:
