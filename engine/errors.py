@@ -4,6 +4,7 @@
     ├── ConfigError            a rule file, rule test or field map is wrong (carries Problems)
     ├── EvaluationError        one action could not be evaluated for one event
     ├── StorageError           the store could not commit or read
+    │   └── UnstorableEventError   this event can never be stored: refuse it, never retry
     └── CRMError               a target refused or failed an action
         ├── RetryableCRMError  try again later (timeouts, 5xx, 429, expired tokens)
         └── PermanentCRMError  a fix is needed first (missing property, validation error)
@@ -97,6 +98,11 @@ class EvaluationError(LinkcrmError):
 
 class StorageError(LinkcrmError):
     """The store could not commit or read; the caller must not acknowledge."""
+
+
+class UnstorableEventError(StorageError):
+    """One event holds a value no database column can take (a lone surrogate in its type);
+    the rest of its batch is stored. Retrying cannot help: answer 400, not 503."""
 
 
 class CRMError(LinkcrmError):

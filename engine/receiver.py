@@ -27,7 +27,7 @@ from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
 from engine.deadline import deadline_protocol
-from engine.errors import StorageError
+from engine.errors import StorageError, UnstorableEventError
 from engine.intake import (
     Rejected,
     authorized,
@@ -96,6 +96,11 @@ def create_app(
     async def store(event: NewEvent) -> Response:
         try:
             result = await storage.store_event(event)
+        except UnstorableEventError as error:
+            # It never will be: a 503 would have the sender retry it forever.
+            log.info("event refused by the storage", extra={"event_type": event.event_type[:64],
+                                                            "error": str(error)})
+            return reject(Rejected("bad_envelope", 400, str(error)), close=False)
         except StorageError as error:
             log.error("event not stored", extra={"event_type": event.event_type,
                                                  "error": str(error)})

@@ -13,12 +13,13 @@ from __future__ import annotations
 import asyncio
 import hashlib
 from collections.abc import Callable
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 
 import pytest
 
 from engine.actions import IdentityKey
-from engine.errors import StorageError
+from engine.errors import StorageError, UnstorableEventError
 from engine.storage import FinalStatus, NewEvent, NewOutcome, Storage
 
 STAGES = ("subscriber", "lead", "opportunity", "customer")
@@ -110,6 +111,28 @@ class StorageContract:
         assert not any(r.duplicate for r in results)
         assert len({r.id for r in results}) == 40
         assert len(await storage.list_events(limit=100)) == 40
+
+    async def test_an_unstorable_event_fails_alone_and_its_batch_is_stored(
+        self, storage: Storage
+    ) -> None:
+        """A lone surrogate in the event type can never be stored: that one delivery gets an
+        error that says so (a 400, never retried), and the deliveries committed with it are
+        stored as if it had not been there."""
+        bad = replace(event(99), event_type="install.tracked\ud800")
+        results = await asyncio.gather(
+            *(storage.store_event(event(n)) for n in range(5)),
+            storage.store_event(bad),
+            *(storage.store_event(event(n)) for n in range(5, 10)),
+            return_exceptions=True,
+        )
+        refused = results[5]
+        assert isinstance(refused, UnstorableEventError), refused
+        assert "U+D800 at character 16" in str(refused)
+        stored = [r for r in results if not isinstance(r, BaseException)]
+        assert len(stored) == 10 and not any(r.duplicate for r in stored)
+        listed = await storage.list_events(limit=100)
+        assert sorted(e.id for e in listed) == sorted(r.id for r in stored)
+        assert bad.dedupe_key not in {e.dedupe_key for e in listed}
 
     async def test_list_events_newest_first_with_status_filter_and_paging(
         self, storage: Storage

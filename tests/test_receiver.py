@@ -145,6 +145,29 @@ def test_verified_but_malformed_bodies_get_400_and_store_nothing(
     assert events(storage) == []
 
 
+@pytest.mark.parametrize(
+    ("body", "named"),
+    [
+        (b'{"event":"install.tracked\\ud800","timestamp":"2026-03-01T10:00:00Z","data":{}}',
+         '"event" holds a lone surrogate (U+D800 at character 16)'),
+        (b'{"event":"install.tracked","timestamp":"\\udc002026-03-01","data":{}}',
+         '"timestamp" holds a lone surrogate (U+DC00 at character 1)'),
+    ],
+    ids=["event", "timestamp"],
+)
+def test_a_lone_surrogate_that_can_never_be_stored_is_a_400_not_a_503(
+    client: TestClient, storage: SQLiteStorage, body: bytes, named: str
+) -> None:
+    """A 503 would have Tolinku retry it forever; and the deliveries around it are stored."""
+    response = post(client, body)
+    assert response.status_code == 400
+    assert response.json()["error"] == "bad_envelope"
+    assert named in response.json()["message"]
+    assert "retry-after" not in response.headers
+    assert events(storage) == []
+    assert post(client, INSTALL).status_code == 200
+
+
 def test_deeply_nested_json_is_a_400_not_a_crash(
     storage: SQLiteStorage,
 ) -> None:
@@ -343,7 +366,13 @@ def test_identify_with_basic_auth_is_401(client: TestClient) -> None:
 @pytest.mark.parametrize(
     ("body", "fragment"),
     [
-        ({"first_name": "Ada"}, "at $: needs at least one of token, email, user_id"),
+        ({"first_name": "Ada"}, "at $: needs at least one of token, email"),
+        ({"user_id": "u_1"}, "at $: needs at least one of token, email"),
+        ({"token": ""}, "at $.token: must not be empty or blank"),
+        ({"token": " \t"}, "at $.token: must not be empty or blank"),
+        ({"email": "  "}, "at $.email: must not be empty or blank"),
+        ({"email": ""}, "at $.email: must not be empty or blank"),
+        ({"token": "", "email": "ada@example.com"}, "at $.token: must not be empty or blank"),
         ({"token": "t", "email": 42}, "at $.email: 42 is not of type 'string'"),
         ({"email": "not-an-email"}, "at $.email: 'not-an-email' is not a 'email'"),
         ([{"token": "t"}], "is not of type 'object'"),
@@ -356,6 +385,26 @@ def test_identify_with_an_invalid_body_is_400_with_the_schema_message(
     assert response.status_code == 400
     assert response.json()["error"] == "bad_envelope"
     assert fragment in response.json()["message"]
+    assert events(storage) == []
+
+
+@pytest.mark.parametrize(
+    ("body", "named"),
+    [
+        (b'{"token": "tok_\\ud800"}', "at $.token holds a lone surrogate (U+D800 at character 5)"),
+        (b'{"token": "t", "first_name": ["A\\udfff"]}', "at $.first_name[0] holds a lone"),
+        (b'{"token": "t", "\\ud83d": 1}', "at a key of $ holds a lone surrogate (U+D83D"),
+    ],
+    ids=["token", "nested-value", "key"],
+)
+def test_identify_with_a_lone_surrogate_is_400_not_500(
+    client: TestClient, storage: SQLiteStorage, body: bytes, named: str
+) -> None:
+    response = identify(client, body)
+    assert response.status_code == 400
+    assert response.json()["error"] == "bad_envelope"
+    assert named in response.json()["message"]
+    assert "not valid Unicode" in response.json()["message"]
     assert events(storage) == []
 
 

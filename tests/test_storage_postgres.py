@@ -8,12 +8,13 @@ import sys
 import textwrap
 import time
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from dataclasses import replace
 from typing import Any
 
 import psycopg
 import pytest
 
-from engine.errors import StorageError
+from engine.errors import StorageError, UnstorableEventError
 from engine.storage import NewEvent, Storage, StoreResult, open_storage
 from engine.storage import postgres_inbox as inbox
 from engine.storage.postgres import PLANNING_WAIT, PostgresStorage
@@ -189,6 +190,22 @@ async def test_concurrent_stores_share_statements(
     assert sum(not r.duplicate for r in results) == 200
     assert [r.id for r in results[200:]] == [results[n].id for n in range(0, 200, 10)]
     assert len(await storage.list_events(limit=500)) == 200
+
+
+async def test_a_row_postgresql_refuses_fails_alone_in_its_batch(
+    storage: PostgresStorage, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Even a bad row the up-front check misses (here the check is switched off) fails only
+    its own store: the batch is written again row by row."""
+    monkeypatch.setattr(inbox, "unstorable", lambda event: None)
+    bad = replace(event(99), event_timestamp="2026-03-01\udfff")
+    results = await asyncio.gather(
+        *(storage.store_event(event(n)) for n in range(3)), storage.store_event(bad),
+        *(storage.store_event(event(n)) for n in range(3, 6)), return_exceptions=True)
+    assert isinstance(results[3], UnstorableEventError), results[3]
+    assert "UnicodeEncodeError" in str(results[3])
+    assert sum(isinstance(r, StoreResult) for r in results) == 6
+    assert len(await storage.list_events()) == 6
 
 
 async def test_rate_limit_bucket_is_shared_by_every_pool(url: str) -> None:

@@ -7,13 +7,14 @@ import sqlite3
 import subprocess
 import sys
 import textwrap
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
-from engine.errors import StorageError
-from engine.storage import Storage, open_storage
+from engine.errors import StorageError, UnstorableEventError
+from engine.storage import Storage, StoreResult, open_storage, sqlite_inbox
 from engine.storage.groupcommit import GroupCommitWriter
 from engine.storage.sqlite import SQLiteStorage
 from tests.storage_contract import FakeClock, StorageContract, event
@@ -124,6 +125,56 @@ async def test_one_failing_job_does_not_undo_its_batch_mates(storage: SQLiteStor
     )
     assert isinstance(results[1], ValueError)
     assert len(await storage.list_events()) == 2
+
+
+async def test_a_row_sqlite_refuses_fails_alone_in_its_group_commit(
+    storage: SQLiteStorage, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Even a bad row the up-front check misses (here the check is switched off) fails only
+    its own store: the batch's one INSERT is retried row by row, in one commit."""
+    commits: list[int] = []
+    original = GroupCommitWriter._commit
+
+    def counting(self: GroupCommitWriter, connection: sqlite3.Connection) -> None:
+        commits.append(1)
+        original(self, connection)
+
+    monkeypatch.setattr(GroupCommitWriter, "_commit", counting)
+    monkeypatch.setattr(sqlite_inbox, "unstorable", lambda event: None)
+    bad = replace(event(99), event_timestamp="2026-03-01\udfff")
+    results = await asyncio.gather(
+        *(storage.store_event(event(n)) for n in range(3)), storage.store_event(bad),
+        *(storage.store_event(event(n)) for n in range(3, 6)), return_exceptions=True)
+    assert isinstance(results[3], UnstorableEventError), results[3]
+    assert "UnicodeEncodeError" in str(results[3])
+    assert "2026-03-01" not in str(results[3])  # names the error, not the data
+    assert sum(isinstance(r, StoreResult) for r in results) == 6
+    assert len(await storage.list_events()) == 6
+    assert len(commits) == 1
+
+
+async def test_a_bulk_handler_failing_on_one_item_keeps_the_others() -> None:
+    def insert(connection: sqlite3.Connection, items: Sequence[object]) -> list[int]:
+        connection.executemany("INSERT INTO t (v) VALUES (?)", [(item,) for item in items])
+        return [len(str(item)) for item in items]
+
+    def connect() -> sqlite3.Connection:
+        connection = sqlite3.connect(":memory:", isolation_level=None, check_same_thread=False)
+        connection.execute("CREATE TABLE t (v TEXT NOT NULL CHECK (v <> 'bad'))")
+        return connection
+
+    writer = GroupCommitWriter(connect)
+    try:
+        results = await asyncio.gather(
+            *(writer.run_bulk(insert, item) for item in ("a", "bb", "bad", {"no": "type"}, "c")),
+            return_exceptions=True)
+        assert results[:2] == [1, 2] and results[4] == 1
+        assert isinstance(results[2], sqlite3.IntegrityError)
+        assert isinstance(results[3], sqlite3.ProgrammingError)
+        rows = await writer.run(lambda c: c.execute("SELECT v FROM t ORDER BY v").fetchall())
+        assert rows == [("a",), ("bb",), ("c",)]
+    finally:
+        writer.close()
 
 
 async def test_an_acknowledged_write_is_in_the_file(storage: SQLiteStorage) -> None:

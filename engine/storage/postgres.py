@@ -20,7 +20,7 @@ from psycopg import errors as pg_errors
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
 from engine.actions import JSON, IdentityKey
-from engine.errors import StorageError
+from engine.errors import StorageError, UnstorableEventError
 from engine.storage import Clock, Storage, utc_now
 from engine.storage import postgres_crm as crm
 from engine.storage import postgres_inbox as inbox
@@ -191,9 +191,11 @@ class PostgresStorage(Storage):
         await self._ready()
         return await self._stores.submit(event)
 
-    async def _store_batch(self, events: list[NewEvent]) -> list[StoreResult]:
+    async def _store_batch(
+        self, events: list[NewEvent]
+    ) -> list[StoreResult | UnstorableEventError]:
         results = await self._call("store the event", inbox.store_many, events)
-        if not all(result.duplicate for result in results):
+        if any(isinstance(result, StoreResult) and not result.duplicate for result in results):
             self._wakeups.poke()
         return results
 

@@ -18,12 +18,12 @@ from pathlib import Path
 from typing import TypeVar
 
 from engine.actions import JSON, IdentityKey
-from engine.errors import StorageError
+from engine.errors import StorageError, UnstorableEventError
 from engine.storage import Clock, Storage, utc_now
 from engine.storage import sqlite_crm as crm
 from engine.storage import sqlite_inbox as inbox
 from engine.storage import sqlite_maps as maps
-from engine.storage.groupcommit import GroupCommitWriter, storage_error
+from engine.storage.groupcommit import GroupCommitWriter, fails_one_job, storage_error
 from engine.storage.records import (
     ActionOutcome,
     ContactResult,
@@ -39,6 +39,7 @@ from engine.storage.records import (
     NewOutcome,
     StageResult,
     StoreResult,
+    describe,
 )
 from engine.storage.sqlite_rows import ts
 from engine.storage.sqlite_schema import current_version
@@ -177,8 +178,16 @@ class SQLiteStorage(Storage):
     async def store_event(self, event: NewEvent) -> StoreResult:
         try:
             result: StoreResult = await self._writer.run_bulk(inbox.store_many, event)
-        except sqlite3.Error as error:
-            raise storage_error(error, "store the event") from None
+        except StorageError:
+            raise
+        except Exception as error:
+            if not fails_one_job(error):
+                if isinstance(error, sqlite3.Error):
+                    raise storage_error(error, "store the event") from None
+                raise
+            # The writer ran this event alone and it failed on its own data: it always will.
+            raise UnstorableEventError(
+                f"the event cannot be stored: {describe(error)}") from None
         return result
 
     async def get_event(self, event_id: int) -> InboxEvent | None:

@@ -9,6 +9,7 @@ import functools
 import sqlite3
 from collections.abc import Sequence
 
+from engine.errors import UnstorableEventError
 from engine.storage.records import (
     EVENT_STATUSES,
     DeadLetter,
@@ -17,6 +18,7 @@ from engine.storage.records import (
     InboxStats,
     NewEvent,
     StoreResult,
+    unstorable,
 )
 from engine.storage.sqlite_rows import (
     EVENT_COLUMNS,
@@ -60,12 +62,18 @@ def _insert(count: int) -> str:
 _MAX_ROWS = 1000
 
 
-def store_many(connection: sqlite3.Connection, events: Sequence[NewEvent]) -> list[StoreResult]:
-    """Insert a batch, a thousand rows per statement at most."""
-    results: list[StoreResult] = []
-    for start in range(0, len(events), _MAX_ROWS):
-        results += _store_chunk(connection, events[start : start + _MAX_ROWS])
-    return results
+def store_many(
+    connection: sqlite3.Connection, events: Sequence[NewEvent]
+) -> list[StoreResult | UnstorableEventError]:
+    """Insert a batch, a thousand rows per statement at most. An event that can never be
+    stored gets its UnstorableEventError in its place; the others go in."""
+    refused = [unstorable(event) for event in events]
+    storable = [event for event, error in zip(events, refused, strict=True) if error is None]
+    stored: list[StoreResult] = []
+    for start in range(0, len(storable), _MAX_ROWS):
+        stored += _store_chunk(connection, storable[start : start + _MAX_ROWS])
+    results = iter(stored)
+    return [next(results) if error is None else error for error in refused]
 
 
 def _store_chunk(connection: sqlite3.Connection, events: Sequence[NewEvent]) -> list[StoreResult]:
