@@ -487,6 +487,52 @@ class StorageContract:
         assert all(isinstance(r, StorageError) for r in results)
         assert await failing_storage.list_events() == []
 
+    async def test_writes_that_fail_make_check_writable_fail(
+        self, failing_storage: Storage, storage: Storage
+    ) -> None:
+        """/readyz asks check_writable: free (nothing written) while commits go through; once
+        one fails, only a test write that commits says writable again."""
+        await storage.store_event(event(1))
+        await storage.check_writable()
+        await failing_storage.check_writable()  # nothing has failed yet: nothing is probed
+        with pytest.raises(StorageError):
+            await failing_storage.store_event(event(2, body=b"x" * 300_000))
+        with pytest.raises(StorageError):
+            await failing_storage.check_writable()
+        with pytest.raises(StorageError):  # and again: a failed probe clears nothing
+            await failing_storage.check_writable()
+        assert [e.id for e in await storage.list_events()] == [1]
+
+    async def test_inbox_counts_follow_every_change(
+        self, make_storage: Callable[[], Storage], storage: Storage, clock: FakeClock
+    ) -> None:
+        """The counts /metrics reads are kept with each write, whichever process makes it."""
+        other = make_storage()
+        try:
+            ids = [r.id for r in await asyncio.gather(
+                *(storage.store_event(event(n)) for n in range(12)),
+                *(other.store_event(event(n)) for n in range(8, 16)))]  # 4 duplicates
+            claimed = await other.claim("w", 6, 30)
+            await other.finish(claimed[0].id, "w", "processed")
+            await storage.finish(claimed[1].id, "w", "ignored")
+            await storage.finish(claimed[2].id, "w", "dead", "x")
+            await other.finish(claimed[3].id, "w", "dead", "x")
+            await storage.retry_later(claimed[4].id, "w", clock() + timedelta(hours=1), "later")
+            await other.extend_lease(claimed[5].id, "w", 60)  # no status change
+            assert await storage.requeue(claimed[2].id)
+            assert await storage.finish(claimed[5].id, "w", "processed")
+            await storage.purge_raw_bodies(clock() + timedelta(days=1))
+            expected = dict.fromkeys(("received", "processed", "ignored", "failed", "dead"), 0)
+            for stored in await storage.list_events(limit=100):
+                expected[stored.status] += 1
+            assert sum(expected.values()) == len(set(ids)) == 16
+            assert dict((await storage.inbox_stats()).by_status) == expected
+            assert dict((await other.inbox_stats()).by_status) == expected
+            assert expected == {"received": 11, "processed": 2, "ignored": 1, "failed": 1,
+                                "dead": 1}
+        finally:
+            await other.close()
+
     async def test_a_closed_storage_refuses_work(self, storage: Storage) -> None:
         await storage.close()
         with pytest.raises(StorageError):

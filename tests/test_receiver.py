@@ -21,7 +21,7 @@ from engine.errors import StorageError
 from engine.receiver import create_app
 from engine.settings import Settings
 from engine.signing import sign
-from engine.storage import InboxEvent, NewEvent, StoreResult
+from engine.storage import InboxEvent, InboxStats, NewEvent, StoreResult
 from engine.storage.sqlite import SQLiteStorage
 
 SECRET = "whsec_current"
@@ -479,6 +479,87 @@ def test_metrics_count_received_rejected_duplicates_and_inbox(client: TestClient
     ]
     for line in expected:
         assert line in text, line
+
+
+def test_metrics_need_the_bearer_key_when_one_is_set(storage: SQLiteStorage) -> None:
+    guarded = create_app(storage, replace(SETTINGS, metrics_keys=("scrape-key", "next-key")))
+    with TestClient(guarded) as client:
+        for headers in ({}, {"authorization": "Bearer wrong"}, {"authorization": "scrape-key"},
+                        {"authorization": "Basic scrape-key"}):
+            response = client.get("/metrics", headers=headers)
+            assert response.status_code == 401
+            assert response.headers["www-authenticate"] == "Bearer"
+            assert "linkcrm_" not in response.text
+        for key in ("scrape-key", "next-key"):
+            response = client.get("/metrics", headers={"authorization": f"Bearer {key}"})
+            assert response.status_code == 200
+            assert "linkcrm_requests_rejected_total" in response.text
+        assert client.get("/healthz").status_code == 200  # only /metrics is guarded
+        assert client.get("/readyz").status_code == 200
+    with TestClient(create_app(storage, SETTINGS)) as client:  # no key set: open, as before
+        assert client.get("/metrics").status_code == 200
+
+
+class _CountingStats(SQLiteStorage):
+    reads = 0
+
+    async def inbox_stats(self) -> InboxStats:
+        self.reads += 1
+        await asyncio.sleep(0.05)  # a read in flight while the other scrapes arrive
+        return await super().inbox_stats()
+
+
+def test_concurrent_scrapes_share_one_inbox_read(tmp_path: Path) -> None:
+    """32 scrapers at once cost the database one read, not 64 (two gauges each)."""
+    counting = _CountingStats(tmp_path / "scraped.db")
+    asyncio.run(counting.migrate())
+    try:
+        with TestClient(create_app(counting, SETTINGS)) as client:
+            post(client, INSTALL)
+            with ThreadPoolExecutor(max_workers=32) as pool:
+                pages = list(pool.map(lambda _: client.get("/metrics").text, range(32)))
+        assert all('linkcrm_inbox_events{status="received"} 1' in page for page in pages)
+        assert counting.reads <= 2, f"{counting.reads} inbox reads for 32 scrapes"
+    finally:
+        asyncio.run(counting.close())
+
+
+class _DiskThatFills(SQLiteStorage):
+    """A database that cannot grow while `full` is set (a full disk, a file-size limit)."""
+
+    full = True
+
+    def _configure(self, connection: sqlite3.Connection) -> None:
+        super()._configure(connection)
+        pages = connection.execute("PRAGMA page_count").fetchone()[0]
+        limit = int(pages) if self.full else 1_073_741_823
+        connection.execute(f"PRAGMA max_page_count = {limit}")
+
+
+def test_readyz_is_503_while_writes_fail_and_ready_again_once_they_commit(
+    tmp_path: Path
+) -> None:
+    setup = SQLiteStorage(tmp_path / "filling.db")
+    asyncio.run(setup.migrate())
+    asyncio.run(setup.close())
+    disk = _DiskThatFills(tmp_path / "filling.db")
+    big = json.dumps({"event": "install.tracked", "timestamp": "t",
+                      "data": {"blob": "x" * 40_000}}).encode()
+    try:
+        with TestClient(create_app(disk, SETTINGS)) as client:
+            assert client.get("/readyz").status_code == 200  # reads work, nothing failed yet
+            assert post(client, big).status_code == 503
+            for _ in range(2):  # it stays unready: the test write fails too
+                response = client.get("/readyz")
+                assert response.status_code == 503
+                assert response.json() == {"status": "unavailable", "reason": "writes_failing"}
+            assert client.get("/healthz").status_code == 200
+            disk.full = False  # space again
+            assert client.get("/readyz").status_code == 200
+            assert post(client, big).status_code == 200
+        assert len(events(disk)) == 1
+    finally:
+        asyncio.run(disk.close())
 
 
 def test_logs_hold_no_bodies_signatures_or_emails(

@@ -77,6 +77,8 @@ class GroupCommitWriter:
         # Jobs submitted during the current iteration of each event loop, not yet handed over.
         self._staged: dict[asyncio.AbstractEventLoop, list[_Job]] = {}
         self._connection: sqlite3.Connection | None = None
+        # Why the last batch that tried to write could not commit; None once one commits.
+        self.failure: str | None = None
         self._closed = False
         self._lock = threading.Lock()
         self._thread = threading.Thread(
@@ -175,6 +177,7 @@ class GroupCommitWriter:
                 bulk_groups.setdefault(job.bulk, []).append(index)
         try:
             connection = self._get_connection()
+            changes = connection.total_changes
             connection.execute("BEGIN IMMEDIATE")
             for handler, indexes in bulk_groups.items():
                 items = [batch[i].item for i in indexes]
@@ -192,8 +195,11 @@ class GroupCommitWriter:
                 if isinstance(error, sqlite3.Error)
                 else StorageError(f"the database could not commit: {error!r}")
             )
+            self.failure = str(failure)
             log.error("storage batch failed", extra={"jobs": len(batch), "error": str(failure)})
             return [(None, failure)] * len(batch)
+        if connection.total_changes != changes:  # a batch of reads proves nothing about writes
+            self.failure = None
         return [outcomes[index] for index in range(len(batch))]
 
     def _bulk(

@@ -6,6 +6,7 @@ unit open their own transaction. SQL text is fixed; every value is a parameter.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from datetime import datetime
 
@@ -295,10 +296,25 @@ async def purge_raw_bodies(connection: Conn, cutoff: datetime) -> int:
 
 
 async def stats(connection: Conn) -> InboxStats:
+    """Constant time in the inbox size: the counts are kept by triggers (migration 2), and the
+    oldest pending event (first in arrival order) is read from the (status, id) index."""
     counts: dict[str, int] = dict.fromkeys(EVENT_STATUSES, 0)
-    cursor = await connection.execute("SELECT status, COUNT(*) FROM inbox GROUP BY status")
+    cursor = await connection.execute(
+        "SELECT status, SUM(n)::bigint FROM inbox_counts GROUP BY status")
     for status, count in await cursor.fetchall():
-        counts[status] = count
-    cursor = await connection.execute(f"SELECT MIN(received_at) FROM inbox WHERE {PENDING}")
+        counts[status] = int(count)
+    cursor = await connection.execute(
+        "SELECT LEAST("
+        "(SELECT received_at FROM inbox WHERE status = 'received' ORDER BY id LIMIT 1),"
+        " (SELECT received_at FROM inbox WHERE status = 'failed' ORDER BY id LIMIT 1))")
     oldest = await cursor.fetchone()
     return InboxStats(by_status=counts, oldest_pending_received_at=oldest[0] if oldest else None)
+
+
+async def probe_write(connection: Conn, size: int) -> None:
+    """Write `size` bytes and delete them again in one committed transaction: the commit
+    takes WAL and table space as storing an event would."""
+    async with connection.transaction():
+        await connection.execute(
+            "INSERT INTO write_probe (payload) VALUES (%s)", (os.urandom(size),))
+        await connection.execute("DELETE FROM write_probe")

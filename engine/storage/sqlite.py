@@ -19,7 +19,7 @@ from typing import TypeVar
 
 from engine.actions import JSON, IdentityKey
 from engine.errors import StorageError, UnstorableEventError
-from engine.storage import Clock, Storage, utc_now
+from engine.storage import PROBE_BYTES, Clock, Storage, utc_now
 from engine.storage import sqlite_crm as crm
 from engine.storage import sqlite_inbox as inbox
 from engine.storage import sqlite_maps as maps
@@ -374,6 +374,11 @@ class SQLiteStorage(Storage):
 
     async def inbox_stats(self) -> InboxStats:
         return await self._read(inbox.stats, "count the inbox")
+
+    async def check_writable(self) -> None:
+        if self._writer.failure is None:
+            return
+        await self._write(lambda c: inbox.probe_write(c, PROBE_BYTES), "write a test row")
 
     async def durability(self) -> Mapping[str, int]:
         # Through the writer: it is the connection whose commits answer "stored".
