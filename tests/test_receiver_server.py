@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import json
 import os
+import resource
 import socket
 import subprocess
 import sys
 import threading
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -64,9 +67,9 @@ def _free_port() -> int:
         return int(probe.getsockname()[1])
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    directory = tmp_path_factory.mktemp("server")
+@contextmanager
+def _serving(directory: Path) -> Iterator[Server]:
+    """`linkcrm serve`'s receiver in a subprocess on a fresh SQLite file, ready to answer."""
     port = _free_port()
     env = {
         **os.environ,
@@ -96,6 +99,12 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
         process.terminate()
         process.wait(timeout=15)
         log.close()
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    with _serving(tmp_path_factory.mktemp("server")) as started:
+        yield started
 
 
 class _Reader(threading.Thread):
@@ -285,3 +294,32 @@ def test_pipelined_requests_with_one_framing_header_are_all_served(server: Serve
     sock.close()
     assert reader.data.count(b"HTTP/1.1 ") == 2, reader.data[:300]
     assert b'{"status":"ok"}' in reader.data
+
+
+def test_readyz_is_503_while_a_file_size_limit_fails_every_write(tmp_path: Path) -> None:
+    """The server process may not grow its files (RLIMIT_FSIZE, as a full disk): deliveries
+    get 503, and /readyz says so too until writes commit again."""
+    with _serving(tmp_path) as server:
+        url = f"http://127.0.0.1:{server.port}"
+
+        def deliver(n: int) -> int:
+            body = json.dumps({"event": "install.tracked", "timestamp": "2026-03-01T00:00:00Z",
+                               "data": {"n": n, "blob": "x" * 200_000}}).encode()
+            return httpx.post(f"{url}/webhooks/tolinku", content=body, timeout=10,
+                              headers={"x-webhook-signature": sign(body, SECRET)}).status_code
+
+        assert deliver(0) == 200
+        largest = max(path.stat().st_size for path in tmp_path.iterdir())
+        unlimited = (resource.RLIM_INFINITY, resource.RLIM_INFINITY)
+        resource.prlimit(server.process.pid, resource.RLIMIT_FSIZE,
+                         (largest + 50_000, resource.RLIM_INFINITY))
+        try:
+            assert [deliver(n) for n in range(1, 4)] == [503] * 3
+            for _ in range(2):  # the test write /readyz makes fails as well
+                response = httpx.get(f"{url}/readyz", timeout=10)
+                assert response.status_code == 503
+                assert response.json()["reason"] == "writes_failing"
+        finally:
+            resource.prlimit(server.process.pid, resource.RLIMIT_FSIZE, unlimited)
+        assert httpx.get(f"{url}/readyz", timeout=10).status_code == 200
+        assert deliver(4) == 200
