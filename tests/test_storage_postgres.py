@@ -139,6 +139,9 @@ async def test_many_claimers_never_share_an_event(url: str) -> None:
         events = await storages[0].list_events(limit=total)
         assert {e.status for e in events} == {"processed"}
         assert {e.attempts for e in events} == {1}
+        # The counts /metrics reads, kept by 16 concurrent writers across 4 pools, add up.
+        counts = (await storages[3].inbox_stats()).by_status
+        assert (counts["processed"], counts["received"]) == (total, 0)
     finally:
         await _close(storages)
 

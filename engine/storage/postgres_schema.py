@@ -142,14 +142,18 @@ MIGRATIONS: tuple[tuple[int, tuple[str, ...]], ...] = (
             WHERE c.status = d.status AND c.shard = pg_backend_pid() % 16;
             RETURN NULL;
         END $$""",
+        # A status change moves one count with one statement, so two writers always lock
+        # their two rows in the same (primary key) order and never deadlock on them.
         """CREATE FUNCTION inbox_counts_changed() RETURNS trigger LANGUAGE plpgsql
         SET search_path FROM CURRENT AS $$
         BEGIN
-            UPDATE inbox_counts SET n = n - 1
-            WHERE status = OLD.status AND shard = pg_backend_pid() % 16;
-            IF TG_OP = 'UPDATE' THEN
-                UPDATE inbox_counts SET n = n + 1
-                WHERE status = NEW.status AND shard = pg_backend_pid() % 16;
+            IF TG_OP = 'DELETE' THEN
+                UPDATE inbox_counts SET n = n - 1
+                WHERE status = OLD.status AND shard = pg_backend_pid() % 16;
+            ELSE
+                UPDATE inbox_counts
+                SET n = n + CASE WHEN status = NEW.status THEN 1 ELSE -1 END
+                WHERE status IN (OLD.status, NEW.status) AND shard = pg_backend_pid() % 16;
             END IF;
             RETURN NULL;
         END $$""",
