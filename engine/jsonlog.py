@@ -45,7 +45,12 @@ class JsonFormatter(logging.Formatter):
                 payload[key] = value
         if record.exc_info:
             payload["traceback"] = self.formatException(record.exc_info)
-        return json.dumps(payload, default=str, ensure_ascii=False)
+        line = json.dumps(payload, default=str, ensure_ascii=False)
+        if not line.isascii():
+            # A lone surrogate (from a webhook's JSON) cannot be written as UTF-8: escape it
+            # rather than lose the line to an encoding error.
+            line = line.encode("utf-8", "backslashreplace").decode("utf-8")
+        return line
 
 
 @dataclass

@@ -6,6 +6,7 @@ import io
 import json
 import logging
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -107,3 +108,16 @@ def test_tracebacks_are_limited_too(restore_root: None) -> None:
 def test_limits_must_be_positive(burst: int, interval: float) -> None:
     with pytest.raises(ValueError, match="burst must be at least 1"):
         RepeatFilter(lambda record: None, burst=burst, interval=interval)
+
+
+def test_a_lone_surrogate_in_a_field_is_escaped_not_an_encoding_error(
+    restore_root: None, tmp_path: Path
+) -> None:
+    with (tmp_path / "log").open("w", encoding="utf-8") as stream:
+        handler = configure_logging("INFO", stream)
+        logging.getLogger("engine.test").warning("refused", extra={"event_type": "x\ud800é"})
+        handler.flush()
+    text = (tmp_path / "log").read_text(encoding="utf-8")
+    assert '"event_type": "x\\ud800é"' in text  # JSON's own escape: the line stays valid
+    [line] = _lines(io.StringIO(text))
+    assert line["event_type"] == "x\ud800é"
