@@ -5,6 +5,7 @@
     ├── EvaluationError        one action could not be evaluated for one event
     ├── StorageError           the store could not commit or read
     │   └── UnstorableValueError   a value no store can keep (permanent: never retried)
+    │       └── UnstorableEventError   this event can never be stored: refuse it (400)
     └── CRMError               a target refused or failed an action
         ├── RetryableCRMError  try again later (timeouts, 5xx, 429, expired tokens)
         └── PermanentCRMError  a fix is needed first (missing property, validation error)
@@ -110,6 +111,9 @@ class UnstorableValueError(StorageError):
     Unlike its parent it is permanent: the action (or event) is dead at once, since retrying
     the same value can never succeed.
     """
+class UnstorableEventError(UnstorableValueError):
+    """One event holds a value no database column can take (a lone surrogate in its type);
+    the rest of its batch is stored. Retrying cannot help: answer 400, not 503."""
 
 
 class CRMError(LinkcrmError):

@@ -19,6 +19,8 @@ from jsonschema.protocols import Validator
 from starlette.requests import ClientDisconnect
 from starlette.types import Receive, Scope
 
+from engine.storage.records import lone_surrogate
+
 # Headers kept with the event: enough to debug a delivery, nothing secret (no signature).
 KEPT_HEADERS = ("content-type", "user-agent", "x-webhook-event")
 _KEPT = frozenset(name.encode() for name in KEPT_HEADERS)
@@ -151,7 +153,37 @@ def parse_envelope(body: bytes) -> dict[str, Any]:
     if problems:
         raise Rejected("bad_envelope", 400,
                         f"the body must be {_ENVELOPE}: {'; '.join(problems)}")
+    for name in ("event", "timestamp"):  # stored as text columns; `data` stays raw bytes
+        where = lone_surrogate(document[name])
+        if where is not None:
+            raise Rejected("bad_envelope", 400, _surrogate_message(f'"{name}"', where))
     return document
+
+
+def _surrogate_message(what: str, where: str) -> str:
+    return (f"{what} holds a lone surrogate ({where}), which is not valid Unicode and can "
+            "never be stored; send text as UTF-8, with no unpaired \\ud800-\\udfff escape")
+
+
+def find_lone_surrogate(value: Any, path: str = "$") -> tuple[str, str] | None:
+    """(what, where) for the first string in `value` (a key or a value, depth first) holding a
+    lone surrogate, e.g. ("$.token", "U+D800 at character 2"); None when there is none."""
+    stack: list[tuple[str, Any]] = [(path, value)]
+    while stack:
+        here, item = stack.pop()
+        if isinstance(item, str):
+            where = lone_surrogate(item)
+            if where is not None:
+                return here, where
+        elif isinstance(item, dict):
+            for key in item:
+                where = lone_surrogate(key)
+                if where is not None:
+                    return f"a key of {here}", where
+            stack.extend((f"{here}.{key}", child) for key, child in reversed(item.items()))
+        elif isinstance(item, list):
+            stack.extend((f"{here}[{i}]", child) for i, child in reversed(list(enumerate(item))))
+    return None
 
 
 def _json_type(value: object) -> str:
@@ -169,6 +201,12 @@ def _json_type(value: object) -> str:
 
 
 def validate_identify(schema: Validator, envelope: dict[str, Any]) -> None:
+    """400 unless the shipped identify rule can apply the body: text the database can hold,
+    and a token or an email that is not blank (the rule finds the contact by one of them)."""
+    found = find_lone_surrogate(envelope["data"])
+    if found is not None:
+        raise Rejected("bad_envelope", 400, _surrogate_message(f"the identify body at {found[0]}",
+                                                                found[1]))
     error = best_match(schema.iter_errors(envelope))
     if error is None:
         return
@@ -178,7 +216,13 @@ def validate_identify(schema: Validator, envelope: dict[str, Any]) -> None:
     body_path = list(path)[1:] if path and path[0] == "data" else list(path)
     where = "$" + "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in body_path)
     names = _alternatives(error)
-    message = f"needs at least one of {', '.join(names)}" if names else error.message
+    if names:
+        message = f"needs at least one of {', '.join(names)}"
+    elif error.validator == "pattern" or (isinstance(error.instance, str)
+                                          and not error.instance.strip()):
+        message = "must not be empty or blank; send the value, or leave the field out"
+    else:
+        message = error.message
     raise Rejected("bad_envelope", 400, f"invalid identify body at {where}: {message}")
 
 

@@ -27,7 +27,7 @@ from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
 from engine.deadline import deadline_protocol
-from engine.errors import StorageError
+from engine.errors import StorageError, UnstorableEventError
 from engine.intake import (
     Rejected,
     authorized,
@@ -44,7 +44,7 @@ from engine.metrics import Metrics, Sample
 from engine.resources import validator
 from engine.settings import Settings
 from engine.signing import verify_signature
-from engine.storage import Clock, NewEvent, Storage, open_storage, utc_now
+from engine.storage import Clock, InboxStats, NewEvent, Storage, open_storage, utc_now
 from engine.worker_supervisor import Supervisor
 
 log = logging.getLogger(__name__)
@@ -78,6 +78,7 @@ def create_app(
     supervisor = supervisor or Supervisor()
     supervisor.attach(metrics)
     _register_gauges(metrics, storage, clock)
+    metrics_keys = [key.encode("utf-8") for key in settings.metrics_keys]
     identify_schema = validator(f"events/{IDENTIFY_EVENT}.json").evolve(
         format_checker=Draft202012Validator.FORMAT_CHECKER
     )
@@ -102,6 +103,11 @@ def create_app(
     async def store(event: NewEvent) -> Response:
         try:
             result = await storage.store_event(event)
+        except UnstorableEventError as error:
+            # It never will be: a 503 would have the sender retry it forever.
+            log.info("event refused by the storage", extra={"event_type": event.event_type[:64],
+                                                            "error": str(error)})
+            return reject(Rejected("bad_envelope", 400, str(error)), close=False)
         except StorageError as error:
             log.error("event not stored", extra={"event_type": event.event_type,
                                                  "error": str(error)})
@@ -205,17 +211,29 @@ def create_app(
         if not supervisor.ready:
             log.warning("not ready", extra={"error": "a background task crashed",
                                             "down": sorted(supervisor.down)})
-            return JSONResponse({"status": "unavailable", "down": dict(supervisor.down)},
+            return JSONResponse({"status": "unavailable", "reason": "task_down",
+                                 "down": dict(supervisor.down)},
                                 status_code=503)
         try:
             await asyncio.wait_for(storage.ping(), timeout=5)
             durability = await asyncio.wait_for(storage.durability(), timeout=5)
         except (StorageError, TimeoutError) as error:
             log.warning("not ready", extra={"error": str(error) or "storage ping timed out"})
-            return JSONResponse({"status": "unavailable"}, status_code=503)
+            return JSONResponse({"status": "unavailable", "reason": "storage_unreachable"},
+                                status_code=503)
+        try:
+            # Free while writes commit; after a failed commit, a test write decides.
+            await asyncio.wait_for(storage.check_writable(), timeout=5)
+        except (StorageError, TimeoutError) as error:
+            log.warning("not ready: writes fail", extra={
+                "error": str(error) or "the test write timed out"})
+            return JSONResponse({"status": "unavailable", "reason": "writes_failing"},
+                                status_code=503)
         return JSONResponse({"status": "ready", "storage": dict(durability)})
 
     async def metrics_endpoint(request: Request) -> Response:
+        if metrics_keys and not authorized(read_head(request.scope), metrics_keys):
+            return reject(Rejected("unauthorized", 401), close=False)
         return PlainTextResponse(
             await metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8"
         )
@@ -274,13 +292,39 @@ class _ReceiverApp(Starlette):
         await super().__call__(scope, receive, send)
 
 
+class _InboxStatsCache:
+    """The inbox gauges' one source: at most one storage read in flight, shared by every
+    concurrent scrape, and its answer reused for `max_age` seconds. The read itself is constant
+    time (counts kept by triggers), so scrapers, however many, cost the database next to
+    nothing and never hold up webhook commits."""
+
+    def __init__(self, storage: Storage, max_age: float = 1.0) -> None:
+        self._storage = storage
+        self._max_age = max_age
+        self._value: InboxStats | None = None
+        self._read_at = -math.inf
+        self._lock = asyncio.Lock()
+
+    async def get(self) -> InboxStats:
+        loop = asyncio.get_running_loop()
+        if self._value is not None and loop.time() - self._read_at < self._max_age:
+            return self._value
+        async with self._lock:  # the scrapes that queue here get the read just made
+            if self._value is None or loop.time() - self._read_at >= self._max_age:
+                self._value = await self._storage.inbox_stats()
+                self._read_at = loop.time()
+            return self._value
+
+
 def _register_gauges(metrics: Metrics, storage: Storage, clock: Clock) -> None:
+    stats = _InboxStatsCache(storage)
+
     async def inbox_depth() -> Iterable[Sample]:
-        stats = await storage.inbox_stats()
-        return [Sample({"status": status}, count) for status, count in stats.by_status.items()]
+        by_status = (await stats.get()).by_status
+        return [Sample({"status": status}, count) for status, count in by_status.items()]
 
     async def oldest_pending() -> Iterable[Sample]:
-        oldest = (await storage.inbox_stats()).oldest_pending_received_at
+        oldest = (await stats.get()).oldest_pending_received_at
         age = 0.0 if oldest is None else max((clock() - oldest).total_seconds(), 0.0)
         return [Sample({}, age)]
 

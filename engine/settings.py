@@ -19,8 +19,8 @@ MIB = 1024 * 1024
 class Settings:
     """Everything `linkcrm serve` and `linkcrm worker` read from the environment.
 
-    Secrets (`webhook_secrets`, `api_keys`) are kept out of `repr` so a logged or printed
-    Settings never leaks them.
+    Secrets (`webhook_secrets`, `api_keys`, `metrics_keys`) are kept out of `repr` so a logged
+    or printed Settings never leaks them.
 
         >>> Settings.from_env({"WEBHOOK_SECRET": "whsec_a"}).max_body_bytes
         1048576
@@ -29,6 +29,7 @@ class Settings:
     database_url: str = "sqlite:///linkcrm.db"
     webhook_secrets: tuple[str, ...] = field(default=(), repr=False)
     api_keys: tuple[str, ...] = field(default=(), repr=False)
+    metrics_keys: tuple[str, ...] = field(default=(), repr=False)
     rules_dir: Path = Path("rules")
     max_body_bytes: int = MIB
     request_timeout: float = 10.0
@@ -45,6 +46,7 @@ class Settings:
             database_url=reader.get("LINKCRM_DATABASE_URL", cls.database_url, _url),
             webhook_secrets=reader.get("WEBHOOK_SECRET", (), _secrets),
             api_keys=reader.get("LINKCRM_API_KEYS", (), _secrets),
+            metrics_keys=reader.get("LINKCRM_METRICS_KEY", (), _secrets),
             rules_dir=reader.get("LINKCRM_RULES", cls.rules_dir, Path),
             max_body_bytes=reader.get("LINKCRM_MAX_BODY_BYTES", cls.max_body_bytes, _positive_int),
             request_timeout=reader.get(
@@ -143,6 +145,8 @@ _HINTS = {
     "LINKCRM_DATABASE_URL": "use sqlite:///linkcrm.db (a file) or postgresql://user@host/dbname",
     "WEBHOOK_SECRET": "set it to Tolinku's signing secret, e.g. WEBHOOK_SECRET=whsec_new,whsec_old",
     "LINKCRM_API_KEYS": "set comma-separated bearer keys, e.g. LINKCRM_API_KEYS=key1,key2",
+    "LINKCRM_METRICS_KEY": "set the bearer key scrapers send (comma-separate two during a "
+                           "rotation), e.g. LINKCRM_METRICS_KEY=scrape-key",
     "LINKCRM_RULES": "set it to the directory that holds your rule files, e.g. LINKCRM_RULES=rules",
     "LINKCRM_MAX_BODY_BYTES": "set a size in bytes, e.g. LINKCRM_MAX_BODY_BYTES=1048576 (1 MiB)",
     "LINKCRM_REQUEST_TIMEOUT": "set seconds, e.g. LINKCRM_REQUEST_TIMEOUT=10",

@@ -13,12 +13,13 @@ from __future__ import annotations
 import asyncio
 import hashlib
 from collections.abc import Callable
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 
 import pytest
 
 from engine.actions import IdentityKey
-from engine.errors import StorageError, UnstorableValueError
+from engine.errors import StorageError, UnstorableEventError, UnstorableValueError
 from engine.storage import FinalStatus, NewEvent, NewOutcome, Storage
 
 STAGES = ("subscriber", "lead", "opportunity", "customer")
@@ -110,6 +111,28 @@ class StorageContract:
         assert not any(r.duplicate for r in results)
         assert len({r.id for r in results}) == 40
         assert len(await storage.list_events(limit=100)) == 40
+
+    async def test_an_unstorable_event_fails_alone_and_its_batch_is_stored(
+        self, storage: Storage
+    ) -> None:
+        """A lone surrogate in the event type can never be stored: that one delivery gets an
+        error that says so (a 400, never retried), and the deliveries committed with it are
+        stored as if it had not been there."""
+        bad = replace(event(99), event_type="install.tracked\ud800")
+        results = await asyncio.gather(
+            *(storage.store_event(event(n)) for n in range(5)),
+            storage.store_event(bad),
+            *(storage.store_event(event(n)) for n in range(5, 10)),
+            return_exceptions=True,
+        )
+        refused = results[5]
+        assert isinstance(refused, UnstorableEventError), refused
+        assert "U+D800 at character 16" in str(refused)
+        stored = [r for r in results if not isinstance(r, BaseException)]
+        assert len(stored) == 10 and not any(r.duplicate for r in stored)
+        listed = await storage.list_events(limit=100)
+        assert sorted(e.id for e in listed) == sorted(r.id for r in stored)
+        assert bad.dedupe_key not in {e.dedupe_key for e in listed}
 
     async def test_list_events_newest_first_with_status_filter_and_paging(
         self, storage: Storage
@@ -534,6 +557,52 @@ class StorageContract:
         )
         assert all(isinstance(r, StorageError) for r in results)
         assert await failing_storage.list_events() == []
+
+    async def test_writes_that_fail_make_check_writable_fail(
+        self, failing_storage: Storage, storage: Storage
+    ) -> None:
+        """/readyz asks check_writable: free (nothing written) while commits go through; once
+        one fails, only a test write that commits says writable again."""
+        await storage.store_event(event(1))
+        await storage.check_writable()
+        await failing_storage.check_writable()  # nothing has failed yet: nothing is probed
+        with pytest.raises(StorageError):
+            await failing_storage.store_event(event(2, body=b"x" * 300_000))
+        with pytest.raises(StorageError):
+            await failing_storage.check_writable()
+        with pytest.raises(StorageError):  # and again: a failed probe clears nothing
+            await failing_storage.check_writable()
+        assert [e.id for e in await storage.list_events()] == [1]
+
+    async def test_inbox_counts_follow_every_change(
+        self, make_storage: Callable[[], Storage], storage: Storage, clock: FakeClock
+    ) -> None:
+        """The counts /metrics reads are kept with each write, whichever process makes it."""
+        other = make_storage()
+        try:
+            ids = [r.id for r in await asyncio.gather(
+                *(storage.store_event(event(n)) for n in range(12)),
+                *(other.store_event(event(n)) for n in range(8, 16)))]  # 4 duplicates
+            claimed = await other.claim("w", 6, 30)
+            await other.finish(claimed[0].id, "w", "processed")
+            await storage.finish(claimed[1].id, "w", "ignored")
+            await storage.finish(claimed[2].id, "w", "dead", "x")
+            await other.finish(claimed[3].id, "w", "dead", "x")
+            await storage.retry_later(claimed[4].id, "w", clock() + timedelta(hours=1), "later")
+            await other.extend_lease(claimed[5].id, "w", 60)  # no status change
+            assert await storage.requeue(claimed[2].id)
+            assert await storage.finish(claimed[5].id, "w", "processed")
+            await storage.purge_raw_bodies(clock() + timedelta(days=1))
+            expected = dict.fromkeys(("received", "processed", "ignored", "failed", "dead"), 0)
+            for stored in await storage.list_events(limit=100):
+                expected[stored.status] += 1
+            assert sum(expected.values()) == len(set(ids)) == 16
+            assert dict((await storage.inbox_stats()).by_status) == expected
+            assert dict((await other.inbox_stats()).by_status) == expected
+            assert expected == {"received": 11, "processed": 2, "ignored": 1, "failed": 1,
+                                "dead": 1}
+        finally:
+            await other.close()
 
     async def test_a_closed_storage_refuses_work(self, storage: Storage) -> None:
         await storage.close()

@@ -12,6 +12,7 @@ import httpx
 import pytest
 
 from engine.cli import main
+from engine.storage.sqlite_schema import LATEST
 from tests.service_process import (
     ROOT,
     cli,
@@ -37,7 +38,7 @@ def env(tmp_path: Path) -> dict[str, str]:
 def migrated(env: dict[str, str]) -> dict[str, str]:
     done = cli("migrate", env=env)
     assert done.returncode == 0, done.stderr
-    assert done.stdout.strip().endswith("schema at version 2")
+    assert done.stdout.strip().endswith(f"schema at version {LATEST}")
     return env
 
 

@@ -21,7 +21,7 @@ from engine.errors import StorageError
 from engine.receiver import create_app
 from engine.settings import Settings
 from engine.signing import sign
-from engine.storage import InboxEvent, NewEvent, StoreResult
+from engine.storage import InboxEvent, InboxStats, NewEvent, StoreResult
 from engine.storage.sqlite import SQLiteStorage
 
 SECRET = "whsec_current"
@@ -143,6 +143,29 @@ def test_verified_but_malformed_bodies_get_400_and_store_nothing(
     assert response.json()["error"] == reason
     assert fragment in response.json()["message"]
     assert events(storage) == []
+
+
+@pytest.mark.parametrize(
+    ("body", "named"),
+    [
+        (b'{"event":"install.tracked\\ud800","timestamp":"2026-03-01T10:00:00Z","data":{}}',
+         '"event" holds a lone surrogate (U+D800 at character 16)'),
+        (b'{"event":"install.tracked","timestamp":"\\udc002026-03-01","data":{}}',
+         '"timestamp" holds a lone surrogate (U+DC00 at character 1)'),
+    ],
+    ids=["event", "timestamp"],
+)
+def test_a_lone_surrogate_that_can_never_be_stored_is_a_400_not_a_503(
+    client: TestClient, storage: SQLiteStorage, body: bytes, named: str
+) -> None:
+    """A 503 would have Tolinku retry it forever; and the deliveries around it are stored."""
+    response = post(client, body)
+    assert response.status_code == 400
+    assert response.json()["error"] == "bad_envelope"
+    assert named in response.json()["message"]
+    assert "retry-after" not in response.headers
+    assert events(storage) == []
+    assert post(client, INSTALL).status_code == 200
 
 
 def test_deeply_nested_json_is_a_400_not_a_crash(
@@ -343,7 +366,13 @@ def test_identify_with_basic_auth_is_401(client: TestClient) -> None:
 @pytest.mark.parametrize(
     ("body", "fragment"),
     [
-        ({"first_name": "Ada"}, "at $: needs at least one of token, email, user_id"),
+        ({"first_name": "Ada"}, "at $: needs at least one of token, email"),
+        ({"user_id": "u_1"}, "at $: needs at least one of token, email"),
+        ({"token": ""}, "at $.token: must not be empty or blank"),
+        ({"token": " \t"}, "at $.token: must not be empty or blank"),
+        ({"email": "  "}, "at $.email: must not be empty or blank"),
+        ({"email": ""}, "at $.email: must not be empty or blank"),
+        ({"token": "", "email": "ada@example.com"}, "at $.token: must not be empty or blank"),
         ({"token": "t", "email": 42}, "at $.email: 42 is not of type 'string'"),
         ({"email": "not-an-email"}, "at $.email: 'not-an-email' is not a 'email'"),
         ([{"token": "t"}], "is not of type 'object'"),
@@ -356,6 +385,26 @@ def test_identify_with_an_invalid_body_is_400_with_the_schema_message(
     assert response.status_code == 400
     assert response.json()["error"] == "bad_envelope"
     assert fragment in response.json()["message"]
+    assert events(storage) == []
+
+
+@pytest.mark.parametrize(
+    ("body", "named"),
+    [
+        (b'{"token": "tok_\\ud800"}', "at $.token holds a lone surrogate (U+D800 at character 5)"),
+        (b'{"token": "t", "first_name": ["A\\udfff"]}', "at $.first_name[0] holds a lone"),
+        (b'{"token": "t", "\\ud83d": 1}', "at a key of $ holds a lone surrogate (U+D83D"),
+    ],
+    ids=["token", "nested-value", "key"],
+)
+def test_identify_with_a_lone_surrogate_is_400_not_500(
+    client: TestClient, storage: SQLiteStorage, body: bytes, named: str
+) -> None:
+    response = identify(client, body)
+    assert response.status_code == 400
+    assert response.json()["error"] == "bad_envelope"
+    assert named in response.json()["message"]
+    assert "not valid Unicode" in response.json()["message"]
     assert events(storage) == []
 
 
@@ -430,6 +479,87 @@ def test_metrics_count_received_rejected_duplicates_and_inbox(client: TestClient
     ]
     for line in expected:
         assert line in text, line
+
+
+def test_metrics_need_the_bearer_key_when_one_is_set(storage: SQLiteStorage) -> None:
+    guarded = create_app(storage, replace(SETTINGS, metrics_keys=("scrape-key", "next-key")))
+    with TestClient(guarded) as client:
+        for headers in ({}, {"authorization": "Bearer wrong"}, {"authorization": "scrape-key"},
+                        {"authorization": "Basic scrape-key"}):
+            response = client.get("/metrics", headers=headers)
+            assert response.status_code == 401
+            assert response.headers["www-authenticate"] == "Bearer"
+            assert "linkcrm_" not in response.text
+        for key in ("scrape-key", "next-key"):
+            response = client.get("/metrics", headers={"authorization": f"Bearer {key}"})
+            assert response.status_code == 200
+            assert "linkcrm_requests_rejected_total" in response.text
+        assert client.get("/healthz").status_code == 200  # only /metrics is guarded
+        assert client.get("/readyz").status_code == 200
+    with TestClient(create_app(storage, SETTINGS)) as client:  # no key set: open, as before
+        assert client.get("/metrics").status_code == 200
+
+
+class _CountingStats(SQLiteStorage):
+    reads = 0
+
+    async def inbox_stats(self) -> InboxStats:
+        self.reads += 1
+        await asyncio.sleep(0.05)  # a read in flight while the other scrapes arrive
+        return await super().inbox_stats()
+
+
+def test_concurrent_scrapes_share_one_inbox_read(tmp_path: Path) -> None:
+    """32 scrapers at once cost the database one read, not 64 (two gauges each)."""
+    counting = _CountingStats(tmp_path / "scraped.db")
+    asyncio.run(counting.migrate())
+    try:
+        with TestClient(create_app(counting, SETTINGS)) as client:
+            post(client, INSTALL)
+            with ThreadPoolExecutor(max_workers=32) as pool:
+                pages = list(pool.map(lambda _: client.get("/metrics").text, range(32)))
+        assert all('linkcrm_inbox_events{status="received"} 1' in page for page in pages)
+        assert counting.reads <= 2, f"{counting.reads} inbox reads for 32 scrapes"
+    finally:
+        asyncio.run(counting.close())
+
+
+class _DiskThatFills(SQLiteStorage):
+    """A database that cannot grow while `full` is set (a full disk, a file-size limit)."""
+
+    full = True
+
+    def _configure(self, connection: sqlite3.Connection) -> None:
+        super()._configure(connection)
+        pages = connection.execute("PRAGMA page_count").fetchone()[0]
+        limit = int(pages) if self.full else 1_073_741_823
+        connection.execute(f"PRAGMA max_page_count = {limit}")
+
+
+def test_readyz_is_503_while_writes_fail_and_ready_again_once_they_commit(
+    tmp_path: Path
+) -> None:
+    setup = SQLiteStorage(tmp_path / "filling.db")
+    asyncio.run(setup.migrate())
+    asyncio.run(setup.close())
+    disk = _DiskThatFills(tmp_path / "filling.db")
+    big = json.dumps({"event": "install.tracked", "timestamp": "t",
+                      "data": {"blob": "x" * 40_000}}).encode()
+    try:
+        with TestClient(create_app(disk, SETTINGS)) as client:
+            assert client.get("/readyz").status_code == 200  # reads work, nothing failed yet
+            assert post(client, big).status_code == 503
+            for _ in range(2):  # it stays unready: the test write fails too
+                response = client.get("/readyz")
+                assert response.status_code == 503
+                assert response.json() == {"status": "unavailable", "reason": "writes_failing"}
+            assert client.get("/healthz").status_code == 200
+            disk.full = False  # space again
+            assert client.get("/readyz").status_code == 200
+            assert post(client, big).status_code == 200
+        assert len(events(disk)) == 1
+    finally:
+        asyncio.run(disk.close())
 
 
 def test_logs_hold_no_bodies_signatures_or_emails(

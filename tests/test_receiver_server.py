@@ -2,19 +2,23 @@
 
 from __future__ import annotations
 
+import json
 import os
+import resource
 import socket
 import subprocess
 import sys
 import threading
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
 import pytest
 
+from engine.jsonlog import BURST
 from engine.signing import sign
 
 pytestmark = pytest.mark.slow
@@ -38,6 +42,7 @@ run(Settings.from_env(os.environ), host="127.0.0.1", port=int(sys.argv[1]))
 class Server:
     process: subprocess.Popen[bytes]
     port: int
+    log: Path
 
     def rss(self) -> int:
         return _status_kb(self.process.pid, "VmRSS") * 1024
@@ -62,9 +67,9 @@ def _free_port() -> int:
         return int(probe.getsockname()[1])
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    directory = tmp_path_factory.mktemp("server")
+@contextmanager
+def _serving(directory: Path) -> Iterator[Server]:
+    """`linkcrm serve`'s receiver in a subprocess on a fresh SQLite file, ready to answer."""
     port = _free_port()
     env = {
         **os.environ,
@@ -77,7 +82,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     process = subprocess.Popen(
         [sys.executable, "-c", SERVER, str(port)], env=env, stdout=log, stderr=log
     )
-    started = Server(process, port)
+    started = Server(process, port, directory / "server.log")
     try:
         deadline = time.monotonic() + 30
         while True:
@@ -94,6 +99,12 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
         process.terminate()
         process.wait(timeout=15)
         log.close()
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    with _serving(tmp_path_factory.mktemp("server")) as started:
+        yield started
 
 
 class _Reader(threading.Thread):
@@ -214,6 +225,25 @@ def test_an_idle_connection_is_closed(server: Server) -> None:
     assert reader.closed_at - started < CUT_OFF_WITHIN
 
 
+def test_many_idle_connections_do_not_flood_the_log(server: Server) -> None:
+    """Each connection cut off at the deadline is one WARNING; a client holding many must not
+    write one line each: one call site writes at most BURST lines per window."""
+    before = len(server.log.read_bytes())
+    sockets = [server.connect() for _ in range(3 * BURST)]
+    readers = [_Reader(sock) for sock in sockets]
+    for reader in readers:
+        reader.start()
+    for reader in readers:
+        reader.join(timeout=CUT_OFF_WITHIN + 10)
+    for sock in sockets:
+        sock.close()
+    assert all(reader.closed_at is not None for reader in readers)
+    time.sleep(0.5)  # the last lines reach the file
+    written = server.log.read_bytes()[before:].decode().splitlines()
+    cut_off = [line for line in written if "request deadline passed" in line]
+    assert 0 < len(cut_off) <= BURST, f"{len(cut_off)} lines for {len(sockets)} connections"
+
+
 def test_the_server_still_stores_signed_events(server: Server) -> None:
     body = b'{"event":"install.tracked","timestamp":"2026-03-01T00:00:00Z","data":{"token":"s"}}'
     response = httpx.post(
@@ -223,3 +253,73 @@ def test_the_server_still_stores_signed_events(server: Server) -> None:
     )
     assert response.status_code == 200
     assert response.json()["status"] in ("stored", "duplicate")
+
+
+@pytest.mark.parametrize(
+    "framing",
+    [
+        b"content-length: 5\r\ntransfer-encoding: chunked\r\n",
+        b"Transfer-Encoding: chunked\r\nContent-Length: 40\r\n",
+    ],
+    ids=["cl-then-te", "te-then-cl"],
+)
+@pytest.mark.parametrize("path", [b"/webhooks/tolinku", b"/no-such-path"])
+def test_both_transfer_encoding_and_content_length_is_400_and_closes(
+    server: Server, framing: bytes, path: bytes
+) -> None:
+    """RFC 9112 section 6.1: never guess the framing, and never keep the connection."""
+    smuggled = b"GET /healthz HTTP/1.1\r\nhost: t\r\n\r\n"
+    sock = server.connect()
+    reader = _Reader(sock)
+    reader.start()
+    sock.sendall(b"POST " + path + b" HTTP/1.1\r\nhost: t\r\nx-webhook-signature: 00\r\n"
+                 + framing + b"\r\n0\r\n\r\n" + smuggled)
+    reader.join(timeout=10)
+    sock.close()
+    assert reader.closed_at is not None, "the connection was kept open"
+    assert reader.status == 400, reader.data[:300]
+    assert b"connection: close" in reader.data.lower()
+    assert b"Transfer-Encoding and Content-Length" in reader.data
+    assert reader.data.count(b"HTTP/1.1 ") == 1, "the request after it was served"
+
+
+def test_pipelined_requests_with_one_framing_header_are_all_served(server: Server) -> None:
+    """The control for the test above: the same bytes with one framing header keep going."""
+    sock = server.connect()
+    sock.sendall(b"POST /no-such-path HTTP/1.1\r\nhost: t\r\ntransfer-encoding: chunked\r\n"
+                 b"\r\n0\r\n\r\nGET /healthz HTTP/1.1\r\nhost: t\r\nconnection: close\r\n\r\n")
+    reader = _Reader(sock)
+    reader.start()
+    reader.join(timeout=10)
+    sock.close()
+    assert reader.data.count(b"HTTP/1.1 ") == 2, reader.data[:300]
+    assert b'{"status":"ok"}' in reader.data
+
+
+def test_readyz_is_503_while_a_file_size_limit_fails_every_write(tmp_path: Path) -> None:
+    """The server process may not grow its files (RLIMIT_FSIZE, as a full disk): deliveries
+    get 503, and /readyz says so too until writes commit again."""
+    with _serving(tmp_path) as server:
+        url = f"http://127.0.0.1:{server.port}"
+
+        def deliver(n: int) -> int:
+            body = json.dumps({"event": "install.tracked", "timestamp": "2026-03-01T00:00:00Z",
+                               "data": {"n": n, "blob": "x" * 200_000}}).encode()
+            return httpx.post(f"{url}/webhooks/tolinku", content=body, timeout=10,
+                              headers={"x-webhook-signature": sign(body, SECRET)}).status_code
+
+        assert deliver(0) == 200
+        largest = max(path.stat().st_size for path in tmp_path.iterdir())
+        unlimited = (resource.RLIM_INFINITY, resource.RLIM_INFINITY)
+        resource.prlimit(server.process.pid, resource.RLIMIT_FSIZE,
+                         (largest + 50_000, resource.RLIM_INFINITY))
+        try:
+            assert [deliver(n) for n in range(1, 4)] == [503] * 3
+            for _ in range(2):  # the test write /readyz makes fails as well
+                response = httpx.get(f"{url}/readyz", timeout=10)
+                assert response.status_code == 503
+                assert response.json()["reason"] == "writes_failing"
+        finally:
+            resource.prlimit(server.process.pid, resource.RLIMIT_FSIZE, unlimited)
+        assert httpx.get(f"{url}/readyz", timeout=10).status_code == 200
+        assert deliver(4) == 200

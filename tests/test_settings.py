@@ -24,6 +24,7 @@ def test_values_are_read_and_trimmed() -> None:
         "LINKCRM_DATABASE_URL": "postgresql://db/linkcrm",
         "WEBHOOK_SECRET": "whsec_new, whsec_old",
         "LINKCRM_API_KEYS": "k1,k2",
+        "LINKCRM_METRICS_KEY": " scrape-key ",
         "LINKCRM_RULES": "my-rules",
         "LINKCRM_MAX_BODY_BYTES": "2_000_000",
         "LINKCRM_REQUEST_TIMEOUT": "2.5",
@@ -32,15 +33,18 @@ def test_values_are_read_and_trimmed() -> None:
     })
     assert settings.webhook_secrets == ("whsec_new", "whsec_old")
     assert settings.api_keys == ("k1", "k2")
+    assert settings.metrics_keys == ("scrape-key",)
     assert settings.rules_dir == Path("my-rules")
     assert (settings.max_body_bytes, settings.request_timeout) == (2_000_000, 2.5)
     assert (settings.lease_seconds, settings.log_level) == (90.0, "DEBUG")
 
 
 def test_secrets_never_appear_in_repr() -> None:
-    settings = Settings.from_env({"WEBHOOK_SECRET": "whsec_topsecret", "LINKCRM_API_KEYS": "k9"})
+    settings = Settings.from_env({"WEBHOOK_SECRET": "whsec_topsecret", "LINKCRM_API_KEYS": "k9",
+                                  "LINKCRM_METRICS_KEY": "scrape-secret"})
     assert "whsec_topsecret" not in repr(settings)
     assert "k9" not in repr(settings)
+    assert "scrape-secret" not in repr(settings)
 
 
 def test_every_bad_value_is_reported_with_its_variable_and_a_fix() -> None:

@@ -9,14 +9,15 @@ import sys
 import textwrap
 import time
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from dataclasses import replace
 from typing import Any
 
 import psycopg
 import pytest
 
 from engine.actions import IdentityKey
-from engine.errors import StorageError, UnstorableValueError
-from engine.storage import NewEvent, Storage, StoreResult, open_storage
+from engine.errors import StorageError, UnstorableEventError, UnstorableValueError
+from engine.storage import NewEvent, Storage, StoreResult, open_storage, postgres_schema
 from engine.storage import postgres_inbox as inbox
 from engine.storage import postgres_maps as maps
 from engine.storage.postgres import PLANNING_WAIT, PostgresStorage
@@ -141,6 +142,9 @@ async def test_many_claimers_never_share_an_event(url: str) -> None:
         events = await storages[0].list_events(limit=total)
         assert {e.status for e in events} == {"processed"}
         assert {e.attempts for e in events} == {1}
+        # The counts /metrics reads, kept by 16 concurrent writers across 4 pools, add up.
+        counts = (await storages[3].inbox_stats()).by_status
+        assert (counts["processed"], counts["received"]) == (total, 0)
     finally:
         await _close(storages)
 
@@ -192,6 +196,101 @@ async def test_concurrent_stores_share_statements(
     assert sum(not r.duplicate for r in results) == 200
     assert [r.id for r in results[200:]] == [results[n].id for n in range(0, 200, 10)]
     assert len(await storage.list_events(limit=500)) == 200
+
+
+async def test_a_row_postgresql_refuses_fails_alone_in_its_batch(
+    storage: PostgresStorage, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Even a bad row the up-front check misses (here the check is switched off) fails only
+    its own store: the batch is written again row by row."""
+    monkeypatch.setattr(inbox, "unstorable", lambda event: None)
+    bad = replace(event(99), event_timestamp="2026-03-01\udfff")
+    results = await asyncio.gather(
+        *(storage.store_event(event(n)) for n in range(3)), storage.store_event(bad),
+        *(storage.store_event(event(n)) for n in range(3, 6)), return_exceptions=True)
+    assert isinstance(results[3], UnstorableEventError), results[3]
+    assert "UnicodeEncodeError" in str(results[3])
+    assert sum(isinstance(r, StoreResult) for r in results) == 6
+    assert len(await storage.list_events()) == 6
+
+
+_ROWS_READ = (
+    "SELECT SUM(pg_stat_get_xact_tuples_returned(oid)) FROM pg_class WHERE oid = 'inbox'::regclass"
+    " OR oid IN (SELECT indexrelid FROM pg_index WHERE indrelid = 'inbox'::regclass)"
+)
+
+
+async def test_inbox_stats_reads_no_more_rows_for_a_bigger_inbox(
+    storage: PostgresStorage, url: str
+) -> None:
+    """/metrics reads inbox_stats on every scrape: the inbox rows and index entries it reads
+    (this transaction's own statistics) stay the same from 100 events to 3,000."""
+
+    async def rows_read() -> int:
+        async with await psycopg.AsyncConnection.connect(url) as connection:
+            before = await (await connection.execute(_ROWS_READ)).fetchone()
+            await inbox.stats(connection)
+            after = await (await connection.execute(_ROWS_READ)).fetchone()
+            assert before is not None and after is not None
+            return int(after[0] or 0) - int(before[0] or 0)
+
+    await asyncio.gather(*(storage.store_event(event(n)) for n in range(100)))
+    claimed = await storage.claim("w", 50, 30)
+    await storage.finish(claimed[0].id, "w", "processed")
+    small = await rows_read()
+    await asyncio.gather(*(storage.store_event(event(n)) for n in range(100, 3000)))
+    large = await rows_read()
+    assert (await storage.inbox_stats()).by_status["received"] == 2999
+    assert large <= small + 2, f"{small} rows read at 100 events, {large} at 3,000"
+
+
+async def test_migration_2_counts_the_events_already_stored(url: str) -> None:
+    with psycopg.connect(url, autocommit=True) as connection:
+        connection.execute("CREATE TABLE schema_version (version INTEGER PRIMARY KEY,"
+                           " applied_at TIMESTAMPTZ NOT NULL DEFAULT now())")
+        for number, statements in postgres_schema.MIGRATIONS:
+            if number < 2:
+                for statement in statements:
+                    connection.execute(statement)
+                connection.execute("INSERT INTO schema_version VALUES (%s, now())", (number,))
+        for n, status in enumerate(["received"] * 3 + ["dead", "processed", "processed"]):
+            connection.execute(
+                "INSERT INTO inbox (dedupe_key, source, event_type, event_timestamp,"
+                " received_at, headers, status, updated_at) VALUES (%s, 't', 'e', 't', now(),"
+                " '{}', %s, now())", (f"k{n}", status))
+    upgraded = PostgresStorage.from_url(url)
+    try:
+        assert await upgraded.migrate() >= 2
+        assert dict((await upgraded.inbox_stats()).by_status) == {
+            "received": 3, "processed": 2, "ignored": 0, "failed": 0, "dead": 1}
+        await upgraded.store_event(event(1))
+        assert (await upgraded.inbox_stats()).by_status["received"] == 4
+    finally:
+        await upgraded.close()
+
+
+async def test_check_writable_fails_while_the_disk_is_full_and_recovers(
+    storage: PostgresStorage, url: str
+) -> None:
+    """A full disk, injected: every insert fails with PostgreSQL's own disk_full error."""
+    with psycopg.connect(url, autocommit=True) as connection:
+        connection.execute(
+            "CREATE FUNCTION full_disk() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN"
+            " RAISE EXCEPTION 'could not extend file: No space left on device'"
+            " USING ERRCODE = 'disk_full'; END $$")
+        for table in ("inbox", "write_probe"):
+            connection.execute(f"CREATE TRIGGER full_disk BEFORE INSERT ON {table}"
+                               " FOR EACH ROW EXECUTE FUNCTION full_disk()")
+        with pytest.raises(StorageError, match="No space left"):
+            await storage.store_event(event(1))
+        with pytest.raises(StorageError, match="No space left"):
+            await storage.check_writable()
+        for table in ("inbox", "write_probe"):
+            connection.execute(f"DROP TRIGGER full_disk ON {table}")
+    await storage.check_writable()
+    assert (await storage.store_event(event(1))).duplicate is False
+    with psycopg.connect(url) as connection:  # the test write left nothing behind
+        assert connection.execute("SELECT COUNT(*) FROM write_probe").fetchone() == (0,)
 
 
 async def test_rate_limit_bucket_is_shared_by_every_pool(url: str) -> None:

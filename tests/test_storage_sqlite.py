@@ -7,13 +7,14 @@ import sqlite3
 import subprocess
 import sys
 import textwrap
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
-from engine.errors import StorageError, UnstorableValueError
-from engine.storage import Storage, open_storage
+from engine.errors import StorageError, UnstorableEventError, UnstorableValueError
+from engine.storage import Storage, StoreResult, open_storage, sqlite_inbox, sqlite_schema
 from engine.storage.groupcommit import GroupCommitWriter
 from engine.storage.sqlite import SQLiteStorage
 from tests.storage_contract import FakeClock, StorageContract, event
@@ -143,6 +144,117 @@ async def test_a_value_sqlite_cannot_bind_is_permanent_and_fails_alone(
     assert str(results[1]).startswith("bind text: a value cannot be stored (UnicodeEncodeError")
     assert isinstance(results[2], UnstorableValueError)
     assert len(await storage.list_events()) == 2
+async def test_a_row_sqlite_refuses_fails_alone_in_its_group_commit(
+    storage: SQLiteStorage, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Even a bad row the up-front check misses (here the check is switched off) fails only
+    its own store: the batch's one INSERT is retried row by row, in one commit."""
+    commits: list[int] = []
+    original = GroupCommitWriter._commit
+
+    def counting(self: GroupCommitWriter, connection: sqlite3.Connection) -> None:
+        commits.append(1)
+        original(self, connection)
+
+    monkeypatch.setattr(GroupCommitWriter, "_commit", counting)
+    monkeypatch.setattr(sqlite_inbox, "unstorable", lambda event: None)
+    bad = replace(event(99), event_timestamp="2026-03-01\udfff")
+    results = await asyncio.gather(
+        *(storage.store_event(event(n)) for n in range(3)), storage.store_event(bad),
+        *(storage.store_event(event(n)) for n in range(3, 6)), return_exceptions=True)
+    assert isinstance(results[3], UnstorableEventError), results[3]
+    assert "UnicodeEncodeError" in str(results[3])
+    assert "2026-03-01" not in str(results[3])  # names the error, not the data
+    assert sum(isinstance(r, StoreResult) for r in results) == 6
+    assert len(await storage.list_events()) == 6
+    assert len(commits) == 1
+
+
+async def test_a_bulk_handler_failing_on_one_item_keeps_the_others() -> None:
+    def insert(connection: sqlite3.Connection, items: Sequence[object]) -> list[int]:
+        connection.executemany("INSERT INTO t (v) VALUES (?)", [(item,) for item in items])
+        return [len(str(item)) for item in items]
+
+    def connect() -> sqlite3.Connection:
+        connection = sqlite3.connect(":memory:", isolation_level=None, check_same_thread=False)
+        connection.execute("CREATE TABLE t (v TEXT NOT NULL CHECK (v <> 'bad'))")
+        return connection
+
+    writer = GroupCommitWriter(connect)
+    try:
+        results = await asyncio.gather(
+            *(writer.run_bulk(insert, item) for item in ("a", "bb", "bad", {"no": "type"}, "c")),
+            return_exceptions=True)
+        assert results[:2] == [1, 2] and results[4] == 1
+        assert isinstance(results[2], sqlite3.IntegrityError)
+        assert isinstance(results[3], sqlite3.ProgrammingError)
+        rows = await writer.run(lambda c: c.execute("SELECT v FROM t ORDER BY v").fetchall())
+        assert rows == [("a",), ("bb",), ("c",)]
+    finally:
+        writer.close()
+
+
+async def test_inbox_stats_cost_does_not_grow_with_the_inbox(tmp_path: Path) -> None:
+    """/metrics reads inbox_stats on every scrape: counted in SQLite VM steps, reading it for
+    6,000 events costs what it costs for 100 (a GROUP BY over the inbox grew with it)."""
+    steps = [0]
+
+    class Counting(SQLiteStorage):
+        def _configure(self, connection: sqlite3.Connection) -> None:
+            super()._configure(connection)
+
+            def tick() -> int:
+                steps[0] += 1
+                return 0
+
+            connection.set_progress_handler(tick, 1)
+
+    counting = Counting(tmp_path / "steps.db")
+    try:
+        await counting.migrate()
+
+        async def cost() -> int:
+            steps[0] = 0
+            await counting.inbox_stats()
+            return steps[0]
+
+        await asyncio.gather(*(counting.store_event(event(n)) for n in range(100)))
+        await counting.claim("w", 50, 30)  # some pending, some leased, one finished
+        await counting.finish(1, "w", "processed")
+        small = await cost()
+        await asyncio.gather(*(counting.store_event(event(n)) for n in range(100, 6000)))
+        large = await cost()
+        assert (await counting.inbox_stats()).by_status["received"] == 5999
+    finally:
+        await counting.close()
+    assert large <= small + 20, f"{small} steps at 100 events, {large} at 6,000"
+
+
+async def test_migration_3_counts_the_events_already_stored(tmp_path: Path) -> None:
+    database = tmp_path / "old.db"
+    with sqlite3.connect(database, isolation_level=None) as connection:
+        connection.execute("CREATE TABLE schema_version ("
+                           "version INTEGER PRIMARY KEY, applied_at TEXT NOT NULL)")
+        for number, statements in sqlite_schema.MIGRATIONS:
+            if number < 3:
+                for statement in statements:
+                    connection.execute(statement)
+                connection.execute("INSERT INTO schema_version VALUES (?, 'then')", (number,))
+        for n, status in enumerate(["received"] * 3 + ["dead", "processed", "processed"]):
+            connection.execute(
+                "INSERT INTO inbox (dedupe_key, source, event_type, event_timestamp,"
+                " received_at, headers, status, updated_at) VALUES (?, 't', 'e', 't',"
+                " '2026-03-01T00:00:00.000000+00:00', '{}', ?, 'now')", (f"k{n}", status))
+    upgraded = SQLiteStorage(database)
+    try:
+        assert await upgraded.migrate() >= 3
+        counts = (await upgraded.inbox_stats()).by_status
+        assert dict(counts) == {"received": 3, "processed": 2, "ignored": 0, "failed": 0,
+                                "dead": 1}
+        await upgraded.store_event(event(1))
+        assert (await upgraded.inbox_stats()).by_status["received"] == 4
+    finally:
+        await upgraded.close()
 
 
 async def test_an_acknowledged_write_is_in_the_file(storage: SQLiteStorage) -> None:

@@ -131,7 +131,8 @@ def test_readyz_is_503_and_metrics_show_it_while_the_worker_is_down(tmp_path: Pa
                 if answer.status_code == 503:
                     break
             assert answer.status_code == 503
-            assert answer.json() == {"status": "unavailable", "down": {"worker": "RuntimeError"}}
+            assert answer.json() == {"status": "unavailable", "reason": "task_down",
+                                     "down": {"worker": "RuntimeError"}}
             metrics = client.get("/metrics").text
             assert 'linkcrm_task_crashes_total{task="worker"} 1' in metrics
             assert 'linkcrm_task_up{task="worker"} 0' in metrics

@@ -62,6 +62,9 @@ __all__ = [
 
 Clock = Callable[[], datetime]
 
+# The size of the test write `check_writable` commits after a failed commit: a large event.
+PROBE_BYTES = 64 * 1024
+
 
 def utc_now() -> datetime:
     return datetime.now(UTC)
@@ -290,7 +293,16 @@ class Storage(abc.ABC):
 
     @abc.abstractmethod
     async def inbox_stats(self) -> InboxStats:
-        """Inbox depth by status and the receipt time of the oldest pending event."""
+        """Inbox depth by status and the receipt time of the oldest pending event (the first
+        pending one in arrival order); constant time in the inbox size, so /metrics can ask on
+        every scrape."""
+
+    @abc.abstractmethod
+    async def check_writable(self) -> None:
+        """Raise StorageError when writes fail, for /readyz. Free while this process's last
+        commit went through; after a failed one, a probe decides (a row the size of a large
+        event, written and deleted in one committed transaction), and its success clears the
+        failure."""
 
     async def durability(self) -> Mapping[str, int]:
         """Durability settings read from the live writing connection, as numbers for

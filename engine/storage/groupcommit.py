@@ -7,6 +7,11 @@ commit was syncing and commits it together, then resolves every waiter. Inbox in
 own SAVEPOINT, so a job that raises (a constraint it checks, a ValueError) is undone alone; a
 database error or a failed COMMIT fails every job of the batch with StorageError and keeps none
 of them: no caller is ever told "stored" for a write that was not committed.
+
+One bad row never fails its neighbours: a bulk handler returns an exception in the place of an
+item it refuses, and when the one statement fails on the data of some item (a value SQLite
+cannot bind, a constraint) rather than on the database, every item is run again alone, in its
+own savepoint, so only the bad one fails.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from engine.errors import StorageError
+from engine.storage.records import describe
 
 T = TypeVar("T")
 
@@ -28,7 +34,8 @@ log = logging.getLogger(__name__)
 
 MAX_BATCH = 512
 
-# Runs many queued items of one kind with one statement; returns one result per item, in order.
+# Runs many queued items of one kind with one statement; returns one result per item, in order
+# (an Exception instance in the place of an item it refuses: that caller gets it raised).
 BulkHandler = Callable[[sqlite3.Connection, Sequence[Any]], Sequence[Any]]
 
 
@@ -70,6 +77,8 @@ class GroupCommitWriter:
         # Jobs submitted during the current iteration of each event loop, not yet handed over.
         self._staged: dict[asyncio.AbstractEventLoop, list[_Job]] = {}
         self._connection: sqlite3.Connection | None = None
+        # Why the last batch that tried to write could not commit; None once one commits.
+        self.failure: str | None = None
         self._closed = False
         self._lock = threading.Lock()
         self._thread = threading.Thread(
@@ -168,13 +177,13 @@ class GroupCommitWriter:
                 bulk_groups.setdefault(job.bulk, []).append(index)
         try:
             connection = self._get_connection()
+            changes = connection.total_changes
             connection.execute("BEGIN IMMEDIATE")
             for handler, indexes in bulk_groups.items():
-                # No savepoint: a bulk handler is one write statement, and any failure of it
-                # fails the whole batch (nothing of the batch is committed).
-                values = handler(connection, [batch[i].item for i in indexes])
-                for position, index in enumerate(indexes):
-                    outcomes[index] = (values[position], None)
+                items = [batch[i].item for i in indexes]
+                for index, outcome in zip(indexes, self._bulk(connection, handler, items),
+                                          strict=True):
+                    outcomes[index] = outcome
             for index, job in enumerate(batch):
                 if job.run is not None:
                     outcomes[index] = self._guarded(connection, job.run)
@@ -186,26 +195,40 @@ class GroupCommitWriter:
                 if isinstance(error, sqlite3.Error)
                 else StorageError(f"the database could not commit: {error!r}")
             )
+            self.failure = str(failure)
             log.error("storage batch failed", extra={"jobs": len(batch), "error": str(failure)})
             return [(None, failure)] * len(batch)
+        if connection.total_changes != changes:  # a batch of reads proves nothing about writes
+            self.failure = None
         return [outcomes[index] for index in range(len(batch))]
+
+    def _bulk(
+        self, connection: sqlite3.Connection, handler: BulkHandler, items: list[Any]
+    ) -> list[tuple[Any, BaseException | None]]:
+        """Every item with one handler call; when that call fails on an item's data, each
+        item alone. A database failure propagates and takes the whole batch down."""
+        outcome = self._guarded(connection, lambda c: handler(c, items))
+        if outcome[1] is None:
+            return [_refused_or(value) for value in outcome[0]]
+        if len(items) == 1:
+            return [outcome]
+        log.warning("a bulk write failed on its data; writing its items one by one",
+                    extra={"items": len(items), "error": describe(outcome[1])})
+        alone = [self._guarded(connection, _one(handler, item)) for item in items]
+        return [_refused_or(value) if error is None else (None, error) for value, error in alone]
 
     @staticmethod
     def _guarded(
         connection: sqlite3.Connection, run: Callable[[sqlite3.Connection], Any]
     ) -> tuple[Any, BaseException | None]:
-        """Run one job in a savepoint: its own failure is undone alone; a database failure
-        propagates and takes the whole batch down."""
+        """Run one job in a savepoint: its own failure (its data, a constraint) is undone
+        alone; a database failure propagates and takes the whole batch down."""
         connection.execute("SAVEPOINT job")
         try:
             value = run(connection)
-        except sqlite3.Error as error:
-            if not isinstance(error, sqlite3.IntegrityError):
-                raise
-            connection.execute("ROLLBACK TO job")
-            connection.execute("RELEASE job")
-            return None, error
         except Exception as error:
+            if not fails_one_job(error):
+                raise
             connection.execute("ROLLBACK TO job")
             connection.execute("RELEASE job")
             return None, error
@@ -245,6 +268,24 @@ class GroupCommitWriter:
         except sqlite3.Error:
             pass
         self._connection = None
+
+
+def fails_one_job(error: Exception) -> bool:
+    """True for a failure of one job's own data (a constraint, a value SQLite cannot bind or
+    hold, a ValueError); False for a failure of the database (I/O, disk full, locked, corrupt),
+    which fails the whole batch."""
+    if not isinstance(error, sqlite3.Error):
+        return True
+    return isinstance(error, sqlite3.IntegrityError | sqlite3.DataError | sqlite3.ProgrammingError
+                      | sqlite3.InterfaceError)
+
+
+def _one(handler: BulkHandler, item: Any) -> Callable[[sqlite3.Connection], Any]:
+    return lambda connection: handler(connection, [item])[0]
+
+
+def _refused_or(value: Any) -> tuple[Any, BaseException | None]:
+    return (None, value) if isinstance(value, Exception) else (value, None)
 
 
 def _resolve(settled: list[_Settled]) -> None:

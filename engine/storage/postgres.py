@@ -20,8 +20,8 @@ from psycopg import errors as pg_errors
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
 from engine.actions import JSON, IdentityKey
-from engine.errors import StorageError, UnstorableValueError
-from engine.storage import Clock, Storage, utc_now, values
+from engine.errors import StorageError, UnstorableEventError, UnstorableValueError
+from engine.storage import PROBE_BYTES, Clock, Storage, utc_now, values
 from engine.storage import postgres_crm as crm
 from engine.storage import postgres_inbox as inbox
 from engine.storage import postgres_maps as maps
@@ -95,6 +95,8 @@ class PostgresStorage(Storage):
         self._opened = False
         self._closed = False
         self._wakeups = Wakeups(self._pool, conninfo)
+        # Why the last store batch could not commit; None once one commits.
+        self._write_failure: str | None = None
         # Half the pool at most for store batches: reads and worker calls keep the rest.
         self._stores: Batcher[NewEvent, StoreResult] = Batcher(
             self._store_batch, max(1, self.pool_settings.size // 2))
@@ -195,9 +197,18 @@ class PostgresStorage(Storage):
         await self._ready()
         return await self._stores.submit(event)
 
-    async def _store_batch(self, events: list[NewEvent]) -> list[StoreResult]:
-        results = await self._call("store the event", inbox.store_many, events)
-        if not all(result.duplicate for result in results):
+    async def _store_batch(
+        self, events: list[NewEvent]
+    ) -> list[StoreResult | UnstorableEventError]:
+        try:
+            results = await self._call("store the event", inbox.store_many, events)
+        except UnstorableEventError:
+            raise  # the data, not the database
+        except StorageError as error:
+            self._write_failure = str(error)
+            raise
+        self._write_failure = None
+        if any(isinstance(result, StoreResult) and not result.duplicate for result in results):
             self._wakeups.poke()
         return results
 
@@ -378,6 +389,16 @@ class PostgresStorage(Storage):
 
     async def purge_raw_bodies(self, older_than: datetime) -> int:
         return await self._call("purge raw bodies", inbox.purge_raw_bodies, older_than)
+
+    async def check_writable(self) -> None:
+        if self._write_failure is None:
+            return
+        try:
+            await self._call("write a test row", inbox.probe_write, PROBE_BYTES)
+        except StorageError as error:
+            self._write_failure = str(error)
+            raise
+        self._write_failure = None
 
     async def inbox_stats(self) -> InboxStats:
         return await self._call("count the inbox", inbox.stats)

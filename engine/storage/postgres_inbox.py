@@ -6,9 +6,13 @@ unit open their own transaction. SQL text is fixed; every value is a parameter.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from datetime import datetime
 
+import psycopg
+
+from engine.errors import UnstorableEventError
 from engine.storage.postgres_rows import (
     EVENT_COLUMNS,
     EVENT_FIELDS,
@@ -28,6 +32,8 @@ from engine.storage.records import (
     InboxStats,
     NewEvent,
     StoreResult,
+    describe,
+    unstorable,
 )
 
 # One statement for a whole batch: the same text whatever its size, so it is prepared once.
@@ -46,16 +52,30 @@ _INSERT_MANY = (
 MAX_BATCH = 500
 
 
-async def store_many(connection: Conn, events: Sequence[NewEvent]) -> list[StoreResult]:
+async def store_many(
+    connection: Conn, events: Sequence[NewEvent]
+) -> list[StoreResult | UnstorableEventError]:
     """Insert a batch with one autocommit statement per MAX_BATCH events: committed (and
     flushed) when it returns. The unique constraint decides what is new: a key another
     transaction is inserting makes this one wait for it, so exactly one of concurrent identical
     deliveries is new, whichever receiver got it; of identical copies within one batch, the
-    first is."""
-    results: list[StoreResult] = []
-    for start in range(0, len(events), MAX_BATCH):
-        results += await _store_chunk(connection, events[start:start + MAX_BATCH])
-    return results
+    first is.
+
+    An event that can never be stored gets its UnstorableEventError in its place and the others
+    go in. When the database refuses the data of the batch anyway (psycopg's DataError, a value
+    it cannot encode), this raises UnstorableEventError, and the caller stores the events one by
+    one to find the bad one.
+    """
+    refused = [unstorable(event) for event in events]
+    storable = [event for event, error in zip(events, refused, strict=True) if error is None]
+    stored: list[StoreResult] = []
+    try:
+        for start in range(0, len(storable), MAX_BATCH):
+            stored += await _store_chunk(connection, storable[start:start + MAX_BATCH])
+    except (psycopg.DataError, ValueError, TypeError, OverflowError) as error:
+        raise UnstorableEventError(f"the event cannot be stored: {describe(error)}") from None
+    results = iter(stored)
+    return [next(results) if error is None else error for error in refused]
 
 
 async def _store_chunk(connection: Conn, events: Sequence[NewEvent]) -> list[StoreResult]:
@@ -276,10 +296,25 @@ async def purge_raw_bodies(connection: Conn, cutoff: datetime) -> int:
 
 
 async def stats(connection: Conn) -> InboxStats:
+    """Constant time in the inbox size: the counts are kept by triggers (migration 2), and the
+    oldest pending event (first in arrival order) is read from the (status, id) index."""
     counts: dict[str, int] = dict.fromkeys(EVENT_STATUSES, 0)
-    cursor = await connection.execute("SELECT status, COUNT(*) FROM inbox GROUP BY status")
+    cursor = await connection.execute(
+        "SELECT status, SUM(n)::bigint FROM inbox_counts GROUP BY status")
     for status, count in await cursor.fetchall():
-        counts[status] = count
-    cursor = await connection.execute(f"SELECT MIN(received_at) FROM inbox WHERE {PENDING}")
+        counts[status] = int(count)
+    cursor = await connection.execute(
+        "SELECT LEAST("
+        "(SELECT received_at FROM inbox WHERE status = 'received' ORDER BY id LIMIT 1),"
+        " (SELECT received_at FROM inbox WHERE status = 'failed' ORDER BY id LIMIT 1))")
     oldest = await cursor.fetchone()
     return InboxStats(by_status=counts, oldest_pending_received_at=oldest[0] if oldest else None)
+
+
+async def probe_write(connection: Conn, size: int) -> None:
+    """Write `size` bytes and delete them again in one committed transaction: the commit
+    takes WAL and table space as storing an event would."""
+    async with connection.transaction():
+        await connection.execute(
+            "INSERT INTO write_probe (payload) VALUES (%s)", (os.urandom(size),))
+        await connection.execute("DELETE FROM write_probe")

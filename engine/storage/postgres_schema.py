@@ -118,6 +118,60 @@ MIGRATIONS: tuple[tuple[int, tuple[str, ...]], ...] = (
             updated_at TIMESTAMPTZ NOT NULL
         )""",
     )),
+    # /metrics and /readyz in constant time: the inbox depth by status is kept by triggers in
+    # the same transaction as every insert, status change and delete (a scrape reads at most
+    # 5 x 16 rows, not the inbox). Each connection counts into its own shard (by backend pid)
+    # so concurrent writers do not queue on one row lock. Creating the triggers locks the inbox
+    # against writes until this migration commits, so the counts taken after them are exact.
+    # `write_probe` takes the test write /readyz makes after a failed commit.
+    (2, (
+        """CREATE TABLE inbox_counts (
+            status TEXT NOT NULL,
+            shard INTEGER NOT NULL,
+            n BIGINT NOT NULL DEFAULT 0,
+            PRIMARY KEY (status, shard)
+        )""",
+        "INSERT INTO inbox_counts (status, shard)"
+        " SELECT s, g FROM unnest(ARRAY['received', 'processed', 'ignored', 'failed', 'dead'])"
+        " AS s, generate_series(0, 15) AS g",
+        """CREATE FUNCTION inbox_counts_inserted() RETURNS trigger LANGUAGE plpgsql
+        SET search_path FROM CURRENT AS $$
+        BEGIN
+            UPDATE inbox_counts AS c SET n = c.n + d.n
+            FROM (SELECT status, COUNT(*) AS n FROM inserted GROUP BY status) AS d
+            WHERE c.status = d.status AND c.shard = pg_backend_pid() % 16;
+            RETURN NULL;
+        END $$""",
+        # A status change moves one count with one statement, so two writers always lock
+        # their two rows in the same (primary key) order and never deadlock on them.
+        """CREATE FUNCTION inbox_counts_changed() RETURNS trigger LANGUAGE plpgsql
+        SET search_path FROM CURRENT AS $$
+        BEGIN
+            IF TG_OP = 'DELETE' THEN
+                UPDATE inbox_counts SET n = n - 1
+                WHERE status = OLD.status AND shard = pg_backend_pid() % 16;
+            ELSE
+                UPDATE inbox_counts
+                SET n = n + CASE WHEN status = NEW.status THEN 1 ELSE -1 END
+                WHERE status IN (OLD.status, NEW.status) AND shard = pg_backend_pid() % 16;
+            END IF;
+            RETURN NULL;
+        END $$""",
+        "CREATE TRIGGER inbox_counts_insert AFTER INSERT ON inbox"
+        " REFERENCING NEW TABLE AS inserted FOR EACH STATEMENT"
+        " EXECUTE FUNCTION inbox_counts_inserted()",
+        "CREATE TRIGGER inbox_counts_update AFTER UPDATE OF status ON inbox FOR EACH ROW"
+        " WHEN (OLD.status IS DISTINCT FROM NEW.status) EXECUTE FUNCTION inbox_counts_changed()",
+        "CREATE TRIGGER inbox_counts_delete AFTER DELETE ON inbox FOR EACH ROW"
+        " EXECUTE FUNCTION inbox_counts_changed()",
+        "UPDATE inbox_counts AS c SET n = d.n"
+        " FROM (SELECT status, COUNT(*) AS n FROM inbox GROUP BY status) AS d"
+        " WHERE c.status = d.status AND c.shard = 0",
+        """CREATE TABLE write_probe (
+            id BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+            payload BYTEA NOT NULL
+        )""",
+    )),
 )
 
 LATEST = MIGRATIONS[-1][0]

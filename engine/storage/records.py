@@ -8,6 +8,7 @@ from datetime import datetime
 from typing import Literal
 
 from engine.actions import JSON, IdentityKey
+from engine.errors import UnstorableEventError
 
 EventStatus = Literal["received", "processed", "ignored", "failed", "dead"]
 EVENT_STATUSES: tuple[EventStatus, ...] = ("received", "processed", "ignored", "failed", "dead")
@@ -34,6 +35,42 @@ class NewEvent:
     received_at: datetime
     source: str = "tolinku"
     headers: Mapping[str, str] = field(default_factory=dict)
+
+
+def lone_surrogate(text: str) -> str | None:
+    """Where `text` holds a lone UTF-16 surrogate (JSON's "\\ud800" decodes to one), which
+    no UTF-8 text column can take, e.g. "U+D800 at character 2"; None when it holds none."""
+    if text.isascii():
+        return None
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as error:
+        return f"U+{ord(text[error.start]):04X} at character {error.start + 1}"
+    return None
+
+
+def describe(error: BaseException) -> str:
+    """`TypeName: message`, short, for logs and errors: never the repr, which may hold data
+    (a UnicodeEncodeError's repr holds the whole string)."""
+    return f"{type(error).__name__}: {error}"[:200]
+
+
+def unstorable(event: NewEvent) -> UnstorableEventError | None:
+    """Why `event` can never be stored, or None. Both backends check every event of a batch
+    with this first, so one bad event is refused alone and its neighbours are stored."""
+    texts = [("event", event.event_type), ("timestamp", event.event_timestamp),
+             ("source", event.source), ("dedupe key", event.dedupe_key)]
+    for name, value in event.headers.items():
+        texts += [("header name", name), ("header value", value)]
+    for name, text in texts:
+        where = lone_surrogate(text)
+        if where is not None:
+            return UnstorableEventError(
+                f"the event's {name} holds a lone surrogate ({where}), which is not valid "
+                "Unicode and cannot be stored; send text as UTF-8 (no unpaired \\ud800-\\udfff "
+                "escapes)"
+            )
+    return None
 
 
 @dataclass(frozen=True)

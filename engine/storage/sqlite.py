@@ -18,12 +18,12 @@ from pathlib import Path
 from typing import TypeVar
 
 from engine.actions import JSON, IdentityKey
-from engine.errors import StorageError, UnstorableValueError
-from engine.storage import Clock, Storage, utc_now, values
+from engine.errors import StorageError, UnstorableEventError, UnstorableValueError
+from engine.storage import PROBE_BYTES, Clock, Storage, utc_now, values
 from engine.storage import sqlite_crm as crm
 from engine.storage import sqlite_inbox as inbox
 from engine.storage import sqlite_maps as maps
-from engine.storage.groupcommit import GroupCommitWriter, storage_error
+from engine.storage.groupcommit import GroupCommitWriter, fails_one_job, storage_error
 from engine.storage.records import (
     ActionOutcome,
     ContactResult,
@@ -39,6 +39,7 @@ from engine.storage.records import (
     NewOutcome,
     StageResult,
     StoreResult,
+    describe,
 )
 from engine.storage.sqlite_rows import ts
 from engine.storage.sqlite_schema import current_version
@@ -181,8 +182,16 @@ class SQLiteStorage(Storage):
     async def store_event(self, event: NewEvent) -> StoreResult:
         try:
             result: StoreResult = await self._writer.run_bulk(inbox.store_many, event)
-        except sqlite3.Error as error:
-            raise storage_error(error, "store the event") from None
+        except StorageError:
+            raise
+        except Exception as error:
+            if not fails_one_job(error):
+                if isinstance(error, sqlite3.Error):
+                    raise storage_error(error, "store the event") from None
+                raise
+            # The writer ran this event alone and it failed on its own data: it always will.
+            raise UnstorableEventError(
+                f"the event cannot be stored: {describe(error)}") from None
         return result
 
     async def get_event(self, event_id: int) -> InboxEvent | None:
@@ -381,6 +390,11 @@ class SQLiteStorage(Storage):
 
     async def inbox_stats(self) -> InboxStats:
         return await self._read(inbox.stats, "count the inbox")
+
+    async def check_writable(self) -> None:
+        if self._writer.failure is None:
+            return
+        await self._write(lambda c: inbox.probe_write(c, PROBE_BYTES), "write a test row")
 
     async def durability(self) -> Mapping[str, int]:
         # Through the writer: it is the connection whose commits answer "stored".

@@ -9,6 +9,7 @@ import functools
 import sqlite3
 from collections.abc import Sequence
 
+from engine.errors import UnstorableEventError
 from engine.storage.records import (
     EVENT_STATUSES,
     DeadLetter,
@@ -17,6 +18,7 @@ from engine.storage.records import (
     InboxStats,
     NewEvent,
     StoreResult,
+    unstorable,
 )
 from engine.storage.sqlite_rows import (
     EVENT_COLUMNS,
@@ -60,12 +62,18 @@ def _insert(count: int) -> str:
 _MAX_ROWS = 1000
 
 
-def store_many(connection: sqlite3.Connection, events: Sequence[NewEvent]) -> list[StoreResult]:
-    """Insert a batch, a thousand rows per statement at most."""
-    results: list[StoreResult] = []
-    for start in range(0, len(events), _MAX_ROWS):
-        results += _store_chunk(connection, events[start : start + _MAX_ROWS])
-    return results
+def store_many(
+    connection: sqlite3.Connection, events: Sequence[NewEvent]
+) -> list[StoreResult | UnstorableEventError]:
+    """Insert a batch, a thousand rows per statement at most. An event that can never be
+    stored gets its UnstorableEventError in its place; the others go in."""
+    refused = [unstorable(event) for event in events]
+    storable = [event for event, error in zip(events, refused, strict=True) if error is None]
+    stored: list[StoreResult] = []
+    for start in range(0, len(storable), _MAX_ROWS):
+        stored += _store_chunk(connection, storable[start : start + _MAX_ROWS])
+    results = iter(stored)
+    return [next(results) if error is None else error for error in refused]
 
 
 def _store_chunk(connection: sqlite3.Connection, events: Sequence[NewEvent]) -> list[StoreResult]:
@@ -248,9 +256,27 @@ def purge_raw_bodies(connection: sqlite3.Connection, cutoff: str) -> int:
     return cursor.rowcount
 
 
+# The first pending event in arrival order of each pending status: two index lookups.
+OLDEST_PENDING = (
+    "SELECT MIN(r) FROM ("
+    "SELECT (SELECT received_at FROM inbox WHERE status = 'received' ORDER BY id LIMIT 1) AS r"
+    " UNION ALL"
+    " SELECT (SELECT received_at FROM inbox WHERE status = 'failed' ORDER BY id LIMIT 1))"
+)
+
+
 def stats(connection: sqlite3.Connection) -> InboxStats:
+    """Constant time in the inbox size: the counts are kept by triggers (migration 3), and the
+    oldest pending event is read from the (status, id) index."""
     counts: dict[str, int] = dict.fromkeys(EVENT_STATUSES, 0)
-    for status, count in connection.execute("SELECT status, COUNT(*) FROM inbox GROUP BY status"):
+    for status, count in connection.execute("SELECT status, n FROM inbox_counts"):
         counts[status] = count
-    oldest = connection.execute(f"SELECT MIN(received_at) FROM inbox WHERE {PENDING}").fetchone()
+    oldest = connection.execute(OLDEST_PENDING).fetchone()
     return InboxStats(by_status=counts, oldest_pending_received_at=parse_optional_ts(oldest[0]))
+
+
+def probe_write(connection: sqlite3.Connection, size: int) -> None:
+    """Write `size` bytes and delete them again, in the caller's transaction: committing it
+    takes new pages and WAL space as storing an event would."""
+    connection.execute("INSERT INTO write_probe (payload) VALUES (zeroblob(?))", (size,))
+    connection.execute("DELETE FROM write_probe")

@@ -116,6 +116,35 @@ MIGRATIONS: tuple[tuple[int, tuple[str, ...]], ...] = (
     (2, (
         "DROP INDEX IF EXISTS inbox_received_at",
     )),
+    # /metrics and /readyz in constant time: the inbox depth by status is kept by triggers in
+    # the same transaction as every insert, status change and delete (a scrape reads five rows,
+    # not the inbox), and `write_probe` takes the test write /readyz makes after a failed
+    # commit. The triggers exist before the counts are taken, under the write lock.
+    (3, (
+        """CREATE TABLE inbox_counts (
+            status TEXT PRIMARY KEY,
+            n INTEGER NOT NULL DEFAULT 0
+        )""",
+        "INSERT INTO inbox_counts (status) VALUES"
+        " ('received'), ('processed'), ('ignored'), ('failed'), ('dead')",
+        """CREATE TRIGGER inbox_counts_insert AFTER INSERT ON inbox BEGIN
+            UPDATE inbox_counts SET n = n + 1 WHERE status = NEW.status;
+        END""",
+        """CREATE TRIGGER inbox_counts_update AFTER UPDATE OF status ON inbox
+        WHEN OLD.status <> NEW.status BEGIN
+            UPDATE inbox_counts SET n = n - 1 WHERE status = OLD.status;
+            UPDATE inbox_counts SET n = n + 1 WHERE status = NEW.status;
+        END""",
+        """CREATE TRIGGER inbox_counts_delete AFTER DELETE ON inbox BEGIN
+            UPDATE inbox_counts SET n = n - 1 WHERE status = OLD.status;
+        END""",
+        "UPDATE inbox_counts SET n = (SELECT COUNT(*) FROM inbox"
+        " WHERE inbox.status = inbox_counts.status)",
+        """CREATE TABLE write_probe (
+            id INTEGER PRIMARY KEY,
+            payload BLOB NOT NULL
+        )""",
+    )),
 )
 
 LATEST = MIGRATIONS[-1][0]
