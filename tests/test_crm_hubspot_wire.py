@@ -18,6 +18,8 @@ from engine.actions import CreateDeal, IdentityKey, UpsertContact
 from engine.crm.base import Outcome
 from engine.crm.hubspot import HubSpotTarget
 from engine.crm.hubspot_admin import provision
+from engine.crm.hubspot_api import parse_created, record_path
+from engine.errors import PermanentCRMError
 from engine.fieldmap import FieldMap, load_field_map
 from engine.storage import Storage, open_storage
 from tests.emulators.hubspot import create_hubspot_emulator
@@ -148,7 +150,25 @@ async def test_the_emulator_reads_encoded_path_values_as_its_switch_says(
     assert dot.status_code == 405
 
 
+def test_a_record_id_is_one_path_segment_or_refused() -> None:
+    assert record_path("/crm/v3/objects/contacts", "101") == "/crm/v3/objects/contacts/101"
+    assert record_path("/x", "a/b?c") == "/x/a%2Fb%3Fc"
+    for bad in ("", ".", ".."):
+        with pytest.raises(PermanentCRMError, match="is not a HubSpot record id"):
+            record_path("/crm/v3/objects/contacts", bad)
+
+
 # -- create answers: 201 with the object, or 200 wrapped -------------------------------------
+
+
+def test_a_created_object_is_read_from_either_answer() -> None:
+    plain = parse_created({"id": "7", "properties": {"email": "a@b.co"}})
+    wrapped = parse_created({"createdResourceId": "7", "location": "https://x/7",
+                             "entity": {"id": "7", "properties": {"email": "a@b.co"}}})
+    bare = parse_created({"createdResourceId": "7", "entity": {"properties": {}}})
+    assert plain == wrapped and plain is not None and plain.properties == {"email": "a@b.co"}
+    assert bare is not None and bare.id == "7"
+    assert parse_created({"entity": {}}) is None
 
 
 @pytest.mark.parametrize("mode", ["201-object", "200-wrapped"])
