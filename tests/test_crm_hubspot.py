@@ -412,7 +412,7 @@ async def test_a_409_on_deal_create_finds_the_racing_workers_deal(
     async def another_worker_creates_it() -> None:
         state.create(state.deals, {"dealname": "x", "linkcrm_deal_key": "referral-tok_ada"})
 
-    transport = CommitThenDrop(inner, lambda r: r.method == "GET" and "/deals/" in r.url.path,
+    transport = CommitThenDrop(inner, lambda r: r.url.path.endswith("/deals/batch/read"),
                                after=another_worker_creates_it)
     async with httpx.AsyncClient(transport=transport) as client:
         outcome = await make_target(client, field_map, storage).execute(deal(), "k")

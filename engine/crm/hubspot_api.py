@@ -18,7 +18,7 @@ from datetime import UTC, datetime, timedelta
 
 import httpx
 
-from engine.crm.http import body_of, raise_for_status, retry_after, send
+from engine.crm.http import body_of, path_segment, raise_for_status, retry_after, send
 from engine.crm.pacing import Pacer
 from engine.errors import CRMError, PermanentCRMError, RetryableCRMError
 
@@ -140,6 +140,29 @@ def parse_object(raw: object) -> HubSpotObject | None:
     properties = {str(k): (None if v is None else str(v))
                   for k, v in as_object(data.get("properties")).items()}
     return HubSpotObject(str(record_id), properties, data.get("new") is True)
+
+
+def parse_created(body: object) -> HubSpotObject | None:
+    """The object a single create made, from either answer HubSpot documents: 201 with the
+    object itself (`SimplePublicObject`), or 200 with it wrapped as `{createdResourceId,
+    entity, location}` (`CreatedResponseSimplePublicObject`, the newer spec versions)."""
+    data = as_object(body)
+    if "entity" not in data and "createdResourceId" not in data:
+        return parse_object(data)
+    entity = as_object(data.get("entity"))
+    record_id = entity.get("id") or data.get("createdResourceId")
+    return parse_object({**entity, "id": record_id})
+
+
+def record_path(prefix: str, record_id: str) -> str:
+    """`prefix/<record_id>` for an id HubSpot gave. The id is encoded as one path segment; one
+    that cannot be (empty, `.`, `..`) is refused, never sent to another resource."""
+    try:
+        return f"{prefix}/{path_segment(record_id)}"
+    except ValueError:
+        raise PermanentCRMError(f"{CRM}: {record_id!r} is not a HubSpot record id (HubSpot "
+                                "gives numbers), so no URL can name it; this is a linkcrm "
+                                "bug: please report it") from None
 
 
 class HubSpotAPI:

@@ -31,7 +31,9 @@ from engine.crm.hubspot_api import (
     error_for,
     existing_id,
     hubspot_message,
+    parse_created,
     parse_object,
+    record_path,
     unique_conflict,
 )
 from engine.crm.hubspot_plan import ContactGroup, Locator
@@ -247,7 +249,7 @@ class ContactWriter:
         elif group.locator.unique and not current.properties.get(prop):
             properties[prop] = value  # attach the key this contact was looked for by
         while properties:
-            response = await self.api.call("PATCH", f"{CONTACTS}/{record_id}",
+            response = await self.api.call("PATCH", record_path(CONTACTS, record_id),
                                            json={"properties": properties},
                                            expect=(200, 400, 409))
             status = response.status_code
@@ -282,7 +284,7 @@ class ContactWriter:
         """Create the group's contact; when a unique value it writes is taken (409, or 400
         "already has that value"), the contact holding it is this person: update that one."""
         planned = group.plan(None, known=True)
-        response = await self.api.call("POST", CONTACTS, expect=(201, 400, 409), json={
+        response = await self.api.call("POST", CONTACTS, expect=(200, 201, 400, 409), json={
             "properties": planned.properties, "associations": []})
         body = response.json()
         status = response.status_code
@@ -296,9 +298,9 @@ class ContactWriter:
                                         f"{hubspot_message(body)}")
             await self.update_existing(group, found, run, locator_taken=False)
             return
-        record = parse_object(body)
+        record = parse_created(body)  # 201 with the contact, or 200 with it wrapped
         if record is None:
-            raise RetryableCRMError(f"{CRM}: POST {CONTACTS} answered 201 without an id")
+            raise RetryableCRMError(f"{CRM}: POST {CONTACTS} answered {status} without an id")
         await self._finish(group, record.id, planned.summaries, True, run)
 
     async def _holder(self, group: ContactGroup, properties: Mapping[str, str],

@@ -6,13 +6,16 @@ identity map and then in HubSpot by that property; a create whose response was l
 the retry, and a racing second create is refused because the unique value is taken (409, or
 400 VALIDATION_ERROR "already has that value": HubSpot answers either) and finds the first.
 A deal is bound in the identity map only once it is associated with its contact.
+
+The key is event data, so it never travels in a URL path (where `.` or `..` would reach
+another resource, and `/` or `?` would change the path): deals are looked up by key through
+`batch/read` with `idProperty`, which carries it in the body.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from urllib.parse import quote
 
 from engine.actions import IdentityKey
 from engine.crm.base import IdentityStore, Outcome
@@ -25,7 +28,9 @@ from engine.crm.hubspot_api import (
     error_for,
     existing_id,
     hubspot_message,
+    parse_created,
     parse_object,
+    record_path,
     unique_conflict,
 )
 from engine.crm.hubspot_plan import DEAL_TO_CONTACT, DealSpec
@@ -79,7 +84,7 @@ class DealWriter:
         existing = await self.find(spec.key)
         if existing is not None:
             return await self._adopt(job, existing.id)
-        response = await self.api.call("POST", DEALS, expect=(201, 400, 409), json={
+        response = await self.api.call("POST", DEALS, expect=(200, 201, 400, 409), json={
             "properties": spec.properties, "associations": association(job.contact_id)})
         body = response.json()
         status = response.status_code
@@ -99,21 +104,27 @@ class DealWriter:
                                             f"{hubspot_message(body)}")
                 deal_id = found.id
             return await self._adopt(job, deal_id)
-        record = parse_object(body)
+        record = parse_created(body)
         if record is None:
-            raise RetryableCRMError(f"{CRM}: POST {DEALS} answered 201 without an id")
+            raise RetryableCRMError(f"{CRM}: POST {DEALS} answered {status} without an id")
         deal_id = await self.identities.bind_deal(CRM, spec.key, record.id)
         return Outcome(deal_id, "deal created and associated with the contact", True)
 
     async def find(self, key: str) -> HubSpotObject | None:
-        response = await self.api.call(
-            "GET", f"{DEALS}/{quote(key, safe='')}", expect=(200, 404),
-            params={"idProperty": self.key_property, "properties": self.key_property})
-        return parse_object(response.json()) if response.status_code == 200 else None
+        """The deal holding `key`, or None. Read through `batch/read`, never a URL path."""
+        return (await self.read([key])).get(key)
+
+    async def read(self, keys: Sequence[str]) -> dict[str, HubSpotObject]:
+        """The deals holding `keys` (up to 100), by key; a missing one is absent (207)."""
+        response = await self.api.call("POST", DEALS + "/batch/read", expect=(200, 207), json={
+            "inputs": [{"id": key} for key in keys], "idProperty": self.key_property,
+            "properties": [self.key_property], "propertiesWithHistory": []})
+        return self._by_key(response.json())
 
     async def associate(self, job: DealJob, deal_id: str) -> None:
         """Idempotent: associating twice leaves one association."""
-        path = f"/crm/v4/objects/deals/{deal_id}/associations/default/contacts/{job.contact_id}"
+        path = record_path("/crm/v4/objects/deals", deal_id) + \
+            record_path("/associations/default/contacts", job.contact_id)
         response = await self.api.call("PUT", path, expect=(200, 201, 404))
         if response.status_code == 404:
             # The contact was deleted or merged away in HubSpot: forget the stale id so the
@@ -130,11 +141,7 @@ class DealWriter:
         return Outcome(deal_id, "deal already existed for this key; associated with the contact")
 
     async def _batch(self, chunk: list[DealJob], results: Results) -> None:
-        keys = [job.spec.key for job in chunk]
-        response = await self.api.call("POST", DEALS + "/batch/read", expect=(200, 207), json={
-            "inputs": [{"id": key} for key in keys], "idProperty": self.key_property,
-            "properties": [self.key_property], "propertiesWithHistory": []})
-        found = self._by_key(response.json())
+        found = await self.read([job.spec.key for job in chunk])
         missing: list[DealJob] = []
         for job in chunk:
             record = found.get(job.spec.key)
@@ -147,12 +154,13 @@ class DealWriter:
                 results[job.spec.index] = error
         if not missing:
             return
-        response = await self.api.call("POST", DEALS + "/batch/create", expect=(201, 207, 400, 409),
-                                       json={"inputs": [
-                                           {"properties": job.spec.properties,
-                                            "associations": association(job.contact_id)}
-                                           for job in missing]})
-        created = self._by_key(response.json()) if response.status_code in (201, 207) else {}
+        inputs = [{"properties": job.spec.properties, "associations": association(job.contact_id)}
+                  for job in missing]
+        # A batch create answers 201 (older spec versions) or 200 (newer ones), 207 in part.
+        response = await self.api.call("POST", DEALS + "/batch/create", json={"inputs": inputs},
+                                       expect=(200, 201, 207, 400, 409))
+        status = response.status_code
+        created = self._by_key(response.json()) if status in (200, 201, 207) else {}
         for job in missing:
             spec = job.spec
             record = created.get(spec.key)

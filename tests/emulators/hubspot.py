@@ -8,6 +8,9 @@ Every request is authenticated (401 with HubSpot's body), counted against the ro
 answer also carries) or search's own per-second limit (search answers carry no rate-limit
 headers), delayed by `latency`, and its JSON body validated against the request schema in
 `schemas/hubspot/` (400 on mismatch), before the operation runs. Rules: `hubspot_state.py`.
+
+Its front end resolves dot segments before routing, as web servers do (`paths.py`): a record
+id or unique value of `.` or `..` in a path reaches another resource, as it would at HubSpot.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from jsonschema.exceptions import best_match
 from referencing import Registry, Resource
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
@@ -36,6 +40,7 @@ from tests.emulators.hubspot_state import (
     RollingLimit,
     error_body,
 )
+from tests.emulators.paths import PathFrontEnd
 
 SCHEMAS = Path(__file__).parent / "schemas" / "hubspot"
 Handler = Callable[[Request, Any], tuple[int, Any]]
@@ -55,18 +60,26 @@ def create_hubspot_emulator(
     daily_limit: int = 250_000, search_per_second: int = 5, latency: float = 0.0,
     conflict_format: str = "legacy", search_lag: float = 0.0, send_retry_after: bool = False,
     unique_conflict: str = "409", upsert_echo: str = "all",
+    create_response: str = "201-object", path_values: str = "decoded",
 ) -> tuple[Starlette, HubSpotState]:
     """The app and its inspectable state (records, properties, counts of requests and 429s).
     Switches for behaviour HubSpot shows either way: `conflict_format` (the 409 body),
     `unique_conflict` ("409" or "400" for a taken hasUniqueValue value), `upsert_echo` ("all"
-    or "written" properties in batch upsert results)."""
+    or "written" properties in batch upsert results), `create_response` ("201-object": a
+    create answers 201 with the object, a batch create 201; "200-wrapped": 200 with
+    `{createdResourceId, entity, location}`, a batch create 200, as newer spec versions say),
+    `path_values` ("decoded": an encoded path segment is one literal value; "rerouted": the
+    path is decoded before routing, so `%2F` splits it and `%2E%2E` climbs a level)."""
     assert unique_conflict in ("409", "400") and upsert_echo in ("all", "written")
+    assert create_response in ("201-object", "200-wrapped")
+    assert path_values in ("decoded", "rerouted")
     state = HubSpotState(token=token, limit=RollingLimit(rate_limit, window_seconds),
                          search_limit=RollingLimit(search_per_second, 1.0),
                          daily_limit=daily_limit, conflict_format=conflict_format,
                          search_lag=search_lag, latency=latency,
                          send_retry_after=send_retry_after, unique_conflict=unique_conflict,
-                         upsert_echo=upsert_echo)
+                         upsert_echo=upsert_echo, create_response=create_response,
+                         path_values=path_values)
     validators = load_validators()
     ops = Operations(state)
 
@@ -110,9 +123,10 @@ def create_hubspot_emulator(
         Route("/crm/v3/objects/{object}",
               endpoint("/crm/v3/objects/{object}", ops.create, "object_create"),
               methods=["POST"]),
-        Route("/crm/v3/objects/{object}/{id}",
+        # `{id:path}`: the front end decides what an encoded `/` in the id means (the switch).
+        Route("/crm/v3/objects/{object}/{id:path}",
               endpoint("/crm/v3/objects/{object}/{id}", ops.get), methods=["GET"]),
-        Route("/crm/v3/objects/{object}/{id}",
+        Route("/crm/v3/objects/{object}/{id:path}",
               endpoint("/crm/v3/objects/{object}/{id}", ops.update, "object_update"),
               methods=["PATCH"]),
         Route("/crm/v4/objects/deals/{id}/associations/default/contacts/{contact}",
@@ -138,7 +152,8 @@ def create_hubspot_emulator(
         return JSONResponse(error_body(f"Unable to route {request.method} {request.url.path}",
                                        "OBJECT_NOT_FOUND"), status_code=status)
 
-    app = Starlette(routes=routes, exception_handlers={404: not_found, 405: not_found})
+    app = Starlette(routes=routes, exception_handlers={404: not_found, 405: not_found},
+                    middleware=[Middleware(PathFrontEnd, rerouted=path_values == "rerouted")])
     return app, state
 
 

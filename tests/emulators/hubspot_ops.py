@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import re
 from typing import Any
+from urllib.parse import unquote
 
 from starlette.requests import Request
 
@@ -51,6 +52,27 @@ class Operations:
     def _type(self, request: Request) -> ObjectType:
         return self.state.object_type(request.path_params.get("object", ""))
 
+    def _path_id(self, request: Request, object_type: ObjectType) -> str:
+        """The `{id}` of `/crm/v3/objects/<object>/<id>` as the front end reads it (the
+        `path_values` switch); a path with more segments than that names no record (404)."""
+        if self.state.path_values == "rerouted":  # routing saw the decoded path
+            value = str(request.path_params["id"])
+        else:  # the raw segment, decoded alone
+            raw = bytes(request.scope.get("raw_path") or request.url.path.encode())
+            value = raw.split(b"/", 5)[-1].decode("ascii", "replace")
+            value = "" if "/" in value else unquote(value)
+        if not value or (self.state.path_values == "rerouted" and "/" in value):
+            raise _not_found(f"{object_type.singular.lower()} {value}")
+        return value
+
+    def _created(self, object_type: ObjectType, record: Record) -> tuple[int, Any]:
+        """A single create's answer, in the shape the `create_response` switch says."""
+        if self.state.create_response == "201-object":
+            return 201, record.as_json()
+        return 200, {"createdResourceId": record.id, "entity": record.as_json(),
+                     "location": f"https://api.hubapi.com/crm/v3/objects/{object_type.name}/"
+                                 f"{record.id}"}
+
     def _id_property(self, object_type: ObjectType, name: str | None) -> str:
         if not name:
             return "hs_object_id"
@@ -72,14 +94,15 @@ class Operations:
         links = self._associations(object_type, body.get("associations", []))
         record = self.state.create(object_type, values)
         self._link(object_type, record, links)
-        return 201, record.as_json()
+        return self._created(object_type, record)
 
     def get(self, request: Request, body: Any) -> tuple[int, Any]:
         object_type = self._type(request)
+        record_id = self._path_id(request, object_type)
         id_property = self._id_property(object_type, request.query_params.get("idProperty"))
-        record = object_type.find(id_property, request.path_params["id"])
+        record = object_type.find(id_property, record_id)
         if record is None:
-            raise _not_found(f"{object_type.singular.lower()} {request.path_params['id']}")
+            raise _not_found(f"{object_type.singular.lower()} {record_id}")
         # Repeated (?properties=a&properties=b, the official client) or comma-separated.
         names = [n for v in request.query_params.getlist("properties") for n in v.split(",")
                  if n]
@@ -87,10 +110,11 @@ class Operations:
 
     def update(self, request: Request, body: Any) -> tuple[int, Any]:
         object_type = self._type(request)
+        record_id = self._path_id(request, object_type)
         id_property = self._id_property(object_type, request.query_params.get("idProperty"))
-        record = object_type.find(id_property, request.path_params["id"])
+        record = object_type.find(id_property, record_id)
         if record is None:
-            raise _not_found(f"{object_type.singular.lower()} {request.path_params['id']}")
+            raise _not_found(f"{object_type.singular.lower()} {record_id}")
         values = object_type.normalise(body["properties"], creating=False)
         return 200, self.state.update(object_type, record, values).as_json()
 
@@ -192,7 +216,7 @@ class Operations:
             record = self.state.create(object_type, values)
             self._link(object_type, record, links)
             results.append(record.as_json())
-        return 201, _batch(results, [])
+        return (201 if self.state.create_response == "201-object" else 200), _batch(results, [])
 
     def search(self, request: Request, body: Any) -> tuple[int, Any]:
         object_type = self._type(request)

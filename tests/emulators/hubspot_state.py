@@ -18,6 +18,10 @@ What it enforces, and where each rule comes from (CRM_FACTS.md section 1 unless 
 - property options need `label`, `value` and `hidden` (the spec's OptionInput); a create needs
   `properties` only (`associations` is optional); GET reads `properties` repeated
   (`?properties=a&properties=b`, what the official client sends) or comma-separated;
+- a create answers 201 with the object (`create_response="201-object"`) or 200 with
+  `{createdResourceId, entity, location}` (`"200-wrapped"`, the Rollouts/424 spec), a batch
+  create 201 or 200 to match; a path's dot segments are resolved before routing, and an
+  encoded id segment is one literal value (`path_values="decoded"`) or split (`"rerouted"`);
 - `lifecyclestage` only moves forward: a backwards write is silently ignored (200, value
   unchanged), as HubSpot users report; clearing it with "" first is what moves it back;
 - the ten-second rolling limit counts each accepted request; search is exempt from it and has
@@ -263,6 +267,8 @@ class HubSpotState:
     conflict_format: str = "legacy"  # or "identity_profile" (the newer 409 body)
     unique_conflict: str = "409"  # or "400": a custom unique value taken is a VALIDATION_ERROR
     upsert_echo: str = "all"  # or "written": upsert results carry only the properties written
+    create_response: str = "201-object"  # or "200-wrapped": {createdResourceId, entity}, 200
+    path_values: str = "decoded"  # or "rerouted": the path is decoded before routing
     search_lag: float = 0.0
     latency: float = 0.0
     send_retry_after: bool = False
