@@ -21,12 +21,14 @@ from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
 from engine.actions import JSON, IdentityKey
 from engine.errors import StorageError
+from engine.redact import redact_url
 from engine.storage import Clock, Storage, utc_now
 from engine.storage import postgres_crm as crm
 from engine.storage import postgres_inbox as inbox
 from engine.storage import postgres_maps as maps
 from engine.storage.postgres_batch import Batcher
 from engine.storage.postgres_config import PoolSettings, split_url
+from engine.storage.postgres_connect import check_connection
 from engine.storage.postgres_notify import Wakeups
 from engine.storage.postgres_rows import Conn, clean
 from engine.storage.postgres_schema import current_version
@@ -77,8 +79,10 @@ class PostgresStorage(Storage):
         *,
         pool: PoolSettings | None = None,
         clock: Clock | None = None,
+        label: str | None = None,
     ) -> None:
         self._conninfo = conninfo
+        self.label = label or redact_url(conninfo)  # names the database in errors
         self.pool_settings = pool or PoolSettings()
         self._clock = clock
         self._pool: AsyncConnectionPool[Conn] = AsyncConnectionPool(
@@ -104,7 +108,8 @@ class PostgresStorage(Storage):
         cls, url: str, *, clock: Clock = utc_now, environ: Mapping[str, str] | None = None
     ) -> PostgresStorage:
         conninfo, pool = split_url(url, os.environ if environ is None else environ)
-        return cls(conninfo, pool=pool, clock=None if clock is utc_now else clock)
+        return cls(conninfo, pool=pool, clock=None if clock is utc_now else clock,
+                   label=redact_url(url))
 
     # -- connections ----------------------------------------------------------------------------
 
@@ -118,6 +123,8 @@ class PostgresStorage(Storage):
         if not self._opened:
             async with self._open_lock:
                 if not self._opened:
+                    # One clear error, not the pool's retry log, when the server is not there.
+                    await check_connection(self._conninfo, self.label, self.pool_settings.timeout)
                     # Opened on first use, inside the event loop that will use it.
                     await self._pool.open(wait=False)
                     self._opened = True
@@ -130,6 +137,8 @@ class PostgresStorage(Storage):
             async with pool.connection() as connection:
                 yield connection
         except PoolTimeout:
+            # The server going away shows as a pool timeout: say so when it is the reason.
+            await check_connection(self._conninfo, self.label, self.pool_settings.timeout)
             raise StorageError(
                 f"{doing}: no PostgreSQL connection within {self.pool_settings.timeout:g}s "
                 f"(pool_size={self.pool_settings.size}); is the database up, and is the pool "
