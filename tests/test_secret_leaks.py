@@ -9,6 +9,7 @@ import secrets
 import socket
 from collections.abc import Iterator
 from pathlib import Path
+from urllib.parse import quote, quote_plus
 
 import click
 import httpx
@@ -132,7 +133,12 @@ async def test_no_secret_in_any_log_error_or_help(database: str, tmp_path: Path)
                 printed += [done.stdout, done.stderr]
         finally:
             server.stop()
-        printed.append(server.log.read_text())
+        log = server.log.read_text()
+        assert '"event stored"' in log and '"request rejected"' in log
+        for email in ("sam.sample@example.com", "leak@example.com"):  # personal data
+            spellings = {email, quote(email, safe=""), quote_plus(email)}
+            assert not any(spelling in log for spelling in spellings), f"{email} is in the log"
+        printed.append(log)
         # A second serve on the same port, and the JWT flow with a private key
         key_env = {**env, "SF_PRIVATE_KEY": jwt_key(), "SF_USERNAME": "x@example.com"}
         key_env.pop("SF_CLIENT_SECRET")
