@@ -12,7 +12,7 @@ import httpx
 
 from engine.signing import sign
 
-from .output import FORMAT_OPTION, emit_json
+from .output import FORMAT_OPTION, emit_json, safe
 from .runtime import load_settings, require_secret
 
 
@@ -99,7 +99,8 @@ def send_samples(url: str, token: str, wait_seconds: float, output_format: str) 
         emit_json(sent)
     else:
         for row in sent:
-            outcome = f"{row['status']} as event {row['id']}" if row["status"] else "rejected"
+            outcome = (f"{safe(row['status'])} as event {safe(row['id'])}" if row["status"]
+                       else "rejected")
             click.echo(f"{row['event']:<22} -> {row['http_status']} {outcome}")
         if not settings.api_keys:
             click.echo("(set LINKCRM_API_KEYS to also send the identify call)")
