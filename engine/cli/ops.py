@@ -27,6 +27,7 @@ from engine.storage import (
 )
 
 from .output import FORMAT_OPTION, emit_json, fail, safe, safe_json
+from .params import LIMIT, ROW_ID
 from .runtime import iso, load_settings, rules_location, with_storage
 
 STATUS = click.Choice(EVENT_STATUSES)
@@ -65,7 +66,7 @@ def events() -> None:
 
 @events.command("list")
 @click.option("--status", type=STATUS, help="Only events in this status (dead: dead letters).")
-@click.option("--limit", default=50, show_default=True, type=click.IntRange(min=1))
+@click.option("--limit", default=50, show_default=True, type=LIMIT)
 @FORMAT_OPTION
 def list_events(status: EventStatus | None, limit: int, output_format: str) -> None:
     """List events, newest first.
@@ -96,7 +97,7 @@ def list_events(status: EventStatus | None, limit: int, output_format: str) -> N
 
 
 @events.command("show")
-@click.argument("event_id", type=int)
+@click.argument("event_id", type=ROW_ID)
 @FORMAT_OPTION
 def show_event(event_id: int, output_format: str) -> None:
     """Show one event: its body, which rules match it (with the rules as they are now),
@@ -180,7 +181,7 @@ def _show_text(document: dict[str, Any]) -> None:
 
 
 @click.command()
-@click.argument("event_ids", nargs=-1, type=int)
+@click.argument("event_ids", nargs=-1, type=ROW_ID)
 @click.option("--status", type=STATUS, help="Re-queue every event in this status.")
 @click.option("--all-dead", is_flag=True,
               help="Re-queue every dead event and every event with a dead action.")
@@ -260,7 +261,7 @@ def _contact_row(contact: LocalContact) -> dict[str, JSON]:
 
 
 @crm.command()
-@click.option("--limit", type=click.IntRange(min=1), help="At most this many contacts.")
+@click.option("--limit", type=LIMIT, help="At most this many contacts.")
 @FORMAT_OPTION
 def contacts(limit: int | None, output_format: str) -> None:
     """List contacts with their identities, fields, stage and stage history, oldest first.
@@ -295,7 +296,7 @@ def contacts(limit: int | None, output_format: str) -> None:
 
 
 @crm.command()
-@click.option("--limit", type=click.IntRange(min=1), help="At most this many deals.")
+@click.option("--limit", type=LIMIT, help="At most this many deals.")
 @FORMAT_OPTION
 def deals(limit: int | None, output_format: str) -> None:
     """List deals (one per deal key, ever), oldest first.
@@ -322,6 +323,7 @@ def deals(limit: int | None, output_format: str) -> None:
 
 
 _DURATION = re.compile(r"^\s*(\d+)\s*([smhdw])\s*$")
+_LONGEST = timedelta(days=36_500)
 _UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days", "w": "weeks"}
 
 
@@ -330,7 +332,13 @@ def _duration(_ctx: click.Context | None, _param: click.Parameter | None,
     match = _DURATION.match(value)
     if match is None:
         raise click.BadParameter(f"{value!r} is not a duration; use e.g. 30d, 12h, 90m or 2w")
-    return timedelta(**{_UNITS[match.group(2)]: int(match.group(1))})
+    try:
+        age = timedelta(**{_UNITS[match.group(2)]: int(match.group(1))})
+    except OverflowError:  # more days than a timedelta holds
+        age = _LONGEST * 2
+    if age > _LONGEST:
+        raise click.BadParameter(f"{value!r} is more than 100 years; use at most 36500d")
+    return age
 
 
 @click.command()

@@ -21,6 +21,7 @@ from engine.validation import check_paths
 from engine.yamlsource import YamlError, load_yaml
 
 from .output import FORMAT_OPTION, emit_json, fail, rules_paths, safe, safe_json
+from .params import seconds
 
 PATHS = click.argument("paths", nargs=-1, type=click.Path(exists=True))
 
@@ -187,8 +188,10 @@ def explain(event: str, rules_dir: tuple[str, ...], target: str | None,
 
 @click.command()
 @click.option("--events", "count", default=200, show_default=True,
-              help="Distinct events to cycle through (both payload shapes).")
-@click.option("--seconds", default=3.0, show_default=True, help="Time per measurement.")
+              type=click.IntRange(1, 100_000),
+              help="Distinct events to cycle through (both payload shapes; at least 100).")
+@click.option("--seconds", default=3.0, show_default=True,
+              type=seconds(0.1, 3600), help="Time per measurement (0.1 to 3600).")
 @click.option("--rules", "rules_dir", type=click.Path(exists=True), multiple=True,
               help="The shipped rules folder (default: $LINKCRM_RULES or ./rules).")
 def bench(count: int, seconds: float, rules_dir: tuple[str, ...]) -> None:

@@ -13,6 +13,7 @@ import httpx
 from engine.signing import sign
 
 from .output import FORMAT_OPTION, emit_json, safe
+from .params import http_url, not_blank, seconds
 from .runtime import load_settings, require_secret
 
 
@@ -41,11 +42,11 @@ def encode(document: dict[str, Any]) -> bytes:
 
 
 @click.command("send-samples")
-@click.option("--url", default="http://127.0.0.1:8000", show_default=True,
+@click.option("--url", default="http://127.0.0.1:8000", show_default=True, callback=http_url,
               help="Where `linkcrm serve` listens.")
-@click.option("--token", default="ref_sample_sam", show_default=True,
+@click.option("--token", default="ref_sample_sam", show_default=True, callback=not_blank,
               help="The referral link token the story is about.")
-@click.option("--wait", "wait_seconds", default=20.0, show_default=True,
+@click.option("--wait", "wait_seconds", default=20.0, show_default=True, type=seconds(0, 3600),
               help="Seconds to wait for the server to come up (it may be starting).")
 @FORMAT_OPTION
 def send_samples(url: str, token: str, wait_seconds: float, output_format: str) -> None:

@@ -20,6 +20,7 @@ from engine.settings import Settings
 from engine.storage import Storage, open_storage
 from engine.worker_service import InProcessWorker, in_process_worker, open_worker
 
+from . import params
 from .listen import bind
 from .output import fail
 from .runtime import (
@@ -33,8 +34,9 @@ from .runtime import (
 )
 
 CONCURRENCY = click.option(
-    "--concurrency", type=click.IntRange(min=1), default=None,
-    help="Events each target handles at once [default: $LINKCRM_WORKER_CONCURRENCY or 4].",
+    "--concurrency", type=params.CONCURRENCY, default=None,
+    help="Events each target handles at once, 1 to 1000 [default: $LINKCRM_WORKER_CONCURRENCY "
+         "or 4].",
 )
 
 
