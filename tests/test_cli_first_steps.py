@@ -36,6 +36,12 @@ def test_a_second_serve_on_a_taken_port_says_so_and_exits_3(env: dict[str, str],
         assert len(second.stderr.strip().splitlines()) == 1, second.stderr
         assert not (tmp_path / "other.db").exists()  # stopped before touching anything
         assert first.process.poll() is None
+        # send-samples signed with another secret: says which server refused it, and why
+        wrong = cli("send-samples", "--url", first.url, env={**other,
+                    "WEBHOOK_SECRET": "whsec_another"})
+        assert wrong.returncode == 1
+        assert f"the server at {first.url} refused the signature" in wrong.stderr
+        assert "another process may hold the port" in wrong.stderr
     finally:
         first.stop()
     commands = (ROOT / "README.md").read_text(encoding="utf-8").split("## Commands", 1)[1]

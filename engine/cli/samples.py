@@ -107,9 +107,17 @@ def send_samples(url: str, token: str, wait_seconds: float, output_format: str) 
             click.echo("(set LINKCRM_API_KEYS to also send the identify call)")
         if not failed:
             click.echo("now run: linkcrm crm contacts && linkcrm crm deals")
-    if failed:
-        click.echo("error: the server refused a sample; does it use the same WEBHOOK_SECRET?",
-                   err=True)
+    refused = {row["event"] for row in sent if row["http_status"] == 401}
+    if refused - {"app.user_identified"}:
+        click.echo(f"error: the server at {base} refused the signature: it is not a `linkcrm "
+                   "serve` started with this WEBHOOK_SECRET (another process may hold the port; "
+                   "a second serve there exits with 'port ... is in use')", err=True)
+    elif refused:
+        click.echo(f"error: the server at {base} refused the API key of the identify call: "
+                   "start it with the same LINKCRM_API_KEYS", err=True)
+    elif failed:
+        click.echo(f"error: the server at {base} refused a sample (the answers above say "
+                   "which); `linkcrm events list` shows what it stored", err=True)
     sys.exit(1 if failed else 0)
 
 

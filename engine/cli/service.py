@@ -105,7 +105,8 @@ def serve(host: str, port: int, no_worker: bool, no_migrate: bool,
     to every enabled target (the embedded `local` CRM when no CRM credentials are set).
     Also serves GET /healthz, /readyz and /metrics. Needs WEBHOOK_SECRET; reads
     LINKCRM_DATABASE_URL (default sqlite:///linkcrm.db) and LINKCRM_RULES (default rules/).
-    Stops on Ctrl-C or SIGTERM.
+    Stops on Ctrl-C or SIGTERM. Exit 3 when it cannot listen on HOST:PORT (the port is in
+    use), before anything else starts.
 
     \b
     Example:
