@@ -302,9 +302,9 @@ class Storage(abc.ABC):
 def open_storage(url: str, *, clock: Clock = utc_now, create: bool = True) -> Storage:
     """Open the backend that `url` names (`sqlite:///path` or `postgresql://...`).
 
-    Call `migrate()` before first use. Raises StorageError for an unknown scheme. With
-    `create=False` (commands that only read or change existing data) a SQLite file that does
-    not exist is an error, not a new empty database.
+    Call `migrate()` before first use. Raises StorageError for an unknown scheme, and for a
+    SQLite file that cannot be: in a folder that does not exist, or (with `create=False`, for
+    commands that only read or change existing data) missing, rather than a new empty one.
     """
     scheme = url.split("://", 1)[0].lower() if "://" in url else ""
     if scheme == "sqlite":
