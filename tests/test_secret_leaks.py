@@ -16,7 +16,9 @@ import httpx
 import pytest
 
 from engine.cli import main
+from engine.redact import redact_url
 from engine.rulefiles import load_ruleset
+from engine.settings import Settings
 from tests.crm_stack import HUBSPOT_TOKEN, PIPEDRIVE_TOKEN, jwt_key, running
 from tests.postgres_support import fresh_schema, require_postgres, schema_url
 from tests.service_process import (
@@ -179,3 +181,20 @@ def _every_help(env: dict[str, str]) -> list[str]:
             pending += [[*path, name] for name in command.commands]
     return outputs
 
+
+
+@pytest.mark.parametrize(("url", "shown"), [
+    ("postgresql://app:s3cret@db:5432/linkcrm?sslmode=require",
+     "postgresql://app:***@db:5432/linkcrm?sslmode=require"),
+    ("postgresql://app@db/linkcrm?password=s3cret&sslpassword=s3cret&application_name=x",
+     "postgresql://app@db/linkcrm?password=***&sslpassword=***&application_name=x"),
+    ("postgresql://app:s3/cr?et@db/linkcrm", "postgresql://***"),  # unescaped: unparseable
+    ("postgresql://app:s3@cret@db/linkcrm", "postgresql://app:***@db/linkcrm"),
+    ("sqlite:///linkcrm.db", "sqlite:///linkcrm.db"),
+    ("sqlite:////var/lib/linkcrm.db", "sqlite:////var/lib/linkcrm.db"),
+])
+def test_database_urls_are_shown_without_their_password(url: str, shown: str) -> None:
+    assert redact_url(url) == shown
+    settings = Settings.from_env({"LINKCRM_DATABASE_URL": url, "WEBHOOK_SECRET": "whsec_x"})
+    assert "s3" not in repr(settings) and "whsec_x" not in repr(settings)
+    assert f"database_url={shown!r}" in repr(settings)
