@@ -183,4 +183,8 @@ def configure_logging(
         logger = logging.getLogger(name)
         logger.handlers.clear()
         logger.propagate = True
+    # The HTTP client logs every CRM request's URL, and search and query URLs hold identity
+    # values (emails): personal data. Its warnings still show; its request lines never do.
+    for name in ("httpx", "httpcore"):
+        logging.getLogger(name).setLevel(logging.WARNING)
     return handler

@@ -15,6 +15,7 @@ import hashlib
 import json
 import logging
 import math
+import socket
 from collections.abc import AsyncIterator, Callable, Coroutine, Iterable, Sequence
 from typing import Any
 
@@ -346,9 +347,11 @@ async def serve(
     port: int = 8000,
     migrate: bool = True,
     workers: Sequence[Worker] = (),
+    sockets: Sequence[socket.socket] | None = None,
 ) -> None:
     """Open the storage, migrate it, and serve until SIGINT/SIGTERM; `workers` (e.g. the
-    in-process worker loop) run alongside on the same event loop and storage."""
+    in-process worker loop) run alongside on the same event loop and storage. `sockets`, when
+    given, are already bound and listening (`host` and `port` then only name them in logs)."""
     settings.require_webhook_secret()
     storage = open_storage(settings.database_url)
     try:
@@ -371,7 +374,7 @@ async def serve(
         )
         log.info("linkcrm receiver starting", extra={"host": host, "port": port,
                                                      "settings": repr(settings)})
-        await uvicorn.Server(config).serve()
+        await uvicorn.Server(config).serve(sockets=list(sockets) if sockets else None)
     finally:
         await storage.close()
 
@@ -391,6 +394,7 @@ def run(
     port: int = 8000,
     migrate: bool = True,
     workers: Sequence[Worker] = (),
+    sockets: Sequence[socket.socket] | None = None,
 ) -> None:
     """Blocking entry point for `linkcrm serve`: JSON logs, then `serve(...)` until stopped.
 
@@ -398,4 +402,5 @@ def run(
     """
     settings.require_webhook_secret()
     configure_logging(settings.log_level)
-    asyncio.run(serve(settings, host=host, port=port, migrate=migrate, workers=workers))
+    asyncio.run(serve(settings, host=host, port=port, migrate=migrate, workers=workers,
+                      sockets=sockets))

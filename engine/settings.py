@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import TypeVar
 
 from engine.errors import ConfigError, Location, Problem
+from engine.redact import redact_url
 from engine.signing import parse_secrets
 
 T = TypeVar("T")
@@ -19,8 +20,8 @@ MIB = 1024 * 1024
 class Settings:
     """Everything `linkcrm serve` and `linkcrm worker` read from the environment.
 
-    Secrets (`webhook_secrets`, `api_keys`, `metrics_keys`) are kept out of `repr` so a logged
-    or printed Settings never leaks them.
+    Secrets (`webhook_secrets`, `api_keys`, `metrics_keys`) are kept out of `repr`, and the
+    database URL shows no password, so a logged or printed Settings never leaks them.
 
         >>> Settings.from_env({"WEBHOOK_SECRET": "whsec_a"}).max_body_bytes
         1048576
@@ -37,6 +38,11 @@ class Settings:
     worker_concurrency: int = 4
     max_attempts: int = 8
     log_level: str = "INFO"
+
+    def __repr__(self) -> str:
+        shown = {f.name: getattr(self, f.name) for f in fields(self) if f.repr}
+        shown["database_url"] = redact_url(self.database_url)
+        return "Settings(" + ", ".join(f"{name}={value!r}" for name, value in shown.items()) + ")"
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str]) -> Settings:

@@ -96,9 +96,10 @@ class Server:
 
 
 def start_server(env: dict[str, str], *args: str, port: int | None = None,
-                 timeout: float = 30) -> Server:
+                 timeout: float = 30, log: Path | None = None) -> Server:
+    """Start `serve`; its output goes to `log` (default: beside the SQLite database)."""
     port = port or free_port()
-    log = Path(env["LINKCRM_DATABASE_URL"].removeprefix("sqlite:///")).with_suffix(
+    log = log or Path(env["LINKCRM_DATABASE_URL"].removeprefix("sqlite:///")).with_suffix(
         f".{port}.log")
     with log.open("ab") as sink:
         process = subprocess.Popen(

@@ -416,9 +416,22 @@ async def test_an_unreachable_server_is_a_storage_error_in_time(postgres: None) 
     opened = open_storage("postgresql://postgres@127.0.0.1:1/test?pool_timeout=0.5")
     try:
         started = time.monotonic()
-        with pytest.raises(StorageError, match="no PostgreSQL connection within 0.5s"):
+        with pytest.raises(StorageError, match=r"^cannot connect to postgresql://postgres@"
+                           r"127\.0\.0\.1:1/test\?pool_timeout=0\.5: Connection refused"):
             await opened.store_event(event(1))
         assert time.monotonic() - started < 3
+    finally:
+        await opened.close()
+
+
+async def test_a_busy_pool_is_not_blamed_on_the_server(schema: str) -> None:
+    opened = PostgresStorage.from_url(schema_url(schema, pool_size=1, pool_timeout=0.5))
+    try:
+        await opened.migrate()
+        async with opened._connection("hold the only connection"):
+            with pytest.raises(StorageError, match=r"no PostgreSQL connection within 0\.5s "
+                               r"\(pool_size=1\)"):
+                await opened.schema_version()
     finally:
         await opened.close()
 

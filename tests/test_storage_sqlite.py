@@ -313,9 +313,11 @@ def test_unknown_scheme_is_named_without_the_rest_of_the_url() -> None:
 
 
 async def test_an_unwritable_location_is_a_storage_error(tmp_path: Path) -> None:
-    opened = SQLiteStorage(tmp_path / "missing-dir" / "linkcrm.db")
-    try:
-        with pytest.raises(StorageError, match="unable to open"):
-            await opened.migrate()
-    finally:
-        await opened.close()
+    missing = tmp_path / "missing-dir"
+    with pytest.raises(StorageError, match=f"the folder {missing} does not exist"):
+        SQLiteStorage(missing / "linkcrm.db")
+    with pytest.raises(StorageError, match=f"{tmp_path} is a folder"):
+        SQLiteStorage(tmp_path)
+    with pytest.raises(StorageError, match="no database at .*; run `linkcrm migrate`"):
+        SQLiteStorage(tmp_path / "linkcrm.db", create=False)
+    assert not (tmp_path / "linkcrm.db").exists() and not missing.exists()

@@ -26,7 +26,8 @@ from engine.storage import (
     utc_now,
 )
 
-from .output import FORMAT_OPTION, emit_json, fail
+from .output import FORMAT_OPTION, emit_json, fail, safe, safe_json
+from .params import LIMIT, ROW_ID
 from .runtime import iso, load_settings, rules_location, with_storage
 
 STATUS = click.Choice(EVENT_STATUSES)
@@ -65,7 +66,7 @@ def events() -> None:
 
 @events.command("list")
 @click.option("--status", type=STATUS, help="Only events in this status (dead: dead letters).")
-@click.option("--limit", default=50, show_default=True, type=click.IntRange(min=1))
+@click.option("--limit", default=50, show_default=True, type=LIMIT)
 @FORMAT_OPTION
 def list_events(status: EventStatus | None, limit: int, output_format: str) -> None:
     """List events, newest first.
@@ -87,16 +88,16 @@ def list_events(status: EventStatus | None, limit: int, output_format: str) -> N
     for row in rows:
         received = str(row["received_at"])[:19].replace("T", " ")
         line = (f"{row['id']:>6}  {received:<20}  {row['status']!s:<9}  "
-                f"{row['attempts']:>5}  {row['event']}")
+                f"{row['attempts']:>5}  {safe(row['event'])}")
         error = row["last_error"]
         if isinstance(error, str) and error:
-            first = error.splitlines()[0]
-            line += f"  ({first[:70]}{'...' if len(first) > 70 else ''})"
+            first = error.split("\n", 1)[0]
+            line += f"  ({safe(first[:70])}{'...' if len(first) > 70 else ''})"
         click.echo(line)
 
 
 @events.command("show")
-@click.argument("event_id", type=int)
+@click.argument("event_id", type=ROW_ID)
 @FORMAT_OPTION
 def show_event(event_id: int, output_format: str) -> None:
     """Show one event: its body, which rules match it (with the rules as they are now),
@@ -142,40 +143,45 @@ def _current_plan(body: Any, settings: Settings) -> dict[str, Any] | None:
 
 
 def _show_text(document: dict[str, Any]) -> None:
-    click.echo(f"event {document['id']}: {document['event']} ({document['source']})")
+    """The event for a terminal; every value that came with it (or from a CRM) escaped."""
+    click.echo(f"event {document['id']}: {safe(document['event'])} "
+               f"({safe(document['source'])})")
     click.echo(f"  status: {document['status']} after {document['attempts']} attempt(s)")
     click.echo(f"  received: {document['received_at']}   happened: "
-               f"{document['event_timestamp']}")
+               f"{safe(document['event_timestamp'])}")
     if document["next_attempt_at"]:
         click.echo(f"  next attempt: {document['next_attempt_at']}")
-    for line in (document["last_error"] or "").splitlines():
-        click.echo(f"  error: {line}")
+    # One problem a line (the worker joins them with "\n"), each escaped and prefixed.
+    for line in (document["last_error"] or "").split("\n"):
+        if line:
+            click.echo(f"  error: {safe(line)}")
     current = document["plan"]
     if document["body_purged"]:
         click.echo("  body: purged (the event cannot be replayed)")
     elif current is not None and "error" in current:
-        click.echo(f"  plan: {current['error']}")
+        click.echo(f"  plan: {safe(current['error'])}")
     elif current is not None:
         click.echo("  rules matched (as the rules are now): "
-                   + (", ".join(current["matched"]) or "none"))
+                   + (", ".join(map(safe, current["matched"])) or "none"))
         for number, action in enumerate(current["actions"], 1):
-            click.echo(f"    {number}. {action['action']} (rule {action['rule']})")
+            click.echo(f"    {number}. {safe(action['action'])} (rule {safe(action['rule'])})")
         for error in current["errors"]:
-            click.echo(f"    error: {error['error']}")
+            click.echo(f"    error: {safe(error['error'])}")
     if not document["outcomes"]:
         click.echo("  outcomes: none recorded")
     for outcome in document["outcomes"]:
-        click.echo(f"  {outcome['target']}: {outcome['action']} (rule {outcome['rule']}) "
-                   f"-> {outcome['status']} after {outcome['attempts']} attempt(s)")
+        click.echo(f"  {safe(outcome['target'])}: {safe(outcome['action'])} "
+                   f"(rule {safe(outcome['rule'])}) -> {safe(outcome['status'])} after "
+                   f"{outcome['attempts']} attempt(s)")
         response = outcome["response"]
         if isinstance(response, dict) and response.get("summary"):
-            click.echo(f"      {response['summary']}")
+            click.echo(f"      {safe(response['summary'])}")
         if outcome["error"]:
-            click.echo(f"      error: {outcome['error']}")
+            click.echo(f"      error: {safe(outcome['error'])}")
 
 
 @click.command()
-@click.argument("event_ids", nargs=-1, type=int)
+@click.argument("event_ids", nargs=-1, type=ROW_ID)
 @click.option("--status", type=STATUS, help="Re-queue every event in this status.")
 @click.option("--all-dead", is_flag=True,
               help="Re-queue every dead event and every event with a dead action.")
@@ -255,7 +261,7 @@ def _contact_row(contact: LocalContact) -> dict[str, JSON]:
 
 
 @crm.command()
-@click.option("--limit", type=click.IntRange(min=1), help="At most this many contacts.")
+@click.option("--limit", type=LIMIT, help="At most this many contacts.")
 @FORMAT_OPTION
 def contacts(limit: int | None, output_format: str) -> None:
     """List contacts with their identities, fields, stage and stage history, oldest first.
@@ -274,22 +280,23 @@ def contacts(limit: int | None, output_format: str) -> None:
     for row in rows:
         identities = row["identities"]
         assert isinstance(identities, list)
-        names = ", ".join(f"{i['field']}={i['value']}" for i in identities if isinstance(i, dict))
-        click.echo(f"contact {row['id']}  stage: {row['stage'] or '-'}  ({names})")
+        names = ", ".join(f"{safe(i['field'])}={safe(i['value'])}" for i in identities
+                          if isinstance(i, dict))
+        click.echo(f"contact {row['id']}  stage: {safe(row['stage'] or '-')}  ({names})")
         fields = row["fields"]
         assert isinstance(fields, dict)
         for name, value in sorted(fields.items()):
-            click.echo(f"    {name}: {json.dumps(value, ensure_ascii=False)}")
+            click.echo(f"    {safe(name)}: {safe_json(value)}")
         history = row["stage_history"]
         assert isinstance(history, list)
         for change in history:
             assert isinstance(change, dict)
-            click.echo(f"    stage {change['from'] or '(none)'} -> {change['to']} "
+            click.echo(f"    stage {safe(change['from'] or '(none)')} -> {safe(change['to'])} "
                        f"at {change['at']}")
 
 
 @crm.command()
-@click.option("--limit", type=click.IntRange(min=1), help="At most this many deals.")
+@click.option("--limit", type=LIMIT, help="At most this many deals.")
 @FORMAT_OPTION
 def deals(limit: int | None, output_format: str) -> None:
     """List deals (one per deal key, ever), oldest first.
@@ -311,11 +318,12 @@ def deals(limit: int | None, output_format: str) -> None:
     if not rows:
         click.echo("no deals yet")
     for row in rows:
-        click.echo(f"deal {row['id']}  {row['title']}  stage: {row['stage'] or '-'}  "
-                   f"contact: {row['contact_id'] or '-'}  key: {row['key']}")
+        click.echo(f"deal {row['id']}  {safe(row['title'])}  stage: {safe(row['stage'] or '-')}"
+                   f"  contact: {row['contact_id'] or '-'}  key: {safe(row['key'])}")
 
 
 _DURATION = re.compile(r"^\s*(\d+)\s*([smhdw])\s*$")
+_LONGEST = timedelta(days=36_500)
 _UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days", "w": "weeks"}
 
 
@@ -324,7 +332,13 @@ def _duration(_ctx: click.Context | None, _param: click.Parameter | None,
     match = _DURATION.match(value)
     if match is None:
         raise click.BadParameter(f"{value!r} is not a duration; use e.g. 30d, 12h, 90m or 2w")
-    return timedelta(**{_UNITS[match.group(2)]: int(match.group(1))})
+    try:
+        age = timedelta(**{_UNITS[match.group(2)]: int(match.group(1))})
+    except OverflowError:  # more days than a timedelta holds
+        age = _LONGEST * 2
+    if age > _LONGEST:
+        raise click.BadParameter(f"{value!r} is more than 100 years; use at most 36500d")
+    return age
 
 
 @click.command()

@@ -27,14 +27,41 @@ def rules_paths(paths: tuple[str, ...]) -> list[str]:
     return [default]
 
 
-_SURROGATE = re.compile("[\ud800-\udfff]")
+# Characters a terminal acts on or a reader cannot see: C0 controls (newline, ESC), DEL, C1
+# controls (CSI), line and paragraph separators, bidi overrides, and lone surrogates (which
+# cannot even be written as UTF-8). Event data may hold any of them.
+_UNSAFE_RAW = r"\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069\ud800-\udfff"
+_UNSAFE = re.compile(rf"[\x00-\x1f\\{_UNSAFE_RAW}]")
+_UNSAFE_IN_JSON = re.compile(f"[{_UNSAFE_RAW}]")  # json.dumps escapes C0 and backslashes
+_NAMED = {"\n": "\\n", "\r": "\\r", "\t": "\\t", "\\": "\\\\"}
+
+
+def _escape(match: re.Match[str]) -> str:
+    char = match.group()
+    code = ord(char)
+    return _NAMED.get(char) or (f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}")
+
+
+def safe(value: object) -> str:
+    r"""`value` as text a terminal shows as it is: control characters, line breaks, bidi
+    overrides and lone surrogates escaped Python-style (backslashes doubled), so data from a
+    webhook can neither move the cursor nor forge a line.
+
+        >>> print(safe("ok\x1b[2J\nforged"))
+        ok\x1b[2J\nforged
+    """
+    return _UNSAFE.sub(_escape, value if isinstance(value, str) else str(value))
+
+
+def safe_json(value: Any, indent: int | None = None) -> str:
+    r"""`json.dumps` (non-ASCII kept readable) with what a terminal acts on escaped as JSON
+    `\uXXXX`: still valid JSON, loading to the same value."""
+    text = json.dumps(value, indent=indent, ensure_ascii=False)
+    return _UNSAFE_IN_JSON.sub(lambda match: f"\\u{ord(match.group()):04x}", text)
 
 
 def emit_json(value: Any) -> None:
-    text = json.dumps(value, indent=2, ensure_ascii=False)
-    # A lone surrogate (an event's "\ud800" escape) has no UTF-8 form; it only occurs inside
-    # JSON strings, where its escape is valid JSON for the same value.
-    click.echo(_SURROGATE.sub(lambda found: f"\\u{ord(found.group()):04x}", text))
+    click.echo(safe_json(value, indent=2))
 
 
 def fail(message: str, code: int = 1) -> NoReturn:

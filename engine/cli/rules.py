@@ -20,7 +20,8 @@ from engine.ruletests import run_tests
 from engine.validation import check_paths
 from engine.yamlsource import YamlError, load_yaml
 
-from .output import FORMAT_OPTION, emit_json, fail, rules_paths
+from .output import FORMAT_OPTION, emit_json, fail, rules_paths, safe, safe_json
+from .params import seconds
 
 PATHS = click.argument("paths", nargs=-1, type=click.Path(exists=True))
 
@@ -128,14 +129,15 @@ def _read_event(source: str) -> Any:
 
 
 def _explain_text(event: Any, result: Plan, ruleset: RuleSet, target: str | None) -> None:
-    click.echo(f"event: {result.event_type or '(no event type)'}")
-    click.echo("matched: " + (", ".join(result.matched) or "no rule"))
+    """The plan for a terminal; every value from the event escaped."""
+    click.echo(f"event: {safe(result.event_type) if result.event_type else '(no event type)'}")
+    click.echo("matched: " + (", ".join(map(safe, result.matched)) or "no rule"))
     for skip in result.skipped:
-        click.echo(f"  skipped {skip.rule}: {skip.reason}")
+        click.echo(f"  skipped {safe(skip.rule)}: {safe(skip.reason)}")
     if not result.actions and not result.failures:
         click.echo("actions: none (the event is recorded as ignored)")
     for number, action in enumerate(result.actions, 1):
-        click.echo(f"{number}. {action.kind} (rule {action.rule})")
+        click.echo(f"{number}. {safe(action.kind)} (rule {safe(action.rule)})")
         shown = action.as_dict()
         if target is not None:
             view = target_view(action, ruleset.field_map, target).as_dict()
@@ -144,9 +146,9 @@ def _explain_text(event: Any, result: Plan, ruleset: RuleSet, target: str | None
         for key, value in shown.items():
             if key in ("rule", "action", "target") or value in ({}, [], None):
                 continue
-            click.echo(f"   {key}: {json.dumps(value, ensure_ascii=False)}")
+            click.echo(f"   {safe(key)}: {safe_json(value)}")
     for failure in result.failures:
-        click.echo(f"error: {failure.message}")
+        click.echo(f"error: {safe(failure.message)}")
 
 
 @click.command()
@@ -186,8 +188,10 @@ def explain(event: str, rules_dir: tuple[str, ...], target: str | None,
 
 @click.command()
 @click.option("--events", "count", default=200, show_default=True,
-              help="Distinct events to cycle through (both payload shapes).")
-@click.option("--seconds", default=3.0, show_default=True, help="Time per measurement.")
+              type=click.IntRange(1, 100_000),
+              help="Distinct events to cycle through (both payload shapes; at least 100).")
+@click.option("--seconds", default=3.0, show_default=True,
+              type=seconds(0.1, 3600), help="Time per measurement (0.1 to 3600).")
 @click.option("--rules", "rules_dir", type=click.Path(exists=True), multiple=True,
               help="The shipped rules folder (default: $LINKCRM_RULES or ./rules).")
 def bench(count: int, seconds: float, rules_dir: tuple[str, ...]) -> None:

@@ -7,11 +7,12 @@ import os
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from datetime import datetime
 from pathlib import Path
-from typing import TypeVar
+from typing import NoReturn, TypeVar
 
 import click
 
 from engine.errors import ConfigError, Problem, StorageError
+from engine.redact import redact_url
 from engine.resources import data_dir
 from engine.rulefiles import load_ruleset
 from engine.rules import RuleSet
@@ -72,11 +73,13 @@ def load_rules(settings: Settings) -> RuleSet:
         fail(f"the rules in {location} do not load; `linkcrm validate {location}` lists why")
 
 
-def with_storage(settings: Settings, work: Callable[[Storage], Awaitable[T]]) -> T:
-    """Open the database, run `work`, close it; a StorageError exits 1 with its message."""
+def with_storage(settings: Settings, work: Callable[[Storage], Awaitable[T]], *,
+                 create: bool = False) -> T:
+    """Open the database, run `work`, close it; a StorageError exits 1 naming the database.
+    Only `create` (serve, migrate) makes a SQLite file that does not exist yet."""
 
     async def run() -> T:
-        storage = open_storage(settings.database_url)
+        storage = open_storage(settings.database_url, create=create)
         try:
             return await work(storage)
         finally:
@@ -85,14 +88,21 @@ def with_storage(settings: Settings, work: Callable[[Storage], Awaitable[T]]) ->
     try:
         return asyncio.run(run())
     except StorageError as error:
-        fail(str(error))
+        storage_failed(settings, error)
 
 
 def database_label(url: str) -> str:
-    """The database for messages: a SQLite path, or only the scheme (URLs may hold passwords)."""
+    """The database for messages: a SQLite path, or the URL without its password."""
     if url.lower().startswith("sqlite:///"):
         return url[len("sqlite:///"):]
-    return url.split("://", 1)[0] + " database"
+    return redact_url(url)
+
+
+def storage_failed(settings: Settings, error: StorageError) -> NoReturn:
+    """Exit 1 with the error, naming the database unless the message already does."""
+    label = database_label(settings.database_url)
+    message = str(error)
+    fail(message if label in message else f"{label}: {message}")
 
 
 def iso(moment: datetime | None) -> str | None:

@@ -12,7 +12,8 @@ import httpx
 
 from engine.signing import sign
 
-from .output import FORMAT_OPTION, emit_json
+from .output import FORMAT_OPTION, emit_json, safe
+from .params import http_url, not_blank, seconds
 from .runtime import load_settings, require_secret
 
 
@@ -41,11 +42,11 @@ def encode(document: dict[str, Any]) -> bytes:
 
 
 @click.command("send-samples")
-@click.option("--url", default="http://127.0.0.1:8000", show_default=True,
+@click.option("--url", default="http://127.0.0.1:8000", show_default=True, callback=http_url,
               help="Where `linkcrm serve` listens.")
-@click.option("--token", default="ref_sample_sam", show_default=True,
+@click.option("--token", default="ref_sample_sam", show_default=True, callback=not_blank,
               help="The referral link token the story is about.")
-@click.option("--wait", "wait_seconds", default=20.0, show_default=True,
+@click.option("--wait", "wait_seconds", default=20.0, show_default=True, type=seconds(0, 3600),
               help="Seconds to wait for the server to come up (it may be starting).")
 @FORMAT_OPTION
 def send_samples(url: str, token: str, wait_seconds: float, output_format: str) -> None:
@@ -99,15 +100,24 @@ def send_samples(url: str, token: str, wait_seconds: float, output_format: str) 
         emit_json(sent)
     else:
         for row in sent:
-            outcome = f"{row['status']} as event {row['id']}" if row["status"] else "rejected"
+            outcome = (f"{safe(row['status'])} as event {safe(row['id'])}" if row["status"]
+                       else "rejected")
             click.echo(f"{row['event']:<22} -> {row['http_status']} {outcome}")
         if not settings.api_keys:
             click.echo("(set LINKCRM_API_KEYS to also send the identify call)")
         if not failed:
             click.echo("now run: linkcrm crm contacts && linkcrm crm deals")
-    if failed:
-        click.echo("error: the server refused a sample; does it use the same WEBHOOK_SECRET?",
-                   err=True)
+    refused = {row["event"] for row in sent if row["http_status"] == 401}
+    if refused - {"app.user_identified"}:
+        click.echo(f"error: the server at {base} refused the signature: it is not a `linkcrm "
+                   "serve` started with this WEBHOOK_SECRET (another process may hold the port; "
+                   "a second serve there exits with 'port ... is in use')", err=True)
+    elif refused:
+        click.echo(f"error: the server at {base} refused the API key of the identify call: "
+                   "start it with the same LINKCRM_API_KEYS", err=True)
+    elif failed:
+        click.echo(f"error: the server at {base} refused a sample (the answers above say "
+                   "which); `linkcrm events list` shows what it stored", err=True)
     sys.exit(1 if failed else 0)
 
 

@@ -25,6 +25,8 @@ from engine.worker_service import (
     open_worker,
 )
 
+from . import params
+from .listen import bind
 from .output import fail
 from .runtime import (
     database_label,
@@ -32,12 +34,14 @@ from .runtime import (
     load_settings,
     require_secret,
     show_problems,
+    storage_failed,
     with_storage,
 )
 
 CONCURRENCY = click.option(
-    "--concurrency", type=click.IntRange(min=1), default=None,
-    help="Events each target handles at once [default: $LINKCRM_WORKER_CONCURRENCY or 4].",
+    "--concurrency", type=params.CONCURRENCY, default=None,
+    help="Events each target handles at once, 1 to 1000 [default: $LINKCRM_WORKER_CONCURRENCY "
+         "or 4].",
 )
 
 
@@ -73,7 +77,7 @@ def _start_targets(settings: Settings, ruleset: RuleSet, *, migrate: bool) -> No
             pass
 
     try:
-        with_storage(settings, start)
+        with_storage(settings, start, create=migrate)
     except ConfigError as error:
         _not_set_up(error)
 
@@ -109,7 +113,8 @@ def serve(host: str, port: int, no_worker: bool, no_migrate: bool,
     to every enabled target (the embedded `local` CRM when no CRM credentials are set).
     Also serves GET /healthz, /readyz and /metrics. Needs WEBHOOK_SECRET; reads
     LINKCRM_DATABASE_URL (default sqlite:///linkcrm.db) and LINKCRM_RULES (default rules/).
-    Stops on Ctrl-C or SIGTERM.
+    Stops on Ctrl-C or SIGTERM. Exit 3 when it cannot listen on HOST:PORT (the port is in
+    use), before anything else starts.
 
     \b
     Example:
@@ -119,18 +124,27 @@ def serve(host: str, port: int, no_worker: bool, no_migrate: bool,
     settings = load_settings()
     require_secret(settings)
     hooks: list[InProcessWorker] = [storage_gauges]
+    ruleset = None
     if not no_worker:
         ruleset = load_rules(settings)
         _check_targets()
-        _start_targets(settings, ruleset, migrate=not no_migrate)
-        hooks.append(in_process_worker(ruleset, settings, os.environ, concurrency))
+    sockets = bind(host, port)  # before the database or a CRM is touched: a taken port is exit 3
     try:
-        run(settings, host=host, port=port, migrate=not no_migrate, workers=hooks)
+        if ruleset is not None:
+            _start_targets(settings, ruleset, migrate=not no_migrate)
+            hooks.append(in_process_worker(ruleset, settings, os.environ, concurrency))
+        run(settings, host=host, port=port, migrate=not no_migrate, workers=hooks,
+            sockets=sockets)
+    except KeyboardInterrupt:
+        pass  # Ctrl-C: uvicorn has shut down gracefully and re-raised SIGINT; a clean stop
     except StorageError as error:
-        fail(f"{database_label(settings.database_url)}: {error}")
+        storage_failed(settings, error)
     except ConfigError as error:
         show_problems(error.problems)
         fail("fix the settings above", 2)
+    finally:
+        for sock in sockets:
+            sock.close()
 
 
 @click.command()
@@ -152,13 +166,13 @@ def worker(concurrency: int | None) -> None:
     try:
         asyncio.run(_work(settings, ruleset, concurrency))
     except StorageError as error:
-        fail(f"{database_label(settings.database_url)}: {error}")
+        storage_failed(settings, error)
     except ConfigError as error:
         _not_set_up(error)
 
 
 async def _work(settings: Settings, ruleset: RuleSet, concurrency: int | None) -> None:
-    storage = open_storage(settings.database_url)
+    storage = open_storage(settings.database_url, create=False)
     try:
         if await storage.schema_version() == 0:
             raise StorageError("the database has no schema yet; run `linkcrm migrate`")
@@ -183,5 +197,5 @@ def migrate() -> None:
       LINKCRM_DATABASE_URL=sqlite:///linkcrm.db linkcrm migrate
     """
     settings = load_settings()
-    version = with_storage(settings, lambda storage: storage.migrate())
+    version = with_storage(settings, lambda storage: storage.migrate(), create=True)
     click.echo(f"{database_label(settings.database_url)}: schema at version {version}")

@@ -311,16 +311,18 @@ class Storage(abc.ABC):
         return {}
 
 
-def open_storage(url: str, *, clock: Clock = utc_now) -> Storage:
+def open_storage(url: str, *, clock: Clock = utc_now, create: bool = True) -> Storage:
     """Open the backend that `url` names (`sqlite:///path` or `postgresql://...`).
 
-    Call `migrate()` before first use. Raises StorageError for an unknown scheme.
+    Call `migrate()` before first use. Raises StorageError for an unknown scheme, and for a
+    SQLite file that cannot be: in a folder that does not exist, or (with `create=False`, for
+    commands that only read or change existing data) missing, rather than a new empty one.
     """
     scheme = url.split("://", 1)[0].lower() if "://" in url else ""
     if scheme == "sqlite":
         from engine.storage.sqlite import SQLiteStorage
 
-        return SQLiteStorage.from_url(url, clock=clock)
+        return SQLiteStorage.from_url(url, clock=clock, create=create)
     if scheme in ("postgresql", "postgres"):
         try:
             module = importlib.import_module("engine.storage.postgres")

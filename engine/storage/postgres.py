@@ -21,12 +21,14 @@ from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
 from engine.actions import JSON, IdentityKey
 from engine.errors import StorageError, UnstorableEventError, UnstorableValueError
+from engine.redact import redact_url
 from engine.storage import PROBE_BYTES, Clock, Storage, utc_now, values
 from engine.storage import postgres_crm as crm
 from engine.storage import postgres_inbox as inbox
 from engine.storage import postgres_maps as maps
 from engine.storage.postgres_batch import Batcher
 from engine.storage.postgres_config import PoolSettings, split_url
+from engine.storage.postgres_connect import check_connection
 from engine.storage.postgres_notify import Wakeups
 from engine.storage.postgres_rows import Conn
 from engine.storage.postgres_schema import current_version
@@ -77,8 +79,10 @@ class PostgresStorage(Storage):
         *,
         pool: PoolSettings | None = None,
         clock: Clock | None = None,
+        label: str | None = None,
     ) -> None:
         self._conninfo = conninfo
+        self.label = label or redact_url(conninfo)  # names the database in errors
         self.pool_settings = pool or PoolSettings()
         self._clock = clock
         self._pool: AsyncConnectionPool[Conn] = AsyncConnectionPool(
@@ -106,7 +110,8 @@ class PostgresStorage(Storage):
         cls, url: str, *, clock: Clock = utc_now, environ: Mapping[str, str] | None = None
     ) -> PostgresStorage:
         conninfo, pool = split_url(url, os.environ if environ is None else environ)
-        return cls(conninfo, pool=pool, clock=None if clock is utc_now else clock)
+        return cls(conninfo, pool=pool, clock=None if clock is utc_now else clock,
+                   label=redact_url(url))
 
     # -- connections ----------------------------------------------------------------------------
 
@@ -120,6 +125,8 @@ class PostgresStorage(Storage):
         if not self._opened:
             async with self._open_lock:
                 if not self._opened:
+                    # One clear error, not the pool's retry log, when the server is not there.
+                    await check_connection(self._conninfo, self.label, self.pool_settings.timeout)
                     # Opened on first use, inside the event loop that will use it.
                     await self._pool.open(wait=False)
                     self._opened = True
@@ -136,6 +143,8 @@ class PostgresStorage(Storage):
                 f"{doing}: a value cannot be stored ({values.storable_text(str(error))})"
             ) from None
         except PoolTimeout:
+            # The server going away shows as a pool timeout: say so when it is the reason.
+            await check_connection(self._conninfo, self.label, self.pool_settings.timeout)
             raise StorageError(
                 f"{doing}: no PostgreSQL connection within {self.pool_settings.timeout:g}s "
                 f"(pool_size={self.pool_settings.size}); is the database up, and is the pool "

@@ -41,6 +41,7 @@ from engine.storage.records import (
     StoreResult,
     describe,
 )
+from engine.storage.sqlite_open import check_path, connect
 from engine.storage.sqlite_rows import ts
 from engine.storage.sqlite_schema import current_version
 from engine.storage.sqlite_schema import migrate as apply_migrations
@@ -52,9 +53,12 @@ class SQLiteStorage(Storage):
     """Storage in one SQLite file. Open it with `open_storage("sqlite:///linkcrm.db")`."""
 
     def __init__(
-        self, path: str | Path, *, clock: Clock = utc_now, busy_timeout: float = 10.0
+        self, path: str | Path, *, clock: Clock = utc_now, busy_timeout: float = 10.0,
+        create: bool = True,
     ) -> None:
         self.path = str(path)
+        self._create = create
+        check_path(self.path, create=create)
         self._clock = clock
         self._busy_timeout = busy_timeout
         self._local = threading.local()
@@ -65,8 +69,9 @@ class SQLiteStorage(Storage):
         self._writer = GroupCommitWriter(self._connect_writer)
 
     @classmethod
-    def from_url(cls, url: str, *, clock: Clock = utc_now) -> SQLiteStorage:
-        """`sqlite:///relative/path.db` or `sqlite:////absolute/path.db`."""
+    def from_url(cls, url: str, *, clock: Clock = utc_now, create: bool = True) -> SQLiteStorage:
+        """`sqlite:///relative/path.db` or `sqlite:////absolute/path.db`; without `create`, the
+        file must exist."""
         prefix = "sqlite:///"
         if not url.lower().startswith(prefix):
             raise StorageError(
@@ -79,17 +84,12 @@ class SQLiteStorage(Storage):
                 "a SQLite URL must name a database file (no :memory:, no ?options), "
                 "e.g. sqlite:///linkcrm.db"
             )
-        return cls(path, clock=clock)
+        return cls(path, clock=clock, create=create)
 
     # -- connections ----------------------------------------------------------------------------
 
     def _connect(self) -> sqlite3.Connection:
-        connection = sqlite3.connect(
-            self.path,
-            timeout=self._busy_timeout,
-            isolation_level=None,  # transactions are explicit: BEGIN IMMEDIATE ... COMMIT
-            check_same_thread=False,
-        )
+        connection = connect(self.path, create=self._create, timeout=self._busy_timeout)
         connection.row_factory = sqlite3.Row
         self._configure(connection)
         return connection
