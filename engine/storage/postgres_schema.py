@@ -118,6 +118,13 @@ MIGRATIONS: tuple[tuple[int, tuple[str, ...]], ...] = (
             updated_at TIMESTAMPTZ NOT NULL
         )""",
     )),
+    # Claims in due order (a new event is due when it was received, a rescheduled one at its
+    # next attempt), read from an index rather than sorted from every pending row.
+    (2, (
+        "CREATE INDEX inbox_due"
+        " ON inbox ((COALESCE(next_attempt_at, received_at)), id)"
+        " WHERE status IN ('received', 'failed')",
+    )),
 )
 
 LATEST = MIGRATIONS[-1][0]
