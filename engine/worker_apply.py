@@ -48,9 +48,14 @@ class Lane:
         self._semaphore = asyncio.Semaphore(size)
         self._progress = 0.0  # loop time of the last call that started or ended
 
+    def stuck(self, wait: float) -> bool:
+        """Full, and no call has started or ended for `wait` seconds: the CRM hangs."""
+        return self._semaphore.locked() \
+            and asyncio.get_running_loop().time() - self._progress > wait
+
     async def acquire(self, wait: float) -> bool:
         loop = asyncio.get_running_loop()
-        if self._semaphore.locked() and loop.time() - self._progress > wait:
+        if self.stuck(wait):
             return False
         try:
             async with asyncio.timeout(wait):
