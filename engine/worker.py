@@ -240,7 +240,9 @@ class Worker:
             return blocked
         lane = self.lanes[target.name]
         if not await lane.acquire(self.options.busy_wait):
-            return PartResult(target.name, False, self._deferred(job.event, 1.0),
+            # A CRM that has hung for a minute will likely hang a while longer: no sooner.
+            hung = lane.stuck_for(self.options.busy_wait)
+            return PartResult(target.name, False, self._deferred(job.event, 1.0, hung),
                               f"{target.name}: busy")
         try:
             result = await self.applier.apply(job.event, self.callers[target.name],
@@ -334,12 +336,13 @@ class Worker:
     def _after(self, seconds: float) -> datetime:
         return self.clock() + timedelta(seconds=seconds)
 
-    def _deferred(self, event: InboxEvent, first: float) -> datetime:
+    def _deferred(self, event: InboxEvent, first: float, floor: float = 0.0) -> datetime:
         """When an event deferred without trying (a full lane, an earlier event of the same
         identity) is due again: `first` seconds on its first attempt, doubling with each
-        further attempt up to `defer_cap`, jittered so a deferred backlog spreads out."""
+        further attempt, at least `floor`, at most `defer_cap`; jittered so a deferred backlog
+        spreads out."""
         doublings = min(max(event.attempts, 1) - 1, 30)
-        delay = min(self.options.defer_cap, first * 2.0 ** doublings)
+        delay = min(self.options.defer_cap, max(first * 2.0 ** doublings, floor))
         return self._after(delay * self.options.policy.rng.uniform(0.5, 1.0))
 
     def _notify(self) -> None:

@@ -48,10 +48,14 @@ class Lane:
         self._semaphore = asyncio.Semaphore(size)
         self._progress = 0.0  # loop time of the last call that started or ended
 
+    def stuck_for(self, wait: float) -> float:
+        """Seconds since the last call started or ended when that is longer than `wait` and
+        the lane is full (the CRM hangs); 0 otherwise."""
+        idle = asyncio.get_running_loop().time() - self._progress
+        return idle if self._semaphore.locked() and idle > wait else 0.0
+
     def stuck(self, wait: float) -> bool:
-        """Full, and no call has started or ended for `wait` seconds: the CRM hangs."""
-        return self._semaphore.locked() \
-            and asyncio.get_running_loop().time() - self._progress > wait
+        return self.stuck_for(wait) > 0
 
     async def acquire(self, wait: float) -> bool:
         loop = asyncio.get_running_loop()
