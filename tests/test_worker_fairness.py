@@ -16,8 +16,8 @@ from engine.crm.base import Outcome
 from engine.rules import RuleSet
 from engine.storage import InboxEvent, Storage, open_storage
 from engine.worker import Worker, WorkerOptions
-from tests.storage_contract import FakeClock
 from tests.postgres_support import fresh_schema, require_postgres, schema_url
+from tests.storage_contract import FakeClock
 from tests.worker_helpers import FakeTarget, store, wait_until, write_rules
 
 pytestmark = pytest.mark.anyio
@@ -98,8 +98,8 @@ async def test_a_hanging_crm_with_a_backlog_does_not_starve_another(
         for n in range(10):
             started = time.monotonic()
             event_id = await store(storage, "install.tracked", token=f"new_{n}")
-            await wait_until(lambda: len(healthy.kinds(event_id)) == 2, timeout=10,
-                             what=f"new event {n} on the healthy CRM")
+            await wait_until(lambda e=event_id: len(healthy.kinds(e)) == 2,
+                             timeout=10, what=f"new event {n} on the healthy CRM")
             latencies.append(time.monotonic() - started)
             await asyncio.sleep(0.2)
         assert max(latencies[5:]) < 2.0, latencies
@@ -138,8 +138,8 @@ async def test_a_deferred_event_backs_off_per_attempt(
 
     try:
         for attempts in range(1, 5):
-            await wait_until(lambda: after_attempt(attempts), timeout=10,
-                             what=f"deferral {attempts}")
+            await wait_until(lambda n=attempts: after_attempt(n),
+                             timeout=10, what=f"deferral {attempts}")
             event = await after_attempt(attempts)
             assert event is not None and event.next_attempt_at is not None
             delays.append((event.next_attempt_at - clock()).total_seconds())

@@ -126,7 +126,8 @@ class SQLiteStorage(Storage):
             try:
                 return str(connection.execute("PRAGMA journal_mode = WAL").fetchone()[0])
             except sqlite3.OperationalError as error:
-                busy = (error.sqlite_errorcode & 0xFF) in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED)
+                code = error.sqlite_errorcode & 0xFF
+                busy = code in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED)
                 if not busy or time.monotonic() + pause > deadline:
                     raise
             time.sleep(pause)
