@@ -182,7 +182,7 @@ async def test_a_new_file_waits_for_a_connection_that_holds_the_write_lock(
         await opened.close()
 
 
-async def test_migration_3_upgrades_a_version_2_database_with_a_backlog(tmp_path: Path) -> None:
+async def test_upgrading_a_version_2_database_keeps_its_backlog_in_order(tmp_path: Path) -> None:
     """Existing pending events keep their place: one that recorded its ordering keys counts as
     planned, one that never did holds later events of any identity back until it is planned."""
     database = tmp_path / "v2.db"
