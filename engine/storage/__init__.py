@@ -63,13 +63,14 @@ __all__ = [
 
 Clock = Callable[[], datetime]
 
-# How long `earlier_unfinished` waits for earlier events that another worker has claimed but
-# not planned yet (their ordering keys are milliseconds away) before counting them as blockers.
-PLANNING_WAIT = 0.25
-
 
 def utc_now() -> datetime:
     return datetime.now(UTC)
+
+
+# How long `earlier_unfinished` waits for earlier events that another worker has claimed but
+# not planned yet (their ordering keys are milliseconds away) before counting them as blockers.
+PLANNING_WAIT = 0.25
 
 
 class Storage(abc.ABC):
