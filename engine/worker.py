@@ -46,7 +46,11 @@ class WorkerOptions:
     batch is in flight in its next batch, at most `batch_size` (1: no batching). Waits longer
     than `short_wait` (backoff), `order_wait` (an earlier event of the same identity) or
     `busy_wait` (a full lane) are rescheduled in the store, so a restart loses nothing and a
-    worker slot is never held for long.
+    worker slot is never held for long. An event deferred for a full lane or an earlier event
+    comes back after about a second, twice as long with every further attempt, at most
+    `defer_cap` seconds (with jitter): the backlog of a CRM that hangs thins out instead of
+    being claimed again and again, and claims take the earliest due first, so the events that
+    arrive meanwhile go to the other targets promptly.
     """
 
     concurrency: int = 4
@@ -55,6 +59,7 @@ class WorkerOptions:
     short_wait: float = 2.0
     order_wait: float = 5.0
     busy_wait: float = 2.0
+    defer_cap: float = 60.0
     drain_timeout: float = 5.0
     batch_size: int = 100
     policy: RetryPolicy = field(default_factory=RetryPolicy)
@@ -247,7 +252,10 @@ class Worker:
             return blocked
         lane = self.lanes[target.name]
         if not await lane.acquire(self.options.busy_wait):
-            return PartResult(target.name, False, self._after(1.0), f"{target.name}: busy")
+            # A CRM that has hung for a minute will likely hang a while longer: no sooner.
+            hung = lane.stuck_for(self.options.busy_wait)
+            return PartResult(target.name, False, self._deferred(job.event, 1.0, hung),
+                              f"{target.name}: busy")
         try:
             result = await self.applier.apply(job.event, self.callers[target.name],
                                               job.work.actions, job.known)
@@ -261,6 +269,7 @@ class Worker:
 
     async def _wait_for_order(self, job: _Job, target: str) -> PartResult | None:
         keys = job.keys[target]
+        lane = self.lanes[target]
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.options.order_wait
         while True:
@@ -268,12 +277,14 @@ class Worker:
             if not earlier:
                 return None
             remaining = deadline - loop.time()
-            if remaining <= 0 or self._stopping:
+            # No waiting in-process behind a target that hangs: the slot is worth more to the
+            # events of the other targets.
+            if remaining <= 0 or self._stopping or lane.stuck(self.options.busy_wait):
                 break
             # Woken when an event of this worker moves on; polled for other processes' events.
             await self._wait_for_change(min(remaining, 0.5))
         blocker = await self.storage.get_event(earlier[0])
-        due = self._after(0.5)
+        due = self._deferred(job.event, 0.5)
         if blocker is not None and blocker.next_attempt_at is not None \
                 and blocker.lease_owner is None and blocker.next_attempt_at > due:
             due = min(blocker.next_attempt_at + timedelta(seconds=0.5),
@@ -357,6 +368,15 @@ class Worker:
 
     def _after(self, seconds: float) -> datetime:
         return self.clock() + timedelta(seconds=seconds)
+
+    def _deferred(self, event: InboxEvent, first: float, floor: float = 0.0) -> datetime:
+        """When an event deferred without trying (a full lane, an earlier event of the same
+        identity) is due again: `first` seconds on its first attempt, doubling with each
+        further attempt, at least `floor`, at most `defer_cap`; jittered so a deferred backlog
+        spreads out."""
+        doublings = min(max(event.attempts, 1) - 1, 30)
+        delay = min(self.options.defer_cap, max(first * 2.0 ** doublings, floor))
+        return self._after(delay * self.options.policy.rng.uniform(0.5, 1.0))
 
     def _notify(self) -> None:
         if self._signal is not None:

@@ -48,9 +48,18 @@ class Lane:
         self._semaphore = asyncio.Semaphore(size)
         self._progress = 0.0  # loop time of the last call that started or ended
 
+    def stuck_for(self, wait: float) -> float:
+        """Seconds since the last call started or ended when that is longer than `wait` and
+        the lane is full (the CRM hangs); 0 otherwise."""
+        idle = asyncio.get_running_loop().time() - self._progress
+        return idle if self._semaphore.locked() and idle > wait else 0.0
+
+    def stuck(self, wait: float) -> bool:
+        return self.stuck_for(wait) > 0
+
     async def acquire(self, wait: float) -> bool:
         loop = asyncio.get_running_loop()
-        if self._semaphore.locked() and loop.time() - self._progress > wait:
+        if self.stuck(wait):
             return False
         try:
             async with asyncio.timeout(wait):

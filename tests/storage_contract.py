@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import time
 from collections.abc import Callable
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
@@ -20,7 +21,7 @@ import pytest
 
 from engine.actions import IdentityKey
 from engine.errors import StorageError, UnstorableEventError, UnstorableValueError
-from engine.storage import FinalStatus, NewEvent, NewOutcome, Storage
+from engine.storage import PLANNING_WAIT, FinalStatus, NewEvent, NewOutcome, Storage
 
 STAGES = ("subscriber", "lead", "opportunity", "customer")
 TOKEN = IdentityKey("deep_link_token", "tok_1")
@@ -210,6 +211,21 @@ class StorageContract:
         again = await storage.claim("w", 1, 30)
         assert [e.attempts for e in again] == [2]
 
+    async def test_claims_take_the_earliest_due_first(
+        self, storage: Storage, clock: FakeClock
+    ) -> None:
+        # A rescheduled event comes back behind the events that arrived before it fell due,
+        # however early it arrived itself; new events keep their arrival order.
+        early = (await storage.store_event(event(1, received_at=clock()))).id
+        assert [e.id for e in await storage.claim("w", 1, 30)] == [early]
+        assert await storage.retry_later(early, "w", clock() + timedelta(seconds=10), "busy")
+        clock.advance(5)
+        newer = (await storage.store_event(event(2, received_at=clock()))).id
+        clock.advance(10)
+        latest = (await storage.store_event(event(3, received_at=clock()))).id
+        assert [e.id for e in await storage.claim("w", 2, 30)] == [newer, early]
+        assert [e.id for e in await storage.claim("w", 5, 30)] == [latest]
+
     async def test_earlier_unfinished_events_block_per_identity(self, storage: Storage) -> None:
         a = (await storage.store_event(event(1))).id
         b = (await storage.store_event(event(2))).id
@@ -223,6 +239,42 @@ class StorageContract:
         await storage.claim("w", 1, 30)
         await storage.finish(a, "w", "processed")
         assert await storage.earlier_unfinished(c, ["local:deep_link_token:tok_1"]) == []
+
+    async def test_an_earlier_event_being_planned_elsewhere_holds_back_a_later_one(
+        self, storage: Storage, make_storage: Callable[[], Storage]
+    ) -> None:
+        key = "hubspot:person-1"
+        other = make_storage()  # another worker process on the same database
+        try:
+            first = (await storage.store_event(event(1))).id
+            second = (await storage.store_event(event(2))).id
+            assert [e.id for e in await other.claim("other", 1, 30)] == [first]  # keys not yet
+            await storage.set_ordering_keys(second, [key])
+            started = time.monotonic()
+            assert await storage.earlier_unfinished(second, [key]) == [first]
+            assert time.monotonic() - started >= PLANNING_WAIT * 0.9
+
+            async def plan_first(keys: list[str]) -> None:
+                await asyncio.sleep(PLANNING_WAIT / 4)
+                await other.set_ordering_keys(first, keys)
+
+            # Another identity: the check waits for the keys, then lets the later event go.
+            results = await asyncio.gather(
+                storage.earlier_unfinished(second, [key]), plan_first(["hubspot:person-2"]))
+            assert results[0] == []
+            await other.set_ordering_keys(first, [key])
+            assert await storage.earlier_unfinished(second, [key]) == [first]
+            assert await other.finish(first, "other", "processed")
+            assert await storage.earlier_unfinished(second, [key]) == []
+            # A requeued event is planned again (the rules may have changed): until its keys
+            # are recorded anew, later events wait for it.
+            await other.set_ordering_keys(first, [])
+            assert await storage.requeue(first)
+            assert await storage.earlier_unfinished(second, [key]) == [first]
+            await storage.set_ordering_keys(first, ["hubspot:person-2"])
+            assert await storage.earlier_unfinished(second, [key]) == []
+        finally:
+            await other.close()
 
     # -- outcomes --------------------------------------------------------------------------------
 

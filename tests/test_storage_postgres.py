@@ -20,7 +20,7 @@ from engine.errors import StorageError, UnstorableEventError, UnstorableValueErr
 from engine.storage import NewEvent, Storage, StoreResult, open_storage, postgres_schema
 from engine.storage import postgres_inbox as inbox
 from engine.storage import postgres_maps as maps
-from engine.storage.postgres import PLANNING_WAIT, PostgresStorage
+from engine.storage.postgres import PostgresStorage
 from engine.storage.postgres_schema import LATEST
 from tests.postgres_support import fresh_schema, require_postgres, schema_url
 from tests.storage_contract import EMAIL, FakeClock, StorageContract, event
@@ -323,32 +323,6 @@ async def test_rate_limit_bucket_is_shared_with_another_process(
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
                           timeout=60, check=True)
     assert done.stdout.strip() == "4", done.stderr  # the 4 this process left, no more
-
-
-async def test_an_earlier_event_being_planned_elsewhere_holds_back_a_later_one(
-    storage: PostgresStorage,
-) -> None:
-    key = "hubspot:person-1"
-    first = (await storage.store_event(event(1))).id
-    second = (await storage.store_event(event(2))).id
-    await storage.claim("other-machine", 1, 30)  # `first`, its keys not recorded yet
-    await storage.set_ordering_keys(second, [key])
-    started = time.monotonic()
-    assert await storage.earlier_unfinished(second, [key]) == [first]
-    assert time.monotonic() - started >= PLANNING_WAIT * 0.9
-
-    async def plan_first(keys: list[str]) -> None:
-        await asyncio.sleep(PLANNING_WAIT / 4)
-        await storage.set_ordering_keys(first, keys)
-
-    # Another identity: the check waits for the keys, then lets the later event go.
-    results = await asyncio.gather(
-        storage.earlier_unfinished(second, [key]), plan_first(["hubspot:person-2"]))
-    assert results[0] == []
-    await storage.set_ordering_keys(first, [key])
-    assert await storage.earlier_unfinished(second, [key]) == [first]
-    assert await storage.finish(first, "other-machine", "processed")
-    assert await storage.earlier_unfinished(second, [key]) == []
 
 
 async def test_idle_workers_wake_when_another_process_stores(url: str) -> None:

@@ -17,6 +17,7 @@ from engine.errors import StorageError, UnstorableEventError, UnstorableValueErr
 from engine.storage import Storage, StoreResult, open_storage, sqlite_inbox, sqlite_schema
 from engine.storage.groupcommit import GroupCommitWriter
 from engine.storage.sqlite import SQLiteStorage
+from engine.storage.sqlite_schema import LATEST, MIGRATIONS
 from tests.storage_contract import FakeClock, StorageContract, event
 
 
@@ -286,6 +287,71 @@ async def test_migrations_from_two_processes_at_once(tmp_path: Path) -> None:
     with sqlite3.connect(database) as connection:
         versions = connection.execute("SELECT version FROM schema_version").fetchall()
     assert len(versions) == len(set(versions))
+
+
+async def test_a_new_file_waits_for_a_connection_that_holds_the_write_lock(
+    tmp_path: Path,
+) -> None:
+    """Switching a new file to WAL while another connection writes to it: SQLite answers
+    "database is locked" at once there (no busy handler, as waiting while holding a read lock
+    could deadlock), which made two processes migrating one new file fail now and then. The
+    writer waits for the lock like any other write instead."""
+    database = tmp_path / "new.db"
+    holder = sqlite3.connect(database, isolation_level=None)
+    opened = SQLiteStorage(database)
+    try:
+        holder.execute("BEGIN IMMEDIATE")
+        holder.execute("CREATE TABLE other_process (x)")
+        migrating = asyncio.ensure_future(opened.migrate())
+        await asyncio.sleep(0.3)
+        assert not migrating.done()
+        holder.execute("COMMIT")
+        assert await asyncio.wait_for(migrating, timeout=10) == LATEST
+        assert await opened.schema_version() == LATEST
+    finally:
+        holder.close()
+        await opened.close()
+
+
+async def test_upgrading_a_version_2_database_keeps_its_backlog_in_order(tmp_path: Path) -> None:
+    """Existing pending events keep their place: one that recorded its ordering keys counts as
+    planned, one that never did holds later events of any identity back until it is planned."""
+    database = tmp_path / "v2.db"
+    with sqlite3.connect(database, isolation_level=None) as connection:
+        connection.execute("PRAGMA journal_mode = WAL")
+        connection.execute("BEGIN")
+        connection.execute("CREATE TABLE schema_version (version INTEGER PRIMARY KEY,"
+                           " applied_at TEXT NOT NULL)")
+        for number, statements in MIGRATIONS[:2]:
+            for statement in statements:
+                connection.execute(statement)
+            connection.execute("INSERT INTO schema_version VALUES (?, 'then')", (number,))
+        for n, status in enumerate(["failed", "received", "processed"], start=1):
+            connection.execute(
+                "INSERT INTO inbox (dedupe_key, source, event_type, event_timestamp,"
+                " received_at, headers, body, status, updated_at)"
+                " VALUES (?, 'tolinku', 'install.tracked', 'ts', ?, '{}', x'7b7d', ?, 'then')",
+                (f"key-{n}", f"2026-03-01T10:00:0{n}.000000+00:00", status))
+        connection.execute("INSERT INTO inbox_ordering_keys VALUES (1, 'hubspot:person-1')")
+        connection.execute("COMMIT")
+    clock = FakeClock()
+    first, second = SQLiteStorage(database, clock=clock), SQLiteStorage(database, clock=clock)
+    try:
+        assert await asyncio.gather(first.migrate(), second.migrate()) == [LATEST, LATEST]
+        assert await first.migrate() == LATEST
+        later = (await first.store_event(event(9))).id
+        await first.set_ordering_keys(later, ["hubspot:person-2"])
+        assert await first.earlier_unfinished(later, ["hubspot:person-2"]) == [2]
+        assert await first.earlier_unfinished(later, ["hubspot:person-1"]) == [1, 2]
+        await second.set_ordering_keys(2, [])
+        assert await first.earlier_unfinished(later, ["hubspot:person-2"]) == []
+        assert [e.id for e in await first.claim("w", 10, 30)] == [1, 2, later]
+    finally:
+        await first.close()
+        await second.close()
+    with sqlite3.connect(database) as connection:
+        versions = connection.execute("SELECT version FROM schema_version").fetchall()
+    assert sorted(versions) == [(number,) for number, _ in MIGRATIONS]
 
 
 @pytest.mark.parametrize(

@@ -51,6 +51,7 @@ __all__ = [
     "NewEvent",
     "NewOutcome",
     "OutcomeStatus",
+    "PLANNING_WAIT",
     "StageChange",
     "StageResult",
     "Storage",
@@ -68,6 +69,11 @@ PROBE_BYTES = 64 * 1024
 
 def utc_now() -> datetime:
     return datetime.now(UTC)
+
+
+# How long `earlier_unfinished` waits for earlier events that another worker has claimed but
+# not planned yet (their ordering keys are milliseconds away) before counting them as blockers.
+PLANNING_WAIT = 0.25
 
 
 class Storage(abc.ABC):
@@ -142,8 +148,10 @@ class Storage(abc.ABC):
 
     @abc.abstractmethod
     async def claim(self, worker_id: str, limit: int, lease_seconds: float) -> list[InboxEvent]:
-        """Lease up to `limit` due pending events (no live lease, next attempt reached) in
-        arrival order; each claim counts as an attempt."""
+        """Lease up to `limit` due pending events (no live lease, next attempt reached), the
+        earliest due first: a new event is due when it was received, a rescheduled one at its
+        next attempt; ties in arrival order. So events rescheduled again and again (a CRM that
+        hangs) never crowd out the events that arrived since. Each claim counts as an attempt."""
 
     @abc.abstractmethod
     async def extend_lease(self, event_id: int, worker_id: str, lease_seconds: float) -> bool:
@@ -163,15 +171,33 @@ class Storage(abc.ABC):
 
     @abc.abstractmethod
     async def set_ordering_keys(self, event_id: int, keys: Sequence[str]) -> None:
-        """Record which identities an event touches (replaces earlier keys), so later events
-        can wait for it."""
+        """Record which identities an event touches (replaces earlier keys; none is a valid
+        answer) and that they are recorded, so later events can wait for it."""
 
-    @abc.abstractmethod
     async def earlier_unfinished(self, event_id: int, keys: Sequence[str]) -> list[int]:
         """Ids of pending events that arrived before `event_id` and share one of `keys`; the
-        worker applies an event only when this is empty (per-identity order). PostgreSQL also
-        counts an earlier pending event whose keys are not recorded yet (another machine's
-        worker is planning it), after giving it a moment to record them."""
+        worker applies an event only when this is empty (per-identity order).
+
+        An earlier pending event whose keys are not recorded yet counts too: another worker
+        (another process, another machine) may have just claimed it and be about to touch the
+        same identity. Such events get up to PLANNING_WAIT seconds to record their keys before
+        they count; a requeued event records its keys again the same way."""
+        if not keys:
+            return []
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + PLANNING_WAIT
+        while True:
+            shared, unplanned = await self.earlier_pending(event_id, keys)
+            if shared or not unplanned or loop.time() >= deadline:
+                return sorted({*shared, *unplanned})
+            await asyncio.sleep(0.005)
+
+    @abc.abstractmethod
+    async def earlier_pending(
+        self, event_id: int, keys: Sequence[str]
+    ) -> tuple[list[int], list[int]]:
+        """One read: (pending events before `event_id` sharing one of `keys`, pending events
+        before `event_id` whose keys are not recorded yet), each in arrival order."""
 
     # -- action outcomes ----------------------------------------------------------------------
 

@@ -53,10 +53,6 @@ from engine.storage.records import (
 T = TypeVar("T")
 P = ParamSpec("P")
 
-# How long `earlier_unfinished` waits for earlier events that another worker has claimed but
-# not planned yet (their ordering keys are milliseconds away) before counting them as blockers.
-PLANNING_WAIT = 0.25
-
 _SYNCHRONOUS_COMMIT = {"off": 0, "local": 1, "remote_write": 2, "on": 3, "remote_apply": 4}
 
 
@@ -260,20 +256,10 @@ class PostgresStorage(Storage):
     async def set_ordering_keys(self, event_id: int, keys: Sequence[str]) -> None:
         await self._call("record ordering keys", inbox.set_ordering_keys, event_id, keys)
 
-    async def earlier_unfinished(self, event_id: int, keys: Sequence[str]) -> list[int]:
-        """Also counts an earlier pending event whose keys are not recorded yet: another
-        worker has just claimed it and may be about to touch the same identity. Such events
-        get up to PLANNING_WAIT seconds to record their keys before they count."""
-        if not keys:
-            return []
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + PLANNING_WAIT
-        while True:
-            shared, unplanned = await self._call(
-                "check earlier events", inbox.earlier_unfinished, event_id, keys)
-            if shared or not unplanned or loop.time() >= deadline:
-                return sorted({*shared, *unplanned})
-            await asyncio.sleep(0.005)
+    async def earlier_pending(
+        self, event_id: int, keys: Sequence[str]
+    ) -> tuple[list[int], list[int]]:
+        return await self._call("check earlier events", inbox.earlier_unfinished, event_id, keys)
 
     # -- action outcomes --------------------------------------------------------------------------
 

@@ -143,12 +143,18 @@ async def list_events(
     return [event_from_row(row) for row in await cursor.fetchall()]
 
 
+# When a pending event is due: a new one when it was received, a rescheduled one at its next
+# attempt. Claims take the earliest due first (the `inbox_due` index), so events rescheduled
+# again and again (a CRM that hangs) queue behind the events that arrived meanwhile instead of
+# in front of them.
+DUE = "COALESCE(next_attempt_at, received_at)"
+
 _CLAIM = (
     "WITH due AS ("
     f" SELECT id FROM inbox WHERE {PENDING}"
     f" AND (next_attempt_at IS NULL OR next_attempt_at <= {NOW})"
     f" AND (lease_expires_at IS NULL OR lease_expires_at <= {NOW})"
-    " ORDER BY id LIMIT %(limit)s FOR UPDATE SKIP LOCKED)"
+    f" ORDER BY {DUE}, id LIMIT %(limit)s FOR UPDATE SKIP LOCKED)"
     " UPDATE inbox AS i SET lease_owner = %(worker)s,"
     f" lease_expires_at = {NOW} + make_interval(secs => %(lease)s),"
     f" attempts = i.attempts + 1, updated_at = {NOW}"
@@ -166,7 +172,8 @@ async def claim(
         return []
     cursor = await connection.execute(_CLAIM, {
         "limit": limit, "worker": worker_id, "lease": float(lease_seconds), "now": now})
-    return sorted((event_from_row(row) for row in await cursor.fetchall()), key=lambda e: e.id)
+    return sorted((event_from_row(row) for row in await cursor.fetchall()),
+                  key=lambda e: (e.next_attempt_at or e.received_at, e.id))
 
 
 # The SET clauses of lease-guarded updates; fixed text, values are always parameters.
@@ -254,7 +261,8 @@ async def dead_letters(connection: Conn, limit: int) -> list[DeadLetter]:
 async def _requeue_in(connection: Conn, event_id: int, now: datetime | None) -> bool:
     cursor = await connection.execute(
         "UPDATE inbox SET status = 'received', attempts = 0, last_error = NULL,"
-        f" next_attempt_at = NULL, lease_owner = NULL, lease_expires_at = NULL, updated_at = {NOW}"
+        f" next_attempt_at = NULL, lease_owner = NULL, lease_expires_at = NULL, updated_at = {NOW},"
+        " ordering_recorded = false"
         " WHERE id = %(id)s AND body IS NOT NULL"
         f" AND (lease_owner IS NULL OR lease_expires_at <= {NOW})",
         {"id": event_id, "now": now},
@@ -270,8 +278,9 @@ async def _requeue_in(connection: Conn, event_id: int, now: datetime | None) -> 
 
 
 async def requeue(connection: Conn, event_id: int, now: datetime | None) -> bool:
-    """Pending again, attempts reset, dead outcomes retrying; not while a worker holds a live
-    lease (it would finish and overwrite the requeue) and not once the raw body is gone."""
+    """Pending again, attempts reset, dead outcomes retrying, ordering keys to be recorded
+    again (later events wait for its plan); not while a worker holds a live lease (it would
+    finish and overwrite the requeue) and not once the raw body is gone."""
     async with connection.transaction():
         return await _requeue_in(connection, event_id, now)
 

@@ -172,6 +172,13 @@ MIGRATIONS: tuple[tuple[int, tuple[str, ...]], ...] = (
             payload BYTEA NOT NULL
         )""",
     )),
+    # Claims in due order (a new event is due when it was received, a rescheduled one at its
+    # next attempt), read from an index rather than sorted from every pending row.
+    (3, (
+        "CREATE INDEX inbox_due"
+        " ON inbox ((COALESCE(next_attempt_at, received_at)), id)"
+        " WHERE status IN ('received', 'failed')",
+    )),
 )
 
 LATEST = MIGRATIONS[-1][0]

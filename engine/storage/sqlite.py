@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import sqlite3
 import threading
+import time
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timedelta
@@ -101,11 +102,37 @@ class SQLiteStorage(Storage):
 
     def _connect_writer(self) -> sqlite3.Connection:
         connection = self._connect()
-        mode = connection.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+        try:
+            mode = self._switch_to_wal(connection)
+        except BaseException:
+            connection.close()
+            raise
         if str(mode).lower() != "wal":
             connection.close()
             raise sqlite3.OperationalError(f"could not switch the journal to WAL (it is {mode})")
         return connection
+
+    def _switch_to_wal(self, connection: sqlite3.Connection) -> str:
+        """`PRAGMA journal_mode = WAL`, waiting up to `busy_timeout` for other connections.
+
+        Switching a new file to WAL reads the header and then takes the write lock. When another
+        connection holds that lock (a second process switching or migrating the same new file),
+        SQLite answers "database is locked" at once instead of calling the busy handler, since
+        waiting while holding a read lock could deadlock. The other connection finishes within
+        its own transaction, so trying again is safe and soon finds the file in WAL already.
+        """
+        deadline = time.monotonic() + self._busy_timeout
+        pause = 0.001
+        while True:
+            try:
+                return str(connection.execute("PRAGMA journal_mode = WAL").fetchone()[0])
+            except sqlite3.OperationalError as error:
+                code = error.sqlite_errorcode & 0xFF
+                busy = code in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED)
+                if not busy or time.monotonic() + pause > deadline:
+                    raise
+            time.sleep(pause)
+            pause = min(pause * 2, 0.05)
 
     def _reader(self) -> sqlite3.Connection:
         connection: sqlite3.Connection | None = getattr(self._local, "connection", None)
@@ -243,7 +270,9 @@ class SQLiteStorage(Storage):
             lambda c: inbox.set_ordering_keys(c, event_id, keys), "record ordering keys"
         )
 
-    async def earlier_unfinished(self, event_id: int, keys: Sequence[str]) -> list[int]:
+    async def earlier_pending(
+        self, event_id: int, keys: Sequence[str]
+    ) -> tuple[list[int], list[int]]:
         return await self._read(
             lambda c: inbox.earlier_unfinished(c, event_id, keys), "check earlier events"
         )

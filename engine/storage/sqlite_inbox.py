@@ -137,14 +137,23 @@ def list_events(
     return [event_from_row(row) for row in rows]
 
 
+# When a pending event is due: a new one when it was received, a rescheduled one at its next
+# attempt. Claims take the earliest due first (the `inbox_due` index), so events rescheduled
+# again and again (a CRM that hangs) queue behind the events that arrived meanwhile instead of
+# in front of them.
+DUE = "COALESCE(next_attempt_at, received_at)"
+
+
 def claim(
     connection: sqlite3.Connection, worker_id: str, limit: int, now: str, expires: str
 ) -> list[InboxEvent]:
+    # INDEXED BY: without ANALYZE statistics SQLite would read every pending row through
+    # `inbox_status` and sort them; the due index stops at `limit` rows.
     due = connection.execute(
-        f"SELECT id FROM inbox WHERE {PENDING}"
+        f"SELECT id FROM inbox INDEXED BY inbox_due WHERE {PENDING}"
         " AND (next_attempt_at IS NULL OR next_attempt_at <= ?)"
         " AND (lease_expires_at IS NULL OR lease_expires_at <= ?)"
-        " ORDER BY id LIMIT ?",
+        f" ORDER BY {DUE}, id LIMIT ?",
         (now, now, max(limit, 0)),
     ).fetchall()
     claimed = []
@@ -175,28 +184,41 @@ def update_leased(
 
 
 def set_ordering_keys(connection: sqlite3.Connection, event_id: int, keys: Sequence[str]) -> None:
+    """Replace the event's keys and mark them recorded, in the caller's transaction."""
     connection.execute("DELETE FROM inbox_ordering_keys WHERE event_id = ?", (event_id,))
     connection.executemany(
         "INSERT INTO inbox_ordering_keys (event_id, ordering_key) VALUES (?, ?)"
         " ON CONFLICT DO NOTHING",
         [(event_id, key) for key in keys],
     )
+    connection.execute(
+        "UPDATE inbox SET ordering_recorded = 1 WHERE id = ? AND ordering_recorded = 0",
+        (event_id,),
+    )
 
 
 def earlier_unfinished(
     connection: sqlite3.Connection, event_id: int, keys: Sequence[str]
-) -> list[int]:
+) -> tuple[list[int], list[int]]:
+    """(earlier pending events sharing a key, earlier pending events whose keys are not
+    recorded yet). Each half reads its own index: a long backlog of events waiting for a retry
+    is not scanned on every check."""
     unique = sorted(set(keys))
     if not unique:
-        return []
-    rows = connection.execute(
+        return [], []
+    shared = connection.execute(
         "SELECT DISTINCT k.event_id FROM inbox_ordering_keys AS k"
         " JOIN inbox AS i ON i.id = k.event_id"
         f" WHERE k.ordering_key IN ({placeholders(len(unique))}) AND k.event_id < ?"
         f" AND i.{PENDING} ORDER BY k.event_id",
         (*unique, event_id),
     ).fetchall()
-    return [row[0] for row in rows]
+    unplanned = connection.execute(
+        f"SELECT id FROM inbox INDEXED BY inbox_unplanned"
+        f" WHERE id < ? AND {PENDING} AND ordering_recorded = 0 ORDER BY id",
+        (event_id,),
+    ).fetchall()
+    return [row[0] for row in shared], [row[0] for row in unplanned]
 
 
 def dead_letters(connection: sqlite3.Connection, limit: int) -> list[DeadLetter]:
@@ -220,11 +242,13 @@ def dead_letters(connection: sqlite3.Connection, limit: int) -> list[DeadLetter]
 
 
 def requeue(connection: sqlite3.Connection, event_id: int, now: str) -> bool:
-    """Pending again, attempts reset, dead outcomes retrying; not while a worker holds a live
-    lease (it would finish and overwrite the requeue) and not once the raw body is gone."""
+    """Pending again, attempts reset, dead outcomes retrying, ordering keys to be recorded
+    again (later events wait for its plan); not while a worker holds a live lease (it would
+    finish and overwrite the requeue) and not once the raw body is gone."""
     cursor = connection.execute(
         "UPDATE inbox SET status = 'received', attempts = 0, last_error = NULL,"
-        " next_attempt_at = NULL, lease_owner = NULL, lease_expires_at = NULL, updated_at = ?"
+        " next_attempt_at = NULL, lease_owner = NULL, lease_expires_at = NULL, updated_at = ?,"
+        " ordering_recorded = 0"
         " WHERE id = ? AND body IS NOT NULL"
         " AND (lease_owner IS NULL OR lease_expires_at <= ?)",
         (now, event_id, now),

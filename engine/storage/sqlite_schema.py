@@ -145,6 +145,21 @@ MIGRATIONS: tuple[tuple[int, tuple[str, ...]], ...] = (
             payload BLOB NOT NULL
         )""",
     )),
+    # Several worker processes on one file: `ordering_recorded` tells "this earlier event
+    # touches other identities" from "its keys are not known yet" (another process is planning
+    # it), as on PostgreSQL. Pending events that already have keys were planned; every other
+    # row starts unplanned, which can only make a later event wait, never run out of order.
+    # `inbox_due` serves claims in due order (a new event is due when it was received).
+    (4, (
+        "ALTER TABLE inbox ADD COLUMN ordering_recorded INTEGER NOT NULL DEFAULT 0"
+        " CHECK (ordering_recorded IN (0, 1))",
+        "UPDATE inbox SET ordering_recorded = 1 WHERE status IN ('received', 'failed')"
+        " AND id IN (SELECT event_id FROM inbox_ordering_keys)",
+        "CREATE INDEX inbox_unplanned ON inbox (id)"
+        " WHERE status IN ('received', 'failed') AND ordering_recorded = 0",
+        "CREATE INDEX inbox_due ON inbox (COALESCE(next_attempt_at, received_at), id)"
+        " WHERE status IN ('received', 'failed')",
+    )),
 )
 
 LATEST = MIGRATIONS[-1][0]
