@@ -9,11 +9,12 @@ import pytest
 from jsonschema import Draft202012Validator
 
 from engine.actions import ACTIONS
-from engine.eventschemas import known_types
-from engine.functions import describe
-from engine.resources import load_schema, validator
+from engine.config.resources import load_schema, validator
+from engine.rules.eventschemas import known_types
+from engine.rules.functions import describe
+from tests.support.paths import REPO
 
-ROOT = Path(__file__).parent.parent
+ROOT = REPO
 README = (ROOT / "README.md").read_text(encoding="utf-8")
 SCHEMAS = sorted((ROOT / "schemas").rglob("*.json"))
 

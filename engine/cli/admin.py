@@ -12,9 +12,9 @@ import click
 import httpx
 
 from engine import __version__
-from engine.crm.admin import ADMIN, Finding, Provisioned, doctor, provision
+from engine.config.fieldmap import FieldMap
 from engine.errors import ConfigError, CRMError
-from engine.fieldmap import FieldMap
+from engine.targets.admin import ADMIN, Finding, Provisioned, doctor, provision
 
 from .output import FORMAT_OPTION, emit_json, fail
 from .runtime import load_rules, load_settings, show_problems

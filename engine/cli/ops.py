@@ -12,9 +12,9 @@ import click
 
 from engine.actions import JSON
 from engine.errors import ConfigError
-from engine.evaluator import plan
-from engine.rulefiles import load_ruleset
-from engine.settings import Settings
+from engine.rules.evaluator import plan
+from engine.rules.files import load_ruleset
+from engine.runtime.settings import Settings
 from engine.storage import (
     EVENT_STATUSES,
     ActionOutcome,

@@ -10,15 +10,15 @@ from typing import Any
 
 import click
 
+from engine.config.fieldmap import TARGETS
+from engine.config.yamlsource import YamlError, load_yaml
 from engine.errors import ConfigError, Problem
-from engine.evaluator import Plan, plan
-from engine.explain import target_view
-from engine.fieldmap import TARGETS
-from engine.rulefiles import discover, load_ruleset
-from engine.rules import RuleSet
-from engine.ruletests import run_tests
-from engine.validation import check_paths
-from engine.yamlsource import YamlError, load_yaml
+from engine.rules.evaluator import Plan, plan
+from engine.rules.explain import target_view
+from engine.rules.files import discover, load_ruleset
+from engine.rules.model import RuleSet
+from engine.rules.ruletests import run_tests
+from engine.rules.validation import check_paths
 
 from .output import FORMAT_OPTION, emit_json, fail, rules_paths, safe, safe_json
 from .params import seconds
@@ -202,7 +202,7 @@ def bench(count: int, seconds: float, rules_dir: tuple[str, ...]) -> None:
     Example:
       linkcrm bench --events 200 --seconds 3
     """
-    from engine.bench import run_benchmark
+    from engine.rules.bench import run_benchmark
 
     ruleset = _load(rules_paths(rules_dir))
     for line in run_benchmark(ruleset, count, seconds):

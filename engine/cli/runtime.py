@@ -11,12 +11,12 @@ from typing import NoReturn, TypeVar
 
 import click
 
+from engine.config.resources import data_dir
 from engine.errors import ConfigError, Problem, StorageError
-from engine.redact import redact_url
-from engine.resources import data_dir
-from engine.rulefiles import load_ruleset
-from engine.rules import RuleSet
-from engine.settings import Settings
+from engine.rules.files import load_ruleset
+from engine.rules.model import RuleSet
+from engine.runtime.redact import redact_url
+from engine.runtime.settings import Settings
 from engine.storage import Storage, open_storage
 
 from .output import fail

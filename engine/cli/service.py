@@ -10,15 +10,15 @@ from typing import NoReturn
 
 import click
 
-from engine.crm.targets import select_targets
 from engine.errors import ConfigError, StorageError
-from engine.jsonlog import configure_logging
-from engine.metrics import Metrics, Sample
-from engine.receiver import run
-from engine.rules import RuleSet
-from engine.settings import Settings
+from engine.rules.model import RuleSet
+from engine.runtime.logs import configure_logging
+from engine.runtime.metrics import Metrics, Sample
+from engine.runtime.settings import Settings
+from engine.service.app import run
 from engine.storage import Storage, open_storage
-from engine.worker_service import (
+from engine.targets.registry import select_targets
+from engine.worker.assembly import (
     InProcessWorker,
     StandaloneWorker,
     in_process_worker,

@@ -26,9 +26,9 @@ from typing import Any
 import httpx
 
 from engine.actions import Action
-from engine.crm.base import Outcome
-from engine.crm.local import current_event
 from engine.errors import PermanentCRMError, RetryableCRMError
+from engine.targets.base import Outcome
+from engine.targets.local.target import current_event
 
 URL_VARIABLE = "RECORDING_CRM_URL"
 
@@ -186,7 +186,7 @@ class RecordingTarget:
 
 def register() -> None:
     """Add `recording` to the target registry of this process (reads RECORDING_CRM_URL)."""
-    from engine.crm.targets import REGISTRY, TargetContext, TargetSpec
+    from engine.targets.registry import REGISTRY, TargetContext, TargetSpec
 
     def factory(context: TargetContext) -> RecordingTarget:
         return RecordingTarget(context.client, context.environ[URL_VARIABLE])

@@ -1,0 +1,274 @@
+"""The field map: canonical fields and stages, each CRM's name for them, and value coercion.
+
+`rules/fields.yaml` declares each canonical field once (type, identity or not, contact or deal)
+and what each CRM calls it. Coercion turns a rule's JSON value into the format that CRM's API
+wants for that field type (HubSpot dates as midnight-UTC epoch milliseconds, Salesforce DateTime
+as ISO 8601, Pipedrive RFC 3339); it is pure and used by `explain --target` and the adapters.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+from datetime import UTC, date, datetime, time
+from pathlib import Path
+from typing import Any, Literal
+
+from engine.actions import JSON
+from engine.config.schemacheck import schema_problems
+from engine.config.yamlsource import YamlDocument, YamlError, load_yaml
+from engine.errors import ConfigError, Location, Problem
+
+CRMS = ("hubspot", "salesforce", "pipedrive")
+TARGETS = ("local", *CRMS)
+Target = Literal["local", "hubspot", "salesforce", "pipedrive"]
+
+_EMAIL = re.compile(r"^[^@\s]+@[^@\s]+\.[^@\s]+$")
+
+
+@dataclass(frozen=True)
+class CRMField:
+    """A field as one CRM knows it: an API name, a Pipedrive label, or a Pipedrive builtin."""
+
+    name: str
+    kind: Literal["name", "label", "builtin"] = "name"
+    type: str | None = None  # overrides the canonical type for this CRM
+
+
+@dataclass(frozen=True)
+class FieldSpec:
+    name: str
+    type: str
+    object: Literal["contact", "deal"] = "contact"
+    identity: bool = False
+    label: str = ""
+    options: tuple[str, ...] = ()
+    crm: dict[str, CRMField] = field(default_factory=dict)
+
+    def in_crm(self, target: str) -> CRMField | None:
+        if target == "local":
+            return CRMField(self.name)
+        return self.crm.get(target)
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    values: dict[str, str]  # CRM -> that CRM's value
+
+    def value(self, target: str) -> str:
+        return self.name if target == "local" else self.values.get(target, "")
+
+
+@dataclass(frozen=True)
+class FieldMap:
+    fields: dict[str, FieldSpec]
+    contact_stages: tuple[Stage, ...]
+    deal_stages: tuple[Stage, ...]
+    contact_stage_field: dict[str, CRMField] = field(default_factory=dict)
+    deal_pipeline: dict[str, CRMField] = field(default_factory=dict)
+    targets: dict[str, dict[str, Any]] = field(default_factory=dict)
+    file: str = ""
+
+    def contact_stage(self, name: str) -> Stage | None:
+        return next((s for s in self.contact_stages if s.name == name), None)
+
+    def deal_stage(self, name: str) -> Stage | None:
+        return next((s for s in self.deal_stages if s.name == name), None)
+
+    def stage_rank(self, name: str) -> int:
+        """Position in the forward order; a contact never moves to a lower rank."""
+        return next(i for i, s in enumerate(self.contact_stages) if s.name == name)
+
+    def coerce(self, target: str, name: str, value: JSON) -> JSON:
+        """`value` for canonical field `name` as `target` wants it; raises CoercionError."""
+        spec = self.fields[name]
+        crm_field = spec.in_crm(target)
+        kind = (crm_field.type if crm_field and crm_field.type else None) or spec.type
+        return coerce_value(target, kind, value, spec)
+
+
+class CoercionError(ValueError):
+    """A value cannot be written as the field's type (names field, value kind and the type)."""
+
+
+def coerce_value(target: str, kind: str, value: JSON, spec: FieldSpec) -> JSON:
+    if kind in ("string", "text", "url"):
+        result: JSON = _as_string(value, spec)
+    elif kind == "email":
+        text = _as_string(value, spec).strip()
+        if not _EMAIL.match(text):
+            raise CoercionError(f"{spec.name}: {text!r} is not an email address")
+        result = text
+    elif kind in ("number", "integer"):
+        result = _as_number(value, spec, integer=kind == "integer")
+    elif kind == "boolean":
+        if not isinstance(value, bool):
+            raise CoercionError(f"{spec.name}: expected true or false, got {value!r}")
+        result = value
+    elif kind == "enum":
+        text = _as_string(value, spec)
+        if spec.options and text not in spec.options:
+            raise CoercionError(
+                f"{spec.name}: {text!r} is not one of {', '.join(spec.options)}"
+            )
+        result = text
+    elif kind == "date":
+        return _format_date(target, _as_instant(value, spec).date())
+    elif kind == "datetime":
+        return _format_datetime(target, _as_instant(value, spec))
+    else:
+        raise CoercionError(f"{spec.name}: unknown field type {kind!r}")
+    if target == "hubspot" and not isinstance(result, str):
+        # HubSpot property values travel as strings ({"properties": {k: "string"}}).
+        return "true" if result is True else "false" if result is False else str(result)
+    return result
+
+
+def _as_string(value: JSON, spec: FieldSpec) -> str:
+    if isinstance(value, str):
+        return value
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return str(value)
+    raise CoercionError(f"{spec.name}: expected a text value, got {type(value).__name__}")
+
+
+def _as_number(value: JSON, spec: FieldSpec, *, integer: bool) -> int | float:
+    number: int | float
+    if isinstance(value, bool) or not isinstance(value, int | float | str):
+        raise CoercionError(f"{spec.name}: expected a number, got {value!r}")
+    if isinstance(value, str):
+        try:
+            number = int(value) if re.fullmatch(r"[-+]?\d+", value.strip()) else float(value)
+        except ValueError:
+            raise CoercionError(f"{spec.name}: {value!r} is not a number") from None
+    else:
+        number = value
+    if isinstance(number, float) and not math.isfinite(number):
+        raise CoercionError(f"{spec.name}: {value!r} is not a finite number")
+    if integer and isinstance(number, float):
+        if not number.is_integer():
+            raise CoercionError(f"{spec.name}: {value!r} is not a whole number")
+        number = int(number)
+    return number
+
+
+def _as_instant(value: JSON, spec: FieldSpec) -> datetime:
+    """ISO 8601 date or date-time text, or epoch milliseconds, as an aware UTC datetime."""
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return datetime.fromtimestamp(value / 1000, tz=UTC)
+    if isinstance(value, str):
+        text = value.strip()
+        try:
+            if len(text) == 10:
+                return datetime.combine(date.fromisoformat(text), time(), UTC)
+            parsed = datetime.fromisoformat(text.replace("Z", "+00:00").replace("z", "+00:00"))
+        except ValueError:
+            raise CoercionError(f"{spec.name}: {value!r} is not an ISO 8601 date") from None
+        return (parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)).astimezone(UTC)
+    raise CoercionError(f"{spec.name}: expected a date, got {value!r}")
+
+
+def _format_date(target: str, day: date) -> JSON:
+    if target == "hubspot":
+        # HubSpot date properties take midnight UTC as epoch milliseconds.
+        midnight = datetime.combine(day, time(), UTC)
+        return str(int(midnight.timestamp()) * 1000)
+    return day.isoformat()
+
+
+def _format_datetime(target: str, instant: datetime) -> JSON:
+    if target == "salesforce" or target == "hubspot":
+        return instant.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    return instant.isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
+def load_field_map(path: Path) -> FieldMap:
+    """Load and check `fields.yaml`; raise ConfigError with every problem found."""
+    file = str(path)
+    try:
+        document = load_yaml(path.read_text(encoding="utf-8"), file)
+    except YamlError as error:
+        raise ConfigError(
+            [Problem(error.location, "yaml-syntax", error.message, error.hint)]
+        ) from None
+    except OSError as error:
+        raise ConfigError([Problem(Location(file), "missing-field-map", str(error.strerror),
+                                   "every rules folder needs a fields.yaml (see README)")]
+                          ) from None
+    problems = schema_problems(document, "fields.schema.json")
+    problems.extend(_semantic_problems(document))
+    if any(p.severity == "error" for p in problems):
+        raise ConfigError(problems)
+    return _build(document)
+
+
+def _semantic_problems(document: YamlDocument) -> list[Problem]:
+    data = document.data if isinstance(document.data, dict) else {}
+    problems = []
+    for key in ("contact_stages", "deal_stages"):
+        seen: set[str] = set()
+        for index, stage in enumerate(data.get(key) or []):
+            name = stage.get("name") if isinstance(stage, dict) else None
+            if isinstance(name, str) and name in seen:
+                problems.append(Problem(document.location((key, index, "name")),
+                                        "duplicate-stage", f"stage {name!r} is declared twice",
+                                        "each stage appears once in its list", path=f"$.{key}"))
+            if isinstance(name, str):
+                seen.add(name)
+    return problems
+
+
+def _crm_field(raw: Any) -> CRMField:
+    if isinstance(raw, str):
+        return CRMField(raw)
+    if "label" in raw:
+        return CRMField(raw["label"], "label", raw.get("type"))
+    if "builtin" in raw:
+        return CRMField(raw["builtin"], "builtin", raw.get("type"))
+    return CRMField(raw["name"], "name", raw.get("type"))
+
+
+def _pipedrive_field(raw: Any) -> CRMField:
+    # Pipedrive custom fields are named by label (their keys are per-account hashes).
+    field_ = _crm_field(raw)
+    return CRMField(field_.name, "label", field_.type) if isinstance(raw, str) else field_
+
+
+def _per_crm(raw: dict[str, Any]) -> dict[str, CRMField]:
+    return {crm: (_pipedrive_field(v) if crm == "pipedrive" else _crm_field(v))
+            for crm, v in raw.items()}
+
+
+def _build(document: YamlDocument) -> FieldMap:
+    data = document.data
+    fields = {
+        name: FieldSpec(
+            name=name,
+            type=spec["type"],
+            object=spec.get("object", "contact"),
+            identity=bool(spec.get("identity", False)),
+            label=spec.get("label", name.replace("_", " ").capitalize()),
+            options=tuple(spec.get("options", ())),
+            crm=_per_crm({crm: spec[crm] for crm in CRMS if crm in spec}),
+        )
+        for name, spec in data["fields"].items()
+    }
+
+    def stages(key: str) -> tuple[Stage, ...]:
+        return tuple(
+            Stage(s["name"], {crm: s[crm] for crm in CRMS if crm in s}) for s in data[key]
+        )
+
+    return FieldMap(
+        fields=fields,
+        contact_stages=stages("contact_stages"),
+        deal_stages=stages("deal_stages"),
+        contact_stage_field=_per_crm(data.get("contact_stage_field", {})),
+        deal_pipeline=_per_crm(data.get("deal_pipeline", {})),
+        targets=dict(data.get("targets", {})),
+        file=document.file,
+    )

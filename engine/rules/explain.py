@@ -1,0 +1,85 @@
+"""What an action plan means for one CRM: each field under that CRM's name, value coerced.
+
+Nothing here contacts a CRM; Pipedrive custom fields are shown by label (their 40-character keys
+are resolved from the account at start-up).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from engine.actions import JSON, Action
+from engine.config.fieldmap import CoercionError, CRMField, FieldMap
+
+
+@dataclass
+class TargetView:
+    """One action as `target` would receive it."""
+
+    target: str
+    identity: dict[str, JSON] = field(default_factory=dict)
+    fields: dict[str, dict[str, JSON]] = field(default_factory=dict)  # set / set_once
+    scalars: dict[str, JSON] = field(default_factory=dict)  # key, title, amount
+    stage: dict[str, JSON] | None = None
+    unmapped: list[str] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+
+    def as_dict(self) -> dict[str, JSON]:
+        result: dict[str, JSON] = {"target": self.target, "identity": dict(self.identity)}
+        result.update(self.scalars)
+        result.update({name: dict(values) for name, values in self.fields.items()})
+        if self.stage is not None:
+            result["stage"] = dict(self.stage)
+        result["unmapped"] = list(self.unmapped)
+        result["errors"] = list(self.errors)
+        return result
+
+
+def crm_name(crm_field: CRMField) -> str:
+    if crm_field.kind == "label":
+        return f"{crm_field.name} (custom field, by label)"
+    return crm_field.name
+
+
+def target_view(action: Action, field_map: FieldMap, target: str) -> TargetView:
+    view = TargetView(target)
+    for key in action.identity:
+        spec = field_map.fields[key.field]
+        mapped = spec.in_crm(target)
+        if mapped is None:
+            view.unmapped.append(key.field)
+            continue
+        view.identity[crm_name(mapped)] = key.value
+    for map_name in action.field_maps:
+        values: dict[str, JSON] = getattr(action, map_name)
+        shown: dict[str, JSON] = {}
+        for name, value in values.items():
+            mapped = field_map.fields[name].in_crm(target)
+            if mapped is None:
+                view.unmapped.append(name)
+                continue
+            try:
+                shown[crm_name(mapped)] = field_map.coerce(target, name, value)
+            except CoercionError as error:
+                view.errors.append(str(error))
+        view.fields[map_name] = shown
+    for name, value in action.payload().items():
+        if name not in action.field_maps and name != "stage" and value is not None:
+            view.scalars[name] = value
+    stage_name = getattr(action, "stage", None)
+    if isinstance(stage_name, str):
+        deal = action.kind == "create_deal"
+        stage = field_map.deal_stage(stage_name) if deal else field_map.contact_stage(stage_name)
+        value = stage.value(target) if stage else ""
+        where = "deal stage" if deal else _stage_field(field_map, target)
+        view.stage = {"field": where, "value": value or None}
+        if not value:
+            view.errors.append(f"stage {stage_name!r} has no {target} value in the field map")
+    return view
+
+
+def _stage_field(field_map: FieldMap, target: str) -> str:
+    if target == "local":
+        return "stage"
+    mapped = field_map.contact_stage_field.get(target)
+    return crm_name(mapped) if mapped else "stage"

@@ -1,0 +1,212 @@
+"""Compile rule expressions (JMESPath plus linkcrm's functions) once, with static checks."""
+
+from __future__ import annotations
+
+import functools
+import re
+import warnings
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import cast
+
+import jmespath.exceptions
+import jmespath.functions
+import jmespath.parser
+
+from engine.rules.checks import Checker, ExpressionError, Node, child_nodes
+from engine.rules.codegen import SearchFunction, _copy_json, compile_search
+from engine.rules.functions import FUNCTIONS, describe
+
+__all__ = ["Expression", "ExpressionError", "compile_expression"]
+
+_DOCS = {doc.name: doc for doc in describe()}
+_SPEC_URL = "https://jmespath.org/specification.html"
+
+
+@dataclass(frozen=True, slots=True)
+class Expression:
+    """A compiled expression; `search(document)` evaluates it exactly as `jmespath` would.
+
+    >>> expression = compile_expression("data.token || data.referral_code")
+    >>> expression.search({"data": {"referral_code": "r-1"}})
+    'r-1'
+    >>> expression.root_paths()
+    (('data', 'token'), ('data', 'referral_code'))
+    """
+
+    source: str
+    search: SearchFunction = field(repr=False, compare=False)
+    is_literal: bool = field(compare=False)
+    _literal: object = field(repr=False, compare=False)
+    _paths: tuple[tuple[str, ...], ...] = field(repr=False, compare=False)
+
+    @property
+    def literal_value(self) -> object:
+        """The constant an `is_literal` expression always gives (a fresh copy); else None."""
+        return _copy_json(self._literal)
+
+    def root_paths(self) -> tuple[tuple[str, ...], ...]:
+        """The field-name chains read from the root document, in source order.
+
+        A chain stops at the first step that is not a field (`data.items[0].sku` reads
+        `("data", "items")`); fields read relative to projected elements or inside `&expr`
+        are not root paths; the whole document (`length(@)`, `*.a`) adds no chain.
+        """
+        return self._paths
+
+
+@functools.lru_cache(maxsize=4096)
+def compile_expression(source: str) -> Expression:
+    """Parse, statically check and compile `source`; raise ExpressionError if it is unusable.
+
+    >>> compile_expression("to_date(timestamp)").search({"timestamp": "2026-03-01T23:30:00-02:00"})
+    '2026-03-02'
+    """
+    if not source.strip():
+        raise ExpressionError("expression-syntax", "the expression is empty", source, 0,
+                              "write a JMESPath expression such as data.token, or a literal"
+                              " such as 'lead'")
+    parser = _LocatingParser()
+    try:
+        with warnings.catch_warnings():
+            # jmespath still accepts `text` (deprecated JSON-less literal) with a warning;
+            # it is valid syntax, so it must not turn into an error under -W error.
+            warnings.simplefilter("ignore", PendingDeprecationWarning)
+            parsed = cast(Node, parser._do_parse(source).parsed)
+        Checker(source, parser.starts).check(parsed)
+        paths = _root_paths(parsed)
+    except jmespath.exceptions.ParseError as exc:
+        raise _syntax_error(source, exc) from exc
+    except RecursionError:  # the parser and the checks recurse once per nesting level
+        raise ExpressionError("expression-syntax", "the expression is nested too deeply",
+                              source, 0, "split it, or simplify its nesting") from None
+    literal = parsed["value"] if parsed["type"] == "literal" else None
+    return Expression(source, compile_search(parsed, FUNCTIONS), parsed["type"] == "literal",
+                      literal, paths)
+
+
+class _LocatingParser(jmespath.parser.Parser):  # type: ignore[misc]
+    """jmespath's own parser, also noting where each node starts (its AST has no positions)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.starts: dict[int, int] = {}
+
+    def _expression(self, binding_power: int = 0) -> Node:
+        start = cast(int, self._lookahead_token(0)["start"])
+        node = cast(Node, super()._expression(binding_power))
+        # The node returned starts at its first token (a parenthesis included); so do the
+        # left operands it was built on, unless a nested call already placed them.
+        self.starts[id(node)] = start
+        left = node
+        while left["type"] in _LEFT_SPINE:
+            left = cast(Sequence[Node], left["children"])[0]
+            self.starts.setdefault(id(left), start)
+        return node
+
+    def _parse_index_expression(self) -> Node:
+        start = cast(int, self._lookahead_token(0)["start"])
+        node = cast(Node, super()._parse_index_expression())
+        self.starts[id(node)] = start
+        return node
+
+
+# Node types whose first child is their left operand (so they start where it starts).
+_LEFT_SPINE = frozenset({
+    "subexpression", "index_expression", "projection", "value_projection",
+    "filter_projection", "flatten", "or_expression", "and_expression", "comparator", "pipe",
+})
+
+
+def _syntax_error(source: str, exc: jmespath.exceptions.ParseError) -> ExpressionError:
+    if isinstance(exc, jmespath.exceptions.LexerError):
+        offset, detail = exc.lexer_position, str(exc.message)
+    elif isinstance(exc, jmespath.exceptions.IncompleteExpressionError):
+        offset, detail = len(source), "the expression ends too early"
+    elif exc.token_type == "EOF":
+        offset, detail = exc.lex_position, "the expression ends too early"
+    else:
+        offset, detail = exc.lex_position, str(exc.msg)
+        if detail.startswith("Expecting: ['quoted_identifier', 'unquoted_identifier'"):
+            detail = "a '.' must be followed by a field name, '[' or '{'"
+        if exc.token_value and str(exc.token_value) not in detail:
+            detail += f", found {exc.token_value!r}"
+    detail = detail[:1].lower() + detail[1:]
+    hint = _syntax_hint(source, detail, exc)
+    return ExpressionError("expression-syntax", f"invalid JMESPath syntax: {detail}", source,
+                           offset, hint)
+
+
+_KEYWORD_OPERATORS = {"and": "&&", "or": "||", "not": "!"}
+
+
+def _syntax_hint(source: str, detail: str, exc: jmespath.exceptions.ParseError) -> str:
+    hint = _specific_syntax_hint(detail, exc)
+    quoted = re.search(r'"([^"\\]*)"?', source)
+    if quoted:
+        # Double quotes name a field in JMESPath; people coming from YAML or JSON expect text.
+        text = quoted.group(1)
+        quotes = (f"JMESPath string literals use single quotes: '{text}'"
+                  f' ("{text}" names a field)')
+        hint = f"{hint}; and {quotes}" if hint else quotes
+    return hint or f"check the expression at the caret against the JMESPath grammar: {_SPEC_URL}"
+
+
+def _specific_syntax_hint(detail: str, exc: jmespath.exceptions.ParseError) -> str:
+    if detail == "unknown token '='":
+        return "compare with ==, as in event == 'install.tracked'"
+    if detail == "unknown token '-'":
+        return 'double-quote a field name that contains "-", as in data."first-name"'
+    if detail.startswith("unclosed ' delimiter"):
+        return "close the string literal with a single quote: 'lead'"
+    if detail.startswith("unclosed ` delimiter"):
+        return "close the JSON literal with a backtick: `42`"
+    if detail.startswith("bad token"):
+        return "a backtick literal must be JSON (`42`, `true`, `null`); write text as 'lead'"
+    if detail.startswith("unknown token"):
+        return 'double-quote a field name with unusual characters, as in data."$ref"'
+    word = str(exc.token_value) if exc.token_value is not None else ""
+    if word in _KEYWORD_OPERATORS:
+        return f"JMESPath writes '{word}' as {_KEYWORD_OPERATORS[word]}"
+    if detail == "the expression ends too early":
+        return "complete the expression: it stops after an operator, a dot or an open bracket"
+    return ""
+
+
+def _root_paths(root: Node) -> tuple[tuple[str, ...], ...]:
+    found: list[tuple[str, ...]] = []
+
+    def use(path: tuple[str, ...] | None) -> None:
+        if path and path not in found:
+            found.append(path)
+
+    def walk(node: Node, current: tuple[str, ...] | None) -> tuple[str, ...] | None:
+        """Record what `node` reads when the current value is root.<current> (None: not
+        from the root); return the path its own value comes from, still to be `use`d."""
+        kind = node["type"]
+        children = child_nodes(node)
+        if kind == "field":
+            return None if current is None else (*current, cast(str, node["value"]))
+        if kind in ("current", "identity"):
+            return current
+        if kind in ("subexpression", "pipe"):
+            for child in children:
+                current = walk(child, current)
+            return current
+        if kind in ("projection", "value_projection", "filter_projection", "flatten",
+                    "index_expression"):
+            use(walk(children[0], current))
+            for child in children[1:]:
+                if isinstance(child, Mapping):
+                    walk(child, None)  # evaluated against projected elements
+            return None
+        if kind == "expref":
+            walk(children[0], None)
+            return None
+        for child in children:
+            if isinstance(child, Mapping):
+                use(walk(child, current))
+        return None
+
+    use(walk(root, ()))
+    return tuple(found)

@@ -1,0 +1,321 @@
+"""Rule files -> `RuleSet`: discovery, YAML 1.2 parsing, schema and semantic checks.
+
+Every problem is collected (never just the first), located at `file:line:col`, and given a
+code and a hint; `load_ruleset` raises `ConfigError` when any is an error. Expressions are
+compiled here, once, so a bad expression is a load error and never a run-time surprise.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from engine.actions import ACTIONS
+from engine.config.fieldmap import FieldMap, load_field_map
+from engine.config.schemacheck import json_path, schema_problems, suggest
+from engine.config.yamlsource import Path as NodePath
+from engine.config.yamlsource import YamlDocument, YamlError, load_yaml
+from engine.errors import ConfigError, Location, Problem
+from engine.rules.eventschemas import declares, known_types, siblings, types_for
+from engine.rules.expressions import Expression, ExpressionError, compile_expression
+from engine.rules.model import ActionTemplate, FieldTemplates, Rule, RuleSet
+
+FIELD_MAP_NAME = "fields.yaml"
+TEST_SUFFIX = "_test"
+
+
+@dataclass
+class Sources:
+    """The files a set of paths holds, sorted so output is stable."""
+
+    rule_files: list[Path] = field(default_factory=list)
+    test_files: list[Path] = field(default_factory=list)
+    field_map: Path | None = None
+
+
+def is_test_file(path: Path) -> bool:
+    return path.stem.endswith(TEST_SUFFIX)
+
+
+def discover(paths: Sequence[str | Path]) -> Sources:
+    """Rule files, rule tests and the field map under `paths` (files or folders)."""
+    sources = Sources()
+    for raw in paths:
+        path = Path(raw)
+        if path.is_dir():
+            candidates = sorted(p for p in path.rglob("*") if p.suffix in (".yaml", ".yml"))
+            maps = [path / FIELD_MAP_NAME] if (path / FIELD_MAP_NAME).is_file() else []
+        elif path.is_file():
+            candidates = [path]
+            sibling = path.parent / FIELD_MAP_NAME
+            maps = [sibling] if sibling.is_file() else []
+        else:
+            raise FileNotFoundError(f"{path}: no such file or folder")
+        for candidate in candidates:
+            if candidate.name == FIELD_MAP_NAME:
+                continue
+            target = sources.test_files if is_test_file(candidate) else sources.rule_files
+            if candidate not in target:
+                target.append(candidate)
+        if sources.field_map is None and maps:
+            sources.field_map = maps[0]
+    if sources.field_map is None and sources.test_files:
+        sibling = sources.test_files[0].parent / FIELD_MAP_NAME
+        sources.field_map = sibling if sibling.is_file() else None
+    return sources
+
+
+def load_ruleset(paths: Sequence[str | Path]) -> RuleSet:
+    """Load the rules under `paths`; raise ConfigError listing every error."""
+    ruleset, problems = check_rules(discover(paths))
+    if ruleset is None or any(p.severity == "error" for p in problems):
+        raise ConfigError(problems)
+    return ruleset
+
+
+def check_rules(sources: Sources) -> tuple[RuleSet | None, list[Problem]]:
+    """Load what can be loaded and return it with every problem found (errors and warnings)."""
+    problems: list[Problem] = []
+    field_map: FieldMap | None = None
+    if sources.field_map is None:
+        where = sources.rule_files[0].parent if sources.rule_files else Path(".")
+        problems.append(Problem(Location(str(where / FIELD_MAP_NAME)), "missing-field-map",
+                                "no fields.yaml beside the rule files",
+                                "the field map declares every canonical field and stage the "
+                                "rules may use; copy rules/fields.yaml from linkcrm"))
+    else:
+        try:
+            field_map = load_field_map(sources.field_map)
+        except ConfigError as error:
+            problems.extend(error.problems)
+    if not sources.rule_files:
+        problems.append(Problem(Location(str(sources.field_map or ".")), "no-rules",
+                                "no rule files found", "rule files are *.yaml files beside "
+                                "fields.yaml, other than *_test.yaml"))
+    loader = _Loader(field_map)
+    for path in sources.rule_files:
+        loader.load_file(path)
+    problems.extend(loader.problems)
+    if field_map is None:
+        return None, problems
+    return RuleSet(tuple(loader.rules), field_map, tuple(map(str, sources.rule_files))), problems
+
+
+class _Loader:
+    def __init__(self, field_map: FieldMap | None) -> None:
+        self.field_map = field_map
+        self.rules: list[Rule] = []
+        self.problems: list[Problem] = []
+        self.seen: dict[str, Location] = {}
+
+    def load_file(self, path: Path) -> None:
+        file = str(path)
+        try:
+            document = load_yaml(path.read_text(encoding="utf-8"), file)
+        except YamlError as error:
+            self.problems.append(Problem(error.location, "yaml-syntax", error.message, error.hint))
+            return
+        except (OSError, UnicodeDecodeError) as error:
+            self.problems.append(Problem(Location(file), "unreadable", str(error)))
+            return
+        schema = schema_problems(document, "rules.schema.json")
+        self.problems.extend(schema)
+        data = document.data
+        if not isinstance(data, dict) or not isinstance(data.get("rules"), list):
+            return
+        broken = {p.path for p in schema}
+        for index, raw in enumerate(data["rules"]):
+            prefix = json_path(("rules", index))
+            if any(b == prefix or b.startswith((prefix + ".", prefix + "["))
+                   for b in broken) or not isinstance(raw, dict):
+                self._note_name(raw, document, index)
+                continue
+            rule = _RuleBuilder(document, index, raw, self.field_map).build()
+            self.problems.extend(rule.problems)
+            self._note_name(raw, document, index)
+            if rule.rule is not None:
+                self.rules.append(rule.rule)
+
+    def _note_name(self, raw: Any, document: YamlDocument, index: int) -> None:
+        name = raw.get("name") if isinstance(raw, dict) else None
+        if not isinstance(name, str):
+            return
+        location = document.location(("rules", index, "name"))
+        if name in self.seen:
+            self.problems.append(Problem(location, "duplicate-rule",
+                                         f"rule name {name!r} is already used",
+                                         f"names are unique across all rule files; the first is "
+                                         f"at {self.seen[name]}", rule=name,
+                                         path=json_path(("rules", index, "name"))))
+        else:
+            self.seen[name] = location
+
+
+class _RuleBuilder:
+    """Compile one schema-valid rule and check it against the field map and event schemas."""
+
+    def __init__(self, document: YamlDocument, index: int, raw: dict[str, Any],
+                 field_map: FieldMap | None) -> None:
+        self.document, self.index, self.raw, self.field_map = document, index, raw, field_map
+        self.name: str = raw["name"]
+        self.problems: list[Problem] = []
+        on = raw["on"]
+        self.on: tuple[str, ...] = (on,) if isinstance(on, str) else tuple(on)
+        self.event_types = types_for(self.on)
+        self.rule: Rule | None = None
+
+    def problem(self, path: NodePath, code: str, message: str, hint: str = "", *,
+                location: Location | None = None, severity: str = "error",
+                detail: str = "") -> None:
+        self.problems.append(Problem(location or self.document.location(path), code, message,
+                                     hint, "warning" if severity == "warning" else "error",
+                                     rule=self.name, path=json_path(path), detail=detail))
+
+    def build(self) -> _RuleBuilder:
+        base: NodePath = ("rules", self.index)
+        self._check_on(base)
+        when = self.expression((*base, "when")) if "when" in self.raw else None
+        actions = [self.action((*base, "actions", i), item)
+                   for i, item in enumerate(self.raw["actions"])]
+        if not any(p.severity == "error" for p in self.problems):
+            self.rule = Rule(self.name, self.raw.get("description", ""), self.on, when,
+                             tuple(a for a in actions if a is not None),
+                             self.document.location(base))
+        return self
+
+    def _check_on(self, base: NodePath) -> None:
+        patterns = [self.raw["on"]] if isinstance(self.raw["on"], str) else self.raw["on"]
+        for i, pattern in enumerate(patterns):
+            path = (*base, "on") if isinstance(self.raw["on"], str) else (*base, "on", i)
+            if any(ch in pattern for ch in "*?[") or pattern in known_types():
+                continue
+            close = suggest(pattern, known_types())
+            if close.startswith("did you mean"):
+                self.problem(path, "unknown-event", f"no event type {pattern!r} is known",
+                             close + " (custom event types are fine; this is only a warning)",
+                             severity="warning")
+
+    def expression(self, path: NodePath) -> Expression | None:
+        source = self.document.data
+        for step in path:
+            source = source[step]
+        try:
+            compiled = compile_expression(source)
+        except ExpressionError as error:
+            self.problem(path, error.code, error.message, error.hint,
+                         location=self.document.expression_location(path, error.offset),
+                         detail=error.caret)
+            return None
+        self._check_paths(path, compiled)
+        return compiled
+
+    def _check_paths(self, path: NodePath, compiled: Expression) -> None:
+        types = self.event_types
+        if not types.complete or not types.names:
+            return
+        for root_path in compiled.root_paths():
+            if any(declares(t, root_path) for t in types.names):
+                continue
+            dotted = ".".join(root_path)
+            if len(root_path) == 1:
+                hint = (f"expressions read the event; to write the text {dotted!r} use the "
+                        f"JMESPath literal \"'{dotted}'\"")
+            else:
+                hint = suggest(dotted, siblings(types.names, root_path))
+            self.problem(path, "undeclared-path",
+                         f"{compiled.source!r} reads {dotted!r}, which no event schema for "
+                         f"{', '.join(types.names)} declares", hint, severity="warning")
+
+    def field_templates(self, path: NodePath, values: dict[str, Any],
+                        object_: str) -> FieldTemplates:
+        compiled = []
+        for name in values:
+            self._check_field(path, name, object_)
+            expression = self.expression((*path, name))
+            if expression is not None:
+                compiled.append((name, expression))
+        return tuple(compiled)
+
+    def _check_field(self, path: NodePath, name: str, object_: str) -> None:
+        if self.field_map is None:
+            return
+        spec = self.field_map.fields.get(name)
+        location = self.document.location((*path, name), key=True)
+        if spec is None:
+            self.problem((*path, name), "unknown-field",
+                         f"{name!r} is not a field in the field map",
+                         suggest(name, self.field_map.fields) + f" (or declare it in "
+                         f"{self.field_map.file})", location=location)
+        elif spec.object != object_:
+            self.problem((*path, name), "wrong-object-field",
+                         f"{name!r} is a {spec.object} field, not a {object_} field",
+                         f"declare it with object: {object_} in the field map",
+                         location=location)
+
+    def identity(self, path: NodePath, raw: Any) -> FieldTemplates:
+        keys = [raw] if isinstance(raw, dict) else list(raw)
+        templates: list[tuple[str, Expression]] = []
+        for i, key in enumerate(keys):
+            key_path = path if isinstance(raw, dict) else (*path, i)
+            ((name, _),) = key.items()
+            if self.field_map is not None:
+                spec = self.field_map.fields.get(name)
+                location = self.document.location((*key_path, name), key=True)
+                if spec is None:
+                    self.problem((*key_path, name), "unknown-field",
+                                 f"identity field {name!r} is not in the field map",
+                                 suggest(name, [n for n, f in self.field_map.fields.items()
+                                                if f.identity]), location=location)
+                elif not spec.identity:
+                    self.problem((*key_path, name), "not-identity-field",
+                                 f"{name!r} cannot identify a record",
+                                 "identity fields are unique in every CRM; mark it "
+                                 "identity: true in the field map only if it is",
+                                 location=location)
+            expression = self.expression((*key_path, name))
+            if expression is not None:
+                templates.append((name, expression))
+        return tuple(templates)
+
+    def stage(self, path: NodePath, name: str, deal: bool) -> None:
+        if self.field_map is None:
+            return
+        stages = self.field_map.deal_stages if deal else self.field_map.contact_stages
+        if all(s.name != name for s in stages):
+            kind = "deal" if deal else "contact"
+            self.problem(path, "unknown-stage", f"{name!r} is not a {kind} stage",
+                         suggest(name, [s.name for s in stages]))
+
+    def action(self, path: NodePath, item: dict[str, Any]) -> ActionTemplate | None:
+        ((yaml_name, body),) = item.items()
+        kind = ACTIONS[yaml_name]
+        body_path = (*path, yaml_name)
+        identity = self.identity((*body_path, "identity"), body["identity"])
+        object_ = "deal" if "key" in body else "contact"
+        field_sets: list[tuple[str, FieldTemplates]] = []
+        for map_name in kind.field_maps:
+            field_sets.append((map_name, self.field_templates((*body_path, map_name),
+                                                              body.get(map_name) or {},
+                                                              object_)))
+        if "set" in body and "set_once" in body:
+            for name in sorted(set(body["set"]) & set(body["set_once"])):
+                self.problem((*body_path, "set_once", name), "set-and-set-once",
+                             f"{name!r} is in both set and set_once",
+                             "keep it in set to write it every time, or in set_once to keep "
+                             "the first value", location=self.document.location(
+                                 (*body_path, "set_once", name), key=True))
+        scalars = []
+        for key in ("key", "title", "amount"):
+            if key in body:
+                expression = self.expression((*body_path, key))
+                if expression is not None:
+                    scalars.append((key, expression))
+        stage = body.get("stage")
+        if stage is not None:
+            self.stage((*body_path, "stage"), stage, deal=object_ == "deal")
+        return ActionTemplate(kind, path[-1] if isinstance(path[-1], int) else 0, identity,
+                              tuple(field_sets), tuple(scalars), stage,
+                              self.document.location(path))
+

@@ -1,0 +1,118 @@
+"""LISTEN/NOTIFY wake-ups: an idle worker hears about a new event instead of polling for it.
+
+Senders coalesce: at most one NOTIFY per process is in flight, and every event stored while it
+is sent is covered by one more. PostgreSQL serialises the commits of notifying transactions on
+one lock, so a NOTIFY inside each receiver's INSERT would make every store wait for the others'
+fsyncs; a separate NOTIFY that skips the WAL flush keeps stores concurrent. A lost notification
+costs one poll interval, never an event: workers still claim on a timer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+
+import psycopg
+from psycopg import sql
+from psycopg_pool import AsyncConnectionPool
+
+from engine.storage.postgres.rows import Conn
+
+log = logging.getLogger(__name__)
+
+# One channel per schema, so two linkcrm installations sharing a database do not wake each
+# other. Computed by the server on both sides; names stay under the 63-byte identifier limit.
+_CHANNEL = "SELECT 'linkcrm_inbox_' || left(md5(COALESCE(current_schema(), '')), 16)"
+
+
+class Wakeups:
+    """Sends (`poke`) and receives (`wait`) "new work may be due" signals for one storage.
+
+        wakeups.poke()                      # after a commit that made an event claimable
+        woken = await wakeups.wait(0.5)     # True when poked (here or by another process)
+    """
+
+    def __init__(self, pool: AsyncConnectionPool[Conn], conninfo: str) -> None:
+        self._pool = pool
+        self._conninfo = conninfo
+        self._signal = asyncio.Event()
+        self._pending = False
+        self._sender: asyncio.Task[None] | None = None
+        self._listener: asyncio.Task[None] | None = None
+        self._closed = False
+
+    # -- sending --------------------------------------------------------------------------------
+
+    def poke(self) -> None:
+        """Wake this process's waiters now and the other processes' through NOTIFY."""
+        if self._closed:
+            return
+        self._signal.set()
+        self._pending = True
+        if self._sender is None or self._sender.done():
+            self._sender = asyncio.create_task(self._send(), name="linkcrm-pg-notify")
+
+    async def _send(self) -> None:
+        while self._pending and not self._closed:
+            self._pending = False
+            try:
+                async with self._pool.connection() as connection, connection.transaction():
+                    await connection.execute("SET LOCAL synchronous_commit = off")
+                    await connection.execute(f"SELECT pg_notify(({_CHANNEL}), '')")
+            except (psycopg.Error, OSError) as error:
+                # Nothing is lost: the workers' next poll finds the event.
+                log.debug("NOTIFY failed", extra={"error": str(error)})
+                return
+
+    # -- receiving ------------------------------------------------------------------------------
+
+    async def wait(self, timeout: float) -> bool:
+        """Wait until poked or `timeout` seconds pass. The signal stays set until a waiter
+        takes it, so a poke that lands between a caller's empty claim and its wait is not
+        missed."""
+        if self._listener is None and not self._closed:
+            self._listener = asyncio.create_task(self._listen(), name="linkcrm-pg-listen")
+        if not self._signal.is_set():
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(max(timeout, 0.0)):
+                    await self._signal.wait()
+        woken = self._signal.is_set()
+        self._signal.clear()
+        return woken
+
+    async def _listen(self) -> None:
+        """Keep one LISTEN connection (outside the pool) for as long as the storage is open,
+        reconnecting with backoff; a reconnect wakes the waiters, since notifications sent
+        while it was down are gone."""
+        delay = 0.5
+        while not self._closed:
+            try:
+                connection = await psycopg.AsyncConnection.connect(
+                    self._conninfo, autocommit=True)
+                async with connection:
+                    row = await (await connection.execute(_CHANNEL)).fetchone()
+                    assert row is not None
+                    await connection.execute(
+                        sql.SQL("LISTEN {}").format(sql.Identifier(str(row[0]))))
+                    self._signal.set()
+                    delay = 0.5
+                    async for _ in connection.notifies():
+                        self._signal.set()
+            except (psycopg.Error, OSError) as error:
+                log.warning("LISTEN connection lost; polling until it is back",
+                            extra={"error": str(error), "retry_in": delay})
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 10.0)
+
+    # -- lifecycle ------------------------------------------------------------------------------
+
+    async def close(self) -> None:
+        """Finish a NOTIFY in flight (briefly) and stop listening; idempotent."""
+        self._closed = True
+        tasks = [task for task in (self._sender, self._listener) if task is not None]
+        if self._sender is not None and not self._sender.done():
+            await asyncio.wait({self._sender}, timeout=2.0)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)

@@ -1,0 +1,153 @@
+"""Salesforce REST plumbing: bearer auth refreshed once on 401, API-usage pacing, error mapping."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import httpx
+
+from engine.actions import JSON
+from engine.errors import PermanentCRMError, RetryableCRMError
+from engine.targets.http import body_of, raise_for_status, send
+from engine.targets.pacing import Pacer
+from engine.targets.salesforce.auth import TokenSource
+
+CRM = "salesforce"
+_USAGE = re.compile(r"api-usage=(\d+)/(\d+)")
+# Per-record codes in collection answers that a later attempt can clear.
+TRANSIENT_CODES = frozenset({"UNABLE_TO_LOCK_ROW", "REQUEST_LIMIT_EXCEEDED", "SERVER_UNAVAILABLE"})
+
+
+def error_entries(body: Any) -> list[dict[str, Any]]:
+    """Salesforce's error array (`[{"message", "errorCode", "fields"}]`), or []."""
+    if isinstance(body, list):
+        return [entry for entry in body if isinstance(entry, dict)]
+    return []
+
+
+def describe_errors(entries: Sequence[Mapping[str, Any]]) -> str:
+    """`CODE: message` for each error, in Salesforce's own words (REST or collection shape)."""
+    return "; ".join(
+        f"{entry.get('errorCode') or entry.get('statusCode') or 'ERROR'}: "
+        f"{entry.get('message', '')}" for entry in entries)
+
+
+class SalesforceAPI:
+    """Requests to one org's REST API (`{instance}/services/data/{version}`).
+
+    Every request is paced through the shared bucket; a 401 INVALID_SESSION_ID refreshes the
+    token once and repeats the request. A second 401 right after a successful refresh raises
+    RetryableCRMError: whether the credentials are really revoked is for the token endpoint to
+    say, and it does on the next attempt (a refused token request is a PermanentCRMError).
+    403 REQUEST_LIMIT_EXCEEDED (the org's daily allocation) pauses the pacer and raises
+    RetryableCRMError with `limit_backoff` as the retry delay; when `Sforce-Limit-Info` shows
+    the allocation within `usage_reserve` of its end, requests slow to the rate the allocation
+    sustains over `usage_window` seconds.
+    """
+
+    def __init__(
+        self,
+        client: httpx.AsyncClient,
+        instance_url: str,
+        api_version: str,
+        tokens: TokenSource,
+        pacer: Pacer,
+        *,
+        usage_reserve: float = 0.1,
+        usage_window: float = 86_400.0,
+        limit_backoff: float = 300.0,
+        session_backoff: float = 30.0,
+    ) -> None:
+        self.client = client
+        self.instance_url = instance_url.rstrip("/")
+        self.base = f"{self.instance_url}/services/data/{api_version}"
+        self.tokens = tokens
+        self.pacer = pacer
+        self.usage_reserve = usage_reserve
+        self.usage_window = usage_window
+        self.limit_backoff = limit_backoff
+        self.session_backoff = session_backoff
+        self.usage: tuple[int, int] | None = None  # (used, allocation) from the last answer
+
+    def url(self, path: str) -> str:
+        return f"{self.instance_url}{path}" if path.startswith("/services/") else \
+            f"{self.base}{path}"
+
+    async def request(
+        self,
+        method: str,
+        path: str,
+        *,
+        json: JSON | Mapping[str, Any] = None,
+        params: Mapping[str, str] | None = None,
+    ) -> httpx.Response:
+        """The response to `method path`, whatever its status except the ones handled here
+        (401 after one refresh, 403 REQUEST_LIMIT_EXCEEDED); transport errors are retryable."""
+        refreshed = False
+        while True:
+            token = await self.tokens.token()
+            await self.pacer.acquire()
+            headers = {"Authorization": f"Bearer {token}", "Accept": "application/json"}
+            request = self.client.build_request(method, self.url(path), params=params,
+                                                json=json, headers=headers)
+            response = await send(self.client, CRM, request)
+            self._observe_usage(response)
+            if response.status_code == 401:
+                if not refreshed:
+                    await self.tokens.refresh(token)
+                    refreshed = True
+                    continue
+                self.tokens.forget(token)
+                raise RetryableCRMError(
+                    f"{CRM}: {method} {request.url.path} -> 401 again with a fresh token: "
+                    f"{describe_errors(error_entries(body_of(response)))}",
+                    retry_after=self.session_backoff)
+            if response.status_code == 403 and "REQUEST_LIMIT_EXCEEDED" in _codes(response):
+                self.pacer.pause(self.limit_backoff)
+                raise RetryableCRMError(
+                    f"{CRM}: {method} {request.url.path} -> 403: "
+                    f"{describe_errors(error_entries(body_of(response)))}",
+                    retry_after=self.limit_backoff)
+            return response
+
+    async def json(
+        self,
+        method: str,
+        path: str,
+        *,
+        json: JSON | Mapping[str, Any] = None,
+        params: Mapping[str, str] | None = None,
+    ) -> Any:
+        """The decoded body of a 2xx answer; any other status raises the mapped CRM error."""
+        response = await self.request(method, path, json=json, params=params)
+        raise_for_status(CRM, response, describe_errors(error_entries(body_of(response))))
+        return None if response.status_code == 204 else body_of(response)
+
+    async def query(self, soql: str) -> list[dict[str, Any]]:
+        """Every record a SOQL query returns, following `nextRecordsUrl` pages."""
+        body = await self.json("GET", "/query/", params={"q": soql})
+        records: list[dict[str, Any]] = []
+        while True:
+            if not isinstance(body, dict) or not isinstance(body.get("records"), list):
+                raise PermanentCRMError(f"{CRM}: unexpected query answer: {str(body)[:200]}")
+            records.extend(r for r in body["records"] if isinstance(r, dict))
+            following = body.get("nextRecordsUrl")
+            if body.get("done", True) or not isinstance(following, str):
+                return records
+            body = await self.json("GET", following)
+
+    def _observe_usage(self, response: httpx.Response) -> None:
+        match = _USAGE.search(response.headers.get("sforce-limit-info", ""))
+        if match is None:
+            return
+        used, allocation = int(match[1]), int(match[2])
+        self.usage = (used, allocation)
+        if allocation > 0 and allocation - used <= allocation * self.usage_reserve:
+            # Near the end of the rolling allocation: go no faster than it refills on average.
+            self.pacer.pause(self.usage_window / allocation)
+
+
+def _codes(response: httpx.Response) -> set[str]:
+    return {str(entry.get("errorCode")) for entry in error_entries(body_of(response))}

@@ -1,0 +1,227 @@
+"""Apply one event's actions to one target: retries with backoff, outcomes, dead letters."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+
+from engine.actions import JSON
+from engine.errors import PermanentCRMError, RetryableCRMError, UnstorableValueError
+from engine.runtime.metrics import Metrics
+from engine.storage import ActionOutcome, Clock, InboxEvent, NewOutcome, OutcomeStatus, Storage
+from engine.targets.base import Outcome, Target
+from engine.worker.plan import KeyedAction
+from engine.worker.retrying import RetryPolicy
+
+log = logging.getLogger("engine.worker.loop")
+
+Sleep = Callable[[float], Awaitable[None]]
+
+
+@dataclass
+class PartResult:
+    """How one target's share of one event ended: `done` (every action ok or dead) or due again
+    at `retry_at`, with `note` saying why; `dead` holds one line per dead action."""
+
+    target: str
+    done: bool
+    retry_at: datetime | None = None
+    note: str = ""
+    dead: list[str] = field(default_factory=list)
+
+
+class Lane:
+    """One target's share of the worker: at most `size` of its calls at once.
+
+    An event waits for a place in the lane at most `wait` seconds, then defers this target's
+    part durably instead of holding a worker slot. A lane that has made no progress for
+    `wait` seconds while full (the CRM hangs) turns events away at once, so a stuck target
+    holds only its own `size` slots and the other targets keep going.
+    """
+
+    def __init__(self, target: Target, size: int) -> None:
+        self.target = target
+        self.size = size
+        self._semaphore = asyncio.Semaphore(size)
+        self._progress = 0.0  # loop time of the last call that started or ended
+
+    def stuck_for(self, wait: float) -> float:
+        """Seconds since the last call started or ended when that is longer than `wait` and
+        the lane is full (the CRM hangs); 0 otherwise."""
+        idle = asyncio.get_running_loop().time() - self._progress
+        return idle if self._semaphore.locked() and idle > wait else 0.0
+
+    def stuck(self, wait: float) -> bool:
+        return self.stuck_for(wait) > 0
+
+    async def acquire(self, wait: float) -> bool:
+        loop = asyncio.get_running_loop()
+        if self.stuck(wait):
+            return False
+        try:
+            async with asyncio.timeout(wait):
+                await self._semaphore.acquire()
+        except TimeoutError:
+            return False
+        self._progress = loop.time()
+        return True
+
+    def release(self) -> None:
+        self._progress = asyncio.get_running_loop().time()
+        self._semaphore.release()
+
+
+@dataclass
+class Applier:
+    """Runs actions against a target and records every attempt's outcome.
+
+    Retryable errors wait in-process when the backoff is short (at most `short_wait` seconds)
+    and are rescheduled durably otherwise; a permanent error (or a value the store refuses),
+    or a retryable one past the policy's last attempt, makes the action dead with the CRM's
+    own message.
+    """
+
+    storage: Storage
+    metrics: Metrics
+    policy: RetryPolicy
+    short_wait: float
+    clock: Clock
+    sleep: Sleep
+
+    async def apply(
+        self,
+        event: InboxEvent,
+        target: Target,
+        actions: Sequence[KeyedAction],
+        known: Mapping[tuple[str, str], ActionOutcome],
+    ) -> PartResult:
+        result = PartResult(target.name, done=True)
+        for keyed in actions:
+            previous = known.get((target.name, keyed.key))
+            if previous is not None and previous.status == "ok":
+                continue  # never redo a success, whatever happens to the event afterwards
+            if previous is not None and previous.status == "dead":
+                result.dead.append(_dead_line(target.name, keyed, previous.error))
+                continue
+            # A first claim (new or replayed event) runs now; a retry keeps the action's time.
+            due = previous.next_attempt_at if previous and event.attempts > 1 else None
+            if due is not None and (due - self.clock()).total_seconds() > self.short_wait:
+                return PartResult(target.name, False, due, f"{target.name}: backing off",
+                                  result.dead)
+            if due is not None:
+                await self.sleep(max(0.0, (due - self.clock()).total_seconds()))
+            attempts = previous.attempts if previous else 0
+            ended = await self._attempt(event, target, keyed, attempts)
+            if isinstance(ended, datetime):
+                return PartResult(target.name, False, ended, f"{target.name}: retrying",
+                                  result.dead)
+            if ended is not None:
+                result.dead.append(ended)
+        return result
+
+    async def _attempt(
+        self, event: InboxEvent, target: Target, keyed: KeyedAction, attempts: int
+    ) -> datetime | str | None:
+        """Run until ok (None), dead (its line) or rescheduled (the time it is due again)."""
+        while True:
+            attempt = attempts + 1
+            retry_after: float | None = None
+            try:
+                outcome = await target.execute(keyed.action, keyed.key)
+            except RetryableCRMError as error:
+                message, retry_after = str(error), error.retry_after
+            except PermanentCRMError as error:
+                await self._record(event, target, keyed, "dead", error=str(error))
+                return _dead_line(target.name, keyed, str(error))
+            except UnstorableValueError as error:  # from the identity map: never retried
+                message = f"{target.name}: {error}"
+                await self._record(event, target, keyed, "dead", error=message)
+                return _dead_line(target.name, keyed, message)
+            except Exception as error:  # an adapter bug must not stop the worker: retry it
+                log.exception("target raised an unexpected error", extra={
+                    "event_id": event.id, "target": target.name, "rule": keyed.action.rule,
+                    "action": keyed.action.kind})
+                message = f"{target.name}: unexpected {type(error).__name__}: {error}"
+            else:
+                await self._record(event, target, keyed, "ok", outcome=outcome)
+                return None
+            if self.policy.exhausted(attempt):
+                final = f"gave up after {attempt} attempts: {message}"
+                await self._record(event, target, keyed, "dead", error=final)
+                return _dead_line(target.name, keyed, final)
+            delay = self.policy.delay(attempt, retry_after)
+            due = self.clock() + timedelta(seconds=delay)
+            recorded = await self._record(event, target, keyed, "retrying", error=message,
+                                          next_attempt_at=due)
+            attempts = recorded.attempts
+            log.info("action will be retried", extra={
+                "event_id": event.id, "target": target.name, "rule": keyed.action.rule,
+                "action": keyed.action.kind, "attempt": attempt, "delay": round(delay, 3)})
+            if delay > self.short_wait:
+                return due
+            await self.sleep(delay)
+
+    async def _record(
+        self,
+        event: InboxEvent,
+        target: Target,
+        keyed: KeyedAction,
+        status: OutcomeStatus,
+        *,
+        outcome: Outcome | None = None,
+        error: str | None = None,
+        next_attempt_at: datetime | None = None,
+    ) -> ActionOutcome:
+        action = keyed.action
+        response: JSON = None if outcome is None else {
+            "record_id": outcome.record_id, "created": outcome.created,
+            "summary": outcome.summary}
+        recorded = await self.storage.record_outcome(NewOutcome(
+            event_id=event.id,
+            rule=action.rule,
+            action_kind=action.kind,
+            target=target.name,
+            idempotency_key=keyed.key,
+            status=status,
+            request_summary=_summary(keyed),
+            response=response,
+            error=error,
+            next_attempt_at=next_attempt_at,
+        ))
+        self.metrics.actions.inc(
+            target=target.name, outcome={"ok": "ok", "retrying": "retried", "dead": "dead"}[status]
+        )
+        if status == "dead":
+            # The CRM's message may quote field values (personal data): it goes to the dead
+            # letter, not to the log.
+            log.warning("action dead-lettered", extra={
+                "event_id": event.id, "target": target.name, "rule": action.rule,
+                "action": action.kind})
+        return recorded
+
+
+def _summary(keyed: KeyedAction) -> JSON:
+    """What was asked, by field name only: values may be personal data."""
+    payload = keyed.action.payload()
+    fields: list[JSON] = []
+    for part in ("set", "set_once"):
+        values = payload.get(part)
+        if isinstance(values, dict):
+            fields.extend(sorted(values))
+    summary: dict[str, JSON] = {
+        "action": keyed.action.kind,
+        "ordinal": keyed.ordinal,
+        "identity": [key.field for key in keyed.action.identity],
+    }
+    if fields:
+        summary["fields"] = fields
+    if "stage" in payload:
+        summary["stage"] = payload["stage"]
+    return summary
+
+
+def _dead_line(target: str, keyed: KeyedAction, error: str | None) -> str:
+    return f"{target}: {keyed.describe()}: {error or 'dead'}"

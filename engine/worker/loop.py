@@ -1,0 +1,438 @@
+"""The worker: inbox -> rules -> action plan -> every enabled target, durably and in order.
+
+    worker = Worker(storage, ruleset, targets, metrics=metrics, options=WorkerOptions())
+    await worker.run()        # until worker.stop() (or cancellation), then drains
+
+Each claimed event is planned with the rules as they are now, and each target gets its share in
+its own task and lane (`engine.worker.apply`), so a slow or failing CRM never holds back the
+others. Two events that touch the same identity on a target are applied to that target in
+arrival order: an event records one ordering key per (target, identity) before any of its work
+starts, drops a target's keys once that target is done with it, and a later event's share for a
+target waits while an earlier unfinished event still holds one of its keys.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import socket
+import uuid
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+
+from engine.errors import StorageError, UnstorableValueError, where
+from engine.rules.model import RuleSet
+from engine.runtime.metrics import Metrics
+from engine.storage import ActionOutcome, Clock, FinalStatus, InboxEvent, Storage, utc_now
+from engine.targets.base import Target, batches
+from engine.targets.local.target import current_event
+from engine.worker.apply import Applier, Lane, PartResult, Sleep
+from engine.worker.batch import Batcher
+from engine.worker.plan import KeyedAction, Work, ordering_keys, prepare
+from engine.worker.retrying import RetryPolicy
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class WorkerOptions:
+    """How hard the worker works and how long it waits in-process before rescheduling.
+
+    `concurrency` is how many events each target handles at once (with one target, the number
+    of events in flight). A target with batch endpoints gets the calls that queue up while a
+    batch is in flight in its next batch, at most `batch_size` (1: no batching). Waits longer
+    than `short_wait` (backoff), `order_wait` (an earlier event of the same identity) or
+    `busy_wait` (a full lane) are rescheduled in the store, so a restart loses nothing and a
+    worker slot is never held for long. An event deferred for a full lane or an earlier event
+    comes back after about a second, twice as long with every further attempt, at most
+    `defer_cap` seconds (with jitter): the backlog of a CRM that hangs thins out instead of
+    being claimed again and again, and claims take the earliest due first, so the events that
+    arrive meanwhile go to the other targets promptly.
+    """
+
+    concurrency: int = 4
+    lease_seconds: float = 60.0
+    poll_interval: float = 0.2
+    short_wait: float = 2.0
+    order_wait: float = 5.0
+    busy_wait: float = 2.0
+    defer_cap: float = 60.0
+    drain_timeout: float = 5.0
+    batch_size: int = 100
+    policy: RetryPolicy = field(default_factory=RetryPolicy)
+
+
+@dataclass
+class _Job:
+    event: InboxEvent
+    work: Work
+    known: Mapping[tuple[str, str], ActionOutcome]
+    keys: dict[str, list[str]]  # target -> its ordering keys, while that target is unfinished
+
+
+class Worker:
+    """Claims inbox events with a lease and applies their action plans to `targets`."""
+
+    def __init__(
+        self,
+        storage: Storage,
+        ruleset: RuleSet,
+        targets: Sequence[Target],
+        *,
+        metrics: Metrics | None = None,
+        options: WorkerOptions | None = None,
+        worker_id: str | None = None,
+        clock: Clock = utc_now,
+        sleep: Sleep = asyncio.sleep,
+    ) -> None:
+        if not targets:
+            raise ValueError("a worker needs at least one target")
+        self.storage = storage
+        self.ruleset = ruleset
+        self.targets = list(targets)
+        self.metrics = metrics or Metrics()
+        self.options = options or WorkerOptions()
+        self.worker_id = worker_id or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        self.clock = clock
+        n = max(1, self.options.concurrency)
+        self.lanes = {target.name: Lane(target, n) for target in self.targets}
+        # Calls go through a Batcher where the target has batch endpoints: concurrent events'
+        # actions then share requests, which is what a rate-limited CRM needs.
+        self.callers: dict[str, Target] = {
+            target.name: Batcher(target, self.options.batch_size)
+            if batches(target) and self.options.batch_size > 1 else target
+            for target in self.targets}
+        # With several targets, room for one more target's worth of events: a stuck target can
+        # fill its own lane and queue, and the others still have `n` events to work on.
+        self.capacity = n if len(self.targets) == 1 else n * (len(self.targets) + 1)
+        self.applier = Applier(storage, self.metrics, self.options.policy,
+                               self.options.short_wait, clock, sleep)
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._stopping = False
+        self._signal: asyncio.Event | None = None
+
+    # -- running ----------------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Work until `stop()`; cancellation stops claiming too. In-flight events get
+        `drain_timeout` seconds to finish; the rest are released for the next claim."""
+        log.info("worker started", extra={"worker_id": self.worker_id,
+                                          "targets": [t.name for t in self.targets],
+                                          "concurrency": self.options.concurrency})
+        try:
+            await self._loop(until_idle=False)
+        finally:
+            # Stopped, cancelled or crashed: in-flight events finish or are released, so a
+            # restarted worker (or another process) takes them over at once.
+            self._stopping = True
+            await self._drain()
+            log.info("worker stopped", extra={"worker_id": self.worker_id})
+
+    async def run_until_idle(self) -> None:
+        """Work until no event is due and none is in flight (tests, one-off runs)."""
+        try:
+            await self._loop(until_idle=True)
+        finally:
+            await self._drain()
+
+    def stop(self) -> None:
+        """Stop claiming; `run()` returns once in-flight events are done (or released)."""
+        self._stopping = True
+        self._notify()
+
+    async def _loop(self, *, until_idle: bool) -> None:
+        while not self._stopping:
+            free = self.capacity - len(self._tasks)
+            claimed: list[InboxEvent] = []
+            if free > 0:
+                try:
+                    claimed = await self.storage.claim(self.worker_id, free,
+                                                       self.options.lease_seconds)
+                except StorageError as error:
+                    log.error("claim failed", extra={"error": str(error)})
+                    await self._wait_for_change(self.options.poll_interval * 5)
+                    continue
+            if claimed:
+                await self._start(claimed)
+                continue
+            if until_idle and not self._tasks:
+                return
+            await self._idle(self.options.poll_interval)
+
+    async def _start(self, events: list[InboxEvent]) -> None:
+        """Plan each event and record its ordering keys before any of them starts work, so a
+        later event of the batch always sees the earlier ones' keys. A transient store failure
+        hands the whole batch back; anything else fails only the event it happened to."""
+        jobs = [_Job(event, prepare(event, self.ruleset), {}, {}) for event in events]
+        begun = await asyncio.gather(*(self._begin(job) for job in jobs),
+                                     return_exceptions=True)
+        transient = [error for error in begun if _transient(error)]
+        if transient:
+            log.error("could not start events", extra={"error": str(transient[0]),
+                                                       "event_ids": [e.id for e in events]})
+            await asyncio.gather(*(self._release(e, "the store failed at claim time", 1.0)
+                                   for e in events))
+            return
+        for job, result in zip(jobs, begun, strict=True):
+            if isinstance(result, Exception):
+                await self._bury(job.event, result)
+                continue
+            if isinstance(result, BaseException):
+                raise result
+            task = asyncio.create_task(self._process(job), name=f"linkcrm-event-{job.event.id}")
+            self._tasks.add(task)
+            task.add_done_callback(self._finished)
+
+    async def _begin(self, job: _Job) -> None:
+        outcomes = await self.storage.list_outcomes(job.event.id)
+        job.known = {(o.target, o.idempotency_key): o for o in outcomes}
+        for target in self.targets:
+            if _unfinished(job, target.name):
+                job.keys[target.name] = ordering_keys(target.name, job.work.actions)
+        await self.storage.set_ordering_keys(job.event.id, _all_keys(job))
+
+    def _finished(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        error = None if task.cancelled() else task.exception()
+        if error is not None:
+            log.error("event task failed", extra={"error_type": type(error).__name__,
+                                                  "where": where(error)})
+        self._notify()
+
+    async def _drain(self) -> None:
+        if self._tasks:
+            _, pending = await asyncio.wait(set(self._tasks), timeout=self.options.drain_timeout)
+            for task in pending:
+                task.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
+        for caller in self.callers.values():
+            if isinstance(caller, Batcher):
+                await caller.aclose()
+
+    # -- one event ----------------------------------------------------------------------------
+
+    async def _process(self, job: _Job) -> None:
+        event = job.event
+        me = asyncio.current_task()
+        assert me is not None
+        lease = asyncio.create_task(self._keep_lease(event.id, me))
+        try:
+            parts = [asyncio.create_task(self._part(job, target)) for target in self.targets]
+            try:
+                results = await asyncio.gather(*parts)
+            except BaseException:
+                for part in parts:
+                    part.cancel()
+                await asyncio.gather(*parts, return_exceptions=True)
+                raise
+            await self._conclude(job, list(results))
+        except asyncio.CancelledError:
+            await self._release(event, "interrupted: the worker stopped", 0.0)
+            raise
+        except Exception as error:
+            if not _transient(error):
+                await self._bury(event, error)
+                return
+            log.error("event left for a later attempt", extra={"event_id": event.id,
+                                                               "error": str(error)})
+            await self._release(event, f"storage error: {error}", 5.0)
+        finally:
+            lease.cancel()
+
+    async def _part(self, job: _Job, target: Target) -> PartResult:
+        """This target's share of the event: wait for order, take a lane, apply."""
+        current_event.set(job.event.id)  # this task's own context: the local CRM's history
+        if target.name not in job.keys:
+            return PartResult(target.name, done=True, dead=_dead_lines(job, target.name))
+        blocked = await self._wait_for_order(job, target.name)
+        if blocked is not None:
+            return blocked
+        lane = self.lanes[target.name]
+        if not await lane.acquire(self.options.busy_wait):
+            # A CRM that has hung for a minute will likely hang a while longer: no sooner.
+            hung = lane.stuck_for(self.options.busy_wait)
+            return PartResult(target.name, False, self._deferred(job.event, 1.0, hung),
+                              f"{target.name}: busy")
+        try:
+            result = await self.applier.apply(job.event, self.callers[target.name],
+                                              job.work.actions, job.known)
+        finally:
+            lane.release()
+        if result.done:
+            del job.keys[target.name]
+            await self.storage.set_ordering_keys(job.event.id, _all_keys(job))
+            self._notify()
+        return result
+
+    async def _wait_for_order(self, job: _Job, target: str) -> PartResult | None:
+        keys = job.keys[target]
+        lane = self.lanes[target]
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.options.order_wait
+        while True:
+            earlier = await self.storage.earlier_unfinished(job.event.id, keys)
+            if not earlier:
+                return None
+            remaining = deadline - loop.time()
+            # No waiting in-process behind a target that hangs: the slot is worth more to the
+            # events of the other targets.
+            if remaining <= 0 or self._stopping or lane.stuck(self.options.busy_wait):
+                break
+            # Woken when an event of this worker moves on; polled for other processes' events.
+            await self._wait_for_change(min(remaining, 0.5))
+        blocker = await self.storage.get_event(earlier[0])
+        due = self._deferred(job.event, 0.5)
+        if blocker is not None and blocker.next_attempt_at is not None \
+                and blocker.lease_owner is None and blocker.next_attempt_at > due:
+            due = min(blocker.next_attempt_at + timedelta(seconds=0.5),
+                      self._after(self.options.policy.cap))
+        return PartResult(target, False, due, f"{target}: waiting for earlier event "
+                                              f"{earlier[0]} of the same identity")
+
+    async def _conclude(self, job: _Job, results: list[PartResult]) -> None:
+        event, work = job.event, job.work
+        later = [r for r in results if not r.done and r.retry_at is not None]
+        if later:
+            due = min(r.retry_at for r in later if r.retry_at is not None)
+            note = "; ".join(r.note for r in later)
+            if not await self.storage.retry_later(event.id, self.worker_id, due, note):
+                log.warning("lease lost before rescheduling", extra={"event_id": event.id})
+            return
+        dead = [line for r in results for line in r.dead]
+        problems = ([work.error] if work.error else []) + work.failures + dead
+        status: FinalStatus
+        if problems:
+            status = "dead"
+        elif work.plan is not None and not work.plan.matched:
+            status = "ignored"
+        else:
+            status = "processed"
+        error = "\n".join(problems) if problems else None
+        if await self.storage.finish(event.id, self.worker_id, status, error):
+            self.metrics.processed.inc(status=status)
+            log.log(logging.WARNING if status == "dead" else logging.DEBUG, "event finished",
+                    extra={"event_id": event.id, "event_type": event.event_type,
+                           "status": status, "actions": len(work.actions)})
+        else:
+            log.warning("lease lost before finishing", extra={"event_id": event.id})
+
+    async def _keep_lease(self, event_id: int, owner: asyncio.Task[None]) -> None:
+        interval = self.options.lease_seconds / 3
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                kept = await self.storage.extend_lease(event_id, self.worker_id,
+                                                       self.options.lease_seconds)
+            except StorageError as error:
+                log.error("lease not extended", extra={"event_id": event_id, "error": str(error)})
+                continue
+            if not kept:
+                # Another worker may own it now; stop rather than race it (keys make it safe).
+                log.warning("lease lost; abandoning the event", extra={"event_id": event_id})
+                owner.cancel()
+                return
+
+    async def _bury(self, event: InboxEvent, error: Exception) -> None:
+        """Dead-letter an event after an error that retrying cannot fix (a value the store
+        refuses, a bug): the error goes to the dead letter, the worker goes on. Should even
+        that fail, the event is handed back for a later attempt."""
+        message = f"the worker failed on this event: {type(error).__name__}: {error}"
+        # Type and place only: the message may quote event data (emails, tokens).
+        log.warning("event dead-lettered after an unexpected error", extra={
+            "event_id": event.id, "event_type": event.event_type,
+            "error_type": type(error).__name__, "where": where(error)})
+        try:
+            finished = await self.storage.finish(event.id, self.worker_id, "dead", message)
+        except StorageError as failure:
+            log.error("could not dead-letter the event", extra={"event_id": event.id,
+                                                                "error": str(failure)})
+            await self._release(event, message, 5.0)
+            return
+        if finished:
+            self.metrics.processed.inc(status="dead")
+        else:
+            log.warning("lease lost before finishing", extra={"event_id": event.id})
+
+    async def _release(self, event: InboxEvent, why: str, delay: float) -> None:
+        """Hand a leased event back (due after `delay`); if even that fails, the lease expiry
+        hands it back."""
+        with contextlib.suppress(StorageError, TimeoutError):
+            async with asyncio.timeout(5):
+                await asyncio.shield(self.storage.retry_later(
+                    event.id, self.worker_id, self._after(delay), why))
+
+    # -- helpers ------------------------------------------------------------------------------
+
+    def _after(self, seconds: float) -> datetime:
+        return self.clock() + timedelta(seconds=seconds)
+
+    def _deferred(self, event: InboxEvent, first: float, floor: float = 0.0) -> datetime:
+        """When an event deferred without trying (a full lane, an earlier event of the same
+        identity) is due again: `first` seconds on its first attempt, doubling with each
+        further attempt, at least `floor`, at most `defer_cap`; jittered so a deferred backlog
+        spreads out."""
+        doublings = min(max(event.attempts, 1) - 1, 30)
+        delay = min(self.options.defer_cap, max(first * 2.0 ** doublings, floor))
+        return self._after(delay * self.options.policy.rng.uniform(0.5, 1.0))
+
+    def _notify(self) -> None:
+        if self._signal is not None:
+            self._signal.set()
+        self._signal = asyncio.Event()
+
+    async def _idle(self, timeout: float) -> None:
+        """After an empty claim: until the storage says new events may be due (another
+        process stored or requeued some), an event of this worker moves on, or `timeout`."""
+        if self._signal is None:
+            self._signal = asyncio.Event()
+        waiters = {asyncio.ensure_future(self.storage.wait_for_events(timeout)),
+                   asyncio.ensure_future(self._signal.wait())}
+        try:
+            await asyncio.wait(waiters, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for waiter in waiters:
+                waiter.cancel()
+            for failure in await asyncio.gather(*waiters, return_exceptions=True):
+                if isinstance(failure, StorageError):  # a lost LISTEN: the poll still works
+                    log.warning("waiting for events failed", extra={"error": str(failure)})
+
+    async def _wait_for_change(self, timeout: float) -> None:
+        if self._signal is None:
+            self._signal = asyncio.Event()
+        signal = self._signal
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(timeout):
+                await signal.wait()
+
+
+def _transient(error: object) -> bool:
+    """A store that could not commit or read may work again; every other error (a value the
+    store refuses, a bug) fails the same way on every attempt."""
+    return isinstance(error, StorageError) and not isinstance(error, UnstorableValueError)
+
+
+def _unfinished(job: _Job, target: str) -> bool:
+    for keyed in job.work.actions:
+        previous = job.known.get((target, keyed.key))
+        if previous is None or previous.status == "retrying":
+            return True
+    return False
+
+
+def _dead_lines(job: _Job, target: str) -> list[str]:
+    lines = []
+    for keyed in job.work.actions:
+        previous = job.known.get((target, keyed.key))
+        if previous is not None and previous.status == "dead":
+            lines.append(f"{target}: {keyed.describe()}: {previous.error or 'dead'}")
+    return lines
+
+
+def _all_keys(job: _Job) -> list[str]:
+    return sorted({key for keys in job.keys.values() for key in keys})
+
+
+__all__ = ["KeyedAction", "Worker", "WorkerOptions"]

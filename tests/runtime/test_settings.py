@@ -1,0 +1,73 @@
+"""Settings from the environment: defaults, parsing, and errors that say what to set."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from engine.errors import ConfigError
+from engine.runtime.settings import Settings
+
+
+def test_defaults() -> None:
+    settings = Settings.from_env({})
+    assert settings.database_url == "sqlite:///linkcrm.db"
+    assert settings.webhook_secrets == () and settings.api_keys == ()
+    assert settings.rules_dir == Path("rules")
+    assert settings.max_body_bytes == 1024 * 1024
+    assert settings.request_timeout == 10.0
+
+
+def test_values_are_read_and_trimmed() -> None:
+    settings = Settings.from_env({
+        "LINKCRM_DATABASE_URL": "postgresql://db/linkcrm",
+        "WEBHOOK_SECRET": "whsec_new, whsec_old",
+        "LINKCRM_API_KEYS": "k1,k2",
+        "LINKCRM_METRICS_KEY": " scrape-key ",
+        "LINKCRM_RULES": "my-rules",
+        "LINKCRM_MAX_BODY_BYTES": "2_000_000",
+        "LINKCRM_REQUEST_TIMEOUT": "2.5",
+        "LINKCRM_LEASE_SECONDS": "90",
+        "LINKCRM_LOG_LEVEL": "debug",
+    })
+    assert settings.webhook_secrets == ("whsec_new", "whsec_old")
+    assert settings.api_keys == ("k1", "k2")
+    assert settings.metrics_keys == ("scrape-key",)
+    assert settings.rules_dir == Path("my-rules")
+    assert (settings.max_body_bytes, settings.request_timeout) == (2_000_000, 2.5)
+    assert (settings.lease_seconds, settings.log_level) == (90.0, "DEBUG")
+
+
+def test_secrets_never_appear_in_repr() -> None:
+    settings = Settings.from_env({"WEBHOOK_SECRET": "whsec_topsecret", "LINKCRM_API_KEYS": "k9",
+                                  "LINKCRM_METRICS_KEY": "scrape-secret"})
+    assert "whsec_topsecret" not in repr(settings)
+    assert "k9" not in repr(settings)
+    assert "scrape-secret" not in repr(settings)
+
+
+def test_every_bad_value_is_reported_with_its_variable_and_a_fix() -> None:
+    with pytest.raises(ConfigError) as caught:
+        Settings.from_env({
+            "LINKCRM_MAX_BODY_BYTES": "1MB",
+            "LINKCRM_REQUEST_TIMEOUT": "-1",
+            "WEBHOOK_SECRET": "whsec_a,,whsec_b",
+            "LINKCRM_DATABASE_URL": "linkcrm.db",
+        })
+    text = str(caught.value)
+    for name in ("LINKCRM_MAX_BODY_BYTES", "LINKCRM_REQUEST_TIMEOUT", "WEBHOOK_SECRET",
+                 "LINKCRM_DATABASE_URL"):
+        assert name in text
+    assert "hint:" in text
+    assert "whsec_a" not in text
+
+
+def test_an_empty_variable_counts_as_unset() -> None:
+    assert Settings.from_env({"LINKCRM_REQUEST_TIMEOUT": " "}).request_timeout == 10.0
+
+
+def test_serving_without_a_webhook_secret_says_how_to_set_one() -> None:
+    with pytest.raises(ConfigError, match="export WEBHOOK_SECRET="):
+        Settings.from_env({}).require_webhook_secret()
+    Settings.from_env({"WEBHOOK_SECRET": "whsec_a"}).require_webhook_secret()

@@ -1,0 +1,436 @@
+"""The storage contract on PostgreSQL, plus what several processes sharing one database need."""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+import subprocess
+import sys
+import textwrap
+import time
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from dataclasses import replace
+from typing import Any
+
+import psycopg
+import pytest
+
+from engine.actions import IdentityKey
+from engine.errors import StorageError, UnstorableEventError, UnstorableValueError
+from engine.storage import NewEvent, Storage, StoreResult, open_storage
+from engine.storage.postgres.schema import LATEST
+from engine.storage.postgres.store import PostgresStorage, inbox, maps
+from engine.storage.postgres.store import schema as postgres_schema
+from tests.storage.contract import EMAIL, FakeClock, StorageContract, event
+from tests.support.postgres import fresh_schema, require_postgres, schema_url
+
+
+@pytest.fixture(scope="session")
+def postgres() -> None:
+    """Fails (never skips) every test here when the server is down, saying how to start it."""
+    require_postgres()
+
+
+@pytest.fixture
+def schema(postgres: None) -> Iterator[str]:
+    with fresh_schema() as name:
+        yield name
+
+
+class TestPostgresStorage(StorageContract):
+    @pytest.fixture
+    def make_storage(self, schema: str, clock: FakeClock) -> Callable[[], Storage]:
+        return lambda: PostgresStorage.from_url(schema_url(schema), clock=clock)
+
+    @pytest.fixture
+    async def storage(self, make_storage: Callable[[], Storage]) -> AsyncIterator[Storage]:
+        opened = make_storage()
+        await opened.migrate()
+        yield opened
+        await opened.close()
+
+    @pytest.fixture
+    async def failing_storage(self, schema: str, clock: FakeClock) -> AsyncIterator[Storage]:
+        setup = PostgresStorage.from_url(schema_url(schema), clock=clock)
+        await setup.migrate()
+        await setup.close()
+        read_only = schema_url(schema, "default_transaction_read_only=on")
+        opened = PostgresStorage.from_url(read_only, clock=clock)
+        yield opened
+        await opened.close()
+
+
+pytestmark = pytest.mark.anyio
+
+
+
+@pytest.fixture
+def url(schema: str) -> str:
+    return schema_url(schema)
+
+
+@pytest.fixture
+async def storage(url: str) -> AsyncIterator[PostgresStorage]:
+    """On the database server's clock, as in production."""
+    opened = PostgresStorage.from_url(url)
+    await opened.migrate()
+    yield opened
+    await opened.close()
+
+
+async def _open(url: str, count: int) -> list[PostgresStorage]:
+    """`count` storages with their own pools: as many processes sharing the database."""
+    opened = [PostgresStorage.from_url(url) for _ in range(count)]
+    await opened[0].migrate()
+    return opened
+
+
+async def _close(storages: list[PostgresStorage]) -> None:
+    await asyncio.gather(*(s.close() for s in storages))
+
+
+async def test_migrations_from_several_processes_at_once(url: str) -> None:
+    script = textwrap.dedent(f"""
+        import asyncio
+        from engine.storage.postgres.store import PostgresStorage
+        async def main():
+            storage = PostgresStorage.from_url({url!r})
+            print(await storage.migrate())
+            await storage.close()
+        asyncio.run(main())
+    """)
+    processes = [
+        subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True)
+        for _ in range(4)
+    ]
+    outputs = [p.communicate(timeout=60) for p in processes]
+    assert [p.returncode for p in processes] == [0] * 4, outputs
+    assert {out.strip() for out, _ in outputs} == {str(LATEST)}
+    # And as tasks of one process, each with its own pool, racing the processes' result.
+    storages = [PostgresStorage.from_url(url) for _ in range(6)]
+    try:
+        assert await asyncio.gather(*(s.migrate() for s in storages)) == [LATEST] * 6
+    finally:
+        await _close(storages)
+    with psycopg.connect(url) as connection:
+        versions = connection.execute("SELECT version FROM schema_version").fetchall()
+    assert sorted(v for (v,) in versions) == list(range(1, LATEST + 1))
+
+
+async def test_many_claimers_never_share_an_event(url: str) -> None:
+    storages = await _open(url, 4)
+    try:
+        total = 300
+        await asyncio.gather(*(storages[n % 4].store_event(event(n)) for n in range(total)))
+        claimed: list[int] = []
+
+        async def claimer(storage: PostgresStorage, worker: str) -> None:
+            while batch := await storage.claim(worker, 3, 30):
+                claimed.extend(e.id for e in batch)
+                for leased in batch:
+                    assert await storage.finish(leased.id, worker, "processed")
+
+        await asyncio.gather(*(claimer(storages[n % 4], f"w{n}") for n in range(16)))
+        assert len(claimed) == total
+        assert len(set(claimed)) == total, "an event was claimed twice"
+        events = await storages[0].list_events(limit=total)
+        assert {e.status for e in events} == {"processed"}
+        assert {e.attempts for e in events} == {1}
+        # The counts /metrics reads, kept by 16 concurrent writers across 4 pools, add up.
+        counts = (await storages[3].inbox_stats()).by_status
+        assert (counts["processed"], counts["received"]) == (total, 0)
+    finally:
+        await _close(storages)
+
+
+async def test_a_dead_workers_events_come_back_after_the_lease(url: str) -> None:
+    crashed, survivor = await _open(url, 2)
+    try:
+        stored = await crashed.store_event(event(1))
+        assert [e.id for e in await crashed.claim("crashed", 5, 0.6)] == [stored.id]
+        await crashed.close()  # its pool is gone; nothing is released
+        assert await survivor.claim("survivor", 5, 30) == []
+        await asyncio.sleep(0.7)
+        again = await survivor.claim("survivor", 5, 30)
+        assert [(e.id, e.attempts, e.lease_owner) for e in again] == [
+            (stored.id, 2, "survivor")]
+        assert await survivor.finish(stored.id, "survivor", "processed")
+    finally:
+        await _close([crashed, survivor])
+
+
+async def test_dedupe_holds_across_two_receivers(url: str) -> None:
+    left, right = await _open(url, 2)
+    try:
+        for n in range(5):
+            results = await asyncio.gather(
+                *((left if i % 2 else right).store_event(event(n)) for i in range(20)))
+            assert sum(not r.duplicate for r in results) == 1
+            assert len({r.id for r in results}) == 1
+        assert len(await left.list_events()) == 5
+    finally:
+        await _close([left, right])
+
+
+async def test_concurrent_stores_share_statements(
+    storage: PostgresStorage, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    batches: list[int] = []
+    original = inbox.store_many
+
+    async def counting(connection: Any, events: Sequence[NewEvent]) -> list[StoreResult]:
+        batches.append(len(events))
+        return await original(connection, events)
+
+    monkeypatch.setattr(inbox, "store_many", counting)
+    bodies = [event(n) for n in range(200)] + [event(n) for n in range(0, 200, 10)]
+    results = await asyncio.gather(*(storage.store_event(e) for e in bodies))
+    assert sum(batches) == 220
+    assert len(batches) < 50, f"{len(batches)} statements for 220 concurrent stores"
+    assert sum(not r.duplicate for r in results) == 200
+    assert [r.id for r in results[200:]] == [results[n].id for n in range(0, 200, 10)]
+    assert len(await storage.list_events(limit=500)) == 200
+
+
+async def test_a_row_postgresql_refuses_fails_alone_in_its_batch(
+    storage: PostgresStorage, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Even a bad row the up-front check misses (here the check is switched off) fails only
+    its own store: the batch is written again row by row."""
+    monkeypatch.setattr(inbox, "unstorable", lambda event: None)
+    bad = replace(event(99), event_timestamp="2026-03-01\udfff")
+    results = await asyncio.gather(
+        *(storage.store_event(event(n)) for n in range(3)), storage.store_event(bad),
+        *(storage.store_event(event(n)) for n in range(3, 6)), return_exceptions=True)
+    assert isinstance(results[3], UnstorableEventError), results[3]
+    assert "UnicodeEncodeError" in str(results[3])
+    assert sum(isinstance(r, StoreResult) for r in results) == 6
+    assert len(await storage.list_events()) == 6
+
+
+_ROWS_READ = (
+    "SELECT SUM(pg_stat_get_xact_tuples_returned(oid)) FROM pg_class WHERE oid = 'inbox'::regclass"
+    " OR oid IN (SELECT indexrelid FROM pg_index WHERE indrelid = 'inbox'::regclass)"
+)
+
+
+async def test_inbox_stats_reads_no_more_rows_for_a_bigger_inbox(
+    storage: PostgresStorage, url: str
+) -> None:
+    """/metrics reads inbox_stats on every scrape: the inbox rows and index entries it reads
+    (this transaction's own statistics) stay the same from 100 events to 3,000."""
+
+    async def rows_read() -> int:
+        async with await psycopg.AsyncConnection.connect(url) as connection:
+            before = await (await connection.execute(_ROWS_READ)).fetchone()
+            await inbox.stats(connection)
+            after = await (await connection.execute(_ROWS_READ)).fetchone()
+            assert before is not None and after is not None
+            return int(after[0] or 0) - int(before[0] or 0)
+
+    await asyncio.gather(*(storage.store_event(event(n)) for n in range(100)))
+    claimed = await storage.claim("w", 50, 30)
+    await storage.finish(claimed[0].id, "w", "processed")
+    small = await rows_read()
+    await asyncio.gather(*(storage.store_event(event(n)) for n in range(100, 3000)))
+    large = await rows_read()
+    assert (await storage.inbox_stats()).by_status["received"] == 2999
+    assert large <= small + 2, f"{small} rows read at 100 events, {large} at 3,000"
+
+
+async def test_migration_2_counts_the_events_already_stored(url: str) -> None:
+    with psycopg.connect(url, autocommit=True) as connection:
+        connection.execute("CREATE TABLE schema_version (version INTEGER PRIMARY KEY,"
+                           " applied_at TIMESTAMPTZ NOT NULL DEFAULT now())")
+        for number, statements in postgres_schema.MIGRATIONS:
+            if number < 2:
+                for statement in statements:
+                    connection.execute(statement)
+                connection.execute("INSERT INTO schema_version VALUES (%s, now())", (number,))
+        for n, status in enumerate(["received"] * 3 + ["dead", "processed", "processed"]):
+            connection.execute(
+                "INSERT INTO inbox (dedupe_key, source, event_type, event_timestamp,"
+                " received_at, headers, status, updated_at) VALUES (%s, 't', 'e', 't', now(),"
+                " '{}', %s, now())", (f"k{n}", status))
+    upgraded = PostgresStorage.from_url(url)
+    try:
+        assert await upgraded.migrate() >= 2
+        assert dict((await upgraded.inbox_stats()).by_status) == {
+            "received": 3, "processed": 2, "ignored": 0, "failed": 0, "dead": 1}
+        await upgraded.store_event(event(1))
+        assert (await upgraded.inbox_stats()).by_status["received"] == 4
+    finally:
+        await upgraded.close()
+
+
+async def test_check_writable_fails_while_the_disk_is_full_and_recovers(
+    storage: PostgresStorage, url: str
+) -> None:
+    """A full disk, injected: every insert fails with PostgreSQL's own disk_full error."""
+    with psycopg.connect(url, autocommit=True) as connection:
+        connection.execute(
+            "CREATE FUNCTION full_disk() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN"
+            " RAISE EXCEPTION 'could not extend file: No space left on device'"
+            " USING ERRCODE = 'disk_full'; END $$")
+        for table in ("inbox", "write_probe"):
+            connection.execute(f"CREATE TRIGGER full_disk BEFORE INSERT ON {table}"
+                               " FOR EACH ROW EXECUTE FUNCTION full_disk()")
+        with pytest.raises(StorageError, match="No space left"):
+            await storage.store_event(event(1))
+        with pytest.raises(StorageError, match="No space left"):
+            await storage.check_writable()
+        for table in ("inbox", "write_probe"):
+            connection.execute(f"DROP TRIGGER full_disk ON {table}")
+    await storage.check_writable()
+    assert (await storage.store_event(event(1))).duplicate is False
+    with psycopg.connect(url) as connection:  # the test write left nothing behind
+        assert connection.execute("SELECT COUNT(*) FROM write_probe").fetchone() == (0,)
+
+
+async def test_rate_limit_bucket_is_shared_by_every_pool(url: str) -> None:
+    storages = await _open(url, 3)
+    try:
+        # Refill too slow to add a token during the test: exactly the capacity is granted.
+        waits = await asyncio.gather(*(
+            storages[n % 3].take_tokens("hubspot", 1, 10, 0.001) for n in range(60)))
+        assert sum(w == 0 for w in waits) == 10
+        assert all(w > 0 for w in waits if w != 0)
+    finally:
+        await _close(storages)
+
+
+async def test_rate_limit_bucket_is_shared_with_another_process(
+    storage: PostgresStorage, url: str
+) -> None:
+    waits = [await storage.take_tokens("pipedrive", 1, 10, 0.001) for _ in range(6)]
+    assert waits.count(0) == 6
+    script = textwrap.dedent(f"""
+        import asyncio
+        from engine.storage.postgres.store import PostgresStorage
+        async def main():
+            storage = PostgresStorage.from_url({url!r})
+            waits = [await storage.take_tokens("pipedrive", 1, 10, 0.001) for _ in range(10)]
+            print(waits.count(0))
+            await storage.close()
+        asyncio.run(main())
+    """)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=60, check=True)
+    assert done.stdout.strip() == "4", done.stderr  # the 4 this process left, no more
+
+
+async def test_idle_workers_wake_when_another_process_stores(url: str) -> None:
+    receiver, worker = await _open(url, 2)
+    try:
+        assert await worker.wait_for_events(0.5) in (True, False)  # starts LISTEN
+        assert await worker.wait_for_events(0.2) is False
+        waiting = asyncio.create_task(worker.wait_for_events(10))
+        await asyncio.sleep(0.1)
+        started = time.monotonic()
+        await receiver.store_event(event(1))
+        assert await waiting is True
+        assert time.monotonic() - started < 2
+        await receiver.store_event(event(1))  # a duplicate makes nothing new to claim
+        assert await worker.wait_for_events(0.3) is False
+    finally:
+        await _close([receiver, worker])
+
+
+async def test_commits_are_durable_and_visible_to_other_connections(
+    storage: PostgresStorage, url: str
+) -> None:
+    assert await storage.durability() == {
+        "postgres_synchronous_commit": 3, "postgres_fsync": 1}
+    stored = await storage.store_event(event(1))
+    with psycopg.connect(url) as other:
+        row = other.execute("SELECT dedupe_key FROM inbox WHERE id = %s", (stored.id,))
+        assert row.fetchone() == (event(1).dedupe_key,)
+
+
+async def test_a_server_that_turned_synchronous_commit_off_is_overridden(schema: str) -> None:
+    opened = PostgresStorage.from_url(schema_url(schema, "synchronous_commit=off"))
+    try:
+        await opened.migrate()
+        assert (await opened.durability())["postgres_synchronous_commit"] == 3
+    finally:
+        await opened.close()
+
+
+async def test_pool_options_come_from_the_url_or_the_environment(url: str) -> None:
+    opened = open_storage(url + "&pool_size=3&pool_timeout=2.5")
+    assert isinstance(opened, PostgresStorage)
+    assert (opened.pool_settings.size, opened.pool_settings.timeout) == (3, 2.5)
+    try:
+        await opened.migrate()  # libpq never sees linkcrm's own parameters
+    finally:
+        await opened.close()
+    from_env = PostgresStorage.from_url(url, environ={"LINKCRM_DB_POOL_SIZE": "7"})
+    assert from_env.pool_settings.size == 7
+    await from_env.close()
+
+
+@pytest.mark.parametrize(
+    ("query", "named"),
+    [("pool_size=0", "pool_size"), ("pool_size=lots", "pool_size"),
+     ("pool_timeout=-1", "pool_timeout"), ("pool_size=2&pool_min_size=5", "pool_min_size")],
+)
+def test_bad_pool_options_are_named_without_the_password(query: str, named: str) -> None:
+    with pytest.raises(StorageError, match=named) as caught:
+        open_storage(f"postgresql://linkcrm:hunter2@db/linkcrm?{query}")
+    assert "hunter2" not in str(caught.value)
+
+
+async def test_an_unreachable_server_is_a_storage_error_in_time(postgres: None) -> None:
+    opened = open_storage("postgresql://postgres@127.0.0.1:1/test?pool_timeout=0.5")
+    try:
+        started = time.monotonic()
+        with pytest.raises(StorageError, match=r"^cannot connect to postgresql://postgres@"
+                           r"127\.0\.0\.1:1/test\?pool_timeout=0\.5: Connection refused"):
+            await opened.store_event(event(1))
+        assert time.monotonic() - started < 3
+    finally:
+        await opened.close()
+
+
+async def test_a_busy_pool_is_not_blamed_on_the_server(schema: str) -> None:
+    opened = PostgresStorage.from_url(schema_url(schema, pool_size=1, pool_timeout=0.5))
+    try:
+        await opened.migrate()
+        async with opened._connection("hold the only connection"):
+            with pytest.raises(StorageError, match=r"no PostgreSQL connection within 0\.5s "
+                               r"\(pool_size=1\)"):
+                await opened.schema_version()
+    finally:
+        await opened.close()
+
+
+async def test_a_missing_schema_says_what_to_create(postgres: None) -> None:
+    opened = PostgresStorage.from_url(schema_url("lc_no_such_schema"))
+    try:
+        with pytest.raises(StorageError, match="CREATE SCHEMA"):
+            await opened.migrate()
+    finally:
+        await opened.close()
+
+
+
+async def test_a_value_the_server_refuses_is_permanent_not_transient(
+    storage: PostgresStorage,
+) -> None:
+    """The net behind the shared values check: what psycopg or the server refuses (a NUL in
+    text, a lone surrogate, an index entry over the size limit) fails the same way every
+    time, so it is an UnstorableValueError, which the worker never retries."""
+    refused = [
+        ("text with a NUL", IdentityKey("email", "a\x00b")),
+        ("a lone surrogate", IdentityKey("email", "a\ud800")),
+        ("an index entry over the limit", IdentityKey("email", secrets.token_hex(8000))),
+    ]
+    for what, key in refused:
+        with pytest.raises(UnstorableValueError, match="bind the identity: a value cannot be"):
+            # Straight to the SQL, past the values check, as a value it missed would go.
+            await storage._call("bind the identity", maps.bind_identity, "hubspot", key, "1",
+                                None)
+        assert await storage.lookup_identity("hubspot", [EMAIL]) is None, what
+    await storage.bind_identity("hubspot", EMAIL, "101")  # the connections are still fine
+    assert await storage.lookup_identity("hubspot", [EMAIL]) == "101"

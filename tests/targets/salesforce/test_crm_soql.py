@@ -1,0 +1,64 @@
+"""The one SOQL escaping function, attacked: each value must reach the parser as one literal."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from engine.targets.salesforce import soql
+from tests.emulators.salesforce_soql import SOQLError, parse, read_string
+
+HOSTILE = ["O'Brien", "back\\slash", "\\'", "ends with \\", "'", "''", "\\\\'", "a\nb\rc\td",
+           "x' OR LastName LIKE '%", "x\\' OR LastName LIKE '%", "%_", "\\%", "日本語 ü ß 🙂",
+           "quote\" mark", "\x00\x01\x1f\x7f", "\b\f", "\\u0027", "' OR Id != null OR Id = '"]
+
+
+@pytest.mark.parametrize(("value", "escaped"), [
+    ("O'Brien", "O\\'Brien"), ("a\\b", "a\\\\b"), ("\\'", "\\\\\\'"), ("a\nb", "a\\nb"),
+    ("a\r\tb", "a\\r\\tb"), ('say "hi"', 'say \\"hi\\"'), ("50%_off", "50%_off"),
+    ("\x00", "\\u0000"), ("ü🙂", "ü🙂"),
+])
+def test_escape_follows_the_soql_escape_sequences(value: str, escaped: str) -> None:
+    assert soql.escape(value) == escaped
+
+
+@pytest.mark.parametrize("value", HOSTILE)
+def test_an_escaped_value_reads_back_as_exactly_one_literal(value: str) -> None:
+    quoted = soql.literal(value)
+    literal, end = read_string(quoted, 0)
+    assert (literal.value, end) == (value, len(quoted))
+
+
+@pytest.mark.parametrize("value", HOSTILE)
+def test_a_query_with_a_hostile_value_matches_that_value_and_nothing_else(value: str) -> None:
+    columns = {"Id": 1, "Email": 1, "LastName": 1}
+    query = parse(soql.select_where(["Id"], "Lead", "Email", [value, "other"]), {"Lead": columns})
+    assert query.where is not None
+    assert query.where({"Id": "1", "Email": value, "LastName": "A"})
+    assert not query.where({"Id": "2", "Email": "x", "LastName": "A"})
+    assert not query.where({"Id": "3", "Email": None, "LastName": None})
+
+
+def test_random_values_survive_the_strict_parser() -> None:
+    alphabet = "ab'\\\"\n\r\t\b\f%_ ü🙂\x01\x7f()=,"
+    rng = random.Random(4)
+    for _ in range(2000):
+        value = "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 12)))
+        quoted = soql.literal(value)
+        assert read_string(quoted, 0) == (read_string(quoted, 0)[0], len(quoted))
+        assert read_string(quoted, 0)[0].value == value
+
+
+@pytest.mark.parametrize("broken", ["'\\x'", "'\\%'", "'unterminated", "'ends\\'", "'a\nb'"])
+def test_the_emulator_rejects_literals_that_break_the_escaping_rules(broken: str) -> None:
+    with pytest.raises(SOQLError):
+        parse(f"SELECT Id FROM Lead WHERE Email = {broken}", {"Lead": {"Id": 1, "Email": 1}})
+
+
+def test_names_are_checked_because_they_cannot_be_escaped() -> None:
+    assert soql.select_where(["Id", "Email"], "Lead", "Email", ["a'b"], limit=2) == \
+        "SELECT Id, Email FROM Lead WHERE Email = 'a\\'b' LIMIT 2"
+    for bad in ("Email = '' OR Id", "Lead--", "1Field", ""):
+        with pytest.raises(ValueError):
+            soql.select_where(["Id"], "Lead", bad, ["x"])

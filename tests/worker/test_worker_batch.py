@@ -1,0 +1,123 @@
+"""Queued calls share a target's batch endpoint: results stay per action, and the worker's
+per-identity order holds with batching on."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Sequence
+from pathlib import Path
+
+import pytest
+
+from engine.actions import Action, IdentityKey, UpsertContact
+from engine.errors import PermanentCRMError, RetryableCRMError
+from engine.storage import Storage, open_storage
+from engine.targets.base import Outcome, batches
+from engine.worker.batch import Batcher
+from engine.worker.loop import Worker, WorkerOptions
+from tests.support.worker_helpers import store, write_rules
+
+pytestmark = pytest.mark.anyio
+
+
+
+class BatchingTarget:
+    """Records each batch; `refuse` names identity values whose actions fail permanently."""
+
+    name = "batching"
+
+    def __init__(self, latency: float = 0.02, refuse: Sequence[str] = ()) -> None:
+        self.latency = latency
+        self.refuse = set(refuse)
+        self.batches: list[list[Action]] = []
+        self.broken = False
+
+    async def execute(self, action: Action, idempotency_key: str) -> Outcome:
+        raise AssertionError("the worker must use execute_many")
+
+    async def execute_many(self, items: Sequence[tuple[Action, str]]
+                           ) -> list[Outcome | Exception]:
+        self.batches.append([action for action, _ in items])
+        await asyncio.sleep(self.latency)
+        if self.broken:
+            raise RuntimeError("adapter bug")
+        return [PermanentCRMError(f"refused {a.identity[0].value}")
+                if a.identity[0].value in self.refuse else Outcome(a.identity[0].value, "ok")
+                for a, _ in items]
+
+    async def aclose(self) -> None:
+        return None
+
+
+def upsert(token: str) -> UpsertContact:
+    return UpsertContact("r", (IdentityKey("deep_link_token", token),))
+
+
+async def test_one_call_goes_out_at_once_and_queued_calls_share_the_next_batch() -> None:
+    target = BatchingTarget(refuse=["t3"])
+    assert batches(target)
+    batcher = Batcher(target, size=4)
+    assert (await batcher.execute(upsert("t0"), "k0")).record_id == "t0"
+    first = asyncio.create_task(batcher.execute(upsert("t1"), "k1"))
+    await asyncio.sleep(0.005)  # t1's batch is in flight; the rest queue up behind it
+    rest = [asyncio.create_task(batcher.execute(upsert(f"t{n}"), f"k{n}"))
+            for n in range(2, 8)]
+    results = await asyncio.gather(first, *rest, return_exceptions=True)
+    assert [len(batch) for batch in target.batches] == [1, 1, 4, 2]
+    assert [r.record_id if isinstance(r, Outcome) else str(r) for r in results] == [
+        "t1", "t2", "refused t3", "t4", "t5", "t6", "t7"]
+    target.broken = True  # a bug fails its batch's calls (the worker retries them) only
+    with pytest.raises(RuntimeError, match="adapter bug"):
+        await batcher.execute(upsert("t8"), "k8")
+    target.broken = False
+    assert (await batcher.execute(upsert("t9"), "k9")).record_id == "t9"
+    await batcher.aclose()
+
+
+async def test_a_short_answer_is_retryable_for_the_calls_it_left_out() -> None:
+    class Short(BatchingTarget):
+        async def execute_many(self, items: Sequence[tuple[Action, str]]
+                               ) -> list[Outcome | Exception]:
+            return (await super().execute_many(items))[:1]
+
+    batcher = Batcher(Short(latency=0.01))
+    calls = [batcher.execute(upsert(f"t{n}"), f"k{n}") for n in range(3)]
+    results = await asyncio.gather(*calls, return_exceptions=True)
+    assert isinstance(results[0], Outcome)
+    assert all(isinstance(r, RetryableCRMError) for r in results[1:])
+
+
+@pytest.fixture
+async def storage(tmp_path: Path) -> AsyncIterator[Storage]:
+    opened = open_storage(f"sqlite:///{tmp_path / 'linkcrm.db'}")
+    await opened.migrate()
+    yield opened
+    await opened.close()
+
+
+async def test_the_worker_batches_concurrent_events_and_keeps_each_identity_in_order(
+        storage: Storage, tmp_path: Path) -> None:
+    rules = write_rules(tmp_path / "rules")
+    for round_ in ("first", "second"):
+        for n in range(12):
+            await store(storage, "install.tracked", token=f"t{n % 6}", prefix=f"{round_}-{n}")
+    target = BatchingTarget()
+    worker = Worker(storage, rules, [target], options=WorkerOptions(concurrency=8))
+    await worker.run_until_idle()
+    assert max(len(batch) for batch in target.batches) > 1
+    for batch in target.batches:  # never two actions of one identity in flight together
+        values = [action.identity[0].value for action in batch]
+        assert len(values) == len(set(values)), values
+    applied: dict[str, list[str]] = {}
+    for batch in target.batches:
+        for action in batch:
+            if isinstance(action, UpsertContact):
+                prefix = action.set["deep_link_prefix"]
+                applied.setdefault(action.identity[0].value, []).append(str(prefix))
+    for token, prefixes in applied.items():
+        numbers = [int(p.split("-")[1]) + (100 if p.startswith("second") else 0)
+                   for p in prefixes]
+        assert numbers == sorted(numbers), (token, prefixes)  # arrival order per identity
+    assert sum(len(p) for p in applied.values()) == 24
+    unbatched = Worker(storage, rules, [target], options=WorkerOptions(batch_size=1))
+    assert unbatched.callers["batching"] is target

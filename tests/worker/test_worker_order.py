@@ -1,0 +1,193 @@
+"""The worker under concurrency: per-identity order, target isolation, leases, graceful stop."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from engine.errors import RetryableCRMError
+from engine.rules.model import RuleSet
+from engine.storage import Storage, open_storage
+from engine.worker.loop import Worker, WorkerOptions
+from tests.support.worker_helpers import FakeTarget, store, wait_until, write_rules
+
+pytestmark = pytest.mark.anyio
+
+
+
+@pytest.fixture
+async def storage(tmp_path: Path) -> AsyncIterator[Storage]:
+    opened = open_storage(f"sqlite:///{tmp_path / 'linkcrm.db'}")
+    await opened.migrate()
+    yield opened
+    await opened.close()
+
+
+@pytest.fixture
+def rules(tmp_path: Path) -> RuleSet:
+    return write_rules(tmp_path / "rules")
+
+
+async def _status(storage: Storage, event_id: int) -> str:
+    event = await storage.get_event(event_id)
+    assert event is not None
+    return event.status
+
+
+async def test_a_slow_event_holds_back_the_next_one_for_its_identity_only(
+    storage: Storage, rules: RuleSet
+) -> None:
+    target = FakeTarget()
+    first = await store(storage, "install.tracked", token="tok_a", prefix="one")
+    second = await store(storage, "install.tracked", token="tok_a", prefix="two")
+    other = await store(storage, "install.tracked", token="tok_b", prefix="one")
+    target.gates[first] = asyncio.Event()
+    worker = Worker(storage, rules, [target], options=WorkerOptions(order_wait=30))
+    running = asyncio.create_task(worker.run())
+    try:
+        await wait_until(lambda: _status(storage, other), what="the other token")
+        await wait_until(lambda: target.kinds(other) == ["upsert_contact", "set_stage"])
+        await asyncio.sleep(0.2)
+        assert first in target.started and target.kinds(second) == []
+        target.gates[first].set()
+        await wait_until(lambda: len(target.kinds(second)) == 2, what="the second event")
+        order = [e for e in target.events() if e in (first, second)]
+        assert order == [first, first, second, second]
+        await wait_until(lambda: _status(storage, second), what="finish")
+    finally:
+        worker.stop()
+        await running
+    assert [await _status(storage, e) for e in (first, second, other)] == ["processed"] * 3
+
+
+async def test_two_events_of_one_identity_never_run_at_the_same_time(
+    storage: Storage, rules: RuleSet
+) -> None:
+    target = FakeTarget(delay=0.02)
+    ids = [await store(storage, "install.tracked", token="tok_a", prefix=f"p{n}")
+           for n in range(6)]
+    await Worker(storage, rules, [target],
+                 options=WorkerOptions(concurrency=4, order_wait=30)).run_until_idle()
+    assert target.max_active == 1
+    assert [e for e in target.events()] == [e for e in ids for _ in range(2)]
+
+
+async def test_events_of_different_identities_run_in_parallel_up_to_the_concurrency(
+    storage: Storage, rules: RuleSet
+) -> None:
+    target = FakeTarget(delay=0.05)
+    for n in range(9):
+        await store(storage, "install.tracked", token=f"tok_{n}")
+    await Worker(storage, rules, [target],
+                 options=WorkerOptions(concurrency=3)).run_until_idle()
+    assert target.max_active == 3 and len(target.calls) == 18
+
+
+async def test_a_failing_target_does_not_hold_back_another(
+    storage: Storage, rules: RuleSet
+) -> None:
+    good = FakeTarget("good")
+    down = FakeTarget("down", always=RetryableCRMError("down: 503", retry_after=300))
+    a = await store(storage, "install.tracked", token="tok_a", prefix="one")
+    b = await store(storage, "install.tracked", token="tok_a", prefix="two")
+    c = await store(storage, "install.tracked", token="tok_c")
+    await Worker(storage, rules, [good, down],
+                 options=WorkerOptions(order_wait=0.1)).run_until_idle()
+    # The good target applied everything, in order per identity, although `down` still
+    # owes event a and so holds back event b on `down` only.
+    assert sorted(good.events()) == [a, a, b, b, c, c]
+    assert [e for e in good.events() if e in (a, b)] == [a, a, b, b]
+    assert sorted(e for e in down.events()) == [a, c]
+    for event_id in (a, b, c):
+        assert await _status(storage, event_id) == "failed"
+        outcomes = {(o.target, o.action_kind): o.status
+                    for o in await storage.list_outcomes(event_id)}
+        assert outcomes[("good", "upsert_contact")] == outcomes[("good", "set_stage")] == "ok"
+    assert ("down", "upsert_contact") not in {
+        (o.target, o.action_kind) for o in await storage.list_outcomes(b)}
+
+
+async def test_a_stuck_target_does_not_slow_down_another(
+    storage: Storage, rules: RuleSet
+) -> None:
+    fast = FakeTarget("fast")
+    stuck = FakeTarget("stuck")
+    ids = [await store(storage, "install.tracked", token=f"tok_{n}") for n in range(10)]
+    for event_id in ids:
+        stuck.gates[event_id] = asyncio.Event()
+    worker = Worker(storage, rules, [fast, stuck],
+                    options=WorkerOptions(concurrency=2, busy_wait=0.2))
+    running = asyncio.create_task(worker.run())
+    try:
+        await wait_until(lambda: len(fast.calls) == 20, timeout=5, what="the fast target")
+        assert stuck.calls == [] and stuck.active == 2  # its lane is full, and only its lane
+        for gate in stuck.gates.values():
+            gate.set()
+        await wait_until(lambda: len(stuck.calls) == 20, timeout=10, what="the stuck target")
+    finally:
+        worker.stop()
+        await running
+    assert len(fast.calls) == 20  # deferred events did not run the fast target twice
+
+
+async def test_healthy_targets_under_load_defer_nothing(
+    storage: Storage, rules: RuleSet
+) -> None:
+    one, two = FakeTarget("one", delay=0.01), FakeTarget("two", delay=0.02)
+    ids = [await store(storage, "install.tracked", token=f"tok_{n}") for n in range(30)]
+    await Worker(storage, rules, [one, two],
+                 options=WorkerOptions(concurrency=2)).run_until_idle()
+    for event_id in ids:
+        event = await storage.get_event(event_id)
+        assert event is not None and (event.status, event.attempts) == ("processed", 1)
+    assert one.max_active == two.max_active == 2
+
+
+async def test_a_lease_is_extended_while_an_event_takes_long(
+    storage: Storage, rules: RuleSet
+) -> None:
+    target = FakeTarget(delay=0.5)
+    event_id = await store(storage, "install.tracked", token="tok_a")
+    options = WorkerOptions(lease_seconds=0.3)
+    first, second = (Worker(storage, rules, [target], options=options) for _ in range(2))
+    runs = [asyncio.create_task(first.run())]
+    await wait_until(lambda: target.active == 1, what="the first call")
+    runs.append(asyncio.create_task(second.run()))  # would steal it if the lease lapsed
+    await wait_until(lambda: _status(storage, event_id), what="processing")
+    await wait_until(lambda: len(target.calls) == 2, what="both actions")
+    await asyncio.sleep(0.4)
+    first.stop()
+    second.stop()
+    await asyncio.gather(*runs)
+    assert await _status(storage, event_id) == "processed"
+    assert len(target.calls) == 2 and len(target.started) == 2
+
+
+async def test_stop_releases_in_flight_events_for_the_next_worker(
+    storage: Storage, rules: RuleSet
+) -> None:
+    target = FakeTarget()
+    event_id = await store(storage, "install.tracked", token="tok_a")
+    target.gates[event_id] = asyncio.Event()
+    worker = Worker(storage, rules, [target], options=WorkerOptions(drain_timeout=0.1))
+    running = asyncio.create_task(worker.run())
+    await wait_until(lambda: target.active == 1, what="the call")
+    worker.stop()
+    await asyncio.wait_for(running, timeout=5)
+    event = await storage.get_event(event_id)
+    assert event is not None and event.status == "failed" and event.lease_owner is None
+    target.gates.clear()
+    await Worker(storage, rules, [target]).run_until_idle()  # due at once, not after a lease
+    assert await _status(storage, event_id) == "processed"
+
+
+async def test_cancelling_the_worker_task_stops_it_too(storage: Storage, rules: RuleSet) -> None:
+    worker = Worker(storage, rules, [FakeTarget()])
+    running = asyncio.create_task(worker.run())
+    await asyncio.sleep(0.05)
+    running.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await running
