@@ -18,9 +18,10 @@ import pytest
 from engine.actions import IdentityKey
 from engine.errors import StorageError, UnstorableEventError, UnstorableValueError
 from engine.storage import NewEvent, Storage, StoreResult, open_storage
+from engine.storage.postgres import inbox, maps
+from engine.storage.postgres import schema as postgres_schema
 from engine.storage.postgres.schema import LATEST
-from engine.storage.postgres.store import PostgresStorage, inbox, maps
-from engine.storage.postgres.store import schema as postgres_schema
+from engine.storage.postgres.store import PostgresStorage
 from tests.storage.contract import EMAIL, FakeClock, StorageContract, event
 from tests.support.postgres import fresh_schema, require_postgres, schema_url
 

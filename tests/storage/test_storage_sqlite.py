@@ -15,11 +15,11 @@ import pytest
 
 from engine.errors import StorageError, UnstorableEventError, UnstorableValueError
 from engine.storage import Storage, StoreResult, open_storage
+from engine.storage.sqlite import inbox as sqlite_inbox
+from engine.storage.sqlite import schema as sqlite_schema
 from engine.storage.sqlite.groupcommit import GroupCommitWriter
 from engine.storage.sqlite.schema import LATEST, MIGRATIONS
 from engine.storage.sqlite.store import SQLiteStorage
-from engine.storage.sqlite.store import inbox as sqlite_inbox
-from engine.storage.sqlite.store import schema as sqlite_schema
 from tests.storage.contract import FakeClock, StorageContract, event
 
 
