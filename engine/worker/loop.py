@@ -276,14 +276,17 @@ class Worker:
             earlier = await self.storage.earlier_unfinished(job.event.id, keys)
             if not earlier:
                 return None
+            blocker = await self.storage.get_event(earlier[0])
             remaining = deadline - loop.time()
-            # No waiting in-process behind a target that hangs: the slot is worth more to the
-            # events of the other targets.
-            if remaining <= 0 or self._stopping or lane.stuck(self.options.busy_wait):
+            # No waiting in-process behind a target that hangs (the slot is worth more to the
+            # events of the other targets), nor behind an event no worker holds: claims go by
+            # due time, not arrival order, so an earlier event may still be waiting for a
+            # claim, and this slot may be the one it needs.
+            if remaining <= 0 or self._stopping or lane.stuck(self.options.busy_wait) \
+                    or not self._held(blocker):
                 break
             # Woken when an event of this worker moves on; polled for other processes' events.
             await self._wait_for_change(min(remaining, 0.5))
-        blocker = await self.storage.get_event(earlier[0])
         due = self._deferred(job.event, 0.5)
         if blocker is not None and blocker.next_attempt_at is not None \
                 and blocker.lease_owner is None and blocker.next_attempt_at > due:
@@ -377,6 +380,14 @@ class Worker:
         doublings = min(max(event.attempts, 1) - 1, 30)
         delay = min(self.options.defer_cap, max(first * 2.0 ** doublings, floor))
         return self._after(delay * self.options.policy.rng.uniform(0.5, 1.0))
+
+    def _held(self, event: InboxEvent | None) -> bool:
+        """Whether a worker holds a live lease on `event`; one that is gone counts as held (the
+        next check no longer finds it)."""
+        if event is None:
+            return True
+        expires = event.lease_expires_at
+        return event.lease_owner is not None and expires is not None and expires > self.clock()
 
     def _notify(self) -> None:
         if self._signal is not None:

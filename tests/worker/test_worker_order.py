@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from dataclasses import replace
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -12,7 +14,7 @@ from engine.errors import RetryableCRMError
 from engine.rules.model import RuleSet
 from engine.storage import Storage, open_storage
 from engine.worker.loop import Worker, WorkerOptions
-from tests.support.worker_helpers import FakeTarget, store, wait_until, write_rules
+from tests.support.worker_helpers import FakeTarget, new_event, store, wait_until, write_rules
 
 pytestmark = pytest.mark.anyio
 
@@ -73,6 +75,31 @@ async def test_two_events_of_one_identity_never_run_at_the_same_time(
                  options=WorkerOptions(concurrency=4, order_wait=30)).run_until_idle()
     assert target.max_active == 1
     assert [e for e in target.events()] == [e for e in ids for _ in range(2)]
+
+
+async def test_an_event_never_holds_the_slot_its_earlier_event_needs_to_be_claimed(
+    storage: Storage, rules: RuleSet
+) -> None:
+    # Two receivers' clocks: the second event to commit was received a moment sooner, so
+    # claims (earliest due first) take it before the first one, which has no keys recorded
+    # yet. With one slot, waiting in-process for an event nobody holds waits for nothing.
+    target = FakeTarget()
+    now = datetime.now(UTC)
+    first, second = [(await storage.store_event(replace(
+        new_event("install.tracked", {"token": "tok_a", "prefix": prefix}),
+        received_at=received))).id
+        for prefix, received in (("one", now), ("two", now - timedelta(seconds=1)))]
+    worker = Worker(storage, rules, [target],
+                    options=WorkerOptions(concurrency=1, order_wait=30))
+    running = asyncio.create_task(worker.run())
+    try:
+        await wait_until(lambda: len(target.kinds(second)) == 2, timeout=10,
+                         what="both events, well within the 30 s order wait")
+    finally:
+        worker.stop()
+        await running
+    assert target.events() == [first, first, second, second]
+    assert [await _status(storage, e) for e in (first, second)] == ["processed"] * 2
 
 
 async def test_events_of_different_identities_run_in_parallel_up_to_the_concurrency(
