@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import re
 import sys
+from collections.abc import Callable
 from datetime import timedelta
 from typing import Any
 
@@ -32,8 +33,21 @@ from .runtime import iso, load_settings, rules_location, with_storage
 
 STATUS = click.Choice(EVENT_STATUSES)
 
+Row = dict[str, JSON]
 
-def _event_row(event: InboxEvent) -> dict[str, JSON]:
+
+def _listing(rows: list[Row], output_format: str, *, empty: str,
+             show: Callable[[list[Row]], None]) -> None:
+    """`rows` as JSON; for people, `show(rows)`, or `empty` when there are none."""
+    if output_format == "json":
+        emit_json(rows)
+    elif not rows:
+        click.echo(empty)
+    else:
+        show(rows)
+
+
+def _event_row(event: InboxEvent) -> Row:
     return {
         "id": event.id, "event": event.event_type, "source": event.source,
         "status": event.status, "attempts": event.attempts,
@@ -43,7 +57,7 @@ def _event_row(event: InboxEvent) -> dict[str, JSON]:
     }
 
 
-def _outcome_row(outcome: ActionOutcome) -> dict[str, JSON]:
+def _outcome_row(outcome: ActionOutcome) -> Row:
     return {
         "rule": outcome.rule, "action": outcome.action_kind, "target": outcome.target,
         "status": outcome.status, "attempts": outcome.attempts, "error": outcome.error,
@@ -78,12 +92,11 @@ def list_events(status: EventStatus | None, limit: int, output_format: str) -> N
     settings = load_settings()
     found = with_storage(settings, lambda s: s.list_events(status=status, limit=limit))
     rows = [_event_row(event) for event in found]
-    if output_format == "json":
-        emit_json(rows)
-        return
-    if not rows:
-        click.echo("no events" + (f" with status {status}" if status else ""))
-        return
+    _listing(rows, output_format, empty="no events" + (f" with status {status}" if status else ""),
+             show=_show_events)
+
+
+def _show_events(rows: list[Row]) -> None:
     click.echo(f"{'ID':>6}  {'RECEIVED':<20}  {'STATUS':<9}  {'TRIES':>5}  EVENT")
     for row in rows:
         received = str(row["received_at"])[:19].replace("T", " ")
@@ -245,7 +258,7 @@ def crm() -> None:
     """
 
 
-def _contact_row(contact: LocalContact) -> dict[str, JSON]:
+def _contact_row(contact: LocalContact) -> Row:
     return {
         "id": contact.id,
         "identities": [{"field": k.field, "value": k.value} for k in contact.identities],
@@ -272,11 +285,11 @@ def contacts(limit: int | None, output_format: str) -> None:
     """
     settings = load_settings()
     rows = [_contact_row(c) for c in with_storage(settings, lambda s: s.local_contacts(limit))]
-    if output_format == "json":
-        emit_json(rows)
-        return
-    if not rows:
-        click.echo("no contacts yet (send some events: `linkcrm send-samples`)")
+    _listing(rows, output_format, show=_show_contacts,
+             empty="no contacts yet (send some events: `linkcrm send-samples`)")
+
+
+def _show_contacts(rows: list[Row]) -> None:
     for row in rows:
         identities = row["identities"]
         assert isinstance(identities, list)
@@ -307,16 +320,17 @@ def deals(limit: int | None, output_format: str) -> None:
     """
     settings = load_settings()
     found: list[LocalDeal] = with_storage(settings, lambda s: s.local_deals(limit))
-    rows: list[dict[str, JSON]] = [
-        {"id": d.id, "key": d.key, "title": d.title, "stage": d.stage, "amount": d.amount,
-         "contact_id": d.contact_id, "fields": dict(d.fields), "created_at": iso(d.created_at)}
-        for d in found
-    ]
-    if output_format == "json":
-        emit_json(rows)
-        return
-    if not rows:
-        click.echo("no deals yet")
+    rows = [_deal_row(d) for d in found]
+    _listing(rows, output_format, empty="no deals yet", show=_show_deals)
+
+
+def _deal_row(deal: LocalDeal) -> Row:
+    return {"id": deal.id, "key": deal.key, "title": deal.title, "stage": deal.stage,
+            "amount": deal.amount, "contact_id": deal.contact_id, "fields": dict(deal.fields),
+            "created_at": iso(deal.created_at)}
+
+
+def _show_deals(rows: list[Row]) -> None:
     for row in rows:
         click.echo(f"deal {row['id']}  {safe(row['title'])}  stage: {safe(row['stage'] or '-')}"
                    f"  contact: {row['contact_id'] or '-'}  key: {safe(row['key'])}")

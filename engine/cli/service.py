@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-from collections.abc import Iterable
 from typing import NoReturn
 
 import click
@@ -13,9 +12,9 @@ import click
 from engine.errors import ConfigError, StorageError
 from engine.rules.model import RuleSet
 from engine.runtime.logs import configure_logging
-from engine.runtime.metrics import Metrics, Sample
+from engine.runtime.metrics import Metrics
 from engine.runtime.settings import Settings
-from engine.service.app import run
+from engine.service.server import run
 from engine.storage import Storage, open_storage
 from engine.targets.registry import select_targets
 from engine.worker.assembly import (
@@ -65,34 +64,25 @@ def _not_set_up(error: ConfigError) -> NoReturn:
          " checks)")
 
 
-def _start_targets(settings: Settings, ruleset: RuleSet, *, migrate: bool) -> None:
-    """Start the targets once before the port is bound, so a CRM that is not set up for the
-    field map (a Pipedrive field label that does not exist) stops `serve` with its fix
-    instead of dead-lettering every action."""
+def _prepare(settings: Settings, ruleset: RuleSet | None, *, migrate: bool) -> None:
+    """Before serving: create or upgrade the schema (unless --no-migrate) and, with the
+    worker, start the targets once, so a CRM that is not set up for the field map (a
+    Pipedrive field label that does not exist) stops `serve` with its fix instead of
+    dead-lettering every action."""
+    if not migrate and ruleset is None:
+        return
 
-    async def start(storage: Storage) -> None:
+    async def prepare(storage: Storage) -> None:
         if migrate:
             await storage.migrate()  # the shared rate limits live in the database
-        async with open_worker(storage, ruleset, settings, os.environ, metrics=Metrics()):
-            pass
+        if ruleset is not None:
+            async with open_worker(storage, ruleset, settings, os.environ, metrics=Metrics()):
+                pass
 
     try:
-        with_storage(settings, start, create=migrate)
+        with_storage(settings, prepare, create=migrate)
     except ConfigError as error:
         _not_set_up(error)
-
-
-async def storage_gauges(storage: Storage, metrics: Metrics) -> None:
-    """Publish the live database connection's durability settings on /metrics, e.g.
-    `linkcrm_storage_setting{setting="sqlite_synchronous"} 2` (FULL)."""
-
-    async def collect() -> Iterable[Sample]:
-        values = await storage.durability()
-        return [Sample({"setting": name}, value) for name, value in sorted(values.items())]
-
-    metrics.gauge("linkcrm_storage_setting",
-                  "Durability settings of the live database connection (SQLite: "
-                  "sqlite_synchronous 2 = FULL, sqlite_wal 1 = WAL).", collect)
 
 
 @click.command()
@@ -123,18 +113,15 @@ def serve(host: str, port: int, no_worker: bool, no_migrate: bool,
     """
     settings = load_settings()
     require_secret(settings)
-    hooks: list[InProcessWorker] = [storage_gauges]
-    ruleset = None
-    if not no_worker:
-        ruleset = load_rules(settings)
+    ruleset = None if no_worker else load_rules(settings)
+    if ruleset is not None:
         _check_targets()
     sockets = bind(host, port)  # before the database or a CRM is touched: a taken port is exit 3
     try:
-        if ruleset is not None:
-            _start_targets(settings, ruleset, migrate=not no_migrate)
-            hooks.append(in_process_worker(ruleset, settings, os.environ, concurrency))
-        run(settings, host=host, port=port, migrate=not no_migrate, workers=hooks,
-            sockets=sockets)
+        _prepare(settings, ruleset, migrate=not no_migrate)
+        workers: list[InProcessWorker] = [] if ruleset is None else [
+            in_process_worker(ruleset, settings, os.environ, concurrency)]
+        run(settings, host=host, port=port, migrate=False, workers=workers, sockets=sockets)
     except KeyboardInterrupt:
         pass  # Ctrl-C: uvicorn has shut down gracefully and re-raised SIGINT; a clean stop
     except StorageError as error:

@@ -8,7 +8,19 @@ from typing import cast
 import jmespath.functions
 import jmespath.visitor
 
-__all__ = ["SearchFunction", "compile_search", "generate_source"]
+from engine.rules.jmespath_internals import (
+    EXPREF_CLASS_NAME,
+    Expref,
+    FunctionSpec,
+    equals,
+    function_table,
+    is_comparable,
+    is_false,
+    not_,
+    stock_argument_checks,
+)
+
+__all__ = ["SearchFunction", "compile_search", "copy_json", "generate_source"]
 
 SearchFunction = Callable[[object], object]
 Node = Mapping[str, object]
@@ -16,30 +28,7 @@ Node = Mapping[str, object]
 _NoneType = type(None)
 
 
-class _Expression:
-    """What an `&expr` evaluates to; named like jmespath's class because its type checks go
-    by class name (`expref`), and functions call `visit(expref.expression, value)`."""
-
-    __slots__ = ("_functions", "_search", "expression")
-
-    def __init__(self, expression: Node, search: SearchFunction, functions: object) -> None:
-        self.expression = expression
-        self._search = search
-        self._functions = functions
-
-    def __repr__(self) -> str:
-        # to_string(&x) prints this; keep the package's text (only the address differs).
-        return f"<jmespath.visitor._Expression object at {id(self):#x}>"
-
-    def visit(self, node: Node, value: object, *args: object, **kwargs: object) -> object:
-        if node is self.expression:
-            return self._search(value)
-        # A custom function that visits some other node gets the reference interpreter.
-        options = jmespath.visitor.Options(custom_functions=self._functions)
-        return cast(object, jmespath.visitor.TreeInterpreter(options).visit(node, value))
-
-
-# Slow paths the generated code calls only for values that are not plain JSON types, so
+# The slow path the generated code calls only for values that are not plain JSON types, so
 # that odd inputs (OrderedDict, Decimal, objects with a .get) behave as in the visitor.
 def _field_slow(value: object, key: str) -> object:
     try:
@@ -48,37 +37,27 @@ def _field_slow(value: object, key: str) -> object:
         return None
 
 
-def _is_false_slow(value: object) -> bool:
-    return bool(value == "" or value == [] or value == {} or value is None or value is False)
-
-
-def _not_slow(value: object) -> bool:
-    if jmespath.visitor._is_actual_number(value) and value == 0:
-        return False
-    return not value
-
-
-def _copy_json(value: object) -> object:
+def copy_json(value: object) -> object:
     """Copy a literal container so that no caller can mutate the compiled constant."""
     if type(value) is list:
-        return [_copy_json(item) for item in value]
+        return [copy_json(item) for item in value]
     if type(value) is dict:
-        return {key: _copy_json(item) for key, item in value.items()}
+        return {key: copy_json(item) for key, item in value.items()}
     return value
 
 
 _RUNTIME: dict[str, object] = {
     "_field_slow": _field_slow,
-    "_is_false_slow": _is_false_slow,
-    "_not_slow": _not_slow,
-    "_copy_json": _copy_json,
-    "_equals": jmespath.visitor._equals,
-    "_comparable": jmespath.visitor._is_comparable,
+    "_is_false_slow": is_false,
+    "_not_slow": not_,
+    "_copy_json": copy_json,
+    "_equals": equals,
+    "_comparable": is_comparable,
     # Values for which Python's `not v` already is JMESPath falseness (0 is true in JMESPath).
     "_FALSY_TYPES": frozenset({_NoneType, bool, str, list, dict}),
     "_CMP_TYPES": frozenset({int, float, str}),
     "_NoneType": _NoneType,
-    "_Expression": _Expression,
+    EXPREF_CLASS_NAME: Expref,
 }
 
 # JMESPath type name -> the exact Python types the fast path accepts without asking
@@ -90,10 +69,9 @@ _FAST_TYPES: dict[str, tuple[str, ...]] = {
     "null": ("_NoneType",),
     "string": ("str",),
     "number": ("int", "float"),
-    "expref": ("_Expression",),
+    "expref": (EXPREF_CLASS_NAME,),
 }
 _COMPARE_OPS = {"lt": "<", "gt": ">", "lte": "<=", "gte": ">="}
-_BASE = jmespath.functions.Functions
 
 
 class _Body:
@@ -122,10 +100,7 @@ class _Generator:
         self.bodies: list[_Body] = []
         self.exprefs: list[tuple[str, Node, str]] = []
         self.scalars: dict[str, type] = {}  # constant names of literal scalars -> their type
-        self.fast_calls = all(
-            getattr(type(functions), attr, None) is getattr(_BASE, attr)
-            for attr in ("call_function", "_validate_arguments", "_type_check")
-        )
+        self.fast_calls = stock_argument_checks(functions)
         self.names["_call"] = functions.call_function
         self.names["_F"] = functions
 
@@ -157,7 +132,7 @@ class _Generator:
     def known_type(self, body: _Body, atom: str) -> type | None:
         """The exact type `atom` holds whenever it is evaluated, when the generator knows it."""
         if atom.startswith("_x"):
-            return _Expression
+            return Expref
         return self.scalars.get(atom) or body.types.get(atom)
 
     def false_test(self, body: _Body, atom: str) -> str:
@@ -363,8 +338,7 @@ class _Generator:
         args = [self.emit(body, child, cur) for child in children]
         out = body.temp()
         slow = f"_call({self.const(name)}, [{', '.join(args)}])"
-        table = cast(Mapping[str, Mapping[str, object]], self.functions.FUNCTION_TABLE)
-        spec = table.get(name)
+        spec = function_table(self.functions).get(name)
         checks = self.argument_checks(body, spec, args) if spec is not None else None
         if checks is None:
             body.add(f"{out} = {slow}")
@@ -380,19 +354,19 @@ class _Generator:
         return out
 
     def argument_checks(
-        self, body: _Body, spec: Mapping[str, object], args: Sequence[str]
+        self, body: _Body, spec: FunctionSpec, args: Sequence[str]
     ) -> list[str] | None:
         """Inline type tests equivalent to (or stricter than) Functions._validate_arguments;
         None when the call must always go through call_function (arity errors and the like)."""
         if not self.fast_calls:
             return None
-        params = cast(Sequence[Mapping[str, object]], spec["signature"])
+        params = spec["signature"]
         variadic = bool(params) and bool(params[-1].get("variadic"))
         if (len(args) < len(params)) if variadic else (len(args) != len(params)):
             return None
         checks = []
         for param, arg in zip(params, args, strict=False):  # only the declared ones are checked
-            types = cast(Sequence[str], param["types"])
+            types = param["types"]
             if not types:
                 continue
             test = self.type_test(types, arg, self.known_type(body, arg))
@@ -464,5 +438,5 @@ def compile_search(parsed: Node, functions: jmespath.functions.Functions) -> Sea
     namespace.update(generator.names)
     exec(code, namespace)  # our own generated code: every user-supplied value is in names
     for name, node, ref in generator.exprefs:
-        namespace[ref] = _Expression(node, cast(SearchFunction, namespace[name]), functions)
+        namespace[ref] = Expref(node, cast(SearchFunction, namespace[name]), functions)
     return cast(SearchFunction, namespace["_search"])

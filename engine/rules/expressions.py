@@ -4,18 +4,16 @@ from __future__ import annotations
 
 import functools
 import re
-import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import cast
 
 import jmespath.exceptions
-import jmespath.functions
-import jmespath.parser
 
 from engine.rules.checks import Checker, ExpressionError, Node, child_nodes
-from engine.rules.codegen import SearchFunction, _copy_json, compile_search
+from engine.rules.codegen import SearchFunction, compile_search, copy_json
 from engine.rules.functions import FUNCTIONS, describe
+from engine.rules.jmespath_internals import LocatingParser
 
 __all__ = ["Expression", "ExpressionError", "compile_expression"]
 
@@ -43,7 +41,7 @@ class Expression:
     @property
     def literal_value(self) -> object:
         """The constant an `is_literal` expression always gives (a fresh copy); else None."""
-        return _copy_json(self._literal)
+        return copy_json(self._literal)
 
     def root_paths(self) -> tuple[tuple[str, ...], ...]:
         """The field-name chains read from the root document, in source order.
@@ -66,13 +64,9 @@ def compile_expression(source: str) -> Expression:
         raise ExpressionError("expression-syntax", "the expression is empty", source, 0,
                               "write a JMESPath expression such as data.token, or a literal"
                               " such as 'lead'")
-    parser = _LocatingParser()
+    parser = LocatingParser()
     try:
-        with warnings.catch_warnings():
-            # jmespath still accepts `text` (deprecated JSON-less literal) with a warning;
-            # it is valid syntax, so it must not turn into an error under -W error.
-            warnings.simplefilter("ignore", PendingDeprecationWarning)
-            parsed = cast(Node, parser._do_parse(source).parsed)
+        parsed = parser.parse_uncached(source)
         Checker(source, parser.starts).check(parsed)
         paths = _root_paths(parsed)
     except jmespath.exceptions.ParseError as exc:
@@ -83,39 +77,6 @@ def compile_expression(source: str) -> Expression:
     literal = parsed["value"] if parsed["type"] == "literal" else None
     return Expression(source, compile_search(parsed, FUNCTIONS), parsed["type"] == "literal",
                       literal, paths)
-
-
-class _LocatingParser(jmespath.parser.Parser):  # type: ignore[misc]
-    """jmespath's own parser, also noting where each node starts (its AST has no positions)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.starts: dict[int, int] = {}
-
-    def _expression(self, binding_power: int = 0) -> Node:
-        start = cast(int, self._lookahead_token(0)["start"])
-        node = cast(Node, super()._expression(binding_power))
-        # The node returned starts at its first token (a parenthesis included); so do the
-        # left operands it was built on, unless a nested call already placed them.
-        self.starts[id(node)] = start
-        left = node
-        while left["type"] in _LEFT_SPINE:
-            left = cast(Sequence[Node], left["children"])[0]
-            self.starts.setdefault(id(left), start)
-        return node
-
-    def _parse_index_expression(self) -> Node:
-        start = cast(int, self._lookahead_token(0)["start"])
-        node = cast(Node, super()._parse_index_expression())
-        self.starts[id(node)] = start
-        return node
-
-
-# Node types whose first child is their left operand (so they start where it starts).
-_LEFT_SPINE = frozenset({
-    "subexpression", "index_expression", "projection", "value_projection",
-    "filter_projection", "flatten", "or_expression", "and_expression", "comparator", "pipe",
-})
 
 
 def _syntax_error(source: str, exc: jmespath.exceptions.ParseError) -> ExpressionError:

@@ -238,17 +238,31 @@ class _RuleBuilder:
                 compiled.append((name, expression))
         return tuple(compiled)
 
-    def _check_field(self, path: NodePath, name: str, object_: str) -> None:
+    def _check_field(self, path: NodePath, name: str, object_: str | None) -> None:
+        """`name` must be a field in the field map: a field of `object_`, or with `object_`
+        None, a field marked identity."""
         if self.field_map is None:
             return
-        spec = self.field_map.fields.get(name)
+        fields = self.field_map.fields
+        spec = fields.get(name)
         location = self.document.location((*path, name), key=True)
-        if spec is None:
+        if spec is None and object_ is None:
+            self.problem((*path, name), "unknown-field",
+                         f"identity field {name!r} is not in the field map",
+                         suggest(name, [n for n, f in fields.items() if f.identity]),
+                         location=location)
+        elif spec is None:
             self.problem((*path, name), "unknown-field",
                          f"{name!r} is not a field in the field map",
-                         suggest(name, self.field_map.fields) + f" (or declare it in "
+                         suggest(name, fields) + f" (or declare it in "
                          f"{self.field_map.file})", location=location)
-        elif spec.object != object_:
+        elif object_ is None and not spec.identity:
+            self.problem((*path, name), "not-identity-field",
+                         f"{name!r} cannot identify a record",
+                         "identity fields are unique in every CRM; mark it "
+                         "identity: true in the field map only if it is",
+                         location=location)
+        elif object_ is not None and spec.object != object_:
             self.problem((*path, name), "wrong-object-field",
                          f"{name!r} is a {spec.object} field, not a {object_} field",
                          f"declare it with object: {object_} in the field map",
@@ -260,20 +274,7 @@ class _RuleBuilder:
         for i, key in enumerate(keys):
             key_path = path if isinstance(raw, dict) else (*path, i)
             ((name, _),) = key.items()
-            if self.field_map is not None:
-                spec = self.field_map.fields.get(name)
-                location = self.document.location((*key_path, name), key=True)
-                if spec is None:
-                    self.problem((*key_path, name), "unknown-field",
-                                 f"identity field {name!r} is not in the field map",
-                                 suggest(name, [n for n, f in self.field_map.fields.items()
-                                                if f.identity]), location=location)
-                elif not spec.identity:
-                    self.problem((*key_path, name), "not-identity-field",
-                                 f"{name!r} cannot identify a record",
-                                 "identity fields are unique in every CRM; mark it "
-                                 "identity: true in the field map only if it is",
-                                 location=location)
+            self._check_field(key_path, name, None)
             expression = self.expression((*key_path, name))
             if expression is not None:
                 templates.append((name, expression))

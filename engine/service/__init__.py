@@ -1,0 +1,4 @@
+"""HTTP: the receiver. `server` runs the process (storage, uvicorn); `app` routes to the
+endpoints `receiver` (webhook, identify), `health` and `metrics`; `intake` and `deadline`
+check what arrives. No CRM call and no worker in here: `linkcrm serve` passes the worker in.
+"""

@@ -3,16 +3,21 @@
 from __future__ import annotations
 
 import json
+import logging
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import click
 import httpx
 import pytest
+import uvicorn
+from click.testing import CliRunner
 
 from engine.cli import main
 from engine.storage.sqlite.schema import LATEST
+from engine.storage.sqlite.store import SQLiteStorage
 from tests.support.service_process import (
     ROOT,
     cli,
@@ -66,6 +71,40 @@ def test_bad_settings_are_usage_errors(env: dict[str, str]) -> None:
 def test_a_database_without_schema_says_to_migrate(env: dict[str, str]) -> None:
     done = cli("events", "list", env=env)
     assert done.returncode == 1 and "linkcrm migrate" in done.stderr
+
+
+@pytest.fixture
+def root_logging() -> Iterator[None]:
+    """Put the root logger back after an in-process `serve` configured JSON logging."""
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)
+
+
+@pytest.mark.parametrize("worker", [True, False], ids=["with-worker", "no-worker"])
+def test_serve_migrates_the_database_once(
+    env: dict[str, str], worker: bool, monkeypatch: pytest.MonkeyPatch, root_logging: None
+) -> None:
+    """The schema is created before the targets start and then served as it is: one
+    migration per start, with or without the in-process worker."""
+    migrations: list[str] = []
+    migrate = SQLiteStorage.migrate
+
+    async def counted(self: SQLiteStorage) -> int:
+        migrations.append(self.path)
+        return await migrate(self)
+
+    async def serve_nothing(self: uvicorn.Server, sockets: object = None) -> None:
+        pass  # the app is built on the open storage; serving it is not the point here
+
+    monkeypatch.setattr(SQLiteStorage, "migrate", counted)
+    monkeypatch.setattr(uvicorn.Server, "serve", serve_nothing)
+    args = ["serve", "--port", "0", *([] if worker else ["--no-worker"])]
+    result = CliRunner().invoke(main, args, env=env)
+    assert result.exit_code == 0, result.output
+    assert migrations == [env["LINKCRM_DATABASE_URL"].removeprefix("sqlite:///")]
 
 
 def test_listings_on_an_empty_database(migrated: dict[str, str]) -> None:

@@ -229,7 +229,7 @@ def test_five_concurrent_identical_deliveries_store_one(
 def test_a_disagreeing_event_header_is_logged_not_trusted(
     client: TestClient, storage: SQLiteStorage, caplog: pytest.LogCaptureFixture
 ) -> None:
-    with caplog.at_level(logging.WARNING, logger="engine.service.app"):
+    with caplog.at_level(logging.WARNING, logger="engine.service.receiver"):
         response = post(client, INSTALL, **{"x-webhook-event": "referral.completed"})
     assert response.status_code == 200
     assert [e.event_type for e in events(storage)] == ["install.tracked"]

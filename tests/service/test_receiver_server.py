@@ -32,7 +32,7 @@ MB = 1024 * 1024
 
 SERVER = """
 import os, sys
-from engine.service.app import run
+from engine.service.server import run
 from engine.runtime.settings import Settings
 run(Settings.from_env(os.environ), host="127.0.0.1", port=int(sys.argv[1]))
 """
