@@ -117,7 +117,7 @@ async def test_the_factories_build_each_adapter_with_its_overrides(
     assert salesforce.tokens._token_url == "https://login.example/token"
     assert isinstance(jwt, SalesforceTarget) and isinstance(jwt.tokens._credentials, JwtBearer)
     assert isinstance(pipedrive, PipedriveTarget)
-    assert pipedrive._api._base == "https://acme.pipedrive.com/api/v2"
+    assert pipedrive._api.base_url == "https://acme.pipedrive.com/api/v2"
     assert pipedrive._api.burst is not None and pipedrive._api.burst.capacity == 20  # 80 / 4
 
 
