@@ -11,8 +11,8 @@ import pytest
 from engine.errors import ConfigError
 from engine.rules.files import load_ruleset
 from engine.storage import Storage, open_storage
-from engine.targets.credentials import PipedriveSettings
 from engine.targets.hubspot.target import HubSpotTarget
+from engine.targets.pipedrive.settings import PipedriveSettings
 from engine.targets.pipedrive.target import PipedriveTarget
 from engine.targets.registry import build_targets, select_targets, start_targets
 from engine.targets.salesforce.auth import ClientCredentials, JwtBearer
