@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from engine.config.fieldmap import CANONICAL, CoercionError, FieldMap, load_field_map
+from engine.config.fieldmap import CANONICAL, CoercionError, Dialect, FieldMap, load_field_map
 from engine.errors import ConfigError
 from engine.targets.registry import dialect
 from tests.support.paths import REPO
@@ -56,6 +56,19 @@ def test_shipped_map_carries_the_crm_names(field_map: FieldMap) -> None:
 def test_coercion_per_crm(field_map: FieldMap, target: str, field: str, value: object,
                           expected: object) -> None:
     assert field_map.coerce(dialect(target), field, value) == expected  # type: ignore[arg-type]
+
+
+def test_the_target_s_dialect_decides_how_values_are_written(field_map: FieldMap) -> None:
+    """The field map knows no CRM's ways: the same field and value come out as the dialect
+    passed in says, and a bare name in fields.yaml means what that target takes it to mean."""
+    plain = Dialect("hubspot")
+    assert field_map.coerce(plain, "install_date", "2026-03-02") == "2026-03-02"
+    assert field_map.coerce(dialect("hubspot"), "install_date", "2026-03-02") == "1772409600000"
+    european = Dialect("hubspot", write_date=lambda day: day.strftime("%d/%m/%Y"))
+    assert field_map.coerce(european, "install_date", "2026-03-02") == "02/03/2026"
+    token = field_map.fields["deep_link_token"].in_crm("pipedrive")
+    assert token is not None and token.bare
+    assert (plain.kind(token), dialect("pipedrive").kind(token)) == ("name", "label")
 
 
 @pytest.mark.parametrize(

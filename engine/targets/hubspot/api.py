@@ -19,17 +19,9 @@ from datetime import UTC, datetime, timedelta
 import httpx
 
 from engine.errors import CRMError, PermanentCRMError
-from engine.targets.http import (
-    HeaderAuth,
-    Lane,
-    Session,
-    Throttled,
-    body_of,
-    path_segment,
-    raise_for_status,
-    retry_after,
-)
+from engine.targets.http import body_of, path_segment, raise_for_status, retry_after
 from engine.targets.pacing import Pacer
+from engine.targets.session import HeaderAuth, Lane, Session, Throttled
 
 CRM = "hubspot"
 DEFAULT_BASE_URL = "https://api.hubapi.com"
@@ -163,6 +155,24 @@ def parse_created(body: object) -> HubSpotObject | None:
     return parse_object({**entity, "id": record_id})
 
 
+@dataclass(frozen=True)
+class Created:
+    """The answer to a single create: the new `record` (None: the answer named no id), or,
+    when `taken`, a unique value the create writes is held by another record (409, or 400
+    VALIDATION_ERROR "already has that value"); `holder` is that record's id when the answer
+    names it (a 409's "Existing ID")."""
+
+    status: int
+    body: object
+    record: HubSpotObject | None = None
+    taken: bool = False
+    holder: str | None = None
+
+    def refused(self, path: str) -> PermanentCRMError:
+        return PermanentCRMError(f"{CRM}: POST {path} -> {self.status}: "
+                                 f"{hubspot_message(self.body)}")
+
+
 def record_path(prefix: str, record_id: str) -> str:
     """`prefix/<record_id>` for an id HubSpot gave. The id is encoded as one path segment; one
     that cannot be (empty, `.`, `..`) is refused, never sent to another resource."""
@@ -204,6 +214,19 @@ class HubSpotAPI(Session):
         if response.status_code in expect:
             return response
         raise error_for(response)
+
+    async def create(self, path: str, body: object) -> Created:
+        """POST one object: what it made, or which unique value is taken; any other refusal
+        raises the mapped error."""
+        response = await self.call("POST", path, json=body, expect=(200, 201, 400, 409))
+        answer, status = response.json(), response.status_code
+        if status == 400 and not unique_conflict(status, answer):
+            raise error_for(response)
+        if status in (400, 409):
+            holder = existing_id(answer) if status == 409 else None
+            return Created(status, answer, taken=True, holder=holder)
+        # 201 with the object, or 200 with it wrapped (the newer spec versions).
+        return Created(status, answer, record=parse_created(answer))
 
     def message(self, body: object) -> str:
         return hubspot_message(body)

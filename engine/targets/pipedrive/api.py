@@ -12,17 +12,9 @@ import httpx
 
 from engine.errors import PermanentCRMError, RetryableCRMError
 from engine.targets.base import CredentialsRefused, RateLimitStore
-from engine.targets.http import (
-    HeaderAuth,
-    Lane,
-    Session,
-    Throttled,
-    body_of,
-    path_segment,
-    raise_for_status,
-    retry_after,
-)
+from engine.targets.http import body_of, path_segment, raise_for_status, retry_after
 from engine.targets.pacing import Pacer, Sleep
+from engine.targets.session import HeaderAuth, Lane, Session, Throttled
 
 CRM = "pipedrive"
 Record = dict[str, Any]  # one JSON object from Pipedrive's `data`

@@ -11,9 +11,10 @@ import httpx
 
 from engine.actions import JSON
 from engine.errors import PermanentCRMError, RetryableCRMError
-from engine.targets.http import Lane, Session, Throttled, body_of, raise_for_status
+from engine.targets.http import body_of, raise_for_status
 from engine.targets.pacing import Pacer
 from engine.targets.salesforce.auth import OAuth, TokenSource
+from engine.targets.session import Lane, Session, Throttled
 
 CRM = "salesforce"
 Body = JSON | Mapping[str, Any]
