@@ -138,13 +138,14 @@ class Session:
             if throttled is None:
                 return response
             self.throttles += 1
-            if throttled.hold and lane.pacer is not None:
-                lane.pacer.pause(throttled.wait)
+            holding = lane.pacer if throttled.hold else None
+            if holding is not None:
+                holding.pause(throttled.wait)  # the next acquire waits it out
             if not throttled.again or attempt == self.attempts:
                 raise RetryableCRMError(
                     f"{self.crm}: {method} {request.url.path} -> {response.status_code}: "
                     f"{self.message(body_of(response))}", retry_after=throttled.wait)
-            if lane.pacer is None:
+            if holding is None:
                 await self.sleep(throttled.wait)
         raise AssertionError("unreachable")  # pragma: no cover
 

@@ -1,6 +1,6 @@
 """HubSpot's HTTP surface as linkcrm uses it: bearer auth, pacing, rate-limit headers, errors.
 
-Requests go through the shared loop (`engine.targets.http.Session`). Every request waits for
+Requests go through the shared loop (`engine.targets.session.Session`). Every request waits for
 the shared `Pacer` first (search has its own limit and its own pacer), and every answer's
 `X-HubSpot-RateLimit-*` headers re-shape the pacer to the limit HubSpot actually enforces. A
 429 from the ten-second window pauses the pacer and is retried here (it was not processed); a
