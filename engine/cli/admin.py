@@ -14,13 +14,13 @@ import httpx
 from engine import __version__
 from engine.config.fieldmap import FieldMap
 from engine.errors import ConfigError, CRMError
-from engine.targets.admin import ADMIN, Finding, Provisioned, doctor, provision
+from engine.targets.registry import Finding, Provisioned, admin_targets, doctor, provision
 
 from .output import FORMAT_OPTION, emit_json, fail
 from .runtime import load_rules, load_settings, show_problems
 
 T = TypeVar("T")
-TARGET = click.argument("target", type=click.Choice(sorted(ADMIN)))
+TARGET = click.argument("target", type=click.Choice(admin_targets()))
 READY = "credentials work, every mapped field exists with a compatible type, stage values exist"
 
 

@@ -19,6 +19,7 @@ from engine.rules.files import discover, load_ruleset
 from engine.rules.model import RuleSet
 from engine.rules.ruletests import run_tests
 from engine.rules.validation import check_paths
+from engine.targets.registry import dialect
 
 from .output import FORMAT_OPTION, emit_json, fail, rules_paths, safe, safe_json
 from .params import seconds
@@ -140,7 +141,7 @@ def _explain_text(event: Any, result: Plan, ruleset: RuleSet, target: str | None
         click.echo(f"{number}. {safe(action.kind)} (rule {safe(action.rule)})")
         shown = action.as_dict()
         if target is not None:
-            view = target_view(action, ruleset.field_map, target).as_dict()
+            view = target_view(action, ruleset.field_map, dialect(target)).as_dict()
             click.echo(f"   as sent to {target}:")
             shown = view
         for key, value in shown.items():
@@ -179,7 +180,8 @@ def explain(event: str, rules_dir: tuple[str, ...], target: str | None,
             assert isinstance(actions, list)
             for shown, action in zip(actions, result.actions, strict=True):
                 assert isinstance(shown, dict)
-                shown["target"] = target_view(action, ruleset.field_map, target).as_dict()
+                shown["target"] = target_view(action, ruleset.field_map,
+                                              dialect(target)).as_dict()
         emit_json(document)
     else:
         _explain_text(envelope, result, ruleset, target)

@@ -1,15 +1,18 @@
 """The field map: canonical fields and stages, each CRM's name for them, and value coercion.
 
 `rules/fields.yaml` declares each canonical field once (type, identity or not, contact or deal)
-and what each CRM calls it. Coercion turns a rule's JSON value into the format that CRM's API
-wants for that field type (HubSpot dates as midnight-UTC epoch milliseconds, Salesforce DateTime
-as ISO 8601, Pipedrive RFC 3339); it is pure and used by `explain --target` and the adapters.
+and what each CRM calls it. Coercion checks a rule's JSON value against the field's type and
+writes it in the format a target's API wants, as that target's `Dialect` says (HubSpot dates as
+midnight-UTC epoch milliseconds, Salesforce DateTime as ISO 8601, Pipedrive RFC 3339). The field
+map itself knows no CRM's ways: each target package declares its dialect and passes it in. It
+is pure and used by `explain --target` and the adapters.
 """
 
 from __future__ import annotations
 
 import math
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, time
 from pathlib import Path
@@ -27,13 +30,53 @@ Target = Literal["local", "hubspot", "salesforce", "pipedrive"]
 _EMAIL = re.compile(r"^[^@\s]+@[^@\s]+\.[^@\s]+$")
 
 
+Kind = Literal["name", "label", "builtin"]
+
+
 @dataclass(frozen=True)
 class CRMField:
-    """A field as one CRM knows it: an API name, a Pipedrive label, or a Pipedrive builtin."""
+    """A field as one CRM knows it: an API name, a custom field's label, or one of the CRM's
+    own fields (`builtin`). `bare`: written as a bare string, which names the field the way
+    that CRM names its fields (its `Dialect.bare`)."""
 
     name: str
-    kind: Literal["name", "label", "builtin"] = "name"
+    kind: Kind = "name"
     type: str | None = None  # overrides the canonical type for this CRM
+    bare: bool = False
+
+
+def _iso_seconds(instant: datetime) -> JSON:
+    return instant.isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
+def iso_milliseconds(instant: datetime) -> JSON:
+    """`2026-03-01T12:31:10.000Z`: ISO 8601 in UTC to the millisecond."""
+    return instant.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+@dataclass(frozen=True)
+class Dialect:
+    """How one target reads the field map and writes values to its API; each target package
+    declares its own (`engine.targets.<crm>.kind`).
+
+    `target` is its name in fields.yaml; `bare` what a bare string names there (an API name,
+    or a custom field's label); `write_date` and `write_datetime` write those types as its
+    API takes them; `text`: every value travels as text (HubSpot property values are
+    strings)."""
+
+    target: str
+    bare: Kind = "name"
+    write_date: Callable[[date], JSON] = date.isoformat
+    write_datetime: Callable[[datetime], JSON] = _iso_seconds
+    text: bool = False
+
+    def kind(self, crm_field: CRMField) -> Kind:
+        """What `crm_field` names in this target: a bare string means the target's default."""
+        return self.bare if crm_field.bare else crm_field.kind
+
+
+# The field map's own language: canonical names, ISO 8601 values (the embedded `local` CRM).
+CANONICAL = Dialect("local")
 
 
 @dataclass(frozen=True)
@@ -81,19 +124,20 @@ class FieldMap:
         """Position in the forward order; a contact never moves to a lower rank."""
         return next(i for i, s in enumerate(self.contact_stages) if s.name == name)
 
-    def coerce(self, target: str, name: str, value: JSON) -> JSON:
-        """`value` for canonical field `name` as `target` wants it; raises CoercionError."""
+    def coerce(self, dialect: Dialect, name: str, value: JSON) -> JSON:
+        """`value` for canonical field `name` as `dialect`'s target wants it; raises
+        CoercionError."""
         spec = self.fields[name]
-        crm_field = spec.in_crm(target)
+        crm_field = spec.in_crm(dialect.target)
         kind = (crm_field.type if crm_field and crm_field.type else None) or spec.type
-        return coerce_value(target, kind, value, spec)
+        return coerce_value(dialect, kind, value, spec)
 
 
 class CoercionError(ValueError):
     """A value cannot be written as the field's type (names field, value kind and the type)."""
 
 
-def coerce_value(target: str, kind: str, value: JSON, spec: FieldSpec) -> JSON:
+def coerce_value(dialect: Dialect, kind: str, value: JSON, spec: FieldSpec) -> JSON:
     if kind in ("string", "text", "url"):
         result: JSON = _as_string(value, spec)
     elif kind == "email":
@@ -115,13 +159,12 @@ def coerce_value(target: str, kind: str, value: JSON, spec: FieldSpec) -> JSON:
             )
         result = text
     elif kind == "date":
-        return _format_date(target, _as_instant(value, spec).date())
+        return dialect.write_date(_as_instant(value, spec).date())
     elif kind == "datetime":
-        return _format_datetime(target, _as_instant(value, spec))
+        return dialect.write_datetime(_as_instant(value, spec))
     else:
         raise CoercionError(f"{spec.name}: unknown field type {kind!r}")
-    if target == "hubspot" and not isinstance(result, str):
-        # HubSpot property values travel as strings ({"properties": {k: "string"}}).
+    if dialect.text and not isinstance(result, str):
         return "true" if result is True else "false" if result is False else str(result)
     return result
 
@@ -172,20 +215,6 @@ def _as_instant(value: JSON, spec: FieldSpec) -> datetime:
     raise CoercionError(f"{spec.name}: expected a date, got {value!r}")
 
 
-def _format_date(target: str, day: date) -> JSON:
-    if target == "hubspot":
-        # HubSpot date properties take midnight UTC as epoch milliseconds.
-        midnight = datetime.combine(day, time(), UTC)
-        return str(int(midnight.timestamp()) * 1000)
-    return day.isoformat()
-
-
-def _format_datetime(target: str, instant: datetime) -> JSON:
-    if target == "salesforce" or target == "hubspot":
-        return instant.isoformat(timespec="milliseconds").replace("+00:00", "Z")
-    return instant.isoformat(timespec="seconds").replace("+00:00", "Z")
-
-
 def load_field_map(path: Path) -> FieldMap:
     """Load and check `fields.yaml`; raise ConfigError with every problem found."""
     file = str(path)
@@ -224,7 +253,7 @@ def _semantic_problems(document: YamlDocument) -> list[Problem]:
 
 def _crm_field(raw: Any) -> CRMField:
     if isinstance(raw, str):
-        return CRMField(raw)
+        return CRMField(raw, bare=True)
     if "label" in raw:
         return CRMField(raw["label"], "label", raw.get("type"))
     if "builtin" in raw:
@@ -232,15 +261,8 @@ def _crm_field(raw: Any) -> CRMField:
     return CRMField(raw["name"], "name", raw.get("type"))
 
 
-def _pipedrive_field(raw: Any) -> CRMField:
-    # Pipedrive custom fields are named by label (their keys are per-account hashes).
-    field_ = _crm_field(raw)
-    return CRMField(field_.name, "label", field_.type) if isinstance(raw, str) else field_
-
-
 def _per_crm(raw: dict[str, Any]) -> dict[str, CRMField]:
-    return {crm: (_pipedrive_field(v) if crm == "pipedrive" else _crm_field(v))
-            for crm, v in raw.items()}
+    return {crm: _crm_field(v) for crm, v in raw.items()}
 
 
 def _build(document: YamlDocument) -> FieldMap:

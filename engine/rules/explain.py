@@ -1,7 +1,9 @@
 """What an action plan means for one CRM: each field under that CRM's name, value coerced.
 
-Nothing here contacts a CRM; Pipedrive custom fields are shown by label (their 40-character keys
-are resolved from the account at start-up).
+Nothing here contacts a CRM. What a target calls a field and how it writes a value is its
+`Dialect` (declared by the target's package, passed in by the caller); custom fields named by
+label (Pipedrive's: their 40-character keys are resolved from the account at start-up) are
+shown as such.
 """
 
 from __future__ import annotations
@@ -9,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from engine.actions import JSON, Action
-from engine.config.fieldmap import CoercionError, CRMField, FieldMap
+from engine.config.fieldmap import CoercionError, CRMField, Dialect, FieldMap
 
 
 @dataclass
@@ -35,13 +37,15 @@ class TargetView:
         return result
 
 
-def crm_name(crm_field: CRMField) -> str:
-    if crm_field.kind == "label":
+def crm_name(crm_field: CRMField, dialect: Dialect) -> str:
+    if dialect.kind(crm_field) == "label":
         return f"{crm_field.name} (custom field, by label)"
     return crm_field.name
 
 
-def target_view(action: Action, field_map: FieldMap, target: str) -> TargetView:
+def target_view(action: Action, field_map: FieldMap, dialect: Dialect) -> TargetView:
+    """`action` as `dialect`'s target would receive it."""
+    target = dialect.target
     view = TargetView(target)
     for key in action.identity:
         spec = field_map.fields[key.field]
@@ -49,7 +53,7 @@ def target_view(action: Action, field_map: FieldMap, target: str) -> TargetView:
         if mapped is None:
             view.unmapped.append(key.field)
             continue
-        view.identity[crm_name(mapped)] = key.value
+        view.identity[crm_name(mapped, dialect)] = key.value
     for map_name in action.field_maps:
         values: dict[str, JSON] = getattr(action, map_name)
         shown: dict[str, JSON] = {}
@@ -59,7 +63,7 @@ def target_view(action: Action, field_map: FieldMap, target: str) -> TargetView:
                 view.unmapped.append(name)
                 continue
             try:
-                shown[crm_name(mapped)] = field_map.coerce(target, name, value)
+                shown[crm_name(mapped, dialect)] = field_map.coerce(dialect, name, value)
             except CoercionError as error:
                 view.errors.append(str(error))
         view.fields[map_name] = shown
@@ -71,15 +75,13 @@ def target_view(action: Action, field_map: FieldMap, target: str) -> TargetView:
         deal = action.kind == "create_deal"
         stage = field_map.deal_stage(stage_name) if deal else field_map.contact_stage(stage_name)
         value = stage.value(target) if stage else ""
-        where = "deal stage" if deal else _stage_field(field_map, target)
+        where = "deal stage" if deal else _stage_field(field_map, dialect)
         view.stage = {"field": where, "value": value or None}
         if not value:
             view.errors.append(f"stage {stage_name!r} has no {target} value in the field map")
     return view
 
 
-def _stage_field(field_map: FieldMap, target: str) -> str:
-    if target == "local":
-        return "stage"
-    mapped = field_map.contact_stage_field.get(target)
-    return crm_name(mapped) if mapped else "stage"
+def _stage_field(field_map: FieldMap, dialect: Dialect) -> str:
+    mapped = field_map.contact_stage_field.get(dialect.target)
+    return crm_name(mapped, dialect) if mapped else "stage"

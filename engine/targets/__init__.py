@@ -1,2 +1,3 @@
-"""CRM targets: the Target protocol (base), the embedded CRM (local), and the HubSpot,
-Salesforce and Pipedrive adapters, chosen from the environment by `targets`."""
+"""CRM targets: the Target protocol (base), the one HTTP request loop (session), and one
+package per kind of target (local, hubspot, salesforce, pipedrive), each declaring its kind
+(`<package>.kind.KIND`); the registry names them and builds those the environment selects."""

@@ -1,7 +1,8 @@
 """The one interface every CRM target implements, shaped like httpx's BaseTransport.
 
-A target receives planned actions (`engine.actions`) with an idempotency key and either returns
-an `Outcome` or raises one of the two errors the worker understands:
+A target receives planned actions (`engine.actions`) with their `CallContext` (the idempotency
+key, the inbox event, the rule) and either returns an `Outcome` or raises one of the two errors
+the worker understands:
 
     RetryableCRMError  timeouts, 5xx, 429, Salesforce 403 REQUEST_LIMIT_EXCEEDED, expired
                        tokens: the worker backs off (honouring `retry_after`) and tries again
@@ -21,6 +22,19 @@ from typing import Protocol, TypeGuard, runtime_checkable
 
 from engine.actions import Action, IdentityKey
 from engine.errors import PermanentCRMError
+
+
+@dataclass(frozen=True)
+class CallContext:
+    """What a target is told beside the action: `idempotency_key`, the same on every attempt
+    of this action (what a retry after a lost response finds its first attempt by); the inbox
+    event the action was planned for (`event_id`, None outside the worker) and the `rule`
+    that planned it, for a target that records where a change came from (the local CRM's
+    stage history)."""
+
+    idempotency_key: str
+    event_id: int | None = None
+    rule: str = ""
 
 
 @dataclass(frozen=True)
@@ -65,9 +79,9 @@ class Target(Protocol):
 
     name: str
 
-    async def execute(self, action: Action, idempotency_key: str) -> Outcome:
-        """Apply one planned action. Must be idempotent for the same key: a retry after a lost
-        response finds what the first attempt made instead of making it again."""
+    async def execute(self, action: Action, context: CallContext) -> Outcome:
+        """Apply one planned action. Must be idempotent for the same idempotency key: a retry
+        after a lost response finds what the first attempt made instead of making it again."""
         ...
 
     async def aclose(self) -> None:
@@ -93,7 +107,7 @@ class BatchTarget(Target, Protocol):
     Items are applied in order, so a later action on an identity never overtakes an earlier
     one that failed."""
 
-    async def execute_many(self, items: Sequence[tuple[Action, str]]
+    async def execute_many(self, items: Sequence[tuple[Action, CallContext]]
                            ) -> list[Outcome | Exception]: ...
 
 

@@ -1,5 +1,6 @@
 """HTTP plumbing every CRM adapter shares: transport errors and status codes mapped to the two
-errors the worker understands, and Retry-After parsing.
+errors the worker understands, and Retry-After parsing (the request loop itself is
+`engine.targets.session`).
 
 Like httpx's own `map_httpcore_exceptions`, this is the one place where httpx exceptions are
 translated; adapters add only their CRM's own rules (Salesforce's 403 REQUEST_LIMIT_EXCEEDED,
@@ -62,8 +63,10 @@ def retry_after(headers: Mapping[str, str], now: datetime | None = None) -> floa
     return max(0.0, (when - current).total_seconds())
 
 
-async def send(client: httpx.AsyncClient, crm: str, request: httpx.Request) -> httpx.Response:
-    """Send `request`; a timeout or a broken connection becomes RetryableCRMError.
+async def send(client: httpx.AsyncClient, crm: str, request: httpx.Request,
+               auth: httpx.Auth | None = None) -> httpx.Response:
+    """Send `request` (through `auth`'s flow when given); a timeout or a broken connection
+    becomes RetryableCRMError.
 
     The response is returned whatever its status: the caller decides what a status means.
     A read timeout asks for a wait as long as the timeout before the retry: the CRM may still
@@ -71,7 +74,9 @@ async def send(client: httpx.AsyncClient, crm: str, request: httpx.Request) -> h
     second record in a CRM without idempotent creates (Pipedrive).
     """
     try:
-        return await client.send(request)
+        if auth is None:
+            return await client.send(request)
+        return await client.send(request, auth=auth)
     except httpx.ReadTimeout:
         timeout = request.extensions.get("timeout")
         read = timeout.get("read") if isinstance(timeout, dict) else None
@@ -99,13 +104,13 @@ def raise_for_status(crm: str, response: httpx.Response, message: str = "") -> N
     if response.is_success:
         return
     what = f"{crm}: {response.request.method} {response.request.url.path} -> " \
-           f"{response.status_code}: {message or _message(body_of(response))}"
+           f"{response.status_code}: {message or message_of(body_of(response))}"
     if response.status_code in RETRYABLE_STATUS:
         raise RetryableCRMError(what, retry_after=retry_after(response.headers))
     raise PermanentCRMError(what)
 
 
-def _message(body: Any) -> str:
+def message_of(body: Any) -> str:
     """The CRM's own words from the usual error body shapes (object, Salesforce's array)."""
     if isinstance(body, list) and body and isinstance(body[0], dict):
         return "; ".join(f"{e.get('errorCode', '')}: {e.get('message', '')}" for e in body)

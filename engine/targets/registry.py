@@ -1,130 +1,61 @@
-"""Which targets a worker applies actions to, chosen and built from the environment."""
+"""Which targets a worker applies actions to, chosen and built from the environment, and the
+set-up commands (`provision`, `doctor`) of each CRM.
+
+Every kind of target declares itself in its own package (`engine.targets.<kind>.kind.KIND`: its
+credentials, how to build and start-check it, provision, doctor, field map dialect); this is the
+one registry that names them.
+
+    targets = build_targets(os.environ, storage, ruleset.field_map, client)
+    await start_targets(targets)
+    findings = await doctor("pipedrive", os.environ, field_map, client)   # [] when ready
+"""
 
 from __future__ import annotations
 
 import difflib
 import logging
-from collections.abc import Awaitable, Callable, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
 
 import httpx
 
-from engine.config.fieldmap import FieldMap
+from engine.config.fieldmap import Dialect, FieldMap
 from engine.errors import ConfigError, Location, PermanentCRMError, Problem, RetryableCRMError
 from engine.storage import Storage
-from engine.targets.base import CredentialsRefused, Target, startable
-from engine.targets.credentials import HubSpotSettings, PipedriveSettings, SalesforceEnvironment
-from engine.targets.http import body_of
-from engine.targets.hubspot.api import hubspot_message
-from engine.targets.hubspot.target import HubSpotTarget
-from engine.targets.local.target import LocalTarget
-from engine.targets.pipedrive.fields import PipedriveSetupError
-from engine.targets.pipedrive.target import PipedriveTarget
-from engine.targets.salesforce.target import SalesforceTarget
+from engine.targets.base import CredentialsRefused, Target
+from engine.targets.hubspot.kind import KIND as HUBSPOT
+from engine.targets.kind import (
+    Environ,
+    Finding,
+    NotSetUp,
+    Provisioned,
+    TargetContext,
+    TargetKind,
+    start_itself,
+)
+from engine.targets.local.kind import KIND as LOCAL
+from engine.targets.pipedrive.kind import KIND as PIPEDRIVE
+from engine.targets.salesforce.kind import KIND as SALESFORCE
+
+__all__ = ["REGISTRY", "TARGETS_VARIABLE", "Finding", "Provisioned", "TargetContext",
+           "TargetKind", "admin_targets", "build_targets", "dialect", "doctor", "provision",
+           "select_targets", "start_targets"]
 
 TARGETS_VARIABLE = "LINKCRM_TARGETS"
 log = logging.getLogger(__name__)
 
-
-@dataclass(frozen=True)
-class TargetContext:
-    """What a factory may use: the environment (credentials, base URL overrides), the storage
-    (identity map, deal keys, shared rate limits), the field map and the shared HTTP client."""
-
-    environ: Mapping[str, str]
-    storage: Storage
-    field_map: FieldMap
-    client: httpx.AsyncClient
+# The registry: target name -> its kind. A kind whose `build` is None can be named but refuses
+# to start with a clear message (tests plug fakes in the same way).
+REGISTRY: dict[str, TargetKind] = {
+    "local": LOCAL, "hubspot": HUBSPOT, "salesforce": SALESFORCE, "pipedrive": PIPEDRIVE}
 
 
-Factory = Callable[[TargetContext], Target]
-# Problems with a target's settings beyond their presence (a malformed URL, an unreadable key).
-Check = Callable[[Mapping[str, str]], object]
-
-
-@dataclass(frozen=True)
-class TargetSpec:
-    """A target's credentials and its factory (None: not wired in yet).
-
-    `credentials` must all be set, or all of one of the `alternatives` (Salesforce: client
-    credentials or JWT bearer); `check` raises ConfigError for settings that are present but
-    wrong, so `linkcrm serve` refuses them before it binds its port.
-    """
-
-    credentials: tuple[str, ...]
-    factory: Factory | None
-    alternatives: tuple[tuple[str, ...], ...] = ()
-    check: Check | None = None
-
-    def credential_sets(self) -> tuple[tuple[str, ...], ...]:
-        return (self.credentials, *self.alternatives)
-
-    def configured(self, environ: Mapping[str, str]) -> bool:
-        return bool(self.credentials) and any(
-            all(_set(environ, v) for v in names) for names in self.credential_sets())
-
-    def touched(self, environ: Mapping[str, str]) -> bool:
-        return any(_set(environ, v) for names in self.credential_sets() for v in names)
-
-    def missing(self, environ: Mapping[str, str]) -> list[str]:
-        """What the nearest complete set still lacks: the fewest missing, then the set the
-        user went furthest with (SF_USERNAME set: JWT bearer), then the first."""
-        gaps = [([v for v in names if not _set(environ, v)], len(names))
-                for names in self.credential_sets()]
-        return min(gaps, key=lambda gap: (len(gap[0]), len(gap[0]) - gap[1]))[0]
-
-    def hint(self, missing: list[str], name: str) -> str:
-        others = [" + ".join(names) for names in self.alternatives]
-        return f"export {missing[0]}=..." + "".join(f"; or set {o}" for o in others) + \
-            f" (or leave {name} out of {TARGETS_VARIABLE})"
-
-
-def _local(context: TargetContext) -> Target:
-    return LocalTarget(context.storage, context.field_map)
-
-
-def _hubspot(context: TargetContext) -> Target:
-    settings = HubSpotSettings.from_env(context.environ)
-    return HubSpotTarget(context.client, settings.token, context.field_map, context.storage,
-                         context.storage, base_url=settings.base_url,
-                         requests_per_window=settings.rate_limit)
-
-
-def _salesforce(context: TargetContext) -> Target:
-    found = SalesforceEnvironment.from_env(context.environ)
-    return SalesforceTarget.from_settings(context.client, found.settings, context.field_map,
-                                          context.storage, context.storage,
-                                          limit_backoff=found.limit_backoff)
-
-
-def _pipedrive(context: TargetContext) -> Target:
-    settings = PipedriveSettings.from_env(context.environ)
-    return PipedriveTarget(context.client, api_token=settings.api_token,
-                           domain=settings.domain, base_url=settings.base_url,
-                           burst_limit=settings.rate_limit, field_map=context.field_map,
-                           identities=context.storage, rate_limits=context.storage)
-
-
-_SF_JWT = ("SF_INSTANCE_URL", "SF_CLIENT_ID", "SF_USERNAME")
-
-# The registry: target name -> credentials and factory. A target whose factory is None can be
-# named but refuses to start with a clear message (tests plug fakes in the same way).
-REGISTRY: dict[str, TargetSpec] = {
-    "local": TargetSpec((), _local),
-    "hubspot": TargetSpec(("HUBSPOT_ACCESS_TOKEN",), _hubspot,
-                          check=HubSpotSettings.from_env),
-    "salesforce": TargetSpec(("SF_INSTANCE_URL", "SF_CLIENT_ID", "SF_CLIENT_SECRET"),
-                             _salesforce,
-                             alternatives=((*_SF_JWT, "SF_PRIVATE_KEY_FILE"),
-                                           (*_SF_JWT, "SF_PRIVATE_KEY")),
-                             check=SalesforceEnvironment.from_env),
-    "pipedrive": TargetSpec(("PIPEDRIVE_API_TOKEN", "PIPEDRIVE_DOMAIN"), _pipedrive,
-                            check=PipedriveSettings.from_env),
-}
+def dialect(name: str, registry: Mapping[str, TargetKind] = REGISTRY) -> Dialect:
+    """How target `name` reads the field map and writes values (`explain --target`)."""
+    return registry[name].dialect
 
 
 def select_targets(
-    environ: Mapping[str, str], registry: Mapping[str, TargetSpec] = REGISTRY
+    environ: Mapping[str, str], registry: Mapping[str, TargetKind] = REGISTRY
 ) -> list[str]:
     """The names of the targets the environment selects, in a stable order.
 
@@ -135,22 +66,25 @@ def select_targets(
     """
     names, problems = _chosen(environ, registry)
     for name in names:
-        spec = registry[name]
-        if spec.credentials and not spec.configured(environ):
-            missing = spec.missing(environ)
+        kind = registry[name]
+        if kind.credentials and not kind.configured(environ):
+            missing = kind.missing(environ)
+            others = "".join(f"; or set {' + '.join(alternative)}"
+                             for alternative in kind.alternatives)
             problems.append(_problem("missing-credentials",
                                      f"target {name!r} needs {', '.join(missing)}",
-                                     spec.hint(missing, name)))
-        elif spec.factory is None:
+                                     f"export {missing[0]}=...{others} (or leave {name} out "
+                                     f"of {TARGETS_VARIABLE})"))
+        elif kind.build is None:
             problems.append(_problem(
                 "target-unavailable",
                 f"target {name!r} is not available in this build of linkcrm",
                 f"use {TARGETS_VARIABLE}=local, or an adapter that is wired into "
                 "engine.targets.registry.REGISTRY",
             ))
-        elif spec.check is not None:
+        elif kind.check is not None:
             try:
-                spec.check(environ)
+                kind.check(environ)
             except ConfigError as error:
                 problems.extend(error.problems)
     if problems:
@@ -164,7 +98,7 @@ def build_targets(
     field_map: FieldMap,
     client: httpx.AsyncClient,
     *,
-    registry: Mapping[str, TargetSpec] = REGISTRY,
+    registry: Mapping[str, TargetKind] = REGISTRY,
 ) -> list[Target]:
     """Build the targets `select_targets` names; they share `client` (the caller closes it).
 
@@ -174,34 +108,14 @@ def build_targets(
     context = TargetContext(environ, storage, field_map, client)
     built: list[Target] = []
     for name in select_targets(environ, registry):
-        factory = registry[name].factory
-        assert factory is not None  # select_targets refuses targets without one
-        built.append(factory(context))
+        build = registry[name].build
+        assert build is not None  # select_targets refuses targets without one
+        built.append(build(context))
     return built
 
 
-async def _check_hubspot(target: Target) -> None:
-    """One read with the token (the contact properties: the scopes linkcrm needs): a 401 or
-    403 is CredentialsRefused; an outage is a RetryableCRMError."""
-    if not isinstance(target, HubSpotTarget):
-        return  # a stand-in under that name has no credentials to check
-    response = await target.api.call("GET", "/crm/v3/properties/contacts",
-                                     expect=(200, 401, 403))
-    words = hubspot_message(body_of(response))
-    if response.status_code == 401:
-        raise CredentialsRefused(f"hubspot: the access token was refused (401: {words}); set "
-                                 "HUBSPOT_ACCESS_TOKEN to a private-app token of this account")
-    if response.status_code == 403:
-        raise CredentialsRefused(f"hubspot: the access token lacks a scope (403: {words}); "
-                                 "give the private app read and write on contacts, deals and "
-                                 "their schemas (crm.objects.* and crm.schemas.*)")
-
-
-# Start-up checks of targets without a start() of their own.
-CHECKS: dict[str, Callable[[Target], Awaitable[None]]] = {"hubspot": _check_hubspot}
-
-
-async def start_targets(targets: Sequence[Target]) -> None:
+async def start_targets(targets: Sequence[Target],
+                        registry: Mapping[str, TargetKind] = REGISTRY) -> None:
     """Run each target's start-up, which checks its credentials: Pipedrive resolves its field
     labels to keys, Salesforce gets a token, HubSpot reads its contact properties.
 
@@ -212,14 +126,9 @@ async def start_targets(targets: Sequence[Target]) -> None:
     starts at its first action, so an outage never stops the service."""
     problems: list[Problem] = []
     for target in targets:
-        check = CHECKS.get(target.name)
-        if not startable(target) and check is None:
-            continue
+        kind = registry.get(target.name)
         try:
-            if startable(target):
-                await target.start()
-            elif check is not None:
-                await check(target)
+            await (kind.start if kind is not None else start_itself)(target)
         except RetryableCRMError as error:
             log.warning(f"{target.name} cannot be reached at start-up, so its credentials are "
                         f"not checked yet ({error}); starting anyway: its actions retry until "
@@ -228,9 +137,9 @@ async def start_targets(targets: Sequence[Target]) -> None:
             problems.append(Problem(Location(target.name), "credentials-refused", str(error),
                                     f"fix the {target.name} credentials, then start again "
                                     f"(`linkcrm doctor {target.name}` checks them)"))
-        except PipedriveSetupError as error:
-            problems.extend(Problem(Location(target.name), "target-not-set-up", p.message,
-                                    p.fix) for p in error.problems)
+        except NotSetUp as error:
+            problems.extend(Problem(Location(target.name), "target-not-set-up", f.problem,
+                                    f.fix) for f in error.findings)
         except PermanentCRMError as error:
             problems.append(Problem(Location(target.name), "target-refused", str(error),
                                     f"run `linkcrm doctor {target.name}` to see what to fix"))
@@ -238,19 +147,43 @@ async def start_targets(targets: Sequence[Target]) -> None:
         raise ConfigError(problems)
 
 
+def admin_targets(registry: Mapping[str, TargetKind] = REGISTRY) -> list[str]:
+    """The targets `linkcrm provision` and `linkcrm doctor` take: those with a CRM to set up."""
+    return sorted(name for name, kind in registry.items()
+                  if kind.provision is not None and kind.doctor is not None)
+
+
+async def provision(target: str, environ: Environ, field_map: FieldMap,
+                    client: httpx.AsyncClient) -> Provisioned:
+    """Create what the field map needs in `target`'s CRM (idempotent), then check the rest.
+    Missing or malformed credentials raise ConfigError; a CRM that refuses a change CRMError.
+    Neither this nor `doctor` needs linkcrm's database: the few requests are not paced."""
+    run = REGISTRY[target].provision
+    assert run is not None, f"{target} has no CRM to provision"
+    return await run(environ, field_map, client)
+
+
+async def doctor(target: str, environ: Environ, field_map: FieldMap,
+                 client: httpx.AsyncClient) -> list[Finding]:
+    """Everything `target`'s CRM lacks for the field map, each with its fix; [] when ready."""
+    run = REGISTRY[target].doctor
+    assert run is not None, f"{target} has no CRM to check"
+    return await run(environ, field_map, client)
+
+
 def _chosen(
-    environ: Mapping[str, str], registry: Mapping[str, TargetSpec]
+    environ: Mapping[str, str], registry: Mapping[str, TargetKind]
 ) -> tuple[list[str], list[Problem]]:
     raw = environ.get(TARGETS_VARIABLE, "").strip()
     if not raw:
-        configured = [name for name, spec in registry.items() if spec.configured(environ)]
+        configured = [name for name, kind in registry.items() if kind.configured(environ)]
         problems = [
             _problem("missing-credentials",
                      f"{name} credentials are incomplete: {', '.join(missing)} not set",
                      f"set {', '.join(missing)}, or unset the other {name} variables")
-            for name, spec in registry.items()
-            if spec.credentials and name not in configured and spec.touched(environ)
-            for missing in [spec.missing(environ)]
+            for name, kind in registry.items()
+            if kind.credentials and name not in configured and kind.touched(environ)
+            for missing in [kind.missing(environ)]
         ]
         return (configured or ["local"]), problems
     names: list[str] = []
@@ -271,10 +204,6 @@ def _chosen(
         problems.append(_problem("no-targets", f"{TARGETS_VARIABLE} names no target",
                                  f"e.g. {TARGETS_VARIABLE}=local"))
     return names, problems
-
-
-def _set(environ: Mapping[str, str], variable: str) -> bool:
-    return bool(environ.get(variable, "").strip())
 
 
 def _problem(code: str, message: str, hint: str) -> Problem:

@@ -12,7 +12,7 @@ from engine.actions import JSON
 from engine.errors import PermanentCRMError, RetryableCRMError, UnstorableValueError
 from engine.runtime.metrics import Metrics
 from engine.storage import ActionOutcome, Clock, InboxEvent, NewOutcome, OutcomeStatus, Storage
-from engine.targets.base import Outcome, Target
+from engine.targets.base import CallContext, Outcome, Target
 from engine.worker.plan import KeyedAction
 from engine.worker.retrying import RetryPolicy
 
@@ -130,7 +130,8 @@ class Applier:
             attempt = attempts + 1
             retry_after: float | None = None
             try:
-                outcome = await target.execute(keyed.action, keyed.key)
+                outcome = await target.execute(
+                    keyed.action, CallContext(keyed.key, event.id, keyed.action.rule))
             except RetryableCRMError as error:
                 message, retry_after = str(error), error.retry_after
             except PermanentCRMError as error:

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 
 from engine.actions import Action
 from engine.errors import RetryableCRMError
-from engine.targets.base import BatchTarget, Outcome
+from engine.targets.base import BatchTarget, CallContext, Outcome
 
 log = logging.getLogger("engine.worker.loop")
 
@@ -16,7 +16,7 @@ log = logging.getLogger("engine.worker.loop")
 @dataclass
 class _Call:
     action: Action
-    key: str
+    context: CallContext
     answer: asyncio.Future[Outcome] = field(
         default_factory=lambda: asyncio.get_running_loop().create_future())
 
@@ -33,7 +33,7 @@ class Batcher:
     of one identity.
 
         target = Batcher(hubspot_target, size=100)
-        outcome = await target.execute(action, idempotency_key)
+        outcome = await target.execute(action, context)
     """
 
     def __init__(self, target: BatchTarget, size: int = 100) -> None:
@@ -44,8 +44,8 @@ class Batcher:
         self._flushing: asyncio.Task[None] | None = None
         self.batches: list[int] = []  # the size of each batch sent, for tests and metrics
 
-    async def execute(self, action: Action, idempotency_key: str) -> Outcome:
-        call = _Call(action, idempotency_key)
+    async def execute(self, action: Action, context: CallContext) -> Outcome:
+        call = _Call(action, context)
         self._queue.append(call)
         if self._flushing is None or self._flushing.done():
             self._flushing = asyncio.create_task(self._flush(), name=f"linkcrm-batch-{self.name}")
@@ -60,7 +60,7 @@ class Batcher:
             batch, self._queue = self._queue[:self.size], self._queue[self.size:]
             self.batches.append(len(batch))
             try:
-                results = await self.target.execute_many([(c.action, c.key) for c in batch])
+                results = await self.target.execute_many([(c.action, c.context) for c in batch])
             except Exception as error:  # a bug must fail these calls, not the flusher
                 log.exception("execute_many raised", extra={"target": self.name})
                 results = [error] * len(batch)

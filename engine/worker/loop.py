@@ -28,7 +28,6 @@ from engine.rules.model import RuleSet
 from engine.runtime.metrics import Metrics
 from engine.storage import ActionOutcome, Clock, FinalStatus, InboxEvent, Storage, utc_now
 from engine.targets.base import Target, batches
-from engine.targets.local.target import current_event
 from engine.worker.apply import Applier, Lane, PartResult, Sleep
 from engine.worker.batch import Batcher
 from engine.worker.plan import KeyedAction, Work, ordering_keys, prepare
@@ -244,7 +243,6 @@ class Worker:
 
     async def _part(self, job: _Job, target: Target) -> PartResult:
         """This target's share of the event: wait for order, take a lane, apply."""
-        current_event.set(job.event.id)  # this task's own context: the local CRM's history
         if target.name not in job.keys:
             return PartResult(target.name, done=True, dead=_dead_lines(job, target.name))
         blocked = await self._wait_for_order(job, target.name)

@@ -32,6 +32,7 @@ from engine.errors import RetryableCRMError  # noqa: E402
 from engine.rules.evaluator import plan  # noqa: E402
 from engine.rules.files import load_ruleset  # noqa: E402
 from engine.storage import open_storage  # noqa: E402
+from engine.targets.base import CallContext  # noqa: E402
 from engine.targets.hubspot.admin import provision  # noqa: E402
 from engine.targets.hubspot.target import HubSpotTarget  # noqa: E402
 from tests.emulators.hubspot import create_hubspot_emulator  # noqa: E402
@@ -76,11 +77,12 @@ async def main(args: argparse.Namespace) -> int:
     state.latency = args.latency
 
     events = backlog(args.events)
-    chunks: list[list[tuple[Action, str]]] = []
+    chunks: list[list[tuple[Action, CallContext]]] = []
     for start in range(0, len(events), args.chunk):
         items = []
         for number, event in enumerate(events[start:start + args.chunk], start):
-            items += [(a, f"{number}:{i}") for i, a in enumerate(plan(event, ruleset).actions)]
+            items += [(a, CallContext(f"{number}:{i}"))
+                      for i, a in enumerate(plan(event, ruleset).actions)]
         chunks.append(items)
     actions = sum(len(c) for c in chunks)
 

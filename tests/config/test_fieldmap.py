@@ -6,8 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from engine.config.fieldmap import CoercionError, FieldMap, load_field_map
+from engine.config.fieldmap import CANONICAL, CoercionError, Dialect, FieldMap, load_field_map
 from engine.errors import ConfigError
+from engine.targets.registry import dialect
 from tests.support.paths import REPO
 
 SHIPPED = REPO / "rules" / "fields.yaml"
@@ -24,7 +25,7 @@ def test_shipped_map_carries_the_crm_names(field_map: FieldMap) -> None:
     assert token.in_crm("hubspot") is not None
     assert token.in_crm("salesforce").name == "Deep_Link_Token__c"  # type: ignore[union-attr]
     pipedrive = token.in_crm("pipedrive")
-    assert pipedrive is not None and pipedrive.kind == "label"
+    assert pipedrive is not None and dialect("pipedrive").kind(pipedrive) == "label"
     assert field_map.fields["email"].in_crm("pipedrive").kind == "builtin"  # type: ignore[union-attr]
     assert [s.name for s in field_map.contact_stages] == ["lead", "customer"]
     assert field_map.contact_stage("customer").value("salesforce") == "Deep Link Customer"  # type: ignore[union-attr]
@@ -54,7 +55,20 @@ def test_shipped_map_carries_the_crm_names(field_map: FieldMap) -> None:
 )
 def test_coercion_per_crm(field_map: FieldMap, target: str, field: str, value: object,
                           expected: object) -> None:
-    assert field_map.coerce(target, field, value) == expected  # type: ignore[arg-type]
+    assert field_map.coerce(dialect(target), field, value) == expected  # type: ignore[arg-type]
+
+
+def test_the_target_s_dialect_decides_how_values_are_written(field_map: FieldMap) -> None:
+    """The field map knows no CRM's ways: the same field and value come out as the dialect
+    passed in says, and a bare name in fields.yaml means what that target takes it to mean."""
+    plain = Dialect("hubspot")
+    assert field_map.coerce(plain, "install_date", "2026-03-02") == "2026-03-02"
+    assert field_map.coerce(dialect("hubspot"), "install_date", "2026-03-02") == "1772409600000"
+    european = Dialect("hubspot", write_date=lambda day: day.strftime("%d/%m/%Y"))
+    assert field_map.coerce(european, "install_date", "2026-03-02") == "02/03/2026"
+    token = field_map.fields["deep_link_token"].in_crm("pipedrive")
+    assert token is not None and token.bare
+    assert (plain.kind(token), dialect("pipedrive").kind(token)) == ("name", "label")
 
 
 @pytest.mark.parametrize(
@@ -69,7 +83,7 @@ def test_coercion_per_crm(field_map: FieldMap, target: str, field: str, value: o
 def test_coercion_errors_name_the_field(field_map: FieldMap, field: str, value: object,
                                         message: str) -> None:
     with pytest.raises(CoercionError, match=message) as caught:
-        field_map.coerce("local", field, value)  # type: ignore[arg-type]
+        field_map.coerce(CANONICAL, field, value)  # type: ignore[arg-type]
     assert str(caught.value).startswith(field)
 
 

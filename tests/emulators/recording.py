@@ -27,8 +27,7 @@ import httpx
 
 from engine.actions import Action
 from engine.errors import PermanentCRMError, RetryableCRMError
-from engine.targets.base import Outcome
-from engine.targets.local.target import current_event
+from engine.targets.base import CallContext, Outcome
 
 URL_VARIABLE = "RECORDING_CRM_URL"
 
@@ -163,9 +162,9 @@ class RecordingTarget:
         self.url = base_url.rstrip("/") + "/records"
         self.worker = f"{os.uname().nodename}:{os.getpid()}"
 
-    async def execute(self, action: Action, idempotency_key: str) -> Outcome:
+    async def execute(self, action: Action, context: CallContext) -> Outcome:
         body = {
-            "key": idempotency_key, "event": current_event.get(), "worker": self.worker,
+            "key": context.idempotency_key, "event": context.event_id, "worker": self.worker,
             "kind": action.kind,
             "identity": [[key.field, key.value] for key in action.identity],
         }
@@ -186,12 +185,12 @@ class RecordingTarget:
 
 def register() -> None:
     """Add `recording` to the target registry of this process (reads RECORDING_CRM_URL)."""
-    from engine.targets.registry import REGISTRY, TargetContext, TargetSpec
+    from engine.targets.registry import REGISTRY, TargetContext, TargetKind
 
     def factory(context: TargetContext) -> RecordingTarget:
         return RecordingTarget(context.client, context.environ[URL_VARIABLE])
 
-    REGISTRY["recording"] = TargetSpec((URL_VARIABLE,), factory)
+    REGISTRY["recording"] = TargetKind((URL_VARIABLE,), factory)
 
 
 if __name__ == "__main__":

@@ -16,8 +16,7 @@ from engine.actions import Action
 from engine.rules.files import load_ruleset
 from engine.rules.model import RuleSet
 from engine.storage import NewEvent, Storage
-from engine.targets.base import Outcome
-from engine.targets.local.target import current_event
+from engine.targets.base import CallContext, Outcome
 from tests.support.paths import REPO
 
 ROOT = REPO
@@ -86,8 +85,8 @@ class FakeTarget:
         self.active = 0
         self.max_active = 0
 
-    async def execute(self, action: Action, idempotency_key: str) -> Outcome:
-        event_id = current_event.get()
+    async def execute(self, action: Action, context: CallContext) -> Outcome:
+        event_id = context.event_id
         self.started.append(event_id)
         self.active += 1
         self.max_active = max(self.max_active, self.active)
@@ -97,7 +96,7 @@ class FakeTarget:
                 await gate.wait()
             if self.delay:
                 await asyncio.sleep(self.delay)
-            self.calls.append((event_id, action, idempotency_key))
+            self.calls.append((event_id, action, context.idempotency_key))
             if self.errors:
                 raise self.errors.pop(0)
             if self.always is not None:

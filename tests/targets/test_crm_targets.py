@@ -2,19 +2,31 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import httpx
 import pytest
 
+from engine.config.fieldmap import CRMField, FieldMap
 from engine.errors import ConfigError
 from engine.rules.files import load_ruleset
 from engine.storage import Storage, open_storage
-from engine.targets.credentials import PipedriveSettings
+from engine.targets.base import Target
 from engine.targets.hubspot.target import HubSpotTarget
+from engine.targets.kind import Environ, Finding, NotSetUp, TargetKind
+from engine.targets.local.target import LocalTarget
+from engine.targets.pipedrive.settings import PipedriveSettings
 from engine.targets.pipedrive.target import PipedriveTarget
-from engine.targets.registry import build_targets, select_targets, start_targets
+from engine.targets.registry import (
+    REGISTRY,
+    admin_targets,
+    build_targets,
+    doctor,
+    select_targets,
+    start_targets,
+)
 from engine.targets.salesforce.auth import ClientCredentials, JwtBearer
 from engine.targets.salesforce.target import SalesforceTarget
 from tests.emulators.hubspot import create_hubspot_emulator
@@ -117,7 +129,7 @@ async def test_the_factories_build_each_adapter_with_its_overrides(
     assert salesforce.tokens._token_url == "https://login.example/token"
     assert isinstance(jwt, SalesforceTarget) and isinstance(jwt.tokens._credentials, JwtBearer)
     assert isinstance(pipedrive, PipedriveTarget)
-    assert pipedrive._api._base == "https://acme.pipedrive.com/api/v2"
+    assert pipedrive._api.base_url == "https://acme.pipedrive.com/api/v2"
     assert pipedrive._api.burst is not None and pipedrive._api.burst.capacity == 20  # 80 / 4
 
 
@@ -197,3 +209,53 @@ async def test_start_checks_every_crm_s_credentials_and_tells_an_outage_from_a_r
         assert message.startswith(f"{name} cannot be reached at start-up, so its credentials "
                                   "are not checked yet (")
         assert "ConnectError" in message and "wrong" not in message
+
+
+async def test_a_kind_declares_its_own_start_check_and_set_up_findings(
+        storage: Storage) -> None:
+    """The registry runs whatever start check a kind declares and reports the findings of a
+    CRM that is not set up (problem and fix as given), knowing nothing of the CRM itself."""
+    started: list[str] = []
+
+    async def start(target: Target) -> None:
+        started.append(target.name)
+        raise NotSetUp("acme", [Finding("field 'x; fix: y' is missing", "create it")])
+
+    async def doctor(environ: Environ, field_map: FieldMap,
+                     client: httpx.AsyncClient) -> list[Finding]:
+        return [Finding("nothing", "")]
+
+    acme = TargetKind(("ACME_TOKEN",), lambda context: LocalTarget(context.storage,
+                                                                   context.field_map),
+                      start=start, provision=None, doctor=doctor)
+    registry = {**REGISTRY, "local": acme}
+    assert "local" not in admin_targets(registry)  # no provision: not a set-up command
+    assert admin_targets() == ["hubspot", "pipedrive", "salesforce"]
+    async with httpx.AsyncClient() as client:
+        targets = build_targets({"ACME_TOKEN": "t"}, storage, FIELD_MAP, client,
+                                registry=registry)
+        with pytest.raises(ConfigError) as caught:
+            await start_targets(targets, registry)
+    [problem] = caught.value.problems
+    assert started == ["local"] and problem.code == "target-not-set-up"
+    assert (problem.message, problem.hint) == ("field 'x; fix: y' is missing", "create it")
+    for name in ("hubspot", "salesforce", "pipedrive"):
+        kind = REGISTRY[name]
+        assert kind.build and kind.provision and kind.doctor and kind.check, name
+        assert kind.dialect.target == name
+
+
+async def test_doctor_findings_keep_a_problem_that_quotes_the_word_fix() -> None:
+    """A Pipedrive label (the user's own text) holding "; fix: " stays in the problem: findings
+    travel as data, never as text parsed back."""
+    spec = FIELD_MAP.fields["deep_link_prefix"]
+    odd = dataclasses.replace(spec, crm={**spec.crm, "pipedrive": CRMField(
+        "Prefix; fix: none", bare=True)})
+    field_map = dataclasses.replace(FIELD_MAP, fields={**FIELD_MAP.fields,
+                                                       "deep_link_prefix": odd})
+    emulator = PipedriveEmulator(api_token="pd")
+    environ = {**PIPEDRIVE, "PIPEDRIVE_BASE_URL": "http://pipedrive.test"}
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=emulator.app)) as client:
+        findings = await doctor("pipedrive", environ, field_map, client)
+    assert Finding("person field 'Prefix; fix: none' does not exist in Pipedrive",
+                   "run `linkcrm provision pipedrive` to create it") in findings

@@ -21,6 +21,7 @@ import pytest
 from engine.actions import IdentityKey, UpsertContact
 from engine.rules.files import load_ruleset
 from engine.storage import open_storage
+from engine.targets.base import CallContext
 from engine.targets.pipedrive.target import PipedriveTarget
 from engine.worker.retrying import RetryPolicy, call_with_retries
 from tests.emulators.faults import KINDS, FaultInjector
@@ -87,7 +88,7 @@ async def test_a_create_answered_after_the_client_timeout_is_not_made_twice(
                                          field_map=RULES.field_map, identities=storage,
                                          rate_limits=storage, search_limit=1000,
                                          burst_limit=1000)
-                outcome = await call_with_retries(lambda: target.execute(action, "k"),
+                outcome = await call_with_retries(lambda: target.execute(action, CallContext("k")),
                                                   RetryPolicy(base=0.001, cap=0.01), sleep)
             await asyncio.sleep(0.5)
     finally:

@@ -12,10 +12,10 @@ import pytest
 from engine.actions import Action, IdentityKey, UpsertContact
 from engine.errors import PermanentCRMError, RetryableCRMError
 from engine.storage import Storage, open_storage
-from engine.targets.base import Outcome, batches
+from engine.targets.base import CallContext, Outcome, batches
 from engine.worker.batch import Batcher
 from engine.worker.loop import Worker, WorkerOptions
-from tests.support.worker_helpers import store, write_rules
+from tests.support.worker_helpers import FakeTarget, store, write_rules
 
 pytestmark = pytest.mark.anyio
 
@@ -30,14 +30,16 @@ class BatchingTarget:
         self.latency = latency
         self.refuse = set(refuse)
         self.batches: list[list[Action]] = []
+        self.contexts: list[CallContext] = []
         self.broken = False
 
-    async def execute(self, action: Action, idempotency_key: str) -> Outcome:
+    async def execute(self, action: Action, context: CallContext) -> Outcome:
         raise AssertionError("the worker must use execute_many")
 
-    async def execute_many(self, items: Sequence[tuple[Action, str]]
+    async def execute_many(self, items: Sequence[tuple[Action, CallContext]]
                            ) -> list[Outcome | Exception]:
         self.batches.append([action for action, _ in items])
+        self.contexts += [context for _, context in items]
         await asyncio.sleep(self.latency)
         if self.broken:
             raise RuntimeError("adapter bug")
@@ -57,10 +59,10 @@ async def test_one_call_goes_out_at_once_and_queued_calls_share_the_next_batch()
     target = BatchingTarget(refuse=["t3"])
     assert batches(target)
     batcher = Batcher(target, size=4)
-    assert (await batcher.execute(upsert("t0"), "k0")).record_id == "t0"
-    first = asyncio.create_task(batcher.execute(upsert("t1"), "k1"))
+    assert (await batcher.execute(upsert("t0"), CallContext("k0"))).record_id == "t0"
+    first = asyncio.create_task(batcher.execute(upsert("t1"), CallContext("k1")))
     await asyncio.sleep(0.005)  # t1's batch is in flight; the rest queue up behind it
-    rest = [asyncio.create_task(batcher.execute(upsert(f"t{n}"), f"k{n}"))
+    rest = [asyncio.create_task(batcher.execute(upsert(f"t{n}"), CallContext(f"k{n}")))
             for n in range(2, 8)]
     results = await asyncio.gather(first, *rest, return_exceptions=True)
     assert [len(batch) for batch in target.batches] == [1, 1, 4, 2]
@@ -68,20 +70,20 @@ async def test_one_call_goes_out_at_once_and_queued_calls_share_the_next_batch()
         "t1", "t2", "refused t3", "t4", "t5", "t6", "t7"]
     target.broken = True  # a bug fails its batch's calls (the worker retries them) only
     with pytest.raises(RuntimeError, match="adapter bug"):
-        await batcher.execute(upsert("t8"), "k8")
+        await batcher.execute(upsert("t8"), CallContext("k8"))
     target.broken = False
-    assert (await batcher.execute(upsert("t9"), "k9")).record_id == "t9"
+    assert (await batcher.execute(upsert("t9"), CallContext("k9"))).record_id == "t9"
     await batcher.aclose()
 
 
 async def test_a_short_answer_is_retryable_for_the_calls_it_left_out() -> None:
     class Short(BatchingTarget):
-        async def execute_many(self, items: Sequence[tuple[Action, str]]
+        async def execute_many(self, items: Sequence[tuple[Action, CallContext]]
                                ) -> list[Outcome | Exception]:
             return (await super().execute_many(items))[:1]
 
     batcher = Batcher(Short(latency=0.01))
-    calls = [batcher.execute(upsert(f"t{n}"), f"k{n}") for n in range(3)]
+    calls = [batcher.execute(upsert(f"t{n}"), CallContext(f"k{n}")) for n in range(3)]
     results = await asyncio.gather(*calls, return_exceptions=True)
     assert isinstance(results[0], Outcome)
     assert all(isinstance(r, RetryableCRMError) for r in results[1:])
@@ -121,3 +123,22 @@ async def test_the_worker_batches_concurrent_events_and_keeps_each_identity_in_o
     assert sum(len(p) for p in applied.values()) == 24
     unbatched = Worker(storage, rules, [target], options=WorkerOptions(batch_size=1))
     assert unbatched.callers["batching"] is target
+
+
+async def test_each_call_carries_its_event_rule_and_key_as_an_argument(
+        storage: Storage, tmp_path: Path) -> None:
+    """The worker tells a target which event and rule each action comes from (the local CRM
+    records the event in its stage history) in the call itself, batched or one by one."""
+    rules = write_rules(tmp_path / "rules")
+    events = [await store(storage, "install.tracked", token=f"t{n}", prefix="p")
+              for n in range(3)]
+    batching, single = BatchingTarget(), FakeTarget("single")
+    await Worker(storage, rules, [batching, single],
+                 options=WorkerOptions(concurrency=4)).run_until_idle()
+    assert {c.rule for c in batching.contexts} == {"install-creates-lead"}
+    called = {"batching": [(c.event_id, c.idempotency_key) for c in batching.contexts],
+              "single": [(event, key) for event, _, key in single.calls]}
+    for target, calls in called.items():
+        recorded = [(event, o.idempotency_key) for event in events
+                    for o in await storage.list_outcomes(event) if o.target == target]
+        assert sorted(calls, key=str) == sorted(recorded, key=str) and len(recorded) == 6

@@ -14,7 +14,7 @@ import pytest
 from engine.actions import Action
 from engine.rules.model import RuleSet
 from engine.storage import InboxEvent, Storage, open_storage
-from engine.targets.base import Outcome
+from engine.targets.base import CallContext, Outcome
 from engine.worker.loop import Worker, WorkerOptions
 from tests.storage.contract import FakeClock
 from tests.support.postgres import fresh_schema, require_postgres, schema_url
@@ -54,13 +54,13 @@ class HangingTarget(FakeTarget):
         super().__init__(name)
         self.recover = asyncio.Event()
 
-    async def execute(self, action: Action, idempotency_key: str) -> Outcome:
+    async def execute(self, action: Action, context: CallContext) -> Outcome:
         self.active += 1
         try:
             await self.recover.wait()
         finally:
             self.active -= 1
-        return await super().execute(action, idempotency_key)
+        return await super().execute(action, context)
 
 
 async def test_a_hanging_crm_with_a_backlog_does_not_starve_another(

@@ -27,6 +27,7 @@ from engine.rules.model import RuleSet
 from engine.runtime.metrics import Metrics
 from engine.signing import sign
 from engine.storage import NewEvent, Storage, open_storage
+from engine.targets.base import CallContext
 from engine.targets.local.target import LocalTarget
 from engine.worker.loop import Worker, WorkerOptions
 from engine.worker.retrying import RetryPolicy
@@ -306,5 +307,5 @@ async def test_the_local_crm_refuses_what_no_store_keeps_at_once_on_both_backend
     still says "permanent": both backends refuse the value the same way, never "retry"."""
     target = LocalTarget(storage, rules.field_map)
     with pytest.raises(PermanentCRMError, match="no store can keep it as it is"):
-        await target.execute(action, "key")
+        await target.execute(action, CallContext("key"))
     assert await storage.local_contacts() == [] and await storage.local_deals() == []

@@ -1,7 +1,7 @@
 """`linkcrm provision hubspot` and `linkcrm doctor hubspot`: the properties the field map needs.
 
     report = await provision(client, token, field_map)   # lines: what was created or found
-    problems = await doctor(client, token, field_map)    # each problem says how to fix it
+    findings = await doctor(client, token, field_map)    # each a problem and its fix
 
 Provisioning is idempotent: the property group and every mapped contact and deal property are
 created unless they exist (a 409 from a concurrent run counts as existing). The deep-link token
@@ -18,6 +18,7 @@ from engine.errors import CRMError, RetryableCRMError
 from engine.targets.hubspot.api import DEFAULT_BASE_URL, HubSpotAPI, as_list, as_object, without_fix
 from engine.targets.hubspot.plan import CRM, Translator
 from engine.targets.hubspot.target import unique_properties
+from engine.targets.kind import Finding
 
 OBJECTS = {"contact": "contacts", "deal": "deals"}
 # canonical type -> (HubSpot type, fieldType); the types a property may have and still work
@@ -111,7 +112,7 @@ async def provision(client: httpx.AsyncClient, token: str, field_map: FieldMap, 
 
 
 async def doctor(client: httpx.AsyncClient, token: str, field_map: FieldMap, *,
-                 base_url: str = DEFAULT_BASE_URL) -> list[str]:
+                 base_url: str = DEFAULT_BASE_URL) -> list[Finding]:
     """Check what linkcrm relies on; returns problems (empty: all good), each with its fix."""
     api = HubSpotAPI(client, token, base_url=base_url)
     try:
@@ -126,51 +127,53 @@ async def doctor(client: httpx.AsyncClient, token: str, field_map: FieldMap, *,
     try:
         problems.extend(await _deal_stage_problems(api, field_map))
     except CRMError as error:
-        problems.append(f"cannot read deal pipelines: {without_fix(error)}; fix: give the "
-                        "private app the crm.objects.deals.read scope")
+        problems.append(Finding(f"cannot read deal pipelines: {without_fix(error)}",
+                                "give the private app the crm.objects.deals.read scope"))
     return problems
 
 
 def _check(object_: str, name: str, body: dict[str, object],
-           found: dict[str, object] | None) -> list[str]:
+           found: dict[str, object] | None) -> list[Finding]:
     if found is None:
-        return [f"{object_} property {name!r} does not exist; fix: {PROVISION}"]
+        return [Finding(f"{object_} property {name!r} does not exist", PROVISION)]
     problems = []
     want, have = str(body["type"]), str(found.get("type"))
     if have not in COMPATIBLE.get(want, {want}):
-        problems.append(f"{object_} property {name!r} has type {have}, linkcrm writes {want}; "
-                        f"fix: point the field map at a {want} property, or re-create {name!r} "
-                        f"as {want}")
+        problems.append(Finding(f"{object_} property {name!r} has type {have}, linkcrm writes "
+                                f"{want}", f"point the field map at a {want} property, or "
+                                f"re-create {name!r} as {want}"))
     if body.get("hasUniqueValue") and found.get("hasUniqueValue") is not True:
-        problems.append(f"{object_} property {name!r} is not unique, so upserts and one deal "
-                        "per key cannot rely on it; fix: hasUniqueValue cannot be changed "
-                        "later: create a new property with hasUniqueValue, point the field map "
-                        "(or targets.hubspot.deal_key_property) at it")
+        problems.append(Finding(f"{object_} property {name!r} is not unique, so upserts and "
+                                "one deal per key cannot rely on it", "hasUniqueValue cannot "
+                                "be changed later: create a new property with hasUniqueValue, "
+                                "point the field map (or targets.hubspot.deal_key_property) at "
+                                "it"))
     have_options = {str(as_object(o).get("value")) for o in as_list(found.get("options"))}
     for option in as_list(body.get("options")):
         value = str(as_object(option).get("value"))
         if have == "enumeration" and value not in have_options:
-            problems.append(f"{object_} property {name!r} has no option {value!r}; fix: add "
-                            "it in HubSpot (Settings > Properties)")
+            problems.append(Finding(f"{object_} property {name!r} has no option {value!r}",
+                                    "add it in HubSpot (Settings > Properties)"))
     return problems
 
 
-def _stage_problems(field_map: FieldMap, contacts: dict[str, dict[str, object]]) -> list[str]:
+def _stage_problems(field_map: FieldMap, contacts: dict[str, dict[str, object]]
+                    ) -> list[Finding]:
     stage_field = field_map.contact_stage_field.get(CRM)
     name = stage_field.name if stage_field else "lifecyclestage"
     found = contacts.get(name)
     if found is None:
-        return [f"contacts property {name!r} (the stage field) does not exist; fix: {PROVISION}"
-                " or name an existing property in contact_stage_field"]
+        return [Finding(f"contacts property {name!r} (the stage field) does not exist",
+                        f"{PROVISION} or name an existing property in contact_stage_field")]
     options = {str(as_object(o).get("value")) for o in as_list(found.get("options"))}
-    return [f"contact stage {stage.name!r} maps to {stage.value(CRM)!r}, which {name} does not "
-            f"offer ({', '.join(sorted(options))}); fix: add the stage in HubSpot or change "
-            "its hubspot value in the field map"
+    return [Finding(f"contact stage {stage.name!r} maps to {stage.value(CRM)!r}, which {name} "
+                    f"does not offer ({', '.join(sorted(options))})", "add the stage in "
+                    "HubSpot or change its hubspot value in the field map")
             for stage in field_map.contact_stages
             if stage.value(CRM) and stage.value(CRM) not in options]
 
 
-async def _deal_stage_problems(api: HubSpotAPI, field_map: FieldMap) -> list[str]:
+async def _deal_stage_problems(api: HubSpotAPI, field_map: FieldMap) -> list[Finding]:
     pipeline = field_map.deal_pipeline.get(CRM)
     wanted = pipeline.name if pipeline else "default"
     response = await api.call("GET", "/crm/v3/pipelines/deals")
@@ -178,31 +181,35 @@ async def _deal_stage_problems(api: HubSpotAPI, field_map: FieldMap) -> list[str
                  for p in as_list(as_object(response.json()).get("results"))}
     found = pipelines.get(wanted)
     if found is None:
-        return [f"deal pipeline {wanted!r} does not exist (pipelines: "
-                f"{', '.join(sorted(pipelines))}); fix: set deal_pipeline.hubspot to one of them"]
+        return [Finding(f"deal pipeline {wanted!r} does not exist (pipelines: "
+                        f"{', '.join(sorted(pipelines))})",
+                        "set deal_pipeline.hubspot to one of them")]
     stages = {str(as_object(s).get("id")) for s in as_list(found.get("stages"))}
-    return [f"deal stage {stage.name!r} maps to {stage.value(CRM)!r}, not a stage of pipeline "
-            f"{wanted!r} ({', '.join(sorted(stages))}); fix: change its hubspot value in the "
-            "field map" for stage in field_map.deal_stages
+    return [Finding(f"deal stage {stage.name!r} maps to {stage.value(CRM)!r}, not a stage of "
+                    f"pipeline {wanted!r} ({', '.join(sorted(stages))})",
+                    "change its hubspot value in the field map")
+            for stage in field_map.deal_stages
             if stage.value(CRM) and stage.value(CRM) not in stages]
 
 
-def _access_problem(api: HubSpotAPI, error: CRMError) -> str:
+def _access_problem(api: HubSpotAPI, error: CRMError) -> Finding:
     """Why the first read failed, blaming what did fail (the network, HubSpot, the token or
     its scopes), with one fix."""
     status, where, said = api.last_status, api.base_url, without_fix(error)
+    problem = "cannot read HubSpot properties"
     if status is None:
-        return (f"cannot read HubSpot properties: HubSpot at {where} is unreachable ({said}); "
-                "fix: check the network connection (and any proxy or firewall) and "
-                "HUBSPOT_BASE_URL, then run `linkcrm doctor hubspot` again")
+        return Finding(f"{problem}: HubSpot at {where} is unreachable ({said})",
+                       "check the network connection (and any proxy or firewall) and "
+                       "HUBSPOT_BASE_URL, then run `linkcrm doctor hubspot` again")
     if isinstance(error, RetryableCRMError):
-        return (f"cannot read HubSpot properties: HubSpot at {where} is not answering normally "
-                f"({said}); fix: wait a few minutes, then run `linkcrm doctor hubspot` again")
+        return Finding(f"{problem}: HubSpot at {where} is not answering normally ({said})",
+                       "wait a few minutes, then run `linkcrm doctor hubspot` again")
     if status == 401:
-        return (f"cannot read HubSpot properties: HubSpot refused the token ({said}); fix: set "
-                f"HUBSPOT_ACCESS_TOKEN to a private-app token of this account with {SCOPES}")
+        return Finding(f"{problem}: HubSpot refused the token ({said})", "set "
+                       f"HUBSPOT_ACCESS_TOKEN to a private-app token of this account with "
+                       f"{SCOPES}")
     if status == 403:
-        return (f"cannot read HubSpot properties: the token lacks a scope ({said}); fix: give "
-                f"the private app {SCOPES}")
-    return (f"cannot read HubSpot properties at {where} ({said}); fix: check HUBSPOT_BASE_URL, "
-            f"and that HUBSPOT_ACCESS_TOKEN is a private-app token with {SCOPES}")
+        return Finding(f"{problem}: the token lacks a scope ({said})",
+                       f"give the private app {SCOPES}")
+    return Finding(f"{problem} at {where} ({said})", "check HUBSPOT_BASE_URL, and that "
+                   f"HUBSPOT_ACCESS_TOKEN is a private-app token with {SCOPES}")

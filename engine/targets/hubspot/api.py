@@ -1,11 +1,11 @@
 """HubSpot's HTTP surface as linkcrm uses it: bearer auth, pacing, rate-limit headers, errors.
 
-Every request waits for the shared `Pacer` first (search has its own limit and its own pacer),
-and every answer's `X-HubSpot-RateLimit-*` headers re-shape the pacer to the limit HubSpot
-actually enforces. A 429 from the ten-second window pauses the pacer and is retried here (it
-was not processed); a daily-limit 429 goes back to the worker with its wait. Other statuses are
-left to the caller to read (`expect`) or mapped to RetryableCRMError/PermanentCRMError with
-HubSpot's own message.
+Requests go through the shared loop (`engine.targets.session.Session`). Every request waits for
+the shared `Pacer` first (search has its own limit and its own pacer), and every answer's
+`X-HubSpot-RateLimit-*` headers re-shape the pacer to the limit HubSpot actually enforces. A
+429 from the ten-second window pauses the pacer and is retried here (it was not processed); a
+daily-limit 429 goes back to the worker with its wait. Other statuses are left to the caller to
+read (`expect`) or mapped to RetryableCRMError/PermanentCRMError with HubSpot's own message.
 """
 
 from __future__ import annotations
@@ -18,9 +18,10 @@ from datetime import UTC, datetime, timedelta
 
 import httpx
 
-from engine.errors import CRMError, PermanentCRMError, RetryableCRMError
-from engine.targets.http import body_of, path_segment, raise_for_status, retry_after, send
+from engine.errors import CRMError, PermanentCRMError
+from engine.targets.http import body_of, path_segment, raise_for_status, retry_after
 from engine.targets.pacing import Pacer
+from engine.targets.session import HeaderAuth, Lane, Session, Throttled
 
 CRM = "hubspot"
 DEFAULT_BASE_URL = "https://api.hubapi.com"
@@ -154,6 +155,24 @@ def parse_created(body: object) -> HubSpotObject | None:
     return parse_object({**entity, "id": record_id})
 
 
+@dataclass(frozen=True)
+class Created:
+    """The answer to a single create: the new `record` (None: the answer named no id), or,
+    when `taken`, a unique value the create writes is held by another record (409, or 400
+    VALIDATION_ERROR "already has that value"); `holder` is that record's id when the answer
+    names it (a 409's "Existing ID")."""
+
+    status: int
+    body: object
+    record: HubSpotObject | None = None
+    taken: bool = False
+    holder: str | None = None
+
+    def refused(self, path: str) -> PermanentCRMError:
+        return PermanentCRMError(f"{CRM}: POST {path} -> {self.status}: "
+                                 f"{hubspot_message(self.body)}")
+
+
 def record_path(prefix: str, record_id: str) -> str:
     """`prefix/<record_id>` for an id HubSpot gave. The id is encoded as one path segment; one
     that cannot be (empty, `.`, `..`) is refused, never sent to another resource."""
@@ -165,63 +184,59 @@ def record_path(prefix: str, record_id: str) -> str:
                                 "bug: please report it") from None
 
 
-class HubSpotAPI:
-    """One HubSpot account through an injected client. `pacer` paces every call but search,
+class HubSpotAPI(Session):
+    """One HubSpot account through an injected client, on the shared request loop with the
+    private-app token as a bearer header. `pacer` paces every call but search,
     `search_pacer` paces search; either may be None (admin commands send a handful)."""
+
+    crm = CRM
 
     def __init__(self, client: httpx.AsyncClient, token: str, *,
                  base_url: str = DEFAULT_BASE_URL, pacer: Pacer | None = None,
                  search_pacer: Pacer | None = None, window_seconds: float = 10.0,
                  sleep: Sleep = asyncio.sleep) -> None:
-        self._client = client
-        self._token = token
-        self.base_url = base_url.rstrip("/")
+        super().__init__(client, base_url, HeaderAuth("Authorization", f"Bearer {token}"),
+                         attempts=THROTTLED_ATTEMPTS, sleep=sleep)
         self.pacer = pacer
         self.search_pacer = search_pacer
+        self.lane = Lane(pacer)
+        self.search_lane = Lane(search_pacer, name="search")
         self.window_seconds = window_seconds
         self.limit: int | None = None
-        self._sleep = sleep
-        self.sent = 0
-        self.throttled = 0
-        self.last_status: int | None = None  # None: the last request got no answer at all
 
     async def call(self, method: str, path: str, *, json: object = None,
                    params: Mapping[str, str] | None = None, expect: Sequence[int] = (200,),
                    search: bool = False) -> httpx.Response:
         """Send one request (paced; throttled ones retried) and return the response when its
         status is in `expect`; raise RetryableCRMError/PermanentCRMError otherwise."""
-        pacer = self.search_pacer if search else self.pacer
-        for attempt in range(1, THROTTLED_ATTEMPTS + 1):
-            if pacer is not None:
-                await pacer.acquire()
-            request = self._client.build_request(
-                method, self.base_url + path, json=json, params=params,
-                headers={"Authorization": f"Bearer {self._token}",
-                         "Accept": "application/json"})
-            self.sent += 1
-            self.last_status = None
-            response = await send(self._client, CRM, request)
-            self.last_status = response.status_code
-            if not search:
-                self._observe(response.headers)
-            if response.status_code != 429:
-                if response.status_code in expect:
-                    return response
-                raise error_for(response)
-            self.throttled += 1
-            wait = self._throttle_wait(response, search)
-            if wait is None or attempt == THROTTLED_ATTEMPTS:
-                raise RetryableCRMError(f"{CRM}: {method} {path} -> 429: "
-                                        f"{hubspot_message(body_of(response))}",
-                                        retry_after=wait if wait is not None else _to_midnight())
-            if pacer is not None:
-                pacer.pause(wait)
-            else:
-                await self._sleep(wait)
-        raise AssertionError("unreachable")  # pragma: no cover
+        response = await self.send(method, path, json=json, params=params,
+                                   lane=self.search_lane if search else self.lane)
+        if response.status_code in expect:
+            return response
+        raise error_for(response)
 
-    def _observe(self, headers: httpx.Headers) -> None:
-        """Follow the limit HubSpot states (100 or 190 per 10 s by tier, more with the add-on)."""
+    async def create(self, path: str, body: object) -> Created:
+        """POST one object: what it made, or which unique value is taken; any other refusal
+        raises the mapped error."""
+        response = await self.call("POST", path, json=body, expect=(200, 201, 400, 409))
+        answer, status = response.json(), response.status_code
+        if status == 400 and not unique_conflict(status, answer):
+            raise error_for(response)
+        if status in (400, 409):
+            holder = existing_id(answer) if status == 409 else None
+            return Created(status, answer, taken=True, holder=holder)
+        # 201 with the object, or 200 with it wrapped (the newer spec versions).
+        return Created(status, answer, record=parse_created(answer))
+
+    def message(self, body: object) -> str:
+        return hubspot_message(body)
+
+    def observe(self, response: httpx.Response, lane: Lane) -> None:
+        """Follow the limit HubSpot states (100 or 190 per 10 s by tier, more with the add-on);
+        search answers state none."""
+        if lane.name == "search":
+            return
+        headers = response.headers
         limit = _number(headers.get("x-hubspot-ratelimit-max"))
         interval = _number(headers.get("x-hubspot-ratelimit-interval-milliseconds"))
         if limit is None or limit <= 0:
@@ -235,20 +250,23 @@ class HubSpotAPI:
             # Someone else shares this app's limit: give the window one slot's time to free.
             self.pacer.pause(window / limit)
 
-    def _throttle_wait(self, response: httpx.Response, search: bool) -> float | None:
-        """Seconds to hold back after a 429, or None when the daily limit is spent."""
-        body = as_object(body_of(response))
-        policy = str(body.get("policyName", ""))
-        stated = retry_after(response.headers)
-        if policy == "DAILY" or "daily limit" in str(body.get("message", "")):
+    def throttled(self, response: httpx.Response, lane: Lane) -> Throttled | None:
+        """A 429 from the ten-second (or search's one-second) window is waited out here; one
+        from the daily limit goes back to the worker with the wait until it resets."""
+        if response.status_code != 429:
             return None
+        body = as_object(body_of(response))
+        stated = retry_after(response.headers)
+        if str(body.get("policyName", "")) == "DAILY" or "daily limit" in str(
+                body.get("message", "")):
+            return Throttled(_to_midnight(), again=False, hold=False)
         if stated is not None:
-            return stated
-        if search or "secondly limit" in str(body.get("message", "")):
-            return 1.0
+            return Throttled(stated)
+        if lane.name == "search" or "secondly limit" in str(body.get("message", "")):
+            return Throttled(1.0)
         interval = _number(response.headers.get("x-hubspot-ratelimit-interval-milliseconds"))
         # TEN_SECONDLY_ROLLING: a rolling window frees fully after one interval.
-        return interval / 1000 if interval else self.window_seconds
+        return Throttled(interval / 1000 if interval else self.window_seconds)
 
 
 def _number(value: str | None) -> float | None:

@@ -32,7 +32,6 @@ from engine.targets.hubspot.api import (
     error_for,
     existing_id,
     hubspot_message,
-    parse_created,
     parse_object,
     record_path,
     unique_conflict,
@@ -284,24 +283,18 @@ class ContactWriter:
         """Create the group's contact; when a unique value it writes is taken (409, or 400
         "already has that value"), the contact holding it is this person: update that one."""
         planned = group.plan(None, known=True)
-        response = await self.api.call("POST", CONTACTS, expect=(200, 201, 400, 409), json={
-            "properties": planned.properties, "associations": []})
-        body = response.json()
-        status = response.status_code
-        if status == 400 and not unique_conflict(status, body):
-            raise error_for(response)
-        if status in (400, 409):
-            found = existing_id(body) if status == 409 else None
-            found = found or await self._holder(group, planned.properties)
+        created = await self.api.create(CONTACTS, {"properties": planned.properties,
+                                                   "associations": []})
+        if created.taken:
+            found = created.holder or await self._holder(group, planned.properties)
             if found is None:
-                raise PermanentCRMError(f"{CRM}: POST {CONTACTS} -> {status}: "
-                                        f"{hubspot_message(body)}")
+                raise created.refused(CONTACTS)
             await self.update_existing(group, found, run, locator_taken=False)
             return
-        record = parse_created(body)  # 201 with the contact, or 200 with it wrapped
-        if record is None:
-            raise RetryableCRMError(f"{CRM}: POST {CONTACTS} answered {status} without an id")
-        await self._finish(group, record.id, planned.summaries, True, run)
+        if created.record is None:
+            raise RetryableCRMError(f"{CRM}: POST {CONTACTS} answered {created.status} "
+                                    "without an id")
+        await self._finish(group, created.record.id, planned.summaries, True, run)
 
     async def _holder(self, group: ContactGroup, properties: Mapping[str, str],
                       skip: str | None = None) -> str | None:

@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from engine.actions import IdentityKey
-from engine.errors import CRMError, PermanentCRMError, RetryableCRMError
+from engine.errors import CRMError, RetryableCRMError
 from engine.targets.base import IdentityStore, Outcome
 from engine.targets.hubspot.api import (
     CRM,
@@ -26,13 +26,8 @@ from engine.targets.hubspot.api import (
     HubSpotObject,
     as_list,
     as_object,
-    error_for,
-    existing_id,
-    hubspot_message,
-    parse_created,
     parse_object,
     record_path,
-    unique_conflict,
 )
 from engine.targets.hubspot.plan import DEAL_TO_CONTACT, DealSpec
 
@@ -84,30 +79,25 @@ class DealWriter:
         existing = await self.find(spec.key)
         if existing is not None:
             return await self._adopt(job, existing.id)
-        response = await self.api.call("POST", DEALS, expect=(200, 201, 400, 409), json={
-            "properties": spec.properties, "associations": association(job.contact_id)})
-        body = response.json()
-        status = response.status_code
-        if status == 400 and not unique_conflict(status, body):
-            raise error_for(response)
-        if status in (400, 409):
+        created = await self.api.create(DEALS, {"properties": spec.properties,
+                                                "associations": association(job.contact_id)})
+        if created.taken:
             # The key is taken (409, or 400 "already has that value"): a lost response's
             # create, or a racing worker's. Find it by the key, and adopt it.
-            deal_id = existing_id(body) if status == 409 else None
+            deal_id = created.holder
             if deal_id is None:
                 found = await self.find(spec.key)
-                if found is None and status == 409:
+                if found is None and created.status == 409:
                     raise RetryableCRMError(f"{CRM}: deal key conflict but no deal found yet")
                 if found is None:
                     # Another unique deal property holds a taken value: not ours to adopt.
-                    raise PermanentCRMError(f"{CRM}: POST {DEALS} -> 400: "
-                                            f"{hubspot_message(body)}")
+                    raise created.refused(DEALS)
                 deal_id = found.id
             return await self._adopt(job, deal_id)
-        record = parse_created(body)
-        if record is None:
-            raise RetryableCRMError(f"{CRM}: POST {DEALS} answered {status} without an id")
-        deal_id = await self.identities.bind_deal(CRM, spec.key, record.id)
+        if created.record is None:
+            raise RetryableCRMError(f"{CRM}: POST {DEALS} answered {created.status} without "
+                                    "an id")
+        deal_id = await self.identities.bind_deal(CRM, spec.key, created.record.id)
         return Outcome(deal_id, "deal created and associated with the contact", True)
 
     async def find(self, key: str) -> HubSpotObject | None:

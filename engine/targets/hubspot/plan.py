@@ -12,13 +12,23 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime, time
 
 from engine.actions import JSON, Action, CreateDeal, IdentityKey, SetStage, UpsertContact
-from engine.config.fieldmap import CoercionError, FieldMap
+from engine.config.fieldmap import CoercionError, Dialect, FieldMap, iso_milliseconds
 from engine.errors import PermanentCRMError
 
 CRM = "hubspot"
+
+
+def _midnight_epoch_ms(day: date) -> JSON:
+    """HubSpot date properties take midnight UTC as epoch milliseconds."""
+    return str(int(datetime.combine(day, time(), UTC).timestamp()) * 1000)
+
+
+# Property values travel as strings ({"properties": {name: "string"}}); date-times as ISO 8601.
+DIALECT = Dialect(CRM, write_date=_midnight_epoch_ms, write_datetime=iso_milliseconds,
+                  text=True)
 # HubSpot's own lifecycle order, used when the current stage is not one the field map names.
 LIFECYCLE_ORDER = ("subscriber", "lead", "marketingqualifiedlead", "salesqualifiedlead",
                    "opportunity", "customer", "evangelist", "other")
@@ -197,7 +207,7 @@ class Translator:
             if prop is None:
                 continue  # the field map does not send this field to HubSpot
             try:
-                coerced = self.field_map.coerce(CRM, name, value)
+                coerced = self.field_map.coerce(DIALECT, name, value)
             except CoercionError as error:
                 raise PermanentCRMError(f"{CRM}: {error}") from None
             out[prop] = str(coerced)

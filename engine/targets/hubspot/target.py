@@ -1,8 +1,8 @@
 """The HubSpot target (CRM v3, private-app bearer token), batching what the API lets it batch.
 
     target = HubSpotTarget(client, token, field_map, storage, storage)
-    outcome = await target.execute(action, idempotency_key)
-    outcomes = await target.execute_many([(action, key), ...])   # a queue drains in batches
+    outcome = await target.execute(action, CallContext(idempotency_key))
+    outcomes = await target.execute_many([(action, context), ...])   # a queue drains in batches
 
 Contacts are upserted by the first identity key HubSpot keeps unique (`deep_link_token` or
 another hasUniqueValue property) through batch upsert with `idProperty`; a contact known only by
@@ -25,7 +25,7 @@ import httpx
 from engine.actions import Action, CreateDeal, SetStage, UpsertContact
 from engine.config.fieldmap import FieldMap
 from engine.errors import PermanentCRMError, RetryableCRMError
-from engine.targets.base import IdentityStore, Outcome, RateLimitStore
+from engine.targets.base import CallContext, IdentityStore, Outcome, RateLimitStore
 from engine.targets.hubspot.api import (
     CRM,
     DEFAULT_BASE_URL,
@@ -84,15 +84,15 @@ class HubSpotTarget:
         self.contacts = ContactWriter(self.api, identities, self.translator.unique)
         self.deals = DealWriter(self.api, identities, self.translator.deal_key_property)
 
-    async def execute(self, action: Action, idempotency_key: str) -> Outcome:
+    async def execute(self, action: Action, context: CallContext) -> Outcome:
         """Apply one action; idempotent (unique properties and the deal key make a retry find
         what a lost response made). Raises RetryableCRMError or PermanentCRMError."""
-        result = (await self.execute_many([(action, idempotency_key)]))[0]
+        result = (await self.execute_many([(action, context)]))[0]
         if isinstance(result, Exception):
             raise result
         return result
 
-    async def execute_many(self, items: Sequence[tuple[Action, str]]
+    async def execute_many(self, items: Sequence[tuple[Action, CallContext]]
                            ) -> list[Outcome | Exception]:
         """Apply actions in order, batched: contact actions merge per contact into batch reads
         and upserts of up to 100, deals into batch reads and creates. Each item gets its own
@@ -100,7 +100,7 @@ class HubSpotTarget:
         results: dict[int, Outcome | Exception] = {}
         contact_items: list[tuple[int, Action]] = []
         deal_items: list[tuple[int, CreateDeal]] = []
-        for index, (action, _key) in enumerate(items):
+        for index, (action, _context) in enumerate(items):
             if isinstance(action, CreateDeal):
                 deal_items.append((index, action))
             elif isinstance(action, UpsertContact | SetStage):

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from contextvars import ContextVar
-
 from engine.actions import Action, CreateDeal, SetStage, UpsertContact
 from engine.config.fieldmap import FieldMap
 from engine.errors import (
@@ -13,11 +11,7 @@ from engine.errors import (
     UnstorableValueError,
 )
 from engine.storage import Storage
-from engine.targets.base import Outcome
-
-# The inbox event being applied, so a stage change records which event moved the contact.
-# The worker sets it in each target task; the Target protocol itself stays event-agnostic.
-current_event: ContextVar[int | None] = ContextVar("linkcrm_current_event", default=None)
+from engine.targets.base import CallContext, Outcome
 
 
 class LocalTarget:
@@ -29,11 +23,11 @@ class LocalTarget:
     and `create_deal` makes one deal per deal key, ever.
 
         target = LocalTarget(storage, ruleset.field_map)
-        outcome = await target.execute(action, idempotency_key)
+        outcome = await target.execute(action, CallContext(key, event_id=event.id))
 
-    A stage the field map does not know, or a value no store can keep (UnstorableValueError),
-    is a PermanentCRMError (a fix is needed); a storage that cannot commit is a
-    RetryableCRMError.
+    A stage change records the inbox event that moved the contact (`context.event_id`). A stage
+    the field map does not know, or a value no store can keep (UnstorableValueError), is a
+    PermanentCRMError (a fix is needed); a storage that cannot commit is a RetryableCRMError.
     """
 
     name = "local"
@@ -42,9 +36,9 @@ class LocalTarget:
         self.storage = storage
         self.stages = tuple(stage.name for stage in field_map.contact_stages)
 
-    async def execute(self, action: Action, idempotency_key: str) -> Outcome:
+    async def execute(self, action: Action, context: CallContext) -> Outcome:
         try:
-            return await self._apply(action)
+            return await self._apply(action, context)
         except UnstorableValueError as error:
             raise PermanentCRMError(f"local: {action.kind} failed: {error}") from None
         except StorageError as error:
@@ -52,7 +46,7 @@ class LocalTarget:
         except (ValueError, OverflowError) as error:
             raise PermanentCRMError(f"local: {action.kind} failed: {error}") from None
 
-    async def _apply(self, action: Action) -> Outcome:
+    async def _apply(self, action: Action, context: CallContext) -> Outcome:
         if isinstance(action, UpsertContact):
             contact = await self.storage.local_upsert_contact(
                 action.identity, action.set, action.set_once
@@ -62,7 +56,7 @@ class LocalTarget:
                            created=contact.created)
         if isinstance(action, SetStage):
             stage = await self.storage.local_set_stage(
-                action.identity, action.stage, self.stages, current_event.get()
+                action.identity, action.stage, self.stages, context.event_id
             )
             summary = (
                 f"contact {stage.contact_id} moved {stage.from_stage or '(none)'} -> "

@@ -7,6 +7,7 @@ import httpx
 
 from engine.config.fieldmap import FieldMap
 from engine.errors import CRMError
+from engine.targets.kind import Finding
 from engine.targets.pipedrive.api import PipedriveAPI, PipedriveAuthError, Record, base_url_for
 from engine.targets.pipedrive.fields import Catalog, by_label, check, fetch_catalog, needs
 
@@ -90,17 +91,18 @@ class PipedriveAdmin:
                           f"{name!r}")
         return report
 
-    async def doctor(self, field_map: FieldMap) -> list[str]:
+    async def doctor(self, field_map: FieldMap) -> list[Finding]:
         """Every problem with its fix: the token works; each label exists once with a
         compatible (and, for identities, searchable) type; option fields hold the stage and
         enum options; the pipeline and its stages exist. An empty list means ready."""
         try:
             catalog = await fetch_catalog(self._api)
         except PipedriveAuthError as error:
-            return [f"the API token was refused ({error}); fix: set PIPEDRIVE_API_TOKEN to a "
-                    "valid token (Pipedrive: Personal preferences > API)"]
+            return [Finding(f"the API token was refused ({error})", "set PIPEDRIVE_API_TOKEN "
+                            "to a valid token (Pipedrive: Personal preferences > API)")]
         except CRMError as error:
-            return [f"Pipedrive could not be read ({error}); fix: check PIPEDRIVE_DOMAIN (or "
-                    "the base URL), the network, and that the token's user is an admin"]
+            return [Finding(f"Pipedrive could not be read ({error})", "check PIPEDRIVE_DOMAIN "
+                            "(or the base URL), the network, and that the token's user is an "
+                            "admin")]
         _, problems = check(field_map, catalog)
-        return [str(problem) for problem in problems]
+        return problems

@@ -12,8 +12,9 @@ import httpx
 
 from engine.errors import PermanentCRMError, RetryableCRMError
 from engine.targets.base import CredentialsRefused, RateLimitStore
-from engine.targets.http import body_of, path_segment, raise_for_status, retry_after, send
+from engine.targets.http import body_of, path_segment, raise_for_status, retry_after
 from engine.targets.pacing import Pacer, Sleep
+from engine.targets.session import HeaderAuth, Lane, Session, Throttled
 
 CRM = "pipedrive"
 Record = dict[str, Any]  # one JSON object from Pipedrive's `data`
@@ -34,9 +35,9 @@ def base_url_for(domain: str | None = None, base_url: str | None = None) -> str:
     return "https://api.pipedrive.com"
 
 
-class PipedriveAPI:
-    """Send v2 requests with `x-api-token`, paced by `burst` (every request) and `search`
-    (search requests too).
+class PipedriveAPI(Session):
+    """Send v2 requests with `x-api-token`, through the shared request loop, paced by `burst`
+    (every request) and `search` (search requests too).
 
     A 429 pauses the pacer that was exceeded for its Retry-After (or `x-ratelimit-reset`) and
     the request is sent again, up to `max_429` times, when the wait is short; a longer wait (an
@@ -45,6 +46,8 @@ class PipedriveAPI:
     0 pauses the pacer until the window resets, so the next request does not earn a 429.
     """
 
+    crm = CRM
+
     def __init__(self, client: httpx.AsyncClient, *, api_token: str, base_url: str,
                  burst: Pacer | None = None, search: Pacer | None = None,
                  sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
@@ -52,13 +55,13 @@ class PipedriveAPI:
                  clock: Callable[[], float] = time.monotonic) -> None:
         if not api_token:
             raise PermanentCRMError("pipedrive: no API token; set PIPEDRIVE_API_TOKEN")
-        self._client = client
-        self._token = api_token
-        self._base = base_url.rstrip("/") + "/api/v2"
+        super().__init__(client, base_url.rstrip("/") + "/api/v2",
+                         HeaderAuth("x-api-token", api_token), attempts=max_429 + 1,
+                         sleep=sleep)
         self.burst, self.search = burst, search
-        self._sleep = sleep
+        self.lane = Lane(burst)
+        self.search_lane = Lane(search, shared=burst, name="search")
         self._max_inline_wait = max_inline_wait
-        self._max_429 = max_429
         self._clock = clock
         self._spent_until = 0.0  # the daily budget ran out: nothing is sent before this
 
@@ -129,56 +132,47 @@ class PipedriveAPI:
     async def _call(self, method: str, path: str, *, params: Params | None = None,
                     json: object = None, search: bool = False,
                     missing_ok: bool = False) -> Record | None:
-        pacer = self.search if search else self.burst
+        response = await self.send(method, path, params=params, json=json,
+                                   lane=self.search_lane if search else self.lane)
+        if response.status_code == 404 and missing_ok:
+            return None
+        body = body_of(response)
+        if response.status_code == 401:
+            raise PipedriveAuthError(f"{CRM}: {method} {path} -> 401: {_message(body)}; "
+                                     "check PIPEDRIVE_API_TOKEN")
+        raise_for_status(CRM, response, _message(body))
+        if not isinstance(body, dict) or body.get("success") is not True:
+            raise RetryableCRMError(f"{CRM}: {method} {path} -> {response.status_code} "
+                                    "without a success envelope")
+        return body
+
+    def check(self, method: str, path: str) -> None:
         spent = self._spent_until - self._clock()
         if spent > 0:
             raise RetryableCRMError(f"{CRM}: {method} {path} not sent: the daily API token "
                                     "budget is spent until it resets", retry_after=spent)
-        for attempt in range(self._max_429 + 1):
-            if self.burst is not None:
-                await self.burst.acquire()
-            if search and self.search is not None:
-                await self.search.acquire()
-            request = self._client.build_request(
-                method, self._base + path, params=params, json=json,
-                headers={"x-api-token": self._token, "accept": "application/json"})
-            response = await send(self._client, CRM, request)
-            self._learn(response, pacer)
-            if response.status_code == 429:
-                wait = _wait(response.headers)
-                if wait > self._max_inline_wait:
-                    # The daily budget is spent: pausing the pacer would hang every call until
-                    # it resets; fail them fast instead, so the worker reschedules them.
-                    self._spent_until = self._clock() + wait
-                elif pacer is not None:
-                    pacer.pause(wait)
-                if wait <= self._max_inline_wait and attempt < self._max_429:
-                    if pacer is None:
-                        await self._sleep(wait)
-                    continue
-                raise RetryableCRMError(
-                    f"{CRM}: {method} {path} -> 429: {_message(body_of(response))}",
-                    retry_after=wait)
-            if response.status_code == 404 and missing_ok:
-                return None
-            body = body_of(response)
-            if response.status_code == 401:
-                raise PipedriveAuthError(f"{CRM}: {method} {path} -> 401: {_message(body)}; "
-                                         "check PIPEDRIVE_API_TOKEN")
-            raise_for_status(CRM, response, _message(body))
-            if not isinstance(body, dict) or body.get("success") is not True:
-                raise RetryableCRMError(f"{CRM}: {method} {path} -> {response.status_code} "
-                                        "without a success envelope")
-            return body
-        raise AssertionError("unreachable")  # pragma: no cover
 
-    def _learn(self, response: httpx.Response, pacer: Pacer | None) -> None:
+    def message(self, body: object) -> str:
+        return _message(body)
+
+    def observe(self, response: httpx.Response, lane: Lane) -> None:
         """A remaining count of zero means the next request in this window earns a 429."""
-        if pacer is None or response.headers.get("x-ratelimit-remaining") != "0":
+        if lane.pacer is None or response.headers.get("x-ratelimit-remaining") != "0":
             return
         reset = _seconds(response.headers.get("x-ratelimit-reset"))
         if reset is not None:
-            pacer.pause(reset)
+            lane.pacer.pause(reset)
+
+    def throttled(self, response: httpx.Response, lane: Lane) -> Throttled | None:
+        if response.status_code != 429:
+            return None
+        wait = _wait(response.headers)
+        if wait > self._max_inline_wait:
+            # The daily budget is spent: pausing the pacer would hang every call until it
+            # resets; fail them fast instead, so the worker reschedules them.
+            self._spent_until = self._clock() + wait
+            return Throttled(wait, again=False, hold=False)
+        return Throttled(wait)
 
 
 def is_deleted(record: Record) -> bool:

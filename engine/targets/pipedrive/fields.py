@@ -9,10 +9,13 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from engine.actions import JSON
-from engine.config.fieldmap import CoercionError, FieldMap
-from engine.errors import PermanentCRMError
+from engine.config.fieldmap import CoercionError, Dialect, FieldMap
+from engine.targets.kind import Finding, NotSetUp
 from engine.targets.pipedrive.api import PipedriveAPI, Record
 
+# Custom fields are named by their label (their keys are per-account hashes); v2 takes dates
+# as YYYY-MM-DD and date-times (kept as text) as RFC 3339.
+DIALECT = Dialect("pipedrive", bare="label")
 Entity = Literal["person", "deal"]
 # Only these custom field types are searched by /persons/search and /deals/search.
 SEARCHABLE = frozenset({"address", "varchar", "text", "varchar_auto", "double", "monetary",
@@ -29,24 +32,11 @@ BUILTINS = {"name": "name", "emails": "emails"}
 PROVISION = "run `linkcrm provision pipedrive` to create it"
 
 
-@dataclass(frozen=True)
-class SetupProblem:
-    """One thing the Pipedrive account lacks, and how to fix it."""
-
-    message: str
-    fix: str
-
-    def __str__(self) -> str:
-        return f"{self.message}; fix: {self.fix}"
-
-
-class PipedriveSetupError(PermanentCRMError):
+class PipedriveSetupError(NotSetUp):
     """The account does not match the field map (a missing field, option or stage)."""
 
-    def __init__(self, problems: list[SetupProblem]) -> None:
-        super().__init__("pipedrive is not set up for this field map:\n"
-                         + "\n".join(f"  - {p}" for p in problems))
-        self.problems = problems
+    def __init__(self, findings: list[Finding]) -> None:
+        super().__init__("pipedrive", findings)
 
 
 @dataclass(frozen=True)
@@ -108,7 +98,7 @@ def needs(field_map: FieldMap) -> list[Need]:
     found: dict[tuple[Entity, str], Need] = {}
     for spec in field_map.fields.values():
         crm_field = spec.in_crm("pipedrive")
-        if crm_field is None or crm_field.kind != "label":
+        if crm_field is None or DIALECT.kind(crm_field) != "label":
             continue
         kind = crm_field.type or spec.type
         entity: Entity = "deal" if spec.object == "deal" else "person"
@@ -147,9 +137,9 @@ def _pd_field(definition: Record) -> PDField:
                    str(definition["field_type"]), options)
 
 
-def check(field_map: FieldMap, catalog: Catalog) -> tuple[Account, list[SetupProblem]]:
+def check(field_map: FieldMap, catalog: Catalog) -> tuple[Account, list[Finding]]:
     """Resolve the field map against the account; every problem comes back with its fix."""
-    problems: list[SetupProblem] = []
+    problems: list[Finding] = []
     resolved: dict[tuple[Entity, str], PDField] = {}
     for need in needs(field_map):
         labels = by_label(catalog, need.entity)
@@ -158,17 +148,17 @@ def check(field_map: FieldMap, catalog: Catalog) -> tuple[Account, list[SetupPro
         if not matches:
             close = difflib.get_close_matches(need.label, list(labels), n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
-            problems.append(SetupProblem(f"{what} does not exist in Pipedrive{hint}", PROVISION))
+            problems.append(Finding(f"{what} does not exist in Pipedrive{hint}", PROVISION))
             continue
         if len(matches) > 1:
-            problems.append(SetupProblem(f"{len(matches)} {need.entity} fields are labelled "
+            problems.append(Finding(f"{len(matches)} {need.entity} fields are labelled "
                                          f"{need.label!r}", "rename all but one in Pipedrive"))
             continue
         pd_field = _pd_field(matches[0])
         if pd_field.type not in need.allowed:
             searchable = " (searchable, since linkcrm finds records by it)" \
                 if need.searchable else ""
-            problems.append(SetupProblem(
+            problems.append(Finding(
                 f"{what} has type {pd_field.type}; linkcrm needs one of "
                 f"{', '.join(sorted(need.allowed))}{searchable}",
                 "change the field's type in Pipedrive, or delete it and run "
@@ -177,7 +167,7 @@ def check(field_map: FieldMap, catalog: Catalog) -> tuple[Account, list[SetupPro
         if pd_field.type == "enum":
             missing = [o for o in need.options if o not in pd_field.options]
             if missing:
-                problems.append(SetupProblem(
+                problems.append(Finding(
                     f"{what} lacks the option(s) {', '.join(map(repr, missing))}",
                     "run `linkcrm provision pipedrive` to add them"))
         resolved[(need.entity, need.label)] = pd_field
@@ -186,7 +176,7 @@ def check(field_map: FieldMap, catalog: Catalog) -> tuple[Account, list[SetupPro
 
 
 def _account(field_map: FieldMap, catalog: Catalog, resolved: dict[tuple[Entity, str], PDField],
-             problems: list[SetupProblem]) -> Account:
+             problems: list[Finding]) -> Account:
     person: dict[str, PDField] = {}
     deal: dict[str, PDField] = {}
     builtin: dict[str, str] = {}
@@ -194,11 +184,11 @@ def _account(field_map: FieldMap, catalog: Catalog, resolved: dict[tuple[Entity,
         crm_field = spec.in_crm("pipedrive")
         if crm_field is None:
             continue
-        if crm_field.kind == "builtin":
+        if DIALECT.kind(crm_field) == "builtin":
             if crm_field.name in BUILTINS and spec.object == "contact":
                 builtin[spec.name] = BUILTINS[crm_field.name]
             else:
-                problems.append(SetupProblem(
+                problems.append(Finding(
                     f"field {spec.name!r} maps to Pipedrive's own {crm_field.name!r}, which "
                     "linkcrm does not write", "map it to a custom field label in fields.yaml "
                     f"(linkcrm writes the builtins {', '.join(BUILTINS)} on persons)"))
@@ -210,7 +200,7 @@ def _account(field_map: FieldMap, catalog: Catalog, resolved: dict[tuple[Entity,
     stage_name = field_map.contact_stage_field.get("pipedrive")
     key_label = field_map.targets.get("pipedrive", {}).get("deal_key_field")
     if not isinstance(key_label, str):
-        problems.append(SetupProblem("fields.yaml names no deal key field for Pipedrive",
+        problems.append(Finding("fields.yaml names no deal key field for Pipedrive",
                                      "set targets.pipedrive.deal_key_field to a field label"))
     pipeline_id, deal_stages = _pipeline(field_map, catalog, problems)
     return Account(
@@ -220,7 +210,7 @@ def _account(field_map: FieldMap, catalog: Catalog, resolved: dict[tuple[Entity,
         pipeline_id, deal_stages)
 
 
-def _pipeline(field_map: FieldMap, catalog: Catalog, problems: list[SetupProblem]
+def _pipeline(field_map: FieldMap, catalog: Catalog, problems: list[Finding]
               ) -> tuple[int | None, dict[str, int]]:
     wanted = field_map.deal_pipeline.get("pipedrive")
     live = [p for p in catalog.pipelines if not p.get("is_deleted")]
@@ -234,7 +224,7 @@ def _pipeline(field_map: FieldMap, catalog: Catalog, problems: list[SetupProblem
     else:
         pipeline = next((p for p in live if p.get("name") == wanted.name), None)
     if pipeline is None:
-        problems.append(SetupProblem(f"pipeline {wanted.name if wanted else ''!r} does not "
+        problems.append(Finding(f"pipeline {wanted.name if wanted else ''!r} does not "
                                      "exist in Pipedrive", fix))
         return None, {}
     pipeline_id = int(pipeline["id"])
@@ -246,7 +236,7 @@ def _pipeline(field_map: FieldMap, catalog: Catalog, problems: list[SetupProblem
         if name and name in stages:
             deal_stages[stage.name] = stages[name]
         elif name:
-            problems.append(SetupProblem(
+            problems.append(Finding(
                 f"pipeline {pipeline['name']!r} has no stage {name!r}", fix))
     return pipeline_id, deal_stages
 

@@ -46,11 +46,11 @@ import httpx
 from engine.actions import JSON, Action, CreateDeal, Fields, IdentityKey, SetStage, UpsertContact
 from engine.config.fieldmap import CoercionError, FieldMap
 from engine.errors import PermanentCRMError
-from engine.targets.base import IdentityStore, Outcome, RateLimitStore
+from engine.targets.base import CallContext, IdentityStore, Outcome, RateLimitStore
 from engine.targets.pacing import Sleep
 from engine.targets.pipedrive.api import PipedriveAPI, Record, base_url_for, window_pacer
 from engine.targets.pipedrive.claims import Claim, Claims, KeyedLocks, Slots
-from engine.targets.pipedrive.fields import Account, fetch_catalog, resolve, to_wire
+from engine.targets.pipedrive.fields import DIALECT, Account, fetch_catalog, resolve, to_wire
 
 TARGET = "pipedrive"
 Key = tuple[IdentityKey, str]  # an identity key and where it lives: "emails" or a field key
@@ -72,7 +72,7 @@ class PipedriveTarget:
         target = PipedriveTarget(client, api_token=token, domain="acme", field_map=field_map,
                                  identities=storage, rate_limits=storage)
         await target.start()          # resolve labels to keys; fails naming what is missing
-        outcome = await target.execute(action, idempotency_key)
+        outcome = await target.execute(action, CallContext(idempotency_key))
 
     `burst_limit`/`search_limit` per `*_window` seconds are the token's limits (Pipedrive:
     20-120 requests and 10 searches per 2 s by plan).
@@ -110,13 +110,13 @@ class PipedriveTarget:
     async def aclose(self) -> None:
         """Nothing to release: the injected client belongs to the caller."""
 
-    async def execute(self, action: Action, idempotency_key: str) -> Outcome:
+    async def execute(self, action: Action, context: CallContext) -> Outcome:
         account = self._account or await self.start()
         try:
             if isinstance(action, CreateDeal):
-                return await self._deal(account, action, idempotency_key)
+                return await self._deal(account, action, context.idempotency_key)
             if isinstance(action, UpsertContact | SetStage):
-                return await self._contact(account, action, idempotency_key)
+                return await self._contact(account, action, context.idempotency_key)
         except CoercionError as error:
             raise PermanentCRMError(f"{TARGET}: {error}") from None
         raise PermanentCRMError(f"{TARGET}: cannot apply {type(action).__name__}")
@@ -173,7 +173,7 @@ class PipedriveTarget:
             spec = self._field_map.fields.get(name)
             if value is None or value == "" or spec is None or spec.in_crm(TARGET) is None:
                 continue  # null leaves a field untouched; an unmapped field is not for Pipedrive
-            coerced = self._field_map.coerce(TARGET, name, value)
+            coerced = self._field_map.coerce(DIALECT, name, value)
             builtin = account.builtin.get(name)
             if builtin == "name":
                 write.name = str(coerced)
@@ -189,7 +189,7 @@ class PipedriveTarget:
     def _identity_write(self, account: Account, keys: list[Key]) -> _Write:
         write = _Write()
         for key, where in keys:
-            value = self._field_map.coerce(TARGET, key.field, key.value)
+            value = self._field_map.coerce(DIALECT, key.field, key.value)
             if where == "emails":
                 write.email = write.email or str(value)
             else:
@@ -348,7 +348,7 @@ class PipedriveTarget:
             if name not in account.deal:
                 raise PermanentCRMError(f"{TARGET}: {name!r} is not a deal field")
             custom[account.deal[name].key] = to_wire(
-                account.deal[name], name, self._field_map.coerce(TARGET, name, value))
+                account.deal[name], name, self._field_map.coerce(DIALECT, name, value))
         body: Record = {"title": action.title or action.key, "custom_fields": custom}
         if account.pipeline_id is not None:
             body["pipeline_id"] = account.pipeline_id

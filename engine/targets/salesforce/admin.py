@@ -6,6 +6,7 @@ from typing import Any
 
 from engine.config.fieldmap import FieldMap, FieldSpec
 from engine.errors import CRMError
+from engine.targets.kind import Finding
 from engine.targets.salesforce import soql
 from engine.targets.salesforce.target import SalesforceTarget
 
@@ -96,7 +97,7 @@ def _field_line(label: str, name: str, kind: str, spec: FieldSpec, *, unique: bo
     return f"  {label:<28} {name:<32} {created}{flags}"
 
 
-async def doctor(target: SalesforceTarget) -> list[str]:
+async def doctor(target: SalesforceTarget) -> list[Finding]:
     """Problems with the org behind `target`, each with its fix; [] when all is well.
 
     Checks the credentials, that every mapped Lead and Opportunity field exists with a
@@ -106,16 +107,16 @@ async def doctor(target: SalesforceTarget) -> list[str]:
     try:
         await target.tokens.token()
     except CRMError as error:
-        return [f"credentials: {error}; fix: {_credential_fix()}"]
+        return [Finding(f"credentials: {error}", _credential_fix())]
     field_map = target.field_map
-    problems: list[str] = []
+    problems: list[Finding] = []
     try:
         lead = await _describe(target, "Lead")
         opportunity = await _describe(target, "Opportunity")
         converted = await _converted_statuses(target)
     except CRMError as error:
-        return [f"describe failed: {error}; fix: give the integration user API access and "
-                "Read on Lead, Opportunity and Lead Status"]
+        return [Finding(f"describe failed: {error}", "give the integration user API access "
+                        "and Read on Lead, Opportunity and Lead Status")]
     token = _token_field(field_map)
     for spec, name in _mapped(field_map, "Lead"):
         problems += _check_field("Lead", lead, name, _type_of(spec), external=name == token)
@@ -123,9 +124,10 @@ async def doctor(target: SalesforceTarget) -> list[str]:
                                 [s.value(CRM) for s in field_map.contact_stages if s.value(CRM)])
     for stage in field_map.contact_stages:
         if stage.value(CRM) in converted:
-            problems.append(f"Lead Status '{stage.value(CRM)}' (stage {stage.name}) is a "
-                            "converted status, which cannot be set over REST; fix: map the "
-                            "stage to an ordinary status in fields.yaml, or untick Converted")
+            problems.append(Finding(f"Lead Status '{stage.value(CRM)}' (stage {stage.name}) is "
+                                    "a converted status, which cannot be set over REST",
+                                    "map the stage to an ordinary status in fields.yaml, or "
+                                    "untick Converted"))
     settings = _settings(field_map)
     source = dict(settings.get("lead_defaults") or {}).get("LeadSource")
     if source:
@@ -161,36 +163,38 @@ async def _converted_statuses(target: SalesforceTarget) -> set[str]:
 
 def _check_field(
     sobject: str, fields: dict[str, dict[str, Any]], name: str, kind: str, *, external: bool
-) -> list[str]:
+) -> list[Finding]:
     where = f"{SETUP} > {sobject} > Fields & Relationships"
     created = TYPES.get(kind, (kind, frozenset()))
     found = fields.get(name)
     if found is None:
-        return [f"{sobject} field {name} does not exist (or the integration user cannot see "
-                f"it); fix: create it in {where} as {created[0]} (see `linkcrm provision "
-                "salesforce`) and grant the user Edit access"]
+        return [Finding(f"{sobject} field {name} does not exist (or the integration user cannot "
+                        f"see it)", f"create it in {where} as {created[0]} (see `linkcrm "
+                        "provision salesforce`) and grant the user Edit access")]
     problems = []
     if created[1] and found.get("type") not in created[1]:
-        problems.append(f"{sobject} field {name} is of type {found.get('type')}, which cannot "
-                        f"hold a {kind}; fix: recreate it as {created[0]}")
+        problems.append(Finding(f"{sobject} field {name} is of type {found.get('type')}, which "
+                                f"cannot hold a {kind}", f"recreate it as {created[0]}"))
     if not found.get("updateable", True) or not found.get("createable", True):
-        problems.append(f"{sobject} field {name} is read-only for the integration user; fix: "
-                        "grant Edit access in its permission set")
+        problems.append(Finding(f"{sobject} field {name} is read-only for the integration user",
+                                "grant Edit access in its permission set"))
     if external and not (found.get("externalId") and found.get("unique")):
-        problems.append(f"{sobject} field {name} is not an External ID marked Unique, so upserts "
-                        f"on it fail (404) or find several records (300); fix: edit it in "
-                        f"{where} and tick External ID and Unique (case sensitive)")
+        problems.append(Finding(f"{sobject} field {name} is not an External ID marked Unique, "
+                                "so upserts on it fail (404) or find several records (300)",
+                                f"edit it in {where} and tick External ID and Unique (case "
+                                "sensitive)"))
     return problems
 
 
 def _check_picklist(
     sobject: str, fields: dict[str, dict[str, Any]], name: str, values: list[str]
-) -> list[str]:
+) -> list[Finding]:
     found = fields.get(name)
     if found is None:
-        return [f"{sobject} field {name} is missing; fix: check the integration user's access"]
+        return [Finding(f"{sobject} field {name} is missing",
+                        "check the integration user's access")]
     present = {str(v.get("value")) for v in found.get("picklistValues") or []
                if isinstance(v, dict) and v.get("active", True)}
-    return [f"{sobject} {name} has no active value '{value}'; fix: add it in {SETUP} > "
-            f"{sobject} > Fields & Relationships > {name}"
+    return [Finding(f"{sobject} {name} has no active value '{value}'",
+                    f"add it in {SETUP} > {sobject} > Fields & Relationships > {name}")
             for value in values if value not in present]

@@ -6,7 +6,7 @@ import asyncio
 import base64
 import json
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import AsyncGenerator, Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar
@@ -168,6 +168,28 @@ class TokenSource:
             raise PermanentCRMError(f"{CRM}: the token endpoint answered without an access_token")
         self.fetched += 1
         return token
+
+
+class OAuth(httpx.Auth):
+    """The org's access token on every request. A 401 (INVALID_SESSION_ID: the token expired
+    or was revoked) refreshes it once, shared with every concurrent request, and the request
+    is sent again; a 401 after that is the caller's to read, the stale token forgotten."""
+
+    def __init__(self, tokens: TokenSource) -> None:
+        self.tokens = tokens
+
+    async def async_auth_flow(self, request: httpx.Request
+                              ) -> AsyncGenerator[httpx.Request, httpx.Response]:
+        token = await self.tokens.token()
+        request.headers["Authorization"] = f"Bearer {token}"
+        response = yield request
+        if response.status_code != 401:
+            return
+        token = await self.tokens.refresh(token)
+        request.headers["Authorization"] = f"Bearer {token}"
+        response = yield request
+        if response.status_code == 401:
+            self.tokens.forget(token)
 
 
 @dataclass(frozen=True)

@@ -7,10 +7,11 @@ from datetime import date, timedelta
 from typing import Any
 
 from engine.actions import JSON, Action, CreateDeal, IdentityKey, SetStage, UpsertContact
-from engine.config.fieldmap import CoercionError, FieldMap
+from engine.config.fieldmap import CoercionError, Dialect, FieldMap, iso_milliseconds
 from engine.errors import PermanentCRMError
 
 CRM = "salesforce"
+DIALECT = Dialect(CRM, write_datetime=iso_milliseconds)  # DateTime: ISO 8601 to the ms
 ContactAction = UpsertContact | SetStage
 
 
@@ -53,7 +54,7 @@ class LeadMap:
 
     def coerce(self, canonical: str, value: JSON) -> JSON:
         try:
-            return self.field_map.coerce(CRM, canonical, value)
+            return self.field_map.coerce(DIALECT, canonical, value)
         except CoercionError as error:
             raise PermanentCRMError(f"{CRM}: {error}") from None
 

@@ -1,4 +1,5 @@
-"""Salesforce REST plumbing: bearer auth refreshed once on 401, API-usage pacing, error mapping."""
+"""Salesforce REST plumbing on the shared request loop: the OAuth token refreshed once on a 401,
+API-usage pacing, error mapping."""
 
 from __future__ import annotations
 
@@ -10,11 +11,13 @@ import httpx
 
 from engine.actions import JSON
 from engine.errors import PermanentCRMError, RetryableCRMError
-from engine.targets.http import body_of, raise_for_status, send
+from engine.targets.http import body_of, raise_for_status
 from engine.targets.pacing import Pacer
-from engine.targets.salesforce.auth import TokenSource
+from engine.targets.salesforce.auth import OAuth, TokenSource
+from engine.targets.session import Lane, Session, Throttled
 
 CRM = "salesforce"
+Body = JSON | Mapping[str, Any]
 _USAGE = re.compile(r"api-usage=(\d+)/(\d+)")
 # Per-record codes in collection answers that a later attempt can clear.
 TRANSIENT_CODES = frozenset({"UNABLE_TO_LOCK_ROW", "REQUEST_LIMIT_EXCEEDED", "SERVER_UNAVAILABLE"})
@@ -34,18 +37,20 @@ def describe_errors(entries: Sequence[Mapping[str, Any]]) -> str:
         f"{entry.get('message', '')}" for entry in entries)
 
 
-class SalesforceAPI:
-    """Requests to one org's REST API (`{instance}/services/data/{version}`).
+class SalesforceAPI(Session):
+    """Requests to one org's REST API (`{instance}/services/data/{version}`), through the
+    shared request loop with the org's OAuth token (`OAuth`: one refresh on a 401).
 
-    Every request is paced through the shared bucket; a 401 INVALID_SESSION_ID refreshes the
-    token once and repeats the request. A second 401 right after a successful refresh raises
-    RetryableCRMError: whether the credentials are really revoked is for the token endpoint to
-    say, and it does on the next attempt (a refused token request is a PermanentCRMError).
-    403 REQUEST_LIMIT_EXCEEDED (the org's daily allocation) pauses the pacer and raises
-    RetryableCRMError with `limit_backoff` as the retry delay; when `Sforce-Limit-Info` shows
-    the allocation within `usage_reserve` of its end, requests slow to the rate the allocation
-    sustains over `usage_window` seconds.
+    Every request is paced through the shared bucket. A second 401 right after a successful
+    refresh raises RetryableCRMError: whether the credentials are really revoked is for the
+    token endpoint to say, and it does on the next attempt (a refused token request is a
+    PermanentCRMError). 403 REQUEST_LIMIT_EXCEEDED (the org's daily allocation) pauses the
+    pacer and raises RetryableCRMError with `limit_backoff` as the retry delay; when
+    `Sforce-Limit-Info` shows the allocation within `usage_reserve` of its end, requests slow
+    to the rate the allocation sustains over `usage_window` seconds.
     """
+
+    crm = CRM
 
     def __init__(
         self,
@@ -60,11 +65,12 @@ class SalesforceAPI:
         limit_backoff: float = 300.0,
         session_backoff: float = 30.0,
     ) -> None:
-        self.client = client
-        self.instance_url = instance_url.rstrip("/")
+        super().__init__(client, instance_url, OAuth(tokens))
+        self.instance_url = self.base_url
         self.base = f"{self.instance_url}/services/data/{api_version}"
         self.tokens = tokens
         self.pacer = pacer
+        self.lane = Lane(pacer)
         self.usage_reserve = usage_reserve
         self.usage_window = usage_window
         self.limit_backoff = limit_backoff
@@ -75,54 +81,22 @@ class SalesforceAPI:
         return f"{self.instance_url}{path}" if path.startswith("/services/") else \
             f"{self.base}{path}"
 
-    async def request(
-        self,
-        method: str,
-        path: str,
-        *,
-        json: JSON | Mapping[str, Any] = None,
-        params: Mapping[str, str] | None = None,
-    ) -> httpx.Response:
+    async def request(self, method: str, path: str, *, json: Body = None,
+                      params: Mapping[str, str] | None = None) -> httpx.Response:
         """The response to `method path`, whatever its status except the ones handled here
         (401 after one refresh, 403 REQUEST_LIMIT_EXCEEDED); transport errors are retryable."""
-        refreshed = False
-        while True:
-            token = await self.tokens.token()
-            await self.pacer.acquire()
-            headers = {"Authorization": f"Bearer {token}", "Accept": "application/json"}
-            request = self.client.build_request(method, self.url(path), params=params,
-                                                json=json, headers=headers)
-            response = await send(self.client, CRM, request)
-            self._observe_usage(response)
-            if response.status_code == 401:
-                if not refreshed:
-                    await self.tokens.refresh(token)
-                    refreshed = True
-                    continue
-                self.tokens.forget(token)
-                raise RetryableCRMError(
-                    f"{CRM}: {method} {request.url.path} -> 401 again with a fresh token: "
-                    f"{describe_errors(error_entries(body_of(response)))}",
-                    retry_after=self.session_backoff)
-            if response.status_code == 403 and "REQUEST_LIMIT_EXCEEDED" in _codes(response):
-                self.pacer.pause(self.limit_backoff)
-                raise RetryableCRMError(
-                    f"{CRM}: {method} {request.url.path} -> 403: "
-                    f"{describe_errors(error_entries(body_of(response)))}",
-                    retry_after=self.limit_backoff)
-            return response
+        response = await self.send(method, path, json=json, params=params, lane=self.lane)
+        if response.status_code == 401:
+            raise RetryableCRMError(
+                f"{CRM}: {method} {response.request.url.path} -> 401 again with a fresh "
+                f"token: {self.message(body_of(response))}", retry_after=self.session_backoff)
+        return response
 
-    async def json(
-        self,
-        method: str,
-        path: str,
-        *,
-        json: JSON | Mapping[str, Any] = None,
-        params: Mapping[str, str] | None = None,
-    ) -> Any:
+    async def json(self, method: str, path: str, *, json: Body = None,
+                   params: Mapping[str, str] | None = None) -> Any:
         """The decoded body of a 2xx answer; any other status raises the mapped CRM error."""
         response = await self.request(method, path, json=json, params=params)
-        raise_for_status(CRM, response, describe_errors(error_entries(body_of(response))))
+        raise_for_status(CRM, response, self.message(body_of(response)))
         return None if response.status_code == 204 else body_of(response)
 
     async def query(self, soql: str) -> list[dict[str, Any]]:
@@ -138,7 +112,10 @@ class SalesforceAPI:
                 return records
             body = await self.json("GET", following)
 
-    def _observe_usage(self, response: httpx.Response) -> None:
+    def message(self, body: Any) -> str:
+        return describe_errors(error_entries(body))
+
+    def observe(self, response: httpx.Response, lane: Lane) -> None:
         match = _USAGE.search(response.headers.get("sforce-limit-info", ""))
         if match is None:
             return
@@ -147,6 +124,12 @@ class SalesforceAPI:
         if allocation > 0 and allocation - used <= allocation * self.usage_reserve:
             # Near the end of the rolling allocation: go no faster than it refills on average.
             self.pacer.pause(self.usage_window / allocation)
+
+    def throttled(self, response: httpx.Response, lane: Lane) -> Throttled | None:
+        """403 REQUEST_LIMIT_EXCEEDED: the org's allocation is spent for now."""
+        if response.status_code == 403 and "REQUEST_LIMIT_EXCEEDED" in _codes(response):
+            return Throttled(self.limit_backoff, again=False)
+        return None
 
 
 def _codes(response: httpx.Response) -> set[str]:

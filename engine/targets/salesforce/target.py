@@ -13,7 +13,7 @@ import httpx
 from engine.actions import JSON, Action, CreateDeal, IdentityKey, SetStage, UpsertContact
 from engine.config.fieldmap import FieldMap
 from engine.errors import CRMError, PermanentCRMError, RetryableCRMError
-from engine.targets.base import IdentityStore, Outcome, RateLimitStore
+from engine.targets.base import CallContext, IdentityStore, Outcome, RateLimitStore
 from engine.targets.http import body_of, path_segment, raise_for_status
 from engine.targets.pacing import Pacer
 from engine.targets.salesforce import soql
@@ -67,7 +67,7 @@ class SalesforceTarget:
         target = SalesforceTarget(client, instance_url="https://acme.my.salesforce.com",
                                   credentials=ClientCredentials(client_id, secret),
                                   field_map=field_map, identities=store, rate_limits=store)
-        outcome = await target.execute(action, idempotency_key)
+        outcome = await target.execute(action, CallContext(idempotency_key))
     """
 
     name = "salesforce"
@@ -129,7 +129,7 @@ class SalesforceTarget:
     async def aclose(self) -> None:
         """Nothing to release: the client belongs to the caller."""
 
-    async def execute(self, action: Action, idempotency_key: str) -> Outcome:
+    async def execute(self, action: Action, context: CallContext) -> Outcome:
         # The idempotency key is not needed here: External IDs make every write idempotent.
         if isinstance(action, UpsertContact | SetStage):
             return await self._contact(action)
@@ -137,7 +137,7 @@ class SalesforceTarget:
             return await self._deal(action)
         raise PermanentCRMError(f"{CRM}: action {action.kind!r} is not supported")
 
-    async def execute_many(self, items: Sequence[tuple[Action, str]]) -> list[Result]:
+    async def execute_many(self, items: Sequence[tuple[Action, CallContext]]) -> list[Result]:
         """Apply queued actions, one result per item in order (an Outcome or the CRMError that
         item would have raised). Contact actions keyed first by the External ID are read with
         one SOQL query per 100 Leads and written with sObject Collections upserts of up to 200
@@ -259,7 +259,7 @@ class SalesforceTarget:
                 await self.identities.bind_identity(CRM, key, record_id)
 
     async def _upsert_batch(
-        self, chunk: dict[str, list[int]], items: Sequence[tuple[Action, str]],
+        self, chunk: dict[str, list[int]], items: Sequence[tuple[Action, CallContext]],
         results: list[Result | None],
     ) -> list[int]:
         """Fill `results` for the chunk's items; returns the items left to the single path

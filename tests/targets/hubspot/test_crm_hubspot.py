@@ -15,6 +15,7 @@ from engine.actions import CreateDeal, IdentityKey, SetStage, UpsertContact
 from engine.config.fieldmap import FieldMap, load_field_map
 from engine.errors import PermanentCRMError, RetryableCRMError
 from engine.storage import Storage, open_storage
+from engine.targets.base import CallContext
 from engine.targets.hubspot.admin import doctor, provision
 from engine.targets.hubspot.api import (
     HubSpotAPI,
@@ -176,13 +177,13 @@ async def test_set_once_keeps_the_first_value_and_stages_only_move_forward(
     _, state, client = emulator
     target = make_target(client, field_map, storage)
     first = await target.execute(UpsertContact("r", TOK, set_once={
-        "first_touch_campaign": "spring", "install_date": "2026-03-01"}), "k1")
+        "first_touch_campaign": "spring", "install_date": "2026-03-01"}), CallContext("k1"))
     assert first.created and first.record_id
     await target.execute(UpsertContact("r", TOK, set_once={
-        "first_touch_campaign": "autumn", "install_date": "2026-09-01"}), "k2")
-    await target.execute(SetStage("r", TOK, stage="customer"), "k3")
+        "first_touch_campaign": "autumn", "install_date": "2026-09-01"}), CallContext("k2"))
+    await target.execute(SetStage("r", TOK, stage="customer"), CallContext("k3"))
     writes = state.requests["POST /crm/v3/objects/contacts/batch/upsert"]
-    back = await target.execute(SetStage("r", TOK, stage="lead"), "k4")
+    back = await target.execute(SetStage("r", TOK, stage="lead"), CallContext("k4"))
     contact = only_contact(state)
     assert contact["first_touch_campaign"] == "spring"
     assert contact["install_date"] == "2026-03-01"
@@ -199,10 +200,10 @@ async def test_a_contact_known_only_by_email_is_upserted_by_email(
     target = make_target(client, field_map, storage)
     first = await target.execute(UpsertContact(
         "app-identifies-user", (IdentityKey("email", "ada@example.com"),),
-        set={"email": "ada@example.com", "first_name": "Ada"}), "k1")
+        set={"email": "ada@example.com", "first_name": "Ada"}), CallContext("k1"))
     again = await target.execute(UpsertContact(
         "app-identifies-user", (IdentityKey("email", "Ada@Example.com"),),
-        set={"last_name": "Lovelace"}), "k2")
+        set={"last_name": "Lovelace"}), CallContext("k2"))
     assert first.created and again.record_id == first.record_id
     contact = only_contact(state)
     assert (contact["email"], contact["firstname"], contact["lastname"]) == (
@@ -220,7 +221,7 @@ async def test_a_409_updates_the_contact_that_holds_the_email(
     target = make_target(client, field_map, storage)
     identity = (*TOK, IdentityKey("email", "ada@example.com"))
     outcome = await target.execute(UpsertContact("app-identifies-user", identity, set={
-        "email": "ada@example.com", "first_name": "Ada"}), "k")
+        "email": "ada@example.com", "first_name": "Ada"}), CallContext("k"))
     assert outcome.record_id == holder.id
     contact = only_contact(state)
     assert contact["deep_link_token"] == "tok_ada" and contact["firstname"] == "Ada"
@@ -237,14 +238,14 @@ async def test_a_409_on_create_by_a_non_unique_key_updates_the_existing_contact(
     target = make_target(client, field_map, storage)
     outcome = await target.execute(UpsertContact(
         "r", (IdentityKey("app_user_id", "user_1"),),
-        set={"email": "ada@example.com", "app_user_id": "user_1"}), "k")
+        set={"email": "ada@example.com", "app_user_id": "user_1"}), CallContext("k"))
     assert outcome.record_id == holder.id
     assert only_contact(state)["app_user_id"] == "user_1"
     assert state.requests["POST /crm/v3/objects/contacts/search"] == 1
     assert state.requests["POST /crm/v3/objects/contacts"] == 1
     # Next time the identity map knows the contact: no search, no create.
     await target.execute(UpsertContact("r", (IdentityKey("app_user_id", "user_1"),),
-                                       set={"first_name": "Ada"}), "k2")
+                                       set={"first_name": "Ada"}), CallContext("k2"))
     assert state.requests["POST /crm/v3/objects/contacts/search"] == 1
     assert only_contact(state)["firstname"] == "Ada"
 
@@ -256,8 +257,9 @@ async def test_an_unknown_property_is_permanent_with_hubspots_message_and_alone(
     target = make_target(client, field_map, storage)
     bob = (IdentityKey("deep_link_token", "tok_bob"),)
     results = await target.execute_many([
-        (UpsertContact("r", TOK, set={"deep_link_prefix": "invite"}), "k1"),
-        (UpsertContact("referral-signup", bob, set={"referral_source": "tok_ada"}), "k2"),
+        (UpsertContact("r", TOK, set={"deep_link_prefix": "invite"}), CallContext("k1")),
+        (UpsertContact("referral-signup", bob, set={"referral_source": "tok_ada"}),
+         CallContext("k2")),
     ])
     assert not isinstance(results[0], Exception)
     error = results[1]
@@ -290,7 +292,8 @@ async def test_a_whole_batch_400_is_split_so_only_the_bad_input_fails(
         results = await target.execute_many([
             (UpsertContact("r", (IdentityKey("deep_link_token", f"t{n}"),),
                            set_once={"referral_source": "x"} if n == 2 else {
-                               "first_touch_campaign": "c"}), f"k{n}") for n in range(4)])
+                               "first_touch_campaign": "c"}), CallContext(f"k{n}"))
+        for n in range(4)])
     assert [type(r).__name__ for r in results] == ["Outcome", "Outcome",
                                                    "PermanentCRMError", "Outcome"]
     assert 'Property "nope" does not exist' in str(results[2])
@@ -300,12 +303,13 @@ async def test_execute_many_merges_per_contact_and_batches_by_100(
         emulator: Emulator, field_map: FieldMap, storage: Storage) -> None:
     _, state, client = emulator
     target = make_target(client, field_map, storage)
-    items: list[tuple[Any, str]] = []
+    items: list[tuple[Any, CallContext]] = []
     for n in range(150):
         identity = (IdentityKey("deep_link_token", f"tok_{n}"),)
         items.append((UpsertContact("install", identity, set={"deep_link_token": f"tok_{n}"},
-                                    set_once={"first_touch_campaign": "spring"}), f"a{n}"))
-        items.append((SetStage("install", identity, stage="lead"), f"b{n}"))
+                                    set_once={"first_touch_campaign": "spring"}),
+                      CallContext(f"a{n}")))
+        items.append((SetStage("install", identity, stage="lead"), CallContext(f"b{n}")))
     results = await target.execute_many(items)
     assert all(not isinstance(r, Exception) for r in results)
     assert len(state.contacts.records) == 150
@@ -326,8 +330,8 @@ async def test_a_deal_is_created_once_with_a_contact_stub_and_an_association(
         emulator: Emulator, field_map: FieldMap, storage: Storage) -> None:
     _, state, client = emulator
     target = make_target(client, field_map, storage)
-    first = await target.execute(deal(), "k")
-    again = await target.execute(deal(), "k")
+    first = await target.execute(deal(), CallContext("k"))
+    again = await target.execute(deal(), CallContext("k"))
     assert first.created and not again.created and first.record_id == again.record_id
     (record,) = state.deals.records.values()
     assert record.properties["linkcrm_deal_key"] == "referral-tok_ada"
@@ -341,15 +345,16 @@ async def test_deals_in_a_batch_are_read_then_created_and_an_existing_one_adopte
     _, state, client = emulator
     target = make_target(client, field_map, storage)
     ada, bob = TOK, (IdentityKey("deep_link_token", "tok_bob"),)
-    await target.execute_many([(UpsertContact("r", ada), "c1"), (UpsertContact("r", bob), "c2")])
+    await target.execute_many([(UpsertContact("r", ada), CallContext("c1")),
+                               (UpsertContact("r", bob), CallContext("c2"))])
     # A deal whose create answer was lost earlier: in HubSpot, not in the identity map.
     lost = state.create(state.deals, {"dealname": "Referral: tok_ada",
                                       "linkcrm_deal_key": "referral-tok_ada"})
     results = await target.execute_many([
-        (deal(), "d1"),
+        (deal(), CallContext("d1")),
         (CreateDeal("referral-converts", bob, key="referral-tok_bob", title="Referral: tok_bob",
-                    stage="new"), "d2"),
-        (deal(), "d1-again")])
+                    stage="new"), CallContext("d2")),
+        (deal(), CallContext("d1-again"))])
     outcomes = [r for r in results if not isinstance(r, Exception)]
     assert len(outcomes) == 3
     assert outcomes[0].record_id == lost.id == outcomes[2].record_id and not outcomes[0].created
@@ -392,8 +397,8 @@ async def test_a_lost_create_response_is_found_by_the_retry(
     async with httpx.AsyncClient(transport=transport) as client:
         target = make_target(client, field_map, storage)
         with pytest.raises(RetryableCRMError):
-            await target.execute(deal(), "k")
-        outcome = await target.execute(deal(), "k")
+            await target.execute(deal(), CallContext("k"))
+        outcome = await target.execute(deal(), CallContext("k"))
     (record,) = state.deals.records.values()
     assert outcome.record_id == record.id
     assert len(state.associations) == 1
@@ -412,7 +417,7 @@ async def test_a_409_on_deal_create_finds_the_racing_workers_deal(
     transport = CommitThenDrop(inner, lambda r: r.url.path.endswith("/deals/batch/read"),
                                after=another_worker_creates_it)
     async with httpx.AsyncClient(transport=transport) as client:
-        outcome = await make_target(client, field_map, storage).execute(deal(), "k")
+        outcome = await make_target(client, field_map, storage).execute(deal(), CallContext("k"))
     (record,) = state.deals.records.values()
     assert outcome.record_id == record.id and not outcome.created
     assert state.requests["POST /crm/v3/objects/deals"] == 1  # answered 409
@@ -497,7 +502,8 @@ async def test_a_wrong_token_is_permanent_and_says_how_to_fix_it(
     _, _, client = emulator
     target = HubSpotTarget(client, "wrong", field_map, storage, storage, base_url=BASE)
     with pytest.raises(PermanentCRMError, match="HUBSPOT_ACCESS_TOKEN"):
-        await target.execute(UpsertContact("r", TOK, set={"deep_link_prefix": "x"}), "k")
+        await target.execute(UpsertContact("r", TOK, set={"deep_link_prefix": "x"}),
+                             CallContext("k"))
 
 
 # -- provision and doctor -------------------------------------------------------------------
@@ -519,8 +525,8 @@ async def test_doctor_names_each_problem_with_its_fix(field_map: FieldMap) -> No
     state.define_property("contacts", "deep_link_token")  # not unique
     state.define_property("contacts", "install_date", "number")  # wrong type
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url=BASE) as client:
-        problems = await doctor(client, TOKEN, field_map, base_url=BASE)
-        wrong_token = await doctor(client, "wrong", field_map, base_url=BASE)
+        problems = [str(f) for f in await doctor(client, TOKEN, field_map, base_url=BASE)]
+        wrong_token = [str(f) for f in await doctor(client, "wrong", field_map, base_url=BASE)]
     text = "\n".join(problems)
     assert "'deep_link_token' is not unique" in text
     assert "'install_date' has type number" in text
@@ -535,5 +541,5 @@ async def test_doctor_checks_stage_values(field_map: FieldMap) -> None:
     state.contacts.properties["lifecyclestage"].options = [{"label": "Lead", "value": "lead"}]
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url=BASE) as client:
         await provision(client, TOKEN, field_map, base_url=BASE)
-        problems = await doctor(client, TOKEN, field_map, base_url=BASE)
+        problems = [str(f) for f in await doctor(client, TOKEN, field_map, base_url=BASE)]
     assert len(problems) == 1 and "contact stage 'customer'" in problems[0]

@@ -21,7 +21,7 @@ from engine.rules.evaluator import plan
 from engine.rules.files import load_ruleset
 from engine.rules.model import RuleSet
 from engine.storage import Storage, open_storage
-from engine.targets.base import Outcome
+from engine.targets.base import CallContext, Outcome
 from engine.targets.hubspot.admin import provision
 from engine.targets.hubspot.target import HubSpotTarget
 from engine.worker.retrying import RetryPolicy, call_with_retries
@@ -68,12 +68,14 @@ def story(token: str) -> list[dict[str, Any]]:
     ]
 
 
-def actions(events: list[dict[str, Any]], ruleset: RuleSet) -> list[tuple[Action, str]]:
+def actions(events: list[dict[str, Any]], ruleset: RuleSet
+            ) -> list[tuple[Action, CallContext]]:
     planned = []
     for number, event in enumerate(events):
         result = plan(event, ruleset)
         assert not result.failures
-        planned += [(a, f"{event['event']}:{number}:{i}") for i, a in enumerate(result.actions)]
+        planned += [(a, CallContext(f"{event['event']}:{number}:{i}"))
+                    for i, a in enumerate(result.actions)]
     return planned
 
 
@@ -130,13 +132,13 @@ async def test_the_shipped_story_makes_one_customer_and_one_deal(
     async with httpx.AsyncClient(timeout=5) as client:
         target = HubSpotTarget(client, TOKEN, ruleset.field_map, storage, storage, base_url=url)
         for action, key in actions(story("tok_ada"), ruleset):
-            outcome = await target.execute(action, key)
+            outcome = await target.execute(action, CallContext(key))
             assert outcome.record_id
         assert_story_applied(state, ["tok_ada"])
         # Replaying the whole story (a redelivery, `linkcrm replay`) changes no value.
         before = values(state)
         for action, key in actions(story("tok_ada"), ruleset):
-            await target.execute(action, key)
+            await target.execute(action, CallContext(key))
     assert values(state) == before
     assert_story_applied(state, ["tok_ada"])
 
@@ -215,7 +217,8 @@ async def test_pacing_keeps_429s_to_the_first_window(ruleset: RuleSet,
             async def one(n: int) -> Outcome:
                 identity = (IdentityKey("deep_link_token", f"tok_{n}"),)
                 action = UpsertContact("install", identity, set={"deep_link_prefix": "p"})
-                return await call_with_retries(lambda: target.execute(action, f"k{n}"), FAST)
+                return await call_with_retries(
+                    lambda: target.execute(action, CallContext(f"k{n}")), FAST)
 
             started = time.monotonic()
             await asyncio.gather(*(one(n) for n in range(36)))

@@ -21,8 +21,8 @@ from engine.actions import CreateDeal, IdentityKey, SetStage, UpsertContact
 from engine.config.fieldmap import FieldMap, load_field_map
 from engine.errors import PermanentCRMError
 from engine.storage import Storage, open_storage
-from engine.targets import admin
-from engine.targets.base import Outcome
+from engine.targets import registry
+from engine.targets.base import CallContext, Outcome
 from engine.targets.hubspot.admin import doctor, provision, wanted_properties
 from engine.targets.hubspot.api import as_list, as_object
 from engine.targets.hubspot.target import HubSpotTarget
@@ -100,12 +100,13 @@ async def test_an_upsert_result_finds_its_input_whatever_hubspot_echoes(
     async with emulated(field_map, upsert_echo=echo) as (state, client):
         target = target_for(client, field_map, storage)
         ada = outcome(await target.execute(
-            UpsertContact("install", TOK, set={"deep_link_token": "tok_ada"}), "k0"))
+            UpsertContact("install", TOK, set={"deep_link_token": "tok_ada"}), CallContext("k0")))
         bob = (IdentityKey("deep_link_token", "tok_bob"),)
         # The stage needs a read; Ada exists, so only her stage is planned, not her token.
         results = await target.execute_many([
-            (SetStage("install", TOK, stage="lead"), "k1"),
-            (UpsertContact("install", bob, set_once={"first_touch_campaign": "spring"}), "k2")])
+            (SetStage("install", TOK, stage="lead"), CallContext("k1")),
+            (UpsertContact("install", bob, set_once={"first_touch_campaign": "spring"}),
+             CallContext("k2"))])
     assert outcome(results[0]).record_id == ada.record_id
     assert outcome(results[1]).created
     assert state.requests[UPSERT] == 2, "each batch sent once, never retried as 'no result'"
@@ -126,7 +127,7 @@ async def test_a_lone_result_echoing_no_properties_is_its_inputs(
 
     async with httpx.AsyncClient(transport=httpx.MockTransport(handler)) as client:
         result = await target_for(client, field_map, storage).execute(
-            UpsertContact("install", TOK, set={"deep_link_prefix": "invite"}), "k")
+            UpsertContact("install", TOK, set={"deep_link_prefix": "invite"}), CallContext("k"))
     assert (result.record_id, result.created) == ("77", True)
     (request,) = sent
     assert request["inputs"][0]["properties"]["deep_link_token"] == "tok_ada"
@@ -180,7 +181,7 @@ async def test_a_taken_deal_key_adopts_the_existing_deal(
     async with httpx.AsyncClient(transport=RacingWorker()) as client:
         result = await target_for(client, field_map, storage).execute(CreateDeal(
             "referral-converts", TOK, key="referral-tok_ada", title="Referral: tok_ada",
-            stage="new"), "k")
+            stage="new"), CallContext("k"))
     (record,) = state.deals.records.values()
     assert result.record_id == record.id and not result.created
     assert state.requests["POST /crm/v3/objects/deals"] == 1  # refused: the key was taken
@@ -198,7 +199,7 @@ async def test_a_taken_deep_link_token_adopts_the_contact_that_holds_it(
         identity = (IdentityKey("email", "ada@example.com"), *TOK)
         result = await target_for(client, field_map, storage).execute(UpsertContact(
             "app-identifies-user", identity,
-            set={"email": "ada@example.com", "first_name": "Ada"}), "k")
+            set={"email": "ada@example.com", "first_name": "Ada"}), CallContext("k"))
     assert result.record_id == holder.id and not result.created
     (contact,) = state.contacts.records.values()
     assert (contact.properties["email"], contact.properties["firstname"],
@@ -213,7 +214,7 @@ async def test_a_400_that_is_not_a_unique_conflict_still_fails_the_deal(
         with pytest.raises(PermanentCRMError, match="PROPERTY_DOESNT_EXIST"):
             await target_for(client, field_map, storage).execute(CreateDeal(
                 "referral-converts", TOK, key="referral-tok_ada", title="Referral: tok_ada",
-                stage="new", set={"referral_code": "tok_ada"}), "k")
+                stage="new", set={"referral_code": "tok_ada"}), CallContext("k"))
     assert not state.deals.records
     assert await storage.lookup_deal("hubspot", "referral-tok_ada") is None
 
@@ -249,10 +250,11 @@ async def test_contacts_known_only_by_email_are_read_then_updated_by_id_or_creat
 
         target = target_for(client, field_map, storage)
         results = await target.execute_many([
-            (by_email("Ada@Example.com", first_name="Ada"), "k1"),
-            (by_email("bob@example.com", first_name="Bob"), "k2"),
-            (by_email("cy@example.com"), "k3")])
-        again = await target.execute(by_email("bob@example.com", last_name="Byte"), "k4")
+            (by_email("Ada@Example.com", first_name="Ada"), CallContext("k1")),
+            (by_email("bob@example.com", first_name="Bob"), CallContext("k2")),
+            (by_email("cy@example.com"), CallContext("k3"))])
+        again = await target.execute(by_email("bob@example.com", last_name="Byte"),
+                                     CallContext("k4"))
     assert outcome(results[0]).record_id == ada.id and not outcome(results[0]).created
     assert outcome(results[1]).created and outcome(results[2]).created
     assert again.record_id == outcome(results[1]).record_id
@@ -317,7 +319,8 @@ async def test_emulator_creates_without_associations(field_map: FieldMap) -> Non
 async def test_doctor_says_hubspot_is_unreachable_with_the_url(field_map: FieldMap) -> None:
     url = f"http://127.0.0.1:{free_port()}"  # nothing listens there
     async with httpx.AsyncClient() as client:
-        (problem,) = await doctor(client, TOKEN, field_map, base_url=url)
+        (finding,) = await doctor(client, TOKEN, field_map, base_url=url)
+    problem = str(finding)
     assert f"HubSpot at {url} is unreachable" in problem and "ConnectError" in problem
     assert problem.count("fix:") == 1 and "HUBSPOT_ACCESS_TOKEN" not in problem
     assert "check the network connection" in problem
@@ -327,7 +330,7 @@ async def test_doctor_prints_one_fix_for_a_refused_token(field_map: FieldMap) ->
     app, _ = create_hubspot_emulator(TOKEN)
     environ = {"HUBSPOT_ACCESS_TOKEN": "pat-wrong", "HUBSPOT_BASE_URL": BASE}
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app)) as client:
-        (finding,) = await admin.doctor("hubspot", environ, field_map, client)
+        (finding,) = await registry.doctor("hubspot", environ, field_map, client)
     assert "HubSpot refused the token" in finding.problem and "401" in finding.problem
     assert "fix:" not in finding.problem + finding.fix
     assert finding.fix.startswith("set HUBSPOT_ACCESS_TOKEN to a private-app token")

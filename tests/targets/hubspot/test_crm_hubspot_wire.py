@@ -18,7 +18,7 @@ from engine.actions import CreateDeal, IdentityKey, UpsertContact
 from engine.config.fieldmap import FieldMap, load_field_map
 from engine.errors import PermanentCRMError
 from engine.storage import Storage, open_storage
-from engine.targets.base import Outcome
+from engine.targets.base import CallContext, Outcome
 from engine.targets.hubspot.admin import provision
 from engine.targets.hubspot.api import parse_created, record_path
 from engine.targets.hubspot.target import HubSpotTarget
@@ -93,8 +93,10 @@ async def test_any_deal_key_or_token_reaches_its_own_record_however_paths_are_re
                          ) as (state, client),
                 stores(tmp_path, "worker", "amnesiac") as (worker, amnesiac)):
         for value in AWKWARD:
-            made = await target(client, field_map, worker).execute(deal(value), f"{value}:1")
-            again = await target(client, field_map, amnesiac).execute(deal(value), f"{value}:2")
+            made = await target(client, field_map, worker).execute(
+                deal(value), CallContext(f"{value}:1"))
+            again = await target(client, field_map, amnesiac).execute(
+                deal(value), CallContext(f"{value}:2"))
             assert made.created and not again.created, value
             assert again.record_id == made.record_id, value
             (record,) = [r for r in state.deals.records.values()
@@ -117,9 +119,10 @@ async def test_emails_that_a_path_would_change_find_their_contact(
         for email in emails:
             identity = (IdentityKey("email", email),)
             made = await hubspot.execute(UpsertContact(
-                "app-identifies-user", identity, set={"email": email}), f"{email}:1")
+                "app-identifies-user", identity, set={"email": email}), CallContext(f"{email}:1"))
             named = await hubspot.execute(UpsertContact(
-                "app-identifies-user", identity, set={"first_name": "Ada"}), f"{email}:2")
+                "app-identifies-user", identity, set={"first_name": "Ada"}),
+                CallContext(f"{email}:2"))
             assert made.created and named.record_id == made.record_id, email
     people = {r.properties["email"]: r.properties.get("firstname")
               for r in state.contacts.records.values()}
@@ -198,10 +201,11 @@ async def test_a_create_is_recognised_whatever_hubspot_answers(
         hubspot = target(client, field_map, worker)
         ada = (IdentityKey("email", "ada@example.com"),)
         contact = await hubspot.execute(UpsertContact(
-            "app-identifies-user", ada, set={"email": "ada@example.com"}), "c")
-        one = await hubspot.execute(deal("referral-1", "tok_1"), "d1")
+            "app-identifies-user", ada, set={"email": "ada@example.com"}), CallContext("c"))
+        one = await hubspot.execute(deal("referral-1", "tok_1"), CallContext("d1"))
         batch = [outcome(r) for r in await hubspot.execute_many(
-            [(deal("referral-2", "tok_2"), "d2"), (deal("referral-3", "tok_3"), "d3")])]
+            [(deal("referral-2", "tok_2"), CallContext("d2")),
+             (deal("referral-3", "tok_3"), CallContext("d3"))])]
         bound = {key: await worker.lookup_deal("hubspot", key)
                  for key in ("referral-1", "referral-2", "referral-3")}
         known = await worker.lookup_identity("hubspot", list(ada))

@@ -12,12 +12,12 @@ from engine.actions import CreateDeal, IdentityKey, SetStage, UpsertContact
 from engine.config.fieldmap import FieldMap, load_field_map
 from engine.errors import ConfigError, PermanentCRMError, RetryableCRMError
 from engine.storage import Storage, open_storage
-from engine.targets.base import Target
-from engine.targets.local.target import LocalTarget, current_event
+from engine.targets.base import CallContext, Target
+from engine.targets.local.target import LocalTarget
 from engine.targets.registry import (
     REGISTRY,
     TargetContext,
-    TargetSpec,
+    TargetKind,
     build_targets,
     select_targets,
 )
@@ -59,10 +59,10 @@ async def test_upsert_writes_set_every_time_and_set_once_only_when_empty(
 ) -> None:
     first = await target.execute(UpsertContact(
         rule="r", identity=TOKEN, set={"deep_link_prefix": "a"},
-        set_once={"first_touch_campaign": "spring"}), "k1")
+        set_once={"first_touch_campaign": "spring"}), CallContext("k1"))
     again = await target.execute(UpsertContact(
         rule="r", identity=BOTH, set={"deep_link_prefix": "b", "email": "ada@example.com"},
-        set_once={"first_touch_campaign": "autumn", "install_date": None}), "k2")
+        set_once={"first_touch_campaign": "autumn", "install_date": None}), CallContext("k2"))
     assert first.created and not again.created and first.record_id == again.record_id
     [contact] = await storage.local_contacts()
     assert contact.fields == {"deep_link_prefix": "b", "first_touch_campaign": "spring",
@@ -74,9 +74,9 @@ async def test_the_same_key_twice_changes_nothing_more(
     target: LocalTarget, storage: Storage
 ) -> None:
     action = UpsertContact(rule="r", identity=TOKEN, set={"deep_link_prefix": "a"})
-    await target.execute(action, "k1")
+    await target.execute(action, CallContext("k1"))
     before = await storage.local_contacts()
-    await target.execute(action, "k1")
+    await target.execute(action, CallContext("k1"))
     after = await storage.local_contacts()
     assert [(c.id, c.fields, c.stage) for c in before] == [(c.id, c.fields, c.stage) for c in after]
 
@@ -84,31 +84,30 @@ async def test_the_same_key_twice_changes_nothing_more(
 async def test_stages_only_move_forward_along_the_field_map_and_keep_history(
     target: LocalTarget, storage: Storage
 ) -> None:
-    token = current_event.set(7)
-    try:
-        await target.execute(SetStage(rule="r", identity=TOKEN, stage="lead"), "k1")
-        await target.execute(SetStage(rule="r", identity=TOKEN, stage="customer"), "k2")
-        back = await target.execute(SetStage(rule="r", identity=TOKEN, stage="lead"), "k3")
-    finally:
-        current_event.reset(token)
+    await target.execute(SetStage(rule="r", identity=TOKEN, stage="lead"), CallContext("k1", 7))
+    await target.execute(SetStage(rule="r", identity=TOKEN, stage="customer"),
+                         CallContext("k2", 8))
+    back = await target.execute(SetStage(rule="r", identity=TOKEN, stage="lead"),
+                                CallContext("k3", 9))
     assert "stays customer" in back.summary
     [contact] = await storage.local_contacts()
     assert contact.stage == "customer"
     assert [(c.from_stage, c.to_stage, c.event_id) for c in contact.stage_history] == [
-        (None, "lead", 7), ("lead", "customer", 7)]
+        (None, "lead", 7), ("lead", "customer", 8)]
 
 
 async def test_an_unknown_stage_is_a_permanent_error(target: LocalTarget) -> None:
     with pytest.raises(PermanentCRMError, match="unknown stage 'golden'"):
-        await target.execute(SetStage(rule="r", identity=TOKEN, stage="golden"), "k1")
+        await target.execute(SetStage(rule="r", identity=TOKEN, stage="golden"), CallContext("k1"))
 
 
 async def test_one_deal_per_key_ever(target: LocalTarget, storage: Storage) -> None:
     deal = CreateDeal(rule="r", identity=TOKEN, key="referral-tok_1", title="Referral: tok_1",
                       stage="new", amount=12, set={"referral_code": "tok_1"})
-    first = await target.execute(deal, "k1")
+    first = await target.execute(deal, CallContext("k1"))
     second = await target.execute(
-        CreateDeal(rule="r", identity=TOKEN, key="referral-tok_1", title="Other"), "k2")
+        CreateDeal(rule="r", identity=TOKEN, key="referral-tok_1", title="Other"),
+        CallContext("k2"))
     assert first.created and not second.created and first.record_id == second.record_id
     [stored] = await storage.local_deals()
     assert (stored.title, stored.stage, stored.amount, stored.fields) == (
@@ -122,7 +121,7 @@ async def test_a_storage_that_cannot_commit_is_a_retryable_error(
 ) -> None:
     await storage.close()
     with pytest.raises(RetryableCRMError, match="local: "):
-        await target.execute(UpsertContact(rule="r", identity=TOKEN), "k1")
+        await target.execute(UpsertContact(rule="r", identity=TOKEN), CallContext("k1"))
 
 
 # -- choosing targets ---------------------------------------------------------------------------
@@ -160,7 +159,7 @@ async def test_credentials_select_crms_through_the_registry(
         built.append(context)
         return LocalTarget(context.storage, context.field_map)
 
-    registry = {**REGISTRY, "hubspot": TargetSpec(("HUBSPOT_ACCESS_TOKEN",), fake_hubspot)}
+    registry = {**REGISTRY, "hubspot": TargetKind(("HUBSPOT_ACCESS_TOKEN",), fake_hubspot)}
     async with httpx.AsyncClient() as client:
         only_crm = build_targets({"HUBSPOT_ACCESS_TOKEN": "pat"}, storage, field_map, client,
                                  registry=registry)
@@ -171,6 +170,6 @@ async def test_credentials_select_crms_through_the_registry(
 
 
 def test_a_crm_not_wired_in_yet_refuses_with_a_clear_message() -> None:
-    registry = {**REGISTRY, "hubspot": TargetSpec(("HUBSPOT_ACCESS_TOKEN",), None)}
+    registry = {**REGISTRY, "hubspot": TargetKind(("HUBSPOT_ACCESS_TOKEN",), None)}
     with pytest.raises(ConfigError, match="not available in this build"):
         select_targets({"HUBSPOT_ACCESS_TOKEN": "pat"}, registry)

@@ -13,6 +13,7 @@ import pytest
 from engine.actions import CreateDeal, IdentityKey, SetStage, UpsertContact
 from engine.config.fieldmap import CoercionError, FieldMap, load_field_map
 from engine.errors import PermanentCRMError, RetryableCRMError
+from engine.targets.base import CallContext
 from engine.targets.pacing import Pacer
 from engine.targets.pipedrive.api import PipedriveAPI, PipedriveAuthError, window_pacer
 from engine.targets.pipedrive.claims import Claim, Claims, Slots
@@ -266,7 +267,7 @@ async def test_start_up_fails_naming_the_missing_label_and_the_command() -> None
                              identities=Identities(), rate_limits=Buckets())
     with pytest.raises(PipedriveSetupError) as caught:
         await target.execute(SetStage("r", (IdentityKey("deep_link_token", "x"),),
-                                      stage="lead"), "k")
+                                      stage="lead"), CallContext("k"))
     assert "'Referral source' does not exist" in str(caught.value)
     assert "linkcrm provision pipedrive" in str(caught.value)
 
@@ -344,7 +345,7 @@ async def test_a_hit_that_differs_in_case_is_not_the_person() -> None:
 
     target, _ = make_target(handler)
     outcome = await target.execute(UpsertContact("r", (IdentityKey("deep_link_token", "tok_A"),)),
-                                   "k")
+                                   CallContext("k"))
     assert outcome.created and outcome.record_id == "8"
     assert posted == [{"name": "tok_A", "custom_fields": {token_key: "tok_A"}}]
 
@@ -363,7 +364,7 @@ async def test_a_new_person_by_email_is_named_by_it_and_a_deal_lands_in_its_pipe
     identity = (IdentityKey("email", "ann@example.com"),)
     deal = CreateDeal("r", identity, key="referral-x", title="Referral: x", stage="new",
                       amount=25, set={"referral_code": "x"})
-    outcome = await target.execute(deal, "k")
+    outcome = await target.execute(deal, CallContext("k"))
     assert outcome.created
     assert posted["persons"] == {"name": "ann@example.com",
                                  "emails": [{"value": "ann@example.com", "primary": True}]}
@@ -388,11 +389,11 @@ async def test_stage_moves_forward_only_and_leaves_foreign_values_alone() -> Non
     target, _ = make_target(handler, identities=store)
     lead = SetStage("r", (IdentityKey("deep_link_token", "t"),), stage="lead")
     customer = SetStage("r", (IdentityKey("deep_link_token", "t"),), stage="customer")
-    await target.execute(lead, "k1")
+    await target.execute(lead, CallContext("k1"))
     current[stage_key] = 999  # an option someone added by hand
-    await target.execute(customer, "k2")
+    await target.execute(customer, CallContext("k2"))
     current[stage_key] = 100  # Lead
-    await target.execute(customer, "k3")
+    await target.execute(customer, CallContext("k3"))
     assert patches == [{"custom_fields": {stage_key: 101}}]
 
 
@@ -415,7 +416,7 @@ async def test_set_replaces_the_primary_email_and_set_once_fills_only_empty_fiel
                            set={"email": "new@example.com", "name": "Ann"},
                            set_once={"first_touch_campaign": "autumn",
                                      "deep_link_prefix": "invite"})
-    await target.execute(action, "k")
+    await target.execute(action, CallContext("k"))
     assert patches == [{
         "custom_fields": {key_of("Deep link prefix"): "invite"},
         "emails": [{"value": "new@example.com", "primary": True},

@@ -12,6 +12,7 @@ from engine.actions import IdentityKey, SetStage
 from engine.errors import RetryableCRMError
 from engine.rules.files import load_ruleset
 from engine.storage import open_storage
+from engine.targets.base import CallContext
 from engine.targets.pipedrive.target import PipedriveTarget
 from tests.emulators.pipedrive import PipedriveEmulator
 from tests.support.crm_stack import PIPEDRIVE_TOKEN, PIPELINE, provision_pipedrive_app
@@ -40,13 +41,13 @@ async def test_a_spent_budget_fails_every_call_fast_until_it_resets(tmp_path: Pa
             await target.start()
             emulator.daily_budget = emulator.tokens_used + 1  # spent: a search costs 20
             with pytest.raises(RetryableCRMError) as first:
-                await target.execute(stage("tok_1"), "k1")
+                await target.execute(stage("tok_1"), CallContext("k1"))
             sent = sum(emulator.calls.values())
             async with asyncio.timeout(1):  # not paced until midnight: refused at once
                 # The retry of the first action, and actions for other people.
                 for token, key in (("tok_1", "k1"), ("tok_2", "k2"), ("tok_3", "k3")):
                     with pytest.raises(RetryableCRMError, match="budget is spent") as later:
-                        await target.execute(stage(token), key)
+                        await target.execute(stage(token), CallContext(key))
     finally:
         await storage.close()
     assert first.value.retry_after is not None and first.value.retry_after > 30

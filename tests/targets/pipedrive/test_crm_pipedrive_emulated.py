@@ -18,6 +18,7 @@ from engine.rules.evaluator import plan
 from engine.rules.files import load_ruleset
 from engine.rules.model import RuleSet
 from engine.storage import Storage, open_storage
+from engine.targets.base import CallContext
 from engine.targets.pipedrive.admin import PipedriveAdmin
 from engine.targets.pipedrive.fields import PipedriveSetupError
 from engine.targets.pipedrive.target import PipedriveTarget
@@ -90,10 +91,11 @@ async def run_events(target_: PipedriveTarget, ruleset: RuleSet, events: list[di
         for index, action in enumerate(plan(event, ruleset).actions):
             key = f"{prefix}:{number}:{action.rule}:{action.kind}:{index}"
             if retry is None:
-                await target_.execute(action, key)
+                await target_.execute(action, CallContext(key))
             else:
-                await call_with_retries(lambda a=action, k=key: target_.execute(a, k), retry,
-                                        sleep=asyncio.sleep)
+                await call_with_retries(
+                    lambda a=action, k=key: target_.execute(a, CallContext(k)), retry,
+                    sleep=asyncio.sleep)
             applied += 1
     return applied
 
@@ -165,7 +167,7 @@ async def test_case_insensitive_search_never_merges_tokens_that_differ_in_case(
                                   search_window=0.5) as pd:
                     action = UpsertContact("r", (IdentityKey("deep_link_token", token),),
                                            set={"deep_link_token": token})
-                    await pd.execute(action, f"{name}-key")
+                    await pd.execute(action, CallContext(f"{name}-key"))
             finally:
                 await store.close()
     assert emulator.calls["GET /api/v2/persons/search"] == 3
@@ -180,9 +182,9 @@ async def test_a_person_whose_other_field_holds_the_token_is_not_taken_for_it(
         async with target(url, ruleset, storage, burst_window=0.5, search_window=0.5) as pd:
             referred = UpsertContact("r", (IdentityKey("deep_link_token", "tok_new"),),
                                      set_once={"referral_source": "tok_ref"})
-            await pd.execute(referred, "k1")
+            await pd.execute(referred, CallContext("k1"))
             referrer = UpsertContact("r", (IdentityKey("deep_link_token", "tok_ref"),))
-            outcome = await pd.execute(referrer, "k2")
+            outcome = await pd.execute(referrer, CallContext("k2"))
     assert outcome.created
     assert len(emulator.with_value("person", "Deep link token", "tok_ref")) == 1
     assert len(emulator.persons) == 2
@@ -201,7 +203,8 @@ async def test_concurrent_upserts_of_one_new_token_create_one_person(
                 target(url, ruleset, storage, burst_window=0.5, search_window=0.5) as second:
             pool = [first, second][:workers]  # two targets = two workers sharing the database
             outcomes = await asyncio.gather(*(
-                call_with_retries(lambda i=i: pool[i % workers].execute(action, f"k{i}"), FAST)
+                call_with_retries(
+                    lambda i=i: pool[i % workers].execute(action, CallContext(f"k{i}")), FAST)
                 for i in range(10)))
     assert emulator.calls["POST /api/v2/persons"] == 1
     assert len(emulator.persons) == 1
@@ -235,7 +238,8 @@ async def test_a_lost_create_response_then_a_retry_finds_the_record(
     deal = CreateDeal("r", identity, key="referral-tok_lost", title="Referral", stage="new")
     with serve(faults) as url:
         async with target(url, ruleset, storage) as pd:
-            outcome = await call_with_retries(lambda: pd.execute(deal, "deal-key"), FAST)
+            outcome = await call_with_retries(
+                lambda: pd.execute(deal, CallContext("deal-key")), FAST)
     assert faults.injected == {"drop_after_commit": 1}
     assert len(emulator.persons) == 1
     assert len(emulator.deals) == 1
@@ -286,8 +290,9 @@ async def test_429s_are_honoured_and_every_action_still_lands(
         async with target(url, ruleset, storage, burst_limit=50) as pd:
             await pd.start()
             emulator.calls.clear()
-            await asyncio.gather(*(call_with_retries(lambda a=a: pd.execute(a, a.identity[0].value),
-                                                     FAST) for a in actions))
+            await asyncio.gather(*(call_with_retries(
+                lambda a=a: pd.execute(a, CallContext(a.identity[0].value)), FAST)
+                for a in actions))
     assert len(emulator.persons) == 6
     # The target over-sends at most once per window, then waits for the reset instead of
     # hammering (retrying at once would earn a 429 per attempt).
@@ -304,7 +309,7 @@ async def test_an_exhausted_daily_budget_is_retryable_later_without_a_storm(
             emulator.calls.clear()
             with pytest.raises(RetryableCRMError) as caught:
                 await pd.execute(SetStage("r", (IdentityKey("deep_link_token", "t"),),
-                                          stage="lead"), "k")
+                                          stage="lead"), CallContext("k"))
     assert caught.value.retry_after is not None and caught.value.retry_after > 60
     assert sum(emulator.calls.values()) == 1
 
@@ -325,21 +330,21 @@ async def test_a_person_or_deal_deleted_in_pipedrive_is_gone_not_updated(
     deal = CreateDeal("r", (token,), key="referral-tok_gone", title="Referral", stage="new")
     with serve(emulator.app) as url:
         async with target(url, ruleset, storage) as pd:
-            first = await pd.execute(action, "k1")
-            first_deal = await pd.execute(deal, "d1")
+            first = await pd.execute(action, CallContext("k1"))
+            first_deal = await pd.execute(deal, CallContext("d1"))
             emulator.delete_person(int(first.record_id or 0))
             emulator.delete_deal(int(first_deal.record_id or 0))
-            second = await pd.execute(action, "k2")
-            updated = await pd.execute(named, "k3")
-            second_deal = await pd.execute(deal, "d2")
-            again = await pd.execute(deal, "d3")
+            second = await pd.execute(action, CallContext("k2"))
+            updated = await pd.execute(named, CallContext("k3"))
+            second_deal = await pd.execute(deal, CallContext("d2"))
+            again = await pd.execute(deal, CallContext("d3"))
         # A worker with an empty identity map finds the live records by search, never the
         # deleted ones.
         fresh = open_storage(f"sqlite:///{tmp_path / 'fresh.db'}")
         await fresh.migrate()
         async with target(url, ruleset, fresh) as other:
-            found = await other.execute(action, "k4")
-            found_deal = await other.execute(deal, "d4")
+            found = await other.execute(action, CallContext("k4"))
+            found_deal = await other.execute(deal, CallContext("d4"))
         await fresh.close()
     assert second.created and second.record_id != first.record_id
     assert updated.record_id == second.record_id and not updated.created
@@ -399,12 +404,12 @@ async def test_provision_is_idempotent_and_doctor_then_finds_nothing(
     with serve(emulator.app) as url:
         async with httpx.AsyncClient() as client:
             admin = PipedriveAdmin(client, api_token=TOKEN, base_url=url)
-            before = await admin.doctor(ruleset.field_map)
+            before = [str(f) for f in await admin.doctor(ruleset.field_map)]
             created = await admin.provision(ruleset.field_map)
             again = await admin.provision(ruleset.field_map)
-            after = await admin.doctor(ruleset.field_map)
-            wrong = await PipedriveAdmin(client, api_token="nope", base_url=url).doctor(
-                ruleset.field_map)
+            after = [str(f) for f in await admin.doctor(ruleset.field_map)]
+            wrong = [str(f) for f in await PipedriveAdmin(
+                client, api_token="nope", base_url=url).doctor(ruleset.field_map)]
     assert any("'Deep link token' does not exist" in p and "provision" in p for p in before)
     assert any("has no stage 'Won'; fix: run `linkcrm provision pipedrive`" in p
                for p in before)
@@ -432,7 +437,7 @@ async def test_provision_creates_the_pipeline_and_its_stages_once(
             admin = PipedriveAdmin(client, api_token=TOKEN, base_url=url)
             created = await admin.provision(ruleset.field_map)
             again = await admin.provision(ruleset.field_map)
-            problems = await admin.doctor(ruleset.field_map)
+            problems = [str(f) for f in await admin.doctor(ruleset.field_map)]
     pipeline = [line for line in created if "pipeline" in line]
     if new_pipeline_stages:
         assert pipeline == ["created pipeline 'Deep Link Referrals'",
@@ -462,8 +467,8 @@ async def test_doctor_flags_an_unsearchable_identity_field_and_a_missing_stage_o
     stage["options"] = [o for o in stage["options"] if o["label"] != "Customer"]
     with serve(emulator.app) as url:
         async with httpx.AsyncClient() as client:
-            problems = await PipedriveAdmin(client, api_token=TOKEN, base_url=url).doctor(
-                ruleset.field_map)
+            problems = [str(f) for f in await PipedriveAdmin(
+                client, api_token=TOKEN, base_url=url).doctor(ruleset.field_map)]
     assert len(problems) == 2
     assert "'Deep link token' has type date" in problems[0] and "searchable" in problems[0]
     assert "lacks the option(s) 'Customer'" in problems[1] and "provision" in problems[1]
@@ -513,5 +518,5 @@ async def test_a_validation_error_is_permanent_with_pipedrives_message(
             await pd.start()
             app_user["field_type"] = "double"  # changed in Pipedrive after start-up
             with pytest.raises(PermanentCRMError) as caught:
-                await pd.execute(action, "k")
+                await pd.execute(action, CallContext("k"))
     assert "400" in str(caught.value) and "Invalid value for custom field" in str(caught.value)

@@ -17,6 +17,7 @@ from engine.actions import CreateDeal, IdentityKey, SetStage, UpsertContact
 from engine.config.fieldmap import FieldMap, load_field_map
 from engine.errors import PermanentCRMError
 from engine.storage import Storage, open_storage
+from engine.targets.base import CallContext
 from engine.targets.http import path_segment
 from engine.targets.salesforce import soql
 from engine.targets.salesforce.auth import ClientCredentials
@@ -94,7 +95,8 @@ async def test_a_hostile_email_identity_matches_only_itself(
         emulator: SalesforceEmulator, make: Callable[..., SalesforceTarget]) -> None:
     victim = emulator.seed("Lead", LastName="Victim", Company="Acme", Email="v@example.com")
     email = "x'OR(LastName!='')OR'a'='a\\@example.com"
-    outcome = await make().execute(upsert(IdentityKey("email", email), email=email), "k")
+    outcome = await make().execute(upsert(IdentityKey("email", email), email=email),
+                                   CallContext("k"))
     assert outcome.created and outcome.record_id not in (None, victim)
     assert emulator.records["Lead"][victim]["LastName"] == "Victim"
     assert emulator.records["Lead"][str(outcome.record_id)]["Email"] == email
@@ -107,14 +109,14 @@ async def test_a_new_lead_gets_the_defaults_and_a_replay_writes_nothing(
         emulator: SalesforceEmulator, make: Callable[..., SalesforceTarget]) -> None:
     target = make()
     action = upsert(deep_link_token="tok_A1", once_install_date="2026-03-01T10:00:00Z")
-    first = await target.execute(action, "k")
+    first = await target.execute(action, CallContext("k"))
     assert first.created and first.summary == "lead created"
     (lead,) = emulator.leads
     assert (lead["LastName"], lead["Company"], lead["LeadSource"]) == (
         "Deep Link", "Unknown", "Deep Link")
     assert lead["Install_Date__c"] == "2026-03-01" and lead["Deep_Link_Token__c"] == "tok_A1"
     writes = emulator.counters["PATCH by_external"]
-    again = await target.execute(action, "k")
+    again = await target.execute(action, CallContext("k"))
     assert (again.record_id, again.summary) == (first.record_id, "lead unchanged")
     assert emulator.counters["PATCH by_external"] == writes
 
@@ -124,7 +126,7 @@ async def test_set_once_fills_only_empty_fields_and_defaults_never_replace_real_
     emulator.seed("Lead", LastName="Lovelace", Company="Analytical", LeadSource="Web",
                   Deep_Link_Token__c="tok_A1", Deep_Link_Campaign__c="first")
     await make().execute(upsert(deep_link_prefix="p2", once_first_touch_campaign="second",
-                                once_first_touch_platform="ios"), "k")
+                                once_first_touch_platform="ios"), CallContext("k"))
     (lead,) = emulator.leads
     assert (lead["Deep_Link_Campaign__c"], lead["Deep_Link_Platform__c"]) == ("first", "ios")
     assert (lead["LastName"], lead["Company"], lead["LeadSource"]) == (
@@ -135,13 +137,13 @@ async def test_set_once_fills_only_empty_fields_and_defaults_never_replace_real_
 async def test_status_only_moves_forward(emulator: SalesforceEmulator,
                                          make: Callable[..., SalesforceTarget]) -> None:
     target = make()
-    await target.execute(stage("customer"), "k1")
-    await target.execute(stage("lead"), "k2")
+    await target.execute(stage("customer"), CallContext("k1"))
+    await target.execute(stage("lead"), CallContext("k2"))
     assert emulator.leads[0]["Status"] == "Deep Link Customer"
     emulator.leads[0]["Status"] = "Working - Contacted"  # a person worked the Lead
-    await target.execute(stage("lead"), "k3")
+    await target.execute(stage("lead"), CallContext("k3"))
     assert emulator.leads[0]["Status"] == "Working - Contacted"
-    await target.execute(stage("customer"), "k4")
+    await target.execute(stage("customer"), CallContext("k4"))
     assert emulator.leads[0]["Status"] == "Deep Link Customer"
 
 
@@ -150,9 +152,9 @@ async def test_several_leads_with_one_token_are_a_permanent_error_naming_them(
     ids = [emulator.seed("Lead", LastName="A", Company="B", Deep_Link_Token__c="tok_A1")
            for _ in range(2)]
     with pytest.raises(PermanentCRMError, match="merge") as caught:
-        await make().execute(upsert(deep_link_prefix="p"), "k")
+        await make().execute(upsert(deep_link_prefix="p"), CallContext("k"))
     assert all(record_id in str(caught.value) for record_id in ids)
-    results = await make().execute_many([(upsert(deep_link_prefix="p"), "k")])
+    results = await make().execute_many([(upsert(deep_link_prefix="p"), CallContext("k"))])
     assert isinstance(results[0], PermanentCRMError) and ids[0] in str(results[0])
 
 
@@ -160,7 +162,7 @@ async def test_a_token_field_that_is_not_an_external_id_is_a_permanent_404(
         emulator: SalesforceEmulator, make: Callable[..., SalesforceTarget]) -> None:
     emulator.org.objects["Lead"]["Deep_Link_Token__c"].external_id = False
     with pytest.raises(PermanentCRMError, match="404.*not an External ID"):
-        await make().execute(upsert(deep_link_prefix="p"), "k")
+        await make().execute(upsert(deep_link_prefix="p"), CallContext("k"))
 
 
 @pytest.mark.parametrize(("change", "expected"), [
@@ -188,7 +190,7 @@ async def test_salesforce_refusals_are_permanent_with_salesforce_s_message(
             FIELD_MAP.contact_stages[0], lead_stage))
         action = stage("customer")  # type: ignore[assignment]
     with pytest.raises(PermanentCRMError, match=expected):
-        await make(field_map).execute(action, "k")
+        await make(field_map).execute(action, CallContext("k"))
     assert emulator.leads == []
 
 
@@ -197,8 +199,9 @@ async def test_an_email_identity_is_found_by_query_then_remembered(
     lead = emulator.seed("Lead", LastName="Lovelace", Company="X", Email="ada@example.com")
     target = make()
     email = IdentityKey("email", "ADA@example.com")
-    assert (await target.execute(upsert(email, first_name="Ada"), "k")).record_id == lead
-    assert (await target.execute(upsert(email, first_name="Ada L."), "k")).record_id == lead
+    first = await target.execute(upsert(email, first_name="Ada"), CallContext("k"))
+    again = await target.execute(upsert(email, first_name="Ada L."), CallContext("k"))
+    assert first.record_id == lead and again.record_id == lead
     assert emulator.counters["queries"] == 1  # the identity map answered the second time
     assert emulator.records["Lead"][lead]["FirstName"] == "Ada L."
 
@@ -208,8 +211,8 @@ async def test_identify_attaches_the_token_to_the_lead_found_by_email(
     lead = emulator.seed("Lead", LastName="Lovelace", Company="X", Email="ada@example.com")
     action = UpsertContact(rule="r", identity=(TOKEN, IdentityKey("email", "ada@example.com")),
                            set={"first_name": "Ada"})
-    for results in (await make().execute_many([(action, "k")]),
-                    [await make().execute(action, "k")]):
+    for results in (await make().execute_many([(action, CallContext("k"))]),
+                    [await make().execute(action, CallContext("k"))]):
         assert [r.record_id for r in results] == [lead]  # type: ignore[union-attr]
     assert emulator.records["Lead"][lead]["Deep_Link_Token__c"] == "tok_A1"
     assert len(emulator.leads) == 1
@@ -218,8 +221,8 @@ async def test_identify_attaches_the_token_to_the_lead_found_by_email(
 async def test_api_versions_before_46_answer_updates_with_204(
         emulator: SalesforceEmulator, make: Callable[..., SalesforceTarget]) -> None:
     target = make(api_version="v45.0")
-    created = await target.execute(upsert(deep_link_prefix="a"), "k")
-    updated = await target.execute(upsert(deep_link_prefix="b"), "k")
+    created = await target.execute(upsert(deep_link_prefix="a"), CallContext("k"))
+    updated = await target.execute(upsert(deep_link_prefix="b"), CallContext("k"))
     assert created.created and (updated.record_id, updated.created) == (created.record_id, False)
 
 
@@ -229,7 +232,7 @@ async def test_query_pages_are_followed(emulator: SalesforceEmulator,
     for _ in range(3):
         emulator.seed("Lead", LastName="A", Company="B", Email="dup@example.com")
     with pytest.raises(PermanentCRMError, match="3 Lead records"):
-        await make().execute(upsert(IdentityKey("email", "dup@example.com")), "k")
+        await make().execute(upsert(IdentityKey("email", "dup@example.com")), CallContext("k"))
 
 
 # -- batches --------------------------------------------------------------------------------
@@ -237,8 +240,8 @@ async def test_query_pages_are_followed(emulator: SalesforceEmulator,
 async def test_queued_actions_become_one_query_and_one_collections_upsert(
         emulator: SalesforceEmulator, make: Callable[..., SalesforceTarget]) -> None:
     keys = [IdentityKey("deep_link_token", f"tok_{n}") for n in range(150)]
-    items = [(a, "k") for key in keys for a in (upsert(key, deep_link_prefix="p"),
-                                                stage("customer", key))]
+    items = [(a, CallContext("k")) for key in keys
+             for a in (upsert(key, deep_link_prefix="p"), stage("customer", key))]
     results = await make().execute_many(items)
     assert all(not isinstance(r, Exception) for r in results)
     assert len(emulator.leads) == 150
@@ -255,8 +258,9 @@ async def test_one_refused_record_fails_only_its_own_actions(
         lambda sobject, r: "no" if r.get("Deep_Link_Token__c") == "tok_bad" else None)
     bad = IdentityKey("deep_link_token", "tok_bad")
     deal = CreateDeal(rule="r", identity=(TOKEN,), key="d1", title="Deal", stage="new")
-    results = await make().execute_many([(upsert(), "a"), (upsert(bad), "b"),
-                                         (stage("lead", bad), "c"), (deal, "d")])
+    results = await make().execute_many([
+        (upsert(), CallContext("a")), (upsert(bad), CallContext("b")),
+        (stage("lead", bad), CallContext("c")), (deal, CallContext("d"))])
     assert [type(r).__name__ for r in results] == [
         "Outcome", "PermanentCRMError", "PermanentCRMError", "Outcome"]
     assert "FIELD_CUSTOM_VALIDATION_EXCEPTION: no" in str(results[1])
@@ -266,8 +270,8 @@ async def test_an_unknown_field_in_a_batch_fails_only_the_action_that_names_it(
         emulator: SalesforceEmulator, make: Callable[..., SalesforceTarget]) -> None:
     del emulator.org.objects["Lead"]["App_User_Id__c"]
     other = IdentityKey("deep_link_token", "tok_B2")
-    results = await make().execute_many([(upsert(app_user_id="u1"), "a"),
-                                         (upsert(other, deep_link_prefix="p"), "b")])
+    results = await make().execute_many([(upsert(app_user_id="u1"), CallContext("a")),
+                                         (upsert(other, deep_link_prefix="p"), CallContext("b"))])
     assert "INVALID_FIELD: No such column 'App_User_Id__c'" in str(results[0])
     assert isinstance(results[0], PermanentCRMError) and not isinstance(results[1], Exception)
     assert [lead["Deep_Link_Token__c"] for lead in emulator.leads] == ["tok_B2"]
@@ -287,8 +291,9 @@ async def test_after_a_retryable_failure_later_actions_on_that_person_wait(
         await app(scope, receive, send)
 
     email = IdentityKey("email", "ada@example.com")
-    items = [(upsert(email, first_name="Ada"), "a"), (stage("customer", email), "b"),
-             (upsert(deep_link_prefix="p"), "c")]
+    items = [(upsert(email, first_name="Ada"), CallContext("a")),
+             (stage("customer", email), CallContext("b")),
+             (upsert(deep_link_prefix="p"), CallContext("c"))]
     transport = httpx.ASGITransport(app=first_create_fails)
     async with httpx.AsyncClient(transport=transport) as flaky:
         results = await make(client=flaky).execute_many(items)
@@ -304,16 +309,16 @@ async def test_a_deal_is_one_opportunity_even_when_linkcrm_forgot_making_it(
         tmp_path: Path, client: httpx.AsyncClient) -> None:
     deal = CreateDeal(rule="r", identity=(TOKEN,), key="referral-tok_A1",
                       title="Referral: tok_A1", stage="new", set={"referral_code": "RC1"})
-    first = await make().execute(deal, "k")
+    first = await make().execute(deal, CallContext("k"))
     assert first.created
-    assert (await make().execute(deal, "k")).summary == "opportunity exists"
+    assert (await make().execute(deal, CallContext("k"))).summary == "opportunity exists"
     emulator.opportunities[0]["StageName"] = "Closed Won"  # a person moved it on
     forgetful = open_storage(f"sqlite:///{tmp_path / 'other.db'}")
     await forgetful.migrate()
     target = SalesforceTarget(client, instance_url=INSTANCE, credentials=ClientCredentials(
         emulator.client_id, emulator.client_secret), field_map=FIELD_MAP,
         identities=forgetful, rate_limits=forgetful)
-    assert (await target.execute(deal, "k")).record_id == first.record_id
+    assert (await target.execute(deal, CallContext("k"))).record_id == first.record_id
     await forgetful.close()
     (opportunity,) = emulator.opportunities
     assert opportunity == {**opportunity, "Name": "Referral: tok_A1", "StageName": "Closed Won",
@@ -342,13 +347,13 @@ async def test_any_token_or_deal_key_reaches_its_own_record_however_paths_are_re
             identities=store, rate_limits=store, today=lambda: date(2026, 3, 1))
         for value in AWKWARD_VALUES:
             key = IdentityKey("deep_link_token", value)
-            first = await target.execute(upsert(key), f"{value}:1")
-            second = await target.execute(upsert(key, first_name="Ada"), f"{value}:2")
+            first = await target.execute(upsert(key), CallContext(f"{value}:1"))
+            second = await target.execute(upsert(key, first_name="Ada"), CallContext(f"{value}:2"))
             assert first.created and second.record_id == first.record_id, value
             (lead,) = emulator.find("Lead", "Deep_Link_Token__c", value)
             assert (lead["Id"], lead["FirstName"]) == (first.record_id, "Ada"), value
             deal = CreateDeal(rule="r", identity=(key,), key=value, title="Referral")
-            made = await target.execute(deal, f"{value}:deal")
+            made = await target.execute(deal, CallContext(f"{value}:deal"))
             assert made.created, value
             (opportunity,) = emulator.find("Opportunity", "Linkcrm_Deal_Key__c", value)
             assert opportunity["Id"] == made.record_id

@@ -39,7 +39,7 @@ def check(store: Storage) -> Checker:
                 client, instance_url="http://sf.test", field_map=FIELD_MAP, identities=store,
                 rate_limits=store, credentials=ClientCredentials(
                     emulator.client_id, secret or emulator.client_secret))
-            return await doctor(target)
+            return [str(finding) for finding in await doctor(target)]
 
     return run
 

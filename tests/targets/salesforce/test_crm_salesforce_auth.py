@@ -15,7 +15,7 @@ from engine.actions import IdentityKey, UpsertContact
 from engine.config.fieldmap import load_field_map
 from engine.errors import PermanentCRMError, RetryableCRMError
 from engine.storage import Storage, open_storage
-from engine.targets.base import CredentialsRefused
+from engine.targets.base import CallContext, CredentialsRefused
 from engine.targets.salesforce.auth import ClientCredentials, JwtBearer, SalesforceSettings
 from engine.targets.salesforce.target import SalesforceTarget
 from tests.emulators.salesforce import SalesforceEmulator
@@ -66,11 +66,11 @@ async def make(emulator: SalesforceEmulator,
 async def test_concurrent_requests_share_one_refresh(
         emulator: SalesforceEmulator, make: Callable[..., SalesforceTarget]) -> None:
     target = make(requests_per_second=1000.0)
-    await target.execute(upsert(), "k")
+    await target.execute(upsert(), CallContext("k"))
     emulator.revoke_all()
     emulator.latency = 0.01  # every request is in flight while the others fail
     keys = [IdentityKey("deep_link_token", f"t{n}") for n in range(20)]
-    await asyncio.gather(*(target.execute(upsert(key), "k") for key in keys))
+    await asyncio.gather(*(target.execute(upsert(key), CallContext("k")) for key in keys))
     assert emulator.counters["token_issued"] == 2 and len(emulator.leads) == 21
     assert emulator.counters["unauthorized"] == 20
 
@@ -79,11 +79,11 @@ async def test_a_fresh_token_refused_again_is_retryable_and_bad_credentials_perm
         emulator: SalesforceEmulator, make: Callable[..., SalesforceTarget]) -> None:
     emulator.token_lifetime = 0
     with pytest.raises(RetryableCRMError, match="401 again"):
-        await make().execute(upsert(), "k")
+        await make().execute(upsert(), CallContext("k"))
     assert emulator.counters["token_issued"] == 2
     bad = ClientCredentials(emulator.client_id, "wrong-secret")
     with pytest.raises(PermanentCRMError, match="invalid_client") as caught:
-        await make(credentials=bad).execute(upsert(), "k")
+        await make(credentials=bad).execute(upsert(), CallContext("k"))
     assert "wrong-secret" not in str(caught.value)
 
 
@@ -91,7 +91,7 @@ async def test_an_exhausted_daily_allocation_is_retryable_with_the_backoff(
         emulator: SalesforceEmulator, make: Callable[..., SalesforceTarget]) -> None:
     emulator.api_limit = emulator.api_usage = 500
     with pytest.raises(RetryableCRMError, match="REQUEST_LIMIT_EXCEEDED") as caught:
-        await make(limit_backoff=42.0).execute(upsert(), "k")
+        await make(limit_backoff=42.0).execute(upsert(), CallContext("k"))
     assert caught.value.retry_after == 42.0
 
 
@@ -107,10 +107,10 @@ async def test_near_the_allocation_requests_slow_to_its_refill_rate(
 
     now = 1000.0
     target.api.pacer.sleep, target.api.pacer.clock = sleep, lambda: now
-    await target.execute(upsert(), "k")  # 82/100 after: not near yet
+    await target.execute(upsert(), CallContext("k"))  # 82/100 after: not near yet
     assert sleeps == [] and target.api.usage == (82, 100)
     emulator.api_usage = 95
-    await target.execute(upsert(deep_link_prefix="x"), "k")
+    await target.execute(upsert(deep_link_prefix="x"), CallContext("k"))
     assert sleeps and sleeps[0] == pytest.approx(0.5)  # 50 s / 100 requests
 
 
@@ -128,7 +128,7 @@ async def test_server_errors_and_timeouts_are_retryable(
 
     async with httpx.AsyncClient(transport=httpx.MockTransport(handler)) as mock:
         with pytest.raises(RetryableCRMError):
-            await make(client=mock).execute(upsert(), "k")
+            await make(client=mock).execute(upsert(), CallContext("k"))
 
 
 async def test_a_token_endpoint_asking_for_a_retry_is_retryable(
@@ -139,7 +139,7 @@ async def test_a_token_endpoint_asking_for_a_retry_is_retryable(
 
     async with httpx.AsyncClient(transport=httpx.MockTransport(handler)) as mock:
         with pytest.raises(RetryableCRMError, match="retry your request"):
-            await make(client=mock).execute(upsert(), "k")
+            await make(client=mock).execute(upsert(), CallContext("k"))
 
 
 @pytest.mark.parametrize(("status", "body", "expected"), [

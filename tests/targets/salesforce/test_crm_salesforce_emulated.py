@@ -17,7 +17,7 @@ from engine.errors import CRMError, PermanentCRMError, RetryableCRMError
 from engine.rules.evaluator import plan
 from engine.rules.files import load_ruleset
 from engine.storage import Storage, open_storage
-from engine.targets.base import Outcome
+from engine.targets.base import CallContext, Outcome
 from engine.targets.salesforce.auth import ClientCredentials, Credentials, JwtBearer
 from engine.targets.salesforce.target import SalesforceTarget
 from engine.worker.retrying import RetryPolicy, call_with_retries
@@ -47,10 +47,10 @@ def story(token: str, email: str = "ada@example.com") -> list[dict[str, Any]]:
     ]
 
 
-def actions_of(event: dict[str, Any]) -> list[tuple[Action, str]]:
+def actions_of(event: dict[str, Any]) -> list[tuple[Action, CallContext]]:
     result = plan(event, RULES)
     assert result.failures == ()
-    return [(action, f"{event['event']}:{action.rule}:{n}")
+    return [(action, CallContext(f"{event['event']}:{action.rule}:{n}"))
             for n, action in enumerate(result.actions)]
 
 
@@ -144,7 +144,7 @@ async def test_the_shipped_story_makes_one_lead_and_one_opportunity(
             assert all(isinstance(r, Outcome) for r in results), results
         else:
             for action, key in items:
-                await target.execute(action, key)
+                await target.execute(action, CallContext(key))
     assert_story_landed(emulator, "tok_story")
     assert len(emulator.leads) == len(emulator.opportunities) == 1
     assert emulator.counters["token_issued"] == 1
@@ -161,14 +161,14 @@ async def test_an_expired_session_mid_run_costs_one_refresh_and_no_failure(
     target = make(url)
     events = story("tok_expiry")
     for action, key in actions_of(events[0]) + actions_of(events[1]):
-        await target.execute(action, key)
+        await target.execute(action, CallContext(key))
     if how == "expired":
         now[0] += 901  # the org's session timeout passed
     else:
         emulator.revoke_all()  # an admin ended every session
     for event in events[2:]:
         for action, key in actions_of(event):
-            await target.execute(action, key)
+            await target.execute(action, CallContext(key))
     assert_story_landed(emulator, "tok_expiry")
     assert (emulator.counters["token_issued"], emulator.counters["unauthorized"]) == (2, 1)
 
@@ -177,7 +177,7 @@ async def test_a_jwt_for_a_user_who_has_not_approved_the_app_is_permanent(
         emulator: SalesforceEmulator, make: Callable[..., SalesforceTarget], url: str) -> None:
     action = UpsertContact(rule="r", identity=(IdentityKey("deep_link_token", "t"),))
     with pytest.raises(PermanentCRMError, match="invalid_grant: user hasn't approved"):
-        await make(url, jwt(emulator, "someone@else.com")).execute(action, "k")
+        await make(url, jwt(emulator, "someone@else.com")).execute(action, CallContext("k"))
 
 
 @pytest.mark.parametrize(("setup", "expected"), [
@@ -202,7 +202,7 @@ async def test_refusals_are_permanent_and_carry_salesforce_s_message(
     try:
         with pytest.raises(PermanentCRMError, match=expected):
             for action, key in actions_of(story("tok_bad")[0]):
-                await make(url).execute(action, key)
+                await make(url).execute(action, CallContext(key))
     finally:
         lead_fields["Deep_Link_Token__c"].external_id = True
         emulator.org.validation_rules.clear()
@@ -214,14 +214,14 @@ async def test_an_exhausted_allocation_backs_off_and_then_goes_through(
     target = make(url, usage_window=1.0)  # near the end: 1 s / 1000 requests between requests
     (action, key), *_ = actions_of(story("tok_limit")[0])
     with pytest.raises(RetryableCRMError, match="403: REQUEST_LIMIT_EXCEEDED"):
-        await target.execute(action, key)
+        await target.execute(action, CallContext(key))
     waits: list[float] = []
 
     async def sleep(seconds: float) -> None:
         waits.append(seconds)
         emulator.api_usage = 0  # the rolling 24 hours moved on
 
-    await call_with_retries(lambda: target.execute(action, key), FAST, sleep)
+    await call_with_retries(lambda: target.execute(action, CallContext(key)), FAST, sleep)
     assert waits and len(emulator.leads) == 1
 
 
@@ -233,11 +233,11 @@ async def test_with_20_percent_faults_every_event_lands_once(
     with serve(faulty) as faulty_url:
         target = make(faulty_url)
 
-        async def single(items: list[tuple[Action, str]]) -> None:
-            for action, key in items:
-                await call_with_retries(lambda a=action, k=key: target.execute(a, k), FAST)
+        async def single(items: list[tuple[Action, CallContext]]) -> None:
+            for action, context in items:
+                await call_with_retries(lambda a=action, c=context: target.execute(a, c), FAST)
 
-        async def batched(items: list[tuple[Action, str]]) -> None:
+        async def batched(items: list[tuple[Action, CallContext]]) -> None:
             pending = items
             for _ in range(FAST.max_attempts):
                 results = await target.execute_many(pending)
