@@ -6,6 +6,8 @@ import click
 
 from engine import __version__
 from engine.cli.admin import doctor_command, provision_command
+from engine.cli.diff import diff
+from engine.cli.export import export_events
 from engine.cli.ops import crm, events, purge, replay
 from engine.cli.rules import bench, explain, test, validate
 from engine.cli.samples import send_samples
@@ -22,6 +24,7 @@ def main() -> None:
       linkcrm validate rules/
       linkcrm test rules/
       linkcrm explain event.json --target hubspot
+      linkcrm diff main-rules/ rules/ --since 7d
 
     \b
     Run the service and look at what it did:
@@ -36,10 +39,11 @@ def main() -> None:
     """
 
 
-for command in (validate, test, explain, bench):
+for command in (validate, test, explain, diff, bench):
     main.add_command(command)
 for command in (serve, worker, migrate):
     main.add_command(command)
+events.add_command(export_events)
 for command in (events, replay, crm, purge):
     main.add_command(command)
 main.add_command(send_samples)

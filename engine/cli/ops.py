@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import re
 import sys
 from collections.abc import Callable
 from datetime import timedelta
@@ -28,7 +27,7 @@ from engine.storage import (
 )
 
 from .output import FORMAT_OPTION, emit_json, fail, safe, safe_json
-from .params import LIMIT, ROW_ID
+from .params import LIMIT, ROW_ID, duration
 from .runtime import iso, load_settings, rules_location, with_storage
 
 STATUS = click.Choice(EVENT_STATUSES)
@@ -336,27 +335,8 @@ def _show_deals(rows: list[Row]) -> None:
                    f"  contact: {row['contact_id'] or '-'}  key: {safe(row['key'])}")
 
 
-_DURATION = re.compile(r"^\s*(\d+)\s*([smhdw])\s*$")
-_LONGEST = timedelta(days=36_500)
-_UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days", "w": "weeks"}
-
-
-def _duration(_ctx: click.Context | None, _param: click.Parameter | None,
-              value: str) -> timedelta:
-    match = _DURATION.match(value)
-    if match is None:
-        raise click.BadParameter(f"{value!r} is not a duration; use e.g. 30d, 12h, 90m or 2w")
-    try:
-        age = timedelta(**{_UNITS[match.group(2)]: int(match.group(1))})
-    except OverflowError:  # more days than a timedelta holds
-        age = _LONGEST * 2
-    if age > _LONGEST:
-        raise click.BadParameter(f"{value!r} is more than 100 years; use at most 36500d")
-    return age
-
-
 @click.command()
-@click.option("--older-than", "older_than", required=True, callback=_duration,
+@click.option("--older-than", "older_than", required=True, callback=duration,
               help="Age, e.g. 30d, 12h, 2w.")
 @FORMAT_OPTION
 def purge(older_than: timedelta, output_format: str) -> None:

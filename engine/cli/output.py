@@ -60,6 +60,20 @@ def safe_json(value: Any, indent: int | None = None) -> str:
     return _UNSAFE_IN_JSON.sub(lambda match: f"\\u{ord(match.group()):04x}", text)
 
 
+def escape_json(text: str) -> str:
+    r"""JSON text from `json.dumps(..., ensure_ascii=False)` with lone surrogates, line
+    separators and other invisible characters as `\uXXXX` escapes: still the same JSON, and
+    valid UTF-8 that no line-splitter splits."""
+    return _UNSAFE_IN_JSON.sub(lambda match: f"\\u{ord(match.group()):04x}", text)
+
+
+def json_line(value: Any) -> str:
+    """`value` as one line of JSON Lines: compact, non-ASCII kept readable, invisible
+    characters escaped. Raises ValueError for a NaN or infinite number."""
+    return escape_json(json.dumps(value, ensure_ascii=False, allow_nan=False,
+                                  separators=(",", ":")))
+
+
 def emit_json(value: Any) -> None:
     click.echo(safe_json(value, indent=2))
 

@@ -4,6 +4,8 @@ a value out of range is a usage error (exit 2) that says the range, never a trac
 from __future__ import annotations
 
 import math
+import re
+from datetime import timedelta
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -48,3 +50,23 @@ def not_blank(_ctx: click.Context | None, param: click.Parameter | None, value: 
     if not value.strip():
         raise click.BadParameter("must not be empty")
     return value
+
+
+_DURATION = re.compile(r"^\s*(\d+)\s*([smhdw])\s*$")
+_LONGEST = timedelta(days=36_500)
+_UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days", "w": "weeks"}
+
+
+def duration(_ctx: click.Context | None, _param: click.Parameter | None,
+             value: str) -> timedelta:
+    """An age such as 30d, 12h, 90m or 2w (at most 100 years)."""
+    match = _DURATION.match(value)
+    if match is None:
+        raise click.BadParameter(f"{value!r} is not a duration; use e.g. 30d, 12h, 90m or 2w")
+    try:
+        age = timedelta(**{_UNITS[match.group(2)]: int(match.group(1))})
+    except OverflowError:  # more days than a timedelta holds
+        age = _LONGEST * 2
+    if age > _LONGEST:
+        raise click.BadParameter(f"{value!r} is more than 100 years; use at most 36500d")
+    return age

@@ -74,9 +74,10 @@ def load_rules(settings: Settings) -> RuleSet:
 
 
 def with_storage(settings: Settings, work: Callable[[Storage], Awaitable[T]], *,
-                 create: bool = False) -> T:
-    """Open the database, run `work`, close it; a StorageError exits 1 naming the database.
-    Only `create` (serve, migrate) makes a SQLite file that does not exist yet."""
+                 create: bool = False, failure_code: int = 1) -> T:
+    """Open the database, run `work`, close it; a StorageError exits 1 (or `failure_code`)
+    naming the database. Only `create` (serve, migrate) makes a SQLite file that does not
+    exist yet."""
 
     async def run() -> T:
         storage = open_storage(settings.database_url, create=create)
@@ -88,7 +89,7 @@ def with_storage(settings: Settings, work: Callable[[Storage], Awaitable[T]], *,
     try:
         return asyncio.run(run())
     except StorageError as error:
-        storage_failed(settings, error)
+        storage_failed(settings, error, failure_code)
 
 
 def database_label(url: str) -> str:
@@ -98,11 +99,12 @@ def database_label(url: str) -> str:
     return redact_url(url)
 
 
-def storage_failed(settings: Settings, error: StorageError) -> NoReturn:
-    """Exit 1 with the error, naming the database unless the message already does."""
+def storage_failed(settings: Settings, error: StorageError, code: int = 1) -> NoReturn:
+    """Exit 1 (or `code`) with the error, naming the database unless the message already
+    does."""
     label = database_label(settings.database_url)
     message = str(error)
-    fail(message if label in message else f"{label}: {message}")
+    fail(message if label in message else f"{label}: {message}", code)
 
 
 def iso(moment: datetime | None) -> str | None:

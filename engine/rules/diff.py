@@ -1,0 +1,374 @@
+"""Two rule sets on the same recorded events: what changes, per rule, action and field.
+
+`Differ(old, new)` plans each event under both rule sets (`add`) and counts, per rule, action
+and field, the events whose plan changes, keeping a few examples of each change (`result`).
+It holds counts and examples only, never the events, so any number of events streams through.
+Pure: no storage, no clock, no output; the caller reads the events and says where each is from.
+
+An action is found in both plans by its place: rule, kind and ordinal among the rule's actions
+of that kind (as idempotency keys count them), so editing one action never shows as another.
+What is compared of an action are its *facets*: `identity` (keys in priority order), each
+written field as `set.<field>` / `set_once.<field>`, and `stage`, `key`, `title`, `amount`.
+`canonical` facets are the plan as the rules write it; `target_lens(dialect)` gives what one CRM
+receives (its field names, values coerced, a value it cannot take as a failure).
+
+    differ = Differ(old_rules, new_rules)
+    for event in events:            # Recorded(ref="event 42", envelope={...}, id=42)
+        differ.add(event)
+    differ.result().changes[0].as_dict()["field"]        # 'set_once.first_touch_platform'
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from dataclasses import field as dataclass_field
+from typing import Any, Literal
+
+from engine.actions import JSON, Action
+from engine.config.fieldmap import Dialect, FieldMap
+from engine.rules.evaluator import Plan, plan
+from engine.rules.explain import target_view
+from engine.rules.model import RuleSet
+
+ChangeKind = Literal["new-action", "dropped-action", "starts-failing", "stops-failing",
+                     "error-changed", "changed", "added", "removed"]
+CHANGE_KINDS: tuple[ChangeKind, ...] = ("new-action", "dropped-action", "starts-failing",
+                                        "stops-failing", "error-changed", "changed", "added",
+                                        "removed")
+
+WHEN = "when"  # the action name of a rule's `when` condition, which fails like an action
+
+
+@dataclass(frozen=True)
+class Recorded:
+    """One recorded event: `ref` says where it is from ("event 42", "events.jsonl:17"),
+    `envelope` is its parsed body (`{"event", "timestamp", "data"}`), `id` its inbox id."""
+
+    ref: str
+    envelope: Any
+    id: int | None = None
+
+
+@dataclass(frozen=True)
+class Failed:
+    """An action that fails: at evaluation, by a value no store can take, or for one CRM."""
+
+    message: str
+
+
+Facets = dict[str, Any]  # identity as ((field, value), ...); the others JSON values
+Slot = Facets | Failed
+Lens = Callable[[Action, FieldMap], Slot]
+Screen = Callable[[Action], str | None]
+SlotKey = tuple[str, str, int]  # rule, action kind (or WHEN), ordinal among that kind
+
+
+def canonical(action: Action, _field_map: FieldMap) -> Slot:
+    """The action's facets as the rules plan them, in canonical field names."""
+    facets: Facets = {"identity": tuple((key.field, key.value) for key in action.identity)}
+    for name, value in action.payload().items():
+        if name in action.field_maps and isinstance(value, dict):
+            for field_name, written in value.items():
+                facets[f"{name}.{field_name}"] = written
+        elif value is not None:
+            facets[name] = value
+    return facets
+
+
+def target_lens(dialect: Dialect) -> Lens:
+    """Facets as `dialect`'s target receives the action: its field names, coerced values; a
+    field it does not map is not written; a value it cannot take fails the action."""
+
+    def facets(action: Action, field_map: FieldMap) -> Slot:
+        view = target_view(action, field_map, dialect)
+        if view.errors:
+            return Failed(f"{dialect.target}: " + "; ".join(view.errors))
+        found: Facets = {"identity": tuple(view.identity.items())}
+        for map_name, values in view.fields.items():
+            for name, value in values.items():
+                found[f"{map_name}.{name}"] = value
+        found.update(view.scalars)
+        if view.stage is not None:
+            found["stage"] = view.stage["value"]
+        return found
+
+    return facets
+
+
+def identity_json(pairs: Any) -> JSON:
+    """The identity facet as JSON: `{field: value}` in priority order."""
+    return {str(name): value for name, value in pairs}
+
+
+def public(slot: Slot | None) -> JSON:
+    """A slot as JSON for examples: its facets, `{"error": message}`, or null (not planned)."""
+    if slot is None:
+        return None
+    if isinstance(slot, Failed):
+        return {"error": slot.message}
+    return {name: identity_json(value) if name == "identity" else value
+            for name, value in slot.items()}
+
+
+def same(a: Any, b: Any) -> bool:
+    """JSON equality that tells `1`, `1.0` and `true` apart (Python's == does not)."""
+    if type(a) is not type(b):
+        return False
+    if isinstance(a, dict):
+        return a.keys() == b.keys() and all(same(value, b[key]) for key, value in a.items())
+    if isinstance(a, list | tuple):
+        return len(a) == len(b) and all(map(same, a, b))
+    return bool(a == b) or (a != a and b != b)  # a NaN is the same as itself here
+
+
+@dataclass
+class Example:
+    """One event that shows a change: the value before and after (null: not planned, not
+    written; `{"error": ...}`: the action fails)."""
+
+    ref: str
+    id: int | None
+    event_type: str
+    identity: JSON
+    before: JSON
+    after: JSON
+
+    def as_dict(self) -> dict[str, JSON]:
+        return {"event": self.ref, "id": self.id, "event_type": self.event_type,
+                "identity": self.identity, "before": self.before, "after": self.after}
+
+
+@dataclass
+class Change:
+    """Events in which one rule's action (or one field of it) changes one way."""
+
+    rule: str
+    action: str
+    ordinal: int
+    field: str | None  # None: the action as a whole (planned, dropped, failing)
+    kind: ChangeKind
+    events: int = 0
+    examples: list[Example] = dataclass_field(default_factory=list)
+
+    @property
+    def label(self) -> str:
+        """`create_deal`, or `create_deal#2` for a rule's second action of that kind."""
+        return self.action if self.ordinal == 0 else f"{self.action}#{self.ordinal + 1}"
+
+    def as_dict(self) -> dict[str, JSON]:
+        return {"rule": self.rule, "action": self.action, "ordinal": self.ordinal,
+                "field": self.field, "change": self.kind, "events": self.events,
+                "examples": [example.as_dict() for example in self.examples]}
+
+
+@dataclass
+class DiffResult:
+    events: int
+    changed_events: int
+    changes: list[Change]
+
+
+class _Row:
+    """One change being counted; keeps up to `wanted` examples, distinct values first."""
+
+    def __init__(self, change: Change, wanted: int) -> None:
+        self.change = change
+        self.wanted = wanted
+        self.distinct: list[tuple[int, Example]] = []  # (the how-manieth offer, example)
+        self.seen: set[str] = set()
+        self.first: list[tuple[int, Example]] = []
+
+    def offer(self, event: Recorded, event_type: str, identity: JSON, before: JSON,
+              after: JSON) -> None:
+        self.change.events += 1
+        if len(self.distinct) >= self.wanted:
+            return
+        example = Example(event.ref, event.id, event_type, identity, before, after)
+        signature = json.dumps([example.before, example.after], sort_keys=True, default=repr)
+        if signature not in self.seen:
+            self.seen.add(signature)
+            self.distinct.append((self.change.events, example))
+        elif len(self.first) < self.wanted:
+            self.first.append((self.change.events, example))
+
+    def finish(self) -> Change:
+        """The change with its examples: every distinct before/after up to `wanted`, topped
+        up with repeats, in the order the events came."""
+        shown = self.distinct + self.first[:self.wanted - len(self.distinct)]
+        self.change.examples = [example for _, example in sorted(shown, key=lambda s: s[0])]
+        return self.change
+
+
+class _Side:
+    """One rule set, ready to turn plans into slots."""
+
+    def __init__(self, ruleset: RuleSet, lens: Lens, screen: Screen | None) -> None:
+        self.ruleset = ruleset
+        self.by_name = {rule.name: rule for rule in ruleset.rules}
+        self.lens = lens
+        self.screen = screen
+
+    def slots(self, result: Plan) -> dict[SlotKey, Slot]:
+        found: dict[SlotKey, Slot] = {}
+        failed: dict[tuple[str, int], str] = {}
+        for failure in result.failures:
+            if failure.index < 0:
+                found[(failure.rule, WHEN, 0)] = Failed(failure.message)
+            failed[(failure.rule, failure.index)] = failure.message
+        by_rule: dict[str, list[Action]] = {}
+        for action in result.actions:
+            by_rule.setdefault(action.rule, []).append(action)
+        field_map = self.ruleset.field_map
+        for name in result.matched:
+            rule = self.by_name.get(name)
+            if rule is None:
+                continue
+            actions = iter(by_rule.get(name, ()))
+            seen: dict[str, int] = {}
+            for template in rule.actions:
+                kind = template.kind.kind
+                ordinal = seen.get(kind, 0)
+                seen[kind] = ordinal + 1
+                message = failed.get((name, template.index))
+                slot: Slot
+                if message is not None:
+                    slot = Failed(message)
+                else:
+                    planned = next(actions, None)
+                    if planned is None:  # a plan its rule set does not explain: never expected
+                        continue
+                    problem = self.screen(planned) if self.screen is not None else None
+                    slot = (Failed(f"{problem}: no store or CRM can take it") if problem
+                            else self.lens(planned, field_map))
+                found[(name, kind, ordinal)] = slot
+        return found
+
+
+def _identity(*slots: Slot | None) -> JSON:
+    for slot in slots:
+        if isinstance(slot, dict):
+            return identity_json(slot["identity"])
+    return None
+
+
+Found = tuple[SlotKey, str | None, ChangeKind, Any, Any]  # slot, field, kind, before, after
+
+
+def _compare(old: dict[SlotKey, Slot], new: dict[SlotKey, Slot]) -> Iterator[Found]:
+    for key in (*old, *(k for k in new if k not in old)):
+        before, after = old.get(key), new.get(key)
+        if isinstance(before, Failed) or isinstance(after, Failed):
+            if isinstance(before, Failed) and isinstance(after, Failed):
+                if before.message != after.message:
+                    yield key, None, "error-changed", public(before), public(after)
+            elif isinstance(after, Failed):
+                yield key, None, "starts-failing", public(before), public(after)
+            else:
+                yield key, None, "stops-failing", public(before), public(after)
+        elif before is None:
+            yield key, None, "new-action", None, public(after)
+        elif after is None:
+            yield key, None, "dropped-action", public(before), None
+        else:
+            for name in (*before, *(n for n in after if n not in before)):
+                if name not in after:
+                    yield key, name, "removed", _shown(name, before[name]), None
+                elif name not in before:
+                    yield key, name, "added", None, _shown(name, after[name])
+                elif not same(before[name], after[name]):
+                    yield key, name, "changed", _shown(name, before[name]), \
+                        _shown(name, after[name])
+
+
+def _shown(name: str, value: Any) -> JSON:
+    shown: JSON = identity_json(value) if name == "identity" else value
+    return shown
+
+
+def _identical(before: Plan, after: Plan) -> bool:
+    """The two plans are the same, value types included (so no slot can differ)."""
+    if before.actions != after.actions or before.failures != after.failures \
+            or before.matched != after.matched:
+        return False
+    # == holds; only a `1` against a `true` or `1.0` could still differ.
+    return all(same(a.payload(), b.payload())
+               for a, b in zip(before.actions, after.actions, strict=True))
+
+
+class Differ:
+    """Counts what changes between `old` and `new` over the events given to `add`.
+
+    `lens` says what of an action is compared (`canonical`, or `target_lens(dialect)`);
+    `screen(action)` says why no store could take a planned action (the worker's own check),
+    so an action the worker would refuse counts as failing; `examples` per change.
+    """
+
+    def __init__(self, old: RuleSet, new: RuleSet, *, lens: Lens = canonical,
+                 screen: Screen | None = None, examples: int = 3) -> None:
+        self._old = _Side(old, lens, screen)
+        self._new = _Side(new, lens, screen)
+        # Equal plans give equal slots unless the lens reads the two field maps differently.
+        self._shortcut = lens is canonical or _same_map(old.field_map, new.field_map)
+        self._examples = examples
+        self._rows: dict[tuple[SlotKey, str | None, ChangeKind], _Row] = {}
+        self.events = 0
+        self.changed_events = 0
+
+    def add(self, event: Recorded) -> None:
+        self.events += 1
+        before = plan(event.envelope, self._old.ruleset)
+        after = plan(event.envelope, self._new.ruleset)
+        if self._shortcut and _identical(before, after):
+            return
+        old_slots, new_slots = self._old.slots(before), self._new.slots(after)
+        changed = False
+        for key, name, kind, was, now in _compare(old_slots, new_slots):
+            changed = True
+            row = self._rows.get((key, name, kind))
+            if row is None:
+                rule, action, ordinal = key
+                row = _Row(Change(rule, action, ordinal, name, kind), self._examples)
+                self._rows[(key, name, kind)] = row
+            identity = _identity(new_slots.get(key), old_slots.get(key))
+            row.offer(event, before.event_type, identity, was, now)
+        self.changed_events += changed
+
+    def result(self) -> DiffResult:
+        """The changes, rule by rule in rule-file order, each action's in template order."""
+        order = _order(self._new.ruleset, self._old.ruleset)
+        kinds = {kind: index for index, kind in enumerate(CHANGE_KINDS)}
+
+        def position(item: tuple[tuple[SlotKey, str | None, ChangeKind], _Row]) -> Any:
+            (key, name, kind), _ = item
+            return (order.get(key, (len(order), 0)), key, name is not None, name or "",
+                    kinds[kind])
+
+        changes = [row.finish() for _, row in sorted(self._rows.items(), key=position)]
+        return DiffResult(self.events, self.changed_events, changes)
+
+
+def _order(*rulesets: RuleSet) -> dict[SlotKey, tuple[int, int]]:
+    """Each slot's place: its rule's position (first rule set first), its template's index."""
+    order: dict[SlotKey, tuple[int, int]] = {}
+    position = 0
+    for ruleset in rulesets:
+        for rule in ruleset.rules:
+            if (rule.name, WHEN, 0) in order:
+                continue
+            order[(rule.name, WHEN, 0)] = (position, -1)
+            seen: dict[str, int] = {}
+            for template in rule.actions:
+                kind = template.kind.kind
+                order[(rule.name, kind, seen.get(kind, 0))] = (position, template.index)
+                seen[kind] = seen.get(kind, 0) + 1
+            position += 1
+    return order
+
+
+def _same_map(old: FieldMap, new: FieldMap) -> bool:
+    return (old.fields, old.contact_stages, old.deal_stages, old.contact_stage_field,
+            old.deal_pipeline) == (new.fields, new.contact_stages, new.deal_stages,
+                                   new.contact_stage_field, new.deal_pipeline)
+
