@@ -342,28 +342,28 @@ class Differ:
 
         def position(item: tuple[tuple[SlotKey, str | None, ChangeKind], _Row]) -> Any:
             (key, name, kind), _ = item
-            return (order.get(key, (len(order), 0)), key, name is not None, name or "",
+            return (order.get(key, (len(order), 0, 0)), key, name is not None, name or "",
                     kinds[kind])
 
         changes = [row.finish() for _, row in sorted(self._rows.items(), key=position)]
         return DiffResult(self.events, self.changed_events, changes)
 
 
-def _order(*rulesets: RuleSet) -> dict[SlotKey, tuple[int, int]]:
-    """Each slot's place: its rule's position (first rule set first), its template's index."""
-    order: dict[SlotKey, tuple[int, int]] = {}
-    position = 0
-    for ruleset in rulesets:
+def _order(*rulesets: RuleSet) -> dict[SlotKey, tuple[int, int, int]]:
+    """Each slot's place: its rule's position (in the first rule set that has the rule), its
+    template's index, and which rule set's template list that index is from."""
+    order: dict[SlotKey, tuple[int, int, int]] = {}
+    positions: dict[str, int] = {}
+    for side, ruleset in enumerate(rulesets):
         for rule in ruleset.rules:
-            if (rule.name, WHEN, 0) in order:
-                continue
-            order[(rule.name, WHEN, 0)] = (position, -1)
+            position = positions.setdefault(rule.name, len(positions))
+            order.setdefault((rule.name, WHEN, 0), (position, -1, 0))
             seen: dict[str, int] = {}
             for template in rule.actions:
                 kind = template.kind.kind
-                order[(rule.name, kind, seen.get(kind, 0))] = (position, template.index)
+                order.setdefault((rule.name, kind, seen.get(kind, 0)),
+                                 (position, template.index, side))
                 seen[kind] = seen.get(kind, 0) + 1
-            position += 1
     return order
 
 
