@@ -74,8 +74,8 @@ def _value(change: Change, value: Any, limit: int = 100) -> str:
         if set(value) == {"error"}:
             return _short(f"error: {value['error']}", 2 * limit)
         shown = [f"{name}={safe_json(item)}" for name, item in value.items()
-                 if name != "identity"]
-        return _short(", ".join(shown) or "(no fields)", limit)
+                 if name != "identity"]  # the identity is shown with the event
+        return _short(", ".join(shown) or "(no fields)", 2 * limit)
     return _short(safe_json(value), limit)
 
 

@@ -160,6 +160,7 @@ def read_event_file(path: str, limit: int | None = None) -> Iterator[Recorded]:
     """The events in a JSON Lines file (`-`: standard input), in file order, at most `limit`.
     Raises EventFileError for the first line that is not an event, naming it."""
     stream: IO[bytes]
+    name = "standard input" if path == "-" else path
     if path == "-":
         stream = sys.stdin.buffer
     else:
@@ -170,7 +171,7 @@ def read_event_file(path: str, limit: int | None = None) -> Iterator[Recorded]:
     count = 0
     try:
         for number, raw in enumerate(stream, 1):
-            recorded = _line(path, number, raw)
+            recorded = _line(name, number, raw)
             if recorded is None:
                 continue
             yield recorded
@@ -178,7 +179,7 @@ def read_event_file(path: str, limit: int | None = None) -> Iterator[Recorded]:
             if limit is not None and count >= limit:
                 return
     except OSError as error:
-        raise EventFileError(path, 0, f"cannot read it: {error.strerror}") from None
+        raise EventFileError(name, 0, f"cannot read it: {error.strerror}") from None
     finally:
         if stream is not sys.stdin.buffer:
             stream.close()
