@@ -35,7 +35,8 @@ def _skipped(skipped: Counter[str]) -> str:
               help="Make placeholders repeatable across exports (default: a random key per "
                    "export). Needs --redact.")
 @click.option("--output", "-o", type=click.Path(dir_okay=False), metavar="FILE",
-              help="Write to FILE (replaced only once complete); default: standard output.")
+              help="Write to FILE (replaced only once complete; its folder is made if "
+                   "missing); default: standard output.")
 def export_events(since: timedelta, limit: int | None, redact: bool, redact_key: str | None,
                   output: str | None) -> None:
     """Write recorded events as JSON Lines, newest first, one event a line:
@@ -61,6 +62,8 @@ def export_events(since: timedelta, limit: int | None, redact: bool, redact_key:
     skipped: Counter[str] = Counter()
     partial = Path(f"{output}.partial-{os.getpid()}") if output else None
     try:
+        if partial is not None:
+            partial.parent.mkdir(parents=True, exist_ok=True)
         sink: IO[bytes] = partial.open("wb") if partial else sys.stdout.buffer
     except OSError as error:
         fail(f"cannot write {output}: {error.strerror}", 2)
