@@ -91,7 +91,7 @@ def diff(old: str, new: str, events_file: str | None, since: timedelta | None,
     cannot be compared, a database that cannot be read).
 
     \b
-    Examples:
+    Example:
       linkcrm diff main-rules/ rules/ --since 7d
       linkcrm diff main-rules/ rules/ --events events.jsonl --format markdown --exit-code
     """

@@ -47,6 +47,9 @@ def test_every_numeric_parameter_has_both_bounds() -> None:
     ["send-samples", "--token", " "],
     ["serve", "--port", "65536"], ["serve", "--concurrency", "0"],
     ["worker", "--concurrency", HUGE],
+    ["diff", "a", "b", "--limit", "0"], ["diff", "a", "b", "--examples", "101"],
+    ["diff", "a", "b", "--since", "5y"], ["events", "export", "--limit", HUGE],
+    ["events", "export", "--since", "99999999999w"],
 ])
 def test_out_of_range_values_are_usage_errors(args: list[str]) -> None:
     result = CliRunner().invoke(main, args, env={"WEBHOOK_SECRET": "whsec_x"})

@@ -146,7 +146,7 @@ def test_bench_prints_rates_and_the_ratio() -> None:
     assert "events/s" in result.stdout and "of hand-written" in result.stdout
 
 
-@pytest.mark.parametrize("command", ["validate", "test", "explain", "bench"])
+@pytest.mark.parametrize("command", ["validate", "test", "explain", "diff", "bench"])
 def test_every_command_has_help_with_an_example(command: str) -> None:
     result = linkcrm(command, "--help")
     assert result.returncode == 0

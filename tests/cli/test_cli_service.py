@@ -30,6 +30,7 @@ from tests.support.service_process import (
 
 SERVICE_COMMANDS = [
     ["serve"], ["worker"], ["migrate"], ["events"], ["events", "list"], ["events", "show"],
+    ["events", "export"],
     ["replay"], ["crm"], ["crm", "contacts"], ["crm", "deals"], ["purge"], ["send-samples"],
 ]
 

@@ -27,7 +27,8 @@ PULL_REQUEST = {
     "attribution.yaml": [("            name: join(' ', [data.first_name, data.last_name][?@])\n",
                           "")],
     "attribution_test.yaml": [
-        ("                name: Alice Liddell, app_user_id: u_1}", "                app_user_id: u_1}"),
+        ("                name: Alice Liddell, app_user_id: u_1}",
+         "                app_user_id: u_1}"),
         ("set: {email: dave@example.com, first_name: Dave, name: Dave}",
          "set: {email: dave@example.com, first_name: Dave}")],
 }
