@@ -76,7 +76,8 @@ def _not_comparable(reasons: list[str], target: str | None) -> NoReturn:
 @click.option("--format", "output_format", type=click.Choice(["text", "json", "markdown"]),
               default="text", show_default=True,
               help="For people (text), machines (json) or a pull-request comment (markdown).")
-@click.option("--exit-code", is_flag=True, help="Exit 1 when any event plans differently.")
+@click.option("--exit-code", is_flag=True,
+              help="Exit 1 when any event plans differently (or cannot be compared).")
 def diff(old: str, new: str, events_file: str | None, since: timedelta | None,
          limit: int | None, target: str | None, examples: int, output_format: str,
          exit_code: bool) -> None:
@@ -86,7 +87,8 @@ def diff(old: str, new: str, events_file: str | None, since: timedelta | None,
 
     OLD and NEW are rule folders. The events are those the database recorded (--since,
     --limit) or a file from `linkcrm events export` (--events). Nothing is written anywhere.
-    Exit 0, or with --exit-code 1 when anything changes; 2 when the diff cannot run (bad
+    Exit 0, or with --exit-code 1 when anything changes (or an event could not be compared:
+    the summary says which and why); 2 when the diff cannot run (bad
     usage, rules that do not load, an events file that is not JSON Lines, field maps that
     cannot be compared, a database that cannot be read).
 
@@ -130,7 +132,8 @@ def diff(old: str, new: str, events_file: str | None, since: timedelta | None,
     report = Report(old, new, "canonical" if target is None else target, source,
                     differ.result(), skipped)
     _emit(report, output_format)
-    sys.exit(1 if exit_code and report.result.changed_events else 0)
+    result = report.result
+    sys.exit(1 if exit_code and (result.changed_events or result.uncompared) else 0)
 
 
 def _emit(report: Report, output_format: str) -> None:

@@ -45,7 +45,9 @@ class Report:
             "compared_as": self.compared_as,
             "source": self.source, "events": result.events,
             "changed_events": result.changed_events,
-            "unchanged_events": result.events - result.changed_events,
+            "unchanged_events": result.events - result.changed_events - result.uncompared,
+            "uncompared_events": result.uncompared,
+            "uncompared": list[JSON](result.uncompared_examples),
             "skipped": dict(sorted(self.skipped.items())),
             "changes": [change.as_dict() for change in result.changes],
         }
@@ -106,8 +108,13 @@ def _skipped(report: Report) -> str:
 
 def _summary(report: Report) -> str:
     result = report.result
+    same = result.events - result.changed_events - result.uncompared
     line = (f"{_events(result.events)} from {report.source}: {result.changed_events:,} plan "
-            f"differently, {result.events - result.changed_events:,} the same")
+            f"differently, {same:,} the same")
+    if result.uncompared:
+        first = result.uncompared_examples[0] if result.uncompared_examples else {}
+        line += (f", {result.uncompared:,} could not be compared (first: {first.get('event')}: "
+                 f"{first.get('error')})")
     if report.skipped:
         line += f"; skipped {_skipped(report)}"
     return line

@@ -165,9 +165,14 @@ class Change:
 
 @dataclass
 class DiffResult:
+    """`events` compared, `changed_events` among them; `uncompared`: events that could not be
+    compared at all (an error nobody foresaw), with up to `examples` of them."""
+
     events: int
     changed_events: int
     changes: list[Change]
+    uncompared: int = 0
+    uncompared_examples: list[dict[str, JSON]] = dataclass_field(default_factory=list)
 
 
 class _Row:
@@ -186,7 +191,10 @@ class _Row:
         if len(self.distinct) >= self.wanted:
             return
         example = Example(event.ref, event.id, event_type, identity, before, after)
-        signature = json.dumps([example.before, example.after], sort_keys=True, default=repr)
+        try:
+            signature = json.dumps([before, after], sort_keys=True, default=repr)
+        except (ValueError, RecursionError):  # too deep to tell apart: count it as distinct
+            signature = f"#{self.change.events}"
         if signature not in self.seen:
             self.seen.add(signature)
             self.distinct.append((self.change.events, example))
@@ -315,25 +323,37 @@ class Differ:
         self._rows: dict[tuple[SlotKey, str | None, ChangeKind], _Row] = {}
         self.events = 0
         self.changed_events = 0
+        self.uncompared = 0
+        self.uncompared_examples: list[dict[str, JSON]] = []
 
     def add(self, event: Recorded) -> None:
+        """Plan `event` under both rule sets and count what differs. An event that cannot be
+        compared (an error nobody foresaw, such as a value nested past Python's recursion
+        limit) is counted as such and never ends the diff."""
         self.events += 1
-        before = plan(event.envelope, self._old.ruleset)
-        after = plan(event.envelope, self._new.ruleset)
-        if self._shortcut and _identical(before, after):
+        try:
+            before = plan(event.envelope, self._old.ruleset)
+            after = plan(event.envelope, self._new.ruleset)
+            if self._shortcut and _identical(before, after):
+                return
+            old_slots, new_slots = self._old.slots(before), self._new.slots(after)
+            found = [(change, _identity(new_slots.get(change[0]), old_slots.get(change[0])))
+                     for change in _compare(old_slots, new_slots)]
+        except Exception as error:
+            self.uncompared += 1
+            if len(self.uncompared_examples) < self._examples:
+                self.uncompared_examples.append(
+                    {"event": event.ref, "id": event.id,
+                     "error": f"{type(error).__name__}: {error}"[:300]})
             return
-        old_slots, new_slots = self._old.slots(before), self._new.slots(after)
-        changed = False
-        for key, name, kind, was, now in _compare(old_slots, new_slots):
-            changed = True
+        for (key, name, kind, was, now), identity in found:
             row = self._rows.get((key, name, kind))
             if row is None:
                 rule, action, ordinal = key
                 row = _Row(Change(rule, action, ordinal, name, kind), self._examples)
                 self._rows[(key, name, kind)] = row
-            identity = _identity(new_slots.get(key), old_slots.get(key))
             row.offer(event, before.event_type, identity, was, now)
-        self.changed_events += changed
+        self.changed_events += bool(found)
 
     def result(self) -> DiffResult:
         """The changes, rule by rule in rule-file order, each action's in template order."""
@@ -346,7 +366,8 @@ class Differ:
                     kinds[kind])
 
         changes = [row.finish() for _, row in sorted(self._rows.items(), key=position)]
-        return DiffResult(self.events, self.changed_events, changes)
+        return DiffResult(self.events, self.changed_events, changes, self.uncompared,
+                          list(self.uncompared_examples))
 
 
 def _order(*rulesets: RuleSet) -> dict[SlotKey, tuple[int, int, int]]:

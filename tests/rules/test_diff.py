@@ -186,3 +186,18 @@ def test_an_unused_field_or_a_new_one_does_not_matter_but_stage_order_does(
     assert reasons == ["the contact stages are in another forward order: lead, customer in "
                        "OLD, customer, lead in NEW (whether a stage change moves a contact "
                        "then depends on its current stage, which a diff of plans cannot see)"]
+
+
+def test_an_event_that_cannot_be_compared_is_counted_and_the_diff_goes_on(
+        tmp_path: Path) -> None:
+    deep: Any = "bottom"
+    for _ in range(100_000):  # deeper than any recursion limit
+        deep = {"a": deep}
+    events = [{"event": "install.tracked", "timestamp": "2026-03-01T00:00:00Z",
+               "data": {"token": "t", "prefix": deep}}, *recorded_story()]
+    new = load_ruleset([edited_rules(tmp_path / "new")])
+    result = run(SHIPPED, new, events)
+    assert (result.events, result.changed_events, result.uncompared) == (6, 4, 1)
+    assert len(result.changes) == 6
+    assert result.uncompared_examples[0]["event"] == "event 1"
+    assert str(result.uncompared_examples[0]["error"]).startswith("RecursionError")
