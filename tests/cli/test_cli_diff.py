@@ -11,6 +11,7 @@ import pytest
 
 from tests.cli.test_cli_export import database, linkcrm
 from tests.support.diff_story import RULES, TOKEN, edited_rules, record, recorded_story
+from tests.support.postgres import fresh_schema, require_postgres, schema_url
 from tests.support.service_process import service_env
 
 STORY_CHANGES = [
@@ -61,6 +62,20 @@ def test_diff_of_the_recorded_story_shows_exactly_the_changed_fields(
     assert "  create_deal: deal no longer created in 1 event\n" in text.stdout
     assert (f'      event {ids[1]} (install.tracked; deep_link_token={TOKEN}): "ios" -> "iOS"'
             in text.stdout.splitlines())
+
+
+def test_export_and_diff_read_postgresql_alike(env: dict[str, str], new_rules: Path) -> None:
+    require_postgres()
+    with fresh_schema() as schema:
+        env["LINKCRM_DATABASE_URL"] = schema_url(schema)
+        ids = record(env["LINKCRM_DATABASE_URL"], recorded_story())
+        exported = linkcrm("events", "export", "--limit", "4", env=env)
+        assert exported.returncode == 0, exported.stderr
+        lines = [json.loads(line) for line in exported.stdout.splitlines()]
+        assert [line["id"] for line in lines] == ids[::-1][:4]
+        done = linkcrm("diff", "rules", str(new_rules), "--format", "json", env=env)
+        assert done.returncode == 0, done.stderr
+        assert changes(json.loads(done.stdout)) == STORY_CHANGES
 
 
 def test_exit_code_says_whether_anything_changes(env: dict[str, str], new_rules: Path) -> None:

@@ -18,8 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from engine.cli.samples import identify_body, story
-from engine.storage import NewEvent
-from engine.storage.sqlite.store import SQLiteStorage
+from engine.storage import NewEvent, open_storage
 from tests.support.paths import REPO
 
 TOKEN = "ref_sample_sam"
@@ -84,14 +83,15 @@ def edited_rules(target: Path, edits: Sequence[tuple[str, str]] = EDITS,
     return target
 
 
-def record(database: Path, envelopes: Sequence[Any], *,
+def record(database: Path | str, envelopes: Sequence[Any], *,
            bodies: Sequence[bytes] = (), received_at: datetime | None = None) -> list[int]:
-    """Store `envelopes` (and raw `bodies`) in a SQLite database as the receiver would; their
-    ids in order."""
+    """Store `envelopes` (and raw `bodies`) as the receiver would, in a SQLite file or the
+    database a URL names; their ids in order."""
     at = received_at or datetime.now(UTC)
+    url = database if isinstance(database, str) else f"sqlite:///{database}"
 
     async def run() -> list[int]:
-        storage = SQLiteStorage(database)
+        storage = open_storage(url)
         await storage.migrate()
         ids = []
         try:
