@@ -12,7 +12,8 @@ import click
 from engine.config.fieldmap import TARGETS
 from engine.errors import ConfigError
 from engine.rules.comparable import incomparable
-from engine.rules.diff import Differ, Recorded, canonical, target_lens
+from engine.rules.diff import Differ, Recorded
+from engine.rules.facets import canonical, target_lens
 from engine.rules.model import RuleSet
 from engine.storage import Storage, utc_now
 from engine.targets.registry import dialect

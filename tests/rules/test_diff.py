@@ -7,7 +7,8 @@ from typing import Any
 
 from engine.config.fieldmap import CANONICAL
 from engine.rules.comparable import incomparable
-from engine.rules.diff import Differ, DiffResult, Recorded, same, target_lens
+from engine.rules.diff import Differ, DiffResult, Recorded
+from engine.rules.facets import same, target_lens
 from engine.rules.files import load_ruleset
 from engine.rules.model import RuleSet
 from engine.targets.registry import dialect
