@@ -26,7 +26,7 @@ def _skipped(skipped: Counter[str]) -> str:
 
 
 @click.command("export")
-@click.option("--since", default="7d", show_default=True, callback=duration,
+@click.option("--since", default="7d", show_default=True, callback=duration, metavar="AGE",
               help="Only events received this recently: 30d, 12h, 90m, 2w.")
 @click.option("--limit", type=LIMIT, help="At most this many events (the newest).")
 @click.option("--redact", is_flag=True,
