@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field, fields
 from datetime import datetime
-from typing import Literal
+from typing import Any, Literal, TypeVar
 
 from engine.actions import JSON, IdentityKey
 from engine.errors import UnstorableEventError
+
+R = TypeVar("R")
+
+# What the embedded CRM's calls take: identity keys in priority order, and field values.
+Keys = Sequence[IdentityKey]
+Fields = Mapping[str, JSON]
 
 EventStatus = Literal["received", "processed", "ignored", "failed", "dead"]
 EVENT_STATUSES: tuple[EventStatus, ...] = ("received", "processed", "ignored", "failed", "dead")
@@ -75,7 +81,8 @@ def unstorable(event: NewEvent) -> UnstorableEventError | None:
 
 @dataclass(frozen=True)
 class StoreResult:
-    """`id` of the stored event, or of the earlier one when `duplicate`."""
+    """`id` of the stored event, or of the earlier one when `duplicate` (a retried delivery:
+    the receiver acknowledges it like the first, and nothing new is stored)."""
 
     id: int
     duplicate: bool
@@ -130,11 +137,11 @@ class ActionOutcome:
     """The latest outcome of one action on one target; `attempts` counts every recording."""
 
     id: int
+    target: str
+    idempotency_key: str
     event_id: int
     rule: str
     action_kind: str
-    target: str
-    idempotency_key: str
     status: OutcomeStatus
     attempts: int
     request_summary: JSON
@@ -246,6 +253,31 @@ def merge_contact_fields(
     return merged
 
 
+def advances(current: str | None, stage: str, stages: Sequence[str]) -> bool:
+    """Whether moving to `stage` goes forward along `stages` from `current`. Stages only move
+    forward; a current stage no longer in the list (renamed in the field map) counts as the
+    start."""
+    rank = stages.index(current) if current in stages else -1
+    return stages.index(stage) > rank
+
+
 def kept_fields(fields: Mapping[str, JSON]) -> dict[str, JSON]:
     """`fields` without its blank values."""
     return {name: value for name, value in fields.items() if not is_blank(value)}
+
+
+# -- rows to records ---------------------------------------------------------------------------
+
+
+def field_names(record: type[Any]) -> tuple[str, ...]:
+    """A record's fields in order: the column list a backend selects to build it."""
+    return tuple(item.name for item in fields(record))
+
+
+def from_row(record: type[R], row: Sequence[Any], **convert: Callable[[Any], Any]) -> R:
+    """The record whose fields are `row`'s columns in field order, each passed through its
+    `convert` function if it has one (a backend's time or JSON decoding)."""
+    given = dict(zip(field_names(record), row, strict=True))
+    for name, function in convert.items():
+        given[name] = function(given[name])
+    return record(**given)
