@@ -103,7 +103,7 @@ def create_app(
 
     async def store(event: NewEvent) -> Response:
         try:
-            result = await storage.store_event(event)
+            result = await storage.inbox.store(event)
         except UnstorableEventError as error:
             # It never will be: a 503 would have the sender retry it forever.
             log.info("event refused by the storage", extra={"event_type": event.event_type[:64],
@@ -312,7 +312,7 @@ class _InboxStatsCache:
             return self._value
         async with self._lock:  # the scrapes that queue here get the read just made
             if self._value is None or loop.time() - self._read_at >= self._max_age:
-                self._value = await self._storage.inbox_stats()
+                self._value = await self._storage.inbox.stats()
                 self._read_at = loop.time()
             return self._value
 

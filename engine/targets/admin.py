@@ -136,8 +136,13 @@ class _Scratch:
     async def bind_identity(self, target: str, key: IdentityKey, record_id: str) -> str:
         return self.identities.setdefault((target, key.field, key.value), record_id)
 
-    async def unbind_identity(self, target: str, key: IdentityKey) -> None:
-        self.identities.pop((target, key.field, key.value), None)
+    async def rebind_identity(self, target: str, key: IdentityKey, record_id: str) -> None:
+        self.identities[(target, key.field, key.value)] = record_id
+
+    async def unbind_identity(self, target: str, key: IdentityKey,
+                              record_id: str | None = None) -> None:
+        if record_id in (None, self.identities.get((target, key.field, key.value))):
+            self.identities.pop((target, key.field, key.value), None)
 
     async def lookup_deal(self, target: str, deal_key: str) -> str | None:
         return self.deals.get((target, deal_key))

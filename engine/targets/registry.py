@@ -11,7 +11,7 @@ import httpx
 
 from engine.config.fieldmap import FieldMap
 from engine.errors import ConfigError, Location, PermanentCRMError, Problem, RetryableCRMError
-from engine.storage import Storage
+from engine.storage import IdentityMap, LocalCRMStore, RateLimits, Storage
 from engine.targets.base import CredentialsRefused, Target, startable
 from engine.targets.credentials import HubSpotSettings, PipedriveSettings, SalesforceEnvironment
 from engine.targets.http import body_of
@@ -28,11 +28,14 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class TargetContext:
-    """What a factory may use: the environment (credentials, base URL overrides), the storage
-    (identity map, deal keys, shared rate limits), the field map and the shared HTTP client."""
+    """What a factory may use: the environment (credentials, base URL overrides), the stores
+    a target may be given (identity map and deal keys, shared rate limits, the embedded CRM),
+    the field map and the shared HTTP client."""
 
     environ: Mapping[str, str]
-    storage: Storage
+    identities: IdentityMap
+    rate_limits: RateLimits
+    local_crm: LocalCRMStore
     field_map: FieldMap
     client: httpx.AsyncClient
 
@@ -80,20 +83,20 @@ class TargetSpec:
 
 
 def _local(context: TargetContext) -> Target:
-    return LocalTarget(context.storage, context.field_map)
+    return LocalTarget(context.local_crm, context.field_map)
 
 
 def _hubspot(context: TargetContext) -> Target:
     settings = HubSpotSettings.from_env(context.environ)
-    return HubSpotTarget(context.client, settings.token, context.field_map, context.storage,
-                         context.storage, base_url=settings.base_url,
+    return HubSpotTarget(context.client, settings.token, context.field_map, context.identities,
+                         context.rate_limits, base_url=settings.base_url,
                          requests_per_window=settings.rate_limit)
 
 
 def _salesforce(context: TargetContext) -> Target:
     found = SalesforceEnvironment.from_env(context.environ)
     return SalesforceTarget.from_settings(context.client, found.settings, context.field_map,
-                                          context.storage, context.storage,
+                                          context.identities, context.rate_limits,
                                           limit_backoff=found.limit_backoff)
 
 
@@ -102,7 +105,7 @@ def _pipedrive(context: TargetContext) -> Target:
     return PipedriveTarget(context.client, api_token=settings.api_token,
                            domain=settings.domain, base_url=settings.base_url,
                            burst_limit=settings.rate_limit, field_map=context.field_map,
-                           identities=context.storage, rate_limits=context.storage)
+                           identities=context.identities, rate_limits=context.rate_limits)
 
 
 _SF_JWT = ("SF_INSTANCE_URL", "SF_CLIENT_ID", "SF_USERNAME")
@@ -171,7 +174,8 @@ def build_targets(
         targets = build_targets(os.environ, storage, ruleset.field_map, client)
         await start_targets(targets)
     """
-    context = TargetContext(environ, storage, field_map, client)
+    context = TargetContext(environ, storage.identities, storage.rate_limits, storage.local_crm,
+                            field_map, client)
     built: list[Target] = []
     for name in select_targets(environ, registry):
         factory = registry[name].factory

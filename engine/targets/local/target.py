@@ -12,7 +12,7 @@ from engine.errors import (
     StorageError,
     UnstorableValueError,
 )
-from engine.storage import Storage
+from engine.storage import LocalCRMStore
 from engine.targets.base import Outcome
 
 # The inbox event being applied, so a stage change records which event moved the contact.
@@ -28,7 +28,7 @@ class LocalTarget:
     `set_once` only fills empty fields, stages only move forward along the field map's order,
     and `create_deal` makes one deal per deal key, ever.
 
-        target = LocalTarget(storage, ruleset.field_map)
+        target = LocalTarget(storage.local_crm, ruleset.field_map)
         outcome = await target.execute(action, idempotency_key)
 
     A stage the field map does not know, or a value no store can keep (UnstorableValueError),
@@ -38,8 +38,8 @@ class LocalTarget:
 
     name = "local"
 
-    def __init__(self, storage: Storage, field_map: FieldMap) -> None:
-        self.storage = storage
+    def __init__(self, store: LocalCRMStore, field_map: FieldMap) -> None:
+        self.store = store
         self.stages = tuple(stage.name for stage in field_map.contact_stages)
 
     async def execute(self, action: Action, idempotency_key: str) -> Outcome:
@@ -54,14 +54,14 @@ class LocalTarget:
 
     async def _apply(self, action: Action) -> Outcome:
         if isinstance(action, UpsertContact):
-            contact = await self.storage.local_upsert_contact(
+            contact = await self.store.upsert_contact(
                 action.identity, action.set, action.set_once
             )
             verb = "created" if contact.created else "updated"
             return Outcome(str(contact.contact_id), f"contact {contact.contact_id} {verb}",
                            created=contact.created)
         if isinstance(action, SetStage):
-            stage = await self.storage.local_set_stage(
+            stage = await self.store.set_stage(
                 action.identity, action.stage, self.stages, current_event.get()
             )
             summary = (
@@ -73,7 +73,7 @@ class LocalTarget:
             return Outcome(str(stage.contact_id), summary)
         if isinstance(action, CreateDeal):
             amount = None if action.amount is None else float(action.amount)
-            deal = await self.storage.local_create_deal(
+            deal = await self.store.create_deal(
                 action.identity, action.key, action.title, action.stage or None, amount,
                 action.set,
             )
