@@ -41,7 +41,7 @@ INSTALL = json.dumps({
 
 
 def events(storage: SQLiteStorage) -> list[InboxEvent]:
-    return asyncio.run(storage.list_events(limit=1000))
+    return asyncio.run(storage.inbox.list_events(limit=1000))
 
 
 def post(client: TestClient, body: bytes, signature: bytes | str | None = "sign",

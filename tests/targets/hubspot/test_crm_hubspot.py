@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 from collections.abc import AsyncIterator, Awaitable, Callable
-from pathlib import Path
 from typing import Any
 
 import httpx
@@ -14,7 +13,7 @@ import pytest
 from engine.actions import CreateDeal, IdentityKey, SetStage, UpsertContact
 from engine.config.fieldmap import FieldMap, load_field_map
 from engine.errors import PermanentCRMError, RetryableCRMError
-from engine.storage import Storage, open_storage
+from engine.storage import Storage
 from engine.targets.hubspot.admin import doctor, provision
 from engine.targets.hubspot.api import (
     HubSpotAPI,
@@ -42,14 +41,6 @@ def field_map() -> FieldMap:
     return load_field_map(ROOT / "rules" / "fields.yaml")
 
 
-@pytest.fixture
-async def storage(tmp_path: Path) -> AsyncIterator[Storage]:
-    opened = open_storage(f"sqlite:///{tmp_path / 'linkcrm.db'}")
-    await opened.migrate()
-    yield opened
-    await opened.close()
-
-
 Emulator = tuple[Any, HubSpotState, httpx.AsyncClient]
 
 
@@ -63,7 +54,8 @@ async def emulator(field_map: FieldMap) -> AsyncIterator[Emulator]:
 
 def make_target(client: httpx.AsyncClient, field_map: FieldMap, storage: Storage,
                 **options: Any) -> HubSpotTarget:
-    return HubSpotTarget(client, TOKEN, field_map, storage, storage, base_url=BASE, **options)
+    return HubSpotTarget(client, TOKEN, field_map, storage.identities, storage.rate_limits,
+                         base_url=BASE, **options)
 
 
 def only_contact(state: HubSpotState) -> dict[str, str]:
@@ -190,7 +182,7 @@ async def test_set_once_keeps_the_first_value_and_stages_only_move_forward(
     assert "stays customer" in back.summary
     # Nothing left to write, so nothing was sent after the read.
     assert state.requests["POST /crm/v3/objects/contacts/batch/upsert"] == writes
-    assert await storage.lookup_identity("hubspot", list(TOK)) == first.record_id
+    assert await storage.identities.lookup_identity("hubspot", list(TOK)) == first.record_id
 
 
 async def test_a_contact_known_only_by_email_is_upserted_by_email(
@@ -224,7 +216,7 @@ async def test_a_409_updates_the_contact_that_holds_the_email(
     assert outcome.record_id == holder.id
     contact = only_contact(state)
     assert contact["deep_link_token"] == "tok_ada" and contact["firstname"] == "Ada"
-    assert await storage.lookup_identity("hubspot", list(TOK)) == holder.id
+    assert await storage.identities.lookup_identity("hubspot", list(TOK)) == holder.id
 
 
 @pytest.mark.parametrize("conflict_format", ["legacy", "identity_profile"])
@@ -495,7 +487,8 @@ async def test_statuses_map_to_the_two_errors_with_hubspots_message(
 async def test_a_wrong_token_is_permanent_and_says_how_to_fix_it(
         emulator: Emulator, field_map: FieldMap, storage: Storage) -> None:
     _, _, client = emulator
-    target = HubSpotTarget(client, "wrong", field_map, storage, storage, base_url=BASE)
+    target = HubSpotTarget(client, "wrong", field_map, storage.identities, storage.rate_limits,
+                           base_url=BASE)
     with pytest.raises(PermanentCRMError, match="HUBSPOT_ACCESS_TOKEN"):
         await target.execute(UpsertContact("r", TOK, set={"deep_link_prefix": "x"}), "k")
 

@@ -36,14 +36,6 @@ def ruleset() -> RuleSet:
     return load_ruleset(["rules"])
 
 
-@pytest.fixture
-async def storage(tmp_path: Path) -> AsyncIterator[Storage]:
-    opened = open_storage(f"sqlite:///{tmp_path / 'linkcrm.db'}")
-    await opened.migrate()
-    yield opened
-    await opened.close()
-
-
 async def provisioned(ruleset: RuleSet, **options: Any) -> PipedriveEmulator:
     emulator = PipedriveEmulator(api_token=TOKEN, **options)
     emulator.add_pipeline("Deep Link Referrals", ["Qualified", "Won"])
@@ -62,8 +54,8 @@ async def target(url: str, ruleset: RuleSet, storage: Storage, *, timeout: float
                  **options: Any) -> AsyncIterator[PipedriveTarget]:
     async with httpx.AsyncClient(timeout=timeout) as client:
         yield PipedriveTarget(client, api_token=TOKEN, base_url=url,
-                              field_map=ruleset.field_map, identities=storage,
-                              rate_limits=storage, **options)
+                              field_map=ruleset.field_map, identities=storage.identities,
+                              rate_limits=storage.rate_limits, **options)
 
 
 def story(token: str, email: str) -> list[dict[str, Any]]:

@@ -43,14 +43,6 @@ def stage(name: str, key: IdentityKey = TOKEN) -> SetStage:
 
 
 @pytest.fixture
-async def store(tmp_path: Path) -> AsyncIterator[Storage]:
-    opened = open_storage(f"sqlite:///{tmp_path / 'linkcrm.db'}")
-    await opened.migrate()
-    yield opened
-    await opened.close()
-
-
-@pytest.fixture
 def emulator() -> SalesforceEmulator:
     return SalesforceEmulator()
 
@@ -64,13 +56,13 @@ async def client(emulator: SalesforceEmulator) -> AsyncIterator[httpx.AsyncClien
 
 @pytest.fixture
 def make(client: httpx.AsyncClient, emulator: SalesforceEmulator,
-         store: Storage) -> Callable[..., SalesforceTarget]:
+         storage: Storage) -> Callable[..., SalesforceTarget]:
     def build(field_map: FieldMap = FIELD_MAP, **options: Any) -> SalesforceTarget:
         credentials = options.pop("credentials", ClientCredentials(emulator.client_id,
                                                                    emulator.client_secret))
         return SalesforceTarget(options.pop("client", client), instance_url=INSTANCE,
                                 credentials=credentials, field_map=field_map,
-                                identities=store, rate_limits=store,
+                                identities=storage.identities, rate_limits=storage.rate_limits,
                                 today=lambda: date(2026, 3, 1), **options)
 
     return build
@@ -312,7 +304,7 @@ async def test_a_deal_is_one_opportunity_even_when_linkcrm_forgot_making_it(
     await forgetful.migrate()
     target = SalesforceTarget(client, instance_url=INSTANCE, credentials=ClientCredentials(
         emulator.client_id, emulator.client_secret), field_map=FIELD_MAP,
-        identities=forgetful, rate_limits=forgetful)
+        identities=forgetful.identities, rate_limits=forgetful.rate_limits)
     assert (await target.execute(deal, "k")).record_id == first.record_id
     await forgetful.close()
     (opportunity,) = emulator.opportunities
@@ -330,7 +322,7 @@ AWKWARD_VALUES = [".", "..", "a/b", "../Opportunity", "x?y=1#z", "50%25 off", "Ã
 
 @pytest.mark.parametrize("path_values", ["decoded", "rerouted"])
 async def test_any_token_or_deal_key_reaches_its_own_record_however_paths_are_read(
-        path_values: str, store: Storage) -> None:
+        path_values: str, storage: Storage) -> None:
     """A dot segment in a URL reaches another resource (`.`, `..`); how an encoded `/` or
     `%2E` is read depends on the server. So such values never travel in a path: each token
     makes exactly one Lead holding it, found and updated again, and each deal key one
@@ -339,7 +331,8 @@ async def test_any_token_or_deal_key_reaches_its_own_record_however_paths_are_re
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=emulator.app())) as client:
         target = SalesforceTarget(client, instance_url=INSTANCE, credentials=ClientCredentials(
             emulator.client_id, emulator.client_secret), field_map=FIELD_MAP,
-            identities=store, rate_limits=store, today=lambda: date(2026, 3, 1))
+            identities=storage.identities, rate_limits=storage.rate_limits,
+            today=lambda: date(2026, 3, 1))
         for value in AWKWARD_VALUES:
             key = IdentityKey("deep_link_token", value)
             first = await target.execute(upsert(key), f"{value}:1")
