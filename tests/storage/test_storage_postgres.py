@@ -9,6 +9,7 @@ import sys
 import textwrap
 import time
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from contextlib import asynccontextmanager
 from dataclasses import replace
 from typing import Any
 
@@ -17,8 +18,8 @@ import pytest
 
 from engine.actions import IdentityKey
 from engine.errors import StorageError, UnstorableEventError, UnstorableValueError
-from engine.storage import NewEvent, Storage, StoreResult, open_storage
-from engine.storage.postgres import inbox, maps
+from engine.storage import NewEvent, Storage, StoreResult, checks, open_storage, records
+from engine.storage.postgres import inbox
 from engine.storage.postgres import schema as postgres_schema
 from engine.storage.postgres.schema import LATEST
 from engine.storage.postgres.store import PostgresStorage
@@ -166,7 +167,7 @@ async def test_dedupe_holds_across_two_receivers(url: str) -> None:
     try:
         for n in range(5):
             results = await asyncio.gather(
-                *((left if i % 2 else right).store_event(event(n)) for i in range(20)))
+                *((left if i % 2 else right).inbox.store(event(n)) for i in range(20)))
             assert sum(not r.duplicate for r in results) == 1
             assert len({r.id for r in results}) == 1
         assert len(await left.inbox.list_events()) == 5
@@ -199,7 +200,7 @@ async def test_a_row_postgresql_refuses_fails_alone_in_its_batch(
 ) -> None:
     """Even a bad row the up-front check misses (here the check is switched off) fails only
     its own store: the batch is written again row by row."""
-    monkeypatch.setattr(inbox, "unstorable", lambda event: None)
+    monkeypatch.setattr(records, "unstorable", lambda event: None)
     bad = replace(event(99), event_timestamp="2026-03-01\udfff")
     results = await asyncio.gather(
         *(storage.inbox.store(event(n)) for n in range(3)), storage.inbox.store(bad),
@@ -217,15 +218,22 @@ _ROWS_READ = (
 
 
 async def test_inbox_stats_reads_no_more_rows_for_a_bigger_inbox(
-    storage: PostgresStorage, url: str
+    storage: PostgresStorage, url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """/metrics reads inbox_stats on every scrape: the inbox rows and index entries it reads
     (this transaction's own statistics) stay the same from 100 events to 3,000."""
 
     async def rows_read() -> int:
         async with await psycopg.AsyncConnection.connect(url) as connection:
+
+            @asynccontextmanager
+            async def this_transaction(doing: str) -> AsyncIterator[Any]:
+                yield connection
+
             before = await (await connection.execute(_ROWS_READ)).fetchone()
-            await inbox.stats(connection)
+            with monkeypatch.context() as patched:  # the stats' statements, in this one
+                patched.setattr(storage.database, "connection", this_transaction)
+                await storage.inbox.stats()
             after = await (await connection.execute(_ROWS_READ)).fetchone()
             assert before is not None and after is not None
             return int(after[0] or 0) - int(before[0] or 0)
@@ -362,13 +370,13 @@ async def test_a_server_that_turned_synchronous_commit_off_is_overridden(schema:
 async def test_pool_options_come_from_the_url_or_the_environment(url: str) -> None:
     opened = open_storage(url + "&pool_size=3&pool_timeout=2.5")
     assert isinstance(opened, PostgresStorage)
-    assert (opened.pool_settings.size, opened.pool_settings.timeout) == (3, 2.5)
+    assert (opened.database.pool_settings.size, opened.database.pool_settings.timeout) == (3, 2.5)
     try:
         await opened.migrate()  # libpq never sees linkcrm's own parameters
     finally:
         await opened.close()
     from_env = PostgresStorage.from_url(url, environ={"LINKCRM_DB_POOL_SIZE": "7"})
-    assert from_env.pool_settings.size == 7
+    assert from_env.database.pool_settings.size == 7
     await from_env.close()
 
 
@@ -399,7 +407,7 @@ async def test_a_busy_pool_is_not_blamed_on_the_server(schema: str) -> None:
     opened = PostgresStorage.from_url(schema_url(schema, pool_size=1, pool_timeout=0.5))
     try:
         await opened.migrate()
-        async with opened._connection("hold the only connection"):
+        async with opened.database.connection("hold the only connection"):
             with pytest.raises(StorageError, match=r"no PostgreSQL connection within 0\.5s "
                                r"\(pool_size=1\)"):
                 await opened.schema_version()
@@ -418,7 +426,7 @@ async def test_a_missing_schema_says_what_to_create(postgres: None) -> None:
 
 
 async def test_a_value_the_server_refuses_is_permanent_not_transient(
-    storage: PostgresStorage,
+    storage: PostgresStorage, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The net behind the shared values check: what psycopg or the server refuses (a NUL in
     text, a lone surrogate, an index entry over the size limit) fails the same way every
@@ -431,8 +439,9 @@ async def test_a_value_the_server_refuses_is_permanent_not_transient(
     for what, key in refused:
         with pytest.raises(UnstorableValueError, match="bind the identity: a value cannot be"):
             # Straight to the SQL, past the values check, as a value it missed would go.
-            await storage._call("bind the identity", maps.bind_identity, "hubspot", key, "1",
-                                None)
+            with monkeypatch.context() as unchecked:
+                unchecked.setattr(checks, "identity_binding", lambda key, record_id: None)
+                await storage.identities.bind_identity("hubspot", key, "1")
         assert await storage.identities.lookup_identity("hubspot", [EMAIL]) is None, what
     await storage.identities.bind_identity("hubspot", EMAIL,
                                            "101")  # the connections are still fine

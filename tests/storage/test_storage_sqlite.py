@@ -14,8 +14,7 @@ from pathlib import Path
 import pytest
 
 from engine.errors import StorageError, UnstorableEventError, UnstorableValueError
-from engine.storage import Storage, StoreResult, open_storage
-from engine.storage.sqlite import inbox as sqlite_inbox
+from engine.storage import Storage, StoreResult, open_storage, records
 from engine.storage.sqlite import schema as sqlite_schema
 from engine.storage.sqlite.groupcommit import GroupCommitWriter
 from engine.storage.sqlite.schema import LATEST, MIGRATIONS
@@ -23,13 +22,10 @@ from engine.storage.sqlite.store import SQLiteStorage
 from tests.storage.contract import FakeClock, StorageContract, event
 
 
-class _FullDatabase(SQLiteStorage):
+def _cannot_grow(connection: sqlite3.Connection) -> None:
     """A database that cannot grow by one page: every write that needs space fails."""
-
-    def _configure(self, connection: sqlite3.Connection) -> None:
-        super()._configure(connection)
-        pages = connection.execute("PRAGMA page_count").fetchone()[0]
-        connection.execute(f"PRAGMA max_page_count = {int(pages)}")
+    pages = connection.execute("PRAGMA page_count").fetchone()[0]
+    connection.execute(f"PRAGMA max_page_count = {int(pages)}")
 
 
 class TestSQLiteStorage(StorageContract):
@@ -55,7 +51,7 @@ class TestSQLiteStorage(StorageContract):
         setup = SQLiteStorage(database, clock=clock)
         await setup.migrate()
         await setup.close()
-        opened = _FullDatabase(database, clock=clock)
+        opened = SQLiteStorage(database, clock=clock, configure=_cannot_grow)
         yield opened
         await opened.close()
 
@@ -113,16 +109,17 @@ async def test_a_failed_commit_fails_every_waiter_and_keeps_nothing(
 
 
 async def test_one_failing_job_does_not_undo_its_batch_mates(storage: SQLiteStorage) -> None:
-    stages = ("lead", "customer")
-    from tests.storage.contract import TOKEN
+    def orphan_key(connection: sqlite3.Connection) -> None:  # refused by the foreign key
+        connection.execute("INSERT INTO inbox_ordering_keys VALUES (999999, 'hubspot:1')")
 
     results = await asyncio.gather(
         storage.inbox.store(event(1)),
-        storage.local_crm.set_stage([TOKEN], "no-such-stage", stages),
+        storage.database.write(orphan_key, "record an ordering key"),
         storage.inbox.store(event(2)),
         return_exceptions=True,
     )
-    assert isinstance(results[1], ValueError)
+    assert isinstance(results[1], StorageError), results[1]
+    assert "FOREIGN KEY constraint failed" in str(results[1])
     assert len(await storage.inbox.list_events()) == 2
 
 
@@ -134,8 +131,8 @@ async def test_a_value_sqlite_cannot_bind_is_permanent_and_fails_alone(
     batch mates are committed."""
     results = await asyncio.gather(
         storage.inbox.store(event(1)),
-        storage._write(lambda c: c.execute("SELECT ?", ("a\ud800",)), "bind text"),
-        storage._write(lambda c: c.execute("SELECT ?", (10 ** 30,)), "bind a number"),
+        storage.database.write(lambda c: c.execute("SELECT ?", ("a\ud800",)), "bind text"),
+        storage.database.write(lambda c: c.execute("SELECT ?", (10 ** 30,)), "bind a number"),
         storage.inbox.store(event(2)),
         return_exceptions=True,
     )
@@ -156,7 +153,7 @@ async def test_a_row_sqlite_refuses_fails_alone_in_its_group_commit(
         original(self, connection)
 
     monkeypatch.setattr(GroupCommitWriter, "_commit", counting)
-    monkeypatch.setattr(sqlite_inbox, "unstorable", lambda event: None)
+    monkeypatch.setattr(records, "unstorable", lambda event: None)
     bad = replace(event(99), event_timestamp="2026-03-01\udfff")
     results = await asyncio.gather(
         *(storage.inbox.store(event(n)) for n in range(3)), storage.inbox.store(bad),
@@ -198,17 +195,14 @@ async def test_inbox_stats_cost_does_not_grow_with_the_inbox(tmp_path: Path) -> 
     6,000 events costs what it costs for 100 (a GROUP BY over the inbox grew with it)."""
     steps = [0]
 
-    class Counting(SQLiteStorage):
-        def _configure(self, connection: sqlite3.Connection) -> None:
-            super()._configure(connection)
+    def tick() -> int:
+        steps[0] += 1
+        return 0
 
-            def tick() -> int:
-                steps[0] += 1
-                return 0
+    def count_steps(connection: sqlite3.Connection) -> None:
+        connection.set_progress_handler(tick, 1)
 
-            connection.set_progress_handler(tick, 1)
-
-    counting = Counting(tmp_path / "steps.db")
+    counting = SQLiteStorage(tmp_path / "steps.db", configure=count_steps)
     try:
         await counting.migrate()
 
