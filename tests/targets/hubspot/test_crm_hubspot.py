@@ -438,7 +438,7 @@ async def test_a_ten_secondly_429_pauses_the_pacer_and_retries(storage: Storage)
         pacer.clock = lambda: now + sum(slept)
 
     now = 1000.0
-    pacer = Pacer(storage, "hs-test", 5, 0.5, sleep=sleep, clock=lambda: now)
+    pacer = Pacer(storage.rate_limits, "hs-test", 5, 0.5, sleep=sleep, clock=lambda: now)
     async with httpx.AsyncClient(transport=httpx.MockTransport(script)) as client:
         api = HubSpotAPI(client, TOKEN, base_url=BASE, pacer=pacer, sleep=sleep)
         response = await api.call("GET", "/crm/v3/properties/contacts")
@@ -462,7 +462,7 @@ async def test_rate_limit_headers_reshape_the_pacer(storage: Storage) -> None:
     script = Script(httpx.Response(200, json={}, headers={
         "X-HubSpot-RateLimit-Max": "190", "X-HubSpot-RateLimit-Remaining": "180",
         "X-HubSpot-RateLimit-Interval-Milliseconds": "10000"}))
-    pacer = Pacer(storage, "hs-test", *pacer_shape(100, 10.0))
+    pacer = Pacer(storage.rate_limits, "hs-test", *pacer_shape(100, 10.0))
     async with httpx.AsyncClient(transport=httpx.MockTransport(script)) as client:
         api = HubSpotAPI(client, TOKEN, base_url=BASE, pacer=pacer)
         await api.call("GET", "/x")

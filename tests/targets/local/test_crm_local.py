@@ -147,7 +147,7 @@ async def test_credentials_select_crms_through_the_registry(
 
     def fake_hubspot(context: TargetContext) -> Target:
         built.append(context)
-        return LocalTarget(context.storage.local_crm, context.field_map)
+        return LocalTarget(context.local_crm, context.field_map)
 
     registry = {**REGISTRY, "hubspot": TargetSpec(("HUBSPOT_ACCESS_TOKEN",), fake_hubspot)}
     async with httpx.AsyncClient() as client:
@@ -157,6 +157,10 @@ async def test_credentials_select_crms_through_the_registry(
                              storage, field_map, client, registry=registry)
     assert len(only_crm) == 1 and len(both) == 2 and both[0].name == "local"
     assert built[0].client is client and built[0].environ["HUBSPOT_ACCESS_TOKEN"] == "pat"
+    # A factory gets the stores a target may use, never the storage behind them.
+    assert (built[0].identities, built[0].rate_limits, built[0].local_crm) == (
+        storage.identities, storage.rate_limits, storage.local_crm)
+    assert not hasattr(built[0], "storage")
 
 
 def test_a_crm_not_wired_in_yet_refuses_with_a_clear_message() -> None:
