@@ -25,6 +25,7 @@ from engine.targets.hubspot.target import HubSpotTarget
 from engine.targets.pacing import Pacer
 from tests.emulators.hubspot import create_hubspot_emulator, too_many
 from tests.emulators.hubspot_state import HubSpotState
+from tests.support.identity_maps import Recording
 from tests.support.paths import REPO
 
 ROOT = REPO
@@ -183,6 +184,23 @@ async def test_set_once_keeps_the_first_value_and_stages_only_move_forward(
     # Nothing left to write, so nothing was sent after the read.
     assert state.requests["POST /crm/v3/objects/contacts/batch/upsert"] == writes
     assert await storage.identities.lookup_identity("hubspot", list(TOK)) == first.record_id
+
+
+async def test_a_stale_mapping_of_the_token_is_replaced_in_one_write(
+        emulator: Emulator, field_map: FieldMap, storage: Storage) -> None:
+    """The identity map still names a merged-away contact for the token; HubSpot's unique
+    property says which contact holds it now, and the map is rebound to that one in one
+    atomic write: never unbound first, which would leave a moment with no mapping."""
+    _, state, client = emulator
+    assert await storage.identities.bind_identity("hubspot", TOK[0], "999") == "999"
+    identities = Recording(storage.identities)
+    target = HubSpotTarget(client, TOKEN, field_map, identities, storage.rate_limits,
+                           base_url=BASE)
+    outcome = await target.execute(UpsertContact("r", TOK, set={"deep_link_prefix": "x"}), "k")
+    assert outcome.record_id == next(iter(state.contacts.records))
+    assert await storage.identities.lookup_identity("hubspot", list(TOK)) == outcome.record_id
+    assert identities.calls.count("rebind_identity") == 1
+    assert "unbind_identity" not in identities.calls
 
 
 async def test_a_contact_known_only_by_email_is_upserted_by_email(

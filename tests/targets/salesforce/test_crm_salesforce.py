@@ -22,6 +22,7 @@ from engine.targets.salesforce import soql
 from engine.targets.salesforce.auth import ClientCredentials
 from engine.targets.salesforce.target import SalesforceTarget
 from tests.emulators.salesforce import SalesforceEmulator
+from tests.support.identity_maps import Recording
 from tests.support.paths import REPO, TESTS
 
 pytestmark = pytest.mark.anyio
@@ -62,7 +63,8 @@ def make(client: httpx.AsyncClient, emulator: SalesforceEmulator,
                                                                    emulator.client_secret))
         return SalesforceTarget(options.pop("client", client), instance_url=INSTANCE,
                                 credentials=credentials, field_map=field_map,
-                                identities=storage.identities, rate_limits=storage.rate_limits,
+                                identities=options.pop("identities", storage.identities),
+                                rate_limits=storage.rate_limits,
                                 today=lambda: date(2026, 3, 1), **options)
 
     return build
@@ -205,6 +207,21 @@ async def test_identify_attaches_the_token_to_the_lead_found_by_email(
         assert [r.record_id for r in results] == [lead]  # type: ignore[union-attr]
     assert emulator.records["Lead"][lead]["Deep_Link_Token__c"] == "tok_A1"
     assert len(emulator.leads) == 1
+
+
+async def test_a_stale_mapping_is_replaced_in_one_write(
+        emulator: SalesforceEmulator, make: Callable[..., SalesforceTarget],
+        storage: Storage) -> None:
+    """The identity map still names a Lead merged away in Salesforce; Salesforce, the
+    authority, names another by the token's external id, and the map is rebound to it in one
+    atomic write: never unbound first, which would leave a moment with no mapping."""
+    await storage.identities.bind_identity("salesforce", TOKEN, "00Q000000000999AAA")
+    identities = Recording(storage.identities)
+    outcome = await make(identities=identities).execute(upsert(deep_link_token="tok_A1"), "k")
+    assert outcome.record_id == emulator.leads[0]["Id"]
+    assert await storage.identities.lookup_identity("salesforce", [TOKEN]) == outcome.record_id
+    assert identities.calls.count("rebind_identity") == 1
+    assert "unbind_identity" not in identities.calls
 
 
 async def test_api_versions_before_46_answer_updates_with_204(
