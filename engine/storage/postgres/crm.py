@@ -72,10 +72,9 @@ class PostgresLocalCRM(PostgresPart, LocalCRMStore):
             )
         return records.StageResult(contact_id, from_stage=current, to_stage=stage, changed=True)
 
-    async def create_deal(
-        self, identity: records.Keys, key: str, title: str, stage: str | None,
-        amount: float | None, fields: records.Fields,
-    ) -> records.DealResult:
+    async def create_deal(self, identity: records.Keys, key: str, title: str,
+                          stage: str | None, amount: float | None, fields: records.Fields
+                          ) -> records.DealResult:
         checks.deal(identity, key, title, stage, amount, fields)
         now = self._db.now()
         async with self._db.connection("create the deal") as connection:

@@ -51,16 +51,15 @@ class PostgresIdentityMap(PostgresPart, IdentityMap):
              "now": self._db.now()},
         )
 
-    async def unbind_identity(
-        self, target: str, key: IdentityKey, record_id: str | None = None
-    ) -> None:
+    async def unbind_identity(self, target: str, key: IdentityKey,
+                              record_id: str | None = None) -> None:
         checks.identity_binding(key, record_id)
+        params = {"target": target, "field": key.field, "value": key.value, "record": record_id}
         await self._db.execute(
             "unbind the identity",
             "DELETE FROM identity_map WHERE target = %(target)s AND field = %(field)s"
             " AND value = %(value)s AND (%(record)s::text IS NULL OR record_id = %(record)s)",
-            {"target": target, "field": key.field, "value": key.value, "record": record_id},
-        )
+            params)
 
     async def lookup_deal(self, target: str, deal_key: str) -> str | None:
         checks.deal_key(deal_key)

@@ -53,11 +53,10 @@ class PostgresStorage(Storage):
     ) -> None:
         self.database = PostgresDatabase(conninfo, label=label or redact_url(conninfo),
                                          pool=pool or PoolSettings(), clock=clock)
-        self.inbox = PostgresInbox(self.database)
-        self.outcomes = PostgresOutcomes(self.database)
-        self.identities = PostgresIdentityMap(self.database)
-        self.rate_limits = PostgresRateLimits(self.database)
-        self.local_crm = PostgresLocalCRM(self.database)
+        db = self.database
+        self.inbox, self.outcomes, self.identities, self.rate_limits, self.local_crm = (
+            PostgresInbox(db), PostgresOutcomes(db), PostgresIdentityMap(db),
+            PostgresRateLimits(db), PostgresLocalCRM(db))
 
     @classmethod
     def from_url(

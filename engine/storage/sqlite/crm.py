@@ -67,10 +67,9 @@ class SQLiteLocalCRM(SQLitePart, LocalCRMStore):
 
         return await self._db.write(run, "set the stage")
 
-    async def create_deal(
-        self, identity: records.Keys, key: str, title: str, stage: str | None,
-        amount: float | None, fields: records.Fields,
-    ) -> records.DealResult:
+    async def create_deal(self, identity: records.Keys, key: str, title: str,
+                          stage: str | None, amount: float | None, fields: records.Fields
+                          ) -> records.DealResult:
         checks.deal(identity, key, title, stage, amount, fields)
         now = self._db.now()
 
@@ -124,14 +123,16 @@ class SQLiteLocalCRM(SQLitePart, LocalCRMStore):
         return await self._db.read(run, "list contacts")
 
     async def deals(self, limit: int | None = None) -> list[records.LocalDeal]:
-        rows = await self._db.rows(
+        return await self._db.rows(
             "list deals",
             "SELECT id, deal_key, title, stage, amount, contact_id, fields, created_at,"
             " updated_at FROM local_deals ORDER BY id LIMIT ?",
-            (-1 if limit is None else limit,),
-        )
-        return [records.from_row(records.LocalDeal, row, fields=loads_object,
-                                 created_at=parse_ts, updated_at=parse_ts) for row in rows]
+            (-1 if limit is None else limit,), _deal)
+
+
+def _deal(row: sqlite3.Row) -> records.LocalDeal:
+    return records.from_row(records.LocalDeal, row, fields=loads_object, created_at=parse_ts,
+                            updated_at=parse_ts)
 
 
 def _ensure_contact(

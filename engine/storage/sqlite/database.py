@@ -81,15 +81,22 @@ class SQLiteDatabase:
         except sqlite3.Error as error:
             raise storage_error(error, doing) from None
 
-    async def rows(self, doing: str, query: str, params: Sequence[object] = ()
-                   ) -> list[sqlite3.Row]:
-        """Every row one read statement returns."""
-        return await self.read(lambda c: c.execute(query, params).fetchall(), doing)
+    async def rows(self, doing: str, query: str, params: Sequence[object],
+                   convert: Callable[[sqlite3.Row], T]) -> list[T]:
+        """Every row one read statement returns, converted on the reader thread: parsing
+        times and JSON stays off the event loop the receiver answers on."""
+        return await self.read(
+            lambda c: [convert(row) for row in c.execute(query, params)], doing)
 
-    async def row(self, doing: str, query: str, params: Sequence[object] = ()
-                  ) -> sqlite3.Row | None:
-        """The first row one read statement returns, or None."""
-        return await self.read(lambda c: c.execute(query, params).fetchone(), doing)
+    async def row(self, doing: str, query: str, params: Sequence[object],
+                  convert: Callable[[sqlite3.Row], T]) -> T | None:
+        """The first row one read statement returns, converted on the reader thread; None
+        when there is none."""
+        def run(connection: sqlite3.Connection) -> T | None:
+            found = connection.execute(query, params).fetchone()
+            return None if found is None else convert(found)
+
+        return await self.read(run, doing)
 
     async def returning(self, doing: str, query: str, params: Sequence[object] = ()
                         ) -> sqlite3.Row:

@@ -11,11 +11,23 @@ from engine.storage.sqlite.database import SQLitePart
 
 _LOOKUP = "SELECT record_id FROM identity_map WHERE target = ? AND field = ? AND value = ?"
 
+# A bind inserts unless the key is mapped; the conflict branch rewrites the row as it is, so
+# RETURNING names the value that won either way.
+_BIND = (
+    "INSERT INTO identity_map (target, field, value, record_id, created_at) VALUES (?, ?, ?, ?, ?)"
+    " ON CONFLICT (target, field, value) DO UPDATE SET record_id = identity_map.record_id"
+    " RETURNING record_id"
+)
+_BIND_DEAL = (
+    "INSERT INTO deal_keys (target, deal_key, deal_id, created_at) VALUES (?, ?, ?, ?)"
+    " ON CONFLICT (target, deal_key) DO UPDATE SET deal_id = deal_keys.deal_id RETURNING deal_id"
+)
+
 
 class SQLiteIdentityMap(SQLitePart, IdentityMap):
-    """A bind is an upsert whose conflict branch keeps the row: writes run in the writer one
-    at a time, so the first bind wins and every later one reads it back. A lookup probes one
-    key at a time, in priority order, and stops at the first that is mapped."""
+    """Writes run in the writer one at a time, so the first bind of a key wins and every later
+    one reads it back. A lookup probes one key at a time, in priority order, and stops at the
+    first that is mapped."""
 
     async def lookup_identity(self, target: str, keys: records.Keys) -> str | None:
         checks.identity_keys(keys)
@@ -31,15 +43,8 @@ class SQLiteIdentityMap(SQLitePart, IdentityMap):
 
     async def bind_identity(self, target: str, key: IdentityKey, record_id: str) -> str:
         checks.identity_binding(key, record_id)
-        # The conflict branch rewrites the row as it is, so RETURNING names the winner.
-        winner = await self._db.returning(
-            "bind the identity",
-            "INSERT INTO identity_map (target, field, value, record_id, created_at)"
-            " VALUES (?, ?, ?, ?, ?) ON CONFLICT (target, field, value)"
-            " DO UPDATE SET record_id = identity_map.record_id RETURNING record_id",
-            (target, key.field, key.value, record_id, self._db.now()),
-        )
-        return str(winner[0])
+        params = (target, key.field, key.value, record_id, self._db.now())
+        return str((await self._db.returning("bind the identity", _BIND, params))[0])
 
     async def rebind_identity(self, target: str, key: IdentityKey, record_id: str) -> None:
         checks.identity_binding(key, record_id)
@@ -52,9 +57,8 @@ class SQLiteIdentityMap(SQLitePart, IdentityMap):
             (target, key.field, key.value, record_id, self._db.now()),
         )
 
-    async def unbind_identity(
-        self, target: str, key: IdentityKey, record_id: str | None = None
-    ) -> None:
+    async def unbind_identity(self, target: str, key: IdentityKey,
+                              record_id: str | None = None) -> None:
         checks.identity_binding(key, record_id)
         await self._db.execute(
             "unbind the identity",
@@ -65,18 +69,11 @@ class SQLiteIdentityMap(SQLitePart, IdentityMap):
 
     async def lookup_deal(self, target: str, deal_key: str) -> str | None:
         checks.deal_key(deal_key)
-        row = await self._db.row(
-            "look up the deal",
-            "SELECT deal_id FROM deal_keys WHERE target = ? AND deal_key = ?", (target, deal_key))
-        return None if row is None else str(row[0])
+        return await self._db.row(
+            "look up the deal", "SELECT deal_id FROM deal_keys WHERE target = ? AND deal_key = ?",
+            (target, deal_key), lambda row: str(row[0]))
 
     async def bind_deal(self, target: str, deal_key: str, deal_id: str) -> str:
         checks.deal_key(deal_key, deal_id)
-        winner = await self._db.returning(
-            "bind the deal",
-            "INSERT INTO deal_keys (target, deal_key, deal_id, created_at) VALUES (?, ?, ?, ?)"
-            " ON CONFLICT (target, deal_key) DO UPDATE SET deal_id = deal_keys.deal_id"
-            " RETURNING deal_id",
-            (target, deal_key, deal_id, self._db.now()),
-        )
-        return str(winner[0])
+        params = (target, deal_key, deal_id, self._db.now())
+        return str((await self._db.returning("bind the deal", _BIND_DEAL, params))[0])

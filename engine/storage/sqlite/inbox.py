@@ -86,22 +86,20 @@ class SQLiteInbox(SQLitePart, Inbox):
         return result
 
     async def get(self, event_id: int) -> records.InboxEvent | None:
-        row = await self._db.row(
-            "read the event", f"SELECT {EVENT_COLUMNS} FROM inbox WHERE id = ?", (event_id,))
-        return None if row is None else event_from_row(row)
+        return await self._db.row("read the event",
+                                  f"SELECT {EVENT_COLUMNS} FROM inbox WHERE id = ?", (event_id,),
+                                  event_from_row)
 
     async def list_events(
         self, *, status: records.EventStatus | None = None, limit: int = 100,
         before_id: int | None = None,
     ) -> list[records.InboxEvent]:
-        rows = await self._db.rows(
+        return await self._db.rows(
             "list events",
             f"SELECT {EVENT_COLUMNS} FROM inbox"
             " WHERE (? IS NULL OR status = ?) AND (? IS NULL OR id < ?)"
             " ORDER BY id DESC LIMIT ?",
-            (status, status, before_id, before_id, limit),
-        )
-        return [event_from_row(row) for row in rows]
+            (status, status, before_id, before_id, limit), event_from_row)
 
     async def claim(
         self, worker_id: str, limit: int, lease_seconds: float
@@ -198,9 +196,7 @@ class SQLiteInbox(SQLitePart, Inbox):
         return await self._db.read(run, "check earlier events")
 
     async def dead_letters(self, limit: int = 100) -> list[records.DeadLetter]:
-        # Columns named and ordered as DeadLetter's fields; times are text here.
-        rows = await self._db.rows("list dead letters", _DEAD_LETTERS, (limit,))
-        return [records.from_row(records.DeadLetter, row, updated_at=parse_ts) for row in rows]
+        return await self._db.rows("list dead letters", _DEAD_LETTERS, (limit,), _dead_letter)
 
     async def requeue(self, event_id: int) -> bool:
         now = self._db.now()
@@ -236,6 +232,11 @@ class SQLiteInbox(SQLitePart, Inbox):
             return records.InboxStats(counts, parse_optional_ts(oldest[0]))
 
         return await self._db.read(run, "count the inbox")
+
+
+def _dead_letter(row: sqlite3.Row) -> records.DeadLetter:
+    """A row of _DEAD_LETTERS, whose columns are named and ordered as DeadLetter's fields."""
+    return records.from_row(records.DeadLetter, row, updated_at=parse_ts)
 
 
 def _requeue(connection: sqlite3.Connection, event_id: int, now: str) -> bool:

@@ -18,8 +18,8 @@ class SQLiteOutcomes(SQLitePart, Outcomes):
     them, so the row read is the one this call made or the `ok` one it kept."""
 
     async def get(self, target: str, idempotency_key: str) -> records.ActionOutcome | None:
-        row = await self._db.row("read the outcome", _GET, (target, idempotency_key))
-        return None if row is None else outcome_from_row(row)
+        return await self._db.row("read the outcome", _GET, (target, idempotency_key),
+                                  outcome_from_row)
 
     async def record(self, outcome: records.NewOutcome) -> records.ActionOutcome:
         outcome = values.storable_outcome(outcome)
@@ -52,15 +52,14 @@ class SQLiteOutcomes(SQLitePart, Outcomes):
         return await self._db.write(run, "record the outcome")
 
     async def of_event(self, event_id: int) -> list[records.ActionOutcome]:
-        rows = await self._db.rows(
+        return await self._db.rows(
             "list outcomes",
             f"SELECT {OUTCOME_COLUMNS} FROM action_outcomes WHERE event_id = ? ORDER BY id",
-            (event_id,),
-        )
-        return [outcome_from_row(row) for row in rows]
+            (event_id,), outcome_from_row)
 
     async def counts(self) -> Mapping[tuple[str, str], int]:
-        rows = await self._db.rows(
+        counted = await self._db.rows(
             "count outcomes",
-            "SELECT target, status, COUNT(*) FROM action_outcomes GROUP BY target, status")
-        return {(target, status): count for target, status, count in rows}
+            "SELECT target, status, COUNT(*) FROM action_outcomes GROUP BY target, status", (),
+            lambda row: ((str(row[0]), str(row[1])), int(row[2])))
+        return dict(counted)

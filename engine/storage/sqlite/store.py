@@ -39,11 +39,10 @@ class SQLiteStorage(Storage):
         self.path = str(path)
         self.database = SQLiteDatabase(self.path, clock=clock, busy_timeout=busy_timeout,
                                        create=create, configure=configure)
-        self.inbox = SQLiteInbox(self.database)
-        self.outcomes = SQLiteOutcomes(self.database)
-        self.identities = SQLiteIdentityMap(self.database)
-        self.rate_limits = SQLiteRateLimits(self.database)
-        self.local_crm = SQLiteLocalCRM(self.database)
+        db = self.database
+        self.inbox, self.outcomes, self.identities, self.rate_limits, self.local_crm = (
+            SQLiteInbox(db), SQLiteOutcomes(db), SQLiteIdentityMap(db), SQLiteRateLimits(db),
+            SQLiteLocalCRM(db))
 
     @classmethod
     def from_url(cls, url: str, *, clock: Clock = utc_now, create: bool = True) -> SQLiteStorage:
