@@ -87,6 +87,11 @@ class LocalCRMContract:
     async def test_contact_actions_need_an_identity(self, storage: Storage) -> None:
         with pytest.raises(ValueError):
             await storage.local_crm.upsert_contact([], {"a": 1}, {})
+        with pytest.raises(ValueError, match="at least one identity key"):
+            await storage.local_crm.set_stage([], "lead", STAGES)
+        with pytest.raises(ValueError, match="a deal needs a non-empty key"):
+            await storage.local_crm.create_deal([TOKEN], "", "t", None, None, {})
+        assert await storage.local_crm.contacts() == [] and await storage.local_crm.deals() == []
 
     # -- values: kept exactly or refused, the same on every backend --------------------------
 
