@@ -134,7 +134,8 @@ class NewOutcome:
 
 @dataclass(frozen=True)
 class ActionOutcome:
-    """The latest outcome of one action on one target; `attempts` counts every recording."""
+    """The latest outcome of one action on one target, which it is known by (`target`,
+    `idempotency_key`); `attempts` counts every recording."""
 
     id: int
     target: str
