@@ -26,7 +26,7 @@ OutcomeStatus = Literal["ok", "retrying", "dead"]
 OUTCOME_STATUSES: tuple[OutcomeStatus, ...] = ("ok", "retrying", "dead")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class NewEvent:
     """One delivery as the receiver accepted it, before it has an id.
 
@@ -79,7 +79,7 @@ def unstorable(event: NewEvent) -> UnstorableEventError | None:
     return None
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class StoreResult:
     """`id` of the stored event, or of the earlier one when `duplicate` (a retried delivery:
     the receiver acknowledges it like the first, and nothing new is stored)."""
@@ -88,7 +88,7 @@ class StoreResult:
     duplicate: bool
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class InboxEvent:
     """An inbox row. `id` grows with arrival order, so it doubles as the arrival sequence.
 
@@ -116,7 +116,7 @@ class InboxEvent:
         return self.id
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class NewOutcome:
     """What happened when one action ran against one target (recorded after every attempt)."""
 
@@ -132,7 +132,7 @@ class NewOutcome:
     next_attempt_at: datetime | None = None
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class ActionOutcome:
     """The latest outcome of one action on one target, which it is known by (`target`,
     `idempotency_key`); `attempts` counts every recording."""
@@ -153,7 +153,7 @@ class ActionOutcome:
     updated_at: datetime
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class DeadLetter:
     """A dead event (`action_kind` None) or a dead action outcome, with the error to read."""
 
@@ -167,7 +167,7 @@ class DeadLetter:
     updated_at: datetime
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class InboxStats:
     """Inbox depth by status (every status present, zero when empty) and the oldest pending."""
 
@@ -175,7 +175,7 @@ class InboxStats:
     oldest_pending_received_at: datetime | None
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class StageChange:
     at: datetime
     from_stage: str | None
@@ -183,7 +183,7 @@ class StageChange:
     event_id: int | None
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class LocalContact:
     """A contact of the embedded CRM with its identities, fields and stage history."""
 
@@ -196,7 +196,7 @@ class LocalContact:
     stage_history: tuple[StageChange, ...] = ()
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class LocalDeal:
     id: int
     key: str
@@ -209,7 +209,7 @@ class LocalDeal:
     updated_at: datetime
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class ContactResult:
     """The contact an operation touched; `created` when this call made it."""
 
@@ -217,15 +217,18 @@ class ContactResult:
     created: bool
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class StageResult:
+    """Where a stage change left the contact: `changed` only when it moved forward, from
+    `from_stage` to `to_stage` (else both name the stage it keeps)."""
+
     contact_id: int
     from_stage: str | None
     to_stage: str | None
     changed: bool
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class DealResult:
     """`created` is False when a deal with that key already existed (it is returned unchanged)."""
 
