@@ -98,12 +98,6 @@ class SQLiteDatabase:
 
         return await self.read(run, doing)
 
-    async def returning(self, doing: str, query: str, params: Sequence[object] = ()
-                        ) -> sqlite3.Row:
-        """The row one write statement with RETURNING gives back, in the writer's next
-        commit."""
-        return await self.write(lambda c: c.execute(query, params).fetchone(), doing)
-
     async def execute(self, doing: str, query: str, params: Sequence[object] = ()) -> int:
         """One write statement in the writer's next commit; the number of rows it changed."""
         return await self.write(lambda c: c.execute(query, params).rowcount, doing)

@@ -10,24 +10,21 @@ from engine.storage.protocols import IdentityMap
 from engine.storage.sqlite.database import SQLitePart
 
 _LOOKUP = "SELECT record_id FROM identity_map WHERE target = ? AND field = ? AND value = ?"
-
-# A bind inserts unless the key is mapped; the conflict branch rewrites the row as it is, so
-# RETURNING names the value that won either way.
 _BIND = (
     "INSERT INTO identity_map (target, field, value, record_id, created_at) VALUES (?, ?, ?, ?, ?)"
-    " ON CONFLICT (target, field, value) DO UPDATE SET record_id = identity_map.record_id"
-    " RETURNING record_id"
+    " ON CONFLICT (target, field, value) DO NOTHING"
 )
+_LOOKUP_DEAL = "SELECT deal_id FROM deal_keys WHERE target = ? AND deal_key = ?"
 _BIND_DEAL = (
     "INSERT INTO deal_keys (target, deal_key, deal_id, created_at) VALUES (?, ?, ?, ?)"
-    " ON CONFLICT (target, deal_key) DO UPDATE SET deal_id = deal_keys.deal_id RETURNING deal_id"
+    " ON CONFLICT (target, deal_key) DO NOTHING"
 )
 
 
 class SQLiteIdentityMap(SQLitePart, IdentityMap):
-    """Writes run in the writer one at a time, so the first bind of a key wins and every later
-    one reads it back. A lookup probes one key at a time, in priority order, and stops at the
-    first that is mapped."""
+    """Writes run in the writer one job at a time, so the first bind of a key wins and every
+    later one reads it back. A lookup probes one key at a time, in priority order, and stops at
+    the first that is mapped."""
 
     async def lookup_identity(self, target: str, keys: records.Keys) -> str | None:
         checks.identity_keys(keys)
@@ -43,8 +40,10 @@ class SQLiteIdentityMap(SQLitePart, IdentityMap):
 
     async def bind_identity(self, target: str, key: IdentityKey, record_id: str) -> str:
         checks.identity_binding(key, record_id)
-        params = (target, key.field, key.value, record_id, self._db.now())
-        return str((await self._db.returning("bind the identity", _BIND, params))[0])
+        where = (target, key.field, key.value)
+        row = (*where, record_id, self._db.now())
+        return await self._db.write(lambda c: _winner(c, _BIND, row, _LOOKUP, where),
+                                    "bind the identity")
 
     async def rebind_identity(self, target: str, key: IdentityKey, record_id: str) -> None:
         checks.identity_binding(key, record_id)
@@ -69,11 +68,20 @@ class SQLiteIdentityMap(SQLitePart, IdentityMap):
 
     async def lookup_deal(self, target: str, deal_key: str) -> str | None:
         checks.deal_key(deal_key)
-        return await self._db.row(
-            "look up the deal", "SELECT deal_id FROM deal_keys WHERE target = ? AND deal_key = ?",
-            (target, deal_key), lambda row: str(row[0]))
+        return await self._db.row("look up the deal", _LOOKUP_DEAL, (target, deal_key),
+                                  lambda row: str(row[0]))
 
     async def bind_deal(self, target: str, deal_key: str, deal_id: str) -> str:
         checks.deal_key(deal_key, deal_id)
-        params = (target, deal_key, deal_id, self._db.now())
-        return str((await self._db.returning("bind the deal", _BIND_DEAL, params))[0])
+        where = (target, deal_key)
+        row = (*where, deal_id, self._db.now())
+        return await self._db.write(lambda c: _winner(c, _BIND_DEAL, row, _LOOKUP_DEAL, where),
+                                    "bind the deal")
+
+
+def _winner(connection: sqlite3.Connection, insert: str, row: tuple[object, ...], lookup: str,
+            where: tuple[object, ...]) -> str:
+    """Insert `row` unless its key is mapped, then read what the key maps to. One writer job:
+    nothing writes in between, so that is the first bind's value."""
+    connection.execute(insert, row)
+    return str(connection.execute(lookup, where).fetchone()[0])
