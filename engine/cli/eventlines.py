@@ -31,7 +31,7 @@ INBOX_PAGE = 1000
 
 async def _inbox_page(storage: Storage, before_id: int | None) -> list[InboxEvent]:
     """The one storage read of `events export` and `diff`: a page of events, newest first."""
-    return await storage.list_events(limit=INBOX_PAGE, before_id=before_id)
+    return await storage.inbox.list_events(limit=INBOX_PAGE, before_id=before_id)
 
 
 async def inbox_events(storage: Storage, since: datetime | None,

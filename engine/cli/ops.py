@@ -89,7 +89,7 @@ def list_events(status: EventStatus | None, limit: int, output_format: str) -> N
       linkcrm events list --status dead --format json
     """
     settings = load_settings()
-    found = with_storage(settings, lambda s: s.list_events(status=status, limit=limit))
+    found = with_storage(settings, lambda s: s.inbox.list_events(status=status, limit=limit))
     rows = [_event_row(event) for event in found]
     _listing(rows, output_format, empty="no events" + (f" with status {status}" if status else ""),
              show=_show_events)
@@ -122,7 +122,7 @@ def show_event(event_id: int, output_format: str) -> None:
     settings = load_settings()
 
     async def read(storage: Storage) -> tuple[InboxEvent | None, list[ActionOutcome]]:
-        return await storage.get_event(event_id), await storage.list_outcomes(event_id)
+        return await storage.inbox.get(event_id), await storage.outcomes.of_event(event_id)
 
     event, outcomes = with_storage(settings, read)
     if event is None:
@@ -219,14 +219,15 @@ def replay(event_ids: tuple[int, ...], status: EventStatus | None, all_dead: boo
         done: list[int] = []
         refused: list[int] = []
         for event_id in event_ids:
-            (done if await storage.requeue(event_id) else refused).append(event_id)
+            (done if await storage.inbox.requeue(event_id) else refused).append(event_id)
         if all_dead:
-            done += await storage.requeue_dead()
+            done += await storage.inbox.requeue_dead()
         if status is not None:
             before: int | None = None
-            while page := await storage.list_events(status=status, limit=500, before_id=before):
+            while page := await storage.inbox.list_events(status=status, limit=500,
+                                                          before_id=before):
                 for event in page:
-                    (done if await storage.requeue(event.id) else refused).append(event.id)
+                    (done if await storage.inbox.requeue(event.id) else refused).append(event.id)
                 before = page[-1].id
         return sorted(set(done)), refused
 
@@ -283,7 +284,7 @@ def contacts(limit: int | None, output_format: str) -> None:
       linkcrm crm contacts --format json
     """
     settings = load_settings()
-    rows = [_contact_row(c) for c in with_storage(settings, lambda s: s.local_contacts(limit))]
+    rows = [_contact_row(c) for c in with_storage(settings, lambda s: s.local_crm.contacts(limit))]
     _listing(rows, output_format, show=_show_contacts,
              empty="no contacts yet (send some events: `linkcrm send-samples`)")
 
@@ -318,7 +319,7 @@ def deals(limit: int | None, output_format: str) -> None:
       linkcrm crm deals --format json
     """
     settings = load_settings()
-    found: list[LocalDeal] = with_storage(settings, lambda s: s.local_deals(limit))
+    found: list[LocalDeal] = with_storage(settings, lambda s: s.local_crm.deals(limit))
     rows = [_deal_row(d) for d in found]
     _listing(rows, output_format, empty="no deals yet", show=_show_deals)
 
@@ -351,7 +352,7 @@ def purge(older_than: timedelta, output_format: str) -> None:
     """
     settings = load_settings()
     cutoff = utc_now() - older_than
-    dropped = with_storage(settings, lambda s: s.purge_raw_bodies(cutoff))
+    dropped = with_storage(settings, lambda s: s.inbox.purge_raw_bodies(cutoff))
     if output_format == "json":
         emit_json({"purged": dropped, "received_before": iso(cutoff)})
     else:

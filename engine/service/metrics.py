@@ -54,7 +54,7 @@ class _InboxStatsCache:
             return self._value
         async with self._lock:  # the scrapes that queue here get the read just made
             if self._value is None or loop.time() - self._read_at >= self._max_age:
-                self._value = await self._storage.inbox_stats()
+                self._value = await self._storage.inbox.stats()
                 self._read_at = loop.time()
             return self._value
 

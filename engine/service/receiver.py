@@ -146,7 +146,7 @@ class Receiver:
 
     async def _store(self, event: NewEvent) -> Response:
         try:
-            result = await self.storage.store_event(event)
+            result = await self.storage.inbox.store(event)
         except UnstorableEventError as error:
             # It never will be: a 503 would have the sender retry it forever.
             log.info("event refused by the storage", extra={"event_type": event.event_type[:64],

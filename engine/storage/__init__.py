@@ -1,11 +1,24 @@
-"""Durable state: the storage interface, its records, and `open_storage(url)` to pick a backend."""
+"""Durable state: one protocol per concern (`protocols`), the records that go in and out
+(`records`), the checks every backend makes (`checks`), and `open_storage(url)` to pick a
+backend (`sqlite/`, `postgres/`, independent of each other)."""
 
 from __future__ import annotations
 
 import importlib
 
 from engine.errors import StorageError
-from engine.storage.base import PLANNING_WAIT, PROBE_BYTES, Clock, Storage, utc_now
+from engine.storage.protocols import (
+    PLANNING_WAIT,
+    PROBE_BYTES,
+    Clock,
+    IdentityMap,
+    Inbox,
+    LocalCRMStore,
+    Outcomes,
+    RateLimits,
+    Storage,
+    utc_now,
+)
 from engine.storage.records import (
     EVENT_STATUSES,
     OUTCOME_STATUSES,
@@ -32,6 +45,8 @@ __all__ = [
     "EVENT_STATUSES",
     "OUTCOME_STATUSES",
     "PENDING_STATUSES",
+    "PLANNING_WAIT",
+    "PROBE_BYTES",
     "ActionOutcome",
     "Clock",
     "ContactResult",
@@ -39,15 +54,18 @@ __all__ = [
     "DealResult",
     "EventStatus",
     "FinalStatus",
+    "IdentityMap",
+    "Inbox",
     "InboxEvent",
     "InboxStats",
+    "LocalCRMStore",
     "LocalContact",
     "LocalDeal",
     "NewEvent",
     "NewOutcome",
     "OutcomeStatus",
-    "PLANNING_WAIT",
-    "PROBE_BYTES",
+    "Outcomes",
+    "RateLimits",
     "StageChange",
     "StageResult",
     "Storage",

@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field, fields
 from datetime import datetime
-from typing import Literal
+from typing import Any, Literal, TypeVar
 
 from engine.actions import JSON, IdentityKey
 from engine.errors import UnstorableEventError
+
+R = TypeVar("R")
+
+# What the embedded CRM's calls take: identity keys in priority order, and field values.
+Keys = Sequence[IdentityKey]
+Fields = Mapping[str, JSON]
 
 EventStatus = Literal["received", "processed", "ignored", "failed", "dead"]
 EVENT_STATUSES: tuple[EventStatus, ...] = ("received", "processed", "ignored", "failed", "dead")
@@ -20,7 +26,7 @@ OutcomeStatus = Literal["ok", "retrying", "dead"]
 OUTCOME_STATUSES: tuple[OutcomeStatus, ...] = ("ok", "retrying", "dead")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class NewEvent:
     """One delivery as the receiver accepted it, before it has an id.
 
@@ -73,15 +79,16 @@ def unstorable(event: NewEvent) -> UnstorableEventError | None:
     return None
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class StoreResult:
-    """`id` of the stored event, or of the earlier one when `duplicate`."""
+    """`id` of the stored event, or of the earlier one when `duplicate` (a retried delivery:
+    the receiver acknowledges it like the first, and nothing new is stored)."""
 
     id: int
     duplicate: bool
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class InboxEvent:
     """An inbox row. `id` grows with arrival order, so it doubles as the arrival sequence.
 
@@ -109,7 +116,7 @@ class InboxEvent:
         return self.id
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class NewOutcome:
     """What happened when one action ran against one target (recorded after every attempt)."""
 
@@ -125,16 +132,17 @@ class NewOutcome:
     next_attempt_at: datetime | None = None
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class ActionOutcome:
-    """The latest outcome of one action on one target; `attempts` counts every recording."""
+    """The latest outcome of one action on one target, which it is known by (`target`,
+    `idempotency_key`); `attempts` counts every recording."""
 
     id: int
+    target: str
+    idempotency_key: str
     event_id: int
     rule: str
     action_kind: str
-    target: str
-    idempotency_key: str
     status: OutcomeStatus
     attempts: int
     request_summary: JSON
@@ -145,7 +153,7 @@ class ActionOutcome:
     updated_at: datetime
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class DeadLetter:
     """A dead event (`action_kind` None) or a dead action outcome, with the error to read."""
 
@@ -159,7 +167,7 @@ class DeadLetter:
     updated_at: datetime
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class InboxStats:
     """Inbox depth by status (every status present, zero when empty) and the oldest pending."""
 
@@ -167,7 +175,7 @@ class InboxStats:
     oldest_pending_received_at: datetime | None
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class StageChange:
     at: datetime
     from_stage: str | None
@@ -175,7 +183,7 @@ class StageChange:
     event_id: int | None
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class LocalContact:
     """A contact of the embedded CRM with its identities, fields and stage history."""
 
@@ -188,7 +196,7 @@ class LocalContact:
     stage_history: tuple[StageChange, ...] = ()
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class LocalDeal:
     id: int
     key: str
@@ -201,7 +209,7 @@ class LocalDeal:
     updated_at: datetime
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class ContactResult:
     """The contact an operation touched; `created` when this call made it."""
 
@@ -209,15 +217,18 @@ class ContactResult:
     created: bool
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class StageResult:
+    """Where a stage change left the contact: `changed` only when it moved forward, from
+    `from_stage` to `to_stage` (else both name the stage it keeps)."""
+
     contact_id: int
     from_stage: str | None
     to_stage: str | None
     changed: bool
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class DealResult:
     """`created` is False when a deal with that key already existed (it is returned unchanged)."""
 
@@ -246,6 +257,31 @@ def merge_contact_fields(
     return merged
 
 
+def advances(current: str | None, stage: str, stages: Sequence[str]) -> bool:
+    """Whether moving to `stage` goes forward along `stages` from `current`. Stages only move
+    forward; a current stage no longer in the list (renamed in the field map) counts as the
+    start."""
+    rank = stages.index(current) if current in stages else -1
+    return stages.index(stage) > rank
+
+
 def kept_fields(fields: Mapping[str, JSON]) -> dict[str, JSON]:
     """`fields` without its blank values."""
     return {name: value for name, value in fields.items() if not is_blank(value)}
+
+
+# -- rows to records ---------------------------------------------------------------------------
+
+
+def field_names(record: type[Any]) -> tuple[str, ...]:
+    """A record's fields in order: the column list a backend selects to build it."""
+    return tuple(item.name for item in fields(record))
+
+
+def from_row(record: type[R], row: Sequence[Any], **convert: Callable[[Any], Any]) -> R:
+    """The record whose fields are `row`'s columns in field order, each passed through its
+    `convert` function if it has one (a backend's time or JSON decoding)."""
+    given = dict(zip(field_names(record), row, strict=True))
+    for name, function in convert.items():
+        given[name] = function(given[name])
+    return record(**given)

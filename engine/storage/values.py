@@ -179,29 +179,3 @@ def storable_outcome(outcome: NewOutcome) -> NewOutcome:
                    request_summary=storable_json(outcome.request_summary),
                    response=storable_json(outcome.response))
 
-
-# -- what each storage call checks, on every backend --------------------------------------------
-
-
-def require_contact(
-    identity: Iterable[IdentityKey], set_fields: Mapping[str, JSON], set_once: Mapping[str, JSON]
-) -> None:
-    require_identity(identity)
-    require_fields("set", set_fields)
-    require_fields("set_once", set_once)
-
-
-def require_deal(
-    identity: Iterable[IdentityKey],
-    key: str,
-    title: str,
-    stage: str | None,
-    amount: float | None,
-    fields: Mapping[str, JSON],
-) -> None:
-    require_identity(identity)
-    require_key("deal key", key)
-    require_name("title", title)
-    require_name("stage", stage)
-    require_amount(amount)
-    require_fields("set", fields)

@@ -20,8 +20,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol, TypeGuard, runtime_checkable
 
-from engine.actions import Action, IdentityKey
+from engine.actions import Action
 from engine.errors import PermanentCRMError
+from engine.storage import IdentityMap, RateLimits
 
 
 @dataclass(frozen=True)
@@ -47,31 +48,15 @@ class Outcome:
     created: bool = False
 
 
-class IdentityStore(Protocol):
-    """The identity map and deal keys, shared by every worker through the database."""
-
-    async def lookup_identity(self, target: str, keys: Sequence[IdentityKey]) -> str | None: ...
-
-    async def bind_identity(self, target: str, key: IdentityKey, record_id: str) -> str: ...
-
-    async def unbind_identity(self, target: str, key: IdentityKey) -> None: ...
-
-    async def lookup_deal(self, target: str, deal_key: str) -> str | None: ...
-
-    async def bind_deal(self, target: str, deal_key: str, deal_id: str) -> str: ...
+# The stores a target may be given, as the storage declares them (the identity map and deal
+# keys; the shared token buckets): a target never sees the storage behind them.
+IdentityStore = IdentityMap
+RateLimitStore = RateLimits
 
 
 class CredentialsRefused(PermanentCRMError):
     """The CRM refused linkcrm's credentials (a wrong token, secret or key, a missing scope):
     nothing works until a person fixes them. The message names the variables to check."""
-
-
-class RateLimitStore(Protocol):
-    """A token bucket shared by every process, so N workers do not multiply a CRM's limit."""
-
-    async def take_tokens(
-        self, bucket: str, cost: float, capacity: float, refill_per_second: float
-    ) -> float: ...
 
 
 class Target(Protocol):

@@ -18,7 +18,7 @@ import httpx
 from engine.actions import IdentityKey
 from engine.config.fieldmap import CANONICAL, Dialect, FieldMap
 from engine.errors import PermanentCRMError
-from engine.storage import Storage
+from engine.storage import IdentityMap, LocalCRMStore, RateLimits
 from engine.targets.base import Target, startable
 
 Environ = Mapping[str, str]
@@ -26,11 +26,14 @@ Environ = Mapping[str, str]
 
 @dataclass(frozen=True)
 class TargetContext:
-    """What a factory may use: the environment (credentials, base URL overrides), the storage
-    (identity map, deal keys, shared rate limits), the field map and the shared HTTP client."""
+    """What a factory may use: the environment (credentials, base URL overrides), the stores
+    a target may be given (identity map and deal keys, shared rate limits, the embedded CRM),
+    the field map and the shared HTTP client."""
 
     environ: Mapping[str, str]
-    storage: Storage
+    identities: IdentityMap
+    rate_limits: RateLimits
+    local_crm: LocalCRMStore
     field_map: FieldMap
     client: httpx.AsyncClient
 
@@ -141,8 +144,13 @@ class Scratch:
     async def bind_identity(self, target: str, key: IdentityKey, record_id: str) -> str:
         return self.identities.setdefault((target, key.field, key.value), record_id)
 
-    async def unbind_identity(self, target: str, key: IdentityKey) -> None:
-        self.identities.pop((target, key.field, key.value), None)
+    async def rebind_identity(self, target: str, key: IdentityKey, record_id: str) -> None:
+        self.identities[(target, key.field, key.value)] = record_id
+
+    async def unbind_identity(self, target: str, key: IdentityKey,
+                              record_id: str | None = None) -> None:
+        if record_id in (None, self.identities.get((target, key.field, key.value))):
+            self.identities.pop((target, key.field, key.value), None)
 
     async def lookup_deal(self, target: str, deal_key: str) -> str | None:
         return self.deals.get((target, deal_key))

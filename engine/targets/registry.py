@@ -105,7 +105,8 @@ def build_targets(
         targets = build_targets(os.environ, storage, ruleset.field_map, client)
         await start_targets(targets)
     """
-    context = TargetContext(environ, storage, field_map, client)
+    context = TargetContext(environ, storage.identities, storage.rate_limits, storage.local_crm,
+                            field_map, client)
     built: list[Target] = []
     for name in select_targets(environ, registry):
         build = registry[name].build

@@ -11,7 +11,7 @@ from datetime import datetime, timedelta
 from engine.actions import JSON
 from engine.errors import PermanentCRMError, RetryableCRMError, UnstorableValueError
 from engine.runtime.metrics import Metrics
-from engine.storage import ActionOutcome, Clock, InboxEvent, NewOutcome, OutcomeStatus, Storage
+from engine.storage import ActionOutcome, Clock, InboxEvent, NewOutcome, Outcomes, OutcomeStatus
 from engine.targets.base import CallContext, Outcome, Target
 from engine.worker.plan import KeyedAction
 from engine.worker.retrying import RetryPolicy
@@ -84,7 +84,7 @@ class Applier:
     own message.
     """
 
-    storage: Storage
+    outcomes: Outcomes
     metrics: Metrics
     policy: RetryPolicy
     short_wait: float
@@ -180,7 +180,7 @@ class Applier:
         response: JSON = None if outcome is None else {
             "record_id": outcome.record_id, "created": outcome.created,
             "summary": outcome.summary}
-        recorded = await self.storage.record_outcome(NewOutcome(
+        recorded = await self.outcomes.record(NewOutcome(
             event_id=event.id,
             rule=action.rule,
             action_kind=action.kind,

@@ -107,7 +107,7 @@ class Worker:
         # With several targets, room for one more target's worth of events: a stuck target can
         # fill its own lane and queue, and the others still have `n` events to work on.
         self.capacity = n if len(self.targets) == 1 else n * (len(self.targets) + 1)
-        self.applier = Applier(storage, self.metrics, self.options.policy,
+        self.applier = Applier(storage.outcomes, self.metrics, self.options.policy,
                                self.options.short_wait, clock, sleep)
         self._tasks: set[asyncio.Task[None]] = set()
         self._stopping = False
@@ -148,7 +148,7 @@ class Worker:
             claimed: list[InboxEvent] = []
             if free > 0:
                 try:
-                    claimed = await self.storage.claim(self.worker_id, free,
+                    claimed = await self.storage.inbox.claim(self.worker_id, free,
                                                        self.options.lease_seconds)
                 except StorageError as error:
                     log.error("claim failed", extra={"error": str(error)})
@@ -186,12 +186,12 @@ class Worker:
             task.add_done_callback(self._finished)
 
     async def _begin(self, job: _Job) -> None:
-        outcomes = await self.storage.list_outcomes(job.event.id)
+        outcomes = await self.storage.outcomes.of_event(job.event.id)
         job.known = {(o.target, o.idempotency_key): o for o in outcomes}
         for target in self.targets:
             if _unfinished(job, target.name):
                 job.keys[target.name] = ordering_keys(target.name, job.work.actions)
-        await self.storage.set_ordering_keys(job.event.id, _all_keys(job))
+        await self.storage.inbox.set_ordering_keys(job.event.id, _all_keys(job))
 
     def _finished(self, task: asyncio.Task[None]) -> None:
         self._tasks.discard(task)
@@ -261,7 +261,7 @@ class Worker:
             lane.release()
         if result.done:
             del job.keys[target.name]
-            await self.storage.set_ordering_keys(job.event.id, _all_keys(job))
+            await self.storage.inbox.set_ordering_keys(job.event.id, _all_keys(job))
             self._notify()
         return result
 
@@ -271,10 +271,10 @@ class Worker:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.options.order_wait
         while True:
-            earlier = await self.storage.earlier_unfinished(job.event.id, keys)
+            earlier = await self.storage.inbox.earlier_unfinished(job.event.id, keys)
             if not earlier:
                 return None
-            blocker = await self.storage.get_event(earlier[0])
+            blocker = await self.storage.inbox.get(earlier[0])
             remaining = deadline - loop.time()
             # No waiting in-process behind a target that hangs (the slot is worth more to the
             # events of the other targets), nor behind an event no worker holds: claims go by
@@ -299,7 +299,7 @@ class Worker:
         if later:
             due = min(r.retry_at for r in later if r.retry_at is not None)
             note = "; ".join(r.note for r in later)
-            if not await self.storage.retry_later(event.id, self.worker_id, due, note):
+            if not await self.storage.inbox.retry_later(event.id, self.worker_id, due, note):
                 log.warning("lease lost before rescheduling", extra={"event_id": event.id})
             return
         dead = [line for r in results for line in r.dead]
@@ -312,7 +312,7 @@ class Worker:
         else:
             status = "processed"
         error = "\n".join(problems) if problems else None
-        if await self.storage.finish(event.id, self.worker_id, status, error):
+        if await self.storage.inbox.finish(event.id, self.worker_id, status, error):
             self.metrics.processed.inc(status=status)
             log.log(logging.WARNING if status == "dead" else logging.DEBUG, "event finished",
                     extra={"event_id": event.id, "event_type": event.event_type,
@@ -325,7 +325,7 @@ class Worker:
         while True:
             await asyncio.sleep(interval)
             try:
-                kept = await self.storage.extend_lease(event_id, self.worker_id,
+                kept = await self.storage.inbox.extend_lease(event_id, self.worker_id,
                                                        self.options.lease_seconds)
             except StorageError as error:
                 log.error("lease not extended", extra={"event_id": event_id, "error": str(error)})
@@ -346,7 +346,7 @@ class Worker:
             "event_id": event.id, "event_type": event.event_type,
             "error_type": type(error).__name__, "where": where(error)})
         try:
-            finished = await self.storage.finish(event.id, self.worker_id, "dead", message)
+            finished = await self.storage.inbox.finish(event.id, self.worker_id, "dead", message)
         except StorageError as failure:
             log.error("could not dead-letter the event", extra={"event_id": event.id,
                                                                 "error": str(failure)})
@@ -362,7 +362,7 @@ class Worker:
         hands it back."""
         with contextlib.suppress(StorageError, TimeoutError):
             async with asyncio.timeout(5):
-                await asyncio.shield(self.storage.retry_later(
+                await asyncio.shield(self.storage.inbox.retry_later(
                     event.id, self.worker_id, self._after(delay), why))
 
     # -- helpers ------------------------------------------------------------------------------

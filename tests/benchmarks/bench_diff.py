@@ -49,7 +49,7 @@ async def fill(database: Path, events: list[dict[str, object]]) -> None:
         for start in range(0, len(events), 500):
             bodies = [json.dumps(e, separators=(",", ":")).encode()
                       for e in events[start:start + 500]]
-            await asyncio.gather(*(storage.store_event(NewEvent(
+            await asyncio.gather(*(storage.inbox.store(NewEvent(
                 body=body, event_type=str(event["event"]), event_timestamp=str(event["timestamp"]),
                 dedupe_key=hashlib.sha256(body).hexdigest(), received_at=now))
                 for body, event in zip(bodies, events[start:start + 500], strict=True)))

@@ -90,7 +90,8 @@ async def main(args: argparse.Namespace) -> int:
         storage = open_storage(f"sqlite:///{folder}/bench.db")
         await storage.migrate()
         async with httpx.AsyncClient(timeout=30) as client:
-            target = HubSpotTarget(client, TOKEN, ruleset.field_map, storage, storage,
+            target = HubSpotTarget(client, TOKEN, ruleset.field_map, storage.identities,
+                                   storage.rate_limits,
                                    base_url=url, requests_per_window=args.limit,
                                    window_seconds=args.window)
             started = time.monotonic()

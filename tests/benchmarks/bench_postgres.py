@@ -75,7 +75,7 @@ async def _store(url: str, count: int) -> None:
         await storage.migrate()
         bodies = [webhook_body(n) for n in range(count)]
         for start in range(0, count, 200):
-            await asyncio.gather(*(storage.store_event(_event(body))
+            await asyncio.gather(*(storage.inbox.store(_event(body))
                                    for body in bodies[start:start + 200]))
     finally:
         await storage.close()

@@ -42,18 +42,18 @@ async def _hostile_database(env: dict[str, str]) -> None:
         await storage.migrate()
         body = json.dumps({"event": "install.tracked", "timestamp": HOSTILE,
                            "data": {"token": HOSTILE + SURROGATE, "campaign": HOSTILE}})
-        stored = await storage.store_event(NewEvent(
+        stored = await storage.inbox.store(NewEvent(
             body=body.encode(), event_type="install.tracked" + HOSTILE, event_timestamp=HOSTILE,
             dedupe_key="hostile", received_at=utc_now(), source="tolinku" + HOSTILE))
-        [claimed] = await storage.claim("w", 1, 60)
-        await storage.record_outcome(NewOutcome(
+        [claimed] = await storage.inbox.claim("w", 1, 60)
+        await storage.outcomes.record(NewOutcome(
             event_id=stored.id, rule="install-creates-lead", action_kind="upsert_contact",
             target="local", idempotency_key="k", status="dead", error="CRM said " + HOSTILE,
             response={"summary": "summary " + HOSTILE}))
-        assert await storage.finish(claimed.id, "w", "dead", error="failed: " + HOSTILE)
+        assert await storage.inbox.finish(claimed.id, "w", "dead", error="failed: " + HOSTILE)
         identity = [IdentityKey("deep_link_token", KEY)]
-        await storage.local_upsert_contact(identity, {"first_touch_campaign": HOSTILE}, {})
-        await storage.local_create_deal(identity, KEY, "Referral: " + KEY, None, None, {})
+        await storage.local_crm.upsert_contact(identity, {"first_touch_campaign": HOSTILE}, {})
+        await storage.local_crm.create_deal(identity, KEY, "Referral: " + KEY, None, None, {})
     finally:
         await storage.close()
 

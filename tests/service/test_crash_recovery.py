@@ -36,8 +36,9 @@ def read_store(env: dict[str, str]) -> tuple[list[InboxEvent], list[LocalContact
     async def read() -> tuple[list[InboxEvent], list[LocalContact], list[LocalDeal]]:
         storage = open_storage(env["LINKCRM_DATABASE_URL"])
         try:
-            return (await storage.list_events(limit=100_000), await storage.local_contacts(),
-                    await storage.local_deals())
+            return (await storage.inbox.list_events(limit=100_000),
+                    await storage.local_crm.contacts(),
+                    await storage.local_crm.deals())
         finally:
             await storage.close()
 

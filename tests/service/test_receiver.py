@@ -22,6 +22,7 @@ from engine.runtime.settings import Settings
 from engine.service.app import create_app
 from engine.signing import sign
 from engine.storage import InboxEvent, InboxStats, NewEvent, StoreResult
+from engine.storage.sqlite.inbox import SQLiteInbox
 from engine.storage.sqlite.store import SQLiteStorage
 
 SECRET = "whsec_current"
@@ -41,7 +42,7 @@ INSTALL = json.dumps({
 
 
 def events(storage: SQLiteStorage) -> list[InboxEvent]:
-    return asyncio.run(storage.list_events(limit=1000))
+    return asyncio.run(storage.inbox.list_events(limit=1000))
 
 
 def post(client: TestClient, body: bytes, signature: bytes | str | None = "sign",
@@ -294,26 +295,30 @@ def test_a_body_arriving_too_slowly_gets_408(storage: SQLiteStorage) -> None:
 # -- storage failures ---------------------------------------------------------------------------
 
 
-class _BrokenStorage(SQLiteStorage):
-    async def store_event(self, event: NewEvent) -> StoreResult:
+class _BrokenInbox(SQLiteInbox):
+    async def store(self, event: NewEvent) -> StoreResult:
         raise StorageError("the database could not commit: disk I/O error")
+
+
+class _BrokenStorage(SQLiteStorage):
+    def __init__(self, path: Path) -> None:
+        super().__init__(path)
+        self.inbox = _BrokenInbox(self.database)
 
     async def ping(self) -> None:
         raise StorageError("the database is not reachable")
 
 
-class _FullDatabase(SQLiteStorage):
-    def _configure(self, connection: sqlite3.Connection) -> None:
-        super()._configure(connection)
-        pages = connection.execute("PRAGMA page_count").fetchone()[0]
-        connection.execute(f"PRAGMA max_page_count = {int(pages)}")
+def _cannot_grow(connection: sqlite3.Connection) -> None:
+    pages = connection.execute("PRAGMA page_count").fetchone()[0]
+    connection.execute(f"PRAGMA max_page_count = {int(pages)}")
 
 
 def test_storage_that_cannot_write_gets_503_with_retry_after(tmp_path: Path) -> None:
     setup = SQLiteStorage(tmp_path / "full.db")
     asyncio.run(setup.migrate())
     asyncio.run(setup.close())
-    full = _FullDatabase(tmp_path / "full.db")
+    full = SQLiteStorage(tmp_path / "full.db", configure=_cannot_grow)
     body = json.dumps({"event": "install.tracked", "timestamp": "t",
                        "data": {"blob": "x" * 40_000}}).encode()
     try:
@@ -500,18 +505,19 @@ def test_metrics_need_the_bearer_key_when_one_is_set(storage: SQLiteStorage) -> 
         assert client.get("/metrics").status_code == 200
 
 
-class _CountingStats(SQLiteStorage):
+class _CountingStats(SQLiteInbox):
     reads = 0
 
-    async def inbox_stats(self) -> InboxStats:
+    async def stats(self) -> InboxStats:
         self.reads += 1
         await asyncio.sleep(0.05)  # a read in flight while the other scrapes arrive
-        return await super().inbox_stats()
+        return await super().stats()
 
 
 def test_concurrent_scrapes_share_one_inbox_read(tmp_path: Path) -> None:
     """32 scrapers at once cost the database one read, not 64 (two gauges each)."""
-    counting = _CountingStats(tmp_path / "scraped.db")
+    counting = SQLiteStorage(tmp_path / "scraped.db")
+    inbox = counting.inbox = _CountingStats(counting.database)
     asyncio.run(counting.migrate())
     try:
         with TestClient(create_app(counting, SETTINGS)) as client:
@@ -519,18 +525,17 @@ def test_concurrent_scrapes_share_one_inbox_read(tmp_path: Path) -> None:
             with ThreadPoolExecutor(max_workers=32) as pool:
                 pages = list(pool.map(lambda _: client.get("/metrics").text, range(32)))
         assert all('linkcrm_inbox_events{status="received"} 1' in page for page in pages)
-        assert counting.reads <= 2, f"{counting.reads} inbox reads for 32 scrapes"
+        assert inbox.reads <= 2, f"{inbox.reads} inbox reads for 32 scrapes"
     finally:
         asyncio.run(counting.close())
 
 
-class _DiskThatFills(SQLiteStorage):
+class _DiskThatFills:
     """A database that cannot grow while `full` is set (a full disk, a file-size limit)."""
 
     full = True
 
-    def _configure(self, connection: sqlite3.Connection) -> None:
-        super()._configure(connection)
+    def __call__(self, connection: sqlite3.Connection) -> None:
         pages = connection.execute("PRAGMA page_count").fetchone()[0]
         limit = int(pages) if self.full else 1_073_741_823
         connection.execute(f"PRAGMA max_page_count = {limit}")
@@ -542,7 +547,8 @@ def test_readyz_is_503_while_writes_fail_and_ready_again_once_they_commit(
     setup = SQLiteStorage(tmp_path / "filling.db")
     asyncio.run(setup.migrate())
     asyncio.run(setup.close())
-    disk = _DiskThatFills(tmp_path / "filling.db")
+    space = _DiskThatFills()
+    disk = SQLiteStorage(tmp_path / "filling.db", configure=space)
     big = json.dumps({"event": "install.tracked", "timestamp": "t",
                       "data": {"blob": "x" * 40_000}}).encode()
     try:
@@ -554,7 +560,7 @@ def test_readyz_is_503_while_writes_fail_and_ready_again_once_they_commit(
                 assert response.status_code == 503
                 assert response.json() == {"status": "unavailable", "reason": "writes_failing"}
             assert client.get("/healthz").status_code == 200
-            disk.full = False  # space again
+            space.full = False  # space again
             assert client.get("/readyz").status_code == 200
             assert post(client, big).status_code == 200
         assert len(events(disk)) == 1

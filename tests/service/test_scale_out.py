@@ -297,6 +297,6 @@ def _check(url: str, bodies: list[bytes], results: list[tuple[int, int, bytes]],
 async def _events(url: str) -> list[Any]:
     storage = PostgresStorage.from_url(url)
     try:
-        return await storage.list_events(limit=100_000)
+        return await storage.inbox.list_events(limit=100_000)
     finally:
         await storage.close()

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import AsyncIterator, Mapping
-from pathlib import Path
 
 import httpx
 import pytest
@@ -13,7 +12,7 @@ import pytest
 from engine.runtime.settings import Settings
 from engine.service.app import create_app
 from engine.signing import sign
-from engine.storage import Storage, open_storage
+from engine.storage import Storage
 from engine.targets.local.target import LocalTarget
 from engine.worker.loop import Worker
 from tests.support.worker_helpers import shipped_rules
@@ -33,15 +32,6 @@ IDENTIFY = {"token": TOKEN, "email": " Ada@Example.com ", "first_name": "Ada",
             "last_name": "Lovelace", "user_id": "user_7"}
 
 pytestmark = pytest.mark.anyio
-
-
-
-@pytest.fixture
-async def storage(tmp_path: Path) -> AsyncIterator[Storage]:
-    opened = open_storage(f"sqlite:///{tmp_path / 'linkcrm.db'}")
-    await opened.migrate()
-    yield opened
-    await opened.close()
 
 
 @pytest.fixture
@@ -67,9 +57,10 @@ async def test_install_referral_conversion_and_identify_make_one_complete_contac
                                    headers={"authorization": "Bearer key_story"})
     assert identified.json()["status"] == "stored"
     ruleset = shipped_rules()
-    await Worker(storage, ruleset, [LocalTarget(storage, ruleset.field_map)]).run_until_idle()
+    local = LocalTarget(storage.local_crm, ruleset.field_map)
+    await Worker(storage, ruleset, [local]).run_until_idle()
 
-    [contact] = await storage.local_contacts()
+    [contact] = await storage.local_crm.contacts()
     assert contact.fields == {
         "deep_link_token": TOKEN, "deep_link_prefix": "invite",
         "first_touch_campaign": "spring-referrals", "first_touch_platform": "android",
@@ -83,10 +74,10 @@ async def test_install_referral_conversion_and_identify_make_one_complete_contac
     assert contact.stage == "customer"
     assert [(c.from_stage, c.to_stage) for c in contact.stage_history] == [
         (None, "lead"), ("lead", "customer")]
-    [deal] = await storage.local_deals()
+    [deal] = await storage.local_crm.deals()
     assert (deal.key, deal.title, deal.stage, deal.contact_id) == (
         f"referral-{TOKEN}", f"Referral: {TOKEN}", "new", contact.id)
-    assert {e.status for e in await storage.list_events()} == {"processed"}
+    assert {e.status for e in await storage.inbox.list_events()} == {"processed"}
 
 
 async def test_five_concurrent_copies_of_one_delivery_make_one_set_of_actions(
@@ -95,7 +86,8 @@ async def test_five_concurrent_copies_of_one_delivery_make_one_set_of_actions(
     answers = await asyncio.gather(*(deliver(client, STORY[2]) for _ in range(5)))
     assert sorted(a.json()["status"] for a in answers) == ["duplicate"] * 4 + ["stored"]
     ruleset = shipped_rules()
-    await Worker(storage, ruleset, [LocalTarget(storage, ruleset.field_map)]).run_until_idle()
-    [event] = await storage.list_events()
-    assert len(await storage.list_outcomes(event.id)) == 3
-    assert len(await storage.local_contacts()) == len(await storage.local_deals()) == 1
+    local = LocalTarget(storage.local_crm, ruleset.field_map)
+    await Worker(storage, ruleset, [local]).run_until_idle()
+    [event] = await storage.inbox.list_events()
+    assert len(await storage.outcomes.of_event(event.id)) == 3
+    assert len(await storage.local_crm.contacts()) == len(await storage.local_crm.deals()) == 1

@@ -9,6 +9,7 @@ import sys
 import textwrap
 import time
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from contextlib import asynccontextmanager
 from dataclasses import replace
 from typing import Any
 
@@ -17,8 +18,8 @@ import pytest
 
 from engine.actions import IdentityKey
 from engine.errors import StorageError, UnstorableEventError, UnstorableValueError
-from engine.storage import NewEvent, Storage, StoreResult, open_storage
-from engine.storage.postgres import inbox, maps
+from engine.storage import NewEvent, Storage, StoreResult, checks, open_storage, records
+from engine.storage.postgres import inbox
 from engine.storage.postgres import schema as postgres_schema
 from engine.storage.postgres.schema import LATEST
 from engine.storage.postgres.store import PostgresStorage
@@ -123,23 +124,23 @@ async def test_many_claimers_never_share_an_event(url: str) -> None:
     storages = await _open(url, 4)
     try:
         total = 300
-        await asyncio.gather(*(storages[n % 4].store_event(event(n)) for n in range(total)))
+        await asyncio.gather(*(storages[n % 4].inbox.store(event(n)) for n in range(total)))
         claimed: list[int] = []
 
         async def claimer(storage: PostgresStorage, worker: str) -> None:
-            while batch := await storage.claim(worker, 3, 30):
+            while batch := await storage.inbox.claim(worker, 3, 30):
                 claimed.extend(e.id for e in batch)
                 for leased in batch:
-                    assert await storage.finish(leased.id, worker, "processed")
+                    assert await storage.inbox.finish(leased.id, worker, "processed")
 
         await asyncio.gather(*(claimer(storages[n % 4], f"w{n}") for n in range(16)))
         assert len(claimed) == total
         assert len(set(claimed)) == total, "an event was claimed twice"
-        events = await storages[0].list_events(limit=total)
+        events = await storages[0].inbox.list_events(limit=total)
         assert {e.status for e in events} == {"processed"}
         assert {e.attempts for e in events} == {1}
         # The counts /metrics reads, kept by 16 concurrent writers across 4 pools, add up.
-        counts = (await storages[3].inbox_stats()).by_status
+        counts = (await storages[3].inbox.stats()).by_status
         assert (counts["processed"], counts["received"]) == (total, 0)
     finally:
         await _close(storages)
@@ -148,15 +149,15 @@ async def test_many_claimers_never_share_an_event(url: str) -> None:
 async def test_a_dead_workers_events_come_back_after_the_lease(url: str) -> None:
     crashed, survivor = await _open(url, 2)
     try:
-        stored = await crashed.store_event(event(1))
-        assert [e.id for e in await crashed.claim("crashed", 5, 0.6)] == [stored.id]
+        stored = await crashed.inbox.store(event(1))
+        assert [e.id for e in await crashed.inbox.claim("crashed", 5, 0.6)] == [stored.id]
         await crashed.close()  # its pool is gone; nothing is released
-        assert await survivor.claim("survivor", 5, 30) == []
+        assert await survivor.inbox.claim("survivor", 5, 30) == []
         await asyncio.sleep(0.7)
-        again = await survivor.claim("survivor", 5, 30)
+        again = await survivor.inbox.claim("survivor", 5, 30)
         assert [(e.id, e.attempts, e.lease_owner) for e in again] == [
             (stored.id, 2, "survivor")]
-        assert await survivor.finish(stored.id, "survivor", "processed")
+        assert await survivor.inbox.finish(stored.id, "survivor", "processed")
     finally:
         await _close([crashed, survivor])
 
@@ -166,10 +167,10 @@ async def test_dedupe_holds_across_two_receivers(url: str) -> None:
     try:
         for n in range(5):
             results = await asyncio.gather(
-                *((left if i % 2 else right).store_event(event(n)) for i in range(20)))
+                *((left if i % 2 else right).inbox.store(event(n)) for i in range(20)))
             assert sum(not r.duplicate for r in results) == 1
             assert len({r.id for r in results}) == 1
-        assert len(await left.list_events()) == 5
+        assert len(await left.inbox.list_events()) == 5
     finally:
         await _close([left, right])
 
@@ -186,12 +187,12 @@ async def test_concurrent_stores_share_statements(
 
     monkeypatch.setattr(inbox, "store_many", counting)
     bodies = [event(n) for n in range(200)] + [event(n) for n in range(0, 200, 10)]
-    results = await asyncio.gather(*(storage.store_event(e) for e in bodies))
+    results = await asyncio.gather(*(storage.inbox.store(e) for e in bodies))
     assert sum(batches) == 220
     assert len(batches) < 50, f"{len(batches)} statements for 220 concurrent stores"
     assert sum(not r.duplicate for r in results) == 200
     assert [r.id for r in results[200:]] == [results[n].id for n in range(0, 200, 10)]
-    assert len(await storage.list_events(limit=500)) == 200
+    assert len(await storage.inbox.list_events(limit=500)) == 200
 
 
 async def test_a_row_postgresql_refuses_fails_alone_in_its_batch(
@@ -199,15 +200,15 @@ async def test_a_row_postgresql_refuses_fails_alone_in_its_batch(
 ) -> None:
     """Even a bad row the up-front check misses (here the check is switched off) fails only
     its own store: the batch is written again row by row."""
-    monkeypatch.setattr(inbox, "unstorable", lambda event: None)
+    monkeypatch.setattr(records, "unstorable", lambda event: None)
     bad = replace(event(99), event_timestamp="2026-03-01\udfff")
     results = await asyncio.gather(
-        *(storage.store_event(event(n)) for n in range(3)), storage.store_event(bad),
-        *(storage.store_event(event(n)) for n in range(3, 6)), return_exceptions=True)
+        *(storage.inbox.store(event(n)) for n in range(3)), storage.inbox.store(bad),
+        *(storage.inbox.store(event(n)) for n in range(3, 6)), return_exceptions=True)
     assert isinstance(results[3], UnstorableEventError), results[3]
     assert "UnicodeEncodeError" in str(results[3])
     assert sum(isinstance(r, StoreResult) for r in results) == 6
-    assert len(await storage.list_events()) == 6
+    assert len(await storage.inbox.list_events()) == 6
 
 
 _ROWS_READ = (
@@ -217,26 +218,33 @@ _ROWS_READ = (
 
 
 async def test_inbox_stats_reads_no_more_rows_for_a_bigger_inbox(
-    storage: PostgresStorage, url: str
+    storage: PostgresStorage, url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """/metrics reads inbox_stats on every scrape: the inbox rows and index entries it reads
     (this transaction's own statistics) stay the same from 100 events to 3,000."""
 
     async def rows_read() -> int:
         async with await psycopg.AsyncConnection.connect(url) as connection:
+
+            @asynccontextmanager
+            async def this_transaction(doing: str) -> AsyncIterator[Any]:
+                yield connection
+
             before = await (await connection.execute(_ROWS_READ)).fetchone()
-            await inbox.stats(connection)
+            with monkeypatch.context() as patched:  # the stats' statements, in this one
+                patched.setattr(storage.database, "connection", this_transaction)
+                await storage.inbox.stats()
             after = await (await connection.execute(_ROWS_READ)).fetchone()
             assert before is not None and after is not None
             return int(after[0] or 0) - int(before[0] or 0)
 
-    await asyncio.gather(*(storage.store_event(event(n)) for n in range(100)))
-    claimed = await storage.claim("w", 50, 30)
-    await storage.finish(claimed[0].id, "w", "processed")
+    await asyncio.gather(*(storage.inbox.store(event(n)) for n in range(100)))
+    claimed = await storage.inbox.claim("w", 50, 30)
+    await storage.inbox.finish(claimed[0].id, "w", "processed")
     small = await rows_read()
-    await asyncio.gather(*(storage.store_event(event(n)) for n in range(100, 3000)))
+    await asyncio.gather(*(storage.inbox.store(event(n)) for n in range(100, 3000)))
     large = await rows_read()
-    assert (await storage.inbox_stats()).by_status["received"] == 2999
+    assert (await storage.inbox.stats()).by_status["received"] == 2999
     assert large <= small + 2, f"{small} rows read at 100 events, {large} at 3,000"
 
 
@@ -257,10 +265,10 @@ async def test_migration_2_counts_the_events_already_stored(url: str) -> None:
     upgraded = PostgresStorage.from_url(url)
     try:
         assert await upgraded.migrate() >= 2
-        assert dict((await upgraded.inbox_stats()).by_status) == {
+        assert dict((await upgraded.inbox.stats()).by_status) == {
             "received": 3, "processed": 2, "ignored": 0, "failed": 0, "dead": 1}
-        await upgraded.store_event(event(1))
-        assert (await upgraded.inbox_stats()).by_status["received"] == 4
+        await upgraded.inbox.store(event(1))
+        assert (await upgraded.inbox.stats()).by_status["received"] == 4
     finally:
         await upgraded.close()
 
@@ -278,13 +286,13 @@ async def test_check_writable_fails_while_the_disk_is_full_and_recovers(
             connection.execute(f"CREATE TRIGGER full_disk BEFORE INSERT ON {table}"
                                " FOR EACH ROW EXECUTE FUNCTION full_disk()")
         with pytest.raises(StorageError, match="No space left"):
-            await storage.store_event(event(1))
+            await storage.inbox.store(event(1))
         with pytest.raises(StorageError, match="No space left"):
             await storage.check_writable()
         for table in ("inbox", "write_probe"):
             connection.execute(f"DROP TRIGGER full_disk ON {table}")
     await storage.check_writable()
-    assert (await storage.store_event(event(1))).duplicate is False
+    assert (await storage.inbox.store(event(1))).duplicate is False
     with psycopg.connect(url) as connection:  # the test write left nothing behind
         assert connection.execute("SELECT COUNT(*) FROM write_probe").fetchone() == (0,)
 
@@ -294,7 +302,7 @@ async def test_rate_limit_bucket_is_shared_by_every_pool(url: str) -> None:
     try:
         # Refill too slow to add a token during the test: exactly the capacity is granted.
         waits = await asyncio.gather(*(
-            storages[n % 3].take_tokens("hubspot", 1, 10, 0.001) for n in range(60)))
+            storages[n % 3].rate_limits.take_tokens("hubspot", 1, 10, 0.001) for n in range(60)))
         assert sum(w == 0 for w in waits) == 10
         assert all(w > 0 for w in waits if w != 0)
     finally:
@@ -304,14 +312,15 @@ async def test_rate_limit_bucket_is_shared_by_every_pool(url: str) -> None:
 async def test_rate_limit_bucket_is_shared_with_another_process(
     storage: PostgresStorage, url: str
 ) -> None:
-    waits = [await storage.take_tokens("pipedrive", 1, 10, 0.001) for _ in range(6)]
+    waits = [await storage.rate_limits.take_tokens("pipedrive", 1, 10, 0.001) for _ in range(6)]
     assert waits.count(0) == 6
     script = textwrap.dedent(f"""
         import asyncio
         from engine.storage.postgres.store import PostgresStorage
         async def main():
             storage = PostgresStorage.from_url({url!r})
-            waits = [await storage.take_tokens("pipedrive", 1, 10, 0.001) for _ in range(10)]
+            waits = [await storage.rate_limits.take_tokens("pipedrive", 1, 10,
+                                                           0.001) for _ in range(10)]
             print(waits.count(0))
             await storage.close()
         asyncio.run(main())
@@ -329,10 +338,10 @@ async def test_idle_workers_wake_when_another_process_stores(url: str) -> None:
         waiting = asyncio.create_task(worker.wait_for_events(10))
         await asyncio.sleep(0.1)
         started = time.monotonic()
-        await receiver.store_event(event(1))
+        await receiver.inbox.store(event(1))
         assert await waiting is True
         assert time.monotonic() - started < 2
-        await receiver.store_event(event(1))  # a duplicate makes nothing new to claim
+        await receiver.inbox.store(event(1))  # a duplicate makes nothing new to claim
         assert await worker.wait_for_events(0.3) is False
     finally:
         await _close([receiver, worker])
@@ -343,7 +352,7 @@ async def test_commits_are_durable_and_visible_to_other_connections(
 ) -> None:
     assert await storage.durability() == {
         "postgres_synchronous_commit": 3, "postgres_fsync": 1}
-    stored = await storage.store_event(event(1))
+    stored = await storage.inbox.store(event(1))
     with psycopg.connect(url) as other:
         row = other.execute("SELECT dedupe_key FROM inbox WHERE id = %s", (stored.id,))
         assert row.fetchone() == (event(1).dedupe_key,)
@@ -361,13 +370,13 @@ async def test_a_server_that_turned_synchronous_commit_off_is_overridden(schema:
 async def test_pool_options_come_from_the_url_or_the_environment(url: str) -> None:
     opened = open_storage(url + "&pool_size=3&pool_timeout=2.5")
     assert isinstance(opened, PostgresStorage)
-    assert (opened.pool_settings.size, opened.pool_settings.timeout) == (3, 2.5)
+    assert (opened.database.pool_settings.size, opened.database.pool_settings.timeout) == (3, 2.5)
     try:
         await opened.migrate()  # libpq never sees linkcrm's own parameters
     finally:
         await opened.close()
     from_env = PostgresStorage.from_url(url, environ={"LINKCRM_DB_POOL_SIZE": "7"})
-    assert from_env.pool_settings.size == 7
+    assert from_env.database.pool_settings.size == 7
     await from_env.close()
 
 
@@ -388,7 +397,7 @@ async def test_an_unreachable_server_is_a_storage_error_in_time(postgres: None) 
         started = time.monotonic()
         with pytest.raises(StorageError, match=r"^cannot connect to postgresql://postgres@"
                            r"127\.0\.0\.1:1/test\?pool_timeout=0\.5: Connection refused"):
-            await opened.store_event(event(1))
+            await opened.inbox.store(event(1))
         assert time.monotonic() - started < 3
     finally:
         await opened.close()
@@ -398,7 +407,7 @@ async def test_a_busy_pool_is_not_blamed_on_the_server(schema: str) -> None:
     opened = PostgresStorage.from_url(schema_url(schema, pool_size=1, pool_timeout=0.5))
     try:
         await opened.migrate()
-        async with opened._connection("hold the only connection"):
+        async with opened.database.connection("hold the only connection"):
             with pytest.raises(StorageError, match=r"no PostgreSQL connection within 0\.5s "
                                r"\(pool_size=1\)"):
                 await opened.schema_version()
@@ -417,7 +426,7 @@ async def test_a_missing_schema_says_what_to_create(postgres: None) -> None:
 
 
 async def test_a_value_the_server_refuses_is_permanent_not_transient(
-    storage: PostgresStorage,
+    storage: PostgresStorage, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The net behind the shared values check: what psycopg or the server refuses (a NUL in
     text, a lone surrogate, an index entry over the size limit) fails the same way every
@@ -430,8 +439,10 @@ async def test_a_value_the_server_refuses_is_permanent_not_transient(
     for what, key in refused:
         with pytest.raises(UnstorableValueError, match="bind the identity: a value cannot be"):
             # Straight to the SQL, past the values check, as a value it missed would go.
-            await storage._call("bind the identity", maps.bind_identity, "hubspot", key, "1",
-                                None)
-        assert await storage.lookup_identity("hubspot", [EMAIL]) is None, what
-    await storage.bind_identity("hubspot", EMAIL, "101")  # the connections are still fine
-    assert await storage.lookup_identity("hubspot", [EMAIL]) == "101"
+            with monkeypatch.context() as unchecked:
+                unchecked.setattr(checks, "identity_binding", lambda key, record_id: None)
+                await storage.identities.bind_identity("hubspot", key, "1")
+        assert await storage.identities.lookup_identity("hubspot", [EMAIL]) is None, what
+    await storage.identities.bind_identity("hubspot", EMAIL,
+                                           "101")  # the connections are still fine
+    assert await storage.identities.lookup_identity("hubspot", [EMAIL]) == "101"

@@ -14,8 +14,7 @@ from pathlib import Path
 import pytest
 
 from engine.errors import StorageError, UnstorableEventError, UnstorableValueError
-from engine.storage import Storage, StoreResult, open_storage
-from engine.storage.sqlite import inbox as sqlite_inbox
+from engine.storage import Storage, StoreResult, open_storage, records
 from engine.storage.sqlite import schema as sqlite_schema
 from engine.storage.sqlite.groupcommit import GroupCommitWriter
 from engine.storage.sqlite.schema import LATEST, MIGRATIONS
@@ -23,13 +22,10 @@ from engine.storage.sqlite.store import SQLiteStorage
 from tests.storage.contract import FakeClock, StorageContract, event
 
 
-class _FullDatabase(SQLiteStorage):
+def _cannot_grow(connection: sqlite3.Connection) -> None:
     """A database that cannot grow by one page: every write that needs space fails."""
-
-    def _configure(self, connection: sqlite3.Connection) -> None:
-        super()._configure(connection)
-        pages = connection.execute("PRAGMA page_count").fetchone()[0]
-        connection.execute(f"PRAGMA max_page_count = {int(pages)}")
+    pages = connection.execute("PRAGMA page_count").fetchone()[0]
+    connection.execute(f"PRAGMA max_page_count = {int(pages)}")
 
 
 class TestSQLiteStorage(StorageContract):
@@ -55,7 +51,7 @@ class TestSQLiteStorage(StorageContract):
         setup = SQLiteStorage(database, clock=clock)
         await setup.migrate()
         await setup.close()
-        opened = _FullDatabase(database, clock=clock)
+        opened = SQLiteStorage(database, clock=clock, configure=_cannot_grow)
         yield opened
         await opened.close()
 
@@ -89,7 +85,7 @@ async def test_concurrent_writes_share_commits(
         original(self, connection)
 
     monkeypatch.setattr(GroupCommitWriter, "_commit", counting)
-    results = await asyncio.gather(*(storage.store_event(event(n)) for n in range(200)))
+    results = await asyncio.gather(*(storage.inbox.store(event(n)) for n in range(200)))
     assert len({r.id for r in results}) == 200
     assert len(commits) < 100, f"{len(commits)} commits for 200 concurrent writes"
 
@@ -102,28 +98,29 @@ async def test_a_failed_commit_fails_every_waiter_and_keeps_nothing(
 
     monkeypatch.setattr(GroupCommitWriter, "_commit", failing)
     results = await asyncio.gather(
-        *(storage.store_event(event(n)) for n in range(20)), return_exceptions=True)
+        *(storage.inbox.store(event(n)) for n in range(20)), return_exceptions=True)
     assert all(isinstance(r, StorageError) for r in results)
     assert "disk I/O error" in str(results[0])
     monkeypatch.undo()
-    assert await storage.list_events() == []
+    assert await storage.inbox.list_events() == []
     # The writer recovers: the same events can be stored once the disk is back.
-    again = await asyncio.gather(*(storage.store_event(event(n)) for n in range(20)))
+    again = await asyncio.gather(*(storage.inbox.store(event(n)) for n in range(20)))
     assert not any(r.duplicate for r in again)
 
 
 async def test_one_failing_job_does_not_undo_its_batch_mates(storage: SQLiteStorage) -> None:
-    stages = ("lead", "customer")
-    from tests.storage.contract import TOKEN
+    def orphan_key(connection: sqlite3.Connection) -> None:  # refused by the foreign key
+        connection.execute("INSERT INTO inbox_ordering_keys VALUES (999999, 'hubspot:1')")
 
     results = await asyncio.gather(
-        storage.store_event(event(1)),
-        storage.local_set_stage([TOKEN], "no-such-stage", stages),
-        storage.store_event(event(2)),
+        storage.inbox.store(event(1)),
+        storage.database.write(orphan_key, "record an ordering key"),
+        storage.inbox.store(event(2)),
         return_exceptions=True,
     )
-    assert isinstance(results[1], ValueError)
-    assert len(await storage.list_events()) == 2
+    assert isinstance(results[1], StorageError), results[1]
+    assert "FOREIGN KEY constraint failed" in str(results[1])
+    assert len(await storage.inbox.list_events()) == 2
 
 
 async def test_a_value_sqlite_cannot_bind_is_permanent_and_fails_alone(
@@ -133,16 +130,16 @@ async def test_a_value_sqlite_cannot_bind_is_permanent_and_fails_alone(
     surrogate, an int beyond 64 bits) is an UnstorableValueError, never retried, and its
     batch mates are committed."""
     results = await asyncio.gather(
-        storage.store_event(event(1)),
-        storage._write(lambda c: c.execute("SELECT ?", ("a\ud800",)), "bind text"),
-        storage._write(lambda c: c.execute("SELECT ?", (10 ** 30,)), "bind a number"),
-        storage.store_event(event(2)),
+        storage.inbox.store(event(1)),
+        storage.database.write(lambda c: c.execute("SELECT ?", ("a\ud800",)), "bind text"),
+        storage.database.write(lambda c: c.execute("SELECT ?", (10 ** 30,)), "bind a number"),
+        storage.inbox.store(event(2)),
         return_exceptions=True,
     )
     assert isinstance(results[1], UnstorableValueError)
     assert str(results[1]).startswith("bind text: a value cannot be stored (UnicodeEncodeError")
     assert isinstance(results[2], UnstorableValueError)
-    assert len(await storage.list_events()) == 2
+    assert len(await storage.inbox.list_events()) == 2
 async def test_a_row_sqlite_refuses_fails_alone_in_its_group_commit(
     storage: SQLiteStorage, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -156,16 +153,16 @@ async def test_a_row_sqlite_refuses_fails_alone_in_its_group_commit(
         original(self, connection)
 
     monkeypatch.setattr(GroupCommitWriter, "_commit", counting)
-    monkeypatch.setattr(sqlite_inbox, "unstorable", lambda event: None)
+    monkeypatch.setattr(records, "unstorable", lambda event: None)
     bad = replace(event(99), event_timestamp="2026-03-01\udfff")
     results = await asyncio.gather(
-        *(storage.store_event(event(n)) for n in range(3)), storage.store_event(bad),
-        *(storage.store_event(event(n)) for n in range(3, 6)), return_exceptions=True)
+        *(storage.inbox.store(event(n)) for n in range(3)), storage.inbox.store(bad),
+        *(storage.inbox.store(event(n)) for n in range(3, 6)), return_exceptions=True)
     assert isinstance(results[3], UnstorableEventError), results[3]
     assert "UnicodeEncodeError" in str(results[3])
     assert "2026-03-01" not in str(results[3])  # names the error, not the data
     assert sum(isinstance(r, StoreResult) for r in results) == 6
-    assert len(await storage.list_events()) == 6
+    assert len(await storage.inbox.list_events()) == 6
     assert len(commits) == 1
 
 
@@ -198,32 +195,29 @@ async def test_inbox_stats_cost_does_not_grow_with_the_inbox(tmp_path: Path) -> 
     6,000 events costs what it costs for 100 (a GROUP BY over the inbox grew with it)."""
     steps = [0]
 
-    class Counting(SQLiteStorage):
-        def _configure(self, connection: sqlite3.Connection) -> None:
-            super()._configure(connection)
+    def tick() -> int:
+        steps[0] += 1
+        return 0
 
-            def tick() -> int:
-                steps[0] += 1
-                return 0
+    def count_steps(connection: sqlite3.Connection) -> None:
+        connection.set_progress_handler(tick, 1)
 
-            connection.set_progress_handler(tick, 1)
-
-    counting = Counting(tmp_path / "steps.db")
+    counting = SQLiteStorage(tmp_path / "steps.db", configure=count_steps)
     try:
         await counting.migrate()
 
         async def cost() -> int:
             steps[0] = 0
-            await counting.inbox_stats()
+            await counting.inbox.stats()
             return steps[0]
 
-        await asyncio.gather(*(counting.store_event(event(n)) for n in range(100)))
-        await counting.claim("w", 50, 30)  # some pending, some leased, one finished
-        await counting.finish(1, "w", "processed")
+        await asyncio.gather(*(counting.inbox.store(event(n)) for n in range(100)))
+        await counting.inbox.claim("w", 50, 30)  # some pending, some leased, one finished
+        await counting.inbox.finish(1, "w", "processed")
         small = await cost()
-        await asyncio.gather(*(counting.store_event(event(n)) for n in range(100, 6000)))
+        await asyncio.gather(*(counting.inbox.store(event(n)) for n in range(100, 6000)))
         large = await cost()
-        assert (await counting.inbox_stats()).by_status["received"] == 5999
+        assert (await counting.inbox.stats()).by_status["received"] == 5999
     finally:
         await counting.close()
     assert large <= small + 20, f"{small} steps at 100 events, {large} at 6,000"
@@ -247,17 +241,17 @@ async def test_migration_3_counts_the_events_already_stored(tmp_path: Path) -> N
     upgraded = SQLiteStorage(database)
     try:
         assert await upgraded.migrate() >= 3
-        counts = (await upgraded.inbox_stats()).by_status
+        counts = (await upgraded.inbox.stats()).by_status
         assert dict(counts) == {"received": 3, "processed": 2, "ignored": 0, "failed": 0,
                                 "dead": 1}
-        await upgraded.store_event(event(1))
-        assert (await upgraded.inbox_stats()).by_status["received"] == 4
+        await upgraded.inbox.store(event(1))
+        assert (await upgraded.inbox.stats()).by_status["received"] == 4
     finally:
         await upgraded.close()
 
 
 async def test_an_acknowledged_write_is_in_the_file(storage: SQLiteStorage) -> None:
-    stored = await storage.store_event(event(1))
+    stored = await storage.inbox.store(event(1))
     with sqlite3.connect(storage.path) as other:
         row = other.execute("SELECT dedupe_key FROM inbox WHERE id = ?", (stored.id,)).fetchone()
     assert row == (event(1).dedupe_key,)
@@ -337,13 +331,13 @@ async def test_upgrading_a_version_2_database_keeps_its_backlog_in_order(tmp_pat
     try:
         assert await asyncio.gather(first.migrate(), second.migrate()) == [LATEST, LATEST]
         assert await first.migrate() == LATEST
-        later = (await first.store_event(event(9))).id
-        await first.set_ordering_keys(later, ["hubspot:person-2"])
-        assert await first.earlier_unfinished(later, ["hubspot:person-2"]) == [2]
-        assert await first.earlier_unfinished(later, ["hubspot:person-1"]) == [1, 2]
-        await second.set_ordering_keys(2, [])
-        assert await first.earlier_unfinished(later, ["hubspot:person-2"]) == []
-        assert [e.id for e in await first.claim("w", 10, 30)] == [1, 2, later]
+        later = (await first.inbox.store(event(9))).id
+        await first.inbox.set_ordering_keys(later, ["hubspot:person-2"])
+        assert await first.inbox.earlier_unfinished(later, ["hubspot:person-2"]) == [2]
+        assert await first.inbox.earlier_unfinished(later, ["hubspot:person-1"]) == [1, 2]
+        await second.inbox.set_ordering_keys(2, [])
+        assert await first.inbox.earlier_unfinished(later, ["hubspot:person-2"]) == []
+        assert [e.id for e in await first.inbox.claim("w", 10, 30)] == [1, 2, later]
     finally:
         await first.close()
         await second.close()

@@ -130,9 +130,10 @@ def pipedrive(emulator: PipedriveEmulator, field_map: FieldMap) -> Found:
 
 async def local(storage: Storage) -> Found:
     contacts = [{**contact.fields, "stage": contact.stage, "id": contact.id}
-                for contact in await storage.local_contacts()]
+                for contact in await storage.local_crm.contacts()]
     deals = [{"key": deal.key, "title": deal.title, "stage": deal.stage,
-              "contact": deal.contact_id, **deal.fields} for deal in await storage.local_deals()]
+              "contact": deal.contact_id, **deal.fields}
+             for deal in await storage.local_crm.deals()]
     return contacts, deals
 
 

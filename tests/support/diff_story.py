@@ -101,7 +101,7 @@ def record(database: Path | str, envelopes: Sequence[Any], *,
                     kind = str(json.loads(body)["event"])
                 except (ValueError, KeyError, TypeError, RecursionError):
                     kind = "test"
-                ids.append((await storage.store_event(NewEvent(
+                ids.append((await storage.inbox.store(NewEvent(
                     body=body, event_type=kind, event_timestamp="2026-03-01T00:00:00Z",
                     dedupe_key=hashlib.sha256(body).hexdigest(), received_at=at))).id)
         finally:

@@ -79,7 +79,7 @@ async def _store_backlog(storage: Storage, people: int, seed: int) -> None:
     while queues:
         queue = rng.choice(queues)
         event_type, data, timestamp = queue.pop(0)
-        await storage.store_event(new_event(event_type, data, timestamp))
+        await storage.inbox.store(new_event(event_type, data, timestamp))
         if not queue:
             queues.remove(queue)
 
@@ -117,7 +117,7 @@ async def run(ruleset: RuleSet, directory: Path, people: int, *, fault_rate: flo
         try:
             async with asyncio.timeout(timeout):
                 while True:
-                    by_status = (await storage.inbox_stats()).by_status
+                    by_status = (await storage.inbox.stats()).by_status
                     if by_status.get("processed", 0) + by_status.get("dead", 0) \
                             + by_status.get("ignored", 0) >= report.events:
                         break
@@ -127,9 +127,9 @@ async def run(ruleset: RuleSet, directory: Path, people: int, *, fault_rate: flo
             worker.stop()
             await running_worker
         await asyncio.sleep(SLOW_SECONDS)  # writes still sleeping in the emulators land too
-        report.statuses = {k: v for k, v in (await storage.inbox_stats()).by_status.items() if v}
+        report.statuses = {k: v for k, v in (await storage.inbox.stats()).by_status.items() if v}
         report.dead_errors = [e.last_error or "" for e in
-                              await storage.list_events(status="dead", limit=20)]
+                              await storage.inbox.list_events(status="dead", limit=20)]
         found = crm_readback.everywhere(await crm_readback.local(storage), stack, field_map)
         report.found = {target: found[target] for target in targets}
         report.injected = {crm: n for crm, n in stack.injected().items() if crm in targets}

@@ -62,7 +62,7 @@ def new_event(event_type: str, data: dict[str, Any], timestamp: str = "2026-03-0
 
 
 async def store(storage: Storage, event_type: str, **data: Any) -> int:
-    return (await storage.store_event(new_event(event_type, data))).id
+    return (await storage.inbox.store(new_event(event_type, data))).id
 
 
 class FakeTarget:

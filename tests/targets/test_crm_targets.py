@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import httpx
@@ -12,7 +11,7 @@ import pytest
 from engine.config.fieldmap import CRMField, FieldMap
 from engine.errors import ConfigError
 from engine.rules.files import load_ruleset
-from engine.storage import Storage, open_storage
+from engine.storage import Storage
 from engine.targets.base import Target
 from engine.targets.hubspot.target import HubSpotTarget
 from engine.targets.kind import Environ, Finding, NotSetUp, TargetKind
@@ -41,15 +40,6 @@ HUBSPOT = {"HUBSPOT_ACCESS_TOKEN": "pat-1"}
 SF_SECRET = {"SF_INSTANCE_URL": "https://acme.my.salesforce.com", "SF_CLIENT_ID": "id",
              "SF_CLIENT_SECRET": "secret"}
 PIPEDRIVE = {"PIPEDRIVE_API_TOKEN": "pd", "PIPEDRIVE_DOMAIN": "acme"}
-
-
-
-@pytest.fixture
-async def storage(tmp_path: Path) -> AsyncIterator[Storage]:
-    opened = open_storage(f"sqlite:///{tmp_path / 'linkcrm.db'}")
-    await opened.migrate()
-    yield opened
-    await opened.close()
 
 
 def problems(environ: dict[str, str]) -> list[str]:

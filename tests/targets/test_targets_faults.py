@@ -85,8 +85,8 @@ async def test_a_create_answered_after_the_client_timeout_is_not_made_twice(
         with serve(slow) as url:
             async with httpx.AsyncClient(timeout=0.3) as client:
                 target = PipedriveTarget(client, api_token=PIPEDRIVE_TOKEN, base_url=url,
-                                         field_map=RULES.field_map, identities=storage,
-                                         rate_limits=storage, search_limit=1000,
+                                         field_map=RULES.field_map, identities=storage.identities,
+                                         rate_limits=storage.rate_limits, search_limit=1000,
                                          burst_limit=1000)
                 outcome = await call_with_retries(lambda: target.execute(action, CallContext("k")),
                                                   RetryPolicy(base=0.001, cap=0.01), sleep)

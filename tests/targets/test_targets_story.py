@@ -46,8 +46,8 @@ async def test_the_story_reaches_all_four_targets_with_the_same_end_state(
         try:
             found = crm_readback.everywhere(await crm_readback.local(storage), stack,
                                             FIELD_MAP)
-            outcomes = [o for e in await storage.list_events() for o in
-                        await storage.list_outcomes(e.id)]
+            outcomes = [o for e in await storage.inbox.list_events() for o in
+                        await storage.outcomes.of_event(e.id)]
         finally:
             await storage.close()
         assert stack.salesforce.schema_violations == []

@@ -76,7 +76,8 @@ async def test_permanent_errors_are_dead_lettered_then_replayed_after_the_fix(
             listed = cli("events", "list", "--status", "dead", env=env).stdout
             assert "dead" in listed and "rule 'install-creates-lead'" in listed
 
-            before = {(o.target, o.action_kind): o for o in await storage.list_outcomes(event_id)
+            recorded = await storage.outcomes.of_event(event_id)
+            before = {(o.target, o.action_kind): o for o in recorded
                       if o.status == "ok"}
 
             # The fixes: provision the property; the admin relaxes the validation rule.
@@ -87,9 +88,9 @@ async def test_permanent_errors_are_dead_lettered_then_replayed_after_the_fix(
                                                                   "refused": []}
             await work(storage, env)
 
-            event = await storage.get_event(event_id)
+            event = await storage.inbox.get(event_id)
             assert event is not None and event.status == "processed"
-            outcomes = await storage.list_outcomes(event_id)
+            outcomes = await storage.outcomes.of_event(event_id)
         finally:
             await storage.close()
         [contact] = stack.hubspot.contacts.records.values()

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import random
-from collections.abc import AsyncIterator
 from datetime import timedelta
 from pathlib import Path
 
@@ -32,14 +31,6 @@ def clock() -> FakeClock:
 
 
 @pytest.fixture
-async def storage(tmp_path: Path) -> AsyncIterator[Storage]:
-    opened = open_storage(f"sqlite:///{tmp_path / 'linkcrm.db'}")
-    await opened.migrate()
-    yield opened
-    await opened.close()
-
-
-@pytest.fixture
 def rules(tmp_path: Path) -> RuleSet:
     return write_rules(tmp_path / "rules")
 
@@ -59,14 +50,14 @@ async def test_the_shipped_story_lands_in_the_local_crm(storage: Storage) -> Non
     metrics = Metrics()
     await store(storage, "install.tracked", token="tok_1", campaign="spring", platform="iOS")
     await store(storage, "referral.completed", token="tok_1", referrer_token="tok_0")
-    await Worker(storage, ruleset, [LocalTarget(storage, ruleset.field_map)],
+    await Worker(storage, ruleset, [LocalTarget(storage.local_crm, ruleset.field_map)],
                  metrics=metrics).run_until_idle()
-    [contact] = await storage.local_contacts()
+    [contact] = await storage.local_crm.contacts()
     assert contact.stage == "customer"
     assert [(c.from_stage, c.to_stage) for c in contact.stage_history] == [
         (None, "lead"), ("lead", "customer")]
     assert [c.event_id for c in contact.stage_history] == [1, 2]
-    assert [d.key for d in await storage.local_deals()] == ["referral-tok_1"]
+    assert [d.key for d in await storage.local_crm.deals()] == ["referral-tok_1"]
     assert metrics.processed.value(status="processed") == 2
     assert metrics.actions.value(target="local", outcome="ok") == 5
 
@@ -75,9 +66,9 @@ async def test_an_event_no_rule_matches_is_ignored(storage: Storage, rules: Rule
     target = FakeTarget()
     event_id = await store(storage, "link.clicked", token="tok_1")
     await Worker(storage, rules, [target]).run_until_idle()
-    event = await storage.get_event(event_id)
+    event = await storage.inbox.get(event_id)
     assert event is not None and event.status == "ignored"
-    assert target.calls == [] and await storage.list_outcomes(event_id) == []
+    assert target.calls == [] and await storage.outcomes.of_event(event_id) == []
 
 
 async def test_retryable_errors_back_off_with_jitter_and_honour_retry_after(
@@ -93,7 +84,7 @@ async def test_retryable_errors_back_off_with_jitter_and_honour_retry_after(
     assert len(sleeps.delays) == 2
     assert 0 <= sleeps.delays[0] <= 0.05  # attempt 1: full jitter under the base
     assert 0.5 <= sleeps.delays[1] <= 0.55  # Retry-After plus a little jitter
-    upsert, stage = await storage.list_outcomes(event_id)
+    upsert, stage = await storage.outcomes.of_event(event_id)
     assert (upsert.status, upsert.attempts, stage.status, stage.attempts) == ("ok", 3, "ok", 1)
     assert metrics.actions.value(target="fake", outcome="retried") == 2
     assert metrics.actions.value(target="fake", outcome="ok") == 2
@@ -108,11 +99,11 @@ async def test_a_long_wait_is_rescheduled_durably_and_survives_a_restart(
     target = FakeTarget(errors=[RetryableCRMError("fake: 503", retry_after=120)])
     event_id = await store(storage, "install.tracked", token="tok_1")
     await Worker(storage, rules, [target], clock=clock).run_until_idle()
-    event = await storage.get_event(event_id)
+    event = await storage.inbox.get(event_id)
     assert event is not None and event.status == "failed" and event.lease_owner is None
     assert event.next_attempt_at is not None
     assert timedelta(seconds=120) <= event.next_attempt_at - clock() <= timedelta(seconds=122)
-    [outcome] = await storage.list_outcomes(event_id)
+    [outcome] = await storage.outcomes.of_event(event_id)
     assert (outcome.status, outcome.error) == ("retrying", "fake: 503")
     await storage.close()
 
@@ -121,9 +112,9 @@ async def test_a_long_wait_is_rescheduled_durably_and_survives_a_restart(
     assert len(target.calls) == 1  # not due yet
     clock.advance(123)
     await Worker(restarted, rules, [target], clock=clock).run_until_idle()
-    event = await restarted.get_event(event_id)
+    event = await restarted.inbox.get(event_id)
     assert event is not None and event.status == "processed"
-    assert [(o.status, o.attempts) for o in await restarted.list_outcomes(event_id)] == [
+    assert [(o.status, o.attempts) for o in await restarted.outcomes.of_event(event_id)] == [
         ("ok", 2), ("ok", 1)]
     await restarted.close()
 
@@ -136,7 +127,7 @@ async def test_giving_up_after_the_last_attempt_dead_letters_the_action(
     event_id = await store(storage, "install.tracked", token="tok_1")
     await Worker(storage, rules, [target], sleep=Sleeps(),
                  options=WorkerOptions(policy=policy)).run_until_idle()
-    outcomes = await storage.list_outcomes(event_id)
+    outcomes = await storage.outcomes.of_event(event_id)
     assert [(o.status, o.attempts) for o in outcomes] == [("dead", 3), ("dead", 3)]
     assert outcomes[0].error == "gave up after 3 attempts: fake: 502 bad gateway"
 
@@ -149,11 +140,11 @@ async def test_a_permanent_error_is_dead_lettered_with_rule_action_target_and_me
     metrics = Metrics()
     event_id = await store(storage, "install.tracked", token="tok_1", prefix="p")
     await Worker(storage, rules, [target], metrics=metrics).run_until_idle()
-    event = await storage.get_event(event_id)
+    event = await storage.inbox.get(event_id)
     assert event is not None and event.status == "dead"
     assert event.last_error is not None and message in event.last_error
     assert "rule 'install-creates-lead', upsert_contact #0" in event.last_error
-    letters = {(d.action_kind, d.target): d for d in await storage.list_dead_letters()}
+    letters = {(d.action_kind, d.target): d for d in await storage.inbox.dead_letters()}
     letter = letters[("upsert_contact", "hubspot")]
     assert (letter.event_id, letter.event_type, letter.rule, letter.error) == (
         event_id, "install.tracked", "install-creates-lead", message)
@@ -168,13 +159,13 @@ async def test_replay_after_a_fix_delivers_and_never_redoes_a_success(
     target = FakeTarget("hubspot", errors=[PermanentCRMError("hubspot: missing property")])
     event_id = await store(storage, "install.tracked", token="tok_1", prefix="p")
     await Worker(storage, rules, [target]).run_until_idle()
-    assert await storage.requeue_dead() == [event_id]  # the property was created meanwhile
+    assert await storage.inbox.requeue_dead() == [event_id]  # the property was created meanwhile
     await Worker(storage, rules, [target]).run_until_idle()
-    event = await storage.get_event(event_id)
+    event = await storage.inbox.get(event_id)
     assert event is not None and (event.status, event.last_error) == ("processed", None)
     assert target.kinds(event_id) == ["upsert_contact", "set_stage", "upsert_contact"]
-    assert [o.status for o in await storage.list_outcomes(event_id)] == ["ok", "ok"]
-    assert await storage.list_dead_letters() == []
+    assert [o.status for o in await storage.outcomes.of_event(event_id)] == ["ok", "ok"]
+    assert await storage.inbox.dead_letters() == []
 
 
 async def test_already_ok_outcomes_are_skipped_when_a_processed_event_is_replayed(
@@ -183,9 +174,9 @@ async def test_already_ok_outcomes_are_skipped_when_a_processed_event_is_replaye
     target = FakeTarget()
     event_id = await store(storage, "install.tracked", token="tok_1")
     await Worker(storage, rules, [target]).run_until_idle()
-    assert await storage.requeue(event_id)
+    assert await storage.inbox.requeue(event_id)
     await Worker(storage, rules, [target]).run_until_idle()
-    event = await storage.get_event(event_id)
+    event = await storage.inbox.get(event_id)
     assert event is not None and event.status == "processed"
     assert len(target.calls) == 2
 
@@ -196,7 +187,7 @@ async def test_evaluation_failures_dead_letter_the_event_with_the_message(
     target = FakeTarget()
     event_id = await store(storage, "deferred_link.claimed", token="tok_1", prefix="p")
     await Worker(storage, rules, [target]).run_until_idle()
-    event = await storage.get_event(event_id)
+    event = await storage.inbox.get(event_id)
     assert event is not None and event.status == "dead"
     assert event.last_error is not None
     assert "rule 'claim-needs-an-email'" in event.last_error
@@ -223,7 +214,7 @@ async def test_idempotency_keys_are_stable_when_a_rule_file_is_edited(
     )
     after = write_rules(tmp_path / "v2", edited)
     event_id = await store(storage, "install.tracked", token="tok_1", prefix="p")
-    event = await storage.get_event(event_id)
+    event = await storage.inbox.get(event_id)
     assert event is not None
     old = {(k.action.kind, k.ordinal): k.key for k in prepare(event, before).actions}
     new = {(k.action.kind, k.ordinal): k.key for k in prepare(event, after).actions}
@@ -232,6 +223,6 @@ async def test_idempotency_keys_are_stable_when_a_rule_file_is_edited(
 
     target = FakeTarget()
     await Worker(storage, before, [target]).run_until_idle()
-    assert await storage.requeue(event_id)
+    assert await storage.inbox.requeue(event_id)
     await Worker(storage, after, [target]).run_until_idle()
     assert target.kinds(event_id) == ["upsert_contact", "set_stage", "create_deal"]

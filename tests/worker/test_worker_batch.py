@@ -4,14 +4,14 @@ per-identity order holds with batching on."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
 
 from engine.actions import Action, IdentityKey, UpsertContact
 from engine.errors import PermanentCRMError, RetryableCRMError
-from engine.storage import Storage, open_storage
+from engine.storage import Storage
 from engine.targets.base import CallContext, Outcome, batches
 from engine.worker.batch import Batcher
 from engine.worker.loop import Worker, WorkerOptions
@@ -89,14 +89,6 @@ async def test_a_short_answer_is_retryable_for_the_calls_it_left_out() -> None:
     assert all(isinstance(r, RetryableCRMError) for r in results[1:])
 
 
-@pytest.fixture
-async def storage(tmp_path: Path) -> AsyncIterator[Storage]:
-    opened = open_storage(f"sqlite:///{tmp_path / 'linkcrm.db'}")
-    await opened.migrate()
-    yield opened
-    await opened.close()
-
-
 async def test_the_worker_batches_concurrent_events_and_keeps_each_identity_in_order(
         storage: Storage, tmp_path: Path) -> None:
     rules = write_rules(tmp_path / "rules")
@@ -140,5 +132,5 @@ async def test_each_call_carries_its_event_rule_and_key_as_an_argument(
               "single": [(event, key) for event, _, key in single.calls]}
     for target, calls in called.items():
         recorded = [(event, o.idempotency_key) for event in events
-                    for o in await storage.list_outcomes(event) if o.target == target]
+                    for o in await storage.outcomes.of_event(event) if o.target == target]
         assert sorted(calls, key=str) == sorted(recorded, key=str) and len(recorded) == 6

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -17,29 +16,10 @@ from engine.storage import InboxEvent, Storage, open_storage
 from engine.targets.base import CallContext, Outcome
 from engine.worker.loop import Worker, WorkerOptions
 from tests.storage.contract import FakeClock
-from tests.support.postgres import fresh_schema, require_postgres, schema_url
 from tests.support.worker_helpers import FakeTarget, store, wait_until, write_rules
 
 pytestmark = pytest.mark.anyio
-
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
-    if request.param == "sqlite":
-        yield f"sqlite:///{tmp_path / 'linkcrm.db'}"
-        return
-    require_postgres()
-    with fresh_schema() as schema:
-        yield schema_url(schema)
-
-
-@pytest.fixture
-async def storage(database_url: str) -> AsyncIterator[Storage]:
-    opened = open_storage(database_url)
-    await opened.migrate()
-    yield opened
-    await opened.close()
+BACKENDS = ("sqlite", "postgresql")  # every test that uses a database runs on both
 
 
 @pytest.fixture
@@ -67,7 +47,7 @@ async def test_a_hanging_crm_with_a_backlog_does_not_starve_another(
     storage: Storage, rules: RuleSet, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     healthy, hanging = FakeTarget("healthy"), HangingTarget("hanging")
-    claim = storage.claim
+    claim = storage.inbox.claim
 
     async def busy_claim(worker_id: str, limit: int, lease_seconds: float) -> list[InboxEvent]:
         # A busy database: each claim takes 20 ms, so going round a backlog of 200 deferred
@@ -75,7 +55,7 @@ async def test_a_hanging_crm_with_a_backlog_does_not_starve_another(
         await asyncio.sleep(0.02)
         return await claim(worker_id, limit, lease_seconds)
 
-    monkeypatch.setattr(storage, "claim", busy_claim)
+    monkeypatch.setattr(storage.inbox, "claim", busy_claim)
     backlog = 200
     for n in range(backlog):
         await store(storage, "install.tracked", token=f"old_{n}")
@@ -127,7 +107,7 @@ async def test_a_deferred_event_backs_off_per_attempt(
     delays = []
 
     async def after_attempt(attempts: int) -> InboxEvent | None:
-        event = await storage.get_event(deferred)
+        event = await storage.inbox.get(deferred)
         assert event is not None
         done = event.attempts == attempts and event.lease_owner is None
         return event if done and event.next_attempt_at is not None else None

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -12,20 +11,11 @@ import pytest
 
 from engine.errors import RetryableCRMError
 from engine.rules.model import RuleSet
-from engine.storage import Storage, open_storage
+from engine.storage import Storage
 from engine.worker.loop import Worker, WorkerOptions
 from tests.support.worker_helpers import FakeTarget, new_event, store, wait_until, write_rules
 
 pytestmark = pytest.mark.anyio
-
-
-
-@pytest.fixture
-async def storage(tmp_path: Path) -> AsyncIterator[Storage]:
-    opened = open_storage(f"sqlite:///{tmp_path / 'linkcrm.db'}")
-    await opened.migrate()
-    yield opened
-    await opened.close()
 
 
 @pytest.fixture
@@ -34,7 +24,7 @@ def rules(tmp_path: Path) -> RuleSet:
 
 
 async def _status(storage: Storage, event_id: int) -> str:
-    event = await storage.get_event(event_id)
+    event = await storage.inbox.get(event_id)
     assert event is not None
     return event.status
 
@@ -85,7 +75,7 @@ async def test_an_event_never_holds_the_slot_its_earlier_event_needs_to_be_claim
     # yet. With one slot, waiting in-process for an event nobody holds waits for nothing.
     target = FakeTarget()
     now = datetime.now(UTC)
-    first, second = [(await storage.store_event(replace(
+    first, second = [(await storage.inbox.store(replace(
         new_event("install.tracked", {"token": "tok_a", "prefix": prefix}),
         received_at=received))).id
         for prefix, received in (("one", now), ("two", now - timedelta(seconds=1)))]
@@ -131,10 +121,10 @@ async def test_a_failing_target_does_not_hold_back_another(
     for event_id in (a, b, c):
         assert await _status(storage, event_id) == "failed"
         outcomes = {(o.target, o.action_kind): o.status
-                    for o in await storage.list_outcomes(event_id)}
+                    for o in await storage.outcomes.of_event(event_id)}
         assert outcomes[("good", "upsert_contact")] == outcomes[("good", "set_stage")] == "ok"
     assert ("down", "upsert_contact") not in {
-        (o.target, o.action_kind) for o in await storage.list_outcomes(b)}
+        (o.target, o.action_kind) for o in await storage.outcomes.of_event(b)}
 
 
 async def test_a_stuck_target_does_not_slow_down_another(
@@ -168,7 +158,7 @@ async def test_healthy_targets_under_load_defer_nothing(
     await Worker(storage, rules, [one, two],
                  options=WorkerOptions(concurrency=2)).run_until_idle()
     for event_id in ids:
-        event = await storage.get_event(event_id)
+        event = await storage.inbox.get(event_id)
         assert event is not None and (event.status, event.attempts) == ("processed", 1)
     assert one.max_active == two.max_active == 2
 
@@ -204,7 +194,7 @@ async def test_stop_releases_in_flight_events_for_the_next_worker(
     await wait_until(lambda: target.active == 1, what="the call")
     worker.stop()
     await asyncio.wait_for(running, timeout=5)
-    event = await storage.get_event(event_id)
+    event = await storage.inbox.get(event_id)
     assert event is not None and event.status == "failed" and event.lease_owner is None
     target.gates.clear()
     await Worker(storage, rules, [target]).run_until_idle()  # due at once, not after a lease

@@ -14,7 +14,6 @@ import json
 import random
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -31,7 +30,6 @@ from engine.targets.base import CallContext
 from engine.targets.local.target import LocalTarget
 from engine.worker.loop import Worker, WorkerOptions
 from engine.worker.retrying import RetryPolicy
-from tests.support.postgres import fresh_schema, require_postgres, schema_url
 from tests.support.service_process import (
     ROOT,
     SECRET,
@@ -44,6 +42,7 @@ from tests.support.service_process import (
 from tests.support.worker_helpers import FakeTarget, store, write_rules
 
 pytestmark = pytest.mark.anyio
+BACKENDS = ("sqlite", "postgresql")  # every test that uses a database runs on both
 
 RULES = """\
 version: 1
@@ -109,25 +108,6 @@ def raw_event(data: str) -> NewEvent:
                     dedupe_key=hashlib.sha256(body).hexdigest(), received_at=datetime.now(UTC))
 
 
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
-    if request.param == "sqlite":
-        yield f"sqlite:///{tmp_path / 'linkcrm.db'}"
-        return
-    require_postgres()
-    with fresh_schema() as schema:
-        yield schema_url(schema)
-
-
-@pytest.fixture
-async def storage(url: str) -> AsyncIterator[Storage]:
-    opened = open_storage(url)
-    await opened.migrate()
-    yield opened
-    await opened.close()
-
-
 @pytest.fixture
 def rules(tmp_path: Path) -> RuleSet:
     return write_rules(tmp_path / "rules", RULES)
@@ -135,7 +115,8 @@ def rules(tmp_path: Path) -> RuleSet:
 
 def local_worker(storage: Storage, rules: RuleSet, metrics: Metrics | None = None) -> Worker:
     policy = RetryPolicy(base=0.01, cap=0.05, max_attempts=3, rng=random.Random(1))
-    return Worker(storage, rules, [LocalTarget(storage, rules.field_map)], metrics=metrics,
+    return Worker(storage, rules, [LocalTarget(storage.local_crm, rules.field_map)],
+                  metrics=metrics,
                   options=WorkerOptions(policy=policy))
 
 
@@ -143,17 +124,17 @@ async def test_a_poison_event_is_a_dead_letter_and_the_events_after_it_are_proce
     storage: Storage, rules: RuleSet
 ) -> None:
     metrics = Metrics()
-    poison = (await storage.store_event(raw_event(r'{"token":"x\ud800"}'))).id
+    poison = (await storage.inbox.store(raw_event(r'{"token":"x\ud800"}'))).id
     normal = [await store(storage, "install.tracked", token=f"tok_{n}", prefix="p")
               for n in range(3)]
     await local_worker(storage, rules, metrics).run_until_idle()
-    dead = await storage.get_event(poison)
+    dead = await storage.inbox.get(poison)
     assert dead is not None and dead.status == "dead" and dead.lease_owner is None
     assert "identity deep_link_token holds a lone surrogate (\\ud800)" in (dead.last_error or "")
     for event_id in normal:
-        event = await storage.get_event(event_id)
+        event = await storage.inbox.get(event_id)
         assert event is not None and event.status == "processed"
-    tokens = sorted(c.identities[0].value for c in await storage.local_contacts())
+    tokens = sorted(c.identities[0].value for c in await storage.local_crm.contacts())
     assert tokens == ["tok_0", "tok_1", "tok_2"]
     assert metrics.processed.value(status="dead") == 1
     assert metrics.processed.value(status="processed") == 3
@@ -162,25 +143,25 @@ async def test_a_poison_event_is_a_dead_letter_and_the_events_after_it_are_proce
 async def test_hostile_values_end_applied_or_dead_the_same_on_both_backends(
     storage: Storage, rules: RuleSet
 ) -> None:
-    ids = {name: (await storage.store_event(raw_event(data))).id for name, data, _, _ in HOSTILE}
+    ids = {name: (await storage.inbox.store(raw_event(data))).id for name, data, _, _ in HOSTILE}
     after = await store(storage, "install.tracked", token="after", prefix="p")
     await local_worker(storage, rules).run_until_idle()
     for name, _, status, error in HOSTILE:
-        event = await storage.get_event(ids[name])
+        event = await storage.inbox.get(ids[name])
         assert event is not None, name
         assert (name, event.status) == (name, status), event.last_error
         if error is not None:
             assert error in (event.last_error or ""), (name, event.last_error)
             if "value" in name or "field" in name or "identity" in name:
                 assert "fix the value at its source" in (event.last_error or "")
-    last = await storage.get_event(after)
+    last = await storage.inbox.get(after)
     assert last is not None and last.status == "processed"
-    fields = {c.identities[0].value: c.fields for c in await storage.local_contacts()}
+    fields = {c.identities[0].value: c.fields for c in await storage.local_crm.contacts()}
     assert fields["n2"]["deep_link_prefix"] == "a\x00b"  # kept exactly, on both backends
     assert fields["f4"]["deep_link_prefix"] == int(BIG)
     assert fields["m1"]["deep_link_prefix"] == "z" * MB
     assert "\U0001f600" in fields and "t" * MB not in fields
-    deals = {deal.key: deal for deal in await storage.local_deals()}
+    deals = {deal.key: deal for deal in await storage.local_crm.deals()}
     assert deals["d9"].title == "\U0001f600" and "d3" not in deals and "d5" not in deals
 
 
@@ -190,23 +171,23 @@ async def test_an_error_in_the_worker_itself_dead_letters_that_event_only(
     first = await store(storage, "install.tracked", token="tok_a", prefix="p")
     broken = await store(storage, "install.tracked", token="tok_b", prefix="p")
     last = await store(storage, "install.tracked", token="tok_c", prefix="p")
-    checked = storage.earlier_unfinished
+    checked = storage.inbox.earlier_unfinished
 
     async def buggy(event_id: int, keys: list[str]) -> list[int]:
         if event_id == broken:
             raise KeyError("a bug that quotes ada@example.com")
         return await checked(event_id, keys)
 
-    monkeypatch.setattr(storage, "earlier_unfinished", buggy)
+    monkeypatch.setattr(storage.inbox, "earlier_unfinished", buggy)
     await local_worker(storage, rules).run_until_idle()
     statuses = {}
     for event_id in (first, broken, last):
-        event = await storage.get_event(event_id)
+        event = await storage.inbox.get(event_id)
         assert event is not None
         statuses[event_id] = (event.status, event.lease_owner)
     assert statuses == {first: ("processed", None), broken: ("dead", None),
                         last: ("processed", None)}
-    dead = await storage.get_event(broken)
+    dead = await storage.inbox.get(broken)
     assert dead is not None and dead.last_error == (
         "the worker failed on this event: KeyError: 'a bug that quotes ada@example.com'")
 
@@ -217,25 +198,25 @@ async def test_a_value_the_store_refuses_is_dead_at_once_not_retried(
     target = FakeTarget(always=UnstorableValueError("identity deep_link_token is too long"))
     event_id = await store(storage, "install.tracked", token="tok_1", prefix="p")
     await Worker(storage, rules, [target]).run_until_idle()
-    [outcome] = await storage.list_outcomes(event_id)
+    [outcome] = await storage.outcomes.of_event(event_id)
     assert (outcome.status, outcome.attempts) == ("dead", 1)
     assert outcome.error == "fake: identity deep_link_token is too long"
     assert len(target.calls) == 1
 
 
 def test_the_standalone_worker_dead_letters_a_poison_event_and_keeps_going(
-    url: str, tmp_path: Path
+    database_url: str, tmp_path: Path
 ) -> None:
     async def fill() -> tuple[int, list[int]]:
-        async with open_storage(url) as storage:
+        async with open_storage(database_url) as storage:
             await storage.migrate()
-            poison = (await storage.store_event(raw_event(r'{"token":"x\ud800"}'))).id
+            poison = (await storage.inbox.store(raw_event(r'{"token":"x\ud800"}'))).id
             normal = [await store(storage, "install.tracked", token=f"tok_{n}")
                       for n in range(3)]
             return poison, normal
 
     poison, normal = asyncio.run(fill())
-    env = service_env(tmp_path, LINKCRM_DATABASE_URL=url, LINKCRM_LOG_LEVEL="INFO")
+    env = service_env(tmp_path, LINKCRM_DATABASE_URL=database_url, LINKCRM_LOG_LEVEL="INFO")
     worker = subprocess.Popen([sys.executable, "-m", "engine.cli", "worker"], env=env,
                               cwd=ROOT, stderr=subprocess.PIPE)
     try:
@@ -252,11 +233,11 @@ def test_the_standalone_worker_dead_letters_a_poison_event_and_keeps_going(
 
 
 async def test_the_cli_shows_every_hostile_event_and_contact(
-    url: str, storage: Storage, rules: RuleSet, tmp_path: Path
+    database_url: str, storage: Storage, rules: RuleSet, tmp_path: Path
 ) -> None:
-    ids = [(await storage.store_event(raw_event(data))).id for _, data, _, _ in HOSTILE]
+    ids = [(await storage.inbox.store(raw_event(data))).id for _, data, _, _ in HOSTILE]
     await local_worker(storage, rules).run_until_idle()
-    env = service_env(tmp_path, LINKCRM_DATABASE_URL=url,
+    env = service_env(tmp_path, LINKCRM_DATABASE_URL=database_url,
                       LINKCRM_RULES=str(tmp_path / "rules"))
     commands = [["events", "list"], ["crm", "contacts"], ["crm", "deals"]]
     commands += [["events", "show", str(event_id)] for event_id in ids]
@@ -305,7 +286,7 @@ async def test_the_local_crm_refuses_what_no_store_keeps_at_once_on_both_backend
 ) -> None:
     """Past the planner (a replay with other rules, a caller of its own), the embedded CRM
     still says "permanent": both backends refuse the value the same way, never "retry"."""
-    target = LocalTarget(storage, rules.field_map)
+    target = LocalTarget(storage.local_crm, rules.field_map)
     with pytest.raises(PermanentCRMError, match="no store can keep it as it is"):
         await target.execute(action, CallContext("key"))
-    assert await storage.local_contacts() == [] and await storage.local_deals() == []
+    assert await storage.local_crm.contacts() == [] and await storage.local_crm.deals() == []

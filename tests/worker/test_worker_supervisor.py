@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -103,14 +102,6 @@ async def test_fatal_errors_are_raised_not_retried() -> None:
     assert calls == 1
 
 
-@pytest.fixture
-async def storage(tmp_path: Path) -> AsyncIterator[Storage]:
-    opened = open_storage(f"sqlite:///{tmp_path / 'linkcrm.db'}")
-    await opened.migrate()
-    yield opened
-    await opened.close()
-
-
 def test_readyz_is_503_and_metrics_show_it_while_the_worker_is_down(tmp_path: Path) -> None:
     storage = open_storage(f"sqlite:///{tmp_path / 'linkcrm.db'}")
     asyncio.run(storage.migrate())
@@ -142,7 +133,7 @@ async def test_the_in_process_worker_comes_back_after_a_crash_and_applies_events
 ) -> None:
     rules = write_rules(tmp_path / "rules")
     claims = 0
-    claim = storage.claim
+    claim = storage.inbox.claim
 
     async def breaks_once(worker_id: str, limit: int, lease_seconds: float) -> list[object]:
         nonlocal claims
@@ -151,19 +142,19 @@ async def test_the_in_process_worker_comes_back_after_a_crash_and_applies_events
             raise AttributeError("a bug in the claim path")
         return list(await claim(worker_id, limit, lease_seconds))
 
-    monkeypatch.setattr(storage, "claim", breaks_once)
+    monkeypatch.setattr(storage.inbox, "claim", breaks_once)
     event_ids = [await store(storage, "install.tracked", token=f"tok_{n}") for n in range(3)]
     metrics = Metrics()
     supervisor = Supervisor(metrics, first_delay=0.05)
 
     async def worker() -> None:
-        await Worker(storage, rules, [LocalTarget(storage, rules.field_map)],
+        await Worker(storage, rules, [LocalTarget(storage.local_crm, rules.field_map)],
                      metrics=metrics).run()
 
     running = asyncio.create_task(supervisor.run("worker", worker))
     try:
         async def all_processed() -> bool:
-            events = [await storage.get_event(event_id) for event_id in event_ids]
+            events = [await storage.inbox.get(event_id) for event_id in event_ids]
             return all(e is not None and e.status == "processed" for e in events)
 
         await wait_until(all_processed, what="the restarted worker")
@@ -180,7 +171,7 @@ async def test_the_standalone_worker_restarts_after_a_crash_and_stops_for_good(
 ) -> None:
     rules = write_rules(tmp_path / "rules")
     claims = 0
-    claim = storage.claim
+    claim = storage.inbox.claim
 
     async def breaks_once(worker_id: str, limit: int, lease_seconds: float) -> list[object]:
         nonlocal claims
@@ -189,7 +180,7 @@ async def test_the_standalone_worker_restarts_after_a_crash_and_stops_for_good(
             raise AttributeError("a bug in the claim path")
         return list(await claim(worker_id, limit, lease_seconds))
 
-    monkeypatch.setattr(storage, "claim", breaks_once)
+    monkeypatch.setattr(storage.inbox, "claim", breaks_once)
     event_id = await store(storage, "install.tracked", token="tok_1")
     metrics = Metrics()
     standalone = StandaloneWorker(storage, rules, SETTINGS, {}, metrics=metrics,
@@ -197,7 +188,7 @@ async def test_the_standalone_worker_restarts_after_a_crash_and_stops_for_good(
     running = asyncio.create_task(standalone.run())
 
     async def processed() -> bool:
-        event = await storage.get_event(event_id)
+        event = await storage.inbox.get(event_id)
         return event is not None and event.status == "processed"
 
     await wait_until(processed, what="the restarted worker")

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import TypeVar
 from urllib.parse import parse_qsl, quote, urlencode, urlsplit, urlunsplit
 
 from engine.errors import StorageError
+
+T = TypeVar("T")
 
 # URL query parameter -> environment variable; the URL wins when both are set.
 POOL_OPTIONS = {
@@ -71,32 +74,29 @@ def _where(name: str) -> str:
 
 
 def _count(given: Mapping[str, str], name: str, default: int, *, minimum: int = 1) -> int:
-    raw = given.get(name)
-    if raw is None:
-        return default
-    try:
-        value = int(raw)
-    except ValueError:
-        value = minimum - 1
-    if value < minimum:
-        raise StorageError(
-            f"{_where(name)} must be a whole number of at least {minimum}, got {raw!r}; "
-            f"e.g. ?{name}={max(minimum, default)}"
-        )
-    return value
+    value = _option(given, name, int, lambda n: n >= minimum,
+                    f"a whole number of at least {minimum}", str(max(minimum, default)))
+    return default if value is None else value
 
 
 def _seconds(given: Mapping[str, str], name: str, default: float) -> float:
+    value = _option(given, name, float, lambda s: s > 0 and not math.isinf(s),
+                    "a number of seconds greater than 0", f"{default:g}")
+    return default if value is None else value
+
+
+def _option(given: Mapping[str, str], name: str, parse: Callable[[str], T],
+            valid: Callable[[T], bool], expected: str, example: str) -> T | None:
+    """The option's value, None when it is not given; StorageError naming where it was set,
+    what it must be and an example when it is not a valid value."""
     raw = given.get(name)
     if raw is None:
-        return default
+        return None
     try:
-        value = float(raw)
+        value = parse(raw)
     except ValueError:
-        value = 0.0
-    if not value > 0 or math.isinf(value):
+        value = None
+    if value is None or not valid(value):
         raise StorageError(
-            f"{_where(name)} must be a number of seconds greater than 0, got {raw!r}; "
-            f"e.g. ?{name}={default:g}"
-        )
+            f"{_where(name)} must be {expected}, got {raw!r}; e.g. ?{name}={example}")
     return value

@@ -9,7 +9,7 @@ from psycopg import AsyncConnection
 from psycopg.types.json import Json
 
 from engine.actions import JSON
-from engine.storage.records import ActionOutcome, EventStatus, InboxEvent, OutcomeStatus
+from engine.storage.records import ActionOutcome, InboxEvent, field_names, from_row
 
 Row: TypeAlias = tuple[Any, ...]
 Conn: TypeAlias = AsyncConnection[Row]
@@ -22,12 +22,9 @@ NOW = "COALESCE(%(now)s::timestamptz, now())"
 
 PENDING = "status IN ('received', 'failed')"
 
-EVENT_FIELDS = (
-    "id", "dedupe_key", "source", "event_type", "event_timestamp", "received_at", "headers",
-    "body", "status", "attempts", "lease_owner", "lease_expires_at", "next_attempt_at",
-    "last_error", "updated_at",
-)
+EVENT_FIELDS = field_names(InboxEvent)
 EVENT_COLUMNS = ", ".join(EVENT_FIELDS)
+OUTCOME_COLUMNS = ", ".join(field_names(ActionOutcome))
 
 
 def columns(prefix: str, fields: tuple[str, ...]) -> str:
@@ -59,53 +56,19 @@ def json_object(value: Any) -> dict[str, JSON]:
     return cast(dict[str, JSON], value) if isinstance(value, dict) else {}
 
 
+def _headers(value: Any) -> dict[str, str]:
+    return {str(k): str(v) for k, v in json_object(value).items()}
+
+
+def _body(value: Any) -> bytes | None:
+    return None if value is None else bytes(value)
+
+
 def event_from_row(row: Row) -> InboxEvent:
-    (event_id, dedupe_key, source, event_type, event_timestamp, received_at, headers, body,
-     status, attempts, lease_owner, lease_expires_at, next_attempt_at, last_error,
-     updated_at) = row
-    return InboxEvent(
-        id=event_id,
-        dedupe_key=dedupe_key,
-        source=source,
-        event_type=event_type,
-        event_timestamp=event_timestamp,
-        received_at=received_at,
-        headers={str(k): str(v) for k, v in json_object(headers).items()},
-        body=None if body is None else bytes(body),
-        status=cast(EventStatus, status),
-        attempts=attempts,
-        lease_owner=lease_owner,
-        lease_expires_at=lease_expires_at,
-        next_attempt_at=next_attempt_at,
-        last_error=last_error,
-        updated_at=updated_at,
-    )
-
-
-OUTCOME_FIELDS = (
-    "id", "event_id", "rule", "action_kind", "target", "idempotency_key", "status", "attempts",
-    "request_summary", "response", "error", "next_attempt_at", "created_at", "updated_at",
-)
-OUTCOME_COLUMNS = ", ".join(OUTCOME_FIELDS)
+    """An inbox row selected as EVENT_COLUMNS."""
+    return from_row(InboxEvent, row, headers=_headers, body=_body)
 
 
 def outcome_from_row(row: Row) -> ActionOutcome:
-    (outcome_id, event_id, rule, action_kind, target, idempotency_key, status, attempts,
-     request_summary, response, error, next_attempt_at, created_at, updated_at) = row
-    return ActionOutcome(
-        id=outcome_id,
-        event_id=event_id,
-        rule=rule,
-        action_kind=action_kind,
-        target=target,
-        idempotency_key=idempotency_key,
-        status=cast(OutcomeStatus, status),
-        attempts=attempts,
-        request_summary=request_summary,
-        response=response,
-        error=error,
-        next_attempt_at=next_attempt_at,
-        created_at=created_at,
-        updated_at=updated_at,
-    )
-
+    """An action outcome row selected as OUTCOME_COLUMNS."""
+    return from_row(ActionOutcome, row)

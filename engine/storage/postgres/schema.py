@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 from engine.errors import StorageError
+from engine.storage.checks import Migrations, migrations_to_apply
 from engine.storage.postgres.rows import Conn
 
 # Append new versions; never edit one that has shipped. Tables and columns match the SQLite
 # schema (engine/storage/sqlite/schema.py) except where PostgreSQL has a better type: identity
 # columns, timestamptz, bytea, json. `ordering_recorded` lets a worker on another machine tell
 # "this earlier event touches other identities" from "its keys are not known yet".
-MIGRATIONS: tuple[tuple[int, tuple[str, ...]], ...] = (
+MIGRATIONS: Migrations = (
     (1, (
         """CREATE TABLE inbox (
             id BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
@@ -219,14 +220,7 @@ async def migrate(connection: Conn) -> int:
             "version INTEGER PRIMARY KEY, applied_at TIMESTAMPTZ NOT NULL DEFAULT now())"
         )
         version = await current_version(connection)
-        if version > LATEST:
-            raise StorageError(
-                f"the database schema is version {version}, newer than this linkcrm knows "
-                f"({LATEST}); upgrade linkcrm before using this database"
-            )
-        for number, statements in MIGRATIONS:
-            if number <= version:
-                continue
+        for number, statements in migrations_to_apply(MIGRATIONS, version):
             for statement in statements:
                 await connection.execute(statement)
             await connection.execute(

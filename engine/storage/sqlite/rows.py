@@ -8,7 +8,7 @@ from datetime import UTC, datetime
 from typing import Any, cast
 
 from engine.actions import JSON
-from engine.storage.records import ActionOutcome, EventStatus, InboxEvent, OutcomeStatus
+from engine.storage.records import ActionOutcome, InboxEvent, field_names, from_row
 
 
 def ts(moment: datetime) -> str:
@@ -46,55 +46,29 @@ def loads_object(text: str | None) -> dict[str, JSON]:
     return cast(dict[str, JSON], value) if isinstance(value, dict) else {}
 
 
-EVENT_COLUMNS = (
-    "id, dedupe_key, source, event_type, event_timestamp, received_at, headers, body, status, "
-    "attempts, lease_owner, lease_expires_at, next_attempt_at, last_error, updated_at"
-)
+EVENT_COLUMNS = ", ".join(field_names(InboxEvent))
+OUTCOME_COLUMNS = ", ".join(field_names(ActionOutcome))
+
+
+def _headers(text: str) -> dict[str, str]:
+    return {str(k): str(v) for k, v in loads_object(text).items()}
+
+
+def _body(blob: bytes | None) -> bytes | None:
+    return None if blob is None else bytes(blob)
 
 
 def event_from_row(row: sqlite3.Row) -> InboxEvent:
-    return InboxEvent(
-        id=row["id"],
-        dedupe_key=row["dedupe_key"],
-        source=row["source"],
-        event_type=row["event_type"],
-        event_timestamp=row["event_timestamp"],
-        received_at=parse_ts(row["received_at"]),
-        headers={str(k): str(v) for k, v in loads_object(row["headers"]).items()},
-        body=None if row["body"] is None else bytes(row["body"]),
-        status=cast(EventStatus, row["status"]),
-        attempts=row["attempts"],
-        lease_owner=row["lease_owner"],
-        lease_expires_at=parse_optional_ts(row["lease_expires_at"]),
-        next_attempt_at=parse_optional_ts(row["next_attempt_at"]),
-        last_error=row["last_error"],
-        updated_at=parse_ts(row["updated_at"]),
-    )
-
-
-OUTCOME_COLUMNS = (
-    "id, event_id, rule, action_kind, target, idempotency_key, status, attempts, "
-    "request_summary, response, error, next_attempt_at, created_at, updated_at"
-)
+    """An inbox row selected as EVENT_COLUMNS."""
+    return from_row(InboxEvent, row, received_at=parse_ts, headers=_headers, body=_body,
+                    lease_expires_at=parse_optional_ts, next_attempt_at=parse_optional_ts,
+                    updated_at=parse_ts)
 
 
 def outcome_from_row(row: sqlite3.Row) -> ActionOutcome:
-    return ActionOutcome(
-        id=row["id"],
-        event_id=row["event_id"],
-        rule=row["rule"],
-        action_kind=row["action_kind"],
-        target=row["target"],
-        idempotency_key=row["idempotency_key"],
-        status=cast(OutcomeStatus, row["status"]),
-        attempts=row["attempts"],
-        request_summary=loads(row["request_summary"]),
-        response=loads(row["response"]),
-        error=row["error"],
-        next_attempt_at=parse_optional_ts(row["next_attempt_at"]),
-        created_at=parse_ts(row["created_at"]),
-        updated_at=parse_ts(row["updated_at"]),
-    )
+    """An action outcome row selected as OUTCOME_COLUMNS."""
+    return from_row(ActionOutcome, row, request_summary=loads, response=loads,
+                    next_attempt_at=parse_optional_ts, created_at=parse_ts, updated_at=parse_ts)
 
 
 def placeholders(count: int) -> str:

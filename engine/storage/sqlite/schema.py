@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import sqlite3
 
-from engine.errors import StorageError
+from engine.storage.checks import Migrations, migrations_to_apply
 
 # Append new versions; never edit one that has shipped. Types and constraints stay close to
 # what PostgreSQL accepts so the two schemas read alike (times are ISO 8601 UTC text here).
-MIGRATIONS: tuple[tuple[int, tuple[str, ...]], ...] = (
+MIGRATIONS: Migrations = (
     (1, (
         """CREATE TABLE inbox (
             id INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -182,15 +182,7 @@ def migrate(connection: sqlite3.Connection, applied_at: str) -> int:
         "CREATE TABLE IF NOT EXISTS schema_version ("
         "version INTEGER PRIMARY KEY, applied_at TEXT NOT NULL)"
     )
-    version = current_version(connection)
-    if version > LATEST:
-        raise StorageError(
-            f"the database schema is version {version}, newer than this linkcrm knows "
-            f"({LATEST}); upgrade linkcrm before using this database"
-        )
-    for number, statements in MIGRATIONS:
-        if number <= version:
-            continue
+    for number, statements in migrations_to_apply(MIGRATIONS, current_version(connection)):
         for statement in statements:
             connection.execute(statement)
         connection.execute(

@@ -325,8 +325,7 @@ class ContactWriter:
             winner = await self.identities.bind_identity(CRM, key, record_id)
             if winner != record_id and key == group.primary and group.locator.unique:
                 # HubSpot's unique property is the truth: the map held a merged-away record.
-                await self.identities.unbind_identity(CRM, key)
-                await self.identities.bind_identity(CRM, key, record_id)
+                await self.identities.rebind_identity(CRM, key, record_id)
         for position, (change, summary) in enumerate(zip(group.changes, summaries,
                                                          strict=True)):
             run.results[change.index] = Outcome(record_id, summary, created and position == 0)

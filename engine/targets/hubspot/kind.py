@@ -17,8 +17,8 @@ from engine.targets.kind import Environ, Finding, Provisioned, TargetContext, Ta
 
 def build(context: TargetContext) -> Target:
     settings = HubSpotSettings.from_env(context.environ)
-    return HubSpotTarget(context.client, settings.token, context.field_map, context.storage,
-                         context.storage, base_url=settings.base_url,
+    return HubSpotTarget(context.client, settings.token, context.field_map, context.identities,
+                         context.rate_limits, base_url=settings.base_url,
                          requests_per_window=settings.rate_limit)
 
 

@@ -1,6 +1,7 @@
 """The HubSpot target (CRM v3, private-app bearer token), batching what the API lets it batch.
 
-    target = HubSpotTarget(client, token, field_map, storage, storage)
+    target = HubSpotTarget(client, token, field_map, storage.identities,
+                           storage.rate_limits)
     outcome = await target.execute(action, CallContext(idempotency_key))
     outcomes = await target.execute_many([(action, context), ...])   # a queue drains in batches
 

@@ -9,7 +9,7 @@ from engine.targets.local.target import LocalTarget
 
 
 def build(context: TargetContext) -> Target:
-    return LocalTarget(context.storage, context.field_map)
+    return LocalTarget(context.local_crm, context.field_map)
 
 
 KIND = TargetKind((), build, dialect=CANONICAL)

@@ -10,7 +10,7 @@ from engine.errors import (
     StorageError,
     UnstorableValueError,
 )
-from engine.storage import Storage
+from engine.storage import LocalCRMStore
 from engine.targets.base import CallContext, Outcome
 
 
@@ -22,7 +22,7 @@ class LocalTarget:
     `set_once` only fills empty fields, stages only move forward along the field map's order,
     and `create_deal` makes one deal per deal key, ever.
 
-        target = LocalTarget(storage, ruleset.field_map)
+        target = LocalTarget(storage.local_crm, ruleset.field_map)
         outcome = await target.execute(action, CallContext(key, event_id=event.id))
 
     A stage change records the inbox event that moved the contact (`context.event_id`). A stage
@@ -32,8 +32,8 @@ class LocalTarget:
 
     name = "local"
 
-    def __init__(self, storage: Storage, field_map: FieldMap) -> None:
-        self.storage = storage
+    def __init__(self, store: LocalCRMStore, field_map: FieldMap) -> None:
+        self.store = store
         self.stages = tuple(stage.name for stage in field_map.contact_stages)
 
     async def execute(self, action: Action, context: CallContext) -> Outcome:
@@ -48,14 +48,14 @@ class LocalTarget:
 
     async def _apply(self, action: Action, context: CallContext) -> Outcome:
         if isinstance(action, UpsertContact):
-            contact = await self.storage.local_upsert_contact(
+            contact = await self.store.upsert_contact(
                 action.identity, action.set, action.set_once
             )
             verb = "created" if contact.created else "updated"
             return Outcome(str(contact.contact_id), f"contact {contact.contact_id} {verb}",
                            created=contact.created)
         if isinstance(action, SetStage):
-            stage = await self.storage.local_set_stage(
+            stage = await self.store.set_stage(
                 action.identity, action.stage, self.stages, context.event_id
             )
             summary = (
@@ -67,7 +67,7 @@ class LocalTarget:
             return Outcome(str(stage.contact_id), summary)
         if isinstance(action, CreateDeal):
             amount = None if action.amount is None else float(action.amount)
-            deal = await self.storage.local_create_deal(
+            deal = await self.store.create_deal(
                 action.identity, action.key, action.title, action.stage or None, amount,
                 action.set,
             )

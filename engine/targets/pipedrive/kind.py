@@ -18,7 +18,7 @@ def build(context: TargetContext) -> Target:
     return PipedriveTarget(context.client, api_token=settings.api_token,
                            domain=settings.domain, base_url=settings.base_url,
                            burst_limit=settings.rate_limit, field_map=context.field_map,
-                           identities=context.storage, rate_limits=context.storage)
+                           identities=context.identities, rate_limits=context.rate_limits)
 
 
 def _admin(environ: Environ, client: httpx.AsyncClient) -> PipedriveAdmin:

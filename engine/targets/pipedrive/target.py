@@ -276,9 +276,8 @@ class PipedriveTarget:
             return None
         person = await self._api.record("/persons", record_id)
         if person is None:  # deleted or merged away in Pipedrive: forget the mapping
-            for key, _ in keys:
-                if await self._ids.lookup_identity(TARGET, [key]) == record_id:
-                    await self._ids.unbind_identity(TARGET, key)
+            for key, _ in keys:  # where another worker has not mapped the key anew meanwhile
+                await self._ids.unbind_identity(TARGET, key, record_id)
         return person
 
     async def _search_person(self, keys: list[Key]) -> Record | None:

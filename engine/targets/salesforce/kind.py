@@ -26,7 +26,7 @@ _JWT = ("SF_INSTANCE_URL", "SF_CLIENT_ID", "SF_USERNAME")
 def build(context: TargetContext) -> Target:
     found = SalesforceEnvironment.from_env(context.environ)
     return SalesforceTarget.from_settings(context.client, found.settings, context.field_map,
-                                          context.storage, context.storage,
+                                          context.identities, context.rate_limits,
                                           limit_backoff=found.limit_backoff)
 
 

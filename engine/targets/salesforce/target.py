@@ -255,8 +255,7 @@ class SalesforceTarget:
                 continue
             if await self.identities.bind_identity(CRM, key, record_id) != record_id:
                 # Salesforce is the authority: a stale mapping (merged Lead) is replaced.
-                await self.identities.unbind_identity(CRM, key)
-                await self.identities.bind_identity(CRM, key, record_id)
+                await self.identities.rebind_identity(CRM, key, record_id)
 
     async def _upsert_batch(
         self, chunk: dict[str, list[int]], items: Sequence[tuple[Action, CallContext]],

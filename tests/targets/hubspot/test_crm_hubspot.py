@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 from collections.abc import AsyncIterator, Awaitable, Callable
-from pathlib import Path
 from typing import Any
 
 import httpx
@@ -14,7 +13,7 @@ import pytest
 from engine.actions import CreateDeal, IdentityKey, SetStage, UpsertContact
 from engine.config.fieldmap import FieldMap, load_field_map
 from engine.errors import PermanentCRMError, RetryableCRMError
-from engine.storage import Storage, open_storage
+from engine.storage import Storage
 from engine.targets.base import CallContext
 from engine.targets.hubspot.admin import doctor, provision
 from engine.targets.hubspot.api import (
@@ -27,6 +26,7 @@ from engine.targets.hubspot.target import HubSpotTarget
 from engine.targets.pacing import Pacer
 from tests.emulators.hubspot import create_hubspot_emulator, too_many
 from tests.emulators.hubspot_state import HubSpotState
+from tests.support.identity_maps import Recording
 from tests.support.paths import REPO
 
 ROOT = REPO
@@ -43,14 +43,6 @@ def field_map() -> FieldMap:
     return load_field_map(ROOT / "rules" / "fields.yaml")
 
 
-@pytest.fixture
-async def storage(tmp_path: Path) -> AsyncIterator[Storage]:
-    opened = open_storage(f"sqlite:///{tmp_path / 'linkcrm.db'}")
-    await opened.migrate()
-    yield opened
-    await opened.close()
-
-
 Emulator = tuple[Any, HubSpotState, httpx.AsyncClient]
 
 
@@ -64,7 +56,8 @@ async def emulator(field_map: FieldMap) -> AsyncIterator[Emulator]:
 
 def make_target(client: httpx.AsyncClient, field_map: FieldMap, storage: Storage,
                 **options: Any) -> HubSpotTarget:
-    return HubSpotTarget(client, TOKEN, field_map, storage, storage, base_url=BASE, **options)
+    return HubSpotTarget(client, TOKEN, field_map, storage.identities, storage.rate_limits,
+                         base_url=BASE, **options)
 
 
 def only_contact(state: HubSpotState) -> dict[str, str]:
@@ -191,7 +184,24 @@ async def test_set_once_keeps_the_first_value_and_stages_only_move_forward(
     assert "stays customer" in back.summary
     # Nothing left to write, so nothing was sent after the read.
     assert state.requests["POST /crm/v3/objects/contacts/batch/upsert"] == writes
-    assert await storage.lookup_identity("hubspot", list(TOK)) == first.record_id
+    assert await storage.identities.lookup_identity("hubspot", list(TOK)) == first.record_id
+
+
+async def test_a_stale_mapping_of_the_token_is_replaced_in_one_write(
+        emulator: Emulator, field_map: FieldMap, storage: Storage) -> None:
+    """The identity map still names a merged-away contact for the token; HubSpot's unique
+    property says which contact holds it now, and the map is rebound to that one in one
+    atomic write: never unbound first, which would leave a moment with no mapping."""
+    _, state, client = emulator
+    assert await storage.identities.bind_identity("hubspot", TOK[0], "999") == "999"
+    identities = Recording(storage.identities)
+    target = HubSpotTarget(client, TOKEN, field_map, identities, storage.rate_limits,
+                           base_url=BASE)
+    outcome = await target.execute(UpsertContact("r", TOK, set={"deep_link_prefix": "x"}), "k")
+    assert outcome.record_id == next(iter(state.contacts.records))
+    assert await storage.identities.lookup_identity("hubspot", list(TOK)) == outcome.record_id
+    assert identities.calls.count("rebind_identity") == 1
+    assert "unbind_identity" not in identities.calls
 
 
 async def test_a_contact_known_only_by_email_is_upserted_by_email(
@@ -225,7 +235,7 @@ async def test_a_409_updates_the_contact_that_holds_the_email(
     assert outcome.record_id == holder.id
     contact = only_contact(state)
     assert contact["deep_link_token"] == "tok_ada" and contact["firstname"] == "Ada"
-    assert await storage.lookup_identity("hubspot", list(TOK)) == holder.id
+    assert await storage.identities.lookup_identity("hubspot", list(TOK)) == holder.id
 
 
 @pytest.mark.parametrize("conflict_format", ["legacy", "identity_profile"])
@@ -451,7 +461,7 @@ async def test_a_ten_secondly_429_pauses_the_pacer_and_retries(storage: Storage)
         pacer.clock = lambda: now + sum(slept)
 
     now = 1000.0
-    pacer = Pacer(storage, "hs-test", 5, 0.5, sleep=sleep, clock=lambda: now)
+    pacer = Pacer(storage.rate_limits, "hs-test", 5, 0.5, sleep=sleep, clock=lambda: now)
     async with httpx.AsyncClient(transport=httpx.MockTransport(script)) as client:
         api = HubSpotAPI(client, TOKEN, base_url=BASE, pacer=pacer, sleep=sleep)
         response = await api.call("GET", "/crm/v3/properties/contacts")
@@ -475,7 +485,7 @@ async def test_rate_limit_headers_reshape_the_pacer(storage: Storage) -> None:
     script = Script(httpx.Response(200, json={}, headers={
         "X-HubSpot-RateLimit-Max": "190", "X-HubSpot-RateLimit-Remaining": "180",
         "X-HubSpot-RateLimit-Interval-Milliseconds": "10000"}))
-    pacer = Pacer(storage, "hs-test", *pacer_shape(100, 10.0))
+    pacer = Pacer(storage.rate_limits, "hs-test", *pacer_shape(100, 10.0))
     async with httpx.AsyncClient(transport=httpx.MockTransport(script)) as client:
         api = HubSpotAPI(client, TOKEN, base_url=BASE, pacer=pacer)
         await api.call("GET", "/x")
@@ -500,7 +510,8 @@ async def test_statuses_map_to_the_two_errors_with_hubspots_message(
 async def test_a_wrong_token_is_permanent_and_says_how_to_fix_it(
         emulator: Emulator, field_map: FieldMap, storage: Storage) -> None:
     _, _, client = emulator
-    target = HubSpotTarget(client, "wrong", field_map, storage, storage, base_url=BASE)
+    target = HubSpotTarget(client, "wrong", field_map, storage.identities, storage.rate_limits,
+                           base_url=BASE)
     with pytest.raises(PermanentCRMError, match="HUBSPOT_ACCESS_TOKEN"):
         await target.execute(UpsertContact("r", TOK, set={"deep_link_prefix": "x"}),
                              CallContext("k"))

@@ -8,7 +8,6 @@ import time
 from collections import Counter
 from collections.abc import AsyncIterator
 from functools import partial
-from pathlib import Path
 from typing import Any
 
 import httpx
@@ -20,7 +19,7 @@ from engine.errors import RetryableCRMError
 from engine.rules.evaluator import plan
 from engine.rules.files import load_ruleset
 from engine.rules.model import RuleSet
-from engine.storage import Storage, open_storage
+from engine.storage import Storage
 from engine.targets.base import CallContext, Outcome
 from engine.targets.hubspot.admin import provision
 from engine.targets.hubspot.target import HubSpotTarget
@@ -42,14 +41,6 @@ pytestmark = pytest.mark.anyio
 @pytest.fixture(scope="module")
 def ruleset() -> RuleSet:
     return load_ruleset([ROOT / "rules"])
-
-
-@pytest.fixture
-async def storage(tmp_path: Path) -> AsyncIterator[Storage]:
-    opened = open_storage(f"sqlite:///{tmp_path / 'linkcrm.db'}")
-    await opened.migrate()
-    yield opened
-    await opened.close()
 
 
 def story(token: str) -> list[dict[str, Any]]:
@@ -130,7 +121,8 @@ async def test_the_shipped_story_makes_one_customer_and_one_deal(
         story_emulator: tuple[str, HubSpotState], ruleset: RuleSet, storage: Storage) -> None:
     url, state = story_emulator
     async with httpx.AsyncClient(timeout=5) as client:
-        target = HubSpotTarget(client, TOKEN, ruleset.field_map, storage, storage, base_url=url)
+        target = HubSpotTarget(client, TOKEN, ruleset.field_map, storage.identities,
+                               storage.rate_limits, base_url=url)
         for action, key in actions(story("tok_ada"), ruleset):
             outcome = await target.execute(action, CallContext(key))
             assert outcome.record_id
@@ -165,7 +157,8 @@ async def test_twenty_percent_faults_lose_nothing_and_duplicate_nothing(
 
     with serve(faults) as url:
         async with httpx.AsyncClient(timeout=0.3) as client:
-            target = HubSpotTarget(client, TOKEN, ruleset.field_map, storage, storage,
+            target = HubSpotTarget(client, TOKEN, ruleset.field_map, storage.identities,
+                                   storage.rate_limits,
                                    base_url=url)
             await asyncio.gather(*(deliver(target, t) for t in tokens))
         await asyncio.sleep(faults.slow_seconds)  # let slow, abandoned writes land too
@@ -183,7 +176,8 @@ async def test_batched_delivery_under_faults_applies_everything_once(
                      (story(t)[step] for t in tokens)], ruleset)
     with serve(faults) as url:
         async with httpx.AsyncClient(timeout=0.3) as client:
-            target = HubSpotTarget(client, TOKEN, ruleset.field_map, storage, storage,
+            target = HubSpotTarget(client, TOKEN, ruleset.field_map, storage.identities,
+                                   storage.rate_limits,
                                    base_url=url)
             # Small chunks: more requests, so every kind of fault hits a batch call.
             for start in range(0, len(queue), 10):
@@ -211,7 +205,8 @@ async def test_pacing_keeps_429s_to_the_first_window(ruleset: RuleSet,
     app, state = await provisioned(ruleset.field_map, rate_limit=10, window_seconds=1.0)
     with serve(app) as url:
         async with httpx.AsyncClient(timeout=5) as client:
-            target = HubSpotTarget(client, TOKEN, ruleset.field_map, storage, storage,
+            target = HubSpotTarget(client, TOKEN, ruleset.field_map, storage.identities,
+                                   storage.rate_limits,
                                    base_url=url, requests_per_window=190)
 
             async def one(n: int) -> Outcome:

@@ -20,7 +20,7 @@ import pytest
 from engine.actions import CreateDeal, IdentityKey, SetStage, UpsertContact
 from engine.config.fieldmap import FieldMap, load_field_map
 from engine.errors import PermanentCRMError
-from engine.storage import Storage, open_storage
+from engine.storage import Storage
 from engine.targets import registry
 from engine.targets.base import CallContext, Outcome
 from engine.targets.hubspot.admin import doctor, provision, wanted_properties
@@ -46,14 +46,6 @@ def field_map() -> FieldMap:
     return load_field_map(ROOT / "rules" / "fields.yaml")
 
 
-@pytest.fixture
-async def storage(tmp_path: Path) -> AsyncIterator[Storage]:
-    opened = open_storage(f"sqlite:///{tmp_path / 'linkcrm.db'}")
-    await opened.migrate()
-    yield opened
-    await opened.close()
-
-
 @asynccontextmanager
 async def emulated(field_map: FieldMap, **options: Any
                    ) -> AsyncIterator[tuple[HubSpotState, httpx.AsyncClient]]:
@@ -67,7 +59,8 @@ async def emulated(field_map: FieldMap, **options: Any
 
 def target_for(client: httpx.AsyncClient, field_map: FieldMap,
                storage: Storage) -> HubSpotTarget:
-    return HubSpotTarget(client, TOKEN, field_map, storage, storage, base_url=BASE)
+    return HubSpotTarget(client, TOKEN, field_map, storage.identities, storage.rate_limits,
+                         base_url=BASE)
 
 
 def outcome(result: Outcome | Exception) -> Outcome:
@@ -186,7 +179,7 @@ async def test_a_taken_deal_key_adopts_the_existing_deal(
     assert result.record_id == record.id and not result.created
     assert state.requests["POST /crm/v3/objects/deals"] == 1  # refused: the key was taken
     assert state.associations == {(record.id, next(iter(state.contacts.records)))}
-    assert await storage.lookup_deal("hubspot", "referral-tok_ada") == record.id
+    assert await storage.identities.lookup_deal("hubspot", "referral-tok_ada") == record.id
 
 
 @pytest.mark.parametrize("mode", ["409", "400"])
@@ -204,7 +197,7 @@ async def test_a_taken_deep_link_token_adopts_the_contact_that_holds_it(
     (contact,) = state.contacts.records.values()
     assert (contact.properties["email"], contact.properties["firstname"],
             contact.properties["deep_link_token"]) == ("ada@example.com", "Ada", "tok_ada")
-    assert await storage.lookup_identity("hubspot", list(TOK)) == holder.id
+    assert await storage.identities.lookup_identity("hubspot", list(TOK)) == holder.id
 
 
 async def test_a_400_that_is_not_a_unique_conflict_still_fails_the_deal(
@@ -216,7 +209,7 @@ async def test_a_400_that_is_not_a_unique_conflict_still_fails_the_deal(
                 "referral-converts", TOK, key="referral-tok_ada", title="Referral: tok_ada",
                 stage="new", set={"referral_code": "tok_ada"}), CallContext("k"))
     assert not state.deals.records
-    assert await storage.lookup_deal("hubspot", "referral-tok_ada") is None
+    assert await storage.identities.lookup_deal("hubspot", "referral-tok_ada") is None
 
 
 # -- 16: no partial batch upserts by email ---------------------------------------------------

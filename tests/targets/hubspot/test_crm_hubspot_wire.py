@@ -67,7 +67,8 @@ async def emulated(field_map: FieldMap, **options: Any
 
 
 def target(client: httpx.AsyncClient, field_map: FieldMap, store: Storage) -> HubSpotTarget:
-    return HubSpotTarget(client, TOKEN, field_map, store, store, base_url=BASE)
+    return HubSpotTarget(client, TOKEN, field_map, store.identities, store.rate_limits,
+                         base_url=BASE)
 
 
 def outcome(result: Outcome | Exception) -> Outcome:
@@ -206,9 +207,9 @@ async def test_a_create_is_recognised_whatever_hubspot_answers(
         batch = [outcome(r) for r in await hubspot.execute_many(
             [(deal("referral-2", "tok_2"), CallContext("d2")),
              (deal("referral-3", "tok_3"), CallContext("d3"))])]
-        bound = {key: await worker.lookup_deal("hubspot", key)
+        bound = {key: await worker.identities.lookup_deal("hubspot", key)
                  for key in ("referral-1", "referral-2", "referral-3")}
-        known = await worker.lookup_identity("hubspot", list(ada))
+        known = await worker.identities.lookup_identity("hubspot", list(ada))
     (person,) = [r for r in state.contacts.records.values() if r.properties.get("email")]
     assert contact.created and contact.record_id == person.id
     made = {r.properties["linkcrm_deal_key"]: r.id for r in state.deals.records.values()}

@@ -2,16 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-from pathlib import Path
-
 import httpx
 import pytest
 
 from engine.actions import CreateDeal, IdentityKey, SetStage, UpsertContact
 from engine.config.fieldmap import FieldMap, load_field_map
 from engine.errors import ConfigError, PermanentCRMError, RetryableCRMError
-from engine.storage import Storage, open_storage
+from engine.storage import Storage
 from engine.targets.base import CallContext, Target
 from engine.targets.local.target import LocalTarget
 from engine.targets.registry import (
@@ -37,16 +34,8 @@ def field_map() -> FieldMap:
 
 
 @pytest.fixture
-async def storage(tmp_path: Path) -> AsyncIterator[Storage]:
-    opened = open_storage(f"sqlite:///{tmp_path / 'linkcrm.db'}")
-    await opened.migrate()
-    yield opened
-    await opened.close()
-
-
-@pytest.fixture
 def target(storage: Storage, field_map: FieldMap) -> LocalTarget:
-    return LocalTarget(storage, field_map)
+    return LocalTarget(storage.local_crm, field_map)
 
 
 async def test_local_target_satisfies_the_target_protocol(target: LocalTarget) -> None:
@@ -64,7 +53,7 @@ async def test_upsert_writes_set_every_time_and_set_once_only_when_empty(
         rule="r", identity=BOTH, set={"deep_link_prefix": "b", "email": "ada@example.com"},
         set_once={"first_touch_campaign": "autumn", "install_date": None}), CallContext("k2"))
     assert first.created and not again.created and first.record_id == again.record_id
-    [contact] = await storage.local_contacts()
+    [contact] = await storage.local_crm.contacts()
     assert contact.fields == {"deep_link_prefix": "b", "first_touch_campaign": "spring",
                               "email": "ada@example.com"}
     assert set(contact.identities) == set(BOTH)
@@ -75,9 +64,9 @@ async def test_the_same_key_twice_changes_nothing_more(
 ) -> None:
     action = UpsertContact(rule="r", identity=TOKEN, set={"deep_link_prefix": "a"})
     await target.execute(action, CallContext("k1"))
-    before = await storage.local_contacts()
+    before = await storage.local_crm.contacts()
     await target.execute(action, CallContext("k1"))
-    after = await storage.local_contacts()
+    after = await storage.local_crm.contacts()
     assert [(c.id, c.fields, c.stage) for c in before] == [(c.id, c.fields, c.stage) for c in after]
 
 
@@ -90,7 +79,7 @@ async def test_stages_only_move_forward_along_the_field_map_and_keep_history(
     back = await target.execute(SetStage(rule="r", identity=TOKEN, stage="lead"),
                                 CallContext("k3", 9))
     assert "stays customer" in back.summary
-    [contact] = await storage.local_contacts()
+    [contact] = await storage.local_crm.contacts()
     assert contact.stage == "customer"
     assert [(c.from_stage, c.to_stage, c.event_id) for c in contact.stage_history] == [
         (None, "lead", 7), ("lead", "customer", 8)]
@@ -109,10 +98,10 @@ async def test_one_deal_per_key_ever(target: LocalTarget, storage: Storage) -> N
         CreateDeal(rule="r", identity=TOKEN, key="referral-tok_1", title="Other"),
         CallContext("k2"))
     assert first.created and not second.created and first.record_id == second.record_id
-    [stored] = await storage.local_deals()
+    [stored] = await storage.local_crm.deals()
     assert (stored.title, stored.stage, stored.amount, stored.fields) == (
         "Referral: tok_1", "new", 12.0, {"referral_code": "tok_1"})
-    [contact] = await storage.local_contacts()
+    [contact] = await storage.local_crm.contacts()
     assert stored.contact_id == contact.id
 
 
@@ -157,7 +146,7 @@ async def test_credentials_select_crms_through_the_registry(
 
     def fake_hubspot(context: TargetContext) -> Target:
         built.append(context)
-        return LocalTarget(context.storage, context.field_map)
+        return LocalTarget(context.local_crm, context.field_map)
 
     registry = {**REGISTRY, "hubspot": TargetKind(("HUBSPOT_ACCESS_TOKEN",), fake_hubspot)}
     async with httpx.AsyncClient() as client:
@@ -167,6 +156,10 @@ async def test_credentials_select_crms_through_the_registry(
                              storage, field_map, client, registry=registry)
     assert len(only_crm) == 1 and len(both) == 2 and both[0].name == "local"
     assert built[0].client is client and built[0].environ["HUBSPOT_ACCESS_TOKEN"] == "pat"
+    # A factory gets the stores a target may use, never the storage behind them.
+    assert (built[0].identities, built[0].rate_limits, built[0].local_crm) == (
+        storage.identities, storage.rate_limits, storage.local_crm)
+    assert not hasattr(built[0], "storage")
 
 
 def test_a_crm_not_wired_in_yet_refuses_with_a_clear_message() -> None:

@@ -64,8 +64,13 @@ class Identities:
     async def bind_identity(self, target: str, key: IdentityKey, record_id: str) -> str:
         return self.map.setdefault((key.field, key.value), record_id)
 
-    async def unbind_identity(self, target: str, key: IdentityKey) -> None:
-        self.map.pop((key.field, key.value), None)
+    async def rebind_identity(self, target: str, key: IdentityKey, record_id: str) -> None:
+        self.map[(key.field, key.value)] = record_id
+
+    async def unbind_identity(self, target: str, key: IdentityKey,
+                              record_id: str | None = None) -> None:
+        if record_id in (None, self.map.get((key.field, key.value))):
+            self.map.pop((key.field, key.value), None)
 
     async def lookup_deal(self, target: str, deal_key: str) -> str | None:
         return self.deals.get(deal_key)

@@ -37,7 +37,7 @@ async def test_a_spent_budget_fails_every_call_fast_until_it_resets(tmp_path: Pa
         async with httpx.AsyncClient(transport=httpx.ASGITransport(app=emulator.app)) as client:
             target = PipedriveTarget(client, api_token=PIPEDRIVE_TOKEN,
                                      base_url="http://pipedrive.test", field_map=FIELD_MAP,
-                                     identities=storage, rate_limits=storage)
+                                     identities=storage.identities, rate_limits=storage.rate_limits)
             await target.start()
             emulator.daily_budget = emulator.tokens_used + 1  # spent: a search costs 20
             with pytest.raises(RetryableCRMError) as first:

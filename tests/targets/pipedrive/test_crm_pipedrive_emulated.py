@@ -26,6 +26,7 @@ from engine.worker.retrying import RetryPolicy, call_with_retries
 from tests.emulators.faults import FaultInjector
 from tests.emulators.pipedrive import PipedriveEmulator
 from tests.emulators.server import serve
+from tests.support.identity_maps import AnotherWorkerRebinds
 
 pytestmark = pytest.mark.anyio
 TOKEN = "pd-test-token"
@@ -35,14 +36,6 @@ FAST = RetryPolicy(base=0.02, cap=0.3, max_attempts=40, rng=random.Random(3))
 @pytest.fixture(scope="module")
 def ruleset() -> RuleSet:
     return load_ruleset(["rules"])
-
-
-@pytest.fixture
-async def storage(tmp_path: Path) -> AsyncIterator[Storage]:
-    opened = open_storage(f"sqlite:///{tmp_path / 'linkcrm.db'}")
-    await opened.migrate()
-    yield opened
-    await opened.close()
 
 
 async def provisioned(ruleset: RuleSet, **options: Any) -> PipedriveEmulator:
@@ -63,8 +56,8 @@ async def target(url: str, ruleset: RuleSet, storage: Storage, *, timeout: float
                  **options: Any) -> AsyncIterator[PipedriveTarget]:
     async with httpx.AsyncClient(timeout=timeout) as client:
         yield PipedriveTarget(client, api_token=TOKEN, base_url=url,
-                              field_map=ruleset.field_map, identities=storage,
-                              rate_limits=storage, **options)
+                              field_map=ruleset.field_map, identities=storage.identities,
+                              rate_limits=storage.rate_limits, **options)
 
 
 def story(token: str, email: str) -> list[dict[str, Any]]:
@@ -360,6 +353,31 @@ async def test_a_person_or_deal_deleted_in_pipedrive_is_gone_not_updated(
     assert live_deal["person_id"] == int(second.record_id or 0)
     # The finished claim lets the re-creation go ahead without a recovery listing.
     assert emulator.calls["GET /api/v2/persons"] == 0
+
+
+async def test_forgetting_a_deleted_person_keeps_what_another_worker_mapped_meanwhile(
+        ruleset: RuleSet, storage: Storage) -> None:
+    """The mapped person was deleted in Pipedrive, so its keys are forgotten; another worker
+    maps the email anew just as this one gets to it. Forgetting names the deleted person, so
+    the newer mapping stays (a lookup, then an unbind, would have removed it)."""
+    emulator = await provisioned(ruleset)
+    token = IdentityKey("deep_link_token", "tok_race")
+    email = IdentityKey("email", "ann@example.com")
+    action = UpsertContact("r", (token, email), set={"email": "ann@example.com"})
+    identities = AnotherWorkerRebinds(storage.identities, "pipedrive", email, "777")
+    with serve(emulator.app) as url:
+        async with httpx.AsyncClient(timeout=5.0) as client:
+            pd = PipedriveTarget(client, api_token=TOKEN, base_url=url,
+                                 field_map=ruleset.field_map, identities=identities,
+                                 rate_limits=storage.rate_limits)
+            first = await pd.execute(action, "k1")
+            emulator.delete_person(int(first.record_id or 0))
+            identities.armed = True
+            second = await pd.execute(action, "k2")
+    assert not identities.armed  # the other worker did write, in the middle of forgetting
+    assert second.created and second.record_id != first.record_id
+    assert await storage.identities.lookup_identity("pipedrive", [token]) == second.record_id
+    assert await storage.identities.lookup_identity("pipedrive", [email]) == "777"
 
 
 async def test_the_emulator_deletes_softly_and_purges_after_30_days(ruleset: RuleSet) -> None:

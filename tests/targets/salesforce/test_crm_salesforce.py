@@ -23,6 +23,7 @@ from engine.targets.salesforce import soql
 from engine.targets.salesforce.auth import ClientCredentials
 from engine.targets.salesforce.target import SalesforceTarget
 from tests.emulators.salesforce import SalesforceEmulator
+from tests.support.identity_maps import Recording
 from tests.support.paths import REPO, TESTS
 
 pytestmark = pytest.mark.anyio
@@ -44,14 +45,6 @@ def stage(name: str, key: IdentityKey = TOKEN) -> SetStage:
 
 
 @pytest.fixture
-async def store(tmp_path: Path) -> AsyncIterator[Storage]:
-    opened = open_storage(f"sqlite:///{tmp_path / 'linkcrm.db'}")
-    await opened.migrate()
-    yield opened
-    await opened.close()
-
-
-@pytest.fixture
 def emulator() -> SalesforceEmulator:
     return SalesforceEmulator()
 
@@ -65,13 +58,14 @@ async def client(emulator: SalesforceEmulator) -> AsyncIterator[httpx.AsyncClien
 
 @pytest.fixture
 def make(client: httpx.AsyncClient, emulator: SalesforceEmulator,
-         store: Storage) -> Callable[..., SalesforceTarget]:
+         storage: Storage) -> Callable[..., SalesforceTarget]:
     def build(field_map: FieldMap = FIELD_MAP, **options: Any) -> SalesforceTarget:
         credentials = options.pop("credentials", ClientCredentials(emulator.client_id,
                                                                    emulator.client_secret))
         return SalesforceTarget(options.pop("client", client), instance_url=INSTANCE,
                                 credentials=credentials, field_map=field_map,
-                                identities=store, rate_limits=store,
+                                identities=options.pop("identities", storage.identities),
+                                rate_limits=storage.rate_limits,
                                 today=lambda: date(2026, 3, 1), **options)
 
     return build
@@ -218,6 +212,21 @@ async def test_identify_attaches_the_token_to_the_lead_found_by_email(
     assert len(emulator.leads) == 1
 
 
+async def test_a_stale_mapping_is_replaced_in_one_write(
+        emulator: SalesforceEmulator, make: Callable[..., SalesforceTarget],
+        storage: Storage) -> None:
+    """The identity map still names a Lead merged away in Salesforce; Salesforce, the
+    authority, names another by the token's external id, and the map is rebound to it in one
+    atomic write: never unbound first, which would leave a moment with no mapping."""
+    await storage.identities.bind_identity("salesforce", TOKEN, "00Q000000000999AAA")
+    identities = Recording(storage.identities)
+    outcome = await make(identities=identities).execute(upsert(deep_link_token="tok_A1"), "k")
+    assert outcome.record_id == emulator.leads[0]["Id"]
+    assert await storage.identities.lookup_identity("salesforce", [TOKEN]) == outcome.record_id
+    assert identities.calls.count("rebind_identity") == 1
+    assert "unbind_identity" not in identities.calls
+
+
 async def test_api_versions_before_46_answer_updates_with_204(
         emulator: SalesforceEmulator, make: Callable[..., SalesforceTarget]) -> None:
     target = make(api_version="v45.0")
@@ -317,7 +326,7 @@ async def test_a_deal_is_one_opportunity_even_when_linkcrm_forgot_making_it(
     await forgetful.migrate()
     target = SalesforceTarget(client, instance_url=INSTANCE, credentials=ClientCredentials(
         emulator.client_id, emulator.client_secret), field_map=FIELD_MAP,
-        identities=forgetful, rate_limits=forgetful)
+        identities=forgetful.identities, rate_limits=forgetful.rate_limits)
     assert (await target.execute(deal, CallContext("k"))).record_id == first.record_id
     await forgetful.close()
     (opportunity,) = emulator.opportunities
@@ -335,7 +344,7 @@ AWKWARD_VALUES = [".", "..", "a/b", "../Opportunity", "x?y=1#z", "50%25 off", "Ã
 
 @pytest.mark.parametrize("path_values", ["decoded", "rerouted"])
 async def test_any_token_or_deal_key_reaches_its_own_record_however_paths_are_read(
-        path_values: str, store: Storage) -> None:
+        path_values: str, storage: Storage) -> None:
     """A dot segment in a URL reaches another resource (`.`, `..`); how an encoded `/` or
     `%2E` is read depends on the server. So such values never travel in a path: each token
     makes exactly one Lead holding it, found and updated again, and each deal key one
@@ -344,7 +353,8 @@ async def test_any_token_or_deal_key_reaches_its_own_record_however_paths_are_re
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=emulator.app())) as client:
         target = SalesforceTarget(client, instance_url=INSTANCE, credentials=ClientCredentials(
             emulator.client_id, emulator.client_secret), field_map=FIELD_MAP,
-            identities=store, rate_limits=store, today=lambda: date(2026, 3, 1))
+            identities=storage.identities, rate_limits=storage.rate_limits,
+            today=lambda: date(2026, 3, 1))
         for value in AWKWARD_VALUES:
             key = IdentityKey("deep_link_token", value)
             first = await target.execute(upsert(key), CallContext(f"{value}:1"))

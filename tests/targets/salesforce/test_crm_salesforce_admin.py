@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable
-from pathlib import Path
+from collections.abc import Awaitable, Callable
 
 import httpx
 import pytest
 
 from engine.config.fieldmap import load_field_map
-from engine.storage import Storage, open_storage
+from engine.storage import Storage
 from engine.targets.salesforce.admin import doctor, provision_instructions
 from engine.targets.salesforce.auth import ClientCredentials
 from engine.targets.salesforce.target import SalesforceTarget
@@ -23,21 +22,14 @@ Checker = Callable[..., Awaitable[list[str]]]
 
 
 @pytest.fixture
-async def store(tmp_path: Path) -> AsyncIterator[Storage]:
-    opened = open_storage(f"sqlite:///{tmp_path / 'linkcrm.db'}")
-    await opened.migrate()
-    yield opened
-    await opened.close()
-
-
-@pytest.fixture
-def check(store: Storage) -> Checker:
+def check(storage: Storage) -> Checker:
     async def run(emulator: SalesforceEmulator, secret: str = "") -> list[str]:
         transport = httpx.ASGITransport(app=emulator.app())
         async with httpx.AsyncClient(transport=transport) as client:
             target = SalesforceTarget(
-                client, instance_url="http://sf.test", field_map=FIELD_MAP, identities=store,
-                rate_limits=store, credentials=ClientCredentials(
+                client, instance_url="http://sf.test", field_map=FIELD_MAP,
+                identities=storage.identities, rate_limits=storage.rate_limits,
+                credentials=ClientCredentials(
                     emulator.client_id, secret or emulator.client_secret))
             return [str(finding) for finding in await doctor(target)]
 

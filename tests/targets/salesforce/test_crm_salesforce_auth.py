@@ -14,7 +14,7 @@ import pytest
 from engine.actions import IdentityKey, UpsertContact
 from engine.config.fieldmap import load_field_map
 from engine.errors import PermanentCRMError, RetryableCRMError
-from engine.storage import Storage, open_storage
+from engine.storage import Storage
 from engine.targets.base import CallContext, CredentialsRefused
 from engine.targets.salesforce.auth import ClientCredentials, JwtBearer, SalesforceSettings
 from engine.targets.salesforce.target import SalesforceTarget
@@ -46,9 +46,7 @@ def emulator() -> SalesforceEmulator:
 
 @pytest.fixture
 async def make(emulator: SalesforceEmulator,
-               tmp_path: Path) -> AsyncIterator[Callable[..., SalesforceTarget]]:
-    store: Storage = open_storage(f"sqlite:///{tmp_path / 'linkcrm.db'}")
-    await store.migrate()
+               storage: Storage) -> AsyncIterator[Callable[..., SalesforceTarget]]:
     transport = httpx.ASGITransport(app=emulator.app())
     async with httpx.AsyncClient(transport=transport) as client:
         def build(**options: Any) -> SalesforceTarget:
@@ -56,10 +54,10 @@ async def make(emulator: SalesforceEmulator,
                 emulator.client_id, emulator.client_secret))
             return SalesforceTarget(options.pop("client", client), instance_url=INSTANCE,
                                     credentials=credentials, field_map=FIELD_MAP,
-                                    identities=store, rate_limits=store, **options)
+                                    identities=storage.identities,
+                                    rate_limits=storage.rate_limits, **options)
 
         yield build
-    await store.close()
     assert emulator.schema_violations == []
 
 

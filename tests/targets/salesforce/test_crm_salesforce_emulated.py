@@ -6,7 +6,6 @@ import asyncio
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from datetime import date
-from pathlib import Path
 from typing import Any
 
 import httpx
@@ -16,7 +15,7 @@ from engine.actions import Action, IdentityKey, UpsertContact
 from engine.errors import CRMError, PermanentCRMError, RetryableCRMError
 from engine.rules.evaluator import plan
 from engine.rules.files import load_ruleset
-from engine.storage import Storage, open_storage
+from engine.storage import Storage
 from engine.targets.base import CallContext, Outcome
 from engine.targets.salesforce.auth import ClientCredentials, Credentials, JwtBearer
 from engine.targets.salesforce.target import SalesforceTarget
@@ -73,28 +72,21 @@ def emulator(emulator_url: tuple[SalesforceEmulator, str]) -> Iterator[Salesforc
 
 
 @pytest.fixture
-async def store(tmp_path: Path) -> AsyncIterator[Storage]:
-    opened = open_storage(f"sqlite:///{tmp_path / 'linkcrm.db'}")
-    await opened.migrate()
-    yield opened
-    await opened.close()
-
-
-@pytest.fixture
 async def client() -> AsyncIterator[httpx.AsyncClient]:
     async with httpx.AsyncClient(timeout=5.0) as opened:
         yield opened
 
 
 @pytest.fixture
-def make(emulator: SalesforceEmulator, store: Storage,
+def make(emulator: SalesforceEmulator, storage: Storage,
          client: httpx.AsyncClient) -> Callable[..., SalesforceTarget]:
     def build(url: str = "", credentials: Credentials | None = None,
               **options: Any) -> SalesforceTarget:
         return SalesforceTarget(
             client, instance_url=url, credentials=credentials or ClientCredentials(
                 emulator.client_id, emulator.client_secret),
-            field_map=RULES.field_map, identities=store, rate_limits=store,
+            field_map=RULES.field_map, identities=storage.identities,
+            rate_limits=storage.rate_limits,
             today=lambda: date(2026, 3, 6), requests_per_second=10_000.0,
             limit_backoff=0.01, **options)
 

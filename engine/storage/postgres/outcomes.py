@@ -1,0 +1,76 @@
+"""Action outcomes on PostgreSQL: one row per (target, idempotency key), success final."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from engine.storage import records, values
+from engine.storage.postgres.database import PostgresPart
+from engine.storage.postgres.rows import (
+    NOW,
+    OUTCOME_COLUMNS,
+    clean,
+    optional_json,
+    outcome_from_row,
+)
+from engine.storage.protocols import Outcomes
+
+_GET = (f"SELECT {OUTCOME_COLUMNS} FROM action_outcomes"
+        " WHERE target = %(target)s AND idempotency_key = %(key)s")
+
+
+class PostgresOutcomes(PostgresPart, Outcomes):
+    """One upsert that returns the row it wrote; when it wrote none (the `ok` row is kept),
+    a second statement reads that row."""
+
+    async def get(self, target: str, idempotency_key: str) -> records.ActionOutcome | None:
+        row = await self._db.row("read the outcome", _GET,
+                                 {"target": target, "key": idempotency_key})
+        return None if row is None else outcome_from_row(row)
+
+    async def record(self, outcome: records.NewOutcome) -> records.ActionOutcome:
+        outcome = values.storable_outcome(outcome)
+        params = {
+            "event": outcome.event_id, "rule": outcome.rule, "kind": outcome.action_kind,
+            "target": outcome.target, "key": outcome.idempotency_key, "status": outcome.status,
+            "request": optional_json(outcome.request_summary),
+            "response": optional_json(outcome.response), "error": clean(outcome.error),
+            "next": outcome.next_attempt_at, "now": self._db.now(),
+        }
+        async with self._db.connection("record the outcome") as connection:
+            cursor = await connection.execute(
+                "INSERT INTO action_outcomes AS o (event_id, rule, action_kind, target,"
+                " idempotency_key, status, attempts, request_summary, response, error,"
+                " next_attempt_at, created_at, updated_at) VALUES (%(event)s, %(rule)s,"
+                " %(kind)s, %(target)s, %(key)s, %(status)s, 1, %(request)s, %(response)s,"
+                f" %(error)s, %(next)s, {NOW}, {NOW})"
+                " ON CONFLICT ON CONSTRAINT action_outcomes_key DO UPDATE SET"
+                " status = excluded.status, attempts = o.attempts + 1,"
+                " request_summary = excluded.request_summary, response = excluded.response,"
+                " error = excluded.error, next_attempt_at = excluded.next_attempt_at,"
+                " updated_at = excluded.updated_at"
+                # Success is final: the conflict branch leaves an `ok` row as it is (and
+                # returns nothing).
+                " WHERE o.status <> 'ok'"
+                f" RETURNING {OUTCOME_COLUMNS}",
+                params,
+            )
+            row = await cursor.fetchone()
+            if row is None:  # the `ok` row kept; outcomes are never deleted
+                row = await (await connection.execute(_GET, params)).fetchone()
+        assert row is not None
+        return outcome_from_row(row)
+
+    async def of_event(self, event_id: int) -> list[records.ActionOutcome]:
+        rows = await self._db.rows(
+            "list outcomes",
+            f"SELECT {OUTCOME_COLUMNS} FROM action_outcomes WHERE event_id = %s ORDER BY id",
+            (event_id,),
+        )
+        return [outcome_from_row(row) for row in rows]
+
+    async def counts(self) -> Mapping[tuple[str, str], int]:
+        rows = await self._db.rows(
+            "count outcomes",
+            "SELECT target, status, COUNT(*) FROM action_outcomes GROUP BY target, status")
+        return {(target, status): count for target, status, count in rows}

@@ -1,0 +1,276 @@
+"""What linkcrm keeps durably: one protocol per concern, and the `Storage` that holds them.
+
+    storage.inbox         deliveries: dedupe, leases, retries, ordering, dead letters, replay
+    storage.outcomes      what each action did on each target, by idempotency key
+    storage.identities    identity map and deal keys: which CRM record a person or deal is
+    storage.rate_limits   token buckets shared by every process
+    storage.local_crm     the embedded CRM behind the `local` target
+
+Each part asks only for what it uses: the worker's applier takes `Outcomes`, a CRM target an
+`IdentityMap` and `RateLimits`, the `local` target a `LocalCRMStore`. Every method is a
+coroutine and every write is atomic per call: committed durably before the coroutine returns,
+or StorageError and nothing of it kept. Arguments are checked the same way on every backend
+(`engine.storage.checks`): ValueError for a call that makes no sense, UnstorableValueError for
+a value no store can keep. Times come from the `clock` the storage was opened with (UTC).
+
+    async with open_storage("sqlite:///linkcrm.db") as storage:
+        await storage.migrate()
+        result = await storage.inbox.store(event)
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Mapping, Sequence
+from datetime import UTC, datetime
+from types import TracebackType
+from typing import Protocol
+
+from engine.actions import IdentityKey
+from engine.storage import records
+from engine.storage.records import Fields, Keys
+
+Clock = Callable[[], datetime]
+
+# The size of the test write `check_writable` commits after a failed commit: a large event.
+PROBE_BYTES = 64 * 1024
+
+# How long `earlier_unfinished` waits for earlier events that another worker has claimed but
+# not planned yet (their ordering keys are milliseconds away) before counting them as blockers.
+PLANNING_WAIT = 0.25
+
+
+def utc_now() -> datetime:
+    return datetime.now(UTC)
+
+
+class Inbox(Protocol):
+    """Deliveries from the moment they are acknowledged until a worker is done with them.
+
+    Methods that name a `worker_id` only act while that worker holds the event's lease and
+    return False otherwise, so a worker whose lease expired cannot overwrite the next one's.
+    """
+
+    async def store(self, event: records.NewEvent) -> records.StoreResult:
+        """Insert the event unless its dedupe key exists (the unique constraint decides);
+        durable before it returns."""
+
+    async def get(self, event_id: int) -> records.InboxEvent | None:
+        """One inbox event, or None."""
+
+    async def list_events(
+        self, *, status: records.EventStatus | None = None, limit: int = 100,
+        before_id: int | None = None,
+    ) -> list[records.InboxEvent]:
+        """Newest first; `before_id` pages backwards."""
+
+    async def claim(
+        self, worker_id: str, limit: int, lease_seconds: float
+    ) -> list[records.InboxEvent]:
+        """Lease up to `limit` due pending events (no live lease, next attempt reached), the
+        earliest due first: a new event is due when it was received, a rescheduled one at its
+        next attempt; ties in arrival order. So events rescheduled again and again (a CRM that
+        hangs) never crowd out the events that arrived since. Each claim counts as an attempt."""
+
+    async def extend_lease(self, event_id: int, worker_id: str, lease_seconds: float) -> bool:
+        """Push the lease expiry out for a long-running event."""
+
+    async def finish(
+        self, event_id: int, worker_id: str, status: records.FinalStatus, error: str | None = None
+    ) -> bool:
+        """Mark a leased event processed, ignored or dead, and release the lease."""
+
+    async def retry_later(
+        self, event_id: int, worker_id: str, next_attempt_at: datetime, error: str | None
+    ) -> bool:
+        """Mark a leased event failed, due again at `next_attempt_at`, and release the lease."""
+
+    async def set_ordering_keys(self, event_id: int, keys: Sequence[str]) -> None:
+        """Record which identities an event touches (replaces earlier keys; none is a valid
+        answer) and that they are recorded, so later events can wait for it."""
+
+    async def earlier_pending(
+        self, event_id: int, keys: Sequence[str]
+    ) -> tuple[list[int], list[int]]:
+        """One read: (pending events before `event_id` sharing one of `keys`, pending events
+        before `event_id` whose keys are not recorded yet), each in arrival order."""
+
+    async def earlier_unfinished(self, event_id: int, keys: Sequence[str]) -> list[int]:
+        """Ids of pending events that arrived before `event_id` and share one of `keys`; the
+        worker applies an event only when this is empty (per-identity order).
+
+        An earlier pending event whose keys are not recorded yet counts too: another worker
+        (another process, another machine) may have just claimed it and be about to touch the
+        same identity. Such events get up to PLANNING_WAIT seconds to record their keys before
+        they count; a requeued event records its keys again the same way."""
+        if not keys:
+            return []
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + PLANNING_WAIT
+        while True:
+            shared, unplanned = await self.earlier_pending(event_id, keys)
+            if shared or not unplanned or loop.time() >= deadline:
+                return sorted({*shared, *unplanned})
+            await asyncio.sleep(0.005)
+
+    async def dead_letters(self, limit: int = 100) -> list[records.DeadLetter]:
+        """Dead events and dead action outcomes, newest first."""
+
+    async def requeue(self, event_id: int) -> bool:
+        """Make an event pending again (any status) and its dead outcomes retrying; False when
+        the event is unknown, leased by a live worker, or its raw body was purged."""
+
+    async def requeue_dead(self) -> list[int]:
+        """Requeue every dead event and every event with a dead outcome; returns their ids."""
+
+    async def purge_raw_bodies(self, older_than: datetime) -> int:
+        """Drop the raw body of processed and ignored events received before `older_than`;
+        dedupe keys and statuses stay, so a late retry is still a duplicate."""
+
+    async def stats(self) -> records.InboxStats:
+        """Inbox depth by status and the receipt time of the oldest pending event (the first
+        pending one in arrival order); constant time in the inbox size, so /metrics can ask on
+        every scrape."""
+
+
+class Outcomes(Protocol):
+    """The latest outcome of every action on every target, keyed by idempotency key."""
+
+    async def get(self, target: str, idempotency_key: str) -> records.ActionOutcome | None:
+        """The outcome of the action with that key on that target, or None."""
+
+    async def record(self, outcome: records.NewOutcome) -> records.ActionOutcome:
+        """Upsert by (target, idempotency key), counting the attempt. An `ok` outcome is never
+        overwritten: the stored row is returned unchanged, so a replay cannot undo success.
+        Diagnostics (error, summaries) are cleaned, never refused (`values.storable_outcome`)."""
+
+    async def of_event(self, event_id: int) -> list[records.ActionOutcome]:
+        """Every action outcome of one event, in recording order."""
+
+    async def counts(self) -> Mapping[tuple[str, str], int]:
+        """(target, status) -> number of actions, for metrics."""
+
+
+class IdentityMap(Protocol):
+    """Which CRM record a person (by identity key) or a deal (by deal key) is, per target,
+    shared by every worker. Concurrent binds agree: the first one wins and every caller is
+    told the winner."""
+
+    async def lookup_identity(self, target: str, keys: Keys) -> str | None:
+        """The CRM record id of the first key (priority order) the target knows, or None."""
+
+    async def bind_identity(self, target: str, key: IdentityKey, record_id: str) -> str:
+        """Map the key to `record_id` unless it is already mapped; returns the id that won."""
+
+    async def rebind_identity(self, target: str, key: IdentityKey, record_id: str) -> None:
+        """Map the key to `record_id`, replacing whatever it named, in one atomic write: for
+        a CRM that is the authority on the record (its unique property, a merged record)."""
+
+    async def unbind_identity(
+        self, target: str, key: IdentityKey, record_id: str | None = None
+    ) -> None:
+        """Forget a mapping (the CRM record was deleted or merged away). With `record_id`,
+        only while the key still names that record: a mapping another worker has replaced
+        meanwhile stays."""
+
+    async def lookup_deal(self, target: str, deal_key: str) -> str | None:
+        """The CRM deal id made for `deal_key` on that target, or None."""
+
+    async def bind_deal(self, target: str, deal_key: str, deal_id: str) -> str:
+        """Map the deal key unless it is already mapped; returns the id that won."""
+
+
+class RateLimits(Protocol):
+    """Token buckets shared by every process, so N workers do not multiply a CRM's limit."""
+
+    async def take_tokens(
+        self, bucket: str, cost: float, capacity: float, refill_per_second: float
+    ) -> float:
+        """Take `cost` tokens and return 0, or take nothing and return the seconds to wait
+        before asking again. Needs 0 < cost <= capacity and refill_per_second > 0."""
+
+
+class LocalCRMStore(Protocol):
+    """The embedded CRM's contacts, identities, stage history and deals (`local` target)."""
+
+    async def upsert_contact(
+        self, identity: Keys, set: Fields, set_once: Fields
+    ) -> records.ContactResult:
+        """Find the contact by the first identity key that matches (or create it), attach the
+        other keys, write `set`, and write `set_once` only into empty fields. Null and empty
+        string values are skipped: nothing is cleared by accident."""
+
+    async def set_stage(
+        self, identity: Keys, stage: str, stages: Sequence[str], event_id: int | None = None
+    ) -> records.StageResult:
+        """Move the contact (created if missing) to `stage` only if it is further along
+        `stages` (forward order) than its current stage; a change adds a history row that
+        names `event_id`. Raises ValueError for a stage not in `stages`."""
+
+    async def create_deal(
+        self, identity: Keys, key: str, title: str, stage: str | None, amount: float | None,
+        fields: Fields,
+    ) -> records.DealResult:
+        """Create the deal for `key` linked to the contact (created if missing); one deal per
+        key, ever: an existing deal is returned unchanged."""
+
+    async def contacts(self, limit: int | None = None) -> list[records.LocalContact]:
+        """Contacts with identities, fields and stage history, oldest first."""
+
+    async def deals(self, limit: int | None = None) -> list[records.LocalDeal]:
+        """Deals, oldest first."""
+
+
+class Storage(Protocol):
+    """One database: its five concerns, and its lifecycle (schema, health, shutdown)."""
+
+    inbox: Inbox
+    outcomes: Outcomes
+    identities: IdentityMap
+    rate_limits: RateLimits
+    local_crm: LocalCRMStore
+
+    async def migrate(self) -> int:
+        """Create or upgrade the schema; idempotent and safe when two processes race. Returns
+        the schema version now in place."""
+
+    async def schema_version(self) -> int:
+        """The schema version in place (0 for an empty database)."""
+
+    async def ping(self) -> None:
+        """Raise StorageError unless the database answers and has a schema (for /readyz)."""
+
+    async def check_writable(self) -> None:
+        """Raise StorageError when writes fail, for /readyz. Free while this process's last
+        commit went through; after a failed one, a probe decides (a row the size of a large
+        event, written and deleted in one committed transaction), and its success clears the
+        failure."""
+
+    async def close(self) -> None:
+        """Finish queued writes and release connections; idempotent."""
+
+    async def durability(self) -> Mapping[str, int]:
+        """Durability settings read from the live writing connection, as numbers for
+        /metrics (SQLite: `sqlite_synchronous` 2 = FULL, `sqlite_wal` 1 = WAL on); empty
+        when the backend has nothing to report."""
+        return {}
+
+    async def wait_for_events(self, timeout: float) -> bool:
+        """Wait until new work may be due (an event was stored or requeued, by this process or
+        another) or `timeout` seconds pass; True when woken early. A worker calls it after an
+        empty claim instead of sleeping. A wake-up is a hint (claim again, maybe find nothing)
+        and a missed one costs one timeout, so callers keep the timeout short (a poll
+        interval). This default only sleeps; PostgreSQL answers through LISTEN/NOTIFY."""
+        await asyncio.sleep(timeout)
+        return False
+
+    async def __aenter__(self) -> Storage:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        await self.close()

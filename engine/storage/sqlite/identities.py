@@ -1,0 +1,87 @@
+"""The identity map and deal keys on SQLite: one statement per call."""
+
+from __future__ import annotations
+
+import sqlite3
+
+from engine.actions import IdentityKey
+from engine.storage import checks, records
+from engine.storage.protocols import IdentityMap
+from engine.storage.sqlite.database import SQLitePart
+
+_LOOKUP = "SELECT record_id FROM identity_map WHERE target = ? AND field = ? AND value = ?"
+_BIND = (
+    "INSERT INTO identity_map (target, field, value, record_id, created_at) VALUES (?, ?, ?, ?, ?)"
+    " ON CONFLICT (target, field, value) DO NOTHING"
+)
+_LOOKUP_DEAL = "SELECT deal_id FROM deal_keys WHERE target = ? AND deal_key = ?"
+_BIND_DEAL = (
+    "INSERT INTO deal_keys (target, deal_key, deal_id, created_at) VALUES (?, ?, ?, ?)"
+    " ON CONFLICT (target, deal_key) DO NOTHING"
+)
+
+
+class SQLiteIdentityMap(SQLitePart, IdentityMap):
+    """Writes run in the writer one job at a time, so the first bind of a key wins and every
+    later one reads it back. A lookup probes one key at a time, in priority order, and stops at
+    the first that is mapped."""
+
+    async def lookup_identity(self, target: str, keys: records.Keys) -> str | None:
+        checks.identity_keys(keys)
+
+        def run(connection: sqlite3.Connection) -> str | None:
+            for key in keys:
+                row = connection.execute(_LOOKUP, (target, key.field, key.value)).fetchone()
+                if row is not None:
+                    return str(row[0])
+            return None
+
+        return await self._db.read(run, "look up the identity")
+
+    async def bind_identity(self, target: str, key: IdentityKey, record_id: str) -> str:
+        checks.identity_binding(key, record_id)
+        where = (target, key.field, key.value)
+        row = (*where, record_id, self._db.now())
+        return await self._db.write(lambda c: _winner(c, _BIND, row, _LOOKUP, where),
+                                    "bind the identity")
+
+    async def rebind_identity(self, target: str, key: IdentityKey, record_id: str) -> None:
+        checks.identity_binding(key, record_id)
+        await self._db.execute(
+            "rebind the identity",
+            "INSERT INTO identity_map (target, field, value, record_id, created_at)"
+            " VALUES (?, ?, ?, ?, ?) ON CONFLICT (target, field, value) DO UPDATE SET"
+            " record_id = excluded.record_id, created_at = excluded.created_at"
+            " WHERE identity_map.record_id <> excluded.record_id",
+            (target, key.field, key.value, record_id, self._db.now()),
+        )
+
+    async def unbind_identity(self, target: str, key: IdentityKey,
+                              record_id: str | None = None) -> None:
+        checks.identity_binding(key, record_id)
+        await self._db.execute(
+            "unbind the identity",
+            "DELETE FROM identity_map WHERE target = ? AND field = ? AND value = ?"
+            " AND (? IS NULL OR record_id = ?)",
+            (target, key.field, key.value, record_id, record_id),
+        )
+
+    async def lookup_deal(self, target: str, deal_key: str) -> str | None:
+        checks.deal_key(deal_key)
+        return await self._db.row("look up the deal", _LOOKUP_DEAL, (target, deal_key),
+                                  lambda row: str(row[0]))
+
+    async def bind_deal(self, target: str, deal_key: str, deal_id: str) -> str:
+        checks.deal_key(deal_key, deal_id)
+        where = (target, deal_key)
+        row = (*where, deal_id, self._db.now())
+        return await self._db.write(lambda c: _winner(c, _BIND_DEAL, row, _LOOKUP_DEAL, where),
+                                    "bind the deal")
+
+
+def _winner(connection: sqlite3.Connection, insert: str, row: tuple[object, ...], lookup: str,
+            where: tuple[object, ...]) -> str:
+    """Insert `row` unless its key is mapped, then read what the key maps to. One writer job:
+    nothing writes in between, so that is the first bind's value."""
+    connection.execute(insert, row)
+    return str(connection.execute(lookup, where).fetchone()[0])

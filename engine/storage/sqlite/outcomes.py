@@ -1,0 +1,65 @@
+"""Action outcomes on SQLite: one row per (target, idempotency key), success final."""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Mapping
+
+from engine.storage import records, values
+from engine.storage.protocols import Outcomes
+from engine.storage.sqlite.database import SQLitePart
+from engine.storage.sqlite.rows import OUTCOME_COLUMNS, dumps_optional, outcome_from_row, ts
+
+_GET = f"SELECT {OUTCOME_COLUMNS} FROM action_outcomes WHERE target = ? AND idempotency_key = ?"
+
+
+class SQLiteOutcomes(SQLitePart, Outcomes):
+    """An upsert and a read of the row it left, in one writer job: nothing else writes between
+    them, so the row read is the one this call made or the `ok` one it kept."""
+
+    async def get(self, target: str, idempotency_key: str) -> records.ActionOutcome | None:
+        return await self._db.row("read the outcome", _GET, (target, idempotency_key),
+                                  outcome_from_row)
+
+    async def record(self, outcome: records.NewOutcome) -> records.ActionOutcome:
+        outcome = values.storable_outcome(outcome)
+        now = self._db.now()
+        next_at = None if outcome.next_attempt_at is None else ts(outcome.next_attempt_at)
+
+        def run(connection: sqlite3.Connection) -> records.ActionOutcome:
+            # The WHERE on the conflict branch keeps an `ok` row as it is: success is final.
+            connection.execute(
+                "INSERT INTO action_outcomes (event_id, rule, action_kind, target,"
+                " idempotency_key, status, attempts, request_summary, response, error,"
+                " next_attempt_at, created_at, updated_at)"
+                " VALUES (?, ?, ?, ?, ?, ?, 1, ?, ?, ?, ?, ?, ?)"
+                " ON CONFLICT (target, idempotency_key) DO UPDATE SET"
+                " status = excluded.status, attempts = action_outcomes.attempts + 1,"
+                " request_summary = excluded.request_summary, response = excluded.response,"
+                " error = excluded.error, next_attempt_at = excluded.next_attempt_at,"
+                " updated_at = excluded.updated_at"
+                " WHERE action_outcomes.status <> 'ok'",
+                (
+                    outcome.event_id, outcome.rule, outcome.action_kind, outcome.target,
+                    outcome.idempotency_key, outcome.status,
+                    dumps_optional(outcome.request_summary), dumps_optional(outcome.response),
+                    outcome.error, next_at, now, now,
+                ),
+            )
+            return outcome_from_row(
+                connection.execute(_GET, (outcome.target, outcome.idempotency_key)).fetchone())
+
+        return await self._db.write(run, "record the outcome")
+
+    async def of_event(self, event_id: int) -> list[records.ActionOutcome]:
+        return await self._db.rows(
+            "list outcomes",
+            f"SELECT {OUTCOME_COLUMNS} FROM action_outcomes WHERE event_id = ? ORDER BY id",
+            (event_id,), outcome_from_row)
+
+    async def counts(self) -> Mapping[tuple[str, str], int]:
+        counted = await self._db.rows(
+            "count outcomes",
+            "SELECT target, status, COUNT(*) FROM action_outcomes GROUP BY target, status", (),
+            lambda row: ((str(row[0]), str(row[1])), int(row[2])))
+        return dict(counted)

@@ -1,0 +1,32 @@
+"""The outcomes part of the storage contract."""
+
+from __future__ import annotations
+
+from engine.storage import Storage
+from tests.storage.contract.support import event, outcome
+
+
+class OutcomesContract:
+    """Action outcomes: one per (target, idempotency key), success final."""
+
+    async def test_outcomes_count_attempts_and_success_is_final(self, storage: Storage) -> None:
+        event_id = (await storage.inbox.store(event(1))).id
+        first = await storage.outcomes.record(outcome(event_id, "retrying", error="timeout"))
+        assert (first.status, first.attempts, first.error) == ("retrying", 1, "timeout")
+        ok = await storage.outcomes.record(outcome(event_id, "ok"))
+        assert (ok.status, ok.attempts, ok.response) == ("ok", 2, {"id": "101"})
+        replayed = await storage.outcomes.record(outcome(event_id, "retrying", error="again"))
+        assert (replayed.status, replayed.attempts, replayed.error) == ("ok", 2, None)
+        got = await storage.outcomes.get("hubspot", "k1")
+        assert got is not None and got.status == "ok"
+        assert got.request_summary == {"identity": {"deep_link_token": "tok_1"}}
+        assert await storage.outcomes.get("salesforce", "k1") is None
+
+    async def test_idempotency_keys_are_unique_per_target(self, storage: Storage) -> None:
+        event_id = (await storage.inbox.store(event(1))).id
+        await storage.outcomes.record(outcome(event_id, "ok", target="hubspot"))
+        await storage.outcomes.record(outcome(event_id, "dead", target="local", error="bad"))
+        outcomes = await storage.outcomes.of_event(event_id)
+        assert [(o.target, o.status) for o in outcomes] == [("hubspot", "ok"), ("local", "dead")]
+        counts = await storage.outcomes.counts()
+        assert counts[("hubspot", "ok")] == 1 and counts[("local", "dead")] == 1

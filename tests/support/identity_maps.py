@@ -1,0 +1,54 @@
+"""Identity maps that watch what a target asks of them: which calls, and in what order."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
+
+from engine.actions import IdentityKey
+from engine.storage import IdentityMap
+
+
+class Recording:
+    """Passes every call to `inner` and notes its name in `calls`."""
+
+    def __init__(self, inner: IdentityMap) -> None:
+        self.inner = inner
+        self.calls: list[str] = []
+
+    def __getattr__(self, name: str) -> Callable[..., Awaitable[Any]]:
+        method = getattr(self.inner, name)
+
+        async def call(*args: Any, **kwargs: Any) -> Any:
+            self.calls.append(name)
+            return await method(*args, **kwargs)
+
+        return call
+
+
+class AnotherWorkerRebinds(Recording):
+    """Right after the first call that names `key` alone, another worker maps it to
+    `record_id` (in `target`): the moment a target forgetting a stale mapping of that key
+    would act on what it read a moment ago."""
+
+    def __init__(self, inner: IdentityMap, target: str, key: IdentityKey,
+                 record_id: str) -> None:
+        super().__init__(inner)
+        self.armed = False
+        self._target, self._key, self._record_id = target, key, record_id
+
+    def __getattr__(self, name: str) -> Callable[..., Awaitable[Any]]:
+        method = super().__getattr__(name)
+
+        async def call(*args: Any, **kwargs: Any) -> Any:
+            result = await method(*args, **kwargs)
+            if self.armed and self._names_only_the_key(args):
+                self.armed = False
+                await self.inner.rebind_identity(self._target, self._key, self._record_id)
+            return result
+
+        return call
+
+    def _names_only_the_key(self, args: Sequence[Any]) -> bool:
+        named = args[1] if len(args) > 1 else None
+        return named == self._key or named == [self._key]
