@@ -35,6 +35,7 @@ class HangingTarget(FakeTarget):
         self.recover = asyncio.Event()
 
     async def execute(self, action: Action, context: CallContext) -> Outcome:
+        self.started.append(context.event_id)
         self.active += 1
         try:
             await self.recover.wait()
@@ -98,11 +99,14 @@ async def test_a_deferred_event_backs_off_per_attempt(
     storage = open_storage(database_url, clock=clock)
     await storage.migrate()
     hanging = HangingTarget("hanging")
-    await store(storage, "install.tracked", token="tok_a")  # takes the lane and hangs there
-    deferred = await store(storage, "install.tracked", token=token, prefix="second")
+    first = await store(storage, "install.tracked", token="tok_a")
+    second = await store(storage, "install.tracked", token=token, prefix="second")
     # order_wait=30: an event behind a hanging CRM must not sit out the order wait in-process.
+    # poll_interval=0.05: the worker soon finds the event the fake clock made due, so little
+    # real time passes while the CRM hangs (no deferral is shorter than the lane has been stuck).
     worker = Worker(storage, rules, [FakeTarget("healthy"), hanging], clock=clock,
-                    options=WorkerOptions(concurrency=1, busy_wait=0.05, order_wait=30))
+                    options=WorkerOptions(concurrency=1, busy_wait=0.05, order_wait=30,
+                                          poll_interval=0.05))
     running = asyncio.create_task(worker.run())
     delays = []
 
@@ -113,6 +117,13 @@ async def test_a_deferred_event_backs_off_per_attempt(
         return event if done and event.next_attempt_at is not None else None
 
     try:
+        # Both events are claimed together. Of two identities, either may take the lane first
+        # (the worker keeps arrival order per identity only, and its reads race); the one that
+        # does hangs there and the other is deferred. Behind tok_a, the second one is deferred.
+        await wait_until(lambda: hanging.started, timeout=10, what="a call to the hanging CRM")
+        holder = hanging.started[0]
+        assert token != "tok_a" or holder == first
+        deferred = second if holder == first else first
         for attempts in range(1, 5):
             await wait_until(lambda n=attempts: after_attempt(n),
                              timeout=10, what=f"deferral {attempts}")
@@ -120,6 +131,7 @@ async def test_a_deferred_event_backs_off_per_attempt(
             assert event is not None and event.next_attempt_at is not None
             delays.append((event.next_attempt_at - clock()).total_seconds())
             clock.now = event.next_attempt_at  # due now: the worker claims it again
+        assert hanging.started == [holder]  # deferred every time, never let into the lane
     finally:
         hanging.recover.set()
         worker.stop()
