@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from engine.errors import StorageError
 from engine.storage.checks import Migrations, migrations_to_apply
+from engine.storage.ddl import outcome_tables
 from engine.storage.postgres.rows import Conn
 
 # Append new versions; never edit one that has shipped. Tables and columns match the SQLite
@@ -42,40 +43,10 @@ MIGRATIONS: Migrations = (
             PRIMARY KEY (event_id, ordering_key)
         )""",
         "CREATE INDEX inbox_ordering_keys_key ON inbox_ordering_keys (ordering_key, event_id)",
-        """CREATE TABLE action_outcomes (
-            id BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
-            event_id BIGINT NOT NULL REFERENCES inbox (id),
-            rule TEXT NOT NULL,
-            action_kind TEXT NOT NULL,
-            target TEXT NOT NULL,
-            idempotency_key TEXT NOT NULL,
-            status TEXT NOT NULL CHECK (status IN ('ok', 'retrying', 'dead')),
-            attempts INTEGER NOT NULL DEFAULT 0,
-            request_summary JSON,
-            response JSON,
-            error TEXT,
-            next_attempt_at TIMESTAMPTZ,
-            created_at TIMESTAMPTZ NOT NULL,
-            updated_at TIMESTAMPTZ NOT NULL,
-            CONSTRAINT action_outcomes_key UNIQUE (target, idempotency_key)
-        )""",
-        "CREATE INDEX action_outcomes_event ON action_outcomes (event_id)",
-        "CREATE INDEX action_outcomes_status ON action_outcomes (status)",
-        """CREATE TABLE identity_map (
-            target TEXT NOT NULL,
-            field TEXT NOT NULL,
-            value TEXT NOT NULL,
-            record_id TEXT NOT NULL,
-            created_at TIMESTAMPTZ NOT NULL,
-            PRIMARY KEY (target, field, value)
-        )""",
-        """CREATE TABLE deal_keys (
-            target TEXT NOT NULL,
-            deal_key TEXT NOT NULL,
-            deal_id TEXT NOT NULL,
-            created_at TIMESTAMPTZ NOT NULL,
-            PRIMARY KEY (target, deal_key)
-        )""",
+        *outcome_tables(
+            id_column="id BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY", integer="BIGINT",
+            json="JSON", timestamp="TIMESTAMPTZ",
+            unique="CONSTRAINT action_outcomes_key UNIQUE (target, idempotency_key)"),
         """CREATE TABLE rate_buckets (
             bucket TEXT PRIMARY KEY,
             tokens DOUBLE PRECISION NOT NULL,

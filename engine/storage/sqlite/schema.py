@@ -5,6 +5,7 @@ from __future__ import annotations
 import sqlite3
 
 from engine.storage.checks import Migrations, migrations_to_apply
+from engine.storage.ddl import outcome_tables
 
 # Append new versions; never edit one that has shipped. Types and constraints stay close to
 # what PostgreSQL accepts so the two schemas read alike (times are ISO 8601 UTC text here).
@@ -37,40 +38,9 @@ MIGRATIONS: Migrations = (
             PRIMARY KEY (event_id, ordering_key)
         )""",
         "CREATE INDEX inbox_ordering_keys_key ON inbox_ordering_keys (ordering_key, event_id)",
-        """CREATE TABLE action_outcomes (
-            id INTEGER PRIMARY KEY AUTOINCREMENT,
-            event_id INTEGER NOT NULL REFERENCES inbox (id),
-            rule TEXT NOT NULL,
-            action_kind TEXT NOT NULL,
-            target TEXT NOT NULL,
-            idempotency_key TEXT NOT NULL,
-            status TEXT NOT NULL CHECK (status IN ('ok', 'retrying', 'dead')),
-            attempts INTEGER NOT NULL DEFAULT 0,
-            request_summary TEXT,
-            response TEXT,
-            error TEXT,
-            next_attempt_at TEXT,
-            created_at TEXT NOT NULL,
-            updated_at TEXT NOT NULL,
-            UNIQUE (target, idempotency_key)
-        )""",
-        "CREATE INDEX action_outcomes_event ON action_outcomes (event_id)",
-        "CREATE INDEX action_outcomes_status ON action_outcomes (status)",
-        """CREATE TABLE identity_map (
-            target TEXT NOT NULL,
-            field TEXT NOT NULL,
-            value TEXT NOT NULL,
-            record_id TEXT NOT NULL,
-            created_at TEXT NOT NULL,
-            PRIMARY KEY (target, field, value)
-        )""",
-        """CREATE TABLE deal_keys (
-            target TEXT NOT NULL,
-            deal_key TEXT NOT NULL,
-            deal_id TEXT NOT NULL,
-            created_at TEXT NOT NULL,
-            PRIMARY KEY (target, deal_key)
-        )""",
+        *outcome_tables(
+            id_column="id INTEGER PRIMARY KEY AUTOINCREMENT", integer="INTEGER", json="TEXT",
+            timestamp="TEXT", unique="UNIQUE (target, idempotency_key)"),
         """CREATE TABLE rate_buckets (
             bucket TEXT PRIMARY KEY,
             tokens REAL NOT NULL,
