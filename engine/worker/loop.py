@@ -285,7 +285,11 @@ class Worker:
                 break
             # Woken when an event of this worker moves on; polled for other processes' events.
             await self._wait_for_change(min(remaining, 0.5))
-        due = self._deferred(job.event, 0.5)
+        # Behind an earlier event of its identity an event checks again at least every half
+        # lease: that event may finish (or its crashed worker's lease run out) at any moment,
+        # and an identity's events must not drift ever further apart. The doubling is for a
+        # CRM that hangs, and half a lease still thins out the backlog waiting behind it.
+        due = self._deferred(job.event, 0.5, cap=self.options.lease_seconds / 2)
         if blocker is not None and blocker.next_attempt_at is not None \
                 and blocker.lease_owner is None and blocker.next_attempt_at > due:
             due = min(blocker.next_attempt_at + timedelta(seconds=0.5),
@@ -370,13 +374,15 @@ class Worker:
     def _after(self, seconds: float) -> datetime:
         return self.clock() + timedelta(seconds=seconds)
 
-    def _deferred(self, event: InboxEvent, first: float, floor: float = 0.0) -> datetime:
+    def _deferred(self, event: InboxEvent, first: float, floor: float = 0.0,
+                  cap: float | None = None) -> datetime:
         """When an event deferred without trying (a full lane, an earlier event of the same
         identity) is due again: `first` seconds on its first attempt, doubling with each
-        further attempt, at least `floor`, at most `defer_cap`; jittered so a deferred backlog
-        spreads out."""
+        further attempt, at least `floor`, at most `cap` (default `defer_cap`); jittered so a
+        deferred backlog spreads out."""
         doublings = min(max(event.attempts, 1) - 1, 30)
-        delay = min(self.options.defer_cap, max(first * 2.0 ** doublings, floor))
+        limit = self.options.defer_cap if cap is None else min(cap, self.options.defer_cap)
+        delay = min(limit, max(first * 2.0 ** doublings, floor))
         return self._after(delay * self.options.policy.rng.uniform(0.5, 1.0))
 
     def _held(self, event: InboxEvent | None) -> bool:

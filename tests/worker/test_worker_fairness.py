@@ -87,13 +87,17 @@ async def test_a_hanging_crm_with_a_backlog_does_not_starve_another(
         await running
 
 
-@pytest.mark.parametrize(("token", "first_delay"), [("tok_b", 1.0), ("tok_a", 0.5)],
-                         ids=["busy-lane", "earlier-event"])
+@pytest.mark.parametrize(("token", "first_delay", "lease", "cap"),
+                         [("tok_b", 1.0, 60.0, 60.0), ("tok_a", 0.5, 60.0, 30.0),
+                          ("tok_a", 0.5, 2.0, 1.0)],
+                         ids=["busy-lane", "earlier-event", "earlier-event-short-lease"])
 async def test_a_deferred_event_backs_off_per_attempt(
-    database_url: str, rules: RuleSet, token: str, first_delay: float
+    database_url: str, rules: RuleSet, token: str, first_delay: float, lease: float, cap: float
 ) -> None:
     """Deferred for a full lane, or behind an earlier event of its identity on a CRM that
-    hangs: due again after about `first_delay`, then twice as long with every attempt."""
+    hangs: due again after about `first_delay`, then twice as long with every attempt, up to
+    `cap` (behind an earlier event: half a lease, so a finished or crashed blocker costs at
+    most that)."""
     clock = FakeClock()
     clock.now = datetime.now(UTC)
     storage = open_storage(database_url, clock=clock)
@@ -106,7 +110,7 @@ async def test_a_deferred_event_backs_off_per_attempt(
     # real time passes while the CRM hangs (no deferral is shorter than the lane has been stuck).
     worker = Worker(storage, rules, [FakeTarget("healthy"), hanging], clock=clock,
                     options=WorkerOptions(concurrency=1, busy_wait=0.05, order_wait=30,
-                                          poll_interval=0.05))
+                                          poll_interval=0.05, lease_seconds=lease))
     running = asyncio.create_task(worker.run())
     delays = []
 
@@ -138,5 +142,5 @@ async def test_a_deferred_event_backs_off_per_attempt(
         await running
         await storage.close()
     for attempt, delay in enumerate(delays):
-        full = first_delay * 2 ** attempt
+        full = min(first_delay * 2 ** attempt, cap)
         assert full * 0.5 <= delay <= full, (attempt, delays)
