@@ -32,7 +32,8 @@ REFUSED = "the rules are not published; the active version stays"
 def rules_group() -> None:
     """Publish rule sets as versions, list them, and choose the active one.
 
-    Every `serve` and `worker` sharing the database runs the active version.
+    Versions live in the database (LINKCRM_DATABASE_URL). A running `serve` or `worker`
+    still runs the rules folder it loaded at start: restart it to apply a change.
 
     \b
     Example:
@@ -165,8 +166,8 @@ def list_versions(output_format: str) -> None:
 @rules_group.command("activate")
 @click.argument("version")
 def activate(version: str) -> None:
-    """Make a published VERSION the active one (roll back or forward); every running
-    `serve` and `worker` follows. VERSION may be shortened to a unique prefix.
+    """Make a published VERSION the active one (roll back or forward). VERSION may be
+    shortened to a unique prefix; an unknown one is an error (exit 1) and changes nothing.
 
     \b
     Example:
