@@ -135,6 +135,8 @@ class NewOutcome:
     response: JSON = None
     error: str | None = None
     next_attempt_at: datetime | None = None
+    # The rule version that planned the action (`linkcrm rules list`), when it is known.
+    rules_version: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -156,6 +158,7 @@ class ActionOutcome:
     next_attempt_at: datetime | None
     created_at: datetime
     updated_at: datetime
+    rules_version: str | None = None  # of the latest attempt
 
 
 @dataclass(frozen=True, slots=True)

@@ -11,9 +11,10 @@ from typing import Any
 
 import pytest
 
+from engine.rules.versions import collect
 from tests.support.paths import REPO
 from tests.support.postgres import fresh_schema, require_postgres, schema_url
-from tests.support.service_process import cli, service_env
+from tests.support.service_process import cli, cli_json, service_env, start_server, wait_for
 
 RULES = REPO / "rules"
 
@@ -144,3 +145,24 @@ def test_publish_and_activate_on_postgres(
     assert cli("rules", "activate", first["version"], env=postgres_env).returncode == 0
     assert [(r["label"], r["status"]) for r in listed(postgres_env)] == [
         ("two", "retired"), ("one", "active")]
+
+
+def test_every_outcome_records_the_rule_version_that_planned_it(env: dict[str, str]) -> None:
+    """serve plans with the rules folder it loaded; each outcome names that folder's version,
+    the one `rules publish` gives the same files, and `events show` prints it."""
+    version = publish(env, env["LINKCRM_RULES"])["version"]
+    assert version == collect([env["LINKCRM_RULES"]]).version
+    server = start_server(env)
+    try:
+        sent = cli("send-samples", "--url", server.url, env=env)
+        assert sent.returncode == 0, sent.stderr
+        wait_for(lambda: len(cli_json("crm", "deals", env=env)) == 1, what="the worker")
+    finally:
+        server.stop()
+    shown = [cli_json("events", "show", str(e["id"]), env=env)
+             for e in cli_json("events", "list", env=env)]
+    outcomes = [o for document in shown for o in document["outcomes"]]
+    assert outcomes and {o["rules_version"] for o in outcomes} == {version}
+    event_id = next(d["id"] for d in shown if d["outcomes"])
+    text = cli("events", "show", str(event_id), env=env)
+    assert f"planned by rules {version}" in text.stdout

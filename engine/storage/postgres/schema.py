@@ -181,7 +181,8 @@ MIGRATIONS: Migrations = (
         " WHERE status IN ('received', 'failed')",
     )),
     # Published rule sets (`linkcrm rules publish`): their files by name, and a status of
-    # which exactly one row is `active` once any is published (the partial unique index).
+    # which exactly one row is `active` once any is published (the partial unique index);
+    # each action outcome names the rule version that planned it.
     (4, (
         """CREATE TABLE rule_versions (
             seq BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
@@ -195,6 +196,7 @@ MIGRATIONS: Migrations = (
         )""",
         "CREATE UNIQUE INDEX rule_versions_one_active ON rule_versions (status)"
         " WHERE status = 'active'",
+        "ALTER TABLE action_outcomes ADD COLUMN rules_version TEXT",
     )),
 )
 

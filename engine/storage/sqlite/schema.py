@@ -161,7 +161,8 @@ MIGRATIONS: Migrations = (
         " WHERE status IN ('received', 'failed')",
     )),
     # Published rule sets (`linkcrm rules publish`): their files by name, and a status of
-    # which exactly one row is `active` once any is published (the partial unique index).
+    # which exactly one row is `active` once any is published (the partial unique index);
+    # each action outcome names the rule version that planned it.
     (5, (
         """CREATE TABLE rule_versions (
             seq INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -175,6 +176,7 @@ MIGRATIONS: Migrations = (
         )""",
         "CREATE UNIQUE INDEX rule_versions_one_active ON rule_versions (status)"
         " WHERE status = 'active'",
+        "ALTER TABLE action_outcomes ADD COLUMN rules_version TEXT",
     )),
 )
 

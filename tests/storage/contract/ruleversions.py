@@ -1,15 +1,17 @@
-"""The rule versions part of the storage contract: publish, list, get, activate, active."""
+"""The rule versions part of the storage contract: publish, list, get, activate, active, and
+the version each action outcome records."""
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
+from dataclasses import replace
 
 import pytest
 
 from engine.errors import UnstorableValueError
 from engine.storage import NewRuleVersion, Storage
-from tests.storage.contract.support import FakeClock
+from tests.storage.contract.support import FakeClock, event, outcome
 
 
 def version(n: int, *, label: str | None = None) -> NewRuleVersion:
@@ -116,3 +118,22 @@ class RuleVersionsContract:
         with pytest.raises(UnstorableValueError):
             await versions.publish(NewRuleVersion(f"{1:012x}", {"r.yaml": "a\x00b"}, "ada"))
         assert await versions.list_versions() == []
+
+    async def test_each_outcome_records_the_rule_version_that_planned_it(
+        self, storage: Storage
+    ) -> None:
+        """The latest attempt's version is kept; a success is final, its version too."""
+        event_id = (await storage.inbox.store(event(1))).id
+        first = await storage.outcomes.record(
+            replace(outcome(event_id, "retrying", error="timeout"), rules_version="aaaaaaaaaaaa"))
+        assert first.rules_version == "aaaaaaaaaaaa"
+        ok = await storage.outcomes.record(
+            replace(outcome(event_id, "ok"), rules_version="bbbbbbbbbbbb"))
+        assert ok.rules_version == "bbbbbbbbbbbb"
+        again = await storage.outcomes.record(
+            replace(outcome(event_id, "retrying"), rules_version="cccccccccccc"))
+        assert again.rules_version == "bbbbbbbbbbbb"
+        unknown = await storage.outcomes.record(outcome(event_id, "dead", target="local"))
+        assert unknown.rules_version is None
+        assert [o.rules_version for o in await storage.outcomes.of_event(event_id)] == [
+            "bbbbbbbbbbbb", None]
