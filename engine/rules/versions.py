@@ -17,11 +17,13 @@ import hashlib
 import json
 import re
 import subprocess
+import tempfile
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
-from engine.rules.files import FIELD_MAP_NAME, discover
+from engine.rules.files import FIELD_MAP_NAME, discover, load_ruleset
+from engine.rules.model import RuleSet
 
 VERSION_LENGTH = 12
 VERSION_PATTERN = re.compile(rf"[0-9a-f]{{{VERSION_LENGTH}}}")
@@ -109,3 +111,25 @@ def git_label(paths: Sequence[str | Path]) -> str | None:
         return None
     changes = _git(folder, "status", "--porcelain", "--", ".")
     return commit + ("-dirty" if changes else "")
+
+
+def load_version(files: Mapping[str, str], version: str) -> RuleSet:
+    """The rule set a published version's files make, written to a temporary folder and
+    loaded as `linkcrm validate` loads a folder; its `version` set. Raises ConfigError (every
+    problem) when the files do not load with this linkcrm, RuleFilesError when `version` is
+    not their content hash (a damaged copy)."""
+    if version_of(files) != version:
+        raise RuleFilesError(
+            f"the stored files of rule version {version} do not hash to it; publish the "
+            "rules again")
+    with tempfile.TemporaryDirectory(prefix="linkcrm-rules-") as folder:
+        root = Path(folder)
+        for name, text in files.items():
+            path = (root / name).resolve()
+            if not path.is_relative_to(root.resolve()) or path == root.resolve():
+                raise RuleFilesError(f"rule version {version} names a file outside its "
+                                     f"folder ({name!r}); publish the rules again")
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(text, encoding="utf-8")
+        ruleset = load_ruleset([root])
+    return replace(ruleset, version=version)

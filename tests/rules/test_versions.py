@@ -8,12 +8,15 @@ from pathlib import Path
 
 import pytest
 
+from engine.rules.files import load_ruleset
 from engine.rules.versions import (
     VERSION_PATTERN,
     RuleFilesError,
     collect,
     git_label,
+    load_version,
     normalise,
+    version_of,
 )
 
 RULES = Path(__file__).resolve().parents[2] / "rules"
@@ -65,3 +68,24 @@ def test_label_is_the_git_commit_of_the_folder(folder: Path, tmp_path: Path) -> 
     assert git_label([folder]) == head
     (folder / "attribution.yaml").write_text("rules: []\n", encoding="utf-8")
     assert git_label([folder]) == head + "-dirty"
+
+
+def test_a_published_versions_files_load_as_the_same_rules(folder: Path) -> None:
+    collected = collect([folder])
+    ruleset = load_version(collected.files, collected.version)
+    assert ruleset.version == collected.version
+    original = load_ruleset([folder])
+    assert [(r.name, r.on, r.when, len(r.actions)) for r in ruleset.rules] == [
+        (r.name, r.on, r.when, len(r.actions)) for r in original.rules]
+    assert [a.fields for r in ruleset.rules for a in r.actions] == [
+        a.fields for r in original.rules for a in r.actions]
+    assert ruleset.field_map.fields == original.field_map.fields
+
+
+def test_damaged_or_escaping_files_are_refused(folder: Path) -> None:
+    files = dict(collect([folder]).files)
+    with pytest.raises(RuleFilesError, match="do not hash"):
+        load_version({**files, "fields.yaml": "fields: {}\n"}, collect([folder]).version)
+    escaping = {**files, "../outside.yaml": "rules: []\n"}
+    with pytest.raises(RuleFilesError, match="outside its folder"):
+        load_version(escaping, version_of(escaping))
