@@ -9,6 +9,7 @@ from engine.cli.admin import doctor_command, provision_command
 from engine.cli.diff import diff
 from engine.cli.export import export_events
 from engine.cli.ops import crm, events, purge, replay
+from engine.cli.releases import rules_group
 from engine.cli.rules import bench, explain, test, validate
 from engine.cli.samples import send_samples
 from engine.cli.service import migrate, serve, worker
@@ -27,6 +28,12 @@ def main() -> None:
       linkcrm diff main-rules/ rules/ --since 7d
 
     \b
+    Ship rules to every running serve and worker:
+      linkcrm rules publish rules/
+      linkcrm rules list
+      linkcrm rules activate VERSION
+
+    \b
     Run the service and look at what it did:
       linkcrm serve
       linkcrm send-samples && linkcrm crm contacts
@@ -39,7 +46,7 @@ def main() -> None:
     """
 
 
-for command in (validate, test, explain, diff, bench):
+for command in (validate, test, explain, diff, bench, rules_group):
     main.add_command(command)
 for command in (serve, worker, migrate):
     main.add_command(command)

@@ -62,7 +62,7 @@ def _outcome_row(outcome: ActionOutcome) -> Row:
         "status": outcome.status, "attempts": outcome.attempts, "error": outcome.error,
         "next_attempt_at": iso(outcome.next_attempt_at), "response": outcome.response,
         "request": outcome.request_summary, "idempotency_key": outcome.idempotency_key,
-        "updated_at": iso(outcome.updated_at),
+        "updated_at": iso(outcome.updated_at), "rules_version": outcome.rules_version,
     }
 
 
@@ -185,6 +185,8 @@ def _show_text(document: dict[str, Any]) -> None:
         click.echo(f"  {safe(outcome['target'])}: {safe(outcome['action'])} "
                    f"(rule {safe(outcome['rule'])}) -> {safe(outcome['status'])} after "
                    f"{outcome['attempts']} attempt(s)")
+        if outcome["rules_version"]:
+            click.echo(f"      planned by rules {safe(outcome['rules_version'])}")
         response = outcome["response"]
         if isinstance(response, dict) and response.get("summary"):
             click.echo(f"      {safe(response['summary'])}")

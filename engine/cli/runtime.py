@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 from collections.abc import Awaitable, Callable, Iterable, Mapping
+from dataclasses import replace
 from datetime import datetime
 from pathlib import Path
 from typing import NoReturn, TypeVar
@@ -15,6 +16,7 @@ from engine.config.resources import data_dir
 from engine.errors import ConfigError, Problem, StorageError
 from engine.rules.files import load_ruleset
 from engine.rules.model import RuleSet
+from engine.rules.versions import RuleFilesError, collect
 from engine.runtime.redact import redact_url
 from engine.runtime.settings import Settings
 from engine.storage import Storage, open_storage
@@ -67,10 +69,14 @@ def load_rules(settings: Settings) -> RuleSet:
     if not location.exists():
         fail(f"no rules folder at {str(location)!r}; set LINKCRM_RULES to your rules folder", 2)
     try:
-        return load_ruleset([location])
+        ruleset = load_ruleset([location])
     except ConfigError as error:
         show_problems(p for p in error.problems if p.severity == "error")
         fail(f"the rules in {location} do not load; `linkcrm validate {location}` lists why")
+    try:  # the version its outcomes record (`linkcrm rules list` names published ones)
+        return replace(ruleset, version=collect([location]).version)
+    except (RuleFilesError, OSError):
+        return ruleset
 
 
 def with_storage(settings: Settings, work: Callable[[Storage], Awaitable[T]], *,

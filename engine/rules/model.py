@@ -53,6 +53,8 @@ class RuleSet:
     rules: tuple[Rule, ...]
     field_map: FieldMap
     files: tuple[str, ...] = ()
+    # The rule-set version (`engine.rules.versions`) when the loader knows it.
+    version: str | None = None
     _dispatch: dict[str, Dispatch] = field(default_factory=dict, compare=False, repr=False)
 
     def rule(self, name: str) -> Rule | None:

@@ -11,7 +11,7 @@ from collections.abc import Mapping, Sequence
 
 from engine.actions import JSON, IdentityKey
 from engine.errors import StorageError
-from engine.storage import values
+from engine.storage import records, values
 
 FINAL_STATUSES = ("processed", "ignored", "dead")
 
@@ -96,3 +96,22 @@ def deal(
     values.require_name("stage", stage)
     values.require_amount(amount)
     values.require_fields("set", fields)
+
+
+def rule_version_id(version: str) -> None:
+    if not version.strip():
+        raise ValueError("a rule version is the non-empty content hash of a rule set")
+    values.require_key("rule version", version)
+
+
+def rule_version(new: records.NewRuleVersion, status: str) -> None:
+    rule_version_id(new.version)
+    if status not in ("active", "shadow"):
+        raise ValueError(f"publish() stores a version as active or shadow, not {status!r}")
+    if not new.files:
+        raise ValueError("a rule version needs its files")
+    for name, text in new.files.items():
+        values.require_key("rule file name", name)
+        values.require_name(f"rule file {name}", text)
+    values.require_name("publisher", new.published_by)
+    values.require_name("rule version label", new.label)

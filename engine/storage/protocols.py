@@ -5,6 +5,7 @@
     storage.identities    identity map and deal keys: which CRM record a person or deal is
     storage.rate_limits   token buckets shared by every process
     storage.local_crm     the embedded CRM behind the `local` target
+    storage.rule_versions published rule sets: their files, who/when, which one is active
 
 Each part asks only for what it uses: the worker's applier takes `Outcomes`, a CRM target an
 `IdentityMap` and `RateLimits`, the `local` target a `LocalCRMStore`. Every method is a
@@ -221,14 +222,43 @@ class LocalCRMStore(Protocol):
         """Deals, oldest first."""
 
 
+class RuleVersions(Protocol):
+    """Published rule sets, known by their version (the content hash of their files): what
+    every process runs is the one `active` version, shared through the database."""
+
+    async def publish(
+        self, new: records.NewRuleVersion, status: records.RuleVersionStatus = "active"
+    ) -> records.PublishResult:
+        """Store the version unless it is stored already (idempotent by version: the files,
+        label and publisher of the first publish are kept), and give it `status`: `active`
+        retires the version active before, in the same transaction; `shadow` leaves it."""
+
+    async def list_versions(self) -> list[records.RuleVersion]:
+        """Every published version, the most recently published first."""
+
+    async def get(self, version: str) -> records.RuleVersion | None:
+        """One version with its files, or None."""
+
+    async def activate(self, version: str) -> records.RuleVersion | None:
+        """Make `version` the active one and retire the one active before, atomically, so
+        exactly one is active; None (and nothing changed) when it is not published."""
+
+    async def active(self) -> records.RuleVersion | None:
+        """The active version with its files, or None before the first publish."""
+
+    async def active_version(self) -> str | None:
+        """Only the active version's id: one indexed row, cheap enough to poll."""
+
+
 class Storage(Protocol):
-    """One database: its five concerns, and its lifecycle (schema, health, shutdown)."""
+    """One database: its six concerns, and its lifecycle (schema, health, shutdown)."""
 
     inbox: Inbox
     outcomes: Outcomes
     identities: IdentityMap
     rate_limits: RateLimits
     local_crm: LocalCRMStore
+    rule_versions: RuleVersions
 
     async def migrate(self) -> int:
         """Create or upgrade the schema; idempotent and safe when two processes race. Returns

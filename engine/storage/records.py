@@ -25,6 +25,11 @@ FinalStatus = Literal["processed", "ignored", "dead"]
 OutcomeStatus = Literal["ok", "retrying", "dead"]
 OUTCOME_STATUSES: tuple[OutcomeStatus, ...] = ("ok", "retrying", "dead")
 
+# A published rule set: the one that plans live events (`active`, exactly one once any is
+# published), a candidate evaluated beside it (`shadow`), or one no longer used (`retired`).
+RuleVersionStatus = Literal["active", "shadow", "retired"]
+RULE_VERSION_STATUSES: tuple[RuleVersionStatus, ...] = ("active", "shadow", "retired")
+
 
 @dataclass(frozen=True, slots=True)
 class NewEvent:
@@ -130,6 +135,8 @@ class NewOutcome:
     response: JSON = None
     error: str | None = None
     next_attempt_at: datetime | None = None
+    # The rule version that planned the action (`linkcrm rules list`), when it is known.
+    rules_version: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -151,6 +158,7 @@ class ActionOutcome:
     next_attempt_at: datetime | None
     created_at: datetime
     updated_at: datetime
+    rules_version: str | None = None  # of the latest attempt
 
 
 @dataclass(frozen=True, slots=True)
@@ -165,6 +173,40 @@ class DeadLetter:
     error: str | None
     attempts: int
     updated_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class NewRuleVersion:
+    """A rule set to publish: its version (the content hash of `files`, computed by the
+    caller), where it came from (`label`: a git commit or the publisher's text), who publishes
+    it, and its files by relative name."""
+
+    version: str
+    files: Mapping[str, str]
+    published_by: str
+    label: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class RuleVersion:
+    """A published rule set as stored."""
+
+    version: str
+    label: str | None
+    files: Mapping[str, str]
+    published_by: str
+    published_at: datetime
+    status: RuleVersionStatus
+    activated_at: datetime | None
+
+
+@dataclass(frozen=True, slots=True)
+class PublishResult:
+    """The version as stored after `publish`, and whether this call stored it (False: that
+    content was published before, and is kept as it was apart from its status)."""
+
+    version: RuleVersion
+    created: bool
 
 
 @dataclass(frozen=True, slots=True)

@@ -177,5 +177,6 @@ def storable_outcome(outcome: NewOutcome) -> NewOutcome:
     """The outcome with its diagnostics (error, request summary, response) cleaned."""
     return replace(outcome, error=storable_text(outcome.error),
                    request_summary=storable_json(outcome.request_summary),
-                   response=storable_json(outcome.response))
+                   response=storable_json(outcome.response),
+                   rules_version=storable_text(outcome.rules_version))
 

@@ -191,6 +191,7 @@ class Applier:
             response=response,
             error=error,
             next_attempt_at=next_attempt_at,
+            rules_version=keyed.rules_version,
         ))
         self.metrics.actions.inc(
             target=target.name, outcome={"ok": "ok", "retrying": "retried", "dead": "dead"}[status]

@@ -26,6 +26,7 @@ class KeyedAction:
     action: Action
     ordinal: int  # the how-manieth action of this kind within its rule (0-based)
     key: str
+    rules_version: str | None = None  # the rule-set version that planned it
 
     def describe(self) -> str:
         return f"rule {self.action.rule!r}, {self.action.kind} #{self.ordinal}"
@@ -187,5 +188,6 @@ def _keyed(dedupe_key: str, result: Plan, ruleset: RuleSet) -> tuple[KeyedAction
         else:  # a plan the rule set does not explain (never expected): count per kind
             ordinal = fallback.get((action.rule, action.kind), 0)
         fallback[(action.rule, action.kind)] = ordinal + 1
-        keyed.append(KeyedAction(action, ordinal, idempotency_key(dedupe_key, action, ordinal)))
+        keyed.append(KeyedAction(action, ordinal, idempotency_key(dedupe_key, action, ordinal),
+                                 ruleset.version))
     return tuple(keyed)

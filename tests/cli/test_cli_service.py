@@ -31,6 +31,7 @@ from tests.support.service_process import (
 SERVICE_COMMANDS = [
     ["serve"], ["worker"], ["migrate"], ["events"], ["events", "list"], ["events", "show"],
     ["events", "export"],
+    ["rules"], ["rules", "publish"], ["rules", "list"], ["rules", "activate"],
     ["replay"], ["crm"], ["crm", "contacts"], ["crm", "deals"], ["purge"], ["send-samples"],
 ]
 

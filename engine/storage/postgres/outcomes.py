@@ -36,19 +36,20 @@ class PostgresOutcomes(PostgresPart, Outcomes):
             "request": optional_json(outcome.request_summary),
             "response": optional_json(outcome.response), "error": clean(outcome.error),
             "next": outcome.next_attempt_at, "now": self._db.now(),
+            "version": outcome.rules_version,
         }
         async with self._db.connection("record the outcome") as connection:
             cursor = await connection.execute(
                 "INSERT INTO action_outcomes AS o (event_id, rule, action_kind, target,"
                 " idempotency_key, status, attempts, request_summary, response, error,"
-                " next_attempt_at, created_at, updated_at) VALUES (%(event)s, %(rule)s,"
-                " %(kind)s, %(target)s, %(key)s, %(status)s, 1, %(request)s, %(response)s,"
-                f" %(error)s, %(next)s, {NOW}, {NOW})"
+                " next_attempt_at, created_at, updated_at, rules_version) VALUES (%(event)s,"
+                " %(rule)s, %(kind)s, %(target)s, %(key)s, %(status)s, 1, %(request)s,"
+                f" %(response)s, %(error)s, %(next)s, {NOW}, {NOW}, %(version)s)"
                 " ON CONFLICT ON CONSTRAINT action_outcomes_key DO UPDATE SET"
                 " status = excluded.status, attempts = o.attempts + 1,"
                 " request_summary = excluded.request_summary, response = excluded.response,"
                 " error = excluded.error, next_attempt_at = excluded.next_attempt_at,"
-                " updated_at = excluded.updated_at"
+                " updated_at = excluded.updated_at, rules_version = excluded.rules_version"
                 # Success is final: the conflict branch leaves an `ok` row as it is (and
                 # returns nothing).
                 " WHERE o.status <> 'ok'"

@@ -151,6 +151,24 @@ MIGRATIONS: Migrations = (
         " ON inbox ((COALESCE(next_attempt_at, received_at)), id)"
         " WHERE status IN ('received', 'failed')",
     )),
+    # Published rule sets (`linkcrm rules publish`): their files by name, and a status of
+    # which exactly one row is `active` once any is published (the partial unique index);
+    # each action outcome names the rule version that planned it.
+    (4, (
+        """CREATE TABLE rule_versions (
+            seq BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+            version TEXT NOT NULL UNIQUE,
+            label TEXT,
+            files JSONB NOT NULL,
+            published_by TEXT NOT NULL,
+            published_at TIMESTAMPTZ NOT NULL,
+            status TEXT NOT NULL CHECK (status IN ('active', 'shadow', 'retired')),
+            activated_at TIMESTAMPTZ
+        )""",
+        "CREATE UNIQUE INDEX rule_versions_one_active ON rule_versions (status)"
+        " WHERE status = 'active'",
+        "ALTER TABLE action_outcomes ADD COLUMN rules_version TEXT",
+    )),
 )
 
 LATEST = MIGRATIONS[-1][0]
@@ -159,6 +177,8 @@ LATEST = MIGRATIONS[-1][0]
 # with another application's on the same database.
 MIGRATION_LOCK = 0x6C6B0001
 IDENTITY_LOCK = 0x6C6B0002
+RULE_VERSIONS_LOCK = 0x6C6B0003
+
 
 async def current_version(connection: Conn) -> int:
     """0 for a schema without linkcrm's tables."""

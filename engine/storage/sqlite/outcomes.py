@@ -31,19 +31,19 @@ class SQLiteOutcomes(SQLitePart, Outcomes):
             connection.execute(
                 "INSERT INTO action_outcomes (event_id, rule, action_kind, target,"
                 " idempotency_key, status, attempts, request_summary, response, error,"
-                " next_attempt_at, created_at, updated_at)"
-                " VALUES (?, ?, ?, ?, ?, ?, 1, ?, ?, ?, ?, ?, ?)"
+                " next_attempt_at, created_at, updated_at, rules_version)"
+                " VALUES (?, ?, ?, ?, ?, ?, 1, ?, ?, ?, ?, ?, ?, ?)"
                 " ON CONFLICT (target, idempotency_key) DO UPDATE SET"
                 " status = excluded.status, attempts = action_outcomes.attempts + 1,"
                 " request_summary = excluded.request_summary, response = excluded.response,"
                 " error = excluded.error, next_attempt_at = excluded.next_attempt_at,"
-                " updated_at = excluded.updated_at"
+                " updated_at = excluded.updated_at, rules_version = excluded.rules_version"
                 " WHERE action_outcomes.status <> 'ok'",
                 (
                     outcome.event_id, outcome.rule, outcome.action_kind, outcome.target,
                     outcome.idempotency_key, outcome.status,
                     dumps_optional(outcome.request_summary), dumps_optional(outcome.response),
-                    outcome.error, next_at, now, now,
+                    outcome.error, next_at, now, now, outcome.rules_version,
                 ),
             )
             return outcome_from_row(

@@ -130,6 +130,24 @@ MIGRATIONS: Migrations = (
         "CREATE INDEX inbox_due ON inbox (COALESCE(next_attempt_at, received_at), id)"
         " WHERE status IN ('received', 'failed')",
     )),
+    # Published rule sets (`linkcrm rules publish`): their files by name, and a status of
+    # which exactly one row is `active` once any is published (the partial unique index);
+    # each action outcome names the rule version that planned it.
+    (5, (
+        """CREATE TABLE rule_versions (
+            seq INTEGER PRIMARY KEY AUTOINCREMENT,
+            version TEXT NOT NULL UNIQUE,
+            label TEXT,
+            files TEXT NOT NULL,
+            published_by TEXT NOT NULL,
+            published_at TEXT NOT NULL,
+            status TEXT NOT NULL CHECK (status IN ('active', 'shadow', 'retired')),
+            activated_at TEXT
+        )""",
+        "CREATE UNIQUE INDEX rule_versions_one_active ON rule_versions (status)"
+        " WHERE status = 'active'",
+        "ALTER TABLE action_outcomes ADD COLUMN rules_version TEXT",
+    )),
 )
 
 LATEST = MIGRATIONS[-1][0]

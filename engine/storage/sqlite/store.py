@@ -20,6 +20,7 @@ from engine.storage.sqlite.identities import SQLiteIdentityMap
 from engine.storage.sqlite.inbox import SQLiteInbox
 from engine.storage.sqlite.outcomes import SQLiteOutcomes
 from engine.storage.sqlite.ratelimits import SQLiteRateLimits
+from engine.storage.sqlite.ruleversions import SQLiteRuleVersions
 from engine.storage.sqlite.schema import current_version
 from engine.storage.sqlite.schema import migrate as apply_migrations
 
@@ -43,6 +44,7 @@ class SQLiteStorage(Storage):
         self.inbox, self.outcomes, self.identities, self.rate_limits, self.local_crm = (
             SQLiteInbox(db), SQLiteOutcomes(db), SQLiteIdentityMap(db), SQLiteRateLimits(db),
             SQLiteLocalCRM(db))
+        self.rule_versions = SQLiteRuleVersions(db)
 
     @classmethod
     def from_url(cls, url: str, *, clock: Clock = utc_now, create: bool = True) -> SQLiteStorage:

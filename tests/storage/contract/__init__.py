@@ -1,5 +1,6 @@
 """The storage contract: behaviour every backend must show, tested through the protocols only,
-one part per concern (inbox, outcomes, identity map, rate limits, local CRM, lifecycle).
+one part per concern (inbox, outcomes, identity map, rate limits, local CRM, lifecycle,
+rule versions).
 
 A backend's test module subclasses `StorageContract` and provides three fixtures:
 
@@ -19,6 +20,7 @@ from tests.storage.contract.lifecycle import LifecycleContract
 from tests.storage.contract.local_crm import LocalCRMContract
 from tests.storage.contract.outcomes import OutcomesContract
 from tests.storage.contract.ratelimits import RateLimitsContract
+from tests.storage.contract.ruleversions import RuleVersionsContract
 from tests.storage.contract.support import EMAIL, STAGES, TOKEN, FakeClock, event, outcome
 
 __all__ = ["EMAIL", "STAGES", "TOKEN", "FakeClock", "StorageContract", "event", "outcome"]
@@ -26,7 +28,7 @@ __all__ = ["EMAIL", "STAGES", "TOKEN", "FakeClock", "StorageContract", "event", 
 
 @pytest.mark.anyio
 class StorageContract(InboxContract, OutcomesContract, IdentityMapContract, RateLimitsContract,
-                      LocalCRMContract, LifecycleContract):
+                      LocalCRMContract, LifecycleContract, RuleVersionsContract):
     @pytest.fixture
     def anyio_backend(self) -> str:
         return "asyncio"

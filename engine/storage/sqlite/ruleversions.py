@@ -1,0 +1,93 @@
+"""Published rule sets on SQLite: every change is one writer job, so it is atomic and
+serialised with every other write."""
+
+from __future__ import annotations
+
+import sqlite3
+
+from engine.storage import checks, records
+from engine.storage.protocols import RuleVersions
+from engine.storage.records import field_names, from_row
+from engine.storage.sqlite.database import SQLitePart
+from engine.storage.sqlite.rows import dumps, loads, parse_optional_ts, parse_ts
+
+_COLUMNS = ", ".join(field_names(records.RuleVersion))
+_SELECT = f"SELECT {_COLUMNS} FROM rule_versions"
+
+
+def _files(text: str) -> dict[str, str]:
+    return {str(name): str(body) for name, body in loads(text).items()}
+
+
+def _version(row: sqlite3.Row) -> records.RuleVersion:
+    return from_row(records.RuleVersion, row, files=_files, published_at=parse_ts,
+                    activated_at=parse_optional_ts)
+
+
+def _get(connection: sqlite3.Connection, version: str) -> records.RuleVersion | None:
+    row = connection.execute(f"{_SELECT} WHERE version = ?", (version,)).fetchone()
+    return None if row is None else _version(row)
+
+
+def _activate(connection: sqlite3.Connection, version: str, now: str) -> None:
+    """Retire the active version, then activate `version` (a no-op when it is active)."""
+    connection.execute("UPDATE rule_versions SET status = 'retired'"
+                       " WHERE status = 'active' AND version <> ?", (version,))
+    connection.execute("UPDATE rule_versions SET status = 'active', activated_at = ?"
+                       " WHERE version = ? AND status <> 'active'", (now, version))
+
+
+class SQLiteRuleVersions(SQLitePart, RuleVersions):
+    """Versions in the `rule_versions` table; a partial unique index keeps one active."""
+
+    async def publish(
+        self, new: records.NewRuleVersion, status: records.RuleVersionStatus = "active"
+    ) -> records.PublishResult:
+        checks.rule_version(new, status)
+        now = self._db.now()
+
+        def run(connection: sqlite3.Connection) -> records.PublishResult:
+            created = connection.execute(
+                "INSERT INTO rule_versions (version, label, files, published_by, published_at,"
+                " status) VALUES (?, ?, ?, ?, ?, 'retired') ON CONFLICT (version) DO NOTHING",
+                (new.version, new.label, dumps(dict(new.files)), new.published_by, now),
+            ).rowcount == 1
+            if status == "active":
+                _activate(connection, new.version, now)
+            else:
+                connection.execute("UPDATE rule_versions SET status = 'shadow'"
+                                   " WHERE version = ? AND status = 'retired'", (new.version,))
+            stored = _get(connection, new.version)
+            assert stored is not None
+            return records.PublishResult(stored, created)
+
+        return await self._db.write(run, "publish the rule version")
+
+    async def list_versions(self) -> list[records.RuleVersion]:
+        return await self._db.rows("list the rule versions", f"{_SELECT} ORDER BY seq DESC", (),
+                                   _version)
+
+    async def get(self, version: str) -> records.RuleVersion | None:
+        checks.rule_version_id(version)
+        return await self._db.read(lambda c: _get(c, version), "read the rule version")
+
+    async def activate(self, version: str) -> records.RuleVersion | None:
+        checks.rule_version_id(version)
+        now = self._db.now()
+
+        def run(connection: sqlite3.Connection) -> records.RuleVersion | None:
+            if _get(connection, version) is None:
+                return None
+            _activate(connection, version, now)
+            return _get(connection, version)
+
+        return await self._db.write(run, "activate the rule version")
+
+    async def active(self) -> records.RuleVersion | None:
+        return await self._db.row("read the active rule version",
+                                  f"{_SELECT} WHERE status = 'active'", (), _version)
+
+    async def active_version(self) -> str | None:
+        return await self._db.row("read the active rule version",
+                                  "SELECT version FROM rule_versions WHERE status = 'active'",
+                                  (), lambda row: str(row[0]))

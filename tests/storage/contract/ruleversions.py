@@ -1,0 +1,139 @@
+"""The rule versions part of the storage contract: publish, list, get, activate, active, and
+the version each action outcome records."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from dataclasses import replace
+
+import pytest
+
+from engine.errors import UnstorableValueError
+from engine.storage import NewRuleVersion, Storage
+from tests.storage.contract.support import FakeClock, event, outcome
+
+
+def version(n: int, *, label: str | None = None) -> NewRuleVersion:
+    return NewRuleVersion(version=f"{n:012x}", files={"rules.yaml": f"rules: [{n}]\n",
+                                                      "fields.yaml": "fields: {}\n"},
+                          published_by="ada", label=label)
+
+
+class RuleVersionsContract:
+    """Published rule sets: idempotent by version, exactly one active, rollback by activate."""
+
+    async def test_publish_stores_files_who_when_and_activates(
+        self, storage: Storage, clock: FakeClock
+    ) -> None:
+        versions = storage.rule_versions
+        assert await versions.active() is None
+        assert await versions.active_version() is None
+        assert await versions.list_versions() == []
+        first = await versions.publish(version(1, label="abc123"))
+        assert first.created
+        stored = first.version
+        assert (stored.version, stored.label, stored.published_by, stored.status) == (
+            f"{1:012x}", "abc123", "ada", "active")
+        assert dict(stored.files) == dict(version(1).files)
+        assert stored.published_at == clock.now
+        assert stored.activated_at == clock.now
+        assert await versions.get(stored.version) == stored
+        assert await versions.active() == stored
+        assert await versions.active_version() == stored.version
+        assert await versions.get(f"{9:012x}") is None
+
+    async def test_exactly_one_version_is_active_and_activate_rolls_back(
+        self, storage: Storage, clock: FakeClock
+    ) -> None:
+        versions = storage.rule_versions
+        await versions.publish(version(1))
+        clock.advance(1)
+        await versions.publish(version(2))
+        listed = await versions.list_versions()
+        assert [(v.version, v.status) for v in listed] == [
+            (f"{2:012x}", "active"), (f"{1:012x}", "retired")]
+        clock.advance(1)
+        back = await versions.activate(f"{1:012x}")
+        assert back is not None and back.status == "active" and back.activated_at == clock.now
+        assert await versions.active_version() == f"{1:012x}"
+        assert [v.status for v in await versions.list_versions()] == ["retired", "active"]
+
+    async def test_activating_an_unknown_version_changes_nothing(self, storage: Storage) -> None:
+        versions = storage.rule_versions
+        await versions.publish(version(1))
+        before = await versions.list_versions()
+        assert await versions.activate(f"{7:012x}") is None
+        assert await versions.list_versions() == before
+
+    async def test_publishing_the_same_content_again_is_idempotent(
+        self, storage: Storage, clock: FakeClock
+    ) -> None:
+        versions = storage.rule_versions
+        first = await versions.publish(version(1, label="first"))
+        await versions.publish(version(2))
+        clock.advance(5)
+        again = await versions.publish(version(1, label="second"))
+        assert not again.created
+        assert again.version.label == "first"  # the first publish's record is kept
+        assert again.version.published_at == first.version.published_at
+        assert again.version.status == "active"  # ... and it is active again
+        assert len(await versions.list_versions()) == 2
+        assert (await versions.publish(version(1))).version.status == "active"  # no-op
+
+    async def test_shadow_publish_leaves_the_active_version(self, storage: Storage) -> None:
+        versions = storage.rule_versions
+        await versions.publish(version(1))
+        shadow = await versions.publish(version(2), "shadow")
+        assert shadow.version.status == "shadow"
+        assert await versions.active_version() == f"{1:012x}"
+        await versions.publish(version(1), "shadow")  # the active one stays active
+        assert await versions.active_version() == f"{1:012x}"
+        promoted = await versions.activate(f"{2:012x}")
+        assert promoted is not None and promoted.status == "active"
+
+    async def test_concurrent_activations_leave_exactly_one_active(
+        self, make_storage: Callable[[], Storage], storage: Storage
+    ) -> None:
+        """Two processes publishing and activating at once: one active at the end, always."""
+        other = make_storage()
+        try:
+            for n in range(4):
+                await storage.rule_versions.publish(version(n))
+            await asyncio.gather(*(
+                (storage if n % 2 else other).rule_versions.activate(f"{n % 4:012x}")
+                for n in range(12)),
+                *(other.rule_versions.publish(version(n)) for n in range(4, 8)))
+            listed = await storage.rule_versions.list_versions()
+            assert sum(v.status == "active" for v in listed) == 1
+        finally:
+            await other.close()
+
+    async def test_bad_publishes_are_refused_before_storing(self, storage: Storage) -> None:
+        versions = storage.rule_versions
+        with pytest.raises(ValueError, match="active or shadow"):
+            await versions.publish(version(1), "retired")  # type: ignore[arg-type]
+        with pytest.raises(ValueError, match="needs its files"):
+            await versions.publish(NewRuleVersion(f"{1:012x}", {}, "ada"))
+        with pytest.raises(UnstorableValueError):
+            await versions.publish(NewRuleVersion(f"{1:012x}", {"r.yaml": "a\x00b"}, "ada"))
+        assert await versions.list_versions() == []
+
+    async def test_each_outcome_records_the_rule_version_that_planned_it(
+        self, storage: Storage
+    ) -> None:
+        """The latest attempt's version is kept; a success is final, its version too."""
+        event_id = (await storage.inbox.store(event(1))).id
+        first = await storage.outcomes.record(
+            replace(outcome(event_id, "retrying", error="timeout"), rules_version="aaaaaaaaaaaa"))
+        assert first.rules_version == "aaaaaaaaaaaa"
+        ok = await storage.outcomes.record(
+            replace(outcome(event_id, "ok"), rules_version="bbbbbbbbbbbb"))
+        assert ok.rules_version == "bbbbbbbbbbbb"
+        again = await storage.outcomes.record(
+            replace(outcome(event_id, "retrying"), rules_version="cccccccccccc"))
+        assert again.rules_version == "bbbbbbbbbbbb"
+        unknown = await storage.outcomes.record(outcome(event_id, "dead", target="local"))
+        assert unknown.rules_version is None
+        assert [o.rules_version for o in await storage.outcomes.of_event(event_id)] == [
+            "bbbbbbbbbbbb", None]
