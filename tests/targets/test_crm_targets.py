@@ -215,7 +215,7 @@ async def test_a_kind_declares_its_own_start_check_and_set_up_findings(
                      client: httpx.AsyncClient) -> list[Finding]:
         return [Finding("nothing", "")]
 
-    acme = TargetKind(("ACME_TOKEN",), lambda context: LocalTarget(context.storage,
+    acme = TargetKind(("ACME_TOKEN",), lambda context: LocalTarget(context.local_crm,
                                                                    context.field_map),
                       start=start, provision=None, doctor=doctor)
     registry = {**REGISTRY, "local": acme}

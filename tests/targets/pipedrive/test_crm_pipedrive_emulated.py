@@ -370,10 +370,10 @@ async def test_forgetting_a_deleted_person_keeps_what_another_worker_mapped_mean
             pd = PipedriveTarget(client, api_token=TOKEN, base_url=url,
                                  field_map=ruleset.field_map, identities=identities,
                                  rate_limits=storage.rate_limits)
-            first = await pd.execute(action, "k1")
+            first = await pd.execute(action, CallContext("k1"))
             emulator.delete_person(int(first.record_id or 0))
             identities.armed = True
-            second = await pd.execute(action, "k2")
+            second = await pd.execute(action, CallContext("k2"))
     assert not identities.armed  # the other worker did write, in the middle of forgetting
     assert second.created and second.record_id != first.record_id
     assert await storage.identities.lookup_identity("pipedrive", [token]) == second.record_id
