@@ -1,28 +1,70 @@
 """Which rule set a command means: `resolve_ruleset(ref)` for `diff OLD NEW`.
 
-Today a ref is a rule folder or file. Published versions and `active` plug in here, before the
-path lookup, so every command that takes a ref gets them at once.
+A ref is a rule folder or file when a path by that name exists; otherwise it names a published
+rule-set version: its id or a unique prefix of it (as `linkcrm rules activate` takes), or the
+word `active`. Versions are read from the database and rebuilt from their stored files.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 from engine.rules.files import load_ruleset
 from engine.rules.model import RuleSet
+from engine.rules.versions import load_version
+from engine.storage import RuleVersion, RuleVersions
+
+ACTIVE = "active"
 
 
 class UnknownRuleSetError(LookupError):
     """A ref that names no rule set; the message says what a ref may be."""
 
 
-def resolve_ruleset(ref: str) -> RuleSet:
+def is_path(ref: str) -> bool:
+    """Whether `ref` names a rule folder or file (a path that exists) rather than a version."""
+    return bool(ref.strip()) and Path(ref).exists()
+
+
+async def find_version(versions: RuleVersions, ref: str) -> RuleVersion:
+    """The published version `ref` names: `active`, a version id, or a unique prefix of one.
+    Raises UnknownRuleSetError (saying what to give instead) for none or several."""
+    wanted = ref.strip().lower()
+    if wanted == ACTIVE:
+        active = await versions.active()
+        if active is None:
+            raise UnknownRuleSetError(
+                "no rule version is active: nothing is published in this database yet; "
+                "publish one with `linkcrm rules publish rules/`, or give a rule folder")
+        return active
+    known = [v.version for v in await versions.list_versions()]
+    matches = [v for v in known if wanted and v.startswith(wanted)]
+    if len(matches) > 1:
+        raise UnknownRuleSetError(
+            f"{ref!r} is the start of {len(matches)} rule versions ({', '.join(matches)}); "
+            "give more of it")
+    found = await versions.get(matches[0]) if matches else None
+    if found is None:
+        raise UnknownRuleSetError(
+            f"unknown rule set {ref!r}: there is no rule folder or file by that name, and no "
+            "published rule version starts with it; give a rule folder (e.g. rules/), a "
+            "version `linkcrm rules list` shows, or `active`")
+    return found
+
+
+def resolve_ruleset(ref: str,
+                    stored: Callable[[str], RuleVersion] | None = None) -> RuleSet:
     """The rule set `ref` names: a rule folder (rule files, their tests, fields.yaml) or a rule
-    file. Raises UnknownRuleSetError for a ref that names none, and ConfigError (with every
-    problem) for rules that do not load."""
-    path = Path(ref)
-    if not ref.strip() or not path.exists():
+    file when that path exists; otherwise the published version `stored(ref)` finds (None:
+    versions are not looked up). Raises UnknownRuleSetError for a ref that names none,
+    ConfigError (with every problem) for rules that do not load, RuleFilesError for a stored
+    version whose files are damaged."""
+    if is_path(ref):
+        return load_ruleset([Path(ref)])
+    if stored is None:
         raise UnknownRuleSetError(
             f"unknown rule set {ref!r}: there is no rule folder or file by that name; give "
             "the folder that holds the rule files and fields.yaml (e.g. rules/)")
-    return load_ruleset([path])
+    version = stored(ref)
+    return load_version(version.files, version.version)
