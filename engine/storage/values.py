@@ -149,6 +149,13 @@ def require_amount(amount: float | None) -> None:
 # -- cleaning diagnostics -----------------------------------------------------------------------
 
 
+def nul_free(text: str) -> str:
+    """`text` with NUL characters replaced by U+FFFD, for the inbox's type, time and source
+    columns (PostgreSQL text cannot hold NUL; the raw body keeps it). Lone surrogates are left
+    for the up-front check (`records.unstorable`) or the database to refuse."""
+    return text.replace("\x00", "\ufffd")
+
+
 def storable_text(text: str | None) -> str | None:
     """`text` with NUL characters and lone surrogates replaced by U+FFFD."""
     if text is None:

@@ -21,7 +21,6 @@ from engine.storage.postgres.rows import (
     NOW,
     PENDING,
     Conn,
-    clean,
     columns,
     dumps,
     event_from_row,
@@ -333,9 +332,9 @@ async def _store_chunk(
     for _ in range(3):
         params = {
             "keys": [e.dedupe_key for e in pending],
-            "sources": [clean(e.source) for e in pending],
-            "types": [clean(e.event_type) for e in pending],
-            "stamps": [clean(e.event_timestamp) for e in pending],
+            "sources": [values.nul_free(e.source) for e in pending],
+            "types": [values.nul_free(e.event_type) for e in pending],
+            "stamps": [values.nul_free(e.event_timestamp) for e in pending],
             "received": [e.received_at for e in pending],
             "headers": [dumps(dict(e.headers)) for e in pending],
             "bodies": [e.body for e in pending],

@@ -9,6 +9,7 @@ from psycopg import AsyncConnection
 from psycopg.types.json import Json
 
 from engine.actions import JSON
+from engine.storage import values
 from engine.storage.records import ActionOutcome, InboxEvent, field_names, from_row
 
 Row: TypeAlias = tuple[Any, ...]
@@ -49,7 +50,7 @@ def optional_json(value: JSON) -> Json | None:
 def clean(text: str | None) -> str | None:
     """PostgreSQL text cannot hold NUL; a signed body or a CRM message may. The raw body keeps
     the exact bytes, so the copy in a text column may show U+FFFD instead."""
-    return None if text is None else text.replace("\x00", "\ufffd")
+    return None if text is None else values.nul_free(text)
 
 
 def json_object(value: Any) -> dict[str, JSON]:

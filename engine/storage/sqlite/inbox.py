@@ -308,8 +308,10 @@ def _store_chunk(
     params: list[object] = []
     for event in events:
         received = ts(event.received_at)
+        # A NUL in these columns becomes U+FFFD, as PostgreSQL text needs; the raw body keeps it.
         params += (
-            event.dedupe_key, event.source, event.event_type, event.event_timestamp,
+            event.dedupe_key, values.nul_free(event.source),
+            values.nul_free(event.event_type), values.nul_free(event.event_timestamp),
             received, dumps(dict(event.headers)), event.body, received,
         )
     cursor = connection.execute(_insert(len(events)), params)

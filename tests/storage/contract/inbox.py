@@ -76,6 +76,20 @@ class InboxContract:
         assert sorted(e.id for e in listed) == sorted(r.id for r in stored)
         assert bad.dedupe_key not in {e.dedupe_key for e in listed}
 
+    async def test_a_nul_in_the_event_metadata_is_stored_the_same_on_both_backends(
+        self, storage: Storage
+    ) -> None:
+        """PostgreSQL text cannot hold NUL: both backends keep it as U+FFFD in the type, time
+        and source columns, and the raw body exactly as it came."""
+        nul = replace(event(7), event_type="install\x00tracked", event_timestamp="2026\x00",
+                      source="tolinku\x00")
+        stored = await storage.inbox.store(nul)
+        kept = await storage.inbox.get(stored.id)
+        assert kept is not None
+        assert (kept.event_type, kept.event_timestamp, kept.source) == (
+            "install\ufffdtracked", "2026\ufffd", "tolinku\ufffd")
+        assert kept.body == nul.body
+
     async def test_list_events_newest_first_with_status_filter_and_paging(
         self, storage: Storage
     ) -> None:
