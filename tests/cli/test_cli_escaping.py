@@ -20,8 +20,8 @@ pytestmark = pytest.mark.anyio
 # right-to-left override, NUL.
 HOSTILE = "a\x1b[2J\x1b]0;pwned\x07\r\nFORGED line\x9b31m\x7f\u2028\u202e\x00z"
 SURROGATE = "x\ud800"  # valid in JSON text, impossible to write as UTF-8
-# A key (identity, deal key) cannot hold a NUL, and stored errors show it as U+FFFD (both
-# backends agree, see engine/storage/values.py); the other characters are kept as they are.
+# A key (identity, deal key) cannot hold a NUL; stored errors and the event type show it as
+# U+FFFD (both backends agree, see engine/storage/values.py); other characters are kept as is.
 KEY = HOSTILE.replace("\x00", "")
 DIAGNOSTIC = HOSTILE.replace("\x00", "\ufffd")
 UNSAFE = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069\ud800-\udfff]")
@@ -79,7 +79,7 @@ async def test_event_values_are_escaped_in_text_and_exact_in_json(tmp_path: Path
         return json.loads(done.stdout)
 
     [event] = exact("events", "list")
-    assert (event["event"], event["last_error"]) == ("install.tracked" + HOSTILE,
+    assert (event["event"], event["last_error"]) == ("install.tracked" + DIAGNOSTIC,
                                                      "failed: " + DIAGNOSTIC)
     document = exact("events", "show", "1")
     assert isinstance(document, dict)
