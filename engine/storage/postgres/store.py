@@ -22,6 +22,7 @@ from engine.storage.postgres.inbox import PostgresInbox
 from engine.storage.postgres.outcomes import PostgresOutcomes
 from engine.storage.postgres.ratelimits import PostgresRateLimits
 from engine.storage.postgres.ruleversions import PostgresRuleVersions
+from engine.storage.postgres.shadow import PostgresShadowResults
 from engine.storage.postgres.schema import current_version
 from engine.storage.postgres.schema import migrate as apply_migrations
 from engine.storage.protocols import PROBE_BYTES, Clock, Storage, utc_now
@@ -59,6 +60,7 @@ class PostgresStorage(Storage):
             PostgresInbox(db), PostgresOutcomes(db), PostgresIdentityMap(db),
             PostgresRateLimits(db), PostgresLocalCRM(db))
         self.rule_versions = PostgresRuleVersions(db)
+        self.shadow = PostgresShadowResults(db)
 
     @classmethod
     def from_url(

@@ -148,6 +148,24 @@ MIGRATIONS: Migrations = (
         " WHERE status = 'active'",
         "ALTER TABLE action_outcomes ADD COLUMN rules_version TEXT",
     )),
+    # Shadow mode (`linkcrm rules publish --shadow`): how each live event planned under the
+    # shadow version next to the active one, one row per (version, event) so a retried event
+    # counts once; and the version `replay --rules-version` pins a requeued event to.
+    (6, (
+        """CREATE TABLE shadow_results (
+            shadow_version TEXT NOT NULL,
+            event_id INTEGER NOT NULL REFERENCES inbox (id),
+            active_version TEXT,
+            event_type TEXT NOT NULL,
+            outcome TEXT NOT NULL CHECK (outcome IN ('same', 'changed', 'uncompared')),
+            changes TEXT NOT NULL,
+            error TEXT,
+            observed_at TEXT NOT NULL,
+            PRIMARY KEY (shadow_version, event_id)
+        )""",
+        "CREATE INDEX shadow_results_outcome ON shadow_results (shadow_version, outcome, event_id)",
+        "ALTER TABLE inbox ADD COLUMN rules_version TEXT",
+    )),
 )
 
 LATEST = MIGRATIONS[-1][0]
