@@ -235,7 +235,9 @@ class RuleVersions(Protocol):
     ) -> records.PublishResult:
         """Store the version unless it is stored already (idempotent by version: the files,
         label and publisher of the first publish are kept), and give it `status`: `active`
-        retires the version active before, in the same transaction; `shadow` leaves it."""
+        retires the version active before, in the same transaction; `shadow` leaves it and
+        retires the shadow version before (at most one is shadow; the active version
+        published as shadow stays active)."""
 
     async def list_versions(self) -> list[records.RuleVersion]:
         """Every published version, the most recently published first."""
