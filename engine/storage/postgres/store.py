@@ -22,9 +22,9 @@ from engine.storage.postgres.inbox import PostgresInbox
 from engine.storage.postgres.outcomes import PostgresOutcomes
 from engine.storage.postgres.ratelimits import PostgresRateLimits
 from engine.storage.postgres.ruleversions import PostgresRuleVersions
-from engine.storage.postgres.shadow import PostgresShadowResults
 from engine.storage.postgres.schema import current_version
 from engine.storage.postgres.schema import migrate as apply_migrations
+from engine.storage.postgres.shadow import PostgresShadowResults
 from engine.storage.protocols import PROBE_BYTES, Clock, Storage, utc_now
 
 _SYNCHRONOUS_COMMIT = {"off": 0, "local": 1, "remote_write": 2, "on": 3, "remote_apply": 4}

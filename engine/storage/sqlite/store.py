@@ -21,9 +21,9 @@ from engine.storage.sqlite.inbox import SQLiteInbox
 from engine.storage.sqlite.outcomes import SQLiteOutcomes
 from engine.storage.sqlite.ratelimits import SQLiteRateLimits
 from engine.storage.sqlite.ruleversions import SQLiteRuleVersions
-from engine.storage.sqlite.shadow import SQLiteShadowResults
 from engine.storage.sqlite.schema import current_version
 from engine.storage.sqlite.schema import migrate as apply_migrations
+from engine.storage.sqlite.shadow import SQLiteShadowResults
 
 
 class SQLiteStorage(Storage):
