@@ -18,7 +18,7 @@ from engine.storage import RuleVersion, ShadowCounts, Storage
 
 from .diffview import Report, render_markdown, render_text
 from .output import emit_json, fail, safe
-from .rulesets import UnknownRuleSetError
+from .rulesets import UnknownRuleSetError, find_published
 from .runtime import database_label, iso, load_settings, with_storage
 
 TROUBLE = 2  # the report cannot be made; 1 is kept for "something changes" (--exit-code)
@@ -54,24 +54,11 @@ async def _current_shadow(storage: Storage) -> RuleVersion:
     return found
 
 
-async def _named(storage: Storage, ref: str) -> RuleVersion:
-    wanted = ref.strip().lower()
-    matches = [v.version for v in await storage.rule_versions.list_versions()
-               if wanted and v.version.startswith(wanted)]
-    if len(matches) > 1:
-        raise UnknownRuleSetError(f"{ref!r} is the start of {len(matches)} rule versions "
-                                  f"({', '.join(matches)}); give more of it")
-    found = await storage.rule_versions.get(matches[0]) if matches else None
-    if found is None:
-        raise UnknownRuleSetError(f"unknown rule version {ref!r}; `linkcrm rules list` shows "
-                                  "the published ones")
-    return found
-
-
 async def _read(storage: Storage, ref: str | None, examples: int) -> _Found | str:
     await storage.migrate()
     try:
-        version = await (_current_shadow(storage) if ref is None else _named(storage, ref))
+        version = await (_current_shadow(storage) if ref is None
+                         else find_published(storage.rule_versions, ref))
     except UnknownRuleSetError as error:
         return safe(str(error))
     active = await storage.rule_versions.active()
