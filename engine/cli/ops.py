@@ -53,7 +53,7 @@ def _event_row(event: InboxEvent) -> Row:
         "status": event.status, "attempts": event.attempts,
         "received_at": iso(event.received_at), "event_timestamp": event.event_timestamp,
         "next_attempt_at": iso(event.next_attempt_at), "last_error": event.last_error,
-        "body_purged": event.body is None,
+        "body_purged": event.body is None, "pinned_rules_version": event.rules_version,
     }
 
 
@@ -164,6 +164,9 @@ def _show_text(document: dict[str, Any]) -> None:
                f"{safe(document['event_timestamp'])}")
     if document["next_attempt_at"]:
         click.echo(f"  next attempt: {document['next_attempt_at']}")
+    if document["pinned_rules_version"]:
+        click.echo(f"  replayed with rules {safe(document['pinned_rules_version'])} "
+                   "(`replay --rules-version`)")
     # One problem a line (the worker joins them with "\n"), each escaped and prefixed.
     for line in (document["last_error"] or "").split("\n"):
         if line:

@@ -83,6 +83,9 @@ def test_replay_pins_events_to_a_version_and_says_which(env: dict[str, str],
         f"requeued 1 event(s): {first}; the worker applies them with rules version "
         f"{candidate} (pinned; the active version is {active})")
     assert stored(env, first).rules_version == candidate
+    shown = cli("events", "show", str(first), env=env)
+    assert f"  replayed with rules {candidate} (`replay --rules-version`)" \
+        in shown.stdout.splitlines()
     as_json = json.loads(cli("replay", "--all-dead", str(first), "--rules-version", "active",
                              "--format", "json", env=env).stdout)
     assert as_json == {"requeued": [first], "refused": [], "rules_version": active,
