@@ -365,7 +365,8 @@ def _show_deals(rows: list[Row]) -> None:
               help="Age, e.g. 30d, 12h, 2w.")
 @FORMAT_OPTION
 def purge(older_than: timedelta, output_format: str) -> None:
-    """Drop the raw bodies of processed and ignored events older than the given age.
+    """Drop the raw bodies of processed and ignored events older than the given age, and
+    the shadow-mode results observed before then (they quote event values too).
 
     Dedupe keys, statuses and outcomes are kept, so a late retry of a purged delivery is
     still answered as a duplicate; a purged event can no longer be replayed.
@@ -376,8 +377,16 @@ def purge(older_than: timedelta, output_format: str) -> None:
     """
     settings = load_settings()
     cutoff = utc_now() - older_than
-    dropped = with_storage(settings, lambda s: s.inbox.purge_raw_bodies(cutoff))
+
+    async def work(storage: Storage) -> tuple[int, int]:
+        return (await storage.inbox.purge_raw_bodies(cutoff),
+                await storage.shadow.purge(cutoff))
+
+    dropped, shadow = with_storage(settings, work)
     if output_format == "json":
-        emit_json({"purged": dropped, "received_before": iso(cutoff)})
+        emit_json({"purged": dropped, "received_before": iso(cutoff),
+                   "shadow_results_purged": shadow})
     else:
-        click.echo(f"dropped the raw body of {dropped} event(s) received before {iso(cutoff)}")
+        click.echo(f"dropped the raw body of {dropped} event(s) received before {iso(cutoff)}"
+                   + (f", and {shadow} shadow result(s) observed before then" if shadow
+                      else ""))

@@ -275,6 +275,10 @@ class ShadowResults(Protocol):
         """Results that are not `same` (changed or uncompared), in event order, starting
         after `after_event_id`, at most `limit`: page through with the last id."""
 
+    async def purge(self, observed_before: datetime) -> int:
+        """Drop the results observed before `observed_before` (they quote event values, as
+        raw bodies do); returns how many."""
+
 
 class Storage(Protocol):
     """One database: its seven concerns, and its lifecycle (schema, health, shutdown)."""

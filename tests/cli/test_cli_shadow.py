@@ -154,6 +154,11 @@ def test_shadow_publish_report_replace_and_promote(env: dict[str, str],
     assert cli("rules", "shadow-report", env=env).returncode == 2
     assert run_json(env, "rules", "shadow-report", second)["status"] == "active"
 
+    # Shadow results quote event values: `purge` drops them with the raw bodies.
+    purged = run_json(env, "purge", "--older-than", "0m")
+    assert purged["shadow_results_purged"] == len(story)
+    assert run_json(env, "rules", "shadow-report", first)["events"] == 0
+
     unknown = cli("rules", "shadow-report", "feedfacecafe", env=env)
     assert unknown.returncode == 2
     assert "unknown rule version 'feedfacecafe'; `linkcrm rules list` shows the published " \

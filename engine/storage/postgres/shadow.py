@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from datetime import datetime
 from typing import Any
 
 from engine.storage import checks, records, values
@@ -77,3 +78,8 @@ class PostgresShadowResults(PostgresPart, ShadowResults):
             {"version": shadow_version, "after": -1 if after_event_id is None else after_event_id,
              "limit": limit})
         return [_result(row) for row in rows]
+
+    async def purge(self, observed_before: datetime) -> int:
+        return await self._db.execute(
+            "purge shadow results", "DELETE FROM shadow_results WHERE observed_at < %s",
+            (observed_before,))

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import sqlite3
+from datetime import datetime
 
 from engine.storage import checks, records, values
 from engine.storage.protocols import ShadowResults
 from engine.storage.records import field_names, from_row
 from engine.storage.sqlite.database import SQLitePart
-from engine.storage.sqlite.rows import dumps, loads, parse_optional_ts, parse_ts
+from engine.storage.sqlite.rows import dumps, loads, parse_optional_ts, parse_ts, ts
 
 _COLUMNS = ", ".join(field_names(records.ShadowResult))
 
@@ -70,3 +71,8 @@ class SQLiteShadowResults(SQLitePart, ShadowResults):
             " AND outcome IN ('changed', 'uncompared') AND event_id > ?"
             " ORDER BY event_id LIMIT ?",
             (shadow_version, -1 if after_event_id is None else after_event_id, limit), _result)
+
+    async def purge(self, observed_before: datetime) -> int:
+        return await self._db.execute(
+            "purge shadow results", "DELETE FROM shadow_results WHERE observed_at < ?",
+            (ts(observed_before),))

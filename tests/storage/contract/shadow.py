@@ -90,6 +90,20 @@ class ShadowResultsContract:
         assert stored.event_type == "install\ufffd.tracked\ufffd"
         assert stored.error == "bad\ufffd\ufffd"
 
+    async def test_purge_drops_results_observed_before_the_cutoff(
+        self, storage: Storage, clock: FakeClock
+    ) -> None:
+        first, second = await self._events(storage, 2)
+        await storage.shadow.record(NewShadowResult(first, SHADOW, ACTIVE, "t", "changed",
+                                                    [change("old")]))
+        clock.advance(60)
+        cutoff = clock.now
+        await storage.shadow.record(NewShadowResult(second, SHADOW, ACTIVE, "t", "same"))
+        assert await storage.shadow.purge(cutoff) == 1
+        counts = await storage.shadow.counts(SHADOW)
+        assert (counts.same, counts.changed) == (1, 0)
+        assert await storage.shadow.purge(cutoff) == 0
+
     async def test_bad_calls_are_refused_before_anything_is_written(
         self, storage: Storage
     ) -> None:
