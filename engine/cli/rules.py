@@ -1,4 +1,4 @@
-"""Rule commands: `validate`, `test`, `explain` and `bench`."""
+"""Rule commands: `validate`, `explain` and `bench` (`test` is in `ruletesting`)."""
 
 from __future__ import annotations
 
@@ -17,7 +17,6 @@ from engine.rules.evaluator import Plan, plan
 from engine.rules.explain import target_view
 from engine.rules.files import discover, load_ruleset
 from engine.rules.model import RuleSet
-from engine.rules.ruletests import run_tests
 from engine.rules.validation import check_paths
 from engine.targets.registry import dialect
 
@@ -77,41 +76,6 @@ def _load(paths: list[str]) -> RuleSet:
         for problem in errors:
             click.echo(problem.render(), err=True)
         fail("the rules do not load; fix the errors above (`linkcrm validate` lists them)")
-
-
-@click.command()
-@PATHS
-@FORMAT_OPTION
-def test(paths: tuple[str, ...], output_format: str) -> None:
-    """Run the rule tests (`*_test.yaml`) against the rules beside them.
-
-    Each case gives an event and the expected action plan; a failure shows the case's
-    `file:line` and a diff. Prints `N passed, N failed`; exit 1 on any failure.
-
-    \b
-    Example:
-      linkcrm test rules/
-    """
-    chosen = rules_paths(paths)
-    ruleset = _load(chosen)
-    sources = discover(chosen)
-    results = run_tests(sources.test_files, ruleset)
-    passed = sum(r.passed for r in results)
-    failed = len(results) - passed
-    if output_format == "json":
-        emit_json({"passed": passed, "failed": failed, "cases": [r.as_dict() for r in results]})
-    else:
-        for result in results:
-            if result.passed:
-                continue
-            click.echo(f"{result.location}: FAIL {result.name}")
-            for block in (result.diff, result.error):
-                for line in block.splitlines():
-                    click.echo(f"    {line}")
-        if not results:
-            click.echo("no rule tests found (rule tests are *_test.yaml files beside the rules)")
-        click.echo(f"{passed} passed, {failed} failed")
-    sys.exit(1 if failed or not results else 0)
 
 
 def _read_event(source: str) -> Any:
