@@ -135,13 +135,33 @@ def compare_state(expected: Mapping[str, Any], state: CRMState, subset: bool) ->
     if subset:
         want, got = _subset_views(expected, state)
     else:
-        want = {"contacts": [{**_CONTACT_DEFAULTS, **c} for c in expected.get("contacts", [])],
-                "deals": [{**_DEAL_DEFAULTS, **d} for d in expected.get("deals", [])]}
-        got = state.as_dict()
+        want = _ordered({"contacts": [{**_CONTACT_DEFAULTS, **c}
+                                      for c in expected.get("contacts", [])],
+                         "deals": [{**_DEAL_DEFAULTS, **d} for d in expected.get("deals", [])]})
+        got = _ordered(state.as_dict())
     if _normal(want) == _normal(got):
         return ""
     return "\n".join(difflib.unified_diff(_render(want), _render(got), "expected", "actual",
                                           lineterm=""))
+
+
+_CONTACT_KEYS = ("identity", "fields", "stage", "stage_history")
+_DEAL_KEYS = ("key", "title", "stage", "amount", "contact", "fields")
+
+
+def _ordered(state: dict[str, Any]) -> dict[str, JSON]:
+    """Both sides of an exact diff in one key order, fields sorted, so the diff shows only
+    what differs."""
+    def each(item: dict[str, Any], keys: tuple[str, ...]) -> JSON:
+        known = {k: _sorted(item.get(k)) for k in keys if k in item}
+        return {**known, **{k: v for k, v in item.items() if k not in keys}}
+
+    return {"contacts": [each(c, _CONTACT_KEYS) for c in state["contacts"]],
+            "deals": [each(d, _DEAL_KEYS) for d in state["deals"]]}
+
+
+def _sorted(value: Any) -> Any:
+    return dict(sorted(value.items())) if isinstance(value, dict) else value
 
 
 def _subset_views(expected: Mapping[str, Any], state: CRMState
