@@ -22,6 +22,7 @@ from engine.targets.registry import dialect
 
 from .output import FORMAT_OPTION, emit_json, fail, rules_paths, safe, safe_json
 from .params import seconds
+from .watch import watch as watch_paths
 
 PATHS = click.argument("paths", nargs=-1, type=click.Path(exists=True))
 
@@ -43,7 +44,9 @@ def _summary(problems: list[Problem], files: int) -> str:
 @PATHS
 @FORMAT_OPTION
 @click.option("--strict", is_flag=True, help="Treat warnings as errors.")
-def validate(paths: tuple[str, ...], output_format: str, strict: bool) -> None:
+@click.option("--watch", is_flag=True, help="Check again on every save under PATHS (Ctrl-C "
+              "stops).")
+def validate(paths: tuple[str, ...], output_format: str, strict: bool, watch: bool) -> None:
     """Check rule files, rule tests and the field map (schema and meaning).
 
     Prints every problem as `file:line:col: code: message` with a hint, sorted by place.
@@ -54,6 +57,13 @@ def validate(paths: tuple[str, ...], output_format: str, strict: bool) -> None:
       linkcrm validate rules/
     """
     chosen = rules_paths(paths)
+    if watch:
+        watch_paths(chosen, lambda: _validate_once(chosen, output_format, strict))
+        return
+    _validate_once(chosen, output_format, strict)
+
+
+def _validate_once(chosen: list[str], output_format: str, strict: bool) -> None:
     problems = check_paths(chosen)
     sources = discover(chosen)
     checked = len(sources.rule_files) + len(sources.test_files) + bool(sources.field_map)

@@ -89,18 +89,24 @@ def _case_problems(document: YamlDocument, path: Path, index: int,
             problems.append(Problem(document.location(("cases", index, *where)),
                                     "missing-event-file", f"{event_file!r} does not exist",
                                     "event_file is relative to the test file",
-                                    path=f"$.cases[{index}]." + ".".join(map(str, where))))
+                                    path=f"$.cases[{index}]" + "".join(
+                                        f"[{p}]" if isinstance(p, int) else f".{p}"
+                                        for p in where)))
+    return problems + _misplaced(document, index, case)
+
+
+def _misplaced(document: YamlDocument, index: int, case: dict[str, Any]) -> list[Problem]:
+    """`expect:` in a scenario, or `expect_state:` beside a single event."""
     wrong = (("expect", "events", "a scenario (events:) checks expect_state:, the CRM's state "
               "after all its events; check one event's plan in a case of its own")
              if "events" in case else
              ("expect_state", "event", "expect_state: belongs to scenarios: give the events "
               "as a list under events:, or check this event's plan with expect:"))
-    if wrong[0] in case:
-        problems.append(Problem(document.location(("cases", index, wrong[0]), key=True),
-                                "misplaced-expectation",
-                                f"{wrong[0]!r} does not go with {wrong[1]!r}", wrong[2],
-                                path=f"$.cases[{index}].{wrong[0]}"))
-    return problems
+    if wrong[0] not in case:
+        return []
+    return [Problem(document.location(("cases", index, wrong[0]), key=True),
+                    "misplaced-expectation", f"{wrong[0]!r} does not go with {wrong[1]!r}",
+                    wrong[2], path=f"$.cases[{index}].{wrong[0]}")]
 
 
 def _load_event(base: Path, case: dict[str, Any]) -> Any:
@@ -213,6 +219,9 @@ def _run_scenario_case(path: Path, index: int, case: dict[str, Any], location: L
 def run_test_file(path: Path, ruleset: RuleSet, replay: Replay | None = None,
                   observe: Observer | None = None) -> list[CaseResult]:
     document, problems = _read(path)
+    if document is not None and not problems:
+        problems = [p for index, case in enumerate(document.data["cases"])
+                    for p in _misplaced(document, index, case)]
     if document is None or problems:
         return [CaseResult(str(path), "(file)", p.location, False, error=p.render())
                 for p in problems]
