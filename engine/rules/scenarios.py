@@ -206,9 +206,13 @@ def _project(wanted: Mapping[str, Any], actual: dict[str, JSON] | None) -> JSON:
     projected: dict[str, JSON] = {}
     for key, value in wanted.items():
         have = actual.get(key)
-        if key in ("fields", "identity", "contact") and isinstance(value, dict) and isinstance(
-                have, dict):
+        if key == "fields" and isinstance(value, dict) and isinstance(have, dict):
             have = {name: have.get(name) for name in value}
+        elif key in ("identity", "contact") and isinstance(value, dict) and isinstance(
+                have, dict):
+            # A key given is one the record holds (a field may hold several values).
+            have = {name: wanted if _holds(have.get(name), wanted) else have.get(name)
+                    for name, wanted in value.items()}
         projected[key] = have
     return projected
 
