@@ -69,7 +69,7 @@ def run_once(chosen: list[str], output_format: str, coverage: bool, fail_under: 
         emit_json(document)
     else:
         for done in updated:
-            where = f"{done.result.file}:{done.result.location.line}"
+            where = done.result.location
             click.echo(f"{where}: updated {done.result.name}" if done.updated
                        else f"{where}: not updated {done.result.name}: {done.reason}")
         _print_failures(results)
