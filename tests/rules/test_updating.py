@@ -96,7 +96,8 @@ def test_expected_errors_follow_the_actual_ones(tmp_path: Path) -> None:
     assert run_and_update(path) == ["identify without keys: updated"]
     text = path.read_text(encoding="utf-8")
     # Too long for one line: a block list, inserted after `expect`, before the comment.
-    assert text.endswith("    expect: []\n    expect_errors:\n      - \"rule 'app-identifies-user', "
+    assert text.endswith("    expect: []\n    expect_errors:\n"
+                         "      - \"rule 'app-identifies-user', "
                          "action 0 (upsert_contact), event app.user_identified: identity is "
                          "entirely null (deep_link_token: data.token, email: "
                          "lower(trim(data.email)))\"\n    # the last case\n")
