@@ -4,7 +4,7 @@ Polls the files under the watched paths for changed modification times and sizes
 added or removed) every `interval` seconds. A rules folder holds a handful of small files, so
 a poll costs microseconds, needs no native file-event library and behaves the same on every
 OS, in containers and on network mounts, where file events are unreliable. Ctrl-C stops it
-(exit 0).
+(exit 0). Its own lines go to stderr, so `--format json` output stays one document per run.
 """
 
 from __future__ import annotations
@@ -62,7 +62,7 @@ def watch(paths: Iterable[str], run: Callable[[], object], *, interval: float = 
             if max_runs is not None and runs >= max_runs:
                 return
             click.echo(f"watching {len(state)} file{'s' * (len(state) != 1)} for changes "
-                       "(Ctrl-C stops)")
+                       "(Ctrl-C stops)", err=True)
             while True:
                 time.sleep(interval)
                 current = snapshot(watched)
@@ -73,6 +73,6 @@ def watch(paths: Iterable[str], run: Callable[[], object], *, interval: float = 
             state = snapshot(watched)
             shown = ", ".join(changed[:3]) + (f" and {len(changed) - 3} more"
                                                if len(changed) > 3 else "")
-            click.echo(f"\n--- {time.strftime('%H:%M:%S')} changed: {shown}")
+            click.echo(f"\n--- {time.strftime('%H:%M:%S')} changed: {shown}", err=True)
     except KeyboardInterrupt:
-        click.echo("stopped watching")
+        click.echo("stopped watching", err=True)

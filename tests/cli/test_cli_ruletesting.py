@@ -115,3 +115,18 @@ def test_validate_watch_rechecks_on_every_save(rules_copy: Path) -> None:
         assert any("unknown-action" in line for line in found)
     finally:
         assert watched.stop() == 0
+
+
+def test_update_in_json_lists_what_it_did_and_left(rules_copy: Path) -> None:
+    tests = rules_copy / "attribution_scenarios_test.yaml"
+    original = tests.read_text(encoding="utf-8")
+    tests.write_text(original.replace("stage_history: [lead, customer]", "stage_history: []"),
+                     encoding="utf-8")
+    done = linkcrm("test", str(rules_copy), "--update", "--format", "json")
+    assert done.returncode == 1
+    document = json.loads(done.stdout)
+    assert document["updated"] == [{
+        "file": str(tests), "line": 29, "name": "stages never move backwards", "updated": False,
+        "reason": "match: subset (writing the whole output would change what it checks)"}]
+    assert (document["passed"], document["failed"]) == (19, 1)
+    assert tests.read_text(encoding="utf-8") != original  # left as it was: still failing
