@@ -24,7 +24,6 @@ from engine.storage import LocalContact, LocalCRMStore, open_storage
 from engine.targets.base import CallContext
 from engine.targets.local.target import LocalTarget
 
-
 # One migrated empty database per process, copied for each scenario: a copy costs a few
 # milliseconds where creating the schema costs tens.
 _TEMPLATE: list[tempfile.TemporaryDirectory[str]] = []
