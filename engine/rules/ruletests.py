@@ -204,7 +204,7 @@ def _run_scenario_case(path: Path, index: int, case: dict[str, Any], location: L
         return CaseResult(str(path), case["name"], location, False,
                           error="scenario cases need the embedded CRM; run them with "
                                 "`linkcrm test`", index=index)
-    events = [_load_event(path.parent, item) if set(item) == {"event_file"} else item
+    events = [_load_event(path.parent, item) if "event_file" in item else item
               for item in case["events"]]
     result = run_scenario(events, case["expect_state"], case.get("match") == "subset",
                           ruleset, replay)

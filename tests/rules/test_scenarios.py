@@ -138,3 +138,34 @@ def test_run_tests_without_a_replay_says_scenarios_need_the_crm(tmp_path: Path,
     assert not result.passed and "scenario cases need the embedded CRM" in result.error
     (replayed,) = run_tests([test_file], ruleset, replay_into_local_crm)
     assert replayed.passed
+
+
+def test_scenario_files_are_checked_with_clear_messages(tmp_path: Path) -> None:
+    from engine.rules.ruletests import check_test_files
+
+    def problems(case: str) -> list[str]:
+        path = tmp_path / "x_test.yaml"
+        path.write_text("version: 1\ncases:\n" + case, encoding="utf-8")
+        return [f"{p.location.line}:{p.location.column}: {p.code}: {p.message} ({p.hint})"
+                for p in check_test_files([path])]
+
+    event = "{event: test}"
+    assert problems(f"  - name: s\n    events: [{event}]\n") == [
+        "3:5: missing-key: missing required key 'expect_state' (add 'expect_state:')"]
+    assert problems(f"  - name: s\n    events: [{event}]\n    expect_state: {{}}\n"
+                    "    expect: []\n") == [
+        "6:5: misplaced-expectation: 'expect' does not go with 'events' (a scenario (events:) "
+        "checks expect_state:, the CRM's state after all its events; check one event's plan in "
+        "a case of its own)"]
+    assert problems(f"  - name: s\n    event: {event}\n    expect: []\n"
+                    "    expect_state: {contacts: []}\n") == [
+        "6:5: misplaced-expectation: 'expect_state' does not go with 'event' (expect_state: "
+        "belongs to scenarios: give the events as a list under events:, or check this event's "
+        "plan with expect:)"]
+    assert problems("  - name: s\n    events: [{event_file: nope.json}]\n"
+                    "    expect_state: {}\n") == [
+        "4:27: missing-event-file: 'nope.json' does not exist (event_file is relative to the "
+        "test file)"]
+    assert problems(f"  - name: s\n    events: [{event}]\n    expect_state:\n"
+                    "      contacts: [{identity: {email: a@b.io}, stages: lead}]\n") == [
+        "6:46: unknown-key: unknown key 'stages' (did you mean 'stage'?)"]
