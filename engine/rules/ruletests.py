@@ -66,7 +66,8 @@ def _read(path: Path) -> tuple[YamlDocument | None, list[Problem]]:
 
 
 def check_test_files(paths: Sequence[Path]) -> list[Problem]:
-    """Schema problems of rule-test files, plus expectations naming unknown actions."""
+    """Schema problems of rule-test files, plus event files that do not exist and
+    expectations that do not fit the case (a plan in a scenario, a state beside one event)."""
     problems: list[Problem] = []
     for path in paths:
         document, found = _read(path)
@@ -100,7 +101,8 @@ def _misplaced(document: YamlDocument, index: int, case: dict[str, Any]) -> list
     wrong = (("expect", "events", "a scenario (events:) checks expect_state:, the CRM's state "
               "after all its events; check one event's plan in a case of its own")
              if "events" in case else
-             ("expect_state", "event", "expect_state: belongs to scenarios: give the events "
+             ("expect_state", "event_file" if "event_file" in case else "event",
+              "expect_state: belongs to scenarios: give the events "
               "as a list under events:, or check this event's plan with expect:"))
     if wrong[0] not in case:
         return []
