@@ -38,28 +38,34 @@ def test_a_failing_scenario_shows_its_line_and_the_state_diff(rules_copy: Path) 
     assert result.returncode == 1
     assert f"{tests}:29:5: FAIL stages never move backwards" in result.stdout
     assert '-        "lead"' in result.stdout
-    assert result.stdout.splitlines()[-1] == "19 passed, 1 failed"
+    assert result.stdout.splitlines()[-1] == "20 passed, 1 failed"
 
 
 def test_coverage_text_and_json(rules_copy: Path) -> None:
     text = linkcrm("test", str(rules_copy), "--coverage")
     assert text.returncode == 0, text.stdout
     lines = text.stdout.splitlines()
-    assert f"{rules_copy}/attribution.yaml: 15/18 (83.3%)" in lines
-    assert ("  -- referral-converts (line 50): fired 6x, when never false" in lines)
-    assert lines[-2:] == ["coverage: 15/18 (83.3%)", "20 passed, 0 failed"]
+    assert f"{rules_copy}/attribution.yaml: 18/18 (100.0%)" in lines
+    assert lines[-2:] == ["coverage: 18/18 (100.0%)", "21 passed, 0 failed"]
+    # Without the scenarios, three `when` branches are never seen false.
+    (rules_copy / "attribution_scenarios_test.yaml").unlink()
+    lines = linkcrm("test", str(rules_copy), "--coverage").stdout.splitlines()
+    assert "  -- referral-converts (line 50): fired 3x, when never false" in lines
+    assert lines[-2:] == ["coverage: 15/18 (83.3%)", "16 passed, 0 failed"]
     as_json = json.loads(linkcrm("test", str(rules_copy), "--coverage", "--format",
                                  "json").stdout)
-    assert as_json["passed"] == 20 and as_json["coverage"]["percent"] == 83.3
+    assert as_json["passed"] == 16 and as_json["coverage"]["percent"] == 83.3
     rules = as_json["coverage"]["files"][0]["rules"]
     assert [(r["rule"], r["fired"], r["when_false"]) for r in rules] == [
-        ("install-creates-lead", 5, 1), ("referral-signup-creates-lead", 3, 0),
-        ("referral-converts", 6, 0), ("deferred-link-enriches-contact", 3, 0),
-        ("app-identifies-user", 5, None)]
+        ("install-creates-lead", 2, 1), ("referral-signup-creates-lead", 2, 0),
+        ("referral-converts", 3, 0), ("deferred-link-enriches-contact", 2, 0),
+        ("app-identifies-user", 3, None)]
     assert as_json["coverage"]["unwritten_fields"] == []
 
 
 def test_fail_under_fails_ci_when_coverage_is_low(rules_copy: Path) -> None:
+    assert linkcrm("test", str(rules_copy), "--fail-under", "100").returncode == 0
+    (rules_copy / "attribution_scenarios_test.yaml").unlink()
     assert linkcrm("test", str(rules_copy), "--fail-under", "80").returncode == 0
     low = linkcrm("test", str(rules_copy), "--fail-under", "90")
     assert low.returncode == 1
@@ -77,7 +83,7 @@ def test_update_rewrites_the_failing_case_then_reruns(rules_copy: Path) -> None:
     assert updated.returncode == 0, updated.stdout
     assert updated.stdout.splitlines() == [
         f"{tests}:70:5: updated referral conversion (shape A) makes a customer and one deal",
-        "20 passed, 0 failed"]
+        "21 passed, 0 failed"]
     assert tests.read_text(encoding="utf-8") == original
     assert linkcrm("test", str(rules_copy), "--update", "--watch").returncode == 2
 
@@ -85,12 +91,12 @@ def test_update_rewrites_the_failing_case_then_reruns(rules_copy: Path) -> None:
 def test_test_watch_reruns_on_every_save(rules_copy: Path) -> None:
     watched = Watched("test", str(rules_copy), "--watch")
     try:
-        assert watched.until("20 passed")[-1] == "20 passed, 0 failed"
+        assert watched.until("21 passed")[-1] == "21 passed, 0 failed"
         assert watched.until("watching ")[-1].endswith("files for changes (Ctrl-C stops)")
         tests = rules_copy / "attribution_test.yaml"
         tests.write_text(tests.read_text(encoding="utf-8").replace(
             "stage: customer}", "stage: lead}", 1), encoding="utf-8")
-        rerun = watched.until("19 passed")
+        rerun = watched.until("20 passed")
         assert any(line.startswith("--- ") and f"changed: {tests}" in line for line in rerun)
         assert any("FAIL referral conversion (shape A)" in line for line in rerun)
         # A broken rule file is reported and the watch goes on.
@@ -98,7 +104,7 @@ def test_test_watch_reruns_on_every_save(rules_copy: Path) -> None:
                                                 encoding="utf-8")
         watched.until("error: the rules do not load")
         (rules_copy / "broken.yaml").unlink()
-        watched.until("19 passed")
+        watched.until("20 passed")
     finally:
         code = watched.stop()
     assert code == 0
@@ -128,5 +134,5 @@ def test_update_in_json_lists_what_it_did_and_left(rules_copy: Path) -> None:
     assert document["updated"] == [{
         "file": str(tests), "line": 29, "name": "stages never move backwards", "updated": False,
         "reason": "match: subset (writing the whole output would change what it checks)"}]
-    assert (document["passed"], document["failed"]) == (19, 1)
+    assert (document["passed"], document["failed"]) == (20, 1)
     assert tests.read_text(encoding="utf-8") != original  # left as it was: still failing
