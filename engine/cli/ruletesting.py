@@ -13,7 +13,7 @@ from engine.rules.files import discover
 from engine.rules.ruletests import CaseResult, run_tests
 from engine.rules.updating import Updated, update_file
 
-from .output import FORMAT_OPTION, emit_json, rules_paths
+from .output import FORMAT_OPTION, emit_json, rules_paths, safe
 from .rules import _load
 from .scenariocrm import replay_into_local_crm
 from .watch import watch as watch_paths
@@ -25,10 +25,11 @@ def _print_failures(results: list[CaseResult]) -> None:
     for result in results:
         if result.passed:
             continue
-        click.echo(f"{result.location}: FAIL {result.name}")
-        for block in (result.diff, result.error):
-            for line in block.splitlines():
-                click.echo(f"    {line}")
+        click.echo(f"{result.location}: FAIL {safe(result.name)}")
+        for line in result.diff.splitlines():  # JSON: control characters escaped already
+            click.echo(f"    {line}")
+        for line in result.error.splitlines():
+            click.echo(f"    {safe(line)}")
 
 
 def _update(results: list[CaseResult]) -> list[Updated]:
@@ -70,8 +71,9 @@ def run_once(chosen: list[str], output_format: str, coverage: bool, fail_under: 
     else:
         for done in updated:
             where = done.result.location
-            click.echo(f"{where}: updated {done.result.name}" if done.updated
-                       else f"{where}: not updated {done.result.name}: {done.reason}")
+            name = safe(done.result.name)
+            click.echo(f"{where}: updated {name}" if done.updated
+                       else f"{where}: not updated {name}: {safe(done.reason)}")
         _print_failures(results)
         if report is not None:
             for line in render_text(report):

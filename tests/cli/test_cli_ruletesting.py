@@ -136,3 +136,14 @@ def test_update_in_json_lists_what_it_did_and_left(rules_copy: Path) -> None:
         "reason": "match: subset (writing the whole output would change what it checks)"}]
     assert (document["passed"], document["failed"]) == (20, 1)
     assert tests.read_text(encoding="utf-8") != original  # left as it was: still failing
+
+
+def test_failure_lines_escape_what_a_terminal_acts_on(rules_copy: Path) -> None:
+    (rules_copy / "esc_test.yaml").write_text(
+        'version: 1\ncases:\n  - name: "bad\\e[2J name"\n'
+        '    events: [{event: app.user_identified, data: {user_id: "u\\e[2J"}}]\n'
+        "    expect_state: {contacts: [{identity: {email: x@y.io}}]}\n", encoding="utf-8")
+    result = linkcrm("test", str(rules_copy))
+    assert result.returncode == 1 and "\x1b" not in result.stdout
+    assert "FAIL bad\\x1b[2J name" in result.stdout
+    assert "unexpected error: event 1: rule 'app-identifies-user'" in result.stdout
