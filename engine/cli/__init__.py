@@ -10,7 +10,8 @@ from engine.cli.diff import diff
 from engine.cli.export import export_events
 from engine.cli.ops import crm, events, purge, replay
 from engine.cli.releases import rules_group
-from engine.cli.rules import bench, explain, test, validate
+from engine.cli.rules import bench, explain, validate
+from engine.cli.ruletesting import test
 from engine.cli.samples import send_samples
 from engine.cli.service import migrate, serve, worker
 

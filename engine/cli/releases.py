@@ -26,6 +26,7 @@ from engine.storage import NewRuleVersion, PublishResult, RuleVersion, Storage
 
 from .output import FORMAT_OPTION, emit_json, fail, rules_paths, safe
 from .runtime import iso, load_settings, with_storage
+from .scenariocrm import replay_into_local_crm
 from .shadowreport import shadow_report
 
 REFUSED = "the rules are not published; the active version stays"
@@ -72,7 +73,7 @@ def _check(paths: list[str]) -> int:
     except ConfigError as error:
         _refuse_problems(error.problems)
         raise
-    results = run_tests(discover(paths).test_files, ruleset)
+    results = run_tests(discover(paths).test_files, ruleset, replay_into_local_crm)
     failed = [r for r in results if not r.passed]
     for result in failed:
         click.echo(f"{result.location}: FAIL {result.name}", err=True)

@@ -1,4 +1,4 @@
-"""Rule commands: `validate`, `test`, `explain` and `bench`."""
+"""Rule commands: `validate`, `explain` and `bench` (`test` is in `ruletesting`)."""
 
 from __future__ import annotations
 
@@ -17,12 +17,12 @@ from engine.rules.evaluator import Plan, plan
 from engine.rules.explain import target_view
 from engine.rules.files import discover, load_ruleset
 from engine.rules.model import RuleSet
-from engine.rules.ruletests import run_tests
 from engine.rules.validation import check_paths
 from engine.targets.registry import dialect
 
 from .output import FORMAT_OPTION, emit_json, fail, rules_paths, safe, safe_json
 from .params import seconds
+from .watch import watch as watch_paths
 
 PATHS = click.argument("paths", nargs=-1, type=click.Path(exists=True))
 
@@ -44,7 +44,9 @@ def _summary(problems: list[Problem], files: int) -> str:
 @PATHS
 @FORMAT_OPTION
 @click.option("--strict", is_flag=True, help="Treat warnings as errors.")
-def validate(paths: tuple[str, ...], output_format: str, strict: bool) -> None:
+@click.option("--watch", is_flag=True, help="Check again on every save under PATHS (Ctrl-C "
+              "stops).")
+def validate(paths: tuple[str, ...], output_format: str, strict: bool, watch: bool) -> None:
     """Check rule files, rule tests and the field map (schema and meaning).
 
     Prints every problem as `file:line:col: code: message` with a hint, sorted by place.
@@ -55,6 +57,13 @@ def validate(paths: tuple[str, ...], output_format: str, strict: bool) -> None:
       linkcrm validate rules/
     """
     chosen = rules_paths(paths)
+    if watch:
+        watch_paths(chosen, lambda: _validate_once(chosen, output_format, strict))
+        return
+    _validate_once(chosen, output_format, strict)
+
+
+def _validate_once(chosen: list[str], output_format: str, strict: bool) -> None:
     problems = check_paths(chosen)
     sources = discover(chosen)
     checked = len(sources.rule_files) + len(sources.test_files) + bool(sources.field_map)
@@ -77,41 +86,6 @@ def _load(paths: list[str]) -> RuleSet:
         for problem in errors:
             click.echo(problem.render(), err=True)
         fail("the rules do not load; fix the errors above (`linkcrm validate` lists them)")
-
-
-@click.command()
-@PATHS
-@FORMAT_OPTION
-def test(paths: tuple[str, ...], output_format: str) -> None:
-    """Run the rule tests (`*_test.yaml`) against the rules beside them.
-
-    Each case gives an event and the expected action plan; a failure shows the case's
-    `file:line` and a diff. Prints `N passed, N failed`; exit 1 on any failure.
-
-    \b
-    Example:
-      linkcrm test rules/
-    """
-    chosen = rules_paths(paths)
-    ruleset = _load(chosen)
-    sources = discover(chosen)
-    results = run_tests(sources.test_files, ruleset)
-    passed = sum(r.passed for r in results)
-    failed = len(results) - passed
-    if output_format == "json":
-        emit_json({"passed": passed, "failed": failed, "cases": [r.as_dict() for r in results]})
-    else:
-        for result in results:
-            if result.passed:
-                continue
-            click.echo(f"{result.location}: FAIL {result.name}")
-            for block in (result.diff, result.error):
-                for line in block.splitlines():
-                    click.echo(f"    {line}")
-        if not results:
-            click.echo("no rule tests found (rule tests are *_test.yaml files beside the rules)")
-        click.echo(f"{passed} passed, {failed} failed")
-    sys.exit(1 if failed or not results else 0)
 
 
 def _read_event(source: str) -> Any:
