@@ -78,7 +78,10 @@ def _convert(document: YamlDocument, error: ValidationError) -> list[Problem]:
         allowed = set(schema.get("properties", {}))
         extras = sorted(set(instance) - allowed)
         is_action = "upsert_contact" in allowed
-        return [
+        nested = [_nested_action(document, path, extra) for extra in extras
+                  if extra in _ACTION_NAMES and not is_action]
+        extras = [extra for extra in extras if extra not in _ACTION_NAMES or is_action]
+        return nested + [
             Problem(
                 document.location((*path, extra), key=True),
                 "unknown-action" if is_action else "unknown-key",
@@ -103,6 +106,22 @@ def _convert(document: YamlDocument, error: ValidationError) -> list[Problem]:
             )
         ]
     return [_single(document, path, error, schema)]
+
+
+_ACTION_NAMES = ("upsert_contact", "set_stage", "create_deal")
+
+
+def _nested_action(document: YamlDocument, path: Path, name: str) -> Problem:
+    """An action indented under another action (or under a rule's key)."""
+    parent = next((str(p) for p in reversed(path) if isinstance(p, str)), "")
+    return Problem(
+        document.location((*path, name), key=True),
+        "nested-action",
+        f"{name!r} is an action, but it sits inside {parent!r}",
+        f"make it its own list item under actions: '- {name}:' at the same indentation as "
+        f"the '- ' of the action above",
+        path=json_path(path),
+    )
 
 
 def _missing(document: YamlDocument, path: Path, name: str) -> Problem:
@@ -157,6 +176,13 @@ def _single(
         )
         return Problem(location, "invalid-value", f"{value!r} is not allowed here", hint,
                        path=where)
+    if kind == "pattern" and path and path[-1] == "stage" and isinstance(value, str):
+        bare = value.strip("'\"`")
+        return Problem(location, "invalid-stage", f"{value!r} is not a stage name",
+                       f"stages are names from the field map, not JMESPath: write "
+                       f"stage: {bare} (no inner quotes)" if bare != value else
+                       "stage names use lowercase letters, digits, '-' and '_', as declared "
+                       "in the field map", path=where)
     if kind == "pattern":
         return Problem(location, "invalid-name", f"{value!r} is not a valid name",
                        "use lowercase letters, digits, '-' and '_'", path=where)
@@ -173,6 +199,10 @@ def _single(
     if kind == "minProperties" and "upsert_contact" in schema.get("properties", {}):
         return Problem(location, "invalid-action", "the action is empty",
                        "write one of: upsert_contact, set_stage, create_deal", path=where)
+    if kind in ("minProperties", "minItems") and "identity" in path[-2:]:
+        return Problem(location, "empty-identity", "the identity names no field",
+                       "identity is required: it says which record the action applies to, "
+                       "e.g. identity: {deep_link_token: data.token}", path=where)
     if kind in ("minProperties", "minItems"):
         return Problem(location, "empty-value", f"{describe(value)} must not be empty",
                        "fill it in or remove the key", path=where)
