@@ -113,15 +113,15 @@ _ACTION_NAMES = ("upsert_contact", "set_stage", "create_deal")
 
 def _nested_action(document: YamlDocument, path: Path, name: str) -> Problem:
     """An action indented under another action (or under a rule's key)."""
-    parent = next((str(p) for p in reversed(path) if isinstance(p, str)), "")
-    return Problem(
-        document.location((*path, name), key=True),
-        "nested-action",
-        f"{name!r} is an action, but it sits inside {parent!r}",
-        f"make it its own list item under actions: '- {name}:' at the same indentation as "
-        f"the '- ' of the action above",
-        path=json_path(path),
-    )
+    if path and isinstance(path[-1], int):  # directly in a rule
+        message = f"{name!r} is an action, but it sits in the rule itself"
+        hint = f"actions go in the rule's list: actions: then '- {name}:' under it"
+    else:
+        message = f"{name!r} is an action, but it sits inside {str(path[-1])!r}"
+        hint = (f"make it its own list item under actions: '- {name}:' at the same "
+                "indentation as the '- ' of the action above")
+    return Problem(document.location((*path, name), key=True), "nested-action", message, hint,
+                   path=json_path(path))
 
 
 def _missing(document: YamlDocument, path: Path, name: str) -> Problem:

@@ -51,8 +51,9 @@ def _type_hint(spec: FieldSpec) -> str:
         "integer": '"`42`"',
     }
     example = examples.get(spec.type)
-    return f"write a {spec.type} constant such as {example}" if example else (
-        f"write a {spec.type} value")
+    article = "an" if spec.type[:1] in "aeiou" else "a"
+    return f"write {article} {spec.type} constant such as {example}" if example else (
+        f"write {article} {spec.type} value")
 
 
 def _is_number(text: str) -> bool:

@@ -27,6 +27,8 @@ from engine.rules.model import ActionTemplate, FieldTemplates, Rule, RuleSet
 
 FIELD_MAP_NAME = "fields.yaml"
 TEST_SUFFIX = "_test"
+# Event fixtures for rule tests and `explain` live here; they are events, not rule files.
+EVENTS_FOLDER = "events"
 
 
 @dataclass
@@ -48,7 +50,8 @@ def discover(paths: Sequence[str | Path]) -> Sources:
     for raw in paths:
         path = Path(raw)
         if path.is_dir():
-            candidates = sorted(p for p in path.rglob("*") if p.suffix in (".yaml", ".yml"))
+            candidates = sorted(p for p in path.rglob("*") if p.suffix in (".yaml", ".yml")
+                                and EVENTS_FOLDER not in p.relative_to(path).parts[:-1])
             maps = [path / FIELD_MAP_NAME] if (path / FIELD_MAP_NAME).is_file() else []
         elif path.is_file():
             candidates = [path]
@@ -252,13 +255,15 @@ class _RuleBuilder:
         """Warn where a function that refuses null reads an event field that may be absent."""
         for found in nullable_arguments(compiled.source, self.guarded):
             field_text = ".".join(found.path)
+            guard = (f"test it first: {field_text} && {found.function}(...)" if path[-1] == "when"
+                     else f"add `when: {field_text}` to the rule so it applies only to events "
+                     "that carry it")
             self.problem(path, "nullable-argument",
                          f"{found.function}() fails on every event without {field_text}: "
                          f"argument {found.position} must be {found.expected}, and a missing "
                          "field is null",
-                         f"give a default with {field_text} || {found.default}, or add "
-                         f"`when: {field_text}` to the rule so it applies only to events "
-                         "that carry it", severity="warning",
+                         f"give a default with {field_text} || {found.default}, or {guard}",
+                         severity="warning",
                          location=self.document.expression_location(path, found.offset),
                          detail=found.caret)
 
