@@ -7,6 +7,7 @@ import click
 from engine import __version__
 from engine.cli.admin import doctor_command, provision_command
 from engine.cli.diff import diff
+from engine.cli.evaluate import eval_command
 from engine.cli.export import export_events
 from engine.cli.ops import crm, events, purge, replay
 from engine.cli.releases import rules_group
@@ -25,6 +26,7 @@ def main() -> None:
       linkcrm validate rules/
       linkcrm test rules/
       linkcrm explain event.json --target hubspot
+      linkcrm eval "lower(data.platform)" event.json
       linkcrm diff main-rules/ rules/ --since 7d
 
     \b
@@ -46,7 +48,7 @@ def main() -> None:
     """
 
 
-for command in (validate, test, explain, diff, bench, rules_group):
+for command in (validate, test, explain, eval_command, diff, bench, rules_group):
     main.add_command(command)
 for command in (serve, worker, migrate):
     main.add_command(command)
