@@ -60,8 +60,8 @@ def _show(line: int, outcome: Outcome) -> None:
         click.echo(f"{prefix}{safe_json(outcome.value)}  ({outcome.type})")
         return
     click.echo(f"{prefix}error: {safe(outcome.error)}")
-    for line in outcome.caret.splitlines():
-        click.echo(f"    {safe(line)}")
+    for caret_line in outcome.caret.splitlines():
+        click.echo(f"    {safe(caret_line)}")
 
 
 @click.command("eval")

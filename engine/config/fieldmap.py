@@ -69,6 +69,12 @@ class Dialect:
     write_date: Callable[[date], JSON] = date.isoformat
     write_datetime: Callable[[datetime], JSON] = _iso_seconds
     text: bool = False
+    # What `explain --target` shows: the target's names for a deal's own fields (title,
+    # stage, amount), the `targets.<crm>` setting naming its deal-key field, and the one
+    # holding the defaults a new contact record gets (Salesforce's lead_defaults).
+    deal_names: tuple[tuple[str, str], ...] = ()
+    deal_key_setting: str = ""
+    contact_defaults_setting: str = ""
 
     def kind(self, crm_field: CRMField) -> Kind:
         """What `crm_field` names in this target: a bare string means the target's default."""

@@ -7,6 +7,7 @@ options would fail every action that writes it: that is a load error, not a run-
 from __future__ import annotations
 
 import json
+from typing import cast
 
 from engine.actions import JSON
 from engine.config.fieldmap import CANONICAL, CoercionError, FieldSpec, coerce_value
@@ -15,11 +16,11 @@ from engine.config.schemacheck import suggest
 _NUMBER_TYPES = ("number", "integer")
 
 
-def _literal(value: JSON) -> str:
+def _literal(value: object) -> str:
     return f"'{value}'" if isinstance(value, str) else f"`{json.dumps(value)}`"
 
 
-def constant_problem(spec: FieldSpec, value: JSON) -> tuple[str, str] | None:
+def constant_problem(spec: FieldSpec, value: object) -> tuple[str, str] | None:
     """(message, hint) when the constant `value` cannot be written to field `spec`; None when
     it can (null, which leaves the field untouched, always can)."""
     if value is None:
@@ -36,7 +37,7 @@ def constant_problem(spec: FieldSpec, value: JSON) -> tuple[str, str] | None:
         return (f"{_literal(value)} is not an option of {spec.name}",
                 suggest(value, spec.options) + " (the options are declared in the field map)")
     try:
-        coerce_value(CANONICAL, spec.type, value, spec)
+        coerce_value(CANONICAL, spec.type, cast(JSON, value), spec)
     except CoercionError as error:
         reason = str(error).partition(": ")[2] or str(error)
         return (f"the constant {_literal(value)} cannot be written to {spec.name} "

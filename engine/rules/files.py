@@ -22,8 +22,8 @@ from engine.errors import ConfigError, Location, Problem
 from engine.rules.constants import constant_problem
 from engine.rules.eventschemas import EventTypes, declares, known_types, siblings, types_for
 from engine.rules.expressions import Expression, ExpressionError, compile_expression
-from engine.rules.nullcheck import nullable_arguments
 from engine.rules.model import ActionTemplate, FieldTemplates, Rule, RuleSet
+from engine.rules.nullcheck import nullable_arguments
 
 FIELD_MAP_NAME = "fields.yaml"
 TEST_SUFFIX = "_test"

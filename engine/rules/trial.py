@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from typing import cast
 
 import jmespath.exceptions
 
@@ -65,7 +66,7 @@ def evaluate(expression: Expression, document: JSON) -> Outcome:
         offset = _offset_of(expression.source, error, message)
         caret = ExpressionError("", "", expression.source, offset, "").caret
         return Outcome(error=message, offset=offset, caret=caret)
-    return Outcome(value, type_name(value))
+    return Outcome(cast(JSON, value), type_name(value))
 
 
 def _offset_of(source: str, error: Exception, message: str) -> int:
