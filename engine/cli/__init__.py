@@ -13,6 +13,7 @@ from engine.cli.ops import crm, events, purge, replay
 from engine.cli.releases import rules_group
 from engine.cli.rules import bench, explain, test, validate
 from engine.cli.samples import send_samples
+from engine.cli.schema import schema_command
 from engine.cli.service import migrate, serve, worker
 
 
@@ -27,6 +28,7 @@ def main() -> None:
       linkcrm test rules/
       linkcrm explain event.json --target hubspot
       linkcrm eval "lower(data.platform)" event.json
+      linkcrm schema rules/
       linkcrm diff main-rules/ rules/ --since 7d
 
     \b
@@ -48,7 +50,8 @@ def main() -> None:
     """
 
 
-for command in (validate, test, explain, eval_command, diff, bench, rules_group):
+for command in (validate, test, explain, eval_command, schema_command, diff, bench,
+                rules_group):
     main.add_command(command)
 for command in (serve, worker, migrate):
     main.add_command(command)
