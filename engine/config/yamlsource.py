@@ -159,10 +159,21 @@ def load_yaml(text: str, file: str) -> YamlDocument:
         ) from None
     except yaml.YAMLError as error:
         raise YamlError(Location(file, 1, 1), str(error)) from None
+    except RecursionError:
+        raise _too_deep(file) from None
     document = YamlDocument(file=file, text=text, data=None)
     if node is not None:
-        document.data = _build(node, (), document)
+        try:
+            document.data = _build(node, (), document)
+        except RecursionError:
+            raise _too_deep(file) from None
     return document
+
+
+def _too_deep(file: str) -> YamlError:
+    return YamlError(Location(file, 1, 1), "the YAML is nested too deeply to read",
+                     "rule files, rule tests and field maps are a few levels deep; "
+                     "look for runaway brackets or indentation")
 
 
 def _mark(node: Node) -> Mark:

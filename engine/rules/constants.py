@@ -34,8 +34,11 @@ def constant_problem(spec: FieldSpec, value: object) -> tuple[str, str] | None:
                 'write "`true`" or "`false`"')
     if spec.type == "enum" and isinstance(value, str) and spec.options and (
             value not in spec.options):
-        return (f"{_literal(value)} is not an option of {spec.name}",
+        same = [o for o in spec.options if o.casefold() == value.casefold()]
+        hint = (f"did you mean {same[0]!r}? options are case-sensitive, as the field map "
+                "declares them" if same else
                 suggest(value, spec.options) + " (the options are declared in the field map)")
+        return f"{_literal(value)} is not an option of {spec.name}", hint
     try:
         coerce_value(CANONICAL, spec.type, cast(JSON, value), spec)
     except CoercionError as error:
