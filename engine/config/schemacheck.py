@@ -9,6 +9,7 @@ from typing import Any
 from jsonschema import ValidationError
 from jsonschema.exceptions import best_match
 
+from engine.actions import ACTIONS
 from engine.config.resources import validator
 from engine.config.yamlsource import Path, YamlDocument
 from engine.errors import Problem
@@ -108,7 +109,7 @@ def _convert(document: YamlDocument, error: ValidationError) -> list[Problem]:
     return [_single(document, path, error, schema)]
 
 
-_ACTION_NAMES = ("upsert_contact", "set_stage", "create_deal")
+_ACTION_NAMES = tuple(ACTIONS)  # an action nested where a key belongs
 
 
 def _nested_action(document: YamlDocument, path: Path, name: str) -> Problem:
