@@ -130,7 +130,8 @@ def _explain_text(event: Any, result: Plan, ruleset: RuleSet, target: str | None
         for key, value in shown.items():
             if key in ("rule", "action", "target") or value in ({}, [], None):
                 continue
-            click.echo(f"   {safe(key)}: {safe_json(value)}")
+            label = "defaults (only when it creates the record)" if key == "defaults" else key
+            click.echo(f"   {safe(label)}: {safe_json(value)}")
     for failure in result.failures:
         click.echo(f"error: {safe(failure.message)}")
     for message in value_errors(result, ruleset, target):

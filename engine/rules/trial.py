@@ -6,15 +6,20 @@ functions), so what it shows is what the rule would write.
 
 from __future__ import annotations
 
+import json
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import cast
 
 import jmespath.exceptions
+import jmespath.visitor
 
 from engine.actions import JSON
-from engine.rules.checks import ExpressionError
+from engine.rules.checks import ExpressionError, Node, child_nodes
 from engine.rules.expressions import Expression
+from engine.rules.functions import FUNCTIONS
+from engine.rules.jmespath_internals import LocatingParser
 
 # JMESPath's own interpreter lets TypeError/ValueError escape for some mismatches.
 _EVALUATION_ERRORS = (jmespath.exceptions.JMESPathError, TypeError, ValueError)
@@ -64,9 +69,53 @@ def evaluate(expression: Expression, document: JSON) -> Outcome:
     except _EVALUATION_ERRORS as error:
         message = str(error)
         offset = _offset_of(expression.source, error, message)
+        if isinstance(error, jmespath.exceptions.JMESPathTypeError):
+            offset = _bad_argument(expression.source, error, document, offset)
+            message = _type_message(error)
         caret = ExpressionError("", "", expression.source, offset, "").caret
         return Outcome(error=message, offset=offset, caret=caret)
     return Outcome(cast(JSON, value), type_name(value))
+
+
+def _type_message(error: jmespath.exceptions.JMESPathTypeError) -> str:
+    expected = " or ".join(str(t) for t in error.expected_types)
+    got = "null" if error.current_value is None else (
+        f"{error.actual_type} {json.dumps(error.current_value)[:60]}")
+    text = f"{error.function_name}() wants {expected} here, got {got}"
+    if error.current_value is None:
+        text += " (a missing field is null: give a default with || '' or test it first)"
+    return text
+
+
+def _bad_argument(source: str, error: jmespath.exceptions.JMESPathTypeError,
+                  document: JSON, call_offset: int) -> int:
+    """Where the argument of the wrong type starts, when it reads from the event itself (an
+    argument inside a projection has no single value to blame: then the call)."""
+    parser = LocatingParser()
+    try:
+        root = parser.parse_uncached(source)
+    except jmespath.exceptions.ParseError:
+        return call_offset
+    interpreter = jmespath.visitor.TreeInterpreter(
+        jmespath.visitor.Options(custom_functions=FUNCTIONS))
+    pending: list[Node] = [root]
+    while pending:
+        node = pending.pop()
+        children = [c for c in child_nodes(node) if isinstance(c, Mapping)]
+        pending.extend(children)
+        if node["type"] != "function_expression" or node["value"] != error.function_name:
+            continue
+        if parser.starts.get(id(node)) != call_offset:
+            continue
+        for arg in children:
+            try:
+                value = interpreter.visit(arg, document)
+            except _EVALUATION_ERRORS:
+                continue
+            if value is error.current_value or (
+                    type_name(value) == error.actual_type and value == error.current_value):
+                return parser.starts.get(id(arg), call_offset)
+    return call_offset
 
 
 def _offset_of(source: str, error: Exception, message: str) -> int:

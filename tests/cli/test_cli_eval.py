@@ -68,7 +68,11 @@ def test_without_event_it_reads_json_lines_from_stdin() -> None:
     result = linkcrm("eval", "starts_with(data.referrer_id, 'partner-')", stdin=stdin)
     assert result.returncode == 1  # the event without referrer_id fails
     assert result.stdout.splitlines()[0] == "line 1: true  (boolean)"
-    assert result.stdout.splitlines()[1].startswith("line 2: error: In function starts_with()")
+    assert result.stdout.splitlines()[1:4] == [
+        "line 2: error: starts_with() wants string here, got null (a missing field is null: "
+        "give a default with || '' or test it first)",
+        "    starts_with(data.referrer_id, 'partner-')",
+        "                ^"]
     assert result.stdout.splitlines()[-1] == "line 3: false  (boolean)"
     assert result.stderr == ("warning: starts_with() fails when data.referrer_id is missing "
                              "(null); give a default: data.referrer_id || ''\n")
@@ -95,3 +99,13 @@ def test_event_data_cannot_move_the_terminal() -> None:
     stdin = json.dumps({"event": "x", "data": {"v": "\x1b[2J\nforged"}}) + "\n"
     result = linkcrm("eval", "data.v", stdin=stdin)
     assert result.stdout == 'line 1: "\\u001b[2J\\nforged"  (string)\n'
+
+
+def test_a_type_error_points_at_the_argument_of_the_wrong_type() -> None:
+    stdin = json.dumps({"event": "x", "data": {"a": "", "n": 5}}) + "\n"
+    result = linkcrm("eval", "data.a || ends_with('abc', data.n)", "--format", "json",
+                     stdin=stdin)
+    assert result.returncode == 1
+    assert json.loads(result.stdout) == {
+        "line": 1, "error": "ends_with() wants string here, got number 5",
+        "column": 28, "caret": "data.a || ends_with('abc', data.n)\n" + " " * 27 + "^"}

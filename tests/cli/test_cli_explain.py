@@ -64,5 +64,5 @@ def test_a_clean_event_still_exits_0() -> None:
     event = dict(INSTALL, data={"token": "tok_1", "platform": "iOS"})
     result = linkcrm("explain", "-", "--target", "salesforce", stdin=json.dumps(event))
     assert result.returncode == 0, result.stdout + result.stderr
-    assert 'defaults: {"LastName": "Deep Link", "Company": "Unknown", "LeadSource": ' \
-           '"Deep Link"}' in result.stdout
+    assert ('defaults (only when it creates the record): {"LastName": "Deep Link", '
+            '"Company": "Unknown", "LeadSource": "Deep Link"}') in result.stdout
