@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from engine.actions import ACTIONS
-from engine.config.fieldmap import FieldMap, FieldSpec, load_field_map
+from engine.config.fieldmap import FieldMap, FieldSpec, field_map_outline, load_field_map
 from engine.config.schemacheck import json_path, schema_problems, suggest
 from engine.config.yamlsource import Path as NodePath
 from engine.config.yamlsource import YamlDocument, YamlError, load_yaml
@@ -96,11 +96,15 @@ def check_rules(sources: Sources) -> tuple[RuleSet | None, list[Problem]]:
             field_map = load_field_map(sources.field_map)
         except ConfigError as error:
             problems.extend(error.problems)
+    # A field map with errors still names its fields and stages: check the rules against
+    # that too (nothing loads until it is fixed), so no problem waits for a second run.
+    checking = field_map or (field_map_outline(sources.field_map) if sources.field_map
+                             else None)
     if not sources.rule_files:
         problems.append(Problem(Location(str(sources.field_map or ".")), "no-rules",
                                 "no rule files found", "rule files are *.yaml files beside "
                                 "fields.yaml, other than *_test.yaml"))
-    loader = _Loader(field_map)
+    loader = _Loader(checking)
     for path in sources.rule_files:
         loader.load_file(path)
     problems.extend(loader.problems)
