@@ -36,6 +36,7 @@ def main() -> None:
       linkcrm rules publish rules/
       linkcrm rules list
       linkcrm rules activate VERSION
+      linkcrm rules publish --shadow rules/ && linkcrm rules shadow-report
 
     \b
     Run the service and look at what it did:

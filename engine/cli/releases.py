@@ -1,9 +1,11 @@
-"""Rule releases: `linkcrm rules publish|list|activate`.
+"""Rule releases: `linkcrm rules publish|list|activate|shadow-report`.
 
 A rule set is published as a version (the content hash of its rule files and field map, see
 `engine.rules.versions`) into the database every linkcrm process shares; exactly one version
 is active. `publish` checks the rules and runs their tests first and refuses a set with any
-error or failing test, leaving the active version as it was.
+error or failing test, leaving the active version as it was. `publish --shadow` stores a
+candidate as the shadow version instead: the worker plans live events with it next to the
+active one and records the differences (`shadow-report`), writing nothing to any CRM.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from engine.storage import NewRuleVersion, PublishResult, RuleVersion, Storage
 
 from .output import FORMAT_OPTION, emit_json, fail, rules_paths, safe
 from .runtime import iso, load_settings, with_storage
+from .shadowreport import shadow_report
 
 REFUSED = "the rules are not published; the active version stays"
 
@@ -40,6 +43,7 @@ def rules_group() -> None:
       linkcrm rules publish rules/
       linkcrm rules list
       linkcrm rules activate 3f9a1c2e7b40
+      linkcrm rules publish --shadow rules/ && linkcrm rules shadow-report
     """
 
 
@@ -91,9 +95,16 @@ def _version_row(version: RuleVersion) -> dict[str, JSON]:
 @click.argument("paths", nargs=-1, type=click.Path(exists=True))
 @click.option("--label", help="Where the rules come from (default: the git commit of their "
               "folder, when it is in a git work tree).")
+@click.option("--shadow", is_flag=True,
+              help="Store the version as the shadow one instead of activating it: live events "
+                   "are planned with it next to the active version and the differences "
+                   "recorded (`linkcrm rules shadow-report`); nothing of it reaches a CRM.")
 @FORMAT_OPTION
-def publish(paths: tuple[str, ...], label: str | None, output_format: str) -> None:
-    """Check the rules, run their tests, then store them as a version and activate it.
+def publish(paths: tuple[str, ...], label: str | None, shadow: bool,
+            output_format: str) -> None:
+    """Check the rules, run their tests, then store them as a version and activate it (with
+    --shadow: make it the shadow version; the active one stays, a shadow version before is
+    retired).
 
     Any error or failing test refuses the whole set (exit 1) and the active version stays.
     Publishing content that is published already activates that version again.
@@ -101,6 +112,7 @@ def publish(paths: tuple[str, ...], label: str | None, output_format: str) -> No
     \b
     Example:
       linkcrm rules publish rules/ --label "fix referral stage"
+      linkcrm rules publish --shadow rules/
     """
     chosen = rules_paths(paths)
     passed = _check(chosen)
@@ -112,26 +124,49 @@ def publish(paths: tuple[str, ...], label: str | None, output_format: str) -> No
                          label if label is not None and label.strip() else git_label(chosen))
     settings = load_settings()
 
-    async def work(storage: Storage) -> tuple[str | None, PublishResult]:
+    async def work(storage: Storage) -> tuple[str | None, str | None, PublishResult]:
         await storage.migrate()
         before = await storage.rule_versions.active_version()
-        return before, await storage.rule_versions.publish(new)
+        shadow_before = next((v.version for v in await storage.rule_versions.list_versions()
+                              if v.status == "shadow"), None)
+        return before, shadow_before, await storage.rule_versions.publish(
+            new, "shadow" if shadow else "active")
 
-    before, result = with_storage(settings, work)
+    before, shadow_before, result = with_storage(settings, work)
     stored = result.version
+    previous = shadow_before if shadow else before
     if output_format == "json":
-        emit_json({**_version_row(stored), "created": result.created, "previous": before,
-                   "tests_passed": passed})
+        emit_json({**_version_row(stored), "created": result.created, "previous": previous,
+                   "active": before, "tests_passed": passed})
         return
     if not passed:
         click.echo("warning: no rule tests found (*_test.yaml beside the rules)", err=True)
     what = "published" if result.created else "already published:"
     label_text = f" ({safe(stored.label)})" if stored.label else ""
-    if before == stored.version:
+    if shadow:
+        _said_shadow(what, label_text, stored, before, shadow_before)
+    elif before == stored.version:
         click.echo(f"{what} {stored.version}{label_text}; it was active already")
     else:
         was = f" (was {before})" if before else ""
         click.echo(f"{what} {stored.version}{label_text}; active now{was}")
+
+
+def _said_shadow(what: str, label_text: str, stored: RuleVersion, active: str | None,
+                 shadow_before: str | None) -> None:
+    if stored.status == "active":
+        click.echo(f"{what} {stored.version}{label_text}; it is the active version, so there "
+                   "is nothing to shadow (the shadow version is unchanged)")
+        return
+    if shadow_before == stored.version:
+        click.echo(f"{what} {stored.version}{label_text}; it was the shadow version already")
+        return
+    replaced = f"; it replaces shadow version {shadow_before}" if shadow_before else ""
+    stays = f"active version {active} stays" if active else "no version is active yet"
+    click.echo(f"{what} {stored.version}{label_text}; shadow now ({stays}{replaced}). Live "
+               "events are planned with it next to the active version and nothing of it "
+               "reaches a CRM; see `linkcrm rules shadow-report`, promote it with "
+               f"`linkcrm rules activate {stored.version}`")
 
 
 @rules_group.command("list")
@@ -166,8 +201,9 @@ def list_versions(output_format: str) -> None:
 @rules_group.command("activate")
 @click.argument("version")
 def activate(version: str) -> None:
-    """Make a published VERSION the active one (roll back or forward). VERSION may be
-    shortened to a unique prefix; an unknown one is an error (exit 1) and changes nothing.
+    """Make a published VERSION the active one (roll back or forward, or promote the shadow
+    version). VERSION may be shortened to a unique prefix; an unknown one is an error (exit
+    1) and changes nothing.
 
     \b
     Example:
@@ -176,16 +212,17 @@ def activate(version: str) -> None:
     settings = load_settings()
     wanted = version.strip().lower()
 
-    async def work(storage: Storage) -> tuple[str | None, list[str], RuleVersion | None]:
+    async def work(storage: Storage) -> tuple[str | None, list[str], RuleVersion | None, bool]:
         await storage.migrate()
         before = await storage.rule_versions.active_version()
-        known = [v.version for v in await storage.rule_versions.list_versions()]
-        matches = [v for v in known if wanted and v.startswith(wanted)]
+        listed = await storage.rule_versions.list_versions()
+        matches = [v.version for v in listed if wanted and v.version.startswith(wanted)]
         if len(matches) != 1:
-            return before, matches, None
-        return before, matches, await storage.rule_versions.activate(matches[0])
+            return before, matches, None, False
+        was_shadow = any(v.version == matches[0] and v.status == "shadow" for v in listed)
+        return before, matches, await storage.rule_versions.activate(matches[0]), was_shadow
 
-    before, matches, activated = with_storage(settings, work)
+    before, matches, activated, was_shadow = with_storage(settings, work)
     if activated is None:
         if len(matches) > 1:
             fail(f"{safe(version)!r} is the start of {len(matches)} versions "
@@ -197,4 +234,10 @@ def activate(version: str) -> None:
     else:
         was = f" (was {before})" if before else ""
         click.echo(f"{activated.version} is active now{was}")
+    if was_shadow:
+        click.echo(f"it was the shadow version: promoted; its shadow results stay readable "
+                   f"(`linkcrm rules shadow-report {activated.version}`)")
     sys.exit(0)
+
+
+rules_group.add_command(shadow_report)

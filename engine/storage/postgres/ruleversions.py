@@ -45,6 +45,19 @@ async def _activate(connection: Conn, version: str, now: object) -> None:
                              {"version": version, "now": now})
 
 
+async def _shadow(connection: Conn, version: str) -> None:
+    """Make `version` the shadow one, retiring the shadow before; the active one stays as
+    it is (publishing it as shadow changes nothing)."""
+    stored = await (await connection.execute(
+        "SELECT status FROM rule_versions WHERE version = %s", (version,))).fetchone()
+    if stored is None or stored[0] != "retired":
+        return
+    await connection.execute("UPDATE rule_versions SET status = 'retired'"
+                             " WHERE status = 'shadow' AND version <> %s", (version,))
+    await connection.execute("UPDATE rule_versions SET status = 'shadow' WHERE version = %s",
+                             (version,))
+
+
 class PostgresRuleVersions(PostgresPart, RuleVersions):
     """Versions in the `rule_versions` table; a partial unique index keeps one active."""
 
@@ -66,9 +79,7 @@ class PostgresRuleVersions(PostgresPart, RuleVersions):
             if status == "active":
                 await _activate(connection, new.version, now)
             else:
-                await connection.execute("UPDATE rule_versions SET status = 'shadow'"
-                                         " WHERE version = %s AND status = 'retired'",
-                                         (new.version,))
+                await _shadow(connection, new.version)
             stored = await _get(connection, new.version)
         assert stored is not None
         return records.PublishResult(stored, created)

@@ -37,6 +37,19 @@ def _activate(connection: sqlite3.Connection, version: str, now: str) -> None:
                        " WHERE version = ? AND status <> 'active'", (now, version))
 
 
+def _shadow(connection: sqlite3.Connection, version: str) -> None:
+    """Make `version` the shadow one, retiring the shadow before; the active one stays as
+    it is (publishing it as shadow changes nothing)."""
+    stored = connection.execute("SELECT status FROM rule_versions WHERE version = ?",
+                                (version,)).fetchone()
+    if stored is None or stored[0] != "retired":
+        return
+    connection.execute("UPDATE rule_versions SET status = 'retired'"
+                       " WHERE status = 'shadow' AND version <> ?", (version,))
+    connection.execute("UPDATE rule_versions SET status = 'shadow' WHERE version = ?",
+                       (version,))
+
+
 class SQLiteRuleVersions(SQLitePart, RuleVersions):
     """Versions in the `rule_versions` table; a partial unique index keeps one active."""
 
@@ -55,8 +68,7 @@ class SQLiteRuleVersions(SQLitePart, RuleVersions):
             if status == "active":
                 _activate(connection, new.version, now)
             else:
-                connection.execute("UPDATE rule_versions SET status = 'shadow'"
-                                   " WHERE version = ? AND status = 'retired'", (new.version,))
+                _shadow(connection, new.version)
             stored = _get(connection, new.version)
             assert stored is not None
             return records.PublishResult(stored, created)

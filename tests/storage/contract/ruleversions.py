@@ -92,6 +92,20 @@ class RuleVersionsContract:
         promoted = await versions.activate(f"{2:012x}")
         assert promoted is not None and promoted.status == "active"
 
+    async def test_a_newer_shadow_retires_the_one_before(self, storage: Storage) -> None:
+        versions = storage.rule_versions
+        await versions.publish(version(1))
+        await versions.publish(version(2), "shadow")
+        await versions.publish(version(3), "shadow")
+        assert [(v.version, v.status) for v in await versions.list_versions()] == [
+            (f"{3:012x}", "shadow"), (f"{2:012x}", "retired"), (f"{1:012x}", "active")]
+        await versions.publish(version(2), "shadow")  # a retired one comes back as shadow
+        assert {v.version: v.status for v in await versions.list_versions()} == {
+            f"{1:012x}": "active", f"{2:012x}": "shadow", f"{3:012x}": "retired"}
+        await versions.activate(f"{2:012x}")  # promoting the shadow leaves none
+        assert {v.version: v.status for v in await versions.list_versions()} == {
+            f"{1:012x}": "retired", f"{2:012x}": "active", f"{3:012x}": "retired"}
+
     async def test_concurrent_activations_leave_exactly_one_active(
         self, make_storage: Callable[[], Storage], storage: Storage
     ) -> None:
