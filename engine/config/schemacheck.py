@@ -46,6 +46,8 @@ def describe(value: Any) -> str:
     kind = _JSON_TYPES.get(type(value), type(value).__name__)
     if isinstance(value, dict | list) or value is None:
         return kind
+    if isinstance(value, bool):  # as YAML and JSON write it
+        return f"{kind} ({str(value).lower()})"
     return f"{kind} ({value!r})"
 
 
@@ -235,8 +237,12 @@ def _alternatives(document: YamlDocument, error: ValidationError) -> list[Proble
                         "give exactly one of " + " or ".join(dict.fromkeys(kinds)),
                         path=json_path(path))]
     if kinds:
+        hint = ""
+        if path and path[-1] == "on" and isinstance(error.instance, bool | int | float):
+            hint = ("name an event type, a list of them, or a glob: on: install.tracked, "
+                    "on: [referral.created, referral.completed], on: 'referral.*'")
         return [Problem(document.location(path), "wrong-type",
                         f"expected {' or '.join(dict.fromkeys(kinds))}, got "
-                        f"{describe(error.instance)}", path=json_path(path))]
+                        f"{describe(error.instance)}", hint, path=json_path(path))]
     deepest = best_match(error.context)
     return _convert(document, deepest) if deepest is not None else []
