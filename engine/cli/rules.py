@@ -2,16 +2,13 @@
 
 from __future__ import annotations
 
-import json
 import sys
 from collections import Counter
-from pathlib import Path
 from typing import Any
 
 import click
 
 from engine.config.fieldmap import TARGETS
-from engine.config.yamlsource import YamlError, load_yaml
 from engine.errors import ConfigError, Problem
 from engine.rules.evaluator import Plan, plan
 from engine.rules.explain import target_view
@@ -20,6 +17,7 @@ from engine.rules.model import RuleSet
 from engine.rules.validation import check_paths
 from engine.targets.registry import dialect
 
+from .eventfile import read_event
 from .output import FORMAT_OPTION, emit_json, fail, rules_paths, safe, safe_json
 from .params import seconds
 from .watch import watch as watch_paths
@@ -88,19 +86,6 @@ def _load(paths: list[str]) -> RuleSet:
         fail("the rules do not load; fix the errors above (`linkcrm validate` lists them)")
 
 
-def _read_event(source: str) -> Any:
-    try:
-        text = sys.stdin.read() if source == "-" else Path(source).read_text(encoding="utf-8")
-    except OSError as error:
-        fail(f"cannot read {source}: {error.strerror}", 2)
-    try:
-        return json.loads(text)
-    except ValueError:
-        pass
-    try:
-        return load_yaml(text, source).data
-    except YamlError as error:
-        fail(f"{source} is neither JSON nor YAML: {error}")
 
 
 def _explain_text(event: Any, result: Plan, ruleset: RuleSet, target: str | None) -> None:
@@ -121,9 +106,12 @@ def _explain_text(event: Any, result: Plan, ruleset: RuleSet, target: str | None
         for key, value in shown.items():
             if key in ("rule", "action", "target") or value in ({}, [], None):
                 continue
-            click.echo(f"   {safe(key)}: {safe_json(value)}")
+            label = "defaults (only when it creates the record)" if key == "defaults" else key
+            click.echo(f"   {safe(label)}: {safe_json(value)}")
     for failure in result.failures:
         click.echo(f"error: {safe(failure.message)}")
+    for message in value_errors(result, ruleset, target):
+        click.echo(f"error: {safe(message)}")
 
 
 @click.command()
@@ -138,17 +126,20 @@ def explain(event: str, rules_dir: tuple[str, ...], target: str | None,
     """Show what the rules do with one event: matches, skips and why, the action plan.
 
     EVENT is a JSON (or YAML) file holding the event envelope, or - for standard input.
-    No CRM is contacted. Exit 1 when an action fails to evaluate.
+    No CRM is contacted. Exit 1 when an action fails to evaluate, a value does not fit its
+    field (type, enum options), or EVENT is not an event; 2 when EVENT cannot be read.
 
     \b
     Example:
       linkcrm explain install.json --target hubspot
     """
     ruleset = _load(rules_paths(rules_dir))
-    envelope = _read_event(event)
+    envelope = read_event(event)
     result = plan(envelope, ruleset)
+    errors = value_errors(result, ruleset, target)
     if output_format == "json":
         document = result.as_dict(envelope)
+        document["value_errors"] = list(errors)
         if target is not None:
             actions = document["actions"]
             assert isinstance(actions, list)
@@ -159,7 +150,19 @@ def explain(event: str, rules_dir: tuple[str, ...], target: str | None,
         emit_json(document)
     else:
         _explain_text(envelope, result, ruleset, target)
-    sys.exit(1 if result.failures else 0)
+    sys.exit(1 if result.failures or errors else 0)
+
+
+def value_errors(result: Plan, ruleset: RuleSet, target: str | None) -> list[str]:
+    """Values the plan would write that the field map's types refuse (a date that is not
+    one, an enum value not among the options), as `target` (default: linkcrm's own) coerces
+    them; each names the rule and action."""
+    found: list[str] = []
+    for action in result.actions:
+        view = target_view(action, ruleset.field_map, dialect(target or "local"))
+        found.extend(f"rule {action.rule!r}, {action.kind}: {message}"
+                     for message in view.errors)
+    return found
 
 
 @click.command()

@@ -63,8 +63,9 @@ def test_validate_reports_errors_sorted_with_exit_1(rules_copy: Path) -> None:
     assert [p["code"] for p in as_json["problems"]] == ["wrong-argument-count", "unknown-action"]
     assert as_json["problems"][1] == {
         "file": f"{rules_copy}/broken.yaml", "line": 6, "column": 9, "severity": "error",
-        "code": "unknown-action", "message": "'set_stagee' is not a known action", "rule": None,
-        "path": "$.rules[0].actions[0]", "hint": "did you mean 'set_stage'?", "detail": None}
+        "code": "unknown-action", "message": "'set_stagee' is not a known action",
+        "rule": "won-deal", "path": "$.rules[0].actions[0]", "hint": "did you mean 'set_stage'?",
+        "detail": None}
 
 
 def test_warnings_pass_unless_strict(rules_copy: Path) -> None:
@@ -116,8 +117,14 @@ def test_explain_json_shape_with_target() -> None:
                                             "Referral_Source__c": "user_17"}
     assert stage["target"]["stage"] == {"field": "Status", "value": "Deep Link Customer"}
     assert deal["key"] == "referral-CAROL-42"
-    assert deal["target"]["key"] == "referral-CAROL-42"
-    assert deal["target"]["stage"] == {"field": "deal stage", "value": "Prospecting"}
+    # As Salesforce gets them: the Lead defaults a new Lead carries, the Opportunity's names.
+    assert upsert["target"]["defaults"] == {"LastName": "Deep Link", "Company": "Unknown",
+                                            "LeadSource": "Deep Link"}
+    assert deal["target"]["Linkcrm_Deal_Key__c"] == "referral-CAROL-42"
+    assert deal["target"]["Name"] == "Referral: CAROL-42"
+    assert deal["target"]["stage"] == {"field": "StageName", "value": "Prospecting"}
+    assert "key" not in deal["target"] and "title" not in deal["target"]
+    assert document["value_errors"] == []
 
 
 def test_explain_reads_stdin_and_shows_ignored_events() -> None:
