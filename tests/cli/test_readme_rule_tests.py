@@ -52,9 +52,10 @@ def test_the_section_shows_scenarios_coverage_update_and_watch() -> None:
     assert SAMPLE is not None
 
 
-@pytest.mark.parametrize("number", range(2))
-def test_each_yaml_example_passes_against_the_shipped_rules(workdir: Path,
-                                                             number: int) -> None:
+def test_the_scenario_example_passes_against_the_shipped_rules(workdir: Path) -> None:
+    # The first example tests the README's own rule example (its plans are not the shipped
+    # rules'): tests/cli/test_readme_rule_authoring.py runs the two together.
+    number = 1
     rules = workdir / "rules"
     for old in rules.glob("*_test.yaml"):
         old.unlink()
