@@ -17,27 +17,27 @@ from engine.runtime.settings import Settings
 from engine.service.server import run
 from engine.storage import Storage, open_storage
 from engine.targets.registry import select_targets
-from engine.worker.snapshot import Rules
 from engine.worker.assembly import (
     InProcessWorker,
     StandaloneWorker,
     in_process_worker,
     open_worker,
 )
+from engine.worker.snapshot import Rules
 
 from . import params
 from .listen import bind
 from .output import fail
-from .startup import active_rules, hangup_handler, settle
 from .runtime import (
     database_label,
-    rules_folder,
     load_settings,
     require_secret,
+    rules_folder,
     show_problems,
     storage_failed,
     with_storage,
 )
+from .startup import active_rules, hangup_handler, settle
 
 CONCURRENCY = click.option(
     "--concurrency", type=params.CONCURRENCY, default=None,

@@ -79,7 +79,8 @@ class Wakeups:
         takes it, so a poke that lands between a caller's empty claim and its wait is not
         missed."""
         if self._listener is None and not self._closed:
-            self._listener = asyncio.create_task(self._listen(), name=f"linkcrm-pg-listen-{self._subject}")
+            self._listener = asyncio.create_task(self._listen(),
+                                                 name=f"linkcrm-pg-listen-{self._subject}")
         if not self._signal.is_set():
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(max(timeout, 0.0)):
