@@ -32,6 +32,8 @@ log = logging.getLogger("engine.worker.rules")
 # How long one wait for a change lasts before `current()` is read anyway (a lost NOTIFY).
 RECHECK_SECONDS = 1.0
 MAX_PROBLEMS_LOGGED = 10
+# Loaded versions kept (a version's files never change): a rollback to a recent one is instant.
+CACHED_VERSIONS = 4
 
 
 class RuleFollower:
@@ -44,6 +46,10 @@ class RuleFollower:
         self.recheck = recheck
         self._handled = initial.versions  # the published ids last adopted or refused
         self._pending = initial.versions  # the published ids of the last candidate
+        self._loaded: dict[str, RuleSet] = {}
+        for ruleset in (initial.active, initial.shadow):
+            if ruleset is not None and ruleset.version is not None:
+                self._loaded[ruleset.version] = ruleset
         metrics = metrics or Metrics()
         self.reloads = metrics.counter(
             "linkcrm_rules_reloads_total",
@@ -156,10 +162,16 @@ class RuleFollower:
     async def _load(self, version: str, running: RuleSet | None) -> RuleSet:
         if running is not None and running.version == version:
             return running
-        stored = await self.storage.rule_versions.get(version)
-        if stored is None:
-            raise LookupError(f"rule version {version} is not stored any more")
-        return await asyncio.to_thread(load_version, dict(stored.files), version)
+        cached = self._loaded.pop(version, None)
+        if cached is None:
+            stored = await self.storage.rule_versions.get(version)
+            if stored is None:
+                raise LookupError(f"rule version {version} is not stored any more")
+            cached = await asyncio.to_thread(load_version, dict(stored.files), version)
+        self._loaded[version] = cached  # the most recently used last
+        while len(self._loaded) > CACHED_VERSIONS:
+            del self._loaded[next(iter(self._loaded))]
+        return cached
 
     async def _collect(self) -> Iterable[Sample]:
         active, shadow = self.current.versions
