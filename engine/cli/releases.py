@@ -32,8 +32,10 @@ REFUSED = "the rules are not published; the active version stays"
 def rules_group() -> None:
     """Publish rule sets as versions, list them, and choose the active one.
 
-    Versions live in the database (LINKCRM_DATABASE_URL). A running `serve` or `worker`
-    still runs the rules folder it loaded at start: restart it to apply a change.
+    Versions live in the database (LINKCRM_DATABASE_URL). Running `serve` and `worker`
+    processes pick up a new active version within 2 s, without a restart; an event in flight
+    finishes with the version it started with. At start they publish their rules folder when
+    it was never published (or nothing is active); `kill -HUP` makes them publish it again.
 
     \b
     Example:

@@ -5,8 +5,9 @@ version, in running processes (SQLite: `serve`; PostgreSQL: `serve --no-worker` 
     python tests/benchmarks/bench_reload.py --backend sqlite --publishes 20
 
 Not collected by pytest. While installs flow into the receiver (one every 20 ms), a new rule
-version (the shipped rules with one description reworded, numbered) is published each round
-through the storage API, as `linkcrm rules publish` stores it: every process loads it afresh. For each publish the latency is
+version (the shipped rules with one description reworded, numbered) is published each
+round through the storage API, as `linkcrm rules publish` stores it: every process loads it
+afresh. For each publish the latency is
 the time from its commit to the first action outcome recorded with the new version (the outcome
 is written right after the local CRM applies the action, so the figure includes that apply,
 a few milliseconds); next to it, the pickup alone: from the commit to the process's log line
