@@ -66,24 +66,26 @@ def _not_set_up(error: ConfigError) -> NoReturn:
          " checks)")
 
 
-def _prepare(settings: Settings, location: Path, *, worker: bool, migrate: bool) -> Rules:
+def _prepare(settings: Settings, location: Path, *, worker: bool,
+             migrate: bool) -> Rules | None:
     """Before serving: create or upgrade the schema (unless --no-migrate), settle the rules
     folder with the published versions (`engine.cli.startup`) and, with the worker, start the
     targets once for the active version, so a CRM that is not set up for the field map (a
     Pipedrive field label that does not exist) stops `serve` with its fix instead of
-    dead-lettering every action. Returns the active rules."""
+    dead-lettering every action. Returns the active rules (None without the worker)."""
 
-    async def prepare(storage: Storage) -> Rules:
+    async def prepare(storage: Storage) -> Rules | None:
         if migrate:
             await storage.migrate()  # the shared rate limits live in the database
         elif await storage.schema_version() == 0:
             raise StorageError("the database has no schema yet; run `linkcrm migrate` (or "
                                "start without --no-migrate)")
-        rules = await active_rules(storage, await settle(storage, location))
-        if worker:
-            async with open_worker(storage, rules.active, settings, os.environ,
-                                   metrics=Metrics()):
-                pass
+        active = await settle(storage, location)
+        if not worker:
+            return None
+        rules = await active_rules(storage, active)
+        async with open_worker(storage, rules.active, settings, os.environ, metrics=Metrics()):
+            pass
         return rules
 
     try:
@@ -127,7 +129,7 @@ def serve(host: str, port: int, no_worker: bool, no_migrate: bool,
     try:
         rules = _prepare(settings, location, worker=not no_worker, migrate=not no_migrate)
         workers: list[InProcessWorker] = [hangup_handler(location)]
-        if not no_worker:
+        if rules is not None:
             workers.append(in_process_worker(rules, settings, os.environ, concurrency))
         run(settings, host=host, port=port, migrate=False, workers=workers, sockets=sockets)
     except KeyboardInterrupt:
