@@ -100,7 +100,7 @@ class RuleFollower:
             return None
         try:
             active = await self._load(active_id, self.current.active)
-        except StorageError as error:
+        except (StorageError, OSError) as error:  # transient: the next check tries again
             log.warning("could not read the published rule version",
                         extra={"rules_version": active_id, "error": str(error)})
             return None
@@ -111,7 +111,7 @@ class RuleFollower:
         if shadow_id is not None:
             try:
                 shadow = await self._load(shadow_id, self.current.shadow)
-            except StorageError as error:
+            except (StorageError, OSError) as error:
                 log.warning("could not read the shadow rule version",
                             extra={"rules_version": shadow_id, "error": str(error)})
                 return None
