@@ -12,6 +12,8 @@ the time from its commit to the first action outcome recorded with the new versi
 is written right after the local CRM applies the action, so the figure includes that apply,
 a few milliseconds); next to it, the pickup alone: from the commit to the process's log line
 "rules version V active (was ...)". Prints p50 and max per backend; the bar is 2 s.
+BENCH_VERBOSE=1 prints each publish, BENCH_PAUSE=S sets the pause between installs (default
+0.02), BENCH_KEEP_LOG=FILE keeps the processes' log.
 """
 
 from __future__ import annotations
