@@ -36,8 +36,10 @@ REFUSED = "the rules are not published; the active version stays"
 def rules_group() -> None:
     """Publish rule sets as versions, list them, and choose the active one.
 
-    Versions live in the database (LINKCRM_DATABASE_URL). A running `serve` or `worker`
-    still runs the rules folder it loaded at start: restart it to apply a change.
+    Versions live in the database (LINKCRM_DATABASE_URL). Running `serve` and `worker`
+    processes pick up a new active version within 2 s, without a restart; an event in flight
+    finishes with the version it started with. At start they publish their rules folder when
+    it was never published (or nothing is active); `kill -HUP` makes them publish it again.
 
     \b
     Example:
@@ -55,34 +57,67 @@ def _publisher() -> str:
         return "unknown"
 
 
-def _refuse_problems(problems: Sequence[Problem]) -> None:
+class RulesRefused(Exception):
+    """The rules failed validation or their tests: `lines` say what (rule files and test
+    names, never event data), `summary` how many."""
+
+    def __init__(self, lines: Sequence[str], summary: str) -> None:
+        super().__init__(summary)
+        self.lines = list(lines)
+        self.summary = summary
+
+
+def _problem_refusal(problems: Sequence[Problem]) -> RulesRefused | None:
     errors = [p for p in problems if p.severity == "error"]
-    if errors:
-        for problem in errors:
-            click.echo(problem.render(), err=True)
-        fail(f"{len(errors)} error{'s' * (len(errors) != 1)} in the rules; {REFUSED} "
-             "(`linkcrm validate` lists every problem)")
+    if not errors:
+        return None
+    return RulesRefused([problem.render() for problem in errors],
+                        f"{len(errors)} error{'s' * (len(errors) != 1)} in the rules")
+
+
+def check_rules(paths: Sequence[str]) -> int:
+    """Validate the rules and run their tests, as `rules publish` does before storing them.
+    Returns the number of rule tests that passed; raises RulesRefused listing every error or
+    failing test."""
+    refusal = _problem_refusal(check_paths(paths))
+    if refusal is not None:
+        raise refusal
+    try:
+        ruleset = load_ruleset(paths)
+    except ConfigError as error:
+        raise _problem_refusal(error.problems) or RulesRefused(
+            [], "the rules do not load") from error
+    results = run_tests(discover(paths).test_files, ruleset, replay_into_local_crm)
+    failed = [r for r in results if not r.passed]
+    lines = []
+    for result in failed:
+        lines.append(f"{result.location}: FAIL {result.name}")
+        lines.extend(f"    {line}" for block in (result.diff, result.error)
+                     for line in block.splitlines())
+    if failed:
+        raise RulesRefused(lines, f"{len(failed)} of {len(results)} rule tests failed")
+    return len(results)
 
 
 def _check(paths: list[str]) -> int:
     """Validate the rules and run their tests; exit 1 with the errors unless all is well.
     Returns the number of rule tests that passed."""
-    _refuse_problems(check_paths(paths))
     try:
-        ruleset = load_ruleset(paths)
-    except ConfigError as error:
-        _refuse_problems(error.problems)
-        raise
-    results = run_tests(discover(paths).test_files, ruleset, replay_into_local_crm)
-    failed = [r for r in results if not r.passed]
-    for result in failed:
-        click.echo(f"{result.location}: FAIL {result.name}", err=True)
-        for block in (result.diff, result.error):
-            for line in block.splitlines():
-                click.echo(f"    {line}", err=True)
-    if failed:
-        fail(f"{len(failed)} of {len(results)} rule tests failed; {REFUSED}")
-    return len(results)
+        return check_rules(paths)
+    except RulesRefused as refusal:
+        for line in refusal.lines:
+            click.echo(line, err=True)
+        more = " (`linkcrm validate` lists every problem)" if "error" in refusal.summary else ""
+        fail(f"{refusal.summary}; {REFUSED}{more}")
+
+
+def release_of(paths: Sequence[str], label: str | None = None) -> NewRuleVersion:
+    """The rule files under `paths` as a version to publish: content hash, files, the
+    publisher, and `label` (default: their folder's git commit). Raises RuleFilesError or
+    OSError when the files do not make one rule set."""
+    files = collect(paths)
+    return NewRuleVersion(files.version, files.files, _publisher(),
+                          label if label is not None and label.strip() else git_label(paths))
 
 
 def _version_row(version: RuleVersion) -> dict[str, JSON]:
@@ -118,11 +153,9 @@ def publish(paths: tuple[str, ...], label: str | None, shadow: bool,
     chosen = rules_paths(paths)
     passed = _check(chosen)
     try:
-        files = collect(chosen)
+        new = release_of(chosen, label)
     except (RuleFilesError, OSError) as error:
         fail(f"{error}; {REFUSED}")
-    new = NewRuleVersion(files.version, files.files, _publisher(),
-                         label if label is not None and label.strip() else git_label(chosen))
     settings = load_settings()
 
     async def work(storage: Storage) -> tuple[str | None, str | None, PublishResult]:

@@ -255,6 +255,16 @@ class RuleVersions(Protocol):
     async def active_version(self) -> str | None:
         """Only the active version's id: one indexed row, cheap enough to poll."""
 
+    async def current(self) -> tuple[str | None, str | None]:
+        """The ids of the active version and of the most recently published shadow version
+        (None for each that there is not): one small indexed read, cheap enough to poll."""
+
+    async def wait_for_change(self, timeout: float) -> bool:
+        """Wait until `current()` may answer otherwise than it last did in this process (a
+        publish or an activation, here or in another process) or `timeout` seconds pass; True
+        when woken early. A hint: the caller reads `current()` again. PostgreSQL listens for
+        the NOTIFY every publish and activation sends on commit; SQLite polls `current()`."""
+
 
 class ShadowResults(Protocol):
     """Shadow mode's record: how each live event planned under a shadow rule version next

@@ -21,10 +21,10 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable
 
-from engine.rules.diff import same_field_map
 from engine.rules.model import RuleSet
 from engine.rules.versions import load_version
 from engine.storage import InboxEvent, RuleVersions
+from engine.worker.snapshot import same_field_map
 
 log = logging.getLogger("engine.worker.pinning")
 
@@ -58,7 +58,7 @@ class PinnedRules:
             ruleset = None
         else:
             ruleset = await self._load(event, pin)
-        if ruleset is None or not same_field_map(ruleset.field_map, active.field_map):
+        if ruleset is None or not same_field_map(ruleset, active):
             if ruleset is not None:
                 log.warning("the pinned rule version maps fields unlike the active one; "
                             "planning with the active version", extra={
