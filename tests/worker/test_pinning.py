@@ -13,6 +13,8 @@ import pytest
 from engine.rules.model import RuleSet
 from engine.rules.versions import collect
 from engine.storage import InboxEvent, NewRuleVersion, RuleVersion, Storage, open_storage
+from engine.targets.local.target import LocalTarget
+from engine.worker.loop import Worker
 from engine.worker.pinning import PinnedRules
 from tests.support.worker_helpers import BASE_RULES, store, write_rules
 
@@ -142,3 +144,30 @@ async def test_a_pin_with_another_field_map_plans_with_the_active_rules(
         assert await pinned.ruleset_for(await pinned_event(storage, mapped), active) is active
     assert "maps fields unlike the active one" in caplog.records[-1].getMessage()
     assert pinned.fallbacks == 1
+
+
+async def test_the_worker_plans_a_pinned_replay_with_its_version_and_records_it(
+    storage: Storage, tmp_path: Path
+) -> None:
+    """`replay --rules-version OLD` through the real worker loop: the pinned event is planned
+    by OLD while the active version plans everything else, and each outcome says which."""
+    old = await publish(storage, _folder(tmp_path / "old", BASE_RULES))
+    new = await publish(storage, _folder(tmp_path / "new", OTHER_RULES))
+    active = replace(write_rules(tmp_path / "new-loaded", OTHER_RULES), version=new)
+    pinned = await store(storage, "install.tracked", token="tok_pin", prefix="spring")
+    assert await storage.inbox.requeue(pinned, rules_version=old)
+    free = await store(storage, "install.tracked", token="tok_free", prefix="spring")
+    target = LocalTarget(storage.local_crm, active.field_map)
+    await Worker(storage, active, [target]).run_until_idle()
+
+    assert {o.rules_version for o in await storage.outcomes.of_event(pinned)} == {old}
+    assert {o.rules_version for o in await storage.outcomes.of_event(free)} == {new}
+    contacts = await storage.local_crm.contacts()
+    stages = {token: c.stage for c in contacts for token in ("tok_pin", "tok_free")
+              if any(token in str(identity) for identity in c.identities)}
+    assert stages == {"tok_pin": "lead", "tok_free": "customer"}
+
+
+def _folder(folder: Path, text: str) -> Path:
+    write_rules(folder, text)
+    return folder

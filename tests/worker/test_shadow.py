@@ -16,11 +16,12 @@ from engine.errors import StorageError
 from engine.rules.diff import FoundChange
 from engine.rules.model import RuleSet
 from engine.runtime.metrics import Metrics
-from engine.storage import InboxEvent, NewShadowResult, Storage, open_storage
+from engine.storage import NewShadowResult, Storage, open_storage
 from engine.targets.hubspot.admin import provision
 from engine.targets.hubspot.target import HubSpotTarget
 from engine.worker.loop import Worker
 from engine.worker.shadow import ShadowObserver
+from engine.worker.snapshot import Rules
 from tests.emulators.hubspot import create_hubspot_emulator
 from tests.emulators.hubspot_state import HubSpotState
 from tests.support.worker_helpers import BASE_RULES, store, write_rules
@@ -65,23 +66,8 @@ def rulesets(tmp_path: Path) -> tuple[RuleSet, RuleSet]:
             replace(write_rules(tmp_path / "shadow", CANDIDATE), version=SHADOW))
 
 
-def observed_on_claim(storage: Storage, monkeypatch: pytest.MonkeyPatch,
-                      observer: ShadowObserver, active: RuleSet, shadow: RuleSet) -> None:
-    """The wiring the worker loop gets: every claimed event is observed before it is applied."""
-    claim = storage.inbox.claim
-
-    async def claim_and_observe(worker_id: str, limit: int,
-                                lease_seconds: float) -> list[InboxEvent]:
-        events = await claim(worker_id, limit, lease_seconds)
-        for event in events:
-            await observer.observe(event, active, shadow)
-        return events
-
-    monkeypatch.setattr(storage.inbox, "claim", claim_and_observe)
-
-
 async def test_differences_are_recorded_and_the_shadow_makes_no_crm_request(
-    storage: Storage, rulesets: tuple[RuleSet, RuleSet], monkeypatch: pytest.MonkeyPatch
+    storage: Storage, rulesets: tuple[RuleSet, RuleSet]
 ) -> None:
     active, shadow = rulesets
     app, state = create_hubspot_emulator(TOKEN)
@@ -99,10 +85,12 @@ async def test_differences_are_recorded_and_the_shadow_makes_no_crm_request(
         for event in await storage.inbox.list_events():
             await observer.observe(event, active, shadow)
         assert sum(state.requests.values()) == 0
-        observed_on_claim(storage, monkeypatch, observer, active, shadow)
         target = HubSpotTarget(client, TOKEN, active.field_map, storage.identities,
                                storage.rate_limits, base_url=BASE)
-        await Worker(storage, active, [target]).run_until_idle()
+        # The worker as `serve` runs it while a shadow version is published: each claimed
+        # event is shown to the observer next to being applied with the active rules.
+        await Worker(storage, active, [target], rules=lambda: Rules(active, shadow),
+                     shadow=observer).run_until_idle()
     assert observer.failures == 0 and observer.counts["changed"] >= 6
     assert metrics.counter("linkcrm_shadow_events_total", "", ("outcome",)).value(
         outcome="changed") == observer.counts["changed"]
