@@ -1,0 +1,106 @@
+"""Reads of the delivery log page on SQLite: filtered keyset pages and per-minute activity.
+
+The inbox has no index on its receipt time (every delivery would pay for it inside the
+acknowledging commit), but ids follow arrival, so a time bound becomes an id bound by a
+binary search over the primary key: about twenty index lookups, whatever the inbox size.
+SQL text is assembled from fixed fragments only; every value is a parameter.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from datetime import datetime
+
+from engine.storage import records
+from engine.storage.sqlite.rows import (
+    EVENT_COLUMNS,
+    OUTCOME_COLUMNS,
+    event_from_row,
+    outcome_from_row,
+    ts,
+)
+
+
+def first_id_at(connection: sqlite3.Connection, moment: datetime) -> int:
+    """The id of the first event received at or after `moment` (one past the newest when
+    none is): a lower-bound binary search over the ids, which follow arrival."""
+    low, high = connection.execute("SELECT MIN(id), MAX(id) FROM inbox").fetchone()
+    if low is None:
+        return 1
+    bound = ts(moment)
+    high += 1
+    while low < high:
+        middle = (low + high) // 2
+        found = connection.execute(
+            "SELECT id, received_at FROM inbox WHERE id >= ? ORDER BY id LIMIT 1", (middle,)
+        ).fetchone()
+        if found is None or found[1] >= bound:
+            high = middle
+        else:
+            low = found[0] + 1
+    return int(low)
+
+
+def browse(connection: sqlite3.Connection, where: records.EventFilter, limit: int,
+           before_id: int | None) -> list[records.InboxEvent]:
+    conditions: list[str] = []
+    params: list[object] = []
+    if where.status is not None:
+        conditions.append("status = ?")
+        params.append(where.status)
+    if where.event_type is not None:
+        conditions.append("event_type = ?")
+        params.append(where.event_type)
+    if where.received_from is not None:
+        conditions.append("id >= ?")
+        params.append(first_id_at(connection, where.received_from))
+    if where.received_until is not None:
+        conditions.append("id < ?")
+        params.append(first_id_at(connection, where.received_until))
+    if before_id is not None:
+        conditions.append("id < ?")
+        params.append(before_id)
+    if where.touched is not None:
+        if not where.touched:
+            return []
+        marks = ", ".join("?" * len(where.touched))
+        conditions.append("id IN (SELECT event_id FROM inbox_ordering_keys"
+                          f" WHERE ordering_key IN ({marks}))")
+        params.extend(where.touched)
+    clause = f" WHERE {' AND '.join(conditions)}" if conditions else ""
+    params.append(max(limit, 0))
+    rows = connection.execute(
+        f"SELECT {EVENT_COLUMNS} FROM inbox{clause} ORDER BY id DESC LIMIT ?", params)
+    return [event_from_row(row) for row in rows]
+
+
+def _minute(text: str) -> datetime:
+    return datetime.fromisoformat(f"{text}:00+00:00")
+
+
+def event_activity(connection: sqlite3.Connection,
+                   since: datetime) -> list[records.ActivityCount]:
+    rows = connection.execute(
+        "SELECT substr(received_at, 1, 16), status, COUNT(*) FROM inbox WHERE id >= ?"
+        " GROUP BY 1, 2 ORDER BY 1, 2", (first_id_at(connection, since),))
+    return [records.ActivityCount(_minute(minute), None, status, count)
+            for minute, status, count in rows]
+
+
+def outcome_activity(connection: sqlite3.Connection,
+                     since: datetime) -> list[records.ActivityCount]:
+    rows = connection.execute(
+        "SELECT substr(updated_at, 1, 16), target, status, COUNT(*) FROM action_outcomes"
+        " WHERE event_id >= ? AND updated_at >= ? GROUP BY 1, 2, 3 ORDER BY 1, 2, 3",
+        (first_id_at(connection, since), ts(since)))
+    return [records.ActivityCount(_minute(minute), target, status, count)
+            for minute, target, status, count in rows]
+
+
+def recent_retries(connection: sqlite3.Connection, since: datetime,
+                   limit: int) -> list[records.ActionOutcome]:
+    rows = connection.execute(
+        f"SELECT {OUTCOME_COLUMNS} FROM action_outcomes WHERE event_id >= ?"
+        " AND status = 'retrying' AND updated_at >= ? ORDER BY updated_at DESC, id DESC"
+        " LIMIT ?", (first_id_at(connection, since), ts(since), max(limit, 0)))
+    return [outcome_from_row(row) for row in rows]
