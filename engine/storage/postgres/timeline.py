@@ -23,7 +23,8 @@ from engine.storage.postgres.rows import (
 async def first_id_at(connection: Conn, moment: datetime) -> int:
     """The id of the first event received at or after `moment` (one past the newest when
     none is): a lower-bound binary search over the ids, which follow arrival."""
-    bounds = await (await connection.execute("SELECT MIN(id), MAX(id) FROM inbox")).fetchone()
+    bounds = await (await connection.execute(
+        "SELECT (SELECT MIN(id) FROM inbox), (SELECT MAX(id) FROM inbox)")).fetchone()
     if bounds is None or bounds[0] is None:
         return 1
     low, high = int(bounds[0]), int(bounds[1]) + 1

@@ -148,6 +148,12 @@ MIGRATIONS: Migrations = (
         " WHERE status = 'active'",
         "ALTER TABLE action_outcomes ADD COLUMN rules_version TEXT",
     )),
+    # The delivery log page filters events by type, newest first, in pages: without this
+    # index a rare type (one event in 10,000) read half a million rows a page (0.4 s at
+    # 1,000,000 events); with it, 50 index entries. (6 is taken by another branch.)
+    (7, (
+        "CREATE INDEX inbox_event_type ON inbox (event_type, id)",
+    )),
 )
 
 LATEST = MIGRATIONS[-1][0]

@@ -24,7 +24,9 @@ from engine.storage.sqlite.rows import (
 def first_id_at(connection: sqlite3.Connection, moment: datetime) -> int:
     """The id of the first event received at or after `moment` (one past the newest when
     none is): a lower-bound binary search over the ids, which follow arrival."""
-    low, high = connection.execute("SELECT MIN(id), MAX(id) FROM inbox").fetchone()
+    # Two subqueries: SQLite answers each from the end of the primary key, but not both at once.
+    low, high = connection.execute(
+        "SELECT (SELECT MIN(id) FROM inbox), (SELECT MAX(id) FROM inbox)").fetchone()
     if low is None:
         return 1
     bound = ts(moment)

@@ -1,0 +1,2 @@
+PASSWORD="x"
+login=web_app=None
