@@ -36,6 +36,11 @@ def identity_as_dict(identity: Identity) -> dict[str, JSON]:
     return {key.field: key.value for key in identity}
 
 
+# The "target" of the identity digests recorded for every event, whatever its targets (no
+# target can be named "*"): the delivery log's search by token or email reads them.
+TOUCHED = "*"
+
+
 def identity_digest(target: str, key: IdentityKey) -> str:
     """`target:` and a hash of the key: the worker's ordering key for one identity on one
     target, recorded per event, so the delivery log can find the events that touched a person

@@ -12,7 +12,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
-from engine.actions import IdentityKey, identity_digest
+from engine.actions import TOUCHED, IdentityKey, identity_digest
 from engine.storage import EVENT_STATUSES, EventFilter, EventStatus
 
 PAGE_SIZE = 50
@@ -41,11 +41,10 @@ def _time(name: str, raw: str, problems: list[str]) -> datetime | None:
     return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment
 
 
-def parse_filters(params: Mapping[str, str], *, identity_fields: Sequence[str],
-                  targets: Sequence[str]) -> Query:
+def parse_filters(params: Mapping[str, str], *, identity_fields: Sequence[str]) -> Query:
     """The filter the query string asks for. A search that is a number is an event id;
-    anything else is a token, an email or another identity value, matched exactly against
-    every identity field on every target (the events whose actions touched that identity)."""
+    anything else is a token, an email or another identity value, matched exactly (or in
+    lower case) against every identity field: the events whose actions touched it."""
     problems: list[str] = []
     form = {name: params.get(name, "").strip()[:MAX_TEXT]
             for name in ("status", "type", "from", "until", "q")}
@@ -68,8 +67,8 @@ def parse_filters(params: Mapping[str, str], *, identity_fields: Sequence[str],
     if search.isdigit() and len(search) < 19:
         event_id = int(search)
     elif search:
-        touched = tuple(sorted({identity_digest(target, IdentityKey(name, value))
-                                for target in targets for name in identity_fields
+        touched = tuple(sorted({identity_digest(TOUCHED, IdentityKey(name, value))
+                                for name in identity_fields
                                 for value in {search, search.lower()}}))
     before: int | None = None
     raw_before = params.get("before", "").strip()

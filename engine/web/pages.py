@@ -15,7 +15,7 @@ from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import RedirectResponse, Response
 
-from engine.actions import IdentityKey, identity_digest
+from engine.actions import TOUCHED, identity_digest
 from engine.rules.model import RuleSet
 from engine.storage import EVENT_STATUSES, Clock, DeadLetter, EventFilter, Storage
 
@@ -175,8 +175,7 @@ class Handlers:
         nonce = self._nonce(request)
         if nonce is None:
             return self._to_login(request)
-        query = parse_filters(request.query_params, identity_fields=self.identity_fields,
-                              targets=self.targets)
+        query = parse_filters(request.query_params, identity_fields=self.identity_fields)
         if query.event_id is not None:
             return RedirectResponse(f"/ui/events/{query.event_id}", status_code=303)
         found = await self.storage.inbox.browse(query.where, limit=PAGE_SIZE + 1,
@@ -275,8 +274,7 @@ class Handlers:
             raise HTTPException(404, f"no contact {contact_id}: the contacts page lists them")
         contact = found[0]
         deals = [d for d in await self.storage.local_crm.deals() if d.contact_id == contact_id]
-        touched = tuple(sorted({identity_digest(target, IdentityKey(k.field, k.value))
-                                for target in self.targets for k in contact.identities}))
+        touched = tuple(sorted({identity_digest(TOUCHED, k) for k in contact.identities}))
         events = await self.storage.inbox.browse(EventFilter(touched=touched), limit=PAGE_SIZE)
         return self._page(request, "contact.html", nonce, contact=contact, deals=deals,
                           events=events)

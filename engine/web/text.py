@@ -11,6 +11,8 @@ import json
 import re
 from typing import Any
 
+from markupsafe import Markup
+
 # A page shows at most this much of one value (a 1 MB string stays readable, the page fast).
 MAX_SHOWN = 64 * 1024
 BODY_SHOWN = 256 * 1024
@@ -25,7 +27,10 @@ def _escape(match: re.Match[str]) -> str:
 
 
 def visible(value: Any, limit: int = MAX_SHOWN) -> str:
-    """`value` as text with every invisible or unencodable character spelled out."""
+    """`value` as text with every invisible or unencodable character spelled out. Markup
+    (a macro's output, already escaped) passes unchanged."""
+    if isinstance(value, Markup):
+        return value
     text = value if isinstance(value, str) else "" if value is None else str(value)
     cut = len(text) > limit
     if cut:

@@ -3,7 +3,7 @@
 Events arrive one every 50 ms over about 14 hours: four event types in turn, and every
 10,000th a rare `ecommerce.refund`; every 1,000th is dead, every 37th ignored, the rest
 processed; every 100th touched an identity (the digest of `email` `person{n}@example.com`
-on the `local` target).
+on any target: `engine.actions.TOUCHED`).
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from datetime import UTC, datetime, timedelta
 
 import psycopg
 
-from engine.actions import IdentityKey, identity_digest
+from engine.actions import TOUCHED, IdentityKey, identity_digest
 
 START = datetime(2026, 3, 1, tzinfo=UTC)
 STEP = timedelta(milliseconds=50)
@@ -22,7 +22,7 @@ RARE = "ecommerce.refund"
 
 
 def person(n: int) -> str:
-    return identity_digest("local", IdentityKey("email", f"person{n}@example.com"))
+    return identity_digest(TOUCHED, IdentityKey("email", f"person{n}@example.com"))
 
 
 def _status(n: int) -> str:
