@@ -84,18 +84,18 @@ class Handlers:
     async def _form(self, request: Request, nonce: str | None) -> Form:
         """The POSTed form (URL-encoded, at most FORM_BYTES), after its CSRF token is checked
         (403 otherwise)."""
+        form: Form = {}
         kind = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
-        if kind != "application/x-www-form-urlencoded":
-            raise HTTPException(415, "send the page's form (application/x-www-form-urlencoded)")
-        body = b""
-        async for chunk in request.stream():
-            body += chunk
-            if len(body) > FORM_BYTES:
-                raise HTTPException(413, f"the form is larger than {FORM_BYTES} bytes")
-        try:
-            form = parse_qs(body.decode("utf-8"), max_num_fields=FORM_FIELDS)
-        except (UnicodeDecodeError, ValueError):
-            raise HTTPException(400, "the form is not URL-encoded UTF-8 text") from None
+        if kind == "application/x-www-form-urlencoded":  # else no form, so no token: 403
+            body = b""
+            async for chunk in request.stream():
+                body += chunk
+                if len(body) > FORM_BYTES:
+                    raise HTTPException(413, f"the form is larger than {FORM_BYTES} bytes")
+            try:
+                form = parse_qs(body.decode("utf-8"), max_num_fields=FORM_FIELDS)
+            except (UnicodeDecodeError, ValueError):
+                raise HTTPException(400, "the form is not URL-encoded UTF-8 text") from None
         tokens = form.get(CSRF_FIELD, [])
         if nonce is None or len(tokens) != 1 or not self.access.csrf_matches(nonce, tokens[0]):
             raise HTTPException(403, "the form's CSRF token is missing or wrong: reload the "

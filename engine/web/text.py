@@ -13,9 +13,10 @@ from typing import Any
 
 from markupsafe import Markup
 
-# A page shows at most this much of one value (a 1 MB string stays readable, the page fast).
-MAX_SHOWN = 64 * 1024
+# A page shows at most this much of the raw body, and of any other one value (a 1 MB string
+# keeps the page fast and readable).
 BODY_SHOWN = 256 * 1024
+MAX_SHOWN = BODY_SHOWN + 1024
 
 _HIDDEN = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f\u200b-\u200f\u202a-\u202e\u2066-\u2069"
                      r"\ufeff\ud800-\udfff]")
