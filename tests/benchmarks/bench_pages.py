@@ -29,7 +29,7 @@ import httpx
 from engine.storage import EventFilter, Storage, open_storage
 from tests.benchmarks.pagedata import RARE, START, STEP, fill_postgres, fill_sqlite, person
 from tests.support.postgres import fresh_schema, schema_url, unreachable_reason
-from tests.support.web import PASSWORD, login, web_app  # noqa: E402
+from tests.support.web import PASSWORD, login, web_app
 
 RUNS = 7
 
