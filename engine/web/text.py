@@ -43,23 +43,27 @@ def visible(value: Any, limit: int = MAX_SHOWN) -> str:
     return text
 
 
+def _cut(text: str, body: bytes) -> str:
+    if len(text) <= BODY_SHOWN:
+        return text
+    return text[:BODY_SHOWN] + f"\n… (cut: the body is {len(body):,} bytes)"
+
+
 def pretty_body(body: bytes | None) -> tuple[str, Any]:
-    """(the stored body pretty-printed for reading, the parsed envelope or None)."""
+    """(the stored body pretty-printed for reading, the parsed envelope or None); a body that
+    is not JSON, or nests too deeply to parse, is shown as it came."""
     if body is None:
         return "(purged: the raw body was dropped by `linkcrm purge`)", None
+    raw = body[:BODY_SHOWN + 1].decode("utf-8", "replace")
     try:
         envelope = json.loads(body)
-    except RecursionError:
-        return body[:BODY_SHOWN].decode("utf-8", "replace"), None
-    except ValueError:
-        return body[:BODY_SHOWN].decode("utf-8", "replace"), None
+    except (RecursionError, ValueError):
+        return _cut(raw, body), None
     try:
         text = json.dumps(envelope, indent=2, ensure_ascii=False)
     except (RecursionError, ValueError):
-        text = body.decode("utf-8", "replace")
-    if len(text) > BODY_SHOWN:
-        text = text[:BODY_SHOWN] + f"\n… (cut: the body is {len(body):,} bytes)"
-    return text, envelope
+        text = raw
+    return _cut(text, body), envelope
 
 
 def as_json(value: Any) -> str:
