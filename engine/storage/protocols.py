@@ -73,7 +73,8 @@ class Inbox(Protocol):
         id bounds, found by a binary search over the ids)."""
 
     async def activity(self, since: datetime) -> list[records.ActivityCount]:
-        """Events received since `since`, counted per minute and current status."""
+        """Events received since `since` (rounded down to its minute), counted per minute and
+        current status; the cost grows with the minutes, not with the events."""
 
     async def claim(
         self, worker_id: str, limit: int, lease_seconds: float
@@ -161,9 +162,11 @@ class Outcomes(Protocol):
     async def counts(self) -> Mapping[tuple[str, str], int]:
         """(target, status) -> number of actions, for metrics."""
 
-    async def activity(self, since: datetime) -> list[records.ActivityCount]:
+    async def activity(self, since: datetime,
+                       limit: int = 20_000) -> list[records.ActivityCount]:
         """Outcomes of the events received since `since`, last recorded since `since`,
-        counted per minute (of their latest attempt), target and status."""
+        counted per minute (of their latest attempt), target and status; only the outcomes
+        of the newest events, at most `limit` of them, so the cost has a bound."""
 
     async def recent_retries(self, since: datetime, limit: int = 100) -> list[
             records.ActionOutcome]:

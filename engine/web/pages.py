@@ -28,6 +28,7 @@ from .trace import build_trace, fix_hint
 LOGIN_COOKIE = "linkcrm_ui_login"
 DEAD_LETTERS_READ = 1000
 CONTACTS_SHOWN = 1000
+OUTCOMES_READ = 20_000
 _NUMBERS = re.compile(r"\d+")
 
 FORM_BYTES = 256 * 1024
@@ -155,7 +156,7 @@ class Handlers:
         now = self.clock()
         start = (now - overview.WINDOW).replace(second=0, microsecond=0) + timedelta(minutes=1)
         events = await self.storage.inbox.activity(start)
-        outcomes = await self.storage.outcomes.activity(start)
+        outcomes = await self.storage.outcomes.activity(start, OUTCOMES_READ)
         retries = await self.storage.outcomes.recent_retries(now - overview.RECENT)
         stats = await self.storage.inbox.stats()
         targets = sorted({*self.targets, *(c.target for c in outcomes if c.target)})
@@ -169,7 +170,7 @@ class Handlers:
             target_charts=target_charts,
             states=overview.target_states(self.targets, outcomes, retries, now),
             backlog=overview.backlog_age(stats.oldest_pending_received_at, now),
-            by_status=stats.by_status)
+            by_status=stats.by_status, outcomes_read=f"{OUTCOMES_READ:,}")
 
     async def events(self, request: Request) -> Response:
         nonce = self._nonce(request)

@@ -19,6 +19,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Awaitable, Callable
+from datetime import datetime
 from pathlib import Path
 from urllib.parse import urlencode
 
@@ -27,17 +28,25 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 import httpx
 
 from engine.storage import EventFilter, Storage, open_storage
-from tests.benchmarks.pagedata import RARE, START, STEP, fill_postgres, fill_sqlite, person
+from tests.benchmarks.pagedata import (
+    RARE,
+    STEP,
+    fill_postgres,
+    fill_sqlite,
+    person,
+    start_for,
+)
 from tests.support.postgres import fresh_schema, schema_url, unreachable_reason
 from tests.support.web import PASSWORD, login, web_app
 
 RUNS = 7
 
 
-def shapes(count: int) -> list[tuple[str, EventFilter, dict[str, str], int | None]]:
+def shapes(count: int, start: datetime) -> list[
+        tuple[str, EventFilter, dict[str, str], int | None]]:
     """(name, filter, the page's query, before_id) for each page shape measured."""
-    middle = START + STEP * (count // 2)
-    hour = START + STEP * (count // 3)
+    middle = start + STEP * (count // 2)
+    hour = start + STEP * (count // 3)
     return [
         ("newest page", EventFilter(), {}, None),
         ("page deep in the log (before the middle id)", EventFilter(), {},
@@ -64,7 +73,7 @@ async def _time(call: Callable[[], Awaitable[object]]) -> tuple[float, float]:
     return statistics.median(took), max(took)
 
 
-async def measure(url: str, count: int) -> None:
+async def measure(url: str, count: int, start: datetime) -> None:
     storage: Storage = open_storage(url)
     try:
         app = web_app(storage)
@@ -72,7 +81,7 @@ async def measure(url: str, count: int) -> None:
         async with httpx.AsyncClient(transport=transport, base_url="http://127.0.0.1") as client:
             await login(client, PASSWORD)
             print(f"{'page':<46} {'read median/max ms':>20} {'page median/max ms':>20}")
-            for name, where, query, before in shapes(count):
+            for name, where, query, before in shapes(count, start):
                 async def read(where: EventFilter = where, before: int | None = before) -> None:
                     await storage.inbox.browse(where, limit=50, before_id=before)
 
@@ -89,6 +98,14 @@ async def measure(url: str, count: int) -> None:
                 page_median, page_max = await _time(page)
                 print(f"{name:<46} {read_median:>9.1f} / {read_max:<8.1f} "
                       f"{page_median:>9.1f} / {page_max:<8.1f}", flush=True)
+
+            async def overview() -> None:
+                answer = await client.get("/ui/")
+                assert answer.status_code == 200
+
+            overview_median, overview_max = await _time(overview)
+            print(f"{'overview (24 h of activity, every event)':<46} {'':>20} "
+                  f"{overview_median:>9.1f} / {overview_max:<8.1f}", flush=True)
     finally:
         await storage.close()
 
@@ -110,10 +127,11 @@ def main() -> None:
             url = f"sqlite:///{path}"
             asyncio.run(prepared(url))
             began = time.perf_counter()
-            fill_sqlite(path, options.events)
+            start = start_for(options.events)
+            fill_sqlite(path, options.events, start)
             print(f"SQLite, {options.events:,} events (filled in "
                   f"{time.perf_counter() - began:.0f} s)")
-            asyncio.run(measure(url, options.events))
+            asyncio.run(measure(url, options.events, start))
     if options.backend in ("postgresql", "both"):
         reason = unreachable_reason()
         if reason is not None:
@@ -122,10 +140,11 @@ def main() -> None:
             url = schema_url(schema)
             asyncio.run(prepared(url))
             began = time.perf_counter()
-            fill_postgres(url, options.events)
+            start = start_for(options.events)
+            fill_postgres(url, options.events, start)
             print(f"PostgreSQL, {options.events:,} events (filled in "
                   f"{time.perf_counter() - began:.0f} s)")
-            asyncio.run(measure(url, options.events))
+            asyncio.run(measure(url, options.events, start))
 
 
 if __name__ == "__main__":

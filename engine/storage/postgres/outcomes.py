@@ -78,9 +78,10 @@ class PostgresOutcomes(PostgresPart, Outcomes):
             "SELECT target, status, COUNT(*) FROM action_outcomes GROUP BY target, status")
         return {(target, status): count for target, status, count in rows}
 
-    async def activity(self, since: datetime) -> list[records.ActivityCount]:
+    async def activity(self, since: datetime,
+                       limit: int = 20_000) -> list[records.ActivityCount]:
         async with self._db.connection("count recent outcomes") as connection:
-            return await timeline.outcome_activity(connection, since)
+            return await timeline.outcome_activity(connection, since, limit)
 
     async def recent_retries(self, since: datetime, limit: int = 100) -> list[
             records.ActionOutcome]:

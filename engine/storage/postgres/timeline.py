@@ -1,9 +1,7 @@
 """Reads of the delivery log page on PostgreSQL: filtered keyset pages and per-minute activity.
 
-The inbox has no index on its receipt time (every delivery would pay for it inside the
-acknowledging commit), but ids follow arrival, so a time bound becomes an id bound by a
-binary search over the primary key: about twenty index lookups on one connection, whatever
-the inbox size. SQL text is assembled from fixed fragments only; every value is a parameter.
+A time bound becomes an id bound (ids follow arrival) from the receipt-time index, so each
+filter shape pages along one index. SQL text is assembled from fixed fragments only; every value is a parameter.
 """
 
 from __future__ import annotations
@@ -22,22 +20,12 @@ from engine.storage.postgres.rows import (
 
 async def first_id_at(connection: Conn, moment: datetime) -> int:
     """The id of the first event received at or after `moment` (one past the newest when
-    none is): a lower-bound binary search over the ids, which follow arrival."""
-    bounds = await (await connection.execute(
-        "SELECT (SELECT MIN(id) FROM inbox), (SELECT MAX(id) FROM inbox)")).fetchone()
-    if bounds is None or bounds[0] is None:
-        return 1
-    low, high = int(bounds[0]), int(bounds[1]) + 1
-    while low < high:
-        middle = (low + high) // 2
-        found = await (await connection.execute(
-            "SELECT id, received_at FROM inbox WHERE id >= %s ORDER BY id LIMIT 1", (middle,)
-        )).fetchone()
-        if found is None or found[1] >= moment:
-            high = middle
-        else:
-            low = int(found[0]) + 1
-    return low
+    none is), from the receipt-time index; ids follow arrival."""
+    found = await (await connection.execute(
+        "SELECT COALESCE((SELECT id FROM inbox WHERE received_at >= %s"
+        " ORDER BY received_at, id LIMIT 1), (SELECT MAX(id) + 1 FROM inbox), 1)", (moment,)
+    )).fetchone()
+    return int(found[0]) if found is not None else 1
 
 
 async def browse(connection: Conn, where: records.EventFilter, limit: int,
@@ -77,7 +65,7 @@ def _utc(moment: datetime) -> datetime:
 
 
 async def event_activity(connection: Conn, since: datetime) -> list[records.ActivityCount]:
-    first = await first_id_at(connection, since)
+    first = await first_id_at(connection, since.replace(second=0, microsecond=0))
     rows = await (await connection.execute(
         "SELECT date_trunc('minute', received_at AT TIME ZONE 'UTC'), status, COUNT(*)"
         " FROM inbox WHERE id >= %s GROUP BY 1, 2 ORDER BY 1, 2", (first,))).fetchall()
@@ -85,12 +73,14 @@ async def event_activity(connection: Conn, since: datetime) -> list[records.Acti
             for minute, status, count in rows]
 
 
-async def outcome_activity(connection: Conn, since: datetime) -> list[records.ActivityCount]:
+async def outcome_activity(connection: Conn, since: datetime,
+                           limit: int) -> list[records.ActivityCount]:
     first = await first_id_at(connection, since)
     rows = await (await connection.execute(
         "SELECT date_trunc('minute', updated_at AT TIME ZONE 'UTC'), target, status, COUNT(*)"
-        " FROM action_outcomes WHERE event_id >= %s AND updated_at >= %s"
-        " GROUP BY 1, 2, 3 ORDER BY 1, 2, 3", (first, since))).fetchall()
+        " FROM (SELECT updated_at, target, status FROM action_outcomes WHERE event_id >= %s"
+        " ORDER BY event_id DESC LIMIT %s) AS latest WHERE updated_at >= %s"
+        " GROUP BY 1, 2, 3 ORDER BY 1, 2, 3", (first, max(limit, 0), since))).fetchall()
     return [records.ActivityCount(minute.replace(tzinfo=UTC), target, status, int(count))
             for minute, target, status, count in rows]
 

@@ -66,8 +66,9 @@ class SQLiteOutcomes(SQLitePart, Outcomes):
             lambda row: ((str(row[0]), str(row[1])), int(row[2])))
         return dict(counted)
 
-    async def activity(self, since: datetime) -> list[records.ActivityCount]:
-        return await self._db.read(lambda c: timeline.outcome_activity(c, since),
+    async def activity(self, since: datetime,
+                       limit: int = 20_000) -> list[records.ActivityCount]:
+        return await self._db.read(lambda c: timeline.outcome_activity(c, since, limit),
                                    "count recent outcomes")
 
     async def recent_retries(self, since: datetime, limit: int = 100) -> list[

@@ -9,7 +9,7 @@ SQL text is assembled from fixed fragments only; every value is a parameter.
 from __future__ import annotations
 
 import sqlite3
-from datetime import datetime
+from datetime import datetime, timedelta
 
 from engine.storage import records
 from engine.storage.sqlite.rows import (
@@ -21,16 +21,9 @@ from engine.storage.sqlite.rows import (
 )
 
 
-def first_id_at(connection: sqlite3.Connection, moment: datetime) -> int:
-    """The id of the first event received at or after `moment` (one past the newest when
-    none is): a lower-bound binary search over the ids, which follow arrival."""
-    # Two subqueries: SQLite answers each from the end of the primary key, but not both at once.
-    low, high = connection.execute(
-        "SELECT (SELECT MIN(id) FROM inbox), (SELECT MAX(id) FROM inbox)").fetchone()
-    if low is None:
-        return 1
-    bound = ts(moment)
-    high += 1
+def _lower_bound(connection: sqlite3.Connection, bound: str, low: int, high: int) -> int:
+    """The first id in [low, high) whose event (or the next one after it) was received at or
+    after `bound` (stored text), else `high`: a binary search over the primary key."""
     while low < high:
         middle = (low + high) // 2
         found = connection.execute(
@@ -40,7 +33,23 @@ def first_id_at(connection: sqlite3.Connection, moment: datetime) -> int:
             high = middle
         else:
             low = found[0] + 1
-    return int(low)
+    return low
+
+
+def _id_range(connection: sqlite3.Connection) -> tuple[int, int] | None:
+    # Two subqueries: SQLite answers each from the end of the primary key, but not both at once.
+    low, high = connection.execute(
+        "SELECT (SELECT MIN(id) FROM inbox), (SELECT MAX(id) FROM inbox)").fetchone()
+    return None if low is None else (int(low), int(high) + 1)
+
+
+def first_id_at(connection: sqlite3.Connection, moment: datetime) -> int:
+    """The id of the first event received at or after `moment` (one past the newest when
+    none is): a lower-bound binary search over the ids, which follow arrival."""
+    ids = _id_range(connection)
+    if ids is None:
+        return 1
+    return _lower_bound(connection, ts(moment), *ids)
 
 
 def browse(connection: sqlite3.Connection, where: records.EventFilter, limit: int,
@@ -80,21 +89,51 @@ def _minute(text: str) -> datetime:
     return datetime.fromisoformat(f"{text}:00+00:00")
 
 
+# A minute with at most this many events is counted from its rows; a busier one from the
+# (status, id) index, one count a status, without reading a row.
+SMALL_MINUTE = 64
+MAX_MINUTES = 7 * 24 * 60
+
+
 def event_activity(connection: sqlite3.Connection,
                    since: datetime) -> list[records.ActivityCount]:
-    rows = connection.execute(
-        "SELECT substr(received_at, 1, 16), status, COUNT(*) FROM inbox WHERE id >= ?"
-        " GROUP BY 1, 2 ORDER BY 1, 2", (first_id_at(connection, since),))
-    return [records.ActivityCount(_minute(minute), None, status, count)
-            for minute, status, count in rows]
+    """Per minute from `since` (rounded down to its minute): the minute's id range by binary
+    search (ids follow arrival), then its events by status. The cost grows with the number of
+    minutes and statuses, not with the number of events."""
+    ids = _id_range(connection)
+    if ids is None:
+        return []
+    start = since.replace(second=0, microsecond=0)
+    low, top = _lower_bound(connection, ts(start), *ids), ids[1]
+    counts: list[records.ActivityCount] = []
+    for minute in range(MAX_MINUTES):
+        if low >= top:
+            break
+        began = start + timedelta(minutes=minute)
+        high = _lower_bound(connection, ts(began + timedelta(minutes=1)), low, top)
+        if high - low <= SMALL_MINUTE:
+            rows = connection.execute(
+                "SELECT status, COUNT(*) FROM inbox WHERE id >= ? AND id < ? GROUP BY status",
+                (low, high)).fetchall()
+        else:
+            rows = [(status, connection.execute(
+                "SELECT COUNT(*) FROM inbox INDEXED BY inbox_status"
+                " WHERE status = ? AND id >= ? AND id < ?", (status, low, high)).fetchone()[0])
+                for status in records.EVENT_STATUSES]
+        counts += [records.ActivityCount(began, None, status, int(n))
+                   for status, n in sorted(rows) if n]
+        low = high
+    return counts
 
 
-def outcome_activity(connection: sqlite3.Connection,
-                     since: datetime) -> list[records.ActivityCount]:
+def outcome_activity(connection: sqlite3.Connection, since: datetime,
+                     limit: int) -> list[records.ActivityCount]:
     rows = connection.execute(
-        "SELECT substr(updated_at, 1, 16), target, status, COUNT(*) FROM action_outcomes"
-        " WHERE event_id >= ? AND updated_at >= ? GROUP BY 1, 2, 3 ORDER BY 1, 2, 3",
-        (first_id_at(connection, since), ts(since)))
+        "SELECT substr(updated_at, 1, 16), target, status, COUNT(*) FROM ("
+        " SELECT updated_at, target, status FROM action_outcomes WHERE event_id >= ?"
+        " ORDER BY event_id DESC LIMIT ?)"
+        " WHERE updated_at >= ? GROUP BY 1, 2, 3 ORDER BY 1, 2, 3",
+        (first_id_at(connection, since), max(limit, 0), ts(since)))
     return [records.ActivityCount(_minute(minute), target, status, count)
             for minute, target, status, count in rows]
 
