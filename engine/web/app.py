@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import PlainTextResponse, Response
@@ -84,7 +85,7 @@ def create_ui(storage: Storage, config: UIConfig, *, clock: Clock = utc_now) -> 
         Mount("/static", app=StaticFiles(directory=STATIC), name="static"),
     ]
     return Starlette(routes=routes, middleware=[Middleware(SecurityHeaders)],
-                     exception_handlers={404: handlers.not_found, 405: handlers.not_found})
+                     exception_handlers={HTTPException: handlers.problem})
 
 
 def ui_off() -> Starlette:

@@ -6,6 +6,7 @@ named by id (one, or a group of dead letters), `inbox.requeue_dead()` for all of
 
 from __future__ import annotations
 
+import asyncio
 import re
 from datetime import timedelta
 from typing import Any
@@ -29,6 +30,7 @@ LOGIN_COOKIE = "linkcrm_ui_login"
 DEAD_LETTERS_READ = 1000
 CONTACTS_SHOWN = 1000
 OUTCOMES_READ = 20_000
+FAILED_LOGIN_DELAY = 0.5
 _NUMBERS = re.compile(r"\d+")
 
 FORM_BYTES = 256 * 1024
@@ -116,6 +118,7 @@ class Handlers:
         password = _one(form, "password")
         target = _safe_next(_one(form, "next"))
         if not password or not self.access.password_matches(password):
+            await asyncio.sleep(FAILED_LOGIN_DELAY)  # guessing costs time
             nonce = self.access.new_session().split(".")[1]
             response: Response = self.pages.render(
                 "login.html", 401, csrf=self.access.csrf_token(nonce), csrf_field=CSRF_FIELD,
@@ -141,9 +144,12 @@ class Handlers:
         response.set_cookie(name, value, max_age=seconds, path="/ui/", httponly=True,
                             samesite="strict", secure=request.url.scheme == "https")
 
-    async def not_found(self, request: Request, error: Exception) -> Response:
-        status = getattr(error, "status_code", 404)
+    async def problem(self, request: Request, error: Exception) -> Response:
+        """An error page (404, 403 for a missing CSRF token, ...) that says what is wrong."""
+        status = getattr(error, "status_code", 500)
         detail = getattr(error, "detail", "") or "no such page"
+        if status == 404 and detail == "Not Found":
+            detail = "no such page: the overview links to every page"
         return self.pages.render("error.html", status, status=status, detail=detail,
                                  csrf="", csrf_field=CSRF_FIELD, path="", signed_in=False)
 
