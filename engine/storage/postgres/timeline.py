@@ -1,7 +1,8 @@
 """Reads of the delivery log page on PostgreSQL: filtered keyset pages and per-minute activity.
 
 A time bound becomes an id bound (ids follow arrival) from the receipt-time index, so each
-filter shape pages along one index. SQL text is assembled from fixed fragments only; every value is a parameter.
+filter shape pages along one index. SQL text is assembled from fixed fragments only; every
+value is a parameter.
 """
 
 from __future__ import annotations
