@@ -110,6 +110,16 @@ async def measure(url: str, count: int, start: datetime) -> None:
         await storage.close()
 
 
+async def first_received(url: str) -> datetime:
+    storage = open_storage(url, create=False)
+    try:
+        first = await storage.inbox.get(1)
+        assert first is not None, "the file holds no events"
+        return first.received_at - STEP
+    finally:
+        await storage.close()
+
+
 async def prepared(url: str) -> None:
     storage = open_storage(url)
     await storage.migrate()
@@ -120,8 +130,19 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--events", type=int, default=1_000_000)
     parser.add_argument("--backend", choices=("sqlite", "postgresql", "both"), default="both")
+    parser.add_argument("--sqlite-file", type=Path,
+                        help="measure this SQLite file, filled by an earlier run with the same "
+                             "--events (kept), instead of filling a temporary one")
     options = parser.parse_args()
-    if options.backend in ("sqlite", "both"):
+    if options.backend in ("sqlite", "both") and options.sqlite_file is not None:
+        url = f"sqlite:///{options.sqlite_file}"
+        if not options.sqlite_file.exists():
+            asyncio.run(prepared(url))
+            fill_sqlite(str(options.sqlite_file), options.events, start_for(options.events))
+        start = asyncio.run(first_received(url))
+        print(f"SQLite, {options.events:,} events in {options.sqlite_file}")
+        asyncio.run(measure(url, options.events, start))
+    elif options.backend in ("sqlite", "both"):
         with tempfile.TemporaryDirectory() as folder:
             path = str(Path(folder) / "bench.db")
             url = f"sqlite:///{path}"

@@ -109,8 +109,14 @@ class SQLiteInbox(SQLitePart, Inbox):
             lambda c: timeline.browse(c, where, limit, before_id), "browse events")
 
     async def activity(self, since: datetime) -> list[records.ActivityCount]:
-        return await self._db.read(lambda c: timeline.event_activity(c, since),
-                                   "count recent events")
+        now = self._db.clock()
+        return await self._db.read(
+            lambda c: timeline.event_activity(c, since, now, self._minute_starts),
+            "count recent events")
+
+    @functools.cached_property
+    def _minute_starts(self) -> timeline.MinuteStarts:
+        return timeline.MinuteStarts()
 
     async def claim(
         self, worker_id: str, limit: int, lease_seconds: float

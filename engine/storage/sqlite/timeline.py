@@ -93,34 +93,60 @@ def _minute(text: str) -> datetime:
 # (status, id) index, one count a status, without reading a row.
 SMALL_MINUTE = 64
 MAX_MINUTES = 7 * 24 * 60
+# Where a minute that is over (received_at only grows) starts in the ids does not change: the
+# overview remembers it, so a reload searches only the minutes since the last one.
+SETTLED = timedelta(minutes=2)
+CACHE_LIMIT = 20_000
 
 
-def event_activity(connection: sqlite3.Connection,
-                   since: datetime) -> list[records.ActivityCount]:
+class MinuteStarts:
+    """The first id of each settled minute, found once per process."""
+
+    def __init__(self) -> None:
+        self.known: dict[str, int] = {}
+
+    def first_id(self, connection: sqlite3.Connection, minute: datetime, now: datetime,
+                 low: int, top: int) -> int:
+        bound = ts(minute)
+        cached = self.known.get(bound)
+        if cached is not None and low <= cached <= top:
+            return cached
+        found = _lower_bound(connection, bound, low, top)
+        if minute <= now - SETTLED and found < top:
+            if len(self.known) >= CACHE_LIMIT:
+                self.known.clear()
+            self.known[bound] = found
+        return found
+
+
+def event_activity(connection: sqlite3.Connection, since: datetime, now: datetime,
+                   starts: MinuteStarts) -> list[records.ActivityCount]:
     """Per minute from `since` (rounded down to its minute): the minute's id range by binary
-    search (ids follow arrival), then its events by status. The cost grows with the number of
-    minutes and statuses, not with the number of events."""
+    search (ids follow arrival; remembered once the minute is over), then its events by
+    status. The cost grows with the minutes and their events' index entries, never with the
+    rows' size."""
     ids = _id_range(connection)
     if ids is None:
         return []
     start = since.replace(second=0, microsecond=0)
-    low, top = _lower_bound(connection, ts(start), *ids), ids[1]
+    top = ids[1]
+    low = starts.first_id(connection, start, now, ids[0], top)
     counts: list[records.ActivityCount] = []
     for minute in range(MAX_MINUTES):
         if low >= top:
             break
         began = start + timedelta(minutes=minute)
-        high = _lower_bound(connection, ts(began + timedelta(minutes=1)), low, top)
+        high = starts.first_id(connection, began + timedelta(minutes=1), now, low, top)
         if high - low <= SMALL_MINUTE:
-            rows = connection.execute(
+            rows = [(str(row[0]), int(row[1])) for row in connection.execute(
                 "SELECT status, COUNT(*) FROM inbox WHERE id >= ? AND id < ? GROUP BY status",
-                (low, high)).fetchall()
+                (low, high))]
         else:
             rows = [(status, connection.execute(
                 "SELECT COUNT(*) FROM inbox INDEXED BY inbox_status"
                 " WHERE status = ? AND id >= ? AND id < ?", (status, low, high)).fetchone()[0])
                 for status in records.EVENT_STATUSES]
-        counts += [records.ActivityCount(began, None, status, int(n))
+        counts += [records.ActivityCount(began, None, status, n)
                    for status, n in sorted(rows) if n]
         low = high
     return counts
