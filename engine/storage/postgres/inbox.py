@@ -135,7 +135,7 @@ class PostgresInbox(PostgresPart, Inbox):
 
     async def activity(self, since: datetime) -> list[records.ActivityCount]:
         async with self._db.connection("count recent events") as connection:
-            return await timeline.event_activity(connection, since)
+            return await timeline.event_activity(connection, since, self._db.now())
 
     async def claim(
         self, worker_id: str, limit: int, lease_seconds: float

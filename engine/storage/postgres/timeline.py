@@ -65,12 +65,41 @@ def _utc(moment: datetime) -> datetime:
     return moment.astimezone(UTC)
 
 
-async def event_activity(connection: Conn, since: datetime) -> list[records.ActivityCount]:
-    first = await first_id_at(connection, since.replace(second=0, microsecond=0))
+# Per minute since the start (only minutes that hold events): where the minute starts in the
+# ids (one receipt-time index lookup each, on the server), then its events by status, one
+# primary-key range a minute.
+_EVENT_ACTIVITY = """
+WITH known AS (SELECT MIN(received_at) AS first_at, MAX(received_at) AS last_at,
+                      COALESCE(MAX(id), 0) + 1 AS top FROM inbox WHERE id >= %(low)s),
+starts AS MATERIALIZED (
+    SELECT g AS minute, COALESCE((SELECT i.id FROM inbox AS i WHERE i.received_at >= g
+                                  ORDER BY i.received_at LIMIT 1), known.top) AS first
+    FROM known, generate_series(
+        GREATEST(%(start)s::timestamptz, date_trunc('minute', known.first_at)),
+        LEAST(COALESCE(%(now)s::timestamptz, now()), known.last_at) + interval '1 minute',
+        interval '1 minute') AS g
+),
+spans AS MATERIALIZED (
+    SELECT * FROM (SELECT minute, first AS low, lead(first) OVER (ORDER BY minute) AS high
+                   FROM starts) AS all_minutes
+    WHERE high > low
+)
+SELECT spans.minute, c.status, c.n
+FROM spans
+CROSS JOIN LATERAL (SELECT status, COUNT(*) AS n FROM inbox
+                    WHERE inbox.id >= spans.low AND inbox.id < spans.high
+                    GROUP BY status) AS c
+ORDER BY 1, 2
+"""
+
+
+async def event_activity(connection: Conn, since: datetime,
+                         now: datetime | None) -> list[records.ActivityCount]:
+    start = since.replace(second=0, microsecond=0)
+    low = await first_id_at(connection, start)
     rows = await (await connection.execute(
-        "SELECT date_trunc('minute', received_at AT TIME ZONE 'UTC'), status, COUNT(*)"
-        " FROM inbox WHERE id >= %s GROUP BY 1, 2 ORDER BY 1, 2", (first,))).fetchall()
-    return [records.ActivityCount(minute.replace(tzinfo=UTC), None, status, int(count))
+        _EVENT_ACTIVITY, {"start": start, "now": now, "low": low})).fetchall()
+    return [records.ActivityCount(_utc(minute), None, status, int(count))
             for minute, status, count in rows]
 
 
