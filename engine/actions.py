@@ -11,6 +11,7 @@ An action here is *planned*: every expression is already evaluated, so the value
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import ClassVar, TypeAlias
@@ -33,6 +34,19 @@ Identity = tuple[IdentityKey, ...]  # in priority order; never empty once planne
 
 def identity_as_dict(identity: Identity) -> dict[str, JSON]:
     return {key.field: key.value for key in identity}
+
+
+# The "target" of the identity digests recorded for every event, whatever its targets (no
+# target can be named "*"): the delivery log's search by token or email reads them.
+TOUCHED = "*"
+
+
+def identity_digest(target: str, key: IdentityKey) -> str:
+    """`target:` and a hash of the key: the worker's ordering key for one identity on one
+    target, recorded per event, so the delivery log can find the events that touched a person
+    without copying identities (emails) into one more table."""
+    material = f"{key.field}\0{key.value}".encode("utf-8", "surrogatepass")
+    return f"{target}:" + hashlib.sha256(material).hexdigest()[:32]
 
 
 @dataclass(frozen=True)

@@ -11,6 +11,8 @@ from typing import NoReturn
 import click
 
 from engine.errors import ConfigError, StorageError
+from engine.rules.files import load_ruleset
+from engine.rules.model import RuleSet
 from engine.runtime.logs import configure_logging
 from engine.runtime.metrics import Metrics
 from engine.runtime.settings import Settings
@@ -28,11 +30,13 @@ from engine.worker.snapshot import Rules
 from . import params
 from .listen import bind
 from .output import fail
+from .pages import announce, page_routes
 from .runtime import (
     database_label,
     load_settings,
     require_secret,
     rules_folder,
+    rules_location,
     show_problems,
     storage_failed,
     with_storage,
@@ -52,6 +56,22 @@ def _check_targets() -> list[str]:
     except ConfigError as error:
         show_problems(error.problems)
         fail("fix the target settings above", 2)
+
+
+def _targets_quietly() -> list[str]:
+    """The targets the delivery log searches, for `serve --no-worker` (which runs none)."""
+    try:
+        return select_targets(os.environ)
+    except ConfigError:
+        return ["local"]
+
+
+def _rules_quietly(settings: Settings) -> RuleSet | None:
+    """The rules that explain events on the delivery log, for `serve --no-worker`."""
+    try:
+        return load_ruleset([rules_location(settings)])
+    except (ConfigError, OSError):
+        return None
 
 
 def _not_set_up(error: ConfigError) -> NoReturn:
@@ -110,7 +130,8 @@ def serve(host: str, port: int, no_worker: bool, no_migrate: bool,
     Verifies and durably stores every event before answering (POST /webhooks/tolinku,
     POST /v1/identify), and runs the worker in the same process, which applies the rules
     to every enabled target (the embedded `local` CRM when no CRM credentials are set).
-    Also serves GET /healthz, /readyz and /metrics. Needs WEBHOOK_SECRET; reads
+    Also serves GET /healthz, /readyz and /metrics, and the delivery log page at /ui/
+    when LINKCRM_UI_PASSWORD is set. Needs WEBHOOK_SECRET; reads
     LINKCRM_DATABASE_URL (default sqlite:///linkcrm.db) and LINKCRM_RULES (default rules/).
     Stops on Ctrl-C or SIGTERM. Exit 3 when it cannot listen on HOST:PORT (the port is in
     use), before anything else starts.
@@ -123,15 +144,17 @@ def serve(host: str, port: int, no_worker: bool, no_migrate: bool,
     settings = load_settings()
     require_secret(settings)
     location = rules_folder(settings)
-    if not no_worker:
-        _check_targets()
+    targets = _check_targets() if not no_worker else _targets_quietly()
     sockets = bind(host, port)  # before the database or a CRM is touched: a taken port is exit 3
     try:
         rules = _prepare(settings, location, worker=not no_worker, migrate=not no_migrate)
         workers: list[InProcessWorker] = [hangup_handler(location)]
         if rules is not None:
             workers.append(in_process_worker(rules, settings, os.environ, concurrency))
-        run(settings, host=host, port=port, migrate=False, workers=workers, sockets=sockets)
+        announce(settings, host, port)
+        shown = rules.active if rules is not None else _rules_quietly(settings)
+        run(settings, host=host, port=port, migrate=False, workers=workers, sockets=sockets,
+            pages=page_routes(settings, shown, targets))
     except KeyboardInterrupt:
         pass  # Ctrl-C: uvicorn has shut down gracefully and re-raised SIGINT; a clean stop
     except StorageError as error:

@@ -20,8 +20,9 @@ MIB = 1024 * 1024
 class Settings:
     """Everything `linkcrm serve` and `linkcrm worker` read from the environment.
 
-    Secrets (`webhook_secrets`, `api_keys`, `metrics_keys`) are kept out of `repr`, and the
-    database URL shows no password, so a logged or printed Settings never leaks them.
+    Secrets (`webhook_secrets`, `api_keys`, `metrics_keys`, `ui_password`) are kept out of
+    `repr`, and the database URL shows no password, so a logged or printed Settings never
+    leaks them.
 
         >>> Settings.from_env({"WEBHOOK_SECRET": "whsec_a"}).max_body_bytes
         1048576
@@ -31,6 +32,8 @@ class Settings:
     webhook_secrets: tuple[str, ...] = field(default=(), repr=False)
     api_keys: tuple[str, ...] = field(default=(), repr=False)
     metrics_keys: tuple[str, ...] = field(default=(), repr=False)
+    # The delivery log page's password (LINKCRM_UI_PASSWORD); the page is off without one.
+    ui_password: str | None = field(default=None, repr=False)
     rules_dir: Path = Path("rules")
     max_body_bytes: int = MIB
     request_timeout: float = 10.0
@@ -53,6 +56,7 @@ class Settings:
             webhook_secrets=reader.get("WEBHOOK_SECRET", (), _secrets),
             api_keys=reader.get("LINKCRM_API_KEYS", (), _secrets),
             metrics_keys=reader.get("LINKCRM_METRICS_KEY", (), _secrets),
+            ui_password=reader.get("LINKCRM_UI_PASSWORD", None, _password),
             rules_dir=reader.get("LINKCRM_RULES", cls.rules_dir, Path),
             max_body_bytes=reader.get("LINKCRM_MAX_BODY_BYTES", cls.max_body_bytes, _positive_int),
             request_timeout=reader.get(
@@ -117,6 +121,15 @@ def _secrets(raw: str) -> tuple[str, ...]:
         raise ValueError(f"has an empty entry: {error}") from None
 
 
+UI_PASSWORD_MIN = 12
+
+
+def _password(raw: str) -> str | None:
+    if len(raw) < UI_PASSWORD_MIN:
+        raise ValueError(f"is {len(raw)} characters long; it needs at least {UI_PASSWORD_MIN}")
+    return raw
+
+
 def _positive_int(raw: str) -> int:
     try:
         value = int(raw.replace("_", ""))
@@ -153,6 +166,9 @@ _HINTS = {
     "LINKCRM_API_KEYS": "set comma-separated bearer keys, e.g. LINKCRM_API_KEYS=key1,key2",
     "LINKCRM_METRICS_KEY": "set the bearer key scrapers send (comma-separate two during a "
                            "rotation), e.g. LINKCRM_METRICS_KEY=scrape-key",
+    "LINKCRM_UI_PASSWORD": "set a long random password for the delivery log page, e.g. "
+                           "export LINKCRM_UI_PASSWORD=$(python3 -c 'import secrets; "
+                           "print(secrets.token_urlsafe(16))')",
     "LINKCRM_RULES": "set it to the directory that holds your rule files, e.g. LINKCRM_RULES=rules",
     "LINKCRM_MAX_BODY_BYTES": "set a size in bytes, e.g. LINKCRM_MAX_BODY_BYTES=1048576 (1 MiB)",
     "LINKCRM_REQUEST_TIMEOUT": "set seconds, e.g. LINKCRM_REQUEST_TIMEOUT=10",

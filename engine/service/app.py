@@ -18,7 +18,7 @@ from typing import Any
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import Response
-from starlette.routing import Route
+from starlette.routing import BaseRoute, Route
 from starlette.types import Receive, Scope, Send
 
 from engine.runtime.metrics import Metrics
@@ -42,11 +42,13 @@ def create_app(
     clock: Clock = utc_now,
     background: Sequence[BackgroundTask] = (),
     supervisor: Supervisor | None = None,
+    pages: Sequence[BaseRoute] = (),
 ) -> Starlette:
     """The receiver as a Starlette app. `storage` must be open and migrated; `background`
     coroutines (the in-process worker) run for the app's lifetime under `supervisor`, which
     restarts one that crashes (/readyz answers 503 until it runs again), and are cancelled at
-    shutdown.
+    shutdown. `pages` are more routes, mounted by `linkcrm serve` (the delivery log under
+    /ui/, engine/web), which this package knows nothing of.
     """
     metrics = metrics or Metrics()
     supervisor = supervisor or Supervisor()
@@ -63,6 +65,7 @@ def create_app(
             Route("/readyz", health.readyz, methods=["GET"]),
             Route("/metrics", MetricsEndpoint(metrics, settings.metrics_keys).scrape,
                   methods=["GET"]),
+            *pages,
         ],
         lifespan=_Lifespan(supervisor, background, identify_open=bool(settings.api_keys)),
     )

@@ -18,6 +18,7 @@ from collections.abc import Callable, Coroutine, Sequence
 from typing import Any
 
 import uvicorn
+from starlette.routing import BaseRoute
 
 from engine.runtime.logs import configure_logging
 from engine.runtime.metrics import Metrics
@@ -33,6 +34,8 @@ log = logging.getLogger(__name__)
 DEADLINE_GRACE_SECONDS = 1.0
 
 Worker = Callable[[Storage, Metrics], Coroutine[Any, Any, None]]
+# More routes on the open storage (the delivery log pages, built by `linkcrm serve`).
+Pages = Callable[[Storage], Sequence[BaseRoute]]
 
 
 def run(
@@ -43,6 +46,7 @@ def run(
     migrate: bool = True,
     workers: Sequence[Worker] = (),
     sockets: Sequence[socket.socket] | None = None,
+    pages: Pages | None = None,
 ) -> None:
     """Blocking entry point for `linkcrm serve`: JSON logs, then serve until stopped.
 
@@ -53,7 +57,8 @@ def run(
     """
     settings.require_webhook_secret()
     configure_logging(settings.log_level)
-    asyncio.run(_serve(settings, (host, port), sockets, migrate=migrate, workers=workers))
+    asyncio.run(_serve(settings, (host, port), sockets, migrate=migrate, workers=workers,
+                       pages=pages))
 
 
 async def _serve(
@@ -63,6 +68,7 @@ async def _serve(
     *,
     migrate: bool,
     workers: Sequence[Worker],
+    pages: Pages | None = None,
 ) -> None:
     storage = open_storage(settings.database_url)
     try:
@@ -71,7 +77,8 @@ async def _serve(
         metrics = Metrics()
         register_storage_gauges(metrics, storage)
         background = [_bind(worker, storage, metrics) for worker in workers]
-        app = create_app(storage, settings, metrics=metrics, background=background)
+        app = create_app(storage, settings, metrics=metrics, background=background,
+                         pages=pages(storage) if pages is not None else ())
         host, port = address
         config = uvicorn.Config(
             app,

@@ -66,6 +66,17 @@ class Inbox(Protocol):
     ) -> list[records.InboxEvent]:
         """Newest first; `before_id` pages backwards."""
 
+    async def browse(
+        self, where: records.EventFilter, *, limit: int = 50, before_id: int | None = None,
+    ) -> list[records.InboxEvent]:
+        """Events matching `where`, newest first, at most `limit`; `before_id` pages backwards
+        (keyset paging: each page costs the same however deep, and the time bounds become
+        id bounds, found by a binary search over the ids)."""
+
+    async def activity(self, since: datetime) -> list[records.ActivityCount]:
+        """Events received since `since` (rounded down to its minute), counted per minute and
+        current status; the cost grows with the minutes, not with the events."""
+
     async def claim(
         self, worker_id: str, limit: int, lease_seconds: float
     ) -> list[records.InboxEvent]:
@@ -154,6 +165,17 @@ class Outcomes(Protocol):
 
     async def counts(self) -> Mapping[tuple[str, str], int]:
         """(target, status) -> number of actions, for metrics."""
+
+    async def activity(self, since: datetime,
+                       limit: int = 20_000) -> list[records.ActivityCount]:
+        """Outcomes of the events received since `since`, last recorded since `since`,
+        counted per minute (of their latest attempt), target and status; only the outcomes
+        of the newest events, at most `limit` of them, so the cost has a bound."""
+
+    async def recent_retries(self, since: datetime, limit: int = 100) -> list[
+            records.ActionOutcome]:
+        """Outcomes of events received since `since` that wait for a retry, newest first:
+        their errors say whether a target is rate-limited or failing."""
 
 
 class IdentityMap(Protocol):

@@ -273,6 +273,34 @@ class InboxStats:
 
 
 @dataclass(frozen=True, slots=True)
+class EventFilter:
+    """Which events `Inbox.browse` returns; every condition given must hold.
+
+    The received-time bounds follow arrival order (ids): `received_from` starts at the first
+    event received at or after it, `received_until` stops before the first event received at
+    or after it. `touched` holds identity digests (`engine.actions.identity_digest`, the
+    worker's ordering keys): only events whose planned actions touched one of them.
+    """
+
+    status: EventStatus | None = None
+    event_type: str | None = None
+    received_from: datetime | None = None
+    received_until: datetime | None = None
+    touched: tuple[str, ...] | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ActivityCount:
+    """How many events (by `status`) or action outcomes (by `target` and `status`) fall in
+    the minute starting at `minute` (UTC)."""
+
+    minute: datetime
+    target: str | None
+    status: str
+    count: int
+
+
+@dataclass(frozen=True, slots=True)
 class StageChange:
     at: datetime
     from_stage: str | None

@@ -32,7 +32,7 @@ from engine.targets.base import Target, batches
 from engine.worker.apply import Applier, Lane, PartResult, Sleep
 from engine.worker.batch import Batcher
 from engine.worker.pinning import PinnedRules
-from engine.worker.plan import KeyedAction, Work, ordering_keys, prepare
+from engine.worker.plan import KeyedAction, Work, ordering_keys, prepare, touched_keys
 from engine.worker.retrying import RetryPolicy
 from engine.worker.snapshot import Rules, ShadowHook
 
@@ -495,7 +495,11 @@ def _dead_lines(job: _Job, target: str) -> list[str]:
 
 
 def _all_keys(job: _Job) -> list[str]:
-    return sorted({key for keys in job.keys.values() for key in keys})
+    """The keys to record: each unfinished target's, which later events wait on, and the
+    identities the event touched (`touched_keys`), which stay for the delivery log's search
+    and which no event ever waits on (no target is named "*")."""
+    return sorted({*touched_keys(job.work.actions),
+                   *(key for keys in job.keys.values() for key in keys)})
 
 
 __all__ = ["KeyedAction", "Worker", "WorkerOptions"]

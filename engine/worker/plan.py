@@ -9,7 +9,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, replace
 from typing import Any
 
-from engine.actions import Action
+from engine.actions import TOUCHED, Action, identity_digest
 from engine.errors import where
 from engine.rules.evaluator import ActionFailure, Plan, plan
 from engine.rules.model import RuleSet
@@ -65,12 +65,15 @@ def ordering_keys(target: str, actions: Iterable[KeyedAction]) -> list[str]:
     """One key per identity the actions touch on `target`: two events sharing one are applied
     to that target in arrival order. Hashed, so identities (emails) are not copied into one
     more table that `purge` would have to clean."""
-    keys = {
-        f"{target}:" + hashlib.sha256(
-            f"{key.field}\0{key.value}".encode("utf-8", "surrogatepass")).hexdigest()[:32]
-        for keyed in actions for key in keyed.action.identity
-    }
+    keys = {identity_digest(target, key) for keyed in actions for key in keyed.action.identity}
     return sorted(keys)
+
+
+def touched_keys(actions: Iterable[KeyedAction]) -> list[str]:
+    """One key per identity the actions touch on any target (`engine.actions.TOUCHED`): kept
+    after the event is done, so the delivery log finds the events that touched a person."""
+    return sorted({identity_digest(TOUCHED, key) for keyed in actions
+                   for key in keyed.action.identity})
 
 
 def prepare(event: InboxEvent, ruleset: RuleSet) -> Work:

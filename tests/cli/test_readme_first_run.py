@@ -14,6 +14,8 @@ import sys
 import time
 from pathlib import Path
 
+import httpx
+
 from tests.support.service_process import ROOT, free_port
 
 INSTALL = "python3 -m venv .venv && . .venv/bin/activate && pip install -e . && "
@@ -75,6 +77,18 @@ class Terminal:
         os.close(self.fd)
 
 
+def contacts_page(address: str, password: str) -> str:
+    """The contacts page, logged in with the password the command printed."""
+    with httpx.Client(base_url=address.removesuffix("/ui/"), timeout=10) as client:
+        form = client.get("/ui/login").text
+        token = re.search(r'name="csrf" value="([0-9a-f]+)"', form)
+        assert token is not None, form
+        answer = client.post("/ui/login", data={"csrf": token.group(1), "password": password,
+                                                "next": "/ui/contacts"})
+        assert answer.status_code == 303, answer.text
+        return client.get("/ui/contacts").text
+
+
 def port_is_free(port: int) -> bool:
     with socket.socket() as probe:
         try:
@@ -88,8 +102,10 @@ def test_ctrl_c_stops_the_first_command_and_frees_the_port(tmp_path: Path) -> No
     port = free_port()
     command = first_command()
     assert command.count("linkcrm serve") == 1 and command.count("linkcrm send-samples") == 1
+    assert command.count("127.0.0.1:8000") == 1  # the delivery log's address it prints
     command = command.replace("linkcrm serve", f"linkcrm serve --port {port}").replace(
-        "linkcrm send-samples", f"linkcrm send-samples --url http://127.0.0.1:{port}")
+        "linkcrm send-samples", f"linkcrm send-samples --url http://127.0.0.1:{port}").replace(
+        "127.0.0.1:8000", f"127.0.0.1:{port}")
     env = {"PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", "HOME": str(tmp_path),
            "TERM": "xterm", "PS1": "$ ", "LINKCRM_RULES": str(ROOT / "rules")}
     terminal = Terminal(tmp_path, env)
@@ -97,8 +113,12 @@ def test_ctrl_c_stops_the_first_command_and_frees_the_port(tmp_path: Path) -> No
         terminal.read_until(r"\$ $", timeout=10)
         terminal.type(command + "\n")
         terminal.read_until(r"deal 1 .*key: referral-ref_sample_sam", timeout=90)
+        shown = terminal.read_until(r"delivery log: (\S+) password: (\S+)\r?\n", timeout=30)
+        printed = re.findall(r"delivery log: (\S+) password: (\S+)\r?\n", shown)[-1]
+        assert printed[0] == f"http://127.0.0.1:{port}/ui/", shown
+        assert "ref_sample_sam" in contacts_page(printed[0], printed[1])
         assert not port_is_free(port)  # serving
-        time.sleep(2)  # `crm deals` has printed; let it exit, so Ctrl-C finds only the server
+        time.sleep(2)  # the echo has printed; let the subshell exit, so Ctrl-C finds only serve
         terminal.type("\x03")  # Ctrl-C
         time.sleep(1)  # typed after the interrupt is handled (Ctrl-C flushes pending input)
         terminal.type("echo stopped-$?-$((1+1))\n")

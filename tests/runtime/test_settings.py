@@ -71,3 +71,15 @@ def test_serving_without_a_webhook_secret_says_how_to_set_one() -> None:
     with pytest.raises(ConfigError, match="export WEBHOOK_SECRET="):
         Settings.from_env({}).require_webhook_secret()
     Settings.from_env({"WEBHOOK_SECRET": "whsec_a"}).require_webhook_secret()
+
+
+def test_the_ui_password_is_a_secret_of_at_least_twelve_characters() -> None:
+    assert Settings.from_env({}).ui_password is None
+    settings = Settings.from_env({"LINKCRM_UI_PASSWORD": "a long ui password"})
+    assert settings.ui_password == "a long ui password"
+    assert "a long ui password" not in repr(settings)
+    with pytest.raises(ConfigError) as caught:
+        Settings.from_env({"LINKCRM_UI_PASSWORD": "short-pw"})
+    text = str(caught.value)
+    assert "LINKCRM_UI_PASSWORD is 8 characters long; it needs at least 12" in text
+    assert "secrets.token_urlsafe" in text and "short-pw" not in text

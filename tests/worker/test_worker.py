@@ -8,10 +8,11 @@ from pathlib import Path
 
 import pytest
 
+from engine.actions import TOUCHED, IdentityKey, identity_digest
 from engine.errors import PermanentCRMError, RetryableCRMError
 from engine.rules.model import RuleSet
 from engine.runtime.metrics import Metrics
-from engine.storage import Storage, open_storage
+from engine.storage import EventFilter, Storage, open_storage
 from engine.targets.local.target import LocalTarget
 from engine.worker.loop import Worker, WorkerOptions
 from engine.worker.plan import prepare
@@ -226,3 +227,20 @@ async def test_idempotency_keys_are_stable_when_a_rule_file_is_edited(
     assert await storage.inbox.requeue(event_id)
     await Worker(storage, after, [target]).run_until_idle()
     assert target.kinds(event_id) == ["upsert_contact", "set_stage", "create_deal"]
+
+
+async def test_the_identities_an_event_touched_stay_findable_after_it_is_done(
+        storage: Storage) -> None:
+    """The delivery log's search: the worker keeps one digest per identity an event touched
+    (target "*"), after every target has finished with it; the targets' own ordering keys,
+    which later events wait on, are gone."""
+    ruleset = shipped_rules()
+    first = await store(storage, "install.tracked", token="tok_find", campaign="spring")
+    await store(storage, "install.tracked", token="tok_other", campaign="spring")
+    await Worker(storage, ruleset, [LocalTarget(storage.local_crm, ruleset.field_map)]
+                 ).run_until_idle()
+    digest = identity_digest(TOUCHED, IdentityKey("deep_link_token", "tok_find"))
+    found = await storage.inbox.browse(EventFilter(touched=(digest,)))
+    assert [(e.id, e.status) for e in found] == [(first, "processed")]
+    local = identity_digest("local", IdentityKey("deep_link_token", "tok_find"))
+    assert await storage.inbox.browse(EventFilter(touched=(local,))) == []

@@ -13,6 +13,7 @@ import psycopg
 
 from engine.errors import StorageError, UnstorableEventError
 from engine.storage import checks, records, values
+from engine.storage.postgres import timeline
 from engine.storage.postgres.batch import Batcher
 from engine.storage.postgres.database import PostgresDatabase, PostgresPart
 from engine.storage.postgres.rows import (
@@ -125,6 +126,16 @@ class PostgresInbox(PostgresPart, Inbox):
             {"status": status, "before": before_id, "limit": max(limit, 0)},
         )
         return [event_from_row(row) for row in rows]
+
+    async def browse(
+        self, where: records.EventFilter, *, limit: int = 50, before_id: int | None = None,
+    ) -> list[records.InboxEvent]:
+        async with self._db.connection("browse events") as connection:
+            return await timeline.browse(connection, where, limit, before_id)
+
+    async def activity(self, since: datetime) -> list[records.ActivityCount]:
+        async with self._db.connection("count recent events") as connection:
+            return await timeline.event_activity(connection, since, self._db.now())
 
     async def claim(
         self, worker_id: str, limit: int, lease_seconds: float

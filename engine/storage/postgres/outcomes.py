@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
+from datetime import datetime
 
 from engine.storage import records, values
+from engine.storage.postgres import timeline
 from engine.storage.postgres.database import PostgresPart
 from engine.storage.postgres.rows import (
     NOW,
@@ -75,3 +77,13 @@ class PostgresOutcomes(PostgresPart, Outcomes):
             "count outcomes",
             "SELECT target, status, COUNT(*) FROM action_outcomes GROUP BY target, status")
         return {(target, status): count for target, status, count in rows}
+
+    async def activity(self, since: datetime,
+                       limit: int = 20_000) -> list[records.ActivityCount]:
+        async with self._db.connection("count recent outcomes") as connection:
+            return await timeline.outcome_activity(connection, since, limit)
+
+    async def recent_retries(self, since: datetime, limit: int = 100) -> list[
+            records.ActionOutcome]:
+        async with self._db.connection("read recent retries") as connection:
+            return await timeline.recent_retries(connection, since, limit)

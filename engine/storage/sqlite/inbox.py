@@ -14,6 +14,7 @@ from datetime import datetime, timedelta
 from engine.errors import StorageError, UnstorableEventError
 from engine.storage import checks, records, values
 from engine.storage.protocols import Inbox
+from engine.storage.sqlite import timeline
 from engine.storage.sqlite.database import SQLitePart
 from engine.storage.sqlite.groupcommit import fails_one_job, storage_error
 from engine.storage.sqlite.rows import (
@@ -100,6 +101,22 @@ class SQLiteInbox(SQLitePart, Inbox):
             " WHERE (? IS NULL OR status = ?) AND (? IS NULL OR id < ?)"
             " ORDER BY id DESC LIMIT ?",
             (status, status, before_id, before_id, limit), event_from_row)
+
+    async def browse(
+        self, where: records.EventFilter, *, limit: int = 50, before_id: int | None = None,
+    ) -> list[records.InboxEvent]:
+        return await self._db.read(
+            lambda c: timeline.browse(c, where, limit, before_id), "browse events")
+
+    async def activity(self, since: datetime) -> list[records.ActivityCount]:
+        now = self._db.clock()
+        return await self._db.read(
+            lambda c: timeline.event_activity(c, since, now, self._minute_starts),
+            "count recent events")
+
+    @functools.cached_property
+    def _minute_starts(self) -> timeline.MinuteStarts:
+        return timeline.MinuteStarts()
 
     async def claim(
         self, worker_id: str, limit: int, lease_seconds: float

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import sqlite3
 from collections.abc import Mapping
+from datetime import datetime
 
 from engine.storage import records, values
 from engine.storage.protocols import Outcomes
+from engine.storage.sqlite import timeline
 from engine.storage.sqlite.database import SQLitePart
 from engine.storage.sqlite.rows import OUTCOME_COLUMNS, dumps_optional, outcome_from_row, ts
 
@@ -63,3 +65,13 @@ class SQLiteOutcomes(SQLitePart, Outcomes):
             "SELECT target, status, COUNT(*) FROM action_outcomes GROUP BY target, status", (),
             lambda row: ((str(row[0]), str(row[1])), int(row[2])))
         return dict(counted)
+
+    async def activity(self, since: datetime,
+                       limit: int = 20_000) -> list[records.ActivityCount]:
+        return await self._db.read(lambda c: timeline.outcome_activity(c, since, limit),
+                                   "count recent outcomes")
+
+    async def recent_retries(self, since: datetime, limit: int = 100) -> list[
+            records.ActionOutcome]:
+        return await self._db.read(lambda c: timeline.recent_retries(c, since, limit),
+                                   "read recent retries")

@@ -171,6 +171,12 @@ MIGRATIONS: Migrations = (
         "CREATE UNIQUE INDEX rule_versions_one_shadow ON rule_versions (status)"
         " WHERE status = 'shadow'",
     )),
+    # The delivery log page filters events by type, newest first, in pages: without this
+    # index a rare type (one event in 10,000) read half a million rows a page (0.4 s at
+    # 1,000,000 events); with it, 50 index entries.
+    (7, (
+        "CREATE INDEX inbox_event_type ON inbox (event_type, id)",
+    )),
 )
 
 LATEST = MIGRATIONS[-1][0]

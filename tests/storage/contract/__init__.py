@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import pytest
 
+from tests.storage.contract.browsing import BrowsingContract
 from tests.storage.contract.identities import IdentityMapContract
 from tests.storage.contract.inbox import InboxContract
 from tests.storage.contract.lifecycle import LifecycleContract
@@ -30,7 +31,7 @@ __all__ = ["EMAIL", "STAGES", "TOKEN", "FakeClock", "StorageContract", "event", 
 @pytest.mark.anyio
 class StorageContract(InboxContract, OutcomesContract, IdentityMapContract, RateLimitsContract,
                       LocalCRMContract, LifecycleContract, RuleVersionsContract,
-                      ShadowResultsContract):
+                      ShadowResultsContract, BrowsingContract):
     @pytest.fixture
     def anyio_backend(self) -> str:
         return "asyncio"
