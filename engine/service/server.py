@@ -85,6 +85,9 @@ async def _serve(
             lifespan="on",
             log_config=None,  # logging is ours: JSON lines, configured by run()
             access_log=False,  # access lines carry client IPs (personal data)
+            # Nothing reads the client's address, so X-Forwarded-For is not worth a middleware
+            # layer on every request.
+            proxy_headers=False,
             server_header=False,
             timeout_keep_alive=5,
             timeout_graceful_shutdown=math.ceil(settings.request_timeout),
