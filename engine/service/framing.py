@@ -21,11 +21,14 @@ this protocol closes the gap, and every refusal is a 4xx that says what was wron
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from typing import ClassVar
 
 import httptools
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
+
+from engine.service.coalesce import CoalescingTransport
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +79,10 @@ class StrictHttpToolsProtocol(HttpToolsProtocol):
     _has_body = False  # a body is declared (Content-Length above 0, or Transfer-Encoding)
     _content_length = False
     _transfer_encoding = False
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        # A head and its body in one send (coalesce.py).
+        super().connection_made(CoalescingTransport(transport, self.loop))
 
     def data_received(self, data: bytes) -> None:
         self._unset_keepalive_if_required()
