@@ -1,6 +1,7 @@
 """Receiver speed: the durable receiver next to a bare app that only verifies and answers 200.
 
     python tests/benchmarks/bench_receiver.py [--seconds 10] [--rounds 2] [--connections 32]
+                                              [--drain 20000]
 
 The servers run as separate processes with one uvicorn worker on loopback: `linkcrm serve
 --no-worker` on a fresh SQLite file (WAL, synchronous=FULL, group commit), and a bare Starlette
@@ -12,7 +13,10 @@ distinct ~600-byte bodies, so dedupe never short-circuits) or, without wrk, an a
 keep-alive client. Rounds alternate the servers so all see the same machine; the best round of
 each is reported, with the server's CPU time per request, which a busy machine moves far less
 than requests/s.
-Target (issue 12): durable >= 65% of bare requests/s, durable p99 < 15 ms.
+Then, unless `--drain 0`, the end-to-end drain (drain.py): N distinct events into one `linkcrm
+serve` with its worker and the local CRM, timed from the first receipt to the last applied.
+Targets (issue 12): durable >= 65% of bare requests/s, durable p99 < 15 ms; drain >= 3,000
+events/s applied.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from tests.benchmarks.drain import drain
 from tests.support.paths import REPO
 
 ROOT = REPO
@@ -227,6 +232,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="wrk threads")
     parser.add_argument("--bodies", type=int, default=150_000)
     parser.add_argument("--no-wrk", action="store_true", help="use the asyncio generator")
+    parser.add_argument("--drain", type=int, default=20_000, metavar="N",
+                        help="then the end-to-end drain of N events through `linkcrm serve` "
+                             "(receiver and worker, local CRM); 0 skips it")
     options = parser.parse_args()
     use_wrk = shutil.which("wrk") is not None and not options.no_wrk
 
@@ -298,6 +306,13 @@ def main() -> None:
     verdict = "met" if ratio >= 0.65 and best["durable"].p99_ms < 15 else "MISSED"
     print(f"durable/bare = {ratio:.0%}  (target >= 65% of bare uvloop + httptools, "
           f"p99 < 15 ms: {verdict})")
+    if options.drain:
+        with tempfile.TemporaryDirectory(prefix="linkcrm-drain-") as scratch:
+            drained = drain(options.drain, Path(scratch), connections=options.connections)
+        for line in drained.lines(best["durable"].rate):
+            print(line)
+        print(f"  drain/bare = {drained.applied_per_s / anchor:.0%}; target >= 3,000 events/s "
+              f"applied: {'met' if drained.applied_per_s >= 3000 else 'MISSED'}")
 
 
 def _load(use_wrk: bool, port: int, data: Path, script: Path, made: list[tuple[str, bytes]],
