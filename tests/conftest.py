@@ -13,7 +13,8 @@ from tests.support.postgres import fresh_schema, require_postgres, schema_url
 
 @pytest.fixture(scope="session")
 def anyio_backend() -> str:
-    """Async tests (`pytest.mark.anyio`) run on asyncio, the loop linkcrm runs on."""
+    """Async tests (`pytest.mark.anyio`) run on asyncio; `serve` runs uvloop, which keeps
+    asyncio's API (tests/service/test_framing.py and test_intake.py run on it)."""
     return "asyncio"
 
 

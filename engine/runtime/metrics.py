@@ -53,12 +53,19 @@ class Counter:
         self.help = help_text
         self.labelnames = labelnames
         self._values: dict[LabelSet, float] = {}
+        # The checked label set for each keyword order seen: `inc` runs on every request, and
+        # checking the names again each time cost more than the increment. As many entries as
+        # label sets in `_values` (times keyword orders).
+        self._keys: dict[tuple[tuple[str, str], ...], LabelSet] = {}
         self._lock = threading.Lock()
 
     def inc(self, amount: float = 1.0, **labels: str) -> None:
         if amount < 0:
             raise ValueError("a counter only goes up")
-        key = self._key(labels)
+        given = tuple(labels.items())
+        key = self._keys.get(given)
+        if key is None:
+            key = self._keys[given] = self._key(labels)
         with self._lock:
             self._values[key] = self._values.get(key, 0.0) + amount
 

@@ -2,8 +2,9 @@
 
     run(settings, host="127.0.0.1", port=8000)   # what `linkcrm serve` runs, blocking
 
-The HTTP server is uvicorn with the whole-request deadline protocol (deadline.py), no access
-log (client IPs are personal data) and logging left to engine.runtime.logs. Background
+The HTTP server is uvicorn on uvloop with httptools (llhttp), through the whole-request deadline
+protocol (deadline.py, over the strict parsing of framing.py), no access log (client IPs are
+personal data) and logging left to engine.runtime.logs. Background
 workers (the in-process worker) are given as `worker(storage, metrics)` coroutines, so this
 package knows nothing of the worker: `linkcrm serve` (engine/cli/service.py) passes it in.
 """
@@ -18,6 +19,7 @@ from collections.abc import Callable, Coroutine, Sequence
 from typing import Any
 
 import uvicorn
+import uvloop
 from starlette.routing import BaseRoute
 
 from engine.runtime.logs import configure_logging
@@ -57,8 +59,9 @@ def run(
     """
     settings.require_webhook_secret()
     configure_logging(settings.log_level)
-    asyncio.run(_serve(settings, (host, port), sockets, migrate=migrate, workers=workers,
-                       pages=pages))
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        runner.run(_serve(settings, (host, port), sockets, migrate=migrate, workers=workers,
+                          pages=pages))
 
 
 async def _serve(
@@ -85,9 +88,13 @@ async def _serve(
             host=host,
             port=port,
             http=deadline_protocol(settings.request_timeout + DEADLINE_GRACE_SECONDS),
+            ws="none",  # no WebSocket endpoint: an Upgrade is never switched to
             lifespan="on",
             log_config=None,  # logging is ours: JSON lines, configured by run()
             access_log=False,  # access lines carry client IPs (personal data)
+            # Nothing reads the client's address, so X-Forwarded-For is not worth a middleware
+            # layer on every request.
+            proxy_headers=False,
             server_header=False,
             timeout_keep_alive=5,
             timeout_graceful_shutdown=math.ceil(settings.request_timeout),

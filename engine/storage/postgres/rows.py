@@ -33,8 +33,13 @@ def columns(prefix: str, fields: tuple[str, ...]) -> str:
     return ", ".join(f"{prefix}.{name}" for name in fields)
 
 
+# One encoder for every call: json.dumps with any option builds a new one each time, which
+# cost as much as the encoding (each stored event's headers go through here).
+_ENCODER = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), sort_keys=True)
+
+
 def dumps(value: object) -> str:
-    return json.dumps(value, ensure_ascii=False, separators=(",", ":"), sort_keys=True)
+    return _ENCODER.encode(value)
 
 
 def as_json(value: JSON | dict[str, JSON]) -> Json:

@@ -29,8 +29,13 @@ def parse_optional_ts(text: str | None) -> datetime | None:
     return None if text is None else parse_ts(text)
 
 
+# One encoder for every call: json.dumps with any option builds a new one each time, which
+# cost as much as the encoding (each stored event's headers go through here).
+_ENCODER = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), sort_keys=True)
+
+
 def dumps(value: object) -> str:
-    return json.dumps(value, ensure_ascii=False, separators=(",", ":"), sort_keys=True)
+    return _ENCODER.encode(value)
 
 
 def dumps_optional(value: JSON) -> str | None:

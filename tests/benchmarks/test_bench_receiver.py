@@ -1,0 +1,35 @@
+"""The receiver benchmark runs as the README shows it, briefly: every server answers, the table
+and the ratios against the uvloop + httptools anchor are printed, and the drain completes."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+
+import pytest
+
+from tests.support.paths import REPO
+
+pytestmark = pytest.mark.slow
+
+
+def test_the_receiver_benchmark_prints_every_figure() -> None:
+    done = subprocess.run(
+        [sys.executable, "tests/benchmarks/bench_receiver.py", "--seconds", "1", "--rounds", "1",
+         "--bodies", "3000", "--connections", "8", "--drain", "300", "--no-wrk"],
+        cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = done.stdout
+    for server in ("bare Starlette, uvicorn uvloop + httptools",
+                   "bare Starlette, uvicorn h11 + asyncio (context)",
+                   "linkcrm serve --no-worker (SQLite FULL)"):
+        row = re.search(re.escape(server) + r"\s+(\d+)\s+(\d+)%", out)
+        assert row is not None, out
+        assert int(row.group(1)) > 0
+    assert re.search(r"bare Starlette, uvicorn uvloop \+ httptools\s+\d+\s+100%", out), out
+    assert re.search(r"errors 0", out) and "errors 1" not in out
+    assert re.search(r"durable/bare = \d+%", out), out
+    assert re.search(r"end-to-end drain of 300 distinct events .* all applied at [\d,]+ "
+                     r"events/s", out), out
+    assert "dead 0" in out
