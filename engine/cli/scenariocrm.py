@@ -13,8 +13,10 @@ from __future__ import annotations
 import asyncio
 import shutil
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Coroutine, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any, TypeVar
 
 from engine.actions import JSON, Action, IdentityKey
 from engine.config.fieldmap import FieldMap
@@ -28,6 +30,8 @@ from engine.targets.local.target import LocalTarget
 # milliseconds where creating the schema costs tens.
 _TEMPLATE: list[tempfile.TemporaryDirectory[str]] = []
 
+T = TypeVar("T")
+
 
 def replay_into_local_crm(batches: Sequence[Sequence[Action]], field_map: FieldMap) -> Replayed:
     """Apply each event's actions, in order, to a fresh embedded CRM; its final state."""
@@ -35,16 +39,28 @@ def replay_into_local_crm(batches: Sequence[Sequence[Action]], field_map: FieldM
     with tempfile.TemporaryDirectory(prefix="linkcrm-scenario-") as folder:
         path = Path(folder) / "scenario.db"
         shutil.copyfile(template, path)
-        return asyncio.run(_replay("sqlite:///" + str(path), batches, field_map))
+        return _run(_replay("sqlite:///" + str(path), batches, field_map))
 
 
 def _template() -> Path:
     if not _TEMPLATE:
         folder = tempfile.TemporaryDirectory(prefix="linkcrm-scenario-template-")
         path = Path(folder.name) / "empty.db"
-        asyncio.run(_create("sqlite:///" + str(path)))
+        _run(_create("sqlite:///" + str(path)))
         _TEMPLATE.append(folder)
     return Path(_TEMPLATE[0].name) / "empty.db"
+
+
+def _run(work: Coroutine[Any, Any, T]) -> T:
+    """Run `work` to its end, also when called from code on a running event loop (`serve`
+    checks its rules folder, scenarios included, before it publishes it): there on a loop
+    of its own in a thread, since one loop cannot wait for a second inside it."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return asyncio.run(work)
+    with ThreadPoolExecutor(1, thread_name_prefix="linkcrm-scenario") as pool:
+        return pool.submit(asyncio.run, work).result()
 
 
 async def _create(url: str) -> None:

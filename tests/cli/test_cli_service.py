@@ -106,7 +106,9 @@ def test_serve_migrates_the_database_once(
     args = ["serve", "--port", "0", *([] if worker else ["--no-worker"])]
     result = CliRunner().invoke(main, args, env=env)
     assert result.exit_code == 0, result.output
-    assert migrations == [env["LINKCRM_DATABASE_URL"].removeprefix("sqlite:///")]
+    # (Scenario rule tests run on scratch databases while serve checks its rules folder.)
+    served = [path for path in migrations if "linkcrm-scenario" not in path]
+    assert served == [env["LINKCRM_DATABASE_URL"].removeprefix("sqlite:///")]
 
 
 def test_listings_on_an_empty_database(migrated: dict[str, str]) -> None:

@@ -162,8 +162,9 @@ class RuleVersionsContract:
         await versions.publish(version(2), "shadow")
         await versions.publish(version(3), "shadow")
         assert await versions.current() == (f"{1:012x}", f"{3:012x}")
-        await versions.activate(f"{3:012x}")  # the shadow promoted: the older one is left
-        assert await versions.current() == (f"{3:012x}", f"{2:012x}")
+        # The shadow promoted; the older shadow was retired when the newer one came.
+        await versions.activate(f"{3:012x}")
+        assert await versions.current() == (f"{3:012x}", None)
 
     async def test_wait_for_change_hears_another_process_publish_within_a_second(
         self, storage: Storage, make_storage: Callable[[], Storage]
