@@ -18,6 +18,7 @@ from engine.storage.protocols import (
     RateLimits,
     RuleVersions,
     Storage,
+    Touches,
     utc_now,
 )
 from engine.storage.records import (
@@ -83,6 +84,7 @@ __all__ = [
     "Storage",
     "StorageError",
     "StoreResult",
+    "Touches",
     "open_storage",
     "utc_now",
 ]

@@ -117,7 +117,7 @@ async def test_migrations_from_several_processes_at_once(url: str) -> None:
         await _close(storages)
     with psycopg.connect(url) as connection:
         versions = connection.execute("SELECT version FROM schema_version").fetchall()
-    assert sorted(v for (v,) in versions) == list(range(1, LATEST + 1))
+    assert sorted(v for (v,) in versions) == [n for n, _ in postgres_schema.MIGRATIONS]
 
 
 async def test_many_claimers_never_share_an_event(url: str) -> None:

@@ -24,6 +24,7 @@ from engine.storage.postgres.ratelimits import PostgresRateLimits
 from engine.storage.postgres.ruleversions import PostgresRuleVersions
 from engine.storage.postgres.schema import current_version
 from engine.storage.postgres.schema import migrate as apply_migrations
+from engine.storage.postgres.touches import PostgresTouches
 from engine.storage.protocols import PROBE_BYTES, Clock, Storage, utc_now
 
 _SYNCHRONOUS_COMMIT = {"off": 0, "local": 1, "remote_write": 2, "on": 3, "remote_apply": 4}
@@ -59,6 +60,7 @@ class PostgresStorage(Storage):
             PostgresInbox(db), PostgresOutcomes(db), PostgresIdentityMap(db),
             PostgresRateLimits(db), PostgresLocalCRM(db))
         self.rule_versions = PostgresRuleVersions(db)
+        self.touches = PostgresTouches(db)
 
     @classmethod
     def from_url(

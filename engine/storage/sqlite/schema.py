@@ -6,6 +6,7 @@ import sqlite3
 
 from engine.storage.checks import Migrations, migrations_to_apply
 from engine.storage.ddl import outcome_tables
+from engine.storage.sqlite.touches_ddl import TOUCHES
 
 # Append new versions; never edit one that has shipped. Types and constraints stay close to
 # what PostgreSQL accepts so the two schemas read alike (times are ISO 8601 UTC text here).
@@ -148,6 +149,9 @@ MIGRATIONS: Migrations = (
         " WHERE status = 'active'",
         "ALTER TABLE action_outcomes ADD COLUMN rules_version TEXT",
     )),
+    # Touches and attribution at identify (engine.storage.touchrecords). Numbered after the
+    # migrations merged before it; renumbering is changing this number (the text is pinned).
+    (8, TOUCHES),
 )
 
 LATEST = MIGRATIONS[-1][0]

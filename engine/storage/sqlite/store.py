@@ -23,6 +23,7 @@ from engine.storage.sqlite.ratelimits import SQLiteRateLimits
 from engine.storage.sqlite.ruleversions import SQLiteRuleVersions
 from engine.storage.sqlite.schema import current_version
 from engine.storage.sqlite.schema import migrate as apply_migrations
+from engine.storage.sqlite.touches import SQLiteTouches
 
 
 class SQLiteStorage(Storage):
@@ -45,6 +46,7 @@ class SQLiteStorage(Storage):
             SQLiteInbox(db), SQLiteOutcomes(db), SQLiteIdentityMap(db), SQLiteRateLimits(db),
             SQLiteLocalCRM(db))
         self.rule_versions = SQLiteRuleVersions(db)
+        self.touches = SQLiteTouches(db)
 
     @classmethod
     def from_url(cls, url: str, *, clock: Clock = utc_now, create: bool = True) -> SQLiteStorage:

@@ -1,6 +1,6 @@
 """The storage contract: behaviour every backend must show, tested through the protocols only,
 one part per concern (inbox, outcomes, identity map, rate limits, local CRM, lifecycle,
-rule versions).
+rule versions, touches).
 
 A backend's test module subclasses `StorageContract` and provides three fixtures:
 
@@ -22,13 +22,14 @@ from tests.storage.contract.outcomes import OutcomesContract
 from tests.storage.contract.ratelimits import RateLimitsContract
 from tests.storage.contract.ruleversions import RuleVersionsContract
 from tests.storage.contract.support import EMAIL, STAGES, TOKEN, FakeClock, event, outcome
+from tests.storage.contract.touches import TouchesContract
 
 __all__ = ["EMAIL", "STAGES", "TOKEN", "FakeClock", "StorageContract", "event", "outcome"]
 
 
 @pytest.mark.anyio
 class StorageContract(InboxContract, OutcomesContract, IdentityMapContract, RateLimitsContract,
-                      LocalCRMContract, LifecycleContract, RuleVersionsContract):
+                      LocalCRMContract, LifecycleContract, RuleVersionsContract, TouchesContract):
     @pytest.fixture
     def anyio_backend(self) -> str:
         return "asyncio"
