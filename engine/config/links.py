@@ -27,6 +27,7 @@ LinkKind = Literal["per_person", "shared"]
 
 DEFAULT_TOUCH_EVENTS = ("install.tracked", "deferred_link.claimed")
 INSTALL_EVENT = "install.tracked"
+IDENTIFY_EVENT = "app.user_identified"
 
 
 @dataclass(frozen=True)
@@ -103,11 +104,21 @@ def link_object(token: str | None, per_person: bool, why: str) -> dict[str, Any]
 
 
 def link_of_event(envelope: Mapping[str, Any], policy: LinkPolicy) -> dict[str, Any]:
-    """The `link` object rules read on an event, from the event's own data."""
+    """The `link` object rules read on an event: from the event's own data, or on an identify
+    event (which carries only the token) from the token's latest touch in `touch`."""
     data = envelope.get("data")
     fields = link_fields(data if isinstance(data, Mapping) else {})
     token = fields["token"]
     if token is None:
         return link_object(None, False, "the event carries no token")
+    touch = envelope.get("touch")
+    if envelope.get("event") == IDENTIFY_EVENT and isinstance(touch, Mapping):
+        latest = touch.get("last") or touch.get("first")
+        if isinstance(latest, Mapping):
+            per_person, why = policy.classify(token, _text(latest.get("prefix")),
+                                              _text(latest.get("referrer")))
+            return link_object(token, per_person, f"from its touches: {why}")
+        per_person, why = policy.classify(token, None, None)
+        return link_object(token, per_person, f"no touch of the token: {why}")
     per_person, why = policy.classify(token, fields["prefix"], fields["referrer"])
     return link_object(token, per_person, why)

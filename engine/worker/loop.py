@@ -29,6 +29,7 @@ from engine.runtime.metrics import Metrics
 from engine.storage import ActionOutcome, Clock, FinalStatus, InboxEvent, Storage, utc_now
 from engine.targets.base import Target, batches
 from engine.worker.apply import Applier, Lane, PartResult, Sleep
+from engine.worker.attribution import attach
 from engine.worker.batch import Batcher
 from engine.worker.plan import KeyedAction, Work, ordering_keys, prepare
 from engine.worker.retrying import RetryPolicy
@@ -62,6 +63,7 @@ class WorkerOptions:
     drain_timeout: float = 5.0
     batch_size: int = 100
     policy: RetryPolicy = field(default_factory=RetryPolicy)
+    touch_retention_days: int | None = 90  # touches older than this are not attributed
 
 
 @dataclass
@@ -165,7 +167,17 @@ class Worker:
         """Plan each event and record its ordering keys before any of them starts work, so a
         later event of the batch always sees the earlier ones' keys. A transient store failure
         hands the whole batch back; anything else fails only the event it happened to."""
-        jobs = [_Job(event, prepare(event, self.ruleset), {}, {}) for event in events]
+        try:
+            contexts = await asyncio.gather(*(attach(
+                self.storage.touches, event, self.ruleset.field_map.links,
+                retention_days=self.options.touch_retention_days) for event in events))
+        except StorageError as error:
+            log.error("could not read or keep touches", extra={"error": str(error)})
+            await asyncio.gather(*(self._release(e, "the store failed at claim time", 1.0)
+                                   for e in events))
+            return
+        jobs = [_Job(event, prepare(event, self.ruleset, context), {}, {})
+                for event, context in zip(events, contexts, strict=True)]
         begun = await asyncio.gather(*(self._begin(job) for job in jobs),
                                      return_exceptions=True)
         transient = [error for error in begun if _transient(error)]
