@@ -13,7 +13,9 @@ The field map's `links:` section declares it (schema: `schemas/fields.schema.jso
       touch_events: [install.tracked, deferred_link.claimed]   # kept as touches
 
 Rules read the decision as `link.per_person` and `link.person_token` (the token when the link is
-per-person, else null: a contact key that is safe for both kinds). The functions here are pure:
+per-person, else null: a contact key that is safe for both kinds). An identify event carries only
+the token: its `link` follows the token's latest touch, and with no touch found the link counts
+as shared (nothing says whose it is). The functions here are pure:
 the worker, `explain` and the rule tests compute the same `link` object from the same event.
 """
 
@@ -118,7 +120,9 @@ def link_of_event(envelope: Mapping[str, Any], policy: LinkPolicy) -> dict[str, 
             per_person, why = policy.classify(token, _text(latest.get("prefix")),
                                               _text(latest.get("referrer")))
             return link_object(token, per_person, f"from its touches: {why}")
-        per_person, why = policy.classify(token, None, None)
-        return link_object(token, per_person, f"no touch of the token: {why}")
+        # Nothing says whose link this is: keying a contact on it could merge the people of a
+        # shared link whose touches expired, so it counts as shared (contacts go by email).
+        return link_object(token, False, "no touch of the token was found, so it is not used "
+                                         "as a contact key")
     per_person, why = policy.classify(token, fields["prefix"], fields["referrer"])
     return link_object(token, per_person, why)
