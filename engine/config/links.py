@@ -14,8 +14,9 @@ The field map's `links:` section declares it (schema: `schemas/fields.schema.jso
 
 Rules read the decision as `link.per_person` and `link.person_token` (the token when the link is
 per-person, else null: a contact key that is safe for both kinds). An identify event carries only
-the token: its `link` follows the token's latest touch, and with no touch found the link counts
-as shared (nothing says whose it is). The functions here are pure:
+the token: its `link` follows the token's latest touch (of any age: the kind of a link does not
+expire with its attribution), and a token never seen is decided by the declarations alone. The
+functions here are pure:
 the worker, `explain` and the rule tests compute the same `link` object from the same event.
 """
 
@@ -115,14 +116,13 @@ def link_of_event(envelope: Mapping[str, Any], policy: LinkPolicy) -> dict[str, 
         return link_object(None, False, "the event carries no token")
     touch = envelope.get("touch")
     if envelope.get("event") == IDENTIFY_EVENT and isinstance(touch, Mapping):
-        latest = touch.get("last") or touch.get("first")
-        if isinstance(latest, Mapping):
-            per_person, why = policy.classify(token, _text(latest.get("prefix")),
-                                              _text(latest.get("referrer")))
+        # The token's latest touch says what kind of link it is, even past the retention.
+        known = touch.get("last") or touch.get("link")
+        if isinstance(known, Mapping):
+            per_person, why = policy.classify(token, _text(known.get("prefix")),
+                                              _text(known.get("referrer")))
             return link_object(token, per_person, f"from its touches: {why}")
-        # Nothing says whose link this is: keying a contact on it could merge the people of a
-        # shared link whose touches expired, so it counts as shared (contacts go by email).
-        return link_object(token, False, "no touch of the token was found, so it is not used "
-                                         "as a contact key")
+        per_person, why = policy.classify(token, None, None)
+        return link_object(token, per_person, f"no touch of the token: {why}")
     per_person, why = policy.classify(token, fields["prefix"], fields["referrer"])
     return link_object(token, per_person, why)

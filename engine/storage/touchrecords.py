@@ -94,12 +94,13 @@ def iso(moment: datetime) -> str:
 
 
 def attribution_detail(request: AttributionRequest, first: Touch | None, last: Touch | None,
-                       install: Touch | None, count: int, expired: int,
+                       install: Touch | None, latest: Touch | None, count: int, expired: int,
                        taken: int) -> dict[str, Any]:
     """The stored attribution: the `touch` object rules read, plus `why` (one line a reason).
 
     `count` touches of the token lie within the retention, `expired` before it; `taken` of its
-    installs in the window were already claimed by other people."""
+    installs in the window were already claimed by other people. `latest` is the token's latest
+    touch of any age: what kind of link it is does not expire with the attribution."""
     why: list[str] = []
     if count == 0:
         why.append(f"no touch found for token {request.token!r}"
@@ -116,8 +117,6 @@ def attribution_detail(request: AttributionRequest, first: Touch | None, last: T
     elif count:
         why.append("no unclaimed install of this token before the identify"
                    + (f" ({taken} already attributed to other people)" if taken else ""))
-    latest = last or first
-    per_person = latest.per_person if latest is not None else None
     return {
         "found": count > 0,
         "token": request.token,
@@ -125,6 +124,8 @@ def attribution_detail(request: AttributionRequest, first: Touch | None, last: T
         "first": first.as_rule_value() if first else None,
         "last": last.as_rule_value() if last else None,
         "install": install.as_rule_value() if install else None,
-        "per_person": per_person,
+        "per_person": latest.per_person if latest is not None else None,
+        "link": None if latest is None else {"prefix": latest.prefix,
+                                             "referrer": latest.referrer},
         "why": why,
     }

@@ -1,7 +1,7 @@
 """Touches before planning: keep what link-level events say, and give identify events theirs.
 
-    context = await attach(storage.touches, event, ruleset.field_map.links, retention_days=90)
-    work = prepare(event, ruleset, context)
+    contexts = await attach_all(storage.touches, claimed, ruleset.field_map.links, 90)
+    work = prepare(event, ruleset, context)   # each claimed event with its context
 
 A link-level event (the field map's `links.touch_events`: installs and deferred-link claims by
 default) with a token is kept as a touch. An `app.user_identified` event with a token gets the
@@ -12,8 +12,10 @@ attribution is stored with the event, so a replay plans with the same touches. N
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
+from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -75,6 +77,24 @@ async def attach(touches: Touches, event: InboxEvent, policy: LinkPolicy, *,
         log.warning("touch not kept: a value cannot be stored", extra={
             "event_id": event.id, "event_type": event_type, "where": where(error)})
     return None
+
+
+async def attach_all(touches: Touches, events: Sequence[InboxEvent], policy: LinkPolicy,
+                     retention_days: int | None) -> list[dict[str, Any] | None]:
+    """`attach` for a claimed batch, in two steps: the batch's touches are kept before any of
+    its identify events is attributed, so an install and the registration that follows it,
+    claimed together, still pair up."""
+    contexts: list[dict[str, Any] | None] = [None] * len(events)
+
+    async def one(index: int) -> None:
+        contexts[index] = await attach(touches, events[index], policy,
+                                       retention_days=retention_days)
+
+    identify = [i for i, event in enumerate(events) if event.event_type == IDENTIFY]
+    others = [i for i in range(len(events)) if i not in set(identify)]
+    await asyncio.gather(*(one(i) for i in others))
+    await asyncio.gather(*(one(i) for i in identify))
+    return contexts
 
 
 async def _record(touches: Touches, event: InboxEvent, envelope: dict[str, Any],

@@ -29,7 +29,7 @@ from engine.runtime.metrics import Metrics
 from engine.storage import ActionOutcome, Clock, FinalStatus, InboxEvent, Storage, utc_now
 from engine.targets.base import Target, batches
 from engine.worker.apply import Applier, Lane, PartResult, Sleep
-from engine.worker.attribution import attach
+from engine.worker.attribution import attach_all
 from engine.worker.batch import Batcher
 from engine.worker.plan import KeyedAction, Work, ordering_keys, prepare
 from engine.worker.retrying import RetryPolicy
@@ -168,9 +168,9 @@ class Worker:
         later event of the batch always sees the earlier ones' keys. A transient store failure
         hands the whole batch back; anything else fails only the event it happened to."""
         try:
-            contexts = await asyncio.gather(*(attach(
-                self.storage.touches, event, self.ruleset.field_map.links,
-                retention_days=self.options.touch_retention_days) for event in events))
+            contexts = await attach_all(self.storage.touches, events,
+                                        self.ruleset.field_map.links,
+                                        self.options.touch_retention_days)
         except StorageError as error:
             log.error("could not read or keep touches", extra={"error": str(error)})
             await asyncio.gather(*(self._release(e, "the store failed at claim time", 1.0)

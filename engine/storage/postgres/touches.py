@@ -91,8 +91,11 @@ class PostgresTouches(PostgresPart, Touches):
             if install is not None:
                 await connection.execute("UPDATE touches SET claimed_by = %s WHERE id = %s",
                                          (request.event_id, install.id))
-            detail = touchrecords.attribution_detail(request, first, last, install, count,
-                                                     expired, taken)
+            latest = await _one(connection, f"{_SELECT} WHERE token = %(token)s"
+                                            " AND occurred_at <= %(before)s"
+                                            " ORDER BY occurred_at DESC, id DESC LIMIT 1", params)
+            detail = touchrecords.attribution_detail(request, first, last, install, latest,
+                                                     count, expired, taken)
             row = await (await connection.execute(
                 "INSERT INTO touch_attributions (event_id, token, detail, created_at)"
                 f" VALUES (%(event)s, %(token)s, %(detail)s, {NOW}) RETURNING created_at",

@@ -89,8 +89,11 @@ class SQLiteTouches(SQLitePart, Touches):
             if install is not None:
                 connection.execute("UPDATE touches SET claimed_by = ? WHERE id = ?",
                                    (request.event_id, install.id))
-            detail = touchrecords.attribution_detail(request, first, last, install, count,
-                                                     expired, taken)
+            latest = _one(connection, f"{_SELECT} WHERE token = :token"
+                                      " AND occurred_at <= :before"
+                                      " ORDER BY occurred_at DESC, id DESC LIMIT 1", params)
+            detail = touchrecords.attribution_detail(request, first, last, install, latest,
+                                                     count, expired, taken)
             connection.execute("INSERT INTO touch_attributions (event_id, token, detail,"
                                " created_at) VALUES (?, ?, ?, ?)",
                                (request.event_id, request.token, dumps(detail), now))
