@@ -25,10 +25,12 @@ from engine.storage import (
     Storage,
     utc_now,
 )
+from engine.storage.touchrecords import Attribution
 
 from .output import FORMAT_OPTION, emit_json, fail, safe, safe_json
 from .params import LIMIT, ROW_ID, duration
 from .runtime import iso, load_settings, rules_location, with_storage
+from .touchview import show_touches
 
 STATUS = click.Choice(EVENT_STATUSES)
 
@@ -121,10 +123,12 @@ def show_event(event_id: int, output_format: str) -> None:
     """
     settings = load_settings()
 
-    async def read(storage: Storage) -> tuple[InboxEvent | None, list[ActionOutcome]]:
-        return await storage.inbox.get(event_id), await storage.outcomes.of_event(event_id)
+    async def read(storage: Storage) -> tuple[InboxEvent | None, list[ActionOutcome],
+                                              Attribution | None]:
+        return (await storage.inbox.get(event_id), await storage.outcomes.of_event(event_id),
+                await storage.touches.attribution(event_id))
 
-    event, outcomes = with_storage(settings, read)
+    event, outcomes, attribution = with_storage(settings, read)
     if event is None:
         fail(f"no event {event_id}; `linkcrm events list` shows the ids")
     body: Any = None
@@ -135,7 +139,11 @@ def show_event(event_id: int, output_format: str) -> None:
             body = event.body.decode("utf-8", "replace")
     document: dict[str, Any] = {**_event_row(event), "body": body,
                                 "outcomes": [_outcome_row(o) for o in outcomes]}
-    document["plan"] = _current_plan(body, settings)
+    touch = attribution.detail if attribution is not None else None
+    document["touches"] = touch
+    document["plan"] = _current_plan(
+        {**body, "touch": touch} if touch is not None and isinstance(body, dict) else body,
+        settings)
     if output_format == "json":
         emit_json(document)
         return
@@ -167,6 +175,7 @@ def _show_text(document: dict[str, Any]) -> None:
     for line in (document["last_error"] or "").split("\n"):
         if line:
             click.echo(f"  error: {safe(line)}")
+    show_touches(document["touches"])
     current = document["plan"]
     if document["body_purged"]:
         click.echo("  body: purged (the event cannot be replayed)")

@@ -11,6 +11,7 @@ from typing import Any
 import click
 
 from engine.config.fieldmap import TARGETS
+from engine.config.links import IDENTIFY_EVENT, link_of_event
 from engine.config.yamlsource import YamlError, load_yaml
 from engine.errors import ConfigError, Problem
 from engine.rules.evaluator import Plan, plan
@@ -23,6 +24,7 @@ from engine.targets.registry import dialect
 
 from .output import FORMAT_OPTION, emit_json, fail, rules_paths, safe, safe_json
 from .params import seconds
+from .touchview import explain_touches, is_event_id, recorded_event
 
 PATHS = click.argument("paths", nargs=-1, type=click.Path(exists=True))
 
@@ -163,18 +165,27 @@ def explain(event: str, rules_dir: tuple[str, ...], target: str | None,
             output_format: str) -> None:
     """Show what the rules do with one event: matches, skips and why, the action plan.
 
-    EVENT is a JSON (or YAML) file holding the event envelope, or - for standard input.
-    No CRM is contacted. Exit 1 when an action fails to evaluate.
+    EVENT is a JSON (or YAML) file holding the event envelope, or - for standard input, or
+    the id of a recorded event (an identify event then comes with the touches linkcrm attached
+    to it). On an identify event it shows which touches were attached and why, and whether
+    the link is per-person; a file can give them inline as `touch:`. No CRM is contacted.
+    Exit 1 when an action fails to evaluate.
 
     \b
     Example:
       linkcrm explain install.json --target hubspot
+      linkcrm explain 42
     """
     ruleset = _load(rules_paths(rules_dir))
-    envelope = _read_event(event)
+    envelope = recorded_event(event) if is_event_id(event) else _read_event(event)
     result = plan(envelope, ruleset)
+    link = link_of_event(envelope, ruleset.field_map.links) if isinstance(envelope, dict) \
+        else None
     if output_format == "json":
         document = result.as_dict(envelope)
+        document["link"] = link
+        if isinstance(envelope, dict) and envelope.get("event") == IDENTIFY_EVENT:
+            document["touch"] = envelope.get("touch")
         if target is not None:
             actions = document["actions"]
             assert isinstance(actions, list)
@@ -184,6 +195,8 @@ def explain(event: str, rules_dir: tuple[str, ...], target: str | None,
                                               dialect(target)).as_dict()
         emit_json(document)
     else:
+        if isinstance(envelope, dict) and envelope.get("event") == IDENTIFY_EVENT:
+            explain_touches(envelope, link)
         _explain_text(envelope, result, ruleset, target)
     sys.exit(1 if result.failures else 0)
 
