@@ -71,3 +71,21 @@ def test_serving_without_a_webhook_secret_says_how_to_set_one() -> None:
     with pytest.raises(ConfigError, match="export WEBHOOK_SECRET="):
         Settings.from_env({}).require_webhook_secret()
     Settings.from_env({"WEBHOOK_SECRET": "whsec_a"}).require_webhook_secret()
+
+
+@pytest.mark.parametrize(("raw", "days", "error"), [
+    ("30", 30, None), ("3650", 3650, None),
+    ("0", 90, "LINKCRM_TOUCH_RETENTION_DAYS must be greater than 0, got 0"),
+    ("3651", 90, "LINKCRM_TOUCH_RETENTION_DAYS must be at most 3650 days, got 3651"),
+    ("a month", 90, "LINKCRM_TOUCH_RETENTION_DAYS must be a whole number, got 'a month'"),
+])
+def test_touch_retention_days_are_bounded(raw: str, days: int, error: str | None) -> None:
+    if error is None:
+        assert Settings.from_env({"LINKCRM_TOUCH_RETENTION_DAYS": raw}).touch_retention_days \
+            == days
+        return
+    with pytest.raises(ConfigError) as raised:
+        Settings.from_env({"LINKCRM_TOUCH_RETENTION_DAYS": raw})
+    [problem] = raised.value.problems
+    assert problem.message == error
+    assert "between 1 and 3650" in problem.hint

@@ -23,6 +23,7 @@ from tests.support.paths import REPO
 from tests.support.service_process import (
     API_KEY,
     Server,
+    cli,
     cli_json,
     service_env,
     signed,
@@ -134,6 +135,14 @@ def test_ten_installs_of_a_shared_link_six_people_six_attributed_contacts(
         claimed.append(touch["install"]["event_id"])
         assert all(o["status"] == "ok" for o in shown["outcomes"]), shown["outcomes"]
     assert len(set(claimed)) == 6  # no two people claim the same install
+    explained = cli("explain", str(identified[0]), env=env)
+    assert explained.returncode == 0, explained.stderr
+    assert f"touches: found for token {TOKEN}" in explained.stdout
+    assert f"claimed install event {claimed[0]}" in explained.stdout
+    assert "link: shared (from its touches: prefix 'promo' is declared shared" in explained.stdout
+    assert '"email": "person0@example.com"' in explained.stdout
+    shown_text = cli("events", "show", str(identified[1]), env=env).stdout
+    assert "install: install.tracked at" in shown_text and "why: 10 touch(es)" in shown_text
 
     contacts = cli_json("crm", "contacts", env=env)
     by_email = {c["fields"].get("email"): c for c in contacts}
