@@ -355,16 +355,27 @@ def purge(older_than: timedelta, output_format: str) -> None:
     """Drop the raw bodies of processed and ignored events older than the given age.
 
     Dedupe keys, statuses and outcomes are kept, so a late retry of a purged delivery is
-    still answered as a duplicate; a purged event can no longer be replayed.
+    still answered as a duplicate; a purged event can no longer be replayed. Touches older
+    than LINKCRM_TOUCH_RETENTION_DAYS, which identify events no longer get, are dropped too.
 
     \b
     Example:
       linkcrm purge --older-than 30d
     """
     settings = load_settings()
-    cutoff = utc_now() - older_than
-    dropped = with_storage(settings, lambda s: s.inbox.purge_raw_bodies(cutoff))
+    now = utc_now()
+    cutoff = now - older_than
+    touch_cutoff = now - timedelta(days=settings.touch_retention_days)
+
+    async def run(storage: Storage) -> tuple[int, int]:
+        return (await storage.inbox.purge_raw_bodies(cutoff),
+                await storage.touches.forget(touch_cutoff))
+
+    dropped, forgotten = with_storage(settings, run)
     if output_format == "json":
-        emit_json({"purged": dropped, "received_before": iso(cutoff)})
+        emit_json({"purged": dropped, "received_before": iso(cutoff),
+                   "touches_forgotten": forgotten, "touches_before": iso(touch_cutoff)})
     else:
         click.echo(f"dropped the raw body of {dropped} event(s) received before {iso(cutoff)}")
+        click.echo(f"forgot {forgotten} touch(es) older than LINKCRM_TOUCH_RETENTION_DAYS "
+                   f"({iso(touch_cutoff)})")

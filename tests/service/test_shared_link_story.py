@@ -195,3 +195,8 @@ def test_ten_installs_of_a_shared_link_six_people_six_attributed_contacts(
     # ... and the old link stays shared: its person is keyed by email only.
     assert not [k for k in by_email["old@example.com"]["identities"]
                 if k["field"] == "deep_link_token"]
+    # `purge` forgets the touches past the retention, and only those: the old install, and
+    # the referral story's install and sign-up of 2026-03-01.
+    purged = cli_json("purge", "--older-than", "3650d", env=env)
+    assert purged["touches_forgotten"] == 3
+    assert cli_json("purge", "--older-than", "3650d", env=env)["touches_forgotten"] == 0
