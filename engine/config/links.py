@@ -29,7 +29,6 @@ from typing import Any, Literal
 LinkKind = Literal["per_person", "shared"]
 
 DEFAULT_TOUCH_EVENTS = ("install.tracked", "deferred_link.claimed")
-INSTALL_EVENT = "install.tracked"
 IDENTIFY_EVENT = "app.user_identified"
 
 
@@ -106,23 +105,36 @@ def link_object(token: str | None, per_person: bool, why: str) -> dict[str, Any]
             "person_token": token if per_person else None, "why": why}
 
 
+def _first(data: dict[str, Any], *names: str) -> str | None:
+    for name in names:
+        value = data.get(name)
+        if value is not None:
+            found = _text(value)
+            if found is not None:
+                return found
+    return None
+
+
 def link_of_event(envelope: Mapping[str, Any], policy: LinkPolicy) -> dict[str, Any]:
     """The `link` object rules read on an event: from the event's own data, or on an identify
-    event (which carries only the token) from the token's latest touch in `touch`."""
+    event (which carries only the token) from the token's latest touch in `touch`. Runs for
+    every event planned, so it reads only the fields it needs."""
     data = envelope.get("data")
-    fields = link_fields(data if isinstance(data, Mapping) else {})
-    token = fields["token"]
+    if not isinstance(data, dict):
+        return link_object(None, False, "the event carries no token")
+    token = _first(data, "token", "referral_code")
     if token is None:
         return link_object(None, False, "the event carries no token")
     touch = envelope.get("touch")
-    if envelope.get("event") == IDENTIFY_EVENT and isinstance(touch, Mapping):
+    if isinstance(touch, dict) and envelope.get("event") == IDENTIFY_EVENT:
         # The token's latest touch says what kind of link it is, even past the retention.
         known = touch.get("last") or touch.get("link")
-        if isinstance(known, Mapping):
+        if isinstance(known, dict):
             per_person, why = policy.classify(token, _text(known.get("prefix")),
                                               _text(known.get("referrer")))
             return link_object(token, per_person, f"from its touches: {why}")
         per_person, why = policy.classify(token, None, None)
         return link_object(token, per_person, f"no touch of the token: {why}")
-    per_person, why = policy.classify(token, fields["prefix"], fields["referrer"])
+    per_person, why = policy.classify(token, _first(data, "prefix"),
+                                      _first(data, "referrer_token", "referrer_id"))
     return link_object(token, per_person, why)
