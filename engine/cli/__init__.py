@@ -7,11 +7,14 @@ import click
 from engine import __version__
 from engine.cli.admin import doctor_command, provision_command
 from engine.cli.diff import diff
+from engine.cli.evaluate import eval_command
 from engine.cli.export import export_events
 from engine.cli.ops import crm, events, purge, replay
 from engine.cli.releases import rules_group
-from engine.cli.rules import bench, explain, test, validate
+from engine.cli.rules import bench, explain, validate
+from engine.cli.ruletesting import test
 from engine.cli.samples import send_samples
+from engine.cli.schema import schema_command
 from engine.cli.service import migrate, serve, worker
 
 
@@ -25,6 +28,8 @@ def main() -> None:
       linkcrm validate rules/
       linkcrm test rules/
       linkcrm explain event.json --target hubspot
+      linkcrm eval "lower(data.platform)" event.json
+      linkcrm schema rules/
       linkcrm diff main-rules/ rules/ --since 7d
 
     \b
@@ -32,6 +37,7 @@ def main() -> None:
       linkcrm rules publish rules/
       linkcrm rules list
       linkcrm rules activate VERSION
+      linkcrm rules publish --shadow rules/ && linkcrm rules shadow-report
 
     \b
     Run the service and look at what it did:
@@ -46,7 +52,8 @@ def main() -> None:
     """
 
 
-for command in (validate, test, explain, diff, bench, rules_group):
+for command in (validate, test, explain, eval_command, schema_command, diff, bench,
+                rules_group):
     main.add_command(command)
 for command in (serve, worker, migrate):
     main.add_command(command)

@@ -37,6 +37,7 @@ class Report:
     source: str
     result: DiffResult
     skipped: Counter[str]
+    command: str = "linkcrm diff"  # the title (`linkcrm rules shadow-report` reuses this)
 
     def as_dict(self) -> dict[str, JSON]:
         result = self.result
@@ -121,7 +122,7 @@ def _summary(report: Report) -> str:
 
 
 def render_text(report: Report) -> str:
-    lines = [f"linkcrm diff: OLD {safe(report.old)} -> NEW {safe(report.new)}, comparing "
+    lines = [f"{report.command}: OLD {safe(report.old)} -> NEW {safe(report.new)}, comparing "
              f"{_compared(report)}", safe(_summary(report))]
     rule = None
     for change in report.result.changes:
@@ -156,7 +157,7 @@ def _code(text: str) -> str:
 
 def render_markdown(report: Report) -> str:
     result = report.result
-    head = [f"### linkcrm diff: {_code(report.old)} → {_code(report.new)}", ""]
+    head = [f"### {md(report.command)}: {_code(report.old)} → {_code(report.new)}", ""]
     if not result.changes:
         head.append(f"**No changes**: {md(_summary(report))}.")
         return "\n".join(head) + "\n"
@@ -178,7 +179,8 @@ def render_markdown(report: Report) -> str:
         out += "\n" + row
         shown += 1
     if shown < len(rows):
-        out += f"\n\n{len(rows) - shown:,} more changes: run `linkcrm diff` for all of them."
+        out += (f"\n\n{len(rows) - shown:,} more changes: run `{report.command}` for all of "
+                "them.")
     if blocks:
         out += "\n\n<details><summary>Examples</summary>\n"
         kept = 0

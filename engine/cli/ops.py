@@ -29,6 +29,7 @@ from engine.storage.touchrecords import Attribution
 
 from .output import FORMAT_OPTION, emit_json, fail, safe, safe_json
 from .params import LIMIT, ROW_ID, duration
+from .pinning import Pin, PinRefused, choose_pin
 from .runtime import iso, load_settings, rules_location, with_storage
 from .touchview import show_touches
 
@@ -54,7 +55,7 @@ def _event_row(event: InboxEvent) -> Row:
         "status": event.status, "attempts": event.attempts,
         "received_at": iso(event.received_at), "event_timestamp": event.event_timestamp,
         "next_attempt_at": iso(event.next_attempt_at), "last_error": event.last_error,
-        "body_purged": event.body is None,
+        "body_purged": event.body is None, "pinned_rules_version": event.rules_version,
     }
 
 
@@ -171,6 +172,9 @@ def _show_text(document: dict[str, Any]) -> None:
                f"{safe(document['event_timestamp'])}")
     if document["next_attempt_at"]:
         click.echo(f"  next attempt: {document['next_attempt_at']}")
+    if document["pinned_rules_version"]:
+        click.echo(f"  replayed with rules {safe(document['pinned_rules_version'])} "
+                   "(`replay --rules-version`)")
     # One problem a line (the worker joins them with "\n"), each escaped and prefixed.
     for line in (document["last_error"] or "").split("\n"):
         if line:
@@ -208,46 +212,64 @@ def _show_text(document: dict[str, Any]) -> None:
 @click.option("--status", type=STATUS, help="Re-queue every event in this status.")
 @click.option("--all-dead", is_flag=True,
               help="Re-queue every dead event and every event with a dead action.")
+@click.option("--rules-version", metavar="VERSION",
+              help="Plan the events with this published rule version (its id, a unique prefix "
+                   "or `active`) instead of the version active when the worker gets to them. "
+                   "It must map fields as the active version does.")
 @FORMAT_OPTION
 def replay(event_ids: tuple[int, ...], status: EventStatus | None, all_dead: bool,
-           output_format: str) -> None:
-    """Re-queue events so the worker applies them again, with the rules as they are now.
+           rules_version: str | None, output_format: str) -> None:
+    """Re-queue events so the worker applies them again, with the active rule version (or
+    the one --rules-version names); it says which.
 
     Actions that already succeeded on a target are not redone (their idempotency keys are
     kept when a rule's values change); dead actions are retried. Exit 1 when an event could
-    not be re-queued (unknown, its body purged, or being worked on right now).
+    not be re-queued (unknown, its body purged, or being worked on right now), or, before
+    anything is re-queued, when --rules-version names an unknown version or one whose field
+    map differs from the active version's (activate that one instead).
 
     \b
     Examples:
       linkcrm replay 42 43
       linkcrm replay --all-dead
+      linkcrm replay --all-dead --rules-version 3f9a1c2e7b40
     """
     if not event_ids and status is None and not all_dead:
         raise click.UsageError("name event ids, --status S or --all-dead")
     settings = load_settings()
 
-    async def requeue(storage: Storage) -> tuple[list[int], list[int]]:
+    async def requeue(storage: Storage) -> tuple[list[int], list[int], Pin] | str:
+        try:
+            pin = await choose_pin(storage, rules_version)
+        except PinRefused as error:
+            return str(error)
+        chosen = pin.version if pin.pinned else None
         done: list[int] = []
         refused: list[int] = []
         for event_id in event_ids:
-            (done if await storage.inbox.requeue(event_id) else refused).append(event_id)
+            (done if await storage.inbox.requeue(event_id, chosen) else refused).append(event_id)
         if all_dead:
-            done += await storage.inbox.requeue_dead()
+            done += await storage.inbox.requeue_dead(chosen)
         if status is not None:
             before: int | None = None
             while page := await storage.inbox.list_events(status=status, limit=500,
                                                           before_id=before):
                 for event in page:
-                    (done if await storage.inbox.requeue(event.id) else refused).append(event.id)
+                    (done if await storage.inbox.requeue(event.id, chosen)
+                     else refused).append(event.id)
                 before = page[-1].id
-        return sorted(set(done)), refused
+        return sorted(set(done)), refused, pin
 
-    done, refused = with_storage(settings, requeue)
+    outcome = with_storage(settings, requeue)
+    if isinstance(outcome, str):
+        fail(f"{safe(outcome)}. Nothing was re-queued")
+    done, refused, pin = outcome
     if output_format == "json":
-        emit_json({"requeued": list(done), "refused": list(refused)})
+        emit_json({"requeued": list(done), "refused": list(refused),
+                   "rules_version": pin.version, "pinned": pin.pinned})
     else:
         click.echo(f"requeued {len(done)} event(s)" + (f": {_ids(done)}" if done else "")
-                   + ("; the worker applies them with the current rules" if done else ""))
+                   + (f"; the worker applies them with {pin.describe()}" if done else ""))
     for event_id in refused:
         click.echo(f"error: event {event_id} was not re-queued (unknown, body purged, "
                    "or being worked on right now)", err=True)
@@ -352,7 +374,8 @@ def _show_deals(rows: list[Row]) -> None:
               help="Age, e.g. 30d, 12h, 2w.")
 @FORMAT_OPTION
 def purge(older_than: timedelta, output_format: str) -> None:
-    """Drop the raw bodies of processed and ignored events older than the given age.
+    """Drop the raw bodies of processed and ignored events older than the given age, and
+    the shadow-mode results observed before then (they quote event values too).
 
     Dedupe keys, statuses and outcomes are kept, so a late retry of a purged delivery is
     still answered as a duplicate; a purged event can no longer be replayed. Touches older
@@ -367,15 +390,19 @@ def purge(older_than: timedelta, output_format: str) -> None:
     cutoff = now - older_than
     touch_cutoff = now - timedelta(days=settings.touch_retention_days)
 
-    async def run(storage: Storage) -> tuple[int, int]:
+    async def work(storage: Storage) -> tuple[int, int, int]:
         return (await storage.inbox.purge_raw_bodies(cutoff),
+                await storage.shadow.purge(cutoff),
                 await storage.touches.forget(touch_cutoff))
 
-    dropped, forgotten = with_storage(settings, run)
+    dropped, shadow, forgotten = with_storage(settings, work)
     if output_format == "json":
         emit_json({"purged": dropped, "received_before": iso(cutoff),
+                   "shadow_results_purged": shadow,
                    "touches_forgotten": forgotten, "touches_before": iso(touch_cutoff)})
     else:
-        click.echo(f"dropped the raw body of {dropped} event(s) received before {iso(cutoff)}")
+        click.echo(f"dropped the raw body of {dropped} event(s) received before {iso(cutoff)}"
+                   + (f", and {shadow} shadow result(s) observed before then" if shadow
+                      else ""))
         click.echo(f"forgot {forgotten} touch(es) older than LINKCRM_TOUCH_RETENTION_DAYS "
                    f"({iso(touch_cutoff)})")

@@ -1,30 +1,28 @@
-"""Rule commands: `validate`, `test`, `explain` and `bench`."""
+"""Rule commands: `validate`, `explain` and `bench` (`test` is in `ruletesting`)."""
 
 from __future__ import annotations
 
-import json
 import sys
 from collections import Counter
-from pathlib import Path
 from typing import Any
 
 import click
 
 from engine.config.fieldmap import TARGETS
 from engine.config.links import IDENTIFY_EVENT, link_of_event
-from engine.config.yamlsource import YamlError, load_yaml
 from engine.errors import ConfigError, Problem
 from engine.rules.evaluator import Plan, plan
 from engine.rules.explain import target_view
 from engine.rules.files import discover, load_ruleset
 from engine.rules.model import RuleSet
-from engine.rules.ruletests import run_tests
 from engine.rules.validation import check_paths
 from engine.targets.registry import dialect
 
+from .eventfile import read_event
 from .output import FORMAT_OPTION, emit_json, fail, rules_paths, safe, safe_json
 from .params import seconds
 from .touchview import explain_touches, is_event_id, recorded_event
+from .watch import watch as watch_paths
 
 PATHS = click.argument("paths", nargs=-1, type=click.Path(exists=True))
 
@@ -46,7 +44,9 @@ def _summary(problems: list[Problem], files: int) -> str:
 @PATHS
 @FORMAT_OPTION
 @click.option("--strict", is_flag=True, help="Treat warnings as errors.")
-def validate(paths: tuple[str, ...], output_format: str, strict: bool) -> None:
+@click.option("--watch", is_flag=True, help="Check again on every save under PATHS (Ctrl-C "
+              "stops).")
+def validate(paths: tuple[str, ...], output_format: str, strict: bool, watch: bool) -> None:
     """Check rule files, rule tests and the field map (schema and meaning).
 
     Prints every problem as `file:line:col: code: message` with a hint, sorted by place.
@@ -57,6 +57,13 @@ def validate(paths: tuple[str, ...], output_format: str, strict: bool) -> None:
       linkcrm validate rules/
     """
     chosen = rules_paths(paths)
+    if watch:
+        watch_paths(chosen, lambda: _validate_once(chosen, output_format, strict))
+        return
+    _validate_once(chosen, output_format, strict)
+
+
+def _validate_once(chosen: list[str], output_format: str, strict: bool) -> None:
     problems = check_paths(chosen)
     sources = discover(chosen)
     checked = len(sources.rule_files) + len(sources.test_files) + bool(sources.field_map)
@@ -81,54 +88,6 @@ def _load(paths: list[str]) -> RuleSet:
         fail("the rules do not load; fix the errors above (`linkcrm validate` lists them)")
 
 
-@click.command()
-@PATHS
-@FORMAT_OPTION
-def test(paths: tuple[str, ...], output_format: str) -> None:
-    """Run the rule tests (`*_test.yaml`) against the rules beside them.
-
-    Each case gives an event and the expected action plan; a failure shows the case's
-    `file:line` and a diff. Prints `N passed, N failed`; exit 1 on any failure.
-
-    \b
-    Example:
-      linkcrm test rules/
-    """
-    chosen = rules_paths(paths)
-    ruleset = _load(chosen)
-    sources = discover(chosen)
-    results = run_tests(sources.test_files, ruleset)
-    passed = sum(r.passed for r in results)
-    failed = len(results) - passed
-    if output_format == "json":
-        emit_json({"passed": passed, "failed": failed, "cases": [r.as_dict() for r in results]})
-    else:
-        for result in results:
-            if result.passed:
-                continue
-            click.echo(f"{result.location}: FAIL {result.name}")
-            for block in (result.diff, result.error):
-                for line in block.splitlines():
-                    click.echo(f"    {line}")
-        if not results:
-            click.echo("no rule tests found (rule tests are *_test.yaml files beside the rules)")
-        click.echo(f"{passed} passed, {failed} failed")
-    sys.exit(1 if failed or not results else 0)
-
-
-def _read_event(source: str) -> Any:
-    try:
-        text = sys.stdin.read() if source == "-" else Path(source).read_text(encoding="utf-8")
-    except OSError as error:
-        fail(f"cannot read {source}: {error.strerror}", 2)
-    try:
-        return json.loads(text)
-    except ValueError:
-        pass
-    try:
-        return load_yaml(text, source).data
-    except YamlError as error:
-        fail(f"{source} is neither JSON nor YAML: {error}")
 
 
 def _explain_text(event: Any, result: Plan, ruleset: RuleSet, target: str | None) -> None:
@@ -149,9 +108,12 @@ def _explain_text(event: Any, result: Plan, ruleset: RuleSet, target: str | None
         for key, value in shown.items():
             if key in ("rule", "action", "target") or value in ({}, [], None):
                 continue
-            click.echo(f"   {safe(key)}: {safe_json(value)}")
+            label = "defaults (only when it creates the record)" if key == "defaults" else key
+            click.echo(f"   {safe(label)}: {safe_json(value)}")
     for failure in result.failures:
         click.echo(f"error: {safe(failure.message)}")
+    for message in value_errors(result, ruleset, target):
+        click.echo(f"error: {safe(message)}")
 
 
 @click.command()
@@ -169,7 +131,8 @@ def explain(event: str, rules_dir: tuple[str, ...], target: str | None,
     the id of a recorded event (an identify event then comes with the touches linkcrm attached
     to it). On an identify event it shows which touches were attached and why, and whether
     the link is per-person; a file can give them inline as `touch:`. No CRM is contacted.
-    Exit 1 when an action fails to evaluate.
+    Exit 1 when an action fails to evaluate, a value does not fit its field (type, enum
+    options), or EVENT is not an event; 2 when EVENT cannot be read.
 
     \b
     Example:
@@ -177,12 +140,14 @@ def explain(event: str, rules_dir: tuple[str, ...], target: str | None,
       linkcrm explain 42
     """
     ruleset = _load(rules_paths(rules_dir))
-    envelope = recorded_event(event) if is_event_id(event) else _read_event(event)
+    envelope = recorded_event(event) if is_event_id(event) else read_event(event)
     result = plan(envelope, ruleset)
+    errors = value_errors(result, ruleset, target)
     link = link_of_event(envelope, ruleset.field_map.links) if isinstance(envelope, dict) \
         else None
     if output_format == "json":
         document = result.as_dict(envelope)
+        document["value_errors"] = list(errors)
         document["link"] = link
         if isinstance(envelope, dict) and envelope.get("event") == IDENTIFY_EVENT:
             document["touch"] = envelope.get("touch")
@@ -198,7 +163,19 @@ def explain(event: str, rules_dir: tuple[str, ...], target: str | None,
         if isinstance(envelope, dict) and envelope.get("event") == IDENTIFY_EVENT:
             explain_touches(envelope, link)
         _explain_text(envelope, result, ruleset, target)
-    sys.exit(1 if result.failures else 0)
+    sys.exit(1 if result.failures or errors else 0)
+
+
+def value_errors(result: Plan, ruleset: RuleSet, target: str | None) -> list[str]:
+    """Values the plan would write that the field map's types refuse (a date that is not
+    one, an enum value not among the options), as `target` (default: linkcrm's own) coerces
+    them; each names the rule and action."""
+    found: list[str] = []
+    for action in result.actions:
+        view = target_view(action, ruleset.field_map, dialect(target or "local"))
+        found.extend(f"rule {action.rule!r}, {action.kind}: {message}"
+                     for message in view.errors)
+    return found
 
 
 @click.command()

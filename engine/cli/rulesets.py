@@ -68,3 +68,27 @@ def resolve_ruleset(ref: str,
             "the folder that holds the rule files and fields.yaml (e.g. rules/)")
     version = stored(ref)
     return load_version(version.files, version.version)
+
+
+async def find_published(versions: RuleVersions, ref: str) -> RuleVersion:
+    """The published version `ref` names: a version id, a unique prefix of one, or `active`
+    (commands that take only versions: `replay --rules-version`, `rules shadow-report`).
+    Raises UnknownRuleSetError saying what to give instead."""
+    wanted = ref.strip().lower()
+    if wanted == ACTIVE:
+        active = await versions.active()
+        if active is None:
+            raise UnknownRuleSetError(
+                "no rule version is active: nothing is published in this database yet; "
+                "publish one with `linkcrm rules publish rules/`")
+        return active
+    matches = [v.version for v in await versions.list_versions()
+               if wanted and v.version.startswith(wanted)]
+    if len(matches) > 1:
+        raise UnknownRuleSetError(f"{ref!r} is the start of {len(matches)} rule versions "
+                                  f"({', '.join(matches)}); give more of it")
+    found = await versions.get(matches[0]) if matches else None
+    if found is None:
+        raise UnknownRuleSetError(f"unknown rule version {ref!r}; `linkcrm rules list` shows "
+                                  "the published ones")
+    return found

@@ -64,10 +64,16 @@ def rules_location(settings: Settings, environ: Mapping[str, str] | None = None)
     return data_dir("rules")
 
 
-def load_rules(settings: Settings) -> RuleSet:
+def rules_folder(settings: Settings) -> Path:
+    """The rules folder `serve` and `worker` publish at start; exit 2 when there is none."""
     location = rules_location(settings)
     if not location.exists():
         fail(f"no rules folder at {str(location)!r}; set LINKCRM_RULES to your rules folder", 2)
+    return location
+
+
+def load_rules(settings: Settings) -> RuleSet:
+    location = rules_folder(settings)
     try:
         ruleset = load_ruleset([location])
     except ConfigError as error:

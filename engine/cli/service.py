@@ -5,12 +5,12 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+from pathlib import Path
 from typing import NoReturn
 
 import click
 
 from engine.errors import ConfigError, StorageError
-from engine.rules.model import RuleSet
 from engine.runtime.logs import configure_logging
 from engine.runtime.metrics import Metrics
 from engine.runtime.settings import Settings
@@ -23,19 +23,21 @@ from engine.worker.assembly import (
     in_process_worker,
     open_worker,
 )
+from engine.worker.snapshot import Rules
 
 from . import params
 from .listen import bind
 from .output import fail
 from .runtime import (
     database_label,
-    load_rules,
     load_settings,
     require_secret,
+    rules_folder,
     show_problems,
     storage_failed,
     with_storage,
 )
+from .startup import active_rules, hangup_handler, settle
 
 CONCURRENCY = click.option(
     "--concurrency", type=params.CONCURRENCY, default=None,
@@ -64,23 +66,30 @@ def _not_set_up(error: ConfigError) -> NoReturn:
          " checks)")
 
 
-def _prepare(settings: Settings, ruleset: RuleSet | None, *, migrate: bool) -> None:
-    """Before serving: create or upgrade the schema (unless --no-migrate) and, with the
-    worker, start the targets once, so a CRM that is not set up for the field map (a
+def _prepare(settings: Settings, location: Path, *, worker: bool,
+             migrate: bool) -> Rules | None:
+    """Before serving: create or upgrade the schema (unless --no-migrate), settle the rules
+    folder with the published versions (`engine.cli.startup`) and, with the worker, start the
+    targets once for the active version, so a CRM that is not set up for the field map (a
     Pipedrive field label that does not exist) stops `serve` with its fix instead of
-    dead-lettering every action."""
-    if not migrate and ruleset is None:
-        return
+    dead-lettering every action. Returns the active rules (None without the worker)."""
 
-    async def prepare(storage: Storage) -> None:
+    async def prepare(storage: Storage) -> Rules | None:
         if migrate:
             await storage.migrate()  # the shared rate limits live in the database
-        if ruleset is not None:
-            async with open_worker(storage, ruleset, settings, os.environ, metrics=Metrics()):
-                pass
+        elif await storage.schema_version() == 0:
+            raise StorageError("the database has no schema yet; run `linkcrm migrate` (or "
+                               "start without --no-migrate)")
+        active = await settle(storage, location)
+        if not worker:
+            return None
+        rules = await active_rules(storage, active)
+        async with open_worker(storage, rules.active, settings, os.environ, metrics=Metrics()):
+            pass
+        return rules
 
     try:
-        with_storage(settings, prepare, create=migrate)
+        return with_storage(settings, prepare, create=migrate)
     except ConfigError as error:
         _not_set_up(error)
 
@@ -113,14 +122,15 @@ def serve(host: str, port: int, no_worker: bool, no_migrate: bool,
     """
     settings = load_settings()
     require_secret(settings)
-    ruleset = None if no_worker else load_rules(settings)
-    if ruleset is not None:
+    location = rules_folder(settings)
+    if not no_worker:
         _check_targets()
     sockets = bind(host, port)  # before the database or a CRM is touched: a taken port is exit 3
     try:
-        _prepare(settings, ruleset, migrate=not no_migrate)
-        workers: list[InProcessWorker] = [] if ruleset is None else [
-            in_process_worker(ruleset, settings, os.environ, concurrency)]
+        rules = _prepare(settings, location, worker=not no_worker, migrate=not no_migrate)
+        workers: list[InProcessWorker] = [hangup_handler(location)]
+        if rules is not None:
+            workers.append(in_process_worker(rules, settings, os.environ, concurrency))
         run(settings, host=host, port=port, migrate=False, workers=workers, sockets=sockets)
     except KeyboardInterrupt:
         pass  # Ctrl-C: uvicorn has shut down gracefully and re-raised SIGINT; a clean stop
@@ -147,29 +157,35 @@ def worker(concurrency: int | None) -> None:
       linkcrm worker --concurrency 8
     """
     settings = load_settings()
-    ruleset = load_rules(settings)
+    location = rules_folder(settings)
     _check_targets()
     configure_logging(settings.log_level)
     try:
-        asyncio.run(_work(settings, ruleset, concurrency))
+        asyncio.run(_work(settings, location, concurrency))
     except StorageError as error:
         storage_failed(settings, error)
     except ConfigError as error:
         _not_set_up(error)
 
 
-async def _work(settings: Settings, ruleset: RuleSet, concurrency: int | None) -> None:
+async def _work(settings: Settings, location: Path, concurrency: int | None) -> None:
     storage = open_storage(settings.database_url, create=False)
     try:
         if await storage.schema_version() == 0:
             raise StorageError("the database has no schema yet; run `linkcrm migrate`")
+        rules = await active_rules(storage, await settle(storage, location))
         # Supervised: a crash is logged and the worker restarts; Ctrl-C or SIGTERM ends it.
-        standalone = StandaloneWorker(storage, ruleset, settings, os.environ,
+        standalone = StandaloneWorker(storage, rules, settings, os.environ,
                                       concurrency=concurrency)
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(signum, standalone.stop)
-        await standalone.run()
+        hangups = asyncio.create_task(hangup_handler(location)(storage, standalone.metrics))
+        try:
+            await standalone.run()
+        finally:
+            hangups.cancel()
+            await asyncio.gather(hangups, return_exceptions=True)
     finally:
         await storage.close()
 

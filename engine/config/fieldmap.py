@@ -70,6 +70,12 @@ class Dialect:
     write_date: Callable[[date], JSON] = date.isoformat
     write_datetime: Callable[[datetime], JSON] = _iso_seconds
     text: bool = False
+    # What `explain --target` shows: the target's names for a deal's own fields (title,
+    # stage, amount), the `targets.<crm>` setting naming its deal-key field, and the one
+    # holding the defaults a new contact record gets (Salesforce's lead_defaults).
+    deal_names: tuple[tuple[str, str], ...] = ()
+    deal_key_setting: str = ""
+    contact_defaults_setting: str = ""
 
     def kind(self, crm_field: CRMField) -> Kind:
         """What `crm_field` names in this target: a bare string means the target's default."""
@@ -235,6 +241,42 @@ def load_field_map(path: Path) -> FieldMap:
     if any(p.severity == "error" for p in problems):
         raise ConfigError(problems)
     return _build(document)
+
+
+_TYPES = frozenset({"string", "text", "url", "email", "number", "integer", "boolean", "enum",
+                    "date", "datetime"})
+
+
+def field_map_outline(path: Path) -> FieldMap | None:
+    """What a field map with errors still declares: every field name (with its object,
+    identity, type and options where they can be read) and every stage name. `validate`
+    checks the rules against it, so a broken field map does not hide the rules' own problems
+    until a second run. None when the file is not even YAML."""
+    try:
+        data = load_yaml(path.read_text(encoding="utf-8"), str(path)).data
+    except (OSError, UnicodeDecodeError, YamlError):
+        return None
+    if not isinstance(data, dict) or not isinstance(data.get("fields"), dict) or not all(
+            isinstance(data.get(key), list) for key in ("contact_stages", "deal_stages")):
+        return None  # too little to check rules against without false alarms
+    raw_fields: dict[str, Any] = data["fields"]
+    fields = {}
+    for name, raw in raw_fields.items():
+        spec = raw if isinstance(raw, dict) else {}
+        kind = spec.get("type")
+        options = spec.get("options")
+        fields[name] = FieldSpec(
+            name=name, type=kind if kind in _TYPES else "string",
+            object="deal" if spec.get("object") == "deal" else "contact",
+            identity=spec.get("identity") is True,
+            options=tuple(o for o in options if isinstance(o, str))
+            if isinstance(options, list) else ())
+
+    def stages(key: str) -> tuple[Stage, ...]:
+        return tuple(Stage(s["name"], {}) for s in data[key]
+                     if isinstance(s, dict) and isinstance(s.get("name"), str))
+
+    return FieldMap(fields, stages("contact_stages"), stages("deal_stages"), file=str(path))
 
 
 def _semantic_problems(document: YamlDocument) -> list[Problem]:

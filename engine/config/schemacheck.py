@@ -9,6 +9,7 @@ from typing import Any
 from jsonschema import ValidationError
 from jsonschema.exceptions import best_match
 
+from engine.actions import ACTIONS
 from engine.config.resources import validator
 from engine.config.yamlsource import Path, YamlDocument
 from engine.errors import Problem
@@ -45,6 +46,8 @@ def describe(value: Any) -> str:
     kind = _JSON_TYPES.get(type(value), type(value).__name__)
     if isinstance(value, dict | list) or value is None:
         return kind
+    if isinstance(value, bool):  # as YAML and JSON write it
+        return f"{kind} ({str(value).lower()})"
     return f"{kind} ({value!r})"
 
 
@@ -78,7 +81,10 @@ def _convert(document: YamlDocument, error: ValidationError) -> list[Problem]:
         allowed = set(schema.get("properties", {}))
         extras = sorted(set(instance) - allowed)
         is_action = "upsert_contact" in allowed
-        return [
+        nested = [_nested_action(document, path, extra) for extra in extras
+                  if extra in _ACTION_NAMES and not is_action]
+        extras = [extra for extra in extras if extra not in _ACTION_NAMES or is_action]
+        return nested + [
             Problem(
                 document.location((*path, extra), key=True),
                 "unknown-action" if is_action else "unknown-key",
@@ -103,6 +109,22 @@ def _convert(document: YamlDocument, error: ValidationError) -> list[Problem]:
             )
         ]
     return [_single(document, path, error, schema)]
+
+
+_ACTION_NAMES = tuple(ACTIONS)  # an action nested where a key belongs
+
+
+def _nested_action(document: YamlDocument, path: Path, name: str) -> Problem:
+    """An action indented under another action (or under a rule's key)."""
+    if path and isinstance(path[-1], int):  # directly in a rule
+        message = f"{name!r} is an action, but it sits in the rule itself"
+        hint = f"actions go in the rule's list: actions: then '- {name}:' under it"
+    else:
+        message = f"{name!r} is an action, but it sits inside {str(path[-1])!r}"
+        hint = (f"make it its own list item under actions: '- {name}:' at the same "
+                "indentation as the '- ' of the action above")
+    return Problem(document.location((*path, name), key=True), "nested-action", message, hint,
+                   path=json_path(path))
 
 
 def _missing(document: YamlDocument, path: Path, name: str) -> Problem:
@@ -157,6 +179,13 @@ def _single(
         )
         return Problem(location, "invalid-value", f"{value!r} is not allowed here", hint,
                        path=where)
+    if kind == "pattern" and path and path[-1] == "stage" and isinstance(value, str):
+        bare = value.strip("'\"`")
+        return Problem(location, "invalid-stage", f"{value!r} is not a stage name",
+                       f"stages are names from the field map, not JMESPath: write "
+                       f"stage: {bare} (no inner quotes)" if bare != value else
+                       "stage names use lowercase letters, digits, '-' and '_', as declared "
+                       "in the field map", path=where)
     if kind == "pattern":
         return Problem(location, "invalid-name", f"{value!r} is not a valid name",
                        "use lowercase letters, digits, '-' and '_'", path=where)
@@ -173,6 +202,10 @@ def _single(
     if kind == "minProperties" and "upsert_contact" in schema.get("properties", {}):
         return Problem(location, "invalid-action", "the action is empty",
                        "write one of: upsert_contact, set_stage, create_deal", path=where)
+    if kind in ("minProperties", "minItems") and "identity" in path[-2:]:
+        return Problem(location, "empty-identity", "the identity names no field",
+                       "identity is required: it says which record the action applies to, "
+                       "e.g. identity: {deep_link_token: data.token}", path=where)
     if kind in ("minProperties", "minItems"):
         return Problem(location, "empty-value", f"{describe(value)} must not be empty",
                        "fill it in or remove the key", path=where)
@@ -204,8 +237,12 @@ def _alternatives(document: YamlDocument, error: ValidationError) -> list[Proble
                         "give exactly one of " + " or ".join(dict.fromkeys(kinds)),
                         path=json_path(path))]
     if kinds:
+        hint = ""
+        if path and path[-1] == "on" and isinstance(error.instance, bool | int | float):
+            hint = ("name an event type, a list of them, or a glob: on: install.tracked, "
+                    "on: [referral.created, referral.completed], on: 'referral.*'")
         return [Problem(document.location(path), "wrong-type",
                         f"expected {' or '.join(dict.fromkeys(kinds))}, got "
-                        f"{describe(error.instance)}", path=json_path(path))]
+                        f"{describe(error.instance)}", hint, path=json_path(path))]
     deepest = best_match(error.context)
     return _convert(document, deepest) if deepest is not None else []

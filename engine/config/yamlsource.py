@@ -147,6 +147,11 @@ def load_yaml(text: str, file: str) -> YamlDocument:
         line, column = (mark.line + 1, mark.column + 1) if mark else (1, 1)
         problem = error.problem or "malformed YAML"
         context = f" ({error.context})" if error.context else ""
+        if "'\\t'" in problem or " tab " in problem:
+            raise YamlError(Location(file, line, column),
+                            "YAML does not allow tabs for indentation (found a tab here)",
+                            "indent with spaces; most editors convert tabs to spaces on "
+                            "request") from None
         raise YamlError(
             Location(file, line, column),
             f"{problem}{context}",
@@ -154,10 +159,21 @@ def load_yaml(text: str, file: str) -> YamlDocument:
         ) from None
     except yaml.YAMLError as error:
         raise YamlError(Location(file, 1, 1), str(error)) from None
+    except RecursionError:
+        raise _too_deep(file) from None
     document = YamlDocument(file=file, text=text, data=None)
     if node is not None:
-        document.data = _build(node, (), document)
+        try:
+            document.data = _build(node, (), document)
+        except RecursionError:
+            raise _too_deep(file) from None
     return document
+
+
+def _too_deep(file: str) -> YamlError:
+    return YamlError(Location(file, 1, 1), "the YAML is nested too deeply to read",
+                     "rule files, rule tests and field maps are a few levels deep; "
+                     "look for runaway brackets or indentation")
 
 
 def _mark(node: Node) -> Mark:
@@ -166,8 +182,19 @@ def _mark(node: Node) -> Mark:
     return Mark(start.line + 1, start.column + 1, style, end.line + 1, end.column + 1)
 
 
-def _build(node: Node, path: Path, document: YamlDocument) -> Any:
+def _build(node: Node, path: Path, document: YamlDocument,
+           open_nodes: frozenset[int] = frozenset()) -> Any:
     document.marks[path] = _mark(node)
+    if isinstance(node, MappingNode | SequenceNode):
+        if id(node) in open_nodes:
+            raise YamlError(
+                Location(document.file, *_line_col(node)),
+                "a YAML alias (*name) refers to a collection that contains it, which would "
+                "repeat forever",
+                "an alias can only repeat an anchor (&name) defined before and outside it; "
+                "write the value out instead",
+            )
+        open_nodes = open_nodes | {id(node)}
     if isinstance(node, MappingNode):
         result: dict[str, Any] = {}
         for key_node, value_node in node.value:
@@ -183,10 +210,11 @@ def _build(node: Node, path: Path, document: YamlDocument) -> Any:
                     "each key may appear once in a mapping; remove or rename one of them",
                 )
             document.key_marks[(*path, key)] = _mark(key_node)
-            result[key] = _build(value_node, (*path, key), document)
+            result[key] = _build(value_node, (*path, key), document, open_nodes)
         return result
     if isinstance(node, SequenceNode):
-        return [_build(item, (*path, i), document) for i, item in enumerate(node.value)]
+        return [_build(item, (*path, i), document, open_nodes)
+                for i, item in enumerate(node.value)]
     assert isinstance(node, ScalarNode)
     return _scalar(node, document)
 

@@ -15,12 +15,16 @@ CRM receives them (`target_lens(dialect)`).
     for event in events:            # Recorded(ref="event 42", envelope={...}, id=42)
         differ.add(event)
     differ.result().changes[0].as_dict()["field"]        # 'set_once.first_touch_platform'
+
+The two steps also stand alone: `Comparer(old, new).compare(envelope)` gives one event's
+differences (`EventDiff`, storable as JSON: shadow mode records them per live event), and
+`Tally` counts such differences, however they were found, into the same `DiffResult`.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from dataclasses import field as dataclass_field
 from typing import Any, Literal
@@ -236,59 +240,126 @@ def _identical(before: Plan, after: Plan) -> bool:
                for a, b in zip(before.actions, after.actions, strict=True))
 
 
-class Differ:
-    """Counts what changes between `old` and `new` over the events given to `add`.
+@dataclass(frozen=True)
+class FoundChange:
+    """One way one event's plan changes: the slot (rule, action kind, ordinal), the field (None:
+    the action as a whole), the kind of change, the value before and after, and the identity
+    the action is for. `as_json`/`from_json` carry it through storage (shadow results)."""
+
+    rule: str
+    action: str
+    ordinal: int
+    field: str | None
+    kind: ChangeKind
+    before: JSON
+    after: JSON
+    identity: JSON
+
+    @property
+    def key(self) -> SlotKey:
+        return self.rule, self.action, self.ordinal
+
+    def as_json(self) -> dict[str, JSON]:
+        return {"rule": self.rule, "action": self.action, "ordinal": self.ordinal,
+                "field": self.field, "change": self.kind, "before": self.before,
+                "after": self.after, "identity": self.identity}
+
+    @classmethod
+    def from_json(cls, value: Any) -> FoundChange:
+        """The change `as_json` gave; ValueError for anything else."""
+        if not isinstance(value, dict):
+            raise ValueError(f"a plan change is a JSON object, not {type(value).__name__}")
+        rule, action, ordinal = value.get("rule"), value.get("action"), value.get("ordinal")
+        field, kind = value.get("field"), value.get("change")
+        if not (isinstance(rule, str) and isinstance(action, str) and isinstance(ordinal, int)
+                and (field is None or isinstance(field, str)) and kind in CHANGE_KINDS):
+            raise ValueError("a plan change needs rule, action, ordinal, field and change")
+        return cls(rule, action, ordinal, field, kind, value.get("before"),
+                   value.get("after"), value.get("identity"))
+
+
+@dataclass(frozen=True)
+class EventDiff:
+    """How one event's plan differs between two rule sets (no changes: it plans the same)."""
+
+    event_type: str
+    changes: tuple[FoundChange, ...]
+
+    @property
+    def changed(self) -> bool:
+        return bool(self.changes)
+
+
+class Comparer:
+    """Plans one event under `old` and `new` and says what differs (`compare`): the per-event
+    step of `Differ`, also what shadow mode runs on each live event.
 
     `lens` says what of an action is compared (`canonical`, or `target_lens(dialect)`);
     `screen(action)` says why no store could take a planned action (the worker's own check),
-    so an action the worker would refuse counts as failing; `examples` per change.
+    so an action the worker would refuse counts as failing.
     """
 
     def __init__(self, old: RuleSet, new: RuleSet, *, lens: Lens = canonical,
-                 screen: Screen | None = None, examples: int = 3) -> None:
-        self._old = _Side(old, lens, screen)
-        self._new = _Side(new, lens, screen)
+                 screen: Screen | None = None) -> None:
+        self.old = _Side(old, lens, screen)
+        self.new = _Side(new, lens, screen)
         # Equal plans give equal slots unless the lens reads the two field maps differently.
-        self._shortcut = lens is canonical or _same_map(old.field_map, new.field_map)
+        self._shortcut = lens is canonical or same_field_map(old.field_map, new.field_map)
+
+    def compare(self, envelope: Any) -> EventDiff:
+        """The differences of one event (its parsed body). Raises whatever planning raises for
+        an input nobody foresaw (a value nested past Python's recursion limit)."""
+        before = plan(envelope, self.old.ruleset)
+        after = plan(envelope, self.new.ruleset)
+        if self._shortcut and _identical(before, after):
+            return EventDiff(before.event_type, ())
+        old_slots, new_slots = self.old.slots(before), self.new.slots(after)
+        return EventDiff(before.event_type, tuple(
+            FoundChange(*key, name, kind, was, now,
+                        _identity(new_slots.get(key), old_slots.get(key)))
+            for key, name, kind, was, now in _compare(old_slots, new_slots)))
+
+
+class Tally:
+    """Counts per-event differences into a `DiffResult`: per change, the events and a few
+    `examples`. `order` are the rule sets whose rule-file order the changes are listed in
+    (none: by rule name). Holds counts and examples only, never the events."""
+
+    def __init__(self, *, examples: int = 3, order: Sequence[RuleSet] = ()) -> None:
         self._examples = examples
+        self._order = order
         self._rows: dict[tuple[SlotKey, str | None, ChangeKind], _Row] = {}
         self.events = 0
         self.changed_events = 0
         self.uncompared = 0
         self.uncompared_examples: list[dict[str, JSON]] = []
 
-    def add(self, event: Recorded) -> None:
-        """Plan `event` under both rule sets and count what differs. An event that cannot be
-        compared (an error nobody foresaw, such as a value nested past Python's recursion
-        limit) is counted as such and never ends the diff."""
+    def add(self, event: Recorded, diff: EventDiff) -> None:
         self.events += 1
-        try:
-            before = plan(event.envelope, self._old.ruleset)
-            after = plan(event.envelope, self._new.ruleset)
-            if self._shortcut and _identical(before, after):
-                return
-            old_slots, new_slots = self._old.slots(before), self._new.slots(after)
-            found = [(change, _identity(new_slots.get(change[0]), old_slots.get(change[0])))
-                     for change in _compare(old_slots, new_slots)]
-        except Exception as error:
-            self.uncompared += 1
-            if len(self.uncompared_examples) < self._examples:
-                self.uncompared_examples.append(
-                    {"event": event.ref, "id": event.id,
-                     "error": f"{type(error).__name__}: {error}"[:300]})
-            return
-        for (key, name, kind, was, now), identity in found:
-            row = self._rows.get((key, name, kind))
+        for change in diff.changes:
+            row = self._rows.get((change.key, change.field, change.kind))
             if row is None:
-                rule, action, ordinal = key
-                row = _Row(Change(rule, action, ordinal, name, kind), self._examples)
-                self._rows[(key, name, kind)] = row
-            row.offer(event, before.event_type, identity, was, now)
-        self.changed_events += bool(found)
+                row = _Row(Change(change.rule, change.action, change.ordinal, change.field,
+                                  change.kind), self._examples)
+                self._rows[(change.key, change.field, change.kind)] = row
+            row.offer(event, diff.event_type, change.identity, change.before, change.after)
+        self.changed_events += diff.changed
+
+    def add_uncompared(self, event: Recorded, error: str) -> None:
+        """An event that could not be compared, and why (kept for the first few)."""
+        self.events += 1
+        self.uncompared += 1
+        if len(self.uncompared_examples) < self._examples:
+            self.uncompared_examples.append({"event": event.ref, "id": event.id,
+                                             "error": error[:300]})
+
+    def add_same(self, count: int) -> None:
+        """`count` events that planned the same (known by number only)."""
+        self.events += count
 
     def result(self) -> DiffResult:
         """The changes, rule by rule in rule-file order, each action's in template order."""
-        order = _order(self._new.ruleset, self._old.ruleset)
+        order = _order(*self._order)
         kinds = {kind: index for index, kind in enumerate(CHANGE_KINDS)}
 
         def position(item: tuple[tuple[SlotKey, str | None, ChangeKind], _Row]) -> Any:
@@ -299,6 +370,33 @@ class Differ:
         changes = [row.finish() for _, row in sorted(self._rows.items(), key=position)]
         return DiffResult(self.events, self.changed_events, changes, self.uncompared,
                           list(self.uncompared_examples))
+
+
+class Differ:
+    """Counts what changes between `old` and `new` over the events given to `add`.
+
+    `lens` and `screen` as for `Comparer`; `examples` per change.
+    """
+
+    def __init__(self, old: RuleSet, new: RuleSet, *, lens: Lens = canonical,
+                 screen: Screen | None = None, examples: int = 3) -> None:
+        self._comparer = Comparer(old, new, lens=lens, screen=screen)
+        self._tally = Tally(examples=examples, order=(new, old))
+
+    def add(self, event: Recorded) -> None:
+        """Plan `event` under both rule sets and count what differs. An event that cannot be
+        compared (an error nobody foresaw, such as a value nested past Python's recursion
+        limit) is counted as such and never ends the diff."""
+        try:
+            diff = self._comparer.compare(event.envelope)
+        except Exception as error:
+            self._tally.add_uncompared(event, f"{type(error).__name__}: {error}")
+            return
+        self._tally.add(event, diff)
+
+    def result(self) -> DiffResult:
+        """The changes, rule by rule in rule-file order, each action's in template order."""
+        return self._tally.result()
 
 
 def _order(*rulesets: RuleSet) -> dict[SlotKey, tuple[int, int, int]]:
@@ -319,7 +417,8 @@ def _order(*rulesets: RuleSet) -> dict[SlotKey, tuple[int, int, int]]:
     return order
 
 
-def _same_map(old: FieldMap, new: FieldMap) -> bool:
+def same_field_map(old: FieldMap, new: FieldMap) -> bool:
+    """Whether two field maps say the same (fields, stages, stage field, pipeline)."""
     return (old.fields, old.contact_stages, old.deal_stages, old.contact_stage_field,
             old.deal_pipeline) == (new.fields, new.contact_stages, new.deal_stages,
                                    new.contact_stage_field, new.deal_pipeline)

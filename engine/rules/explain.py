@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from engine.actions import JSON, Action
+from engine.actions import JSON, Action, CreateDeal, UpsertContact
 from engine.config.fieldmap import CoercionError, CRMField, Dialect, FieldMap
 
 
@@ -23,6 +23,7 @@ class TargetView:
     fields: dict[str, dict[str, JSON]] = field(default_factory=dict)  # set / set_once
     scalars: dict[str, JSON] = field(default_factory=dict)  # key, title, amount
     stage: dict[str, JSON] | None = None
+    defaults: dict[str, JSON] = field(default_factory=dict)  # sent when a record is created
     unmapped: list[str] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
 
@@ -32,6 +33,8 @@ class TargetView:
         result.update({name: dict(values) for name, values in self.fields.items()})
         if self.stage is not None:
             result["stage"] = dict(self.stage)
+        if self.defaults:
+            result["defaults"] = dict(self.defaults)
         result["unmapped"] = list(self.unmapped)
         result["errors"] = list(self.errors)
         return result
@@ -67,15 +70,24 @@ def target_view(action: Action, field_map: FieldMap, dialect: Dialect) -> Target
             except CoercionError as error:
                 view.errors.append(str(error))
         view.fields[map_name] = shown
+    settings = field_map.targets.get(target, {})
+    names = dict(dialect.deal_names)
+    key_name = settings.get(dialect.deal_key_setting) if dialect.deal_key_setting else None
+    if isinstance(key_name, str) and key_name:
+        names["key"] = key_name
     for name, value in action.payload().items():
         if name not in action.field_maps and name != "stage" and value is not None:
-            view.scalars[name] = value
+            view.scalars[names.get(name, name)] = value
+    defaults = settings.get(dialect.contact_defaults_setting) if (
+        dialect.contact_defaults_setting and isinstance(action, UpsertContact)) else None
+    if isinstance(defaults, dict):
+        view.defaults = dict(defaults)
     stage_name = getattr(action, "stage", None)
     if isinstance(stage_name, str):
-        deal = action.kind == "create_deal"
+        deal = isinstance(action, CreateDeal)
         stage = field_map.deal_stage(stage_name) if deal else field_map.contact_stage(stage_name)
         value = stage.value(target) if stage else ""
-        where = "deal stage" if deal else _stage_field(field_map, dialect)
+        where = names.get("stage", "deal stage") if deal else _stage_field(field_map, dialect)
         view.stage = {"field": where, "value": value or None}
         if not value:
             view.errors.append(f"stage {stage_name!r} has no {target} value in the field map")

@@ -80,12 +80,29 @@ def compile_expression(source: str) -> Expression:
 
 
 def _syntax_error(source: str, exc: jmespath.exceptions.ParseError) -> ExpressionError:
+    if _BARE_DATE.match(source):
+        text = source.strip()
+        return ExpressionError(
+            "expression-syntax", f"invalid JMESPath syntax: a bare date ({text}) is not an "
+            "expression", source, len(source) - len(source.lstrip()),
+            f"a date is text to JMESPath: write it as a string literal inside YAML quotes, "
+            f"\"'{text}'\"")
     if isinstance(exc, jmespath.exceptions.LexerError):
         offset, detail = exc.lexer_position, str(exc.message)
-    elif isinstance(exc, jmespath.exceptions.IncompleteExpressionError):
+    elif isinstance(exc, jmespath.exceptions.IncompleteExpressionError) or (
+            exc.token_type == "EOF"):
         offset, detail = len(source), "the expression ends too early"
-    elif exc.token_type == "EOF":
-        offset, detail = exc.lex_position, "the expression ends too early"
+        if not isinstance(exc, jmespath.exceptions.IncompleteExpressionError):
+            offset = exc.lex_position
+        unclosed = _unclosed_bracket(source)
+        # `foo[` or `f(a ||` stop mid-way: "ends too early" says it better.
+        if unclosed is not None and source.rstrip()[-1:] not in ".|&=<>!,:([{":
+            opener = source[unclosed]
+            return ExpressionError(
+                "expression-syntax", f"invalid JMESPath syntax: this {opener!r} is never "
+                "closed", source, unclosed,
+                f"close it with {_CLOSERS[opener]!r} where its "
+                f"{'arguments' if opener == '(' else 'contents'} end")
     else:
         offset, detail = exc.lex_position, str(exc.msg)
         if detail.startswith("Expecting: ['quoted_identifier', 'unquoted_identifier'"):
@@ -99,6 +116,30 @@ def _syntax_error(source: str, exc: jmespath.exceptions.ParseError) -> Expressio
 
 
 _KEYWORD_OPERATORS = {"and": "&&", "or": "||", "not": "!"}
+_CLOSERS = {"(": ")", "[": "]", "{": "}"}
+_BARE_DATE = re.compile(r"^\s*\d{4}-\d{2}-\d{2}([T ][0-9:.]+(Z|[+-]\d{2}:?\d{2})?)?\s*$")
+
+
+def _unclosed_bracket(source: str) -> int | None:
+    """The offset of the innermost bracket left open at the end (quotes skipped), if any."""
+    stack: list[int] = []
+    quote = ""
+    index = 0
+    while index < len(source):
+        char = source[index]
+        if quote:
+            if char == "\\":
+                index += 1
+            elif char == quote:
+                quote = ""
+        elif char in "'\"`":
+            quote = char
+        elif char in _CLOSERS:
+            stack.append(index)
+        elif char in ")]}" and stack and _CLOSERS[source[stack[-1]]] == char:
+            stack.pop()
+        index += 1
+    return stack[-1] if stack and not quote else None
 
 
 def _syntax_hint(source: str, detail: str, exc: jmespath.exceptions.ParseError) -> str:

@@ -115,3 +115,21 @@ def rule_version(new: records.NewRuleVersion, status: str) -> None:
         values.require_name(f"rule file {name}", text)
     values.require_name("publisher", new.published_by)
     values.require_name("rule version label", new.label)
+
+
+def shadow_version(version: str) -> None:
+    rule_version_id(version)
+
+
+def shadow_result(result: records.NewShadowResult) -> None:
+    rule_version_id(result.shadow_version)
+    if isinstance(result.event_id, bool) or not isinstance(result.event_id, int):
+        raise ValueError(f"a shadow result names its inbox event by id, not {result.event_id!r}")
+    if result.outcome not in records.SHADOW_OUTCOMES:
+        raise ValueError(f"a shadow result is same, changed or uncompared, not "
+                         f"{result.outcome!r}")
+
+
+def page_limit(limit: int) -> None:
+    if limit < 1:
+        raise ValueError(f"a page holds at least one row, not {limit}")

@@ -6,6 +6,7 @@
     storage.rate_limits   token buckets shared by every process
     storage.local_crm     the embedded CRM behind the `local` target
     storage.rule_versions published rule sets: their files, who/when, which one is active
+    storage.shadow        shadow mode: per-event plan differences of a candidate rule version
     storage.touches       link-level events kept for attribution, and what identify events got
 
 Each part asks only for what it uses: the worker's applier takes `Outcomes`, a CRM target an
@@ -118,12 +119,15 @@ class Inbox(Protocol):
     async def dead_letters(self, limit: int = 100) -> list[records.DeadLetter]:
         """Dead events and dead action outcomes, newest first."""
 
-    async def requeue(self, event_id: int) -> bool:
+    async def requeue(self, event_id: int, rules_version: str | None = None) -> bool:
         """Make an event pending again (any status) and its dead outcomes retrying; False when
-        the event is unknown, leased by a live worker, or its raw body was purged."""
+        the event is unknown, leased by a live worker, or its raw body was purged. The event
+        is pinned to `rules_version` (a published version the worker plans it with), or
+        unpinned with None (the active version plans it)."""
 
-    async def requeue_dead(self) -> list[int]:
-        """Requeue every dead event and every event with a dead outcome; returns their ids."""
+    async def requeue_dead(self, rules_version: str | None = None) -> list[int]:
+        """Requeue every dead event and every event with a dead outcome, pinned as `requeue`
+        says; returns their ids."""
 
     async def purge_raw_bodies(self, older_than: datetime) -> int:
         """Drop the raw body of processed and ignored events received before `older_than`;
@@ -232,7 +236,9 @@ class RuleVersions(Protocol):
     ) -> records.PublishResult:
         """Store the version unless it is stored already (idempotent by version: the files,
         label and publisher of the first publish are kept), and give it `status`: `active`
-        retires the version active before, in the same transaction; `shadow` leaves it."""
+        retires the version active before, in the same transaction; `shadow` leaves it and
+        retires the shadow version before (at most one is shadow; the active version
+        published as shadow stays active)."""
 
     async def list_versions(self) -> list[records.RuleVersion]:
         """Every published version, the most recently published first."""
@@ -249,6 +255,40 @@ class RuleVersions(Protocol):
 
     async def active_version(self) -> str | None:
         """Only the active version's id: one indexed row, cheap enough to poll."""
+
+    async def current(self) -> tuple[str | None, str | None]:
+        """The ids of the active version and of the most recently published shadow version
+        (None for each that there is not): one small indexed read, cheap enough to poll."""
+
+    async def wait_for_change(self, timeout: float) -> bool:
+        """Wait until `current()` may answer otherwise than it last did in this process (a
+        publish or an activation, here or in another process) or `timeout` seconds pass; True
+        when woken early. A hint: the caller reads `current()` again. PostgreSQL listens for
+        the NOTIFY every publish and activation sends on commit; SQLite polls `current()`."""
+
+
+class ShadowResults(Protocol):
+    """Shadow mode's record: how each live event planned under a shadow rule version next
+    to the active one. One row per (shadow version, event): observing an event again (a
+    retry, a replay) replaces its row, so the counts are counts of events. Values from the
+    event (changes, event type, error) are cleaned, never refused (`values.storable_json`)."""
+
+    async def record(self, result: records.NewShadowResult) -> None:
+        """Store the result, replacing an earlier one for the same version and event (which
+        must be in the inbox)."""
+
+    async def counts(self, shadow_version: str) -> records.ShadowCounts:
+        """Events observed for `shadow_version` by outcome (all zero when none)."""
+
+    async def differences(
+        self, shadow_version: str, *, after_event_id: int | None = None, limit: int = 1000,
+    ) -> list[records.ShadowResult]:
+        """Results that are not `same` (changed or uncompared), in event order, starting
+        after `after_event_id`, at most `limit`: page through with the last id."""
+
+    async def purge(self, observed_before: datetime) -> int:
+        """Drop the results observed before `observed_before` (they quote event values, as
+        raw bodies do); returns how many."""
 
 
 class Touches(Protocol):
@@ -281,6 +321,7 @@ class Storage(Protocol):
     rate_limits: RateLimits
     local_crm: LocalCRMStore
     rule_versions: RuleVersions
+    shadow: ShadowResults
     touches: Touches
 
     async def migrate(self) -> int:

@@ -115,6 +115,9 @@ class InboxEvent:
     next_attempt_at: datetime | None
     last_error: str | None
     updated_at: datetime
+    # The published rule version `replay --rules-version` pinned the event to (None: the
+    # active one plans it).
+    rules_version: str | None = None
 
     @property
     def sequence(self) -> int:
@@ -207,6 +210,58 @@ class PublishResult:
 
     version: RuleVersion
     created: bool
+
+
+ShadowOutcome = Literal["same", "changed", "uncompared"]
+SHADOW_OUTCOMES: tuple[ShadowOutcome, ...] = ("same", "changed", "uncompared")
+
+
+@dataclass(frozen=True, slots=True)
+class NewShadowResult:
+    """How one live event planned under a shadow rule version next to the active one:
+    `same`, `changed` with its `changes` (JSON objects, `engine.rules.diff.FoundChange`), or
+    `uncompared` with the `error` that stopped the comparison. `active_version` is None when
+    the active rules were never published (a rules folder loaded at start)."""
+
+    event_id: int
+    shadow_version: str
+    active_version: str | None
+    event_type: str
+    outcome: ShadowOutcome
+    changes: Sequence[JSON] = ()
+    error: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ShadowResult:
+    """A recorded shadow result (the latest observation of that event for that version)."""
+
+    event_id: int
+    shadow_version: str
+    active_version: str | None
+    event_type: str
+    outcome: ShadowOutcome
+    changes: list[JSON]
+    error: str | None
+    observed_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class ShadowCounts:
+    """What a shadow version's results add up to: events by outcome, the active versions
+    they were compared with (None: unpublished rules), and when the first and last were
+    observed (None: nothing observed yet)."""
+
+    same: int
+    changed: int
+    uncompared: int
+    active_versions: tuple[str | None, ...]
+    first_at: datetime | None
+    last_at: datetime | None
+
+    @property
+    def events(self) -> int:
+        return self.same + self.changed + self.uncompared
 
 
 @dataclass(frozen=True, slots=True)

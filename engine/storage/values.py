@@ -29,10 +29,12 @@ from dataclasses import replace
 
 from engine.actions import JSON, IdentityKey
 from engine.errors import UnstorableValueError
-from engine.storage.records import NewOutcome
+from engine.storage.records import NewOutcome, NewShadowResult
 
 MAX_KEY_CHARS = 512
 MAX_DEPTH = 64
+# Python writes an int of more digits than this as JSON only with its digit limit raised.
+MAX_INT_BITS = 4000 * 3
 _PATH_LEVELS = 8
 
 _SURROGATE = re.compile("[\ud800-\udfff]")
@@ -170,6 +172,9 @@ def storable_json(value: JSON, depth: int = 0) -> JSON:
         return _UNSTORABLE_TEXT.sub("\ufffd", value)
     if isinstance(value, float) and not math.isfinite(value):
         return repr(value)
+    if isinstance(value, int) and not isinstance(value, bool) \
+            and value.bit_length() > MAX_INT_BITS:
+        return f"(a number of about {int(value.bit_length() * 0.30103)} digits)"
     if isinstance(value, list | dict) and depth >= MAX_DEPTH:
         return f"(nested deeper than {MAX_DEPTH} levels)"
     if isinstance(value, list):
@@ -187,3 +192,12 @@ def storable_outcome(outcome: NewOutcome) -> NewOutcome:
                    response=storable_json(outcome.response),
                    rules_version=storable_text(outcome.rules_version))
 
+
+
+def storable_shadow_result(result: NewShadowResult) -> NewShadowResult:
+    """The shadow result with what came from the event (changes, event type, error) cleaned."""
+    changes = storable_json(list(result.changes))
+    return replace(result, event_type=storable_text(result.event_type) or "",
+                   changes=changes if isinstance(changes, list) else [changes],
+                   error=storable_text(result.error),
+                   active_version=storable_text(result.active_version))

@@ -3,7 +3,8 @@
     worker = Worker(storage, ruleset, targets, metrics=metrics, options=WorkerOptions())
     await worker.run()        # until worker.stop() (or cancellation), then drains
 
-Each claimed event is planned with the rules as they are now, and each target gets its share in
+Each claimed event is planned with the rules snapshot current at claim time (`rules()`, which a
+`RuleFollower` keeps up to date) and finishes with it, and each target gets its share in
 its own task and lane (`engine.worker.apply`), so a slow or failing CRM never holds back the
 others. Two events that touch the same identity on a target are applied to that target in
 arrival order: an event records one ordering key per (target, identity) before any of its work
@@ -19,7 +20,7 @@ import logging
 import os
 import socket
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
@@ -31,8 +32,10 @@ from engine.targets.base import Target, batches
 from engine.worker.apply import Applier, Lane, PartResult, Sleep
 from engine.worker.attribution import attach_all
 from engine.worker.batch import Batcher
+from engine.worker.pinning import PinnedRules
 from engine.worker.plan import KeyedAction, Work, ordering_keys, prepare
 from engine.worker.retrying import RetryPolicy
+from engine.worker.snapshot import Rules, ShadowHook
 
 log = logging.getLogger(__name__)
 
@@ -88,13 +91,24 @@ class Worker:
         worker_id: str | None = None,
         clock: Clock = utc_now,
         sleep: Sleep = asyncio.sleep,
+        rules: Callable[[], Rules] | None = None,
+        shadow: ShadowHook | None = None,
     ) -> None:
+        """`rules` gives the snapshot to plan with at each claim (default: `ruleset`, always);
+        `shadow` sees each claimed event while the snapshot has a shadow rule set."""
         if not targets:
             raise ValueError("a worker needs at least one target")
         self.storage = storage
         self.ruleset = ruleset
+        fixed = Rules(ruleset)
+        self.rules: Callable[[], Rules] = rules or (lambda: fixed)
+        self.shadow = shadow
+        self.pinned = PinnedRules(storage.rule_versions)
         self.targets = list(targets)
         self.metrics = metrics or Metrics()
+        self.shadow_failures = self.metrics.counter(
+            "linkcrm_shadow_observe_failures_total",
+            "Claimed events the shadow observer failed on (the events were not affected).", ())
         self.options = options or WorkerOptions()
         self.worker_id = worker_id or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self.clock = clock
@@ -112,6 +126,7 @@ class Worker:
         self.applier = Applier(storage.outcomes, self.metrics, self.options.policy,
                                self.options.short_wait, clock, sleep)
         self._tasks: set[asyncio.Task[None]] = set()
+        self._observers: set[asyncio.Task[None]] = set()
         self._stopping = False
         self._signal: asyncio.Event | None = None
 
@@ -167,17 +182,23 @@ class Worker:
         """Plan each event and record its ordering keys before any of them starts work, so a
         later event of the batch always sees the earlier ones' keys. A transient store failure
         hands the whole batch back; anything else fails only the event it happened to."""
+        snapshot = self.rules()  # this batch's rules, kept by each event until it is done
+        # An event `replay --rules-version` pinned is planned with that version instead.
+        chosen = [await self.pinned.ruleset_for(event, snapshot.active) for event in events]
         try:
             contexts = await attach_all(self.storage.touches, events,
-                                        self.ruleset.field_map.links,
+                                        snapshot.active.field_map.links,
                                         self.options.touch_retention_days)
         except StorageError as error:
             log.error("could not read or keep touches", extra={"error": str(error)})
             await asyncio.gather(*(self._release(e, "the store failed at claim time", 1.0)
                                    for e in events))
             return
-        jobs = [_Job(event, prepare(event, self.ruleset, context), {}, {})
-                for event, context in zip(events, contexts, strict=True)]
+        jobs = [_Job(event, prepare(event, rules, context), {}, {})
+                for event, rules, context in zip(events, chosen, contexts, strict=True)]
+        if snapshot.shadow is not None and self.shadow is not None:
+            for event, rules in zip(events, chosen, strict=True):
+                self._observe(event, rules, snapshot.shadow)
         begun = await asyncio.gather(*(self._begin(job) for job in jobs),
                                      return_exceptions=True)
         transient = [error for error in begun if _transient(error)]
@@ -205,6 +226,26 @@ class Worker:
                 job.keys[target.name] = ordering_keys(target.name, job.work.actions)
         await self.storage.inbox.set_ordering_keys(job.event.id, _all_keys(job))
 
+    def _observe(self, event: InboxEvent, active: RuleSet, shadow: RuleSet) -> None:
+        """Show the event to the shadow observer in a task of its own: the event does not wait
+        for it, and whatever it raises is logged and counted."""
+        observer = self.shadow
+        assert observer is not None
+
+        async def observe() -> None:
+            try:
+                await observer.observe(event, active, shadow)
+            except Exception as error:
+                self.shadow_failures.inc()
+                # Type and place only: the message may quote event data.
+                log.warning("the shadow observer failed on an event", extra={
+                    "event_id": event.id, "shadow_version": shadow.version,
+                    "error_type": type(error).__name__, "where": where(error)})
+
+        task = asyncio.create_task(observe(), name=f"linkcrm-shadow-{event.id}")
+        self._observers.add(task)
+        task.add_done_callback(self._observers.discard)
+
     def _finished(self, task: asyncio.Task[None]) -> None:
         self._tasks.discard(task)
         error = None if task.cancelled() else task.exception()
@@ -219,6 +260,12 @@ class Worker:
             for task in pending:
                 task.cancel()
             await asyncio.gather(*pending, return_exceptions=True)
+        if self._observers:  # shadow comparisons get what is left of the drain, then go
+            _, late = await asyncio.wait(set(self._observers),
+                                         timeout=self.options.drain_timeout)
+            for task in late:
+                task.cancel()
+            await asyncio.gather(*late, return_exceptions=True)
         for caller in self.callers.values():
             if isinstance(caller, Batcher):
                 await caller.aclose()

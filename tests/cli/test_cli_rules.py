@@ -32,10 +32,10 @@ def rules_copy(tmp_path: Path) -> Path:
 def test_validate_and_test_pass_on_the_shipped_rules() -> None:
     validated = linkcrm("validate", "rules/")
     assert validated.returncode == 0, validated.stdout + validated.stderr
-    assert validated.stdout.strip() == "ok: 3 files checked, no problems"
+    assert validated.stdout.strip() == "ok: 4 files checked, no problems"
     tested = linkcrm("test", "rules/")
     assert tested.returncode == 0, tested.stdout
-    assert tested.stdout.strip().splitlines()[-1] == "21 passed, 0 failed"
+    assert tested.stdout.strip().splitlines()[-1] == "26 passed, 0 failed"
 
 
 def test_validate_defaults_to_rules_in_the_working_folder(rules_copy: Path) -> None:
@@ -63,8 +63,9 @@ def test_validate_reports_errors_sorted_with_exit_1(rules_copy: Path) -> None:
     assert [p["code"] for p in as_json["problems"]] == ["wrong-argument-count", "unknown-action"]
     assert as_json["problems"][1] == {
         "file": f"{rules_copy}/broken.yaml", "line": 6, "column": 9, "severity": "error",
-        "code": "unknown-action", "message": "'set_stagee' is not a known action", "rule": None,
-        "path": "$.rules[0].actions[0]", "hint": "did you mean 'set_stage'?", "detail": None}
+        "code": "unknown-action", "message": "'set_stagee' is not a known action",
+        "rule": "won-deal", "path": "$.rules[0].actions[0]", "hint": "did you mean 'set_stage'?",
+        "detail": None}
 
 
 def test_warnings_pass_unless_strict(rules_copy: Path) -> None:
@@ -89,7 +90,7 @@ def test_a_failing_rule_test_shows_file_line_and_a_diff(rules_copy: Path) -> Non
     assert head in result.stdout
     assert '-      "first_touch_platform": "android"' in result.stdout
     assert '+      "first_touch_platform": "ios"' in result.stdout
-    assert result.stdout.splitlines()[-1] == "20 passed, 1 failed"
+    assert result.stdout.splitlines()[-1] == "25 passed, 1 failed"
 
 
 def test_test_refuses_rules_that_do_not_load(rules_copy: Path) -> None:
@@ -116,8 +117,14 @@ def test_explain_json_shape_with_target() -> None:
                                             "Referral_Source__c": "user_17"}
     assert stage["target"]["stage"] == {"field": "Status", "value": "Deep Link Customer"}
     assert deal["key"] == "referral-CAROL-42"
-    assert deal["target"]["key"] == "referral-CAROL-42"
-    assert deal["target"]["stage"] == {"field": "deal stage", "value": "Prospecting"}
+    # As Salesforce gets them: the Lead defaults a new Lead carries, the Opportunity's names.
+    assert upsert["target"]["defaults"] == {"LastName": "Deep Link", "Company": "Unknown",
+                                            "LeadSource": "Deep Link"}
+    assert deal["target"]["Linkcrm_Deal_Key__c"] == "referral-CAROL-42"
+    assert deal["target"]["Name"] == "Referral: CAROL-42"
+    assert deal["target"]["stage"] == {"field": "StageName", "value": "Prospecting"}
+    assert "key" not in deal["target"] and "title" not in deal["target"]
+    assert document["value_errors"] == []
 
 
 def test_explain_reads_stdin_and_shows_ignored_events() -> None:

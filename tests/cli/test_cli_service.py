@@ -184,7 +184,8 @@ def test_first_run_story_from_send_samples_to_crm_contacts(env: dict[str, str]) 
         assert "local: create_deal (rule referral-converts) -> ok" in text
 
         replayed = cli_json("replay", "3", str(clicked.json()["id"]), env=env)
-        assert replayed == {"requeued": sorted([3, clicked.json()["id"]]), "refused": []}
+        assert {key: replayed[key] for key in ("requeued", "refused", "pinned")} == {
+            "requeued": sorted([3, clicked.json()["id"]]), "refused": [], "pinned": False}
         wait_for(lambda: cli_json("events", "show", "3", env=env)["status"] == "processed",
                  what="the replay")
         assert len(cli_json("crm", "deals", env=env)) == 1

@@ -2,10 +2,12 @@
 database is, then every `run:` step of its pull-request workflow in a real git repository
 (a bare `origin` with `main`, a pull-request branch checked out), except the two that need the
 internet (installing linkcrm, which this venv has, and posting the comment, whose file is
-checked instead)."""
+checked instead); then, once the pull request is merged, the `publish` job's steps against
+the database (a SQLite file standing in for the production URL secret)."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -16,6 +18,7 @@ from typing import Any
 
 import yaml
 
+from engine.rules.versions import collect
 from tests.support.diff_story import RULES, record, recorded_story
 from tests.support.service_process import ROOT, service_env
 
@@ -40,13 +43,35 @@ def section(title: str) -> str:
     return README[start:end]
 
 
-def workflow_steps() -> list[dict[str, Any]]:
+def workflow_steps(job: str = "rules") -> list[dict[str, Any]]:
     text = section("Checking rules in your CI and pre-commit")
     block = re.search(r"```yaml\n(# \.github/workflows/rules\.yml\n.*?)```", text, re.DOTALL)
     assert block is not None, "the README shows no .github/workflows/rules.yml"
     workflow = yaml.safe_load(block.group(1))
-    steps: list[dict[str, Any]] = workflow["jobs"]["rules"]["steps"]
+    steps: list[dict[str, Any]] = workflow["jobs"][job]["steps"]
     return steps
+
+
+def run_steps(steps: list[dict[str, Any]], repo: Path, env: dict[str, str],
+              secrets: dict[str, str]) -> tuple[list[list[str]], list[list[str]]]:
+    """Run each `run:` step in `repo` with its `env:` (`${{ secrets.X }}` from `secrets`);
+    returns the steps skipped (they need the internet) and the ones run, by first words."""
+    skipped, ran = [], []
+    for step in steps:
+        command = step.get("run")
+        if command is None:
+            continue  # `uses:` steps: the checkout, this Python
+        if command.startswith(NEEDS_THE_INTERNET):
+            skipped.append(command.split(" ")[:2])
+            continue
+        step_env = dict(env)
+        for name, value in (step.get("env") or {}).items():
+            secret = re.fullmatch(r"\$\{\{ secrets\.(\w+) \}\}", str(value))
+            step_env[name] = secrets[secret.group(1)] if secret else str(value)
+        done = sh(command, repo, step_env)
+        assert done.returncode == 0, f"{command}\n{done.stdout}\n{done.stderr}"
+        ran.append(command.split(" ")[:2])
+    return skipped, ran
 
 
 def export_command() -> str:
@@ -86,6 +111,7 @@ def test_the_readme_pull_request_workflow_runs_end_to_end(tmp_path: Path) -> Non
                 "GIT_CONFIG_NOSYSTEM": "1"})
     # Where linkcrm runs: the database has recorded the story; the README's export command.
     record(Path(env["LINKCRM_DATABASE_URL"].removeprefix("sqlite:///")), recorded_story())
+    secrets = {"LINKCRM_DATABASE_URL": env["LINKCRM_DATABASE_URL"]}
     production = tmp_path / "production"
     production.mkdir()
     exported = sh(export_command(), production, env)
@@ -103,18 +129,9 @@ def test_the_readme_pull_request_workflow_runs_end_to_end(tmp_path: Path) -> Non
     git(repo, env, "checkout", "-q", "-b", "stop-writing-the-full-name")
     edit(repo / "rules", PULL_REQUEST)
     git(repo, env, "commit", "-q", "-am", "the full name is the CRM's job")
-    # The workflow, step by step.
-    skipped, ran = [], []
-    for step in workflow_steps():
-        command = step.get("run")
-        if command is None:
-            continue  # `uses:` steps: the checkout above, this Python
-        if command.startswith(NEEDS_THE_INTERNET):
-            skipped.append(command.split(" ")[:2])
-            continue
-        done = sh(command, repo, env)
-        assert done.returncode == 0, f"{command}\n{done.stdout}\n{done.stderr}"
-        ran.append(command.split(" ")[:2])
+    # The workflow, step by step (the GitHub token is not needed without `gh`).
+    production_url = env.pop("LINKCRM_DATABASE_URL")
+    skipped, ran = run_steps(workflow_steps(), repo, env, {})
     assert skipped == [["pip", "install"], ["gh", "pr"]]
     assert [linkcrm for linkcrm in ran if linkcrm[0] == "linkcrm"] == [
         ["linkcrm", "validate"], ["linkcrm", "test"], ["linkcrm", "diff"]]
@@ -127,3 +144,19 @@ def test_the_readme_pull_request_workflow_runs_end_to_end(tmp_path: Path) -> Non
     assert "recorded/events.jsonl:1 (app.user_identified; deep_link_token=ref_sample_sam, " \
         "email=user-" in comment
     assert "sam.sample" not in comment and "Sam Sample" not in comment  # redacted
+
+    # Merged: main is the pull request's head, and the publish job runs on it.
+    git(repo, env, "checkout", "-q", "main")
+    git(repo, env, "merge", "-q", "--ff-only", "stop-writing-the-full-name")
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, env=env, capture_output=True,
+                          text=True, check=True).stdout.strip()
+    skipped, ran = run_steps(workflow_steps("publish"), repo, env, secrets)
+    assert skipped == [["pip", "install"]]
+    assert ran == [["linkcrm", "rules"]]
+    listed = sh("linkcrm rules list --format json", repo,
+                {**env, "LINKCRM_DATABASE_URL": production_url})
+    assert listed.returncode == 0, listed.stderr
+    [published] = json.loads(listed.stdout)
+    assert published["status"] == "active"
+    assert published["version"] == collect([repo / "rules"]).version
+    assert published["label"] == head

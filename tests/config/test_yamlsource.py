@@ -81,3 +81,36 @@ def test_python_tags_are_refused() -> None:
 
 def test_empty_document_is_none() -> None:
     assert load_yaml("# only a comment\n", "f.yaml").data is None
+
+
+@pytest.mark.parametrize("text", [
+    "a: &loop [1, *loop]\n",
+    "a: &loop {b: *loop}\n",
+    "rules: &r\n  - actions: *r\n",
+])
+def test_a_recursive_alias_is_a_located_error_not_a_recursion_error(text: str) -> None:
+    with pytest.raises(YamlError) as raised:
+        load_yaml(text, "r.yaml")
+    assert "refers to a collection that contains it" in raised.value.message
+    assert raised.value.location.line >= 1
+
+
+def test_aliases_that_repeat_an_earlier_value_still_work() -> None:
+    document = load_yaml("a: &x [1]\nb: *x\nc: [*x, *x]\n", "r.yaml")
+    assert document.data == {"a": [1], "b": [1], "c": [[1], [1]]}
+
+
+@pytest.mark.parametrize("text", ["[" * 3000 + "]" * 3000,
+                                  "a:\n" + "".join("  " * i + "b:\n" for i in range(1, 1500))])
+def test_runaway_nesting_is_a_yaml_error(text: str) -> None:
+    with pytest.raises(YamlError) as raised:
+        load_yaml(text, "r.yaml")
+    assert raised.value.message == "the YAML is nested too deeply to read"
+
+
+@pytest.mark.parametrize(("text", "line"), [("a:\n\tb: 1\n", 2), ("a:\n  b: 1\n\tc: 2\n", 3)])
+def test_a_tab_says_yaml_does_not_allow_tabs(text: str, line: int) -> None:
+    with pytest.raises(YamlError) as raised:
+        load_yaml(text, "r.yaml")
+    assert raised.value.message.startswith("YAML does not allow tabs")
+    assert raised.value.location.line == line and raised.value.hint.startswith("indent with")

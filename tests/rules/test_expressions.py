@@ -268,17 +268,30 @@ def test_syntax_errors(source: str, message: str, offset: int, hint: str) -> Non
 
 
 def test_the_caret_is_under_the_problem_like_jmespaths_own() -> None:
-    source = "data.token || data.[x"
+    source = "data.token || data.x &&"
     with pytest.raises(jmespath.exceptions.ParseError) as theirs:
         jmespath.compile(source)
     problem = error(source)
     assert problem.offset == theirs.value.lex_position
-    assert problem.caret == "data.token || data.[x\n                     ^"
+    assert problem.caret == "data.token || data.x &&\n                       ^"
     assert str(problem) == (
         "expression-syntax: invalid JMESPath syntax: the expression ends too early\n"
         f"{problem.caret}\n"
         "    hint: complete the expression: it stops after an operator, a dot or an open bracket"
     )
+
+
+@pytest.mark.parametrize(("source", "offset", "opener"), [
+    ("starts_with(data.x, 'p'", 11, "("),
+    ("data.token || data.[x", 19, "["),
+    ("join(')', [data.x]", 4, "("),  # a bracket inside a string literal does not count
+    ("[data.a, {b: data.b}", 0, "["),
+])
+def test_an_unclosed_bracket_is_pointed_at(source: str, offset: int, opener: str) -> None:
+    problem = error(source)
+    assert problem.message == f"invalid JMESPath syntax: this {opener!r} is never closed"
+    assert problem.offset == offset
+    assert problem.hint.startswith(f"close it with {dict(['()', '[]', '{}'])[opener]!r}")
 
 
 def test_the_caret_stays_in_column_for_multi_line_sources() -> None:

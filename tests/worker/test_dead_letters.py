@@ -84,8 +84,9 @@ async def test_permanent_errors_are_dead_lettered_then_replayed_after_the_fix(
             fixed = cli("provision", "hubspot", env=env)
             assert "contacts property first_touch_campaign: created" in fixed.stdout, fixed
             stack.salesforce.org.validation_rules.remove(spring_is_closed)
-            assert cli_json("replay", "--all-dead", env=env) == {"requeued": [event_id],
-                                                                  "refused": []}
+            replayed = cli_json("replay", "--all-dead", env=env)
+            assert (replayed["requeued"], replayed["refused"], replayed["pinned"]) == (
+                [event_id], [], False)
             await work(storage, env)
 
             event = await storage.inbox.get(event_id)

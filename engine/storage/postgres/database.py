@@ -56,6 +56,8 @@ class PostgresDatabase:
         self._opened = False
         self.closed = False
         self.wakeups = Wakeups(self._pool, conninfo)
+        # Rule publishes and activations NOTIFY this one inside their transaction.
+        self.rule_changes = Wakeups(self._pool, conninfo, "rules")
         # Why the last store batch could not commit; None once one commits.
         self.write_failure: str | None = None
 
@@ -116,6 +118,7 @@ class PostgresDatabase:
     async def close(self) -> None:
         self.closed = True
         await self.wakeups.close()
+        await self.rule_changes.close()
         if self._opened:
             await self._pool.close()
 

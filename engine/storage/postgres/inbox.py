@@ -209,15 +209,19 @@ class PostgresInbox(PostgresPart, Inbox):
         rows = await self._db.rows("list dead letters", _DEAD_LETTERS, (max(limit, 0),))
         return [records.from_row(records.DeadLetter, row) for row in rows]
 
-    async def requeue(self, event_id: int) -> bool:
+    async def requeue(self, event_id: int, rules_version: str | None = None) -> bool:
+        if rules_version is not None:
+            checks.rule_version_id(rules_version)
         async with self._db.connection("requeue the event") as connection, \
                 connection.transaction():
-            requeued = await _requeue(connection, event_id, self._db.now())
+            requeued = await _requeue(connection, event_id, self._db.now(), rules_version)
         if requeued:
             self._db.wakeups.poke()
         return requeued
 
-    async def requeue_dead(self) -> list[int]:
+    async def requeue_dead(self, rules_version: str | None = None) -> list[int]:
+        if rules_version is not None:
+            checks.rule_version_id(rules_version)
         now = self._db.now()
         async with self._db.connection("requeue dead letters") as connection, \
                 connection.transaction():
@@ -226,7 +230,8 @@ class PostgresInbox(PostgresPart, Inbox):
                 " UNION SELECT event_id FROM action_outcomes WHERE status = 'dead' ORDER BY 1"
             )
             dead = [row[0] for row in await cursor.fetchall()]
-            ids = [event_id for event_id in dead if await _requeue(connection, event_id, now)]
+            ids = [event_id for event_id in dead
+                   if await _requeue(connection, event_id, now, rules_version)]
         if ids:
             self._db.wakeups.poke()
         return ids
@@ -255,18 +260,20 @@ class PostgresInbox(PostgresPart, Inbox):
         return records.InboxStats(counts, oldest[0] if oldest else None)
 
 
-async def _requeue(connection: Conn, event_id: int, now: datetime | None) -> bool:
+async def _requeue(connection: Conn, event_id: int, now: datetime | None,
+                   rules_version: str | None) -> bool:
     """Pending again, attempts reset, dead outcomes retrying, ordering keys to be recorded
-    again (later events wait for its plan); not while a worker holds a live lease (it would
+    again (later events wait for its plan), pinned to `rules_version` (None: unpinned); not
+    while a worker holds a live lease (it would
     finish and overwrite the requeue) and not once the raw body is gone. The caller holds a
     transaction."""
     cursor = await connection.execute(
         "UPDATE inbox SET status = 'received', attempts = 0, last_error = NULL,"
         f" next_attempt_at = NULL, lease_owner = NULL, lease_expires_at = NULL, updated_at = {NOW},"
-        " ordering_recorded = false"
+        " ordering_recorded = false, rules_version = %(rules_version)s"
         " WHERE id = %(id)s AND body IS NOT NULL"
         f" AND (lease_owner IS NULL OR lease_expires_at <= {NOW})",
-        {"id": event_id, "now": now},
+        {"id": event_id, "now": now, "rules_version": rules_version},
     )
     if cursor.rowcount != 1:
         return False

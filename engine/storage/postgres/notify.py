@@ -21,9 +21,13 @@ from engine.storage.postgres.rows import Conn
 
 log = logging.getLogger(__name__)
 
-# One channel per schema, so two linkcrm installations sharing a database do not wake each
-# other. Computed by the server on both sides; names stay under the 63-byte identifier limit.
-_CHANNEL = "SELECT 'linkcrm_inbox_' || left(md5(COALESCE(current_schema(), '')), 16)"
+# One channel per schema and subject, so two linkcrm installations sharing a database do not
+# wake each other. Computed by the server on both sides; names stay under the 63-byte
+# identifier limit. `channel_name("rules")` is what a rule publish or activate notifies.
+def channel_name(subject: str) -> str:
+    """The SQL expression for this schema's channel of `subject` (a fixed word, not data)."""
+    assert subject.isidentifier(), subject
+    return f"'linkcrm_{subject}_' || left(md5(COALESCE(current_schema(), '')), 16)"
 
 
 class Wakeups:
@@ -33,7 +37,10 @@ class Wakeups:
         woken = await wakeups.wait(0.5)     # True when poked (here or by another process)
     """
 
-    def __init__(self, pool: AsyncConnectionPool[Conn], conninfo: str) -> None:
+    def __init__(self, pool: AsyncConnectionPool[Conn], conninfo: str,
+                 subject: str = "inbox") -> None:
+        self._channel = "SELECT " + channel_name(subject)
+        self._subject = subject
         self._pool = pool
         self._conninfo = conninfo
         self._signal = asyncio.Event()
@@ -59,7 +66,7 @@ class Wakeups:
             try:
                 async with self._pool.connection() as connection, connection.transaction():
                     await connection.execute("SET LOCAL synchronous_commit = off")
-                    await connection.execute(f"SELECT pg_notify(({_CHANNEL}), '')")
+                    await connection.execute(f"SELECT pg_notify(({self._channel}), '')")
             except (psycopg.Error, OSError) as error:
                 # Nothing is lost: the workers' next poll finds the event.
                 log.debug("NOTIFY failed", extra={"error": str(error)})
@@ -72,7 +79,8 @@ class Wakeups:
         takes it, so a poke that lands between a caller's empty claim and its wait is not
         missed."""
         if self._listener is None and not self._closed:
-            self._listener = asyncio.create_task(self._listen(), name="linkcrm-pg-listen")
+            self._listener = asyncio.create_task(self._listen(),
+                                                 name=f"linkcrm-pg-listen-{self._subject}")
         if not self._signal.is_set():
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(max(timeout, 0.0)):
@@ -91,7 +99,7 @@ class Wakeups:
                 connection = await psycopg.AsyncConnection.connect(
                     self._conninfo, autocommit=True)
                 async with connection:
-                    row = await (await connection.execute(_CHANNEL)).fetchone()
+                    row = await (await connection.execute(self._channel)).fetchone()
                     assert row is not None
                     await connection.execute(
                         sql.SQL("LISTEN {}").format(sql.Identifier(str(row[0]))))

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from engine.storage import checks, records
 from engine.storage.postgres.database import PostgresPart
+from engine.storage.postgres.notify import channel_name
 from engine.storage.postgres.rows import NOW, Conn, Row, as_json
 from engine.storage.postgres.schema import RULE_VERSIONS_LOCK
 from engine.storage.protocols import RuleVersions
@@ -13,6 +14,10 @@ from engine.storage.records import field_names, from_row
 
 _COLUMNS = ", ".join(field_names(records.RuleVersion))
 _SELECT = f"SELECT {_COLUMNS} FROM rule_versions"
+_CURRENT = ("SELECT version, status FROM rule_versions WHERE status IN ('active', 'shadow')"
+            " ORDER BY seq DESC")
+# Sent inside the changing transaction, so listeners hear of it exactly when it commits.
+_NOTIFY = f"SELECT pg_notify(({channel_name('rules')}), '')"
 
 
 def _files(value: object) -> dict[str, str]:
@@ -45,6 +50,19 @@ async def _activate(connection: Conn, version: str, now: object) -> None:
                              {"version": version, "now": now})
 
 
+async def _shadow(connection: Conn, version: str) -> None:
+    """Make `version` the shadow one, retiring the shadow before; the active one stays as
+    it is (publishing it as shadow changes nothing)."""
+    stored = await (await connection.execute(
+        "SELECT status FROM rule_versions WHERE version = %s", (version,))).fetchone()
+    if stored is None or stored[0] != "retired":
+        return
+    await connection.execute("UPDATE rule_versions SET status = 'retired'"
+                             " WHERE status = 'shadow' AND version <> %s", (version,))
+    await connection.execute("UPDATE rule_versions SET status = 'shadow' WHERE version = %s",
+                             (version,))
+
+
 class PostgresRuleVersions(PostgresPart, RuleVersions):
     """Versions in the `rule_versions` table; a partial unique index keeps one active."""
 
@@ -66,10 +84,9 @@ class PostgresRuleVersions(PostgresPart, RuleVersions):
             if status == "active":
                 await _activate(connection, new.version, now)
             else:
-                await connection.execute("UPDATE rule_versions SET status = 'shadow'"
-                                         " WHERE version = %s AND status = 'retired'",
-                                         (new.version,))
+                await _shadow(connection, new.version)
             stored = await _get(connection, new.version)
+            await connection.execute(_NOTIFY)
         assert stored is not None
         return records.PublishResult(stored, created)
 
@@ -90,6 +107,7 @@ class PostgresRuleVersions(PostgresPart, RuleVersions):
             if await _get(connection, version) is None:
                 return None
             await _activate(connection, version, self._db.now())
+            await connection.execute(_NOTIFY)
             return await _get(connection, version)
 
     async def active(self) -> records.RuleVersion | None:
@@ -101,3 +119,17 @@ class PostgresRuleVersions(PostgresPart, RuleVersions):
         row = await self._db.row("read the active rule version",
                                  "SELECT version FROM rule_versions WHERE status = 'active'")
         return None if row is None else str(row[0])
+
+    async def current(self) -> tuple[str | None, str | None]:
+        rows = await self._db.rows("read the current rule versions", _CURRENT)
+        active: str | None = None
+        shadow: str | None = None
+        for version, status in rows:
+            if status == "active":
+                active = str(version)
+            elif shadow is None:
+                shadow = str(version)
+        return active, shadow
+
+    async def wait_for_change(self, timeout: float) -> bool:
+        return await self._db.rule_changes.wait(timeout)

@@ -24,6 +24,7 @@ from engine.storage.postgres.ratelimits import PostgresRateLimits
 from engine.storage.postgres.ruleversions import PostgresRuleVersions
 from engine.storage.postgres.schema import current_version
 from engine.storage.postgres.schema import migrate as apply_migrations
+from engine.storage.postgres.shadow import PostgresShadowResults
 from engine.storage.postgres.touches import PostgresTouches
 from engine.storage.protocols import PROBE_BYTES, Clock, Storage, utc_now
 
@@ -60,6 +61,7 @@ class PostgresStorage(Storage):
             PostgresInbox(db), PostgresOutcomes(db), PostgresIdentityMap(db),
             PostgresRateLimits(db), PostgresLocalCRM(db))
         self.rule_versions = PostgresRuleVersions(db)
+        self.shadow = PostgresShadowResults(db)
         self.touches = PostgresTouches(db)
 
     @classmethod

@@ -198,11 +198,16 @@ class SQLiteInbox(SQLitePart, Inbox):
     async def dead_letters(self, limit: int = 100) -> list[records.DeadLetter]:
         return await self._db.rows("list dead letters", _DEAD_LETTERS, (limit,), _dead_letter)
 
-    async def requeue(self, event_id: int) -> bool:
+    async def requeue(self, event_id: int, rules_version: str | None = None) -> bool:
+        if rules_version is not None:
+            checks.rule_version_id(rules_version)
         now = self._db.now()
-        return await self._db.write(lambda c: _requeue(c, event_id, now), "requeue the event")
+        return await self._db.write(lambda c: _requeue(c, event_id, now, rules_version),
+                                    "requeue the event")
 
-    async def requeue_dead(self) -> list[int]:
+    async def requeue_dead(self, rules_version: str | None = None) -> list[int]:
+        if rules_version is not None:
+            checks.rule_version_id(rules_version)
         now = self._db.now()
 
         def run(connection: sqlite3.Connection) -> list[int]:
@@ -210,7 +215,8 @@ class SQLiteInbox(SQLitePart, Inbox):
                 "SELECT id FROM inbox WHERE status = 'dead'"
                 " UNION SELECT event_id FROM action_outcomes WHERE status = 'dead' ORDER BY 1"
             ).fetchall()
-            return [row[0] for row in rows if _requeue(connection, row[0], now)]
+            return [row[0] for row in rows
+                    if _requeue(connection, row[0], now, rules_version)]
 
         return await self._db.write(run, "requeue dead letters")
 
@@ -239,17 +245,19 @@ def _dead_letter(row: sqlite3.Row) -> records.DeadLetter:
     return records.from_row(records.DeadLetter, row, updated_at=parse_ts)
 
 
-def _requeue(connection: sqlite3.Connection, event_id: int, now: str) -> bool:
+def _requeue(connection: sqlite3.Connection, event_id: int, now: str,
+             rules_version: str | None) -> bool:
     """Pending again, attempts reset, dead outcomes retrying, ordering keys to be recorded
-    again (later events wait for its plan); not while a worker holds a live lease (it would
-    finish and overwrite the requeue) and not once the raw body is gone."""
+    again (later events wait for its plan), pinned to `rules_version` (None: unpinned); not
+    while a worker holds a live lease (it would finish and overwrite the requeue) and not
+    once the raw body is gone."""
     cursor = connection.execute(
         "UPDATE inbox SET status = 'received', attempts = 0, last_error = NULL,"
         " next_attempt_at = NULL, lease_owner = NULL, lease_expires_at = NULL, updated_at = ?,"
-        " ordering_recorded = 0"
+        " ordering_recorded = 0, rules_version = ?"
         " WHERE id = ? AND body IS NOT NULL"
         " AND (lease_owner IS NULL OR lease_expires_at <= ?)",
-        (now, event_id, now),
+        (now, rules_version, event_id, now),
     )
     if cursor.rowcount != 1:
         return False

@@ -3,6 +3,7 @@ serialised with every other write."""
 
 from __future__ import annotations
 
+import asyncio
 import sqlite3
 
 from engine.storage import checks, records
@@ -13,6 +14,11 @@ from engine.storage.sqlite.rows import dumps, loads, parse_optional_ts, parse_ts
 
 _COLUMNS = ", ".join(field_names(records.RuleVersion))
 _SELECT = f"SELECT {_COLUMNS} FROM rule_versions"
+_CURRENT = ("SELECT version, status FROM rule_versions WHERE status IN ('active', 'shadow')"
+            " ORDER BY seq DESC")
+# How often `wait_for_change` reads `current()`: two indexed rows, and a new version is seen
+# well within the 2 s every running process has to pick it up.
+POLL_SECONDS = 0.25
 
 
 def _files(text: str) -> dict[str, str]:
@@ -37,8 +43,35 @@ def _activate(connection: sqlite3.Connection, version: str, now: str) -> None:
                        " WHERE version = ? AND status <> 'active'", (now, version))
 
 
+def _shadow(connection: sqlite3.Connection, version: str) -> None:
+    """Make `version` the shadow one, retiring the shadow before; the active one stays as
+    it is (publishing it as shadow changes nothing)."""
+    stored = connection.execute("SELECT status FROM rule_versions WHERE version = ?",
+                                (version,)).fetchone()
+    if stored is None or stored[0] != "retired":
+        return
+    connection.execute("UPDATE rule_versions SET status = 'retired'"
+                       " WHERE status = 'shadow' AND version <> ?", (version,))
+    connection.execute("UPDATE rule_versions SET status = 'shadow' WHERE version = ?",
+                       (version,))
+
+
+def _current(connection: sqlite3.Connection) -> tuple[str | None, str | None]:
+    active: str | None = None
+    shadow: str | None = None
+    for version, status in connection.execute(_CURRENT).fetchall():
+        if status == "active":
+            active = str(version)
+        elif shadow is None:
+            shadow = str(version)
+    return active, shadow
+
+
 class SQLiteRuleVersions(SQLitePart, RuleVersions):
-    """Versions in the `rule_versions` table; a partial unique index keeps one active."""
+    """Versions in the `rule_versions` table; a partial unique index keeps one active.
+    Other processes' changes are seen by polling `current()` (`wait_for_change`)."""
+
+    _seen: tuple[str | None, str | None] | None = None
 
     async def publish(
         self, new: records.NewRuleVersion, status: records.RuleVersionStatus = "active"
@@ -55,8 +88,7 @@ class SQLiteRuleVersions(SQLitePart, RuleVersions):
             if status == "active":
                 _activate(connection, new.version, now)
             else:
-                connection.execute("UPDATE rule_versions SET status = 'shadow'"
-                                   " WHERE version = ? AND status = 'retired'", (new.version,))
+                _shadow(connection, new.version)
             stored = _get(connection, new.version)
             assert stored is not None
             return records.PublishResult(stored, created)
@@ -91,3 +123,23 @@ class SQLiteRuleVersions(SQLitePart, RuleVersions):
         return await self._db.row("read the active rule version",
                                   "SELECT version FROM rule_versions WHERE status = 'active'",
                                   (), lambda row: str(row[0]))
+
+    async def current(self) -> tuple[str | None, str | None]:
+        found = await self._db.read(_current, "read the current rule versions")
+        self._seen = found
+        return found
+
+    async def wait_for_change(self, timeout: float) -> bool:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + max(timeout, 0.0)
+        before = self._seen
+        while True:
+            now = await self.current()
+            if before is None:
+                before = now
+            elif now != before:
+                return True
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                return False
+            await asyncio.sleep(min(POLL_SECONDS, remaining))

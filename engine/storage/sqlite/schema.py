@@ -149,6 +149,29 @@ MIGRATIONS: Migrations = (
         " WHERE status = 'active'",
         "ALTER TABLE action_outcomes ADD COLUMN rules_version TEXT",
     )),
+    # Shadow mode (`linkcrm rules publish --shadow`): how each live event planned under the
+    # shadow version next to the active one, one row per (version, event) so a retried event
+    # counts once; the version `replay --rules-version` pins a requeued event to; and at most
+    # one shadow version (a newer one retires it; the newest of any already there stays).
+    (6, (
+        """CREATE TABLE shadow_results (
+            shadow_version TEXT NOT NULL,
+            event_id INTEGER NOT NULL REFERENCES inbox (id),
+            active_version TEXT,
+            event_type TEXT NOT NULL,
+            outcome TEXT NOT NULL CHECK (outcome IN ('same', 'changed', 'uncompared')),
+            changes TEXT NOT NULL,
+            error TEXT,
+            observed_at TEXT NOT NULL,
+            PRIMARY KEY (shadow_version, event_id)
+        )""",
+        "CREATE INDEX shadow_results_outcome ON shadow_results (shadow_version, outcome, event_id)",
+        "ALTER TABLE inbox ADD COLUMN rules_version TEXT",
+        "UPDATE rule_versions SET status = 'retired' WHERE status = 'shadow'"
+        " AND seq < (SELECT MAX(seq) FROM rule_versions WHERE status = 'shadow')",
+        "CREATE UNIQUE INDEX rule_versions_one_shadow ON rule_versions (status)"
+        " WHERE status = 'shadow'",
+    )),
     # Touches and attribution at identify (engine.storage.touchrecords). Numbered after the
     # migrations merged before it; renumbering is changing this number (the text is pinned).
     (8, TOUCHES),

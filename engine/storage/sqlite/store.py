@@ -23,6 +23,7 @@ from engine.storage.sqlite.ratelimits import SQLiteRateLimits
 from engine.storage.sqlite.ruleversions import SQLiteRuleVersions
 from engine.storage.sqlite.schema import current_version
 from engine.storage.sqlite.schema import migrate as apply_migrations
+from engine.storage.sqlite.shadow import SQLiteShadowResults
 from engine.storage.sqlite.touches import SQLiteTouches
 
 
@@ -46,6 +47,7 @@ class SQLiteStorage(Storage):
             SQLiteInbox(db), SQLiteOutcomes(db), SQLiteIdentityMap(db), SQLiteRateLimits(db),
             SQLiteLocalCRM(db))
         self.rule_versions = SQLiteRuleVersions(db)
+        self.shadow = SQLiteShadowResults(db)
         self.touches = SQLiteTouches(db)
 
     @classmethod

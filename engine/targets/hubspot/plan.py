@@ -28,7 +28,9 @@ def _midnight_epoch_ms(day: date) -> JSON:
 
 # Property values travel as strings ({"properties": {name: "string"}}); date-times as ISO 8601.
 DIALECT = Dialect(CRM, write_date=_midnight_epoch_ms, write_datetime=iso_milliseconds,
-                  text=True)
+                  text=True, deal_names=(("title", "dealname"), ("stage", "dealstage"),
+                                         ("amount", "amount")),
+                  deal_key_setting="deal_key_property")
 # HubSpot's own lifecycle order, used when the current stage is not one the field map names.
 LIFECYCLE_ORDER = ("subscriber", "lead", "marketingqualifiedlead", "salesqualifiedlead",
                    "opportunity", "customer", "evangelist", "other")

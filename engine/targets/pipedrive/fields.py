@@ -15,7 +15,10 @@ from engine.targets.pipedrive.api import PipedriveAPI, Record
 
 # Custom fields are named by their label (their keys are per-account hashes); v2 takes dates
 # as YYYY-MM-DD and date-times (kept as text) as RFC 3339.
-DIALECT = Dialect("pipedrive", bare="label")
+DIALECT = Dialect("pipedrive", bare="label",
+                  deal_names=(("title", "title"), ("stage", "stage_id (by stage name)"),
+                              ("amount", "value")),
+                  deal_key_setting="deal_key_field")
 Entity = Literal["person", "deal"]
 # Only these custom field types are searched by /persons/search and /deals/search.
 SEARCHABLE = frozenset({"address", "varchar", "text", "varchar_auto", "double", "monetary",

@@ -11,7 +11,9 @@ from engine.config.fieldmap import CoercionError, Dialect, FieldMap, iso_millise
 from engine.errors import PermanentCRMError
 
 CRM = "salesforce"
-DIALECT = Dialect(CRM, write_datetime=iso_milliseconds)  # DateTime: ISO 8601 to the ms
+DIALECT = Dialect(CRM, write_datetime=iso_milliseconds,  # DateTime: ISO 8601 to the ms
+                  deal_names=(("title", "Name"), ("stage", "StageName"), ("amount", "Amount")),
+                  deal_key_setting="deal_key_field", contact_defaults_setting="lead_defaults")
 ContactAction = UpsertContact | SetStage
 
 

@@ -92,6 +92,20 @@ class RuleVersionsContract:
         promoted = await versions.activate(f"{2:012x}")
         assert promoted is not None and promoted.status == "active"
 
+    async def test_a_newer_shadow_retires_the_one_before(self, storage: Storage) -> None:
+        versions = storage.rule_versions
+        await versions.publish(version(1))
+        await versions.publish(version(2), "shadow")
+        await versions.publish(version(3), "shadow")
+        assert [(v.version, v.status) for v in await versions.list_versions()] == [
+            (f"{3:012x}", "shadow"), (f"{2:012x}", "retired"), (f"{1:012x}", "active")]
+        await versions.publish(version(2), "shadow")  # a retired one comes back as shadow
+        assert {v.version: v.status for v in await versions.list_versions()} == {
+            f"{1:012x}": "active", f"{2:012x}": "shadow", f"{3:012x}": "retired"}
+        await versions.activate(f"{2:012x}")  # promoting the shadow leaves none
+        assert {v.version: v.status for v in await versions.list_versions()} == {
+            f"{1:012x}": "retired", f"{2:012x}": "active", f"{3:012x}": "retired"}
+
     async def test_concurrent_activations_leave_exactly_one_active(
         self, make_storage: Callable[[], Storage], storage: Storage
     ) -> None:
@@ -137,3 +151,51 @@ class RuleVersionsContract:
         assert unknown.rules_version is None
         assert [o.rules_version for o in await storage.outcomes.of_event(event_id)] == [
             "bbbbbbbbbbbb", None]
+
+    async def test_current_names_the_active_and_the_latest_shadow_version(
+        self, storage: Storage
+    ) -> None:
+        versions = storage.rule_versions
+        assert await versions.current() == (None, None)
+        await versions.publish(version(1))
+        assert await versions.current() == (f"{1:012x}", None)
+        await versions.publish(version(2), "shadow")
+        await versions.publish(version(3), "shadow")
+        assert await versions.current() == (f"{1:012x}", f"{3:012x}")
+        await versions.activate(f"{3:012x}")  # the shadow promoted: the older one is left
+        assert await versions.current() == (f"{3:012x}", f"{2:012x}")
+
+    async def test_wait_for_change_hears_another_process_publish_within_a_second(
+        self, storage: Storage, make_storage: Callable[[], Storage]
+    ) -> None:
+        other = make_storage()  # another linkcrm process on the same database
+        try:
+            versions = storage.rule_versions
+            await versions.publish(version(1))
+            assert await versions.current() == (f"{1:012x}", None)
+            # Settle: the first wait may wake at once (PostgreSQL's LISTEN coming up).
+            await versions.wait_for_change(0.3)
+            assert await versions.wait_for_change(0.3) is False  # nothing changed
+            loop = asyncio.get_running_loop()
+
+            async def publish_later() -> None:
+                await asyncio.sleep(0.1)
+                await other.rule_versions.publish(version(2))
+
+            publisher = asyncio.create_task(publish_later())
+            began = loop.time()
+            assert await versions.wait_for_change(5.0) is True
+            assert loop.time() - began < 1.0
+            await publisher
+            assert await versions.current() == (f"{2:012x}", None)
+
+            async def activate_later() -> None:
+                await asyncio.sleep(0.1)
+                await other.rule_versions.activate(f"{1:012x}")
+
+            activator = asyncio.create_task(activate_later())
+            assert await versions.wait_for_change(5.0) is True
+            await activator
+            assert await versions.current() == (f"{1:012x}", None)
+        finally:
+            await other.close()
