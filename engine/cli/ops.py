@@ -25,11 +25,13 @@ from engine.storage import (
     Storage,
     utc_now,
 )
+from engine.storage.touchrecords import Attribution
 
 from .output import FORMAT_OPTION, emit_json, fail, safe, safe_json
 from .params import LIMIT, ROW_ID, duration
 from .pinning import Pin, PinRefused, choose_pin
 from .runtime import iso, load_settings, rules_location, with_storage
+from .touchview import show_touches
 
 STATUS = click.Choice(EVENT_STATUSES)
 
@@ -122,10 +124,12 @@ def show_event(event_id: int, output_format: str) -> None:
     """
     settings = load_settings()
 
-    async def read(storage: Storage) -> tuple[InboxEvent | None, list[ActionOutcome]]:
-        return await storage.inbox.get(event_id), await storage.outcomes.of_event(event_id)
+    async def read(storage: Storage) -> tuple[InboxEvent | None, list[ActionOutcome],
+                                              Attribution | None]:
+        return (await storage.inbox.get(event_id), await storage.outcomes.of_event(event_id),
+                await storage.touches.attribution(event_id))
 
-    event, outcomes = with_storage(settings, read)
+    event, outcomes, attribution = with_storage(settings, read)
     if event is None:
         fail(f"no event {event_id}; `linkcrm events list` shows the ids")
     body: Any = None
@@ -136,7 +140,11 @@ def show_event(event_id: int, output_format: str) -> None:
             body = event.body.decode("utf-8", "replace")
     document: dict[str, Any] = {**_event_row(event), "body": body,
                                 "outcomes": [_outcome_row(o) for o in outcomes]}
-    document["plan"] = _current_plan(body, settings)
+    touch = attribution.detail if attribution is not None else None
+    document["touches"] = touch
+    document["plan"] = _current_plan(
+        {**body, "touch": touch} if touch is not None and isinstance(body, dict) else body,
+        settings)
     if output_format == "json":
         emit_json(document)
         return
@@ -171,6 +179,7 @@ def _show_text(document: dict[str, Any]) -> None:
     for line in (document["last_error"] or "").split("\n"):
         if line:
             click.echo(f"  error: {safe(line)}")
+    show_touches(document["touches"])
     current = document["plan"]
     if document["body_purged"]:
         click.echo("  body: purged (the event cannot be replayed)")
@@ -369,24 +378,31 @@ def purge(older_than: timedelta, output_format: str) -> None:
     the shadow-mode results observed before then (they quote event values too).
 
     Dedupe keys, statuses and outcomes are kept, so a late retry of a purged delivery is
-    still answered as a duplicate; a purged event can no longer be replayed.
+    still answered as a duplicate; a purged event can no longer be replayed. Touches older
+    than LINKCRM_TOUCH_RETENTION_DAYS, which identify events no longer get, are dropped too.
 
     \b
     Example:
       linkcrm purge --older-than 30d
     """
     settings = load_settings()
-    cutoff = utc_now() - older_than
+    now = utc_now()
+    cutoff = now - older_than
+    touch_cutoff = now - timedelta(days=settings.touch_retention_days)
 
-    async def work(storage: Storage) -> tuple[int, int]:
+    async def work(storage: Storage) -> tuple[int, int, int]:
         return (await storage.inbox.purge_raw_bodies(cutoff),
-                await storage.shadow.purge(cutoff))
+                await storage.shadow.purge(cutoff),
+                await storage.touches.forget(touch_cutoff))
 
-    dropped, shadow = with_storage(settings, work)
+    dropped, shadow, forgotten = with_storage(settings, work)
     if output_format == "json":
         emit_json({"purged": dropped, "received_before": iso(cutoff),
-                   "shadow_results_purged": shadow})
+                   "shadow_results_purged": shadow,
+                   "touches_forgotten": forgotten, "touches_before": iso(touch_cutoff)})
     else:
         click.echo(f"dropped the raw body of {dropped} event(s) received before {iso(cutoff)}"
                    + (f", and {shadow} shadow result(s) observed before then" if shadow
                       else ""))
+        click.echo(f"forgot {forgotten} touch(es) older than LINKCRM_TOUCH_RETENTION_DAYS "
+                   f"({iso(touch_cutoff)})")

@@ -9,6 +9,7 @@ from typing import Any
 import click
 
 from engine.config.fieldmap import TARGETS
+from engine.config.links import IDENTIFY_EVENT, link_of_event
 from engine.errors import ConfigError, Problem
 from engine.rules.evaluator import Plan, plan
 from engine.rules.explain import target_view
@@ -20,6 +21,7 @@ from engine.targets.registry import dialect
 from .eventfile import read_event
 from .output import FORMAT_OPTION, emit_json, fail, rules_paths, safe, safe_json
 from .params import seconds
+from .touchview import explain_touches, is_event_id, recorded_event
 from .watch import watch as watch_paths
 
 PATHS = click.argument("paths", nargs=-1, type=click.Path(exists=True))
@@ -125,21 +127,30 @@ def explain(event: str, rules_dir: tuple[str, ...], target: str | None,
             output_format: str) -> None:
     """Show what the rules do with one event: matches, skips and why, the action plan.
 
-    EVENT is a JSON (or YAML) file holding the event envelope, or - for standard input.
-    No CRM is contacted. Exit 1 when an action fails to evaluate, a value does not fit its
-    field (type, enum options), or EVENT is not an event; 2 when EVENT cannot be read.
+    EVENT is a JSON (or YAML) file holding the event envelope, or - for standard input, or
+    the id of a recorded event (an identify event then comes with the touches linkcrm attached
+    to it). On an identify event it shows which touches were attached and why, and whether
+    the link is per-person; a file can give them inline as `touch:`. No CRM is contacted.
+    Exit 1 when an action fails to evaluate, a value does not fit its field (type, enum
+    options), or EVENT is not an event; 2 when EVENT cannot be read.
 
     \b
     Example:
       linkcrm explain install.json --target hubspot
+      linkcrm explain 42
     """
     ruleset = _load(rules_paths(rules_dir))
-    envelope = read_event(event)
+    envelope = recorded_event(event) if is_event_id(event) else read_event(event)
     result = plan(envelope, ruleset)
     errors = value_errors(result, ruleset, target)
+    link = link_of_event(envelope, ruleset.field_map.links) if isinstance(envelope, dict) \
+        else None
     if output_format == "json":
         document = result.as_dict(envelope)
         document["value_errors"] = list(errors)
+        document["link"] = link
+        if isinstance(envelope, dict) and envelope.get("event") == IDENTIFY_EVENT:
+            document["touch"] = envelope.get("touch")
         if target is not None:
             actions = document["actions"]
             assert isinstance(actions, list)
@@ -149,6 +160,8 @@ def explain(event: str, rules_dir: tuple[str, ...], target: str | None,
                                               dialect(target)).as_dict()
         emit_json(document)
     else:
+        if isinstance(envelope, dict) and envelope.get("event") == IDENTIFY_EVENT:
+            explain_touches(envelope, link)
         _explain_text(envelope, result, ruleset, target)
     sys.exit(1 if result.failures or errors else 0)
 

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from engine.actions import JSON
+from engine.config.links import LinkPolicy
 from engine.config.schemacheck import schema_problems
 from engine.config.yamlsource import YamlDocument, YamlError, load_yaml
 from engine.errors import ConfigError, Location, Problem
@@ -119,6 +120,7 @@ class FieldMap:
     deal_pipeline: dict[str, CRMField] = field(default_factory=dict)
     targets: dict[str, dict[str, Any]] = field(default_factory=dict)
     file: str = ""
+    links: LinkPolicy = field(default_factory=LinkPolicy)
 
     def contact_stage(self, name: str) -> Stage | None:
         return next((s for s in self.contact_stages if s.name == name), None)
@@ -290,7 +292,24 @@ def _semantic_problems(document: YamlDocument) -> list[Problem]:
                                         "each stage appears once in its list", path=f"$.{key}"))
             if isinstance(name, str):
                 seen.add(name)
+    per_person = _listed(data, "per_person")
+    shared = _listed(data, "shared")
+    for index, prefix in enumerate(shared):
+        if prefix in per_person:
+            problems.append(Problem(
+                document.location(("links", "shared", "prefixes", index)), "link-kind-conflict",
+                f"prefix {prefix!r} is declared both per-person and shared",
+                "a link is one or the other: remove it from links.per_person.prefixes or from "
+                "links.shared.prefixes (shared wins meanwhile)", path="$.links"))
     return problems
+
+
+def _listed(data: dict[str, Any], kind: str) -> list[Any]:
+    """`links.<kind>.prefixes` when it is a list (the schema reports any other shape)."""
+    links = data.get("links")
+    section = links.get(kind) if isinstance(links, dict) else None
+    prefixes = section.get("prefixes") if isinstance(section, dict) else None
+    return prefixes if isinstance(prefixes, list) else []
 
 
 def _crm_field(raw: Any) -> CRMField:
@@ -335,4 +354,5 @@ def _build(document: YamlDocument) -> FieldMap:
         deal_pipeline=_per_crm(data.get("deal_pipeline", {})),
         targets=dict(data.get("targets", {})),
         file=document.file,
+        links=LinkPolicy.from_document(data.get("links")),
     )

@@ -13,6 +13,7 @@ from typing import Any
 from jmespath.exceptions import JMESPathError
 
 from engine.actions import JSON, Action, IdentityKey
+from engine.config.links import link_of_event
 from engine.rules.expressions import Expression
 from engine.rules.model import ActionTemplate, Rule, RuleSet
 
@@ -131,7 +132,11 @@ def plan_action(rule: Rule, template: ActionTemplate, event: Any) -> Action:
 
 
 def plan(event: Any, ruleset: RuleSet) -> Plan:
-    """The action plan for one event envelope (`{"event", "timestamp", "data"}`)."""
+    """The action plan for one event envelope (`{"event", "timestamp", "data"}`). Rules also
+    read `link` (the event's link, per-person or shared: `engine.config.links`), computed here
+    unless the caller gives it (the worker does for identify events, with `touch`)."""
+    if isinstance(event, dict) and "link" not in event:
+        event = {**event, "link": link_of_event(event, ruleset.field_map.links)}
     event_type = event.get("event") if isinstance(event, dict) else None
     if not isinstance(event_type, str):
         event_type = ""

@@ -41,6 +41,7 @@ class Settings:
     worker_concurrency: int = 4
     max_attempts: int = 8
     log_level: str = "INFO"
+    touch_retention_days: int = 90
 
     def __repr__(self) -> str:
         shown = {f.name: getattr(self, f.name) for f in fields(self) if f.repr}
@@ -68,6 +69,9 @@ class Settings:
             ),
             max_attempts=reader.get("LINKCRM_MAX_ATTEMPTS", cls.max_attempts, _positive_int),
             log_level=reader.get("LINKCRM_LOG_LEVEL", cls.log_level, _log_level),
+            touch_retention_days=reader.get(
+                "LINKCRM_TOUCH_RETENTION_DAYS", cls.touch_retention_days, _retention_days
+            ),
         )
         if reader.problems:
             raise ConfigError(reader.problems)
@@ -150,6 +154,16 @@ def _positive_float(raw: str) -> float:
     return value
 
 
+MAX_TOUCH_RETENTION_DAYS = 3650
+
+
+def _retention_days(raw: str) -> int:
+    value = _positive_int(raw)
+    if value > MAX_TOUCH_RETENTION_DAYS:
+        raise ValueError(f"must be at most {MAX_TOUCH_RETENTION_DAYS} days, got {value}")
+    return value
+
+
 _LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
 
@@ -176,4 +190,6 @@ _HINTS = {
     "LINKCRM_WORKER_CONCURRENCY": "set a count, e.g. LINKCRM_WORKER_CONCURRENCY=4",
     "LINKCRM_MAX_ATTEMPTS": "set a count, e.g. LINKCRM_MAX_ATTEMPTS=8",
     "LINKCRM_LOG_LEVEL": "set one of DEBUG, INFO, WARNING, ERROR",
+    "LINKCRM_TOUCH_RETENTION_DAYS": "set days between 1 and 3650, e.g. "
+                                    "LINKCRM_TOUCH_RETENTION_DAYS=90",
 }

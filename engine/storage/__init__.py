@@ -19,6 +19,7 @@ from engine.storage.protocols import (
     RuleVersions,
     ShadowResults,
     Storage,
+    Touches,
     utc_now,
 )
 from engine.storage.records import (
@@ -99,6 +100,7 @@ __all__ = [
     "Storage",
     "StorageError",
     "StoreResult",
+    "Touches",
     "open_storage",
     "utc_now",
 ]

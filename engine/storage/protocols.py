@@ -7,6 +7,7 @@
     storage.local_crm     the embedded CRM behind the `local` target
     storage.rule_versions published rule sets: their files, who/when, which one is active
     storage.shadow        shadow mode: per-event plan differences of a candidate rule version
+    storage.touches       link-level events kept for attribution, and what identify events got
 
 Each part asks only for what it uses: the worker's applier takes `Outcomes`, a CRM target an
 `IdentityMap` and `RateLimits`, the `local` target a `LocalCRMStore`. Every method is a
@@ -29,7 +30,7 @@ from types import TracebackType
 from typing import Protocol
 
 from engine.actions import IdentityKey
-from engine.storage import records
+from engine.storage import records, touchrecords
 from engine.storage.records import Fields, Keys
 
 Clock = Callable[[], datetime]
@@ -312,6 +313,27 @@ class ShadowResults(Protocol):
         raw bodies do); returns how many."""
 
 
+class Touches(Protocol):
+    """Touches: what link-level events told linkcrm (token, campaign, prefix, platform,
+    referrer, time), and the attribution each identify event got from them. No CRM sees them."""
+
+    async def record(self, touch: touchrecords.NewTouch) -> bool:
+        """Keep one touch per inbox event; False when that event's touch exists (a retry)."""
+
+    async def attribute(
+        self, request: touchrecords.AttributionRequest
+    ) -> touchrecords.Attribution:
+        """The first and last touch of the token and one unclaimed install, claimed for
+        `request.event_id` in the same commit (two workers never claim the same install);
+        the event's stored attribution when it has one already."""
+
+    async def attribution(self, event_id: int) -> touchrecords.Attribution | None:
+        """What `attribute` gave this event, or None."""
+
+    async def forget(self, older_than: datetime) -> int:
+        """Drop touches that happened before `older_than`; how many."""
+
+
 class Storage(Protocol):
     """One database: its seven concerns, and its lifecycle (schema, health, shutdown)."""
 
@@ -322,6 +344,7 @@ class Storage(Protocol):
     local_crm: LocalCRMStore
     rule_versions: RuleVersions
     shadow: ShadowResults
+    touches: Touches
 
     async def migrate(self) -> int:
         """Create or upgrade the schema; idempotent and safe when two processes race. Returns

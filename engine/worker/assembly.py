@@ -47,6 +47,7 @@ def worker_options(settings: Settings, concurrency: int | None = None) -> Worker
         concurrency=concurrency or settings.worker_concurrency,
         lease_seconds=settings.lease_seconds,
         policy=RetryPolicy(max_attempts=settings.max_attempts),
+        touch_retention_days=settings.touch_retention_days,
     )
 
 

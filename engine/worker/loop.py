@@ -30,6 +30,7 @@ from engine.runtime.metrics import Metrics
 from engine.storage import ActionOutcome, Clock, FinalStatus, InboxEvent, Storage, utc_now
 from engine.targets.base import Target, batches
 from engine.worker.apply import Applier, Lane, PartResult, Sleep
+from engine.worker.attribution import attach_all
 from engine.worker.batch import Batcher
 from engine.worker.pinning import PinnedRules
 from engine.worker.plan import KeyedAction, Work, ordering_keys, prepare, touched_keys
@@ -65,6 +66,7 @@ class WorkerOptions:
     drain_timeout: float = 5.0
     batch_size: int = 100
     policy: RetryPolicy = field(default_factory=RetryPolicy)
+    touch_retention_days: int | None = 90  # touches older than this are not attributed
 
 
 @dataclass
@@ -183,8 +185,17 @@ class Worker:
         snapshot = self.rules()  # this batch's rules, kept by each event until it is done
         # An event `replay --rules-version` pinned is planned with that version instead.
         chosen = [await self.pinned.ruleset_for(event, snapshot.active) for event in events]
-        jobs = [_Job(event, prepare(event, rules), {}, {})
-                for event, rules in zip(events, chosen, strict=True)]
+        try:
+            contexts = await attach_all(self.storage.touches, events,
+                                        snapshot.active.field_map.links,
+                                        self.options.touch_retention_days)
+        except StorageError as error:
+            log.error("could not read or keep touches", extra={"error": str(error)})
+            await asyncio.gather(*(self._release(e, "the store failed at claim time", 1.0)
+                                   for e in events))
+            return
+        jobs = [_Job(event, prepare(event, rules, context), {}, {})
+                for event, rules, context in zip(events, chosen, contexts, strict=True)]
         if snapshot.shadow is not None and self.shadow is not None:
             for event, rules in zip(events, chosen, strict=True):
                 self._observe(event, rules, snapshot.shadow)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -76,8 +76,10 @@ def touched_keys(actions: Iterable[KeyedAction]) -> list[str]:
                    for key in keyed.action.identity})
 
 
-def prepare(event: InboxEvent, ruleset: RuleSet) -> Work:
-    """Parse the stored raw body and plan it with the rules as they are now.
+def prepare(event: InboxEvent, ruleset: RuleSet,
+            context: Mapping[str, Any] | None = None) -> Work:
+    """Parse the stored raw body and plan it with the rules as they are now; `context` (an
+    identify event's `link` and `touch`, from `engine.worker.attribution`) joins the envelope.
 
     Never raises: an event that cannot be planned at all gets `error` (it will be a dead
     letter), and an action holding a value that no store or CRM can take (see
@@ -93,6 +95,8 @@ def prepare(event: InboxEvent, ruleset: RuleSet) -> Work:
                               "refuses such bodies now); the event cannot be evaluated")
     except ValueError as error:
         return Work(None, (), f"the stored body is not JSON: {error}")
+    if context and isinstance(envelope, dict):
+        envelope = {**envelope, **context}
     try:
         result = _screen(plan(envelope, ruleset), ruleset)
         return Work(result, _keyed(event.dedupe_key, result, ruleset))

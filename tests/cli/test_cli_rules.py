@@ -35,7 +35,7 @@ def test_validate_and_test_pass_on_the_shipped_rules() -> None:
     assert validated.stdout.strip() == "ok: 4 files checked, no problems"
     tested = linkcrm("test", "rules/")
     assert tested.returncode == 0, tested.stdout
-    assert tested.stdout.strip().splitlines()[-1] == "21 passed, 0 failed"
+    assert tested.stdout.strip().splitlines()[-1] == "26 passed, 0 failed"
 
 
 def test_validate_defaults_to_rules_in_the_working_folder(rules_copy: Path) -> None:
@@ -90,7 +90,7 @@ def test_a_failing_rule_test_shows_file_line_and_a_diff(rules_copy: Path) -> Non
     assert head in result.stdout
     assert '-      "first_touch_platform": "android"' in result.stdout
     assert '+      "first_touch_platform": "ios"' in result.stdout
-    assert result.stdout.splitlines()[-1] == "20 passed, 1 failed"
+    assert result.stdout.splitlines()[-1] == "25 passed, 1 failed"
 
 
 def test_test_refuses_rules_that_do_not_load(rules_copy: Path) -> None:

@@ -98,10 +98,10 @@ def test_when_that_starts_failing_and_a_changed_error(tmp_path: Path) -> None:
     broken = edited_rules(tmp_path / "when", [
         ("on: install.tracked\n    when: data.token",
          "on: install.tracked\n    when: length(data.campaign) > `3`"),
-        ("identity:\n            - deep_link_token: data.token\n",
+        ("identity:\n            - deep_link_token: link.person_token\n",
          "identity:\n            - deep_link_token: data.nothing\n")])
     emptier = edited_rules(tmp_path / "emptier", [
-        ("identity:\n            - deep_link_token: data.token\n"
+        ("identity:\n            - deep_link_token: link.person_token\n"
          "            - email: lower(trim(data.email))",
          "identity:\n            - deep_link_token: data.nothing\n"
          "            - email: data.none")])

@@ -99,6 +99,6 @@ def test_expected_errors_follow_the_actual_ones(tmp_path: Path) -> None:
     assert text.endswith("    expect: []\n    expect_errors:\n"
                          "      - \"rule 'app-identifies-user', "
                          "action 0 (upsert_contact), event app.user_identified: identity is "
-                         "entirely null (deep_link_token: data.token, email: "
+                         "entirely null (deep_link_token: link.person_token, email: "
                          "lower(trim(data.email)))\"\n    # the last case\n")
     assert passes(path)

@@ -83,3 +83,21 @@ def test_the_ui_password_is_a_secret_of_at_least_twelve_characters() -> None:
     text = str(caught.value)
     assert "LINKCRM_UI_PASSWORD is 8 characters long; it needs at least 12" in text
     assert "secrets.token_urlsafe" in text and "short-pw" not in text
+
+
+@pytest.mark.parametrize(("raw", "days", "error"), [
+    ("30", 30, None), ("3650", 3650, None),
+    ("0", 90, "LINKCRM_TOUCH_RETENTION_DAYS must be greater than 0, got 0"),
+    ("3651", 90, "LINKCRM_TOUCH_RETENTION_DAYS must be at most 3650 days, got 3651"),
+    ("a month", 90, "LINKCRM_TOUCH_RETENTION_DAYS must be a whole number, got 'a month'"),
+])
+def test_touch_retention_days_are_bounded(raw: str, days: int, error: str | None) -> None:
+    if error is None:
+        assert Settings.from_env({"LINKCRM_TOUCH_RETENTION_DAYS": raw}).touch_retention_days \
+            == days
+        return
+    with pytest.raises(ConfigError) as raised:
+        Settings.from_env({"LINKCRM_TOUCH_RETENTION_DAYS": raw})
+    [problem] = raised.value.problems
+    assert problem.message == error
+    assert "between 1 and 3650" in problem.hint

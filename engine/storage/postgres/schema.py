@@ -6,6 +6,7 @@ from engine.errors import StorageError
 from engine.storage.checks import Migrations, migrations_to_apply
 from engine.storage.ddl import outcome_tables
 from engine.storage.postgres.rows import Conn
+from engine.storage.postgres.touches_ddl import TOUCHES
 
 # Append new versions; never edit one that has shipped. Tables and columns match the SQLite
 # schema (engine/storage/sqlite/schema.py) except where PostgreSQL has a better type: identity
@@ -197,6 +198,9 @@ MIGRATIONS: Migrations = (
     (6, (
         "CREATE INDEX inbox_event_type ON inbox (event_type, id)",
     )),
+    # Touches and attribution at identify (engine.storage.touchrecords). Numbered after the
+    # migrations merged before it; renumbering is changing this number (the text is pinned).
+    (7, TOUCHES),
 )
 
 LATEST = MIGRATIONS[-1][0]
@@ -206,6 +210,7 @@ LATEST = MIGRATIONS[-1][0]
 MIGRATION_LOCK = 0x6C6B0001
 IDENTITY_LOCK = 0x6C6B0002
 RULE_VERSIONS_LOCK = 0x6C6B0003
+TOUCHES_LOCK = 0x6C6B0004
 
 
 async def current_version(connection: Conn) -> int:

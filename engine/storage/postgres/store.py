@@ -25,6 +25,7 @@ from engine.storage.postgres.ruleversions import PostgresRuleVersions
 from engine.storage.postgres.schema import current_version
 from engine.storage.postgres.schema import migrate as apply_migrations
 from engine.storage.postgres.shadow import PostgresShadowResults
+from engine.storage.postgres.touches import PostgresTouches
 from engine.storage.protocols import PROBE_BYTES, Clock, Storage, utc_now
 
 _SYNCHRONOUS_COMMIT = {"off": 0, "local": 1, "remote_write": 2, "on": 3, "remote_apply": 4}
@@ -61,6 +62,7 @@ class PostgresStorage(Storage):
             PostgresRateLimits(db), PostgresLocalCRM(db))
         self.rule_versions = PostgresRuleVersions(db)
         self.shadow = PostgresShadowResults(db)
+        self.touches = PostgresTouches(db)
 
     @classmethod
     def from_url(

@@ -6,6 +6,7 @@ import sqlite3
 
 from engine.storage.checks import Migrations, migrations_to_apply
 from engine.storage.ddl import outcome_tables
+from engine.storage.sqlite.touches_ddl import TOUCHES
 
 # Append new versions; never edit one that has shipped. Types and constraints stay close to
 # what PostgreSQL accepts so the two schemas read alike (times are ISO 8601 UTC text here).
@@ -177,6 +178,9 @@ MIGRATIONS: Migrations = (
     (7, (
         "CREATE INDEX inbox_event_type ON inbox (event_type, id)",
     )),
+    # Touches and attribution at identify (engine.storage.touchrecords). Numbered after the
+    # migrations merged before it; renumbering is changing this number (the text is pinned).
+    (8, TOUCHES),
 )
 
 LATEST = MIGRATIONS[-1][0]

@@ -24,6 +24,7 @@ from engine.storage.sqlite.ruleversions import SQLiteRuleVersions
 from engine.storage.sqlite.schema import current_version
 from engine.storage.sqlite.schema import migrate as apply_migrations
 from engine.storage.sqlite.shadow import SQLiteShadowResults
+from engine.storage.sqlite.touches import SQLiteTouches
 
 
 class SQLiteStorage(Storage):
@@ -47,6 +48,7 @@ class SQLiteStorage(Storage):
             SQLiteLocalCRM(db))
         self.rule_versions = SQLiteRuleVersions(db)
         self.shadow = SQLiteShadowResults(db)
+        self.touches = SQLiteTouches(db)
 
     @classmethod
     def from_url(cls, url: str, *, clock: Clock = utc_now, create: bool = True) -> SQLiteStorage:

@@ -1,6 +1,6 @@
 """The storage contract: behaviour every backend must show, tested through the protocols only,
 one part per concern (inbox, outcomes, identity map, rate limits, local CRM, lifecycle,
-rule versions, shadow results).
+rule versions, shadow results, touches).
 
 A backend's test module subclasses `StorageContract` and provides three fixtures:
 
@@ -24,6 +24,7 @@ from tests.storage.contract.ratelimits import RateLimitsContract
 from tests.storage.contract.ruleversions import RuleVersionsContract
 from tests.storage.contract.shadow import ShadowResultsContract
 from tests.storage.contract.support import EMAIL, STAGES, TOKEN, FakeClock, event, outcome
+from tests.storage.contract.touches import TouchesContract
 
 __all__ = ["EMAIL", "STAGES", "TOKEN", "FakeClock", "StorageContract", "event", "outcome"]
 
@@ -31,7 +32,7 @@ __all__ = ["EMAIL", "STAGES", "TOKEN", "FakeClock", "StorageContract", "event", 
 @pytest.mark.anyio
 class StorageContract(InboxContract, OutcomesContract, IdentityMapContract, RateLimitsContract,
                       LocalCRMContract, LifecycleContract, RuleVersionsContract,
-                      ShadowResultsContract, BrowsingContract):
+                      ShadowResultsContract, BrowsingContract, TouchesContract):
     @pytest.fixture
     def anyio_backend(self) -> str:
         return "asyncio"
