@@ -15,6 +15,7 @@ from engine.rules.versions import collect
 from tests.support.paths import REPO
 from tests.support.postgres import fresh_schema, require_postgres, schema_url
 from tests.support.service_process import cli, cli_json, service_env, start_server, wait_for
+from tests.support.shipped import SHIPPED_CASES
 
 RULES = REPO / "rules"
 
@@ -61,7 +62,7 @@ def test_publish_list_and_roll_back(env: dict[str, str], rules_copy: Path) -> No
     first = publish(env, str(rules_copy), "--label", "v1")
     assert first["created"] and first["status"] == "active" and first["previous"] is None
     assert first["label"] == "v1" and first["files"] == ["attribution.yaml", "fields.yaml"]
-    assert first["tests_passed"] == 21
+    assert first["tests_passed"] == SHIPPED_CASES
     again = cli("rules", "publish", str(rules_copy), env=env)
     assert again.returncode == 0
     assert again.stdout.strip() == f"already published: {first['version']} (v1); it was " \

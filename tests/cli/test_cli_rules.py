@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from tests.support.paths import REPO, TESTS
+from tests.support.shipped import SHIPPED_CASES
 
 ROOT = REPO
 RULES = ROOT / "rules"
@@ -35,7 +36,7 @@ def test_validate_and_test_pass_on_the_shipped_rules() -> None:
     assert validated.stdout.strip() == "ok: 4 files checked, no problems"
     tested = linkcrm("test", "rules/")
     assert tested.returncode == 0, tested.stdout
-    assert tested.stdout.strip().splitlines()[-1] == "26 passed, 0 failed"
+    assert tested.stdout.strip().splitlines()[-1] == f"{SHIPPED_CASES} passed, 0 failed"
 
 
 def test_validate_defaults_to_rules_in_the_working_folder(rules_copy: Path) -> None:

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from tests.support.paths import REPO
+from tests.support.shipped import SHIPPED_CASES
 from tests.support.watched import Watched
 
 RULES = REPO / "rules"
@@ -38,7 +39,7 @@ def test_a_failing_scenario_shows_its_line_and_the_state_diff(rules_copy: Path) 
     assert result.returncode == 1
     assert f"{tests}:29:5: FAIL stages never move backwards" in result.stdout
     assert '-        "lead"' in result.stdout
-    assert result.stdout.splitlines()[-1] == "20 passed, 1 failed"
+    assert result.stdout.splitlines()[-1] == f"{SHIPPED_CASES - 1} passed, 1 failed"
 
 
 def test_coverage_text_and_json(rules_copy: Path) -> None:
@@ -46,20 +47,20 @@ def test_coverage_text_and_json(rules_copy: Path) -> None:
     assert text.returncode == 0, text.stdout
     lines = text.stdout.splitlines()
     assert f"{rules_copy}/attribution.yaml: 18/18 (100.0%)" in lines
-    assert lines[-2:] == ["coverage: 18/18 (100.0%)", "21 passed, 0 failed"]
+    assert lines[-2:] == ["coverage: 18/18 (100.0%)", f"{SHIPPED_CASES} passed, 0 failed"]
     # Without the scenarios, three `when` branches are never seen false.
     (rules_copy / "attribution_scenarios_test.yaml").unlink()
     lines = linkcrm("test", str(rules_copy), "--coverage").stdout.splitlines()
-    assert "  -- referral-converts (line 50): fired 3x, when never false" in lines
-    assert lines[-2:] == ["coverage: 15/18 (83.3%)", "16 passed, 0 failed"]
+    assert "  -- referral-converts (line 55): fired 3x, when never false" in lines
+    assert lines[-2:] == ["coverage: 15/18 (83.3%)", "21 passed, 0 failed"]
     as_json = json.loads(linkcrm("test", str(rules_copy), "--coverage", "--format",
                                  "json").stdout)
-    assert as_json["passed"] == 16 and as_json["coverage"]["percent"] == 83.3
+    assert as_json["passed"] == 21 and as_json["coverage"]["percent"] == 83.3
     rules = as_json["coverage"]["files"][0]["rules"]
     assert [(r["rule"], r["fired"], r["when_false"]) for r in rules] == [
-        ("install-creates-lead", 2, 1), ("referral-signup-creates-lead", 2, 0),
+        ("install-creates-lead", 2, 2), ("referral-signup-creates-lead", 2, 0),
         ("referral-converts", 3, 0), ("deferred-link-enriches-contact", 2, 0),
-        ("app-identifies-user", 3, None)]
+        ("app-identifies-user", 7, None)]
     assert as_json["coverage"]["unwritten_fields"] == []
 
 
@@ -83,7 +84,7 @@ def test_update_rewrites_the_failing_case_then_reruns(rules_copy: Path) -> None:
     assert updated.returncode == 0, updated.stdout
     assert updated.stdout.splitlines() == [
         f"{tests}:70:5: updated referral conversion (shape A) makes a customer and one deal",
-        "21 passed, 0 failed"]
+        f"{SHIPPED_CASES} passed, 0 failed"]
     assert tests.read_text(encoding="utf-8") == original
     assert linkcrm("test", str(rules_copy), "--update", "--watch").returncode == 2
 
@@ -91,12 +92,12 @@ def test_update_rewrites_the_failing_case_then_reruns(rules_copy: Path) -> None:
 def test_test_watch_reruns_on_every_save(rules_copy: Path) -> None:
     watched = Watched("test", str(rules_copy), "--watch")
     try:
-        assert watched.until("21 passed")[-1] == "21 passed, 0 failed"
+        assert watched.until(f"{SHIPPED_CASES} passed")[-1] == f"{SHIPPED_CASES} passed, 0 failed"
         assert watched.until("watching ")[-1].endswith("files for changes (Ctrl-C stops)")
         tests = rules_copy / "attribution_test.yaml"
         tests.write_text(tests.read_text(encoding="utf-8").replace(
             "stage: customer}", "stage: lead}", 1), encoding="utf-8")
-        rerun = watched.until("20 passed")
+        rerun = watched.until(f"{SHIPPED_CASES - 1} passed")
         assert any(line.startswith("--- ") and f"changed: {tests}" in line for line in rerun)
         assert any("FAIL referral conversion (shape A)" in line for line in rerun)
         # A broken rule file is reported and the watch goes on.
@@ -104,7 +105,7 @@ def test_test_watch_reruns_on_every_save(rules_copy: Path) -> None:
                                                 encoding="utf-8")
         watched.until("error: the rules do not load")
         (rules_copy / "broken.yaml").unlink()
-        watched.until("20 passed")
+        watched.until(f"{SHIPPED_CASES - 1} passed")
     finally:
         code = watched.stop()
     assert code == 0
@@ -134,7 +135,7 @@ def test_update_in_json_lists_what_it_did_and_left(rules_copy: Path) -> None:
     assert document["updated"] == [{
         "file": str(tests), "line": 29, "name": "stages never move backwards", "updated": False,
         "reason": "match: subset (writing the whole output would change what it checks)"}]
-    assert (document["passed"], document["failed"]) == (20, 1)
+    assert (document["passed"], document["failed"]) == (SHIPPED_CASES - 1, 1)
     assert tests.read_text(encoding="utf-8") != original  # left as it was: still failing
 
 
