@@ -14,6 +14,7 @@ from engine.rules.ruletests import CaseResult, run_tests
 from engine.rules.updating import Updated, update_file
 
 from .output import FORMAT_OPTION, emit_json, rules_paths, safe
+from .params import FiniteFloatRange
 from .rules import _load
 from .scenariocrm import replay_into_local_crm
 from .watch import watch as watch_paths
@@ -95,7 +96,7 @@ def run_once(chosen: list[str], output_format: str, coverage: bool, fail_under: 
               help="Also list, per rule file, the rules, `when` branches and actions the "
                    "tests exercised and those they never did, and the field map's fields no "
                    "rule writes.")
-@click.option("--fail-under", type=click.FloatRange(0, 100), metavar="PERCENT",
+@click.option("--fail-under", type=FiniteFloatRange(0, 100), metavar="PERCENT",
               help="Exit 1 when coverage is under PERCENT (0 to 100); implies --coverage.")
 @click.option("--update", is_flag=True,
               help="Rewrite the expectations of failing cases from what the rules produce "

@@ -17,6 +17,7 @@ from engine.cli.startup import active_rules, publish_on_hangup, settle
 from engine.rules.versions import collect
 from engine.storage import NewRuleVersion, Storage
 from tests.support.paths import REPO
+from tests.support.shipped import SHIPPED_CASES
 
 pytestmark = pytest.mark.anyio
 
@@ -29,8 +30,10 @@ def rules_folder(folder: Path, edit: str = "", *, failing_test: bool = False) ->
     shutil.copytree(REPO / "rules", folder)
     rules = folder / "attribution.yaml"
     if edit:
-        rules.write_text(rules.read_text().replace(
-            "description: A deep-link install becomes a lead", f"description: {edit}", 1))
+        text = rules.read_text()
+        marker = "  - name: install-creates-lead\n    description: >-\n"
+        assert marker in text
+        rules.write_text(text.replace(marker, marker + f"      {edit}\n", 1))
     if failing_test:
         tests = folder / "attribution_test.yaml"
         tests.write_text(tests.read_text().replace("stage: lead}", "stage: customer}", 1))
@@ -66,8 +69,8 @@ async def test_a_folder_failing_its_tests_exits_1_and_publishes_nothing(
     assert stopped.value.code == 1
     err = capsys.readouterr().err
     assert "FAIL install (shape A) creates a lead" in err
-    assert (f"error: 1 of 16 rule tests failed in {folder}, so they are not published and "
-            "nothing changed") in err
+    assert (f"error: 1 of {SHIPPED_CASES} rule tests failed in {folder}, so they are not "
+            "published and nothing changed") in err
     assert await storage.rule_versions.list_versions() == []
 
 
@@ -122,6 +125,6 @@ async def test_sighup_publishes_the_folder_even_a_retired_version_and_refuses_fa
     assert await storage.rule_versions.active_version() == first
     errors = [r for r in caplog.records if r.levelno == logging.ERROR]
     assert [r.getMessage() for r in errors] == [
-        f"SIGHUP: the rules in {broken} are not published: 1 of 16 rule tests failed; the "
-        "running version stays"]
+        f"SIGHUP: the rules in {broken} are not published: 1 of {SHIPPED_CASES} rule tests "
+        "failed; the running version stays"]
     assert any("FAIL install (shape A)" in line for line in errors[0].problems)  # type: ignore[attr-defined]
