@@ -56,10 +56,16 @@ def rule_versions(root: Path, count: int) -> list[NewRuleVersion]:
         folder = root / f"v{n}"
         shutil.copytree(REPO / "rules", folder)
         rules = folder / "attribution.yaml"
-        rules.write_text(rules.read_text().replace("description: A deep-link install",
-                                                   f"description: Install {n}", 1))
+        text = rules.read_text()
+        marker = "  - name: install-creates-lead\n    description: >-\n"
+        if marker not in text:
+            raise SystemExit("bench_reload: the shipped rules no longer have the description "
+                             "it rewords; update rule_versions()")
+        rules.write_text(text.replace(marker, marker + f"      Install {n}.\n", 1))
         files = collect([folder])
         versions.append(NewRuleVersion(files.version, files.files, "bench"))
+    if len({v.version for v in versions} | {collect([root / "a"]).version}) != count + 1:
+        raise SystemExit("bench_reload: the versions it publishes are not all new")
     return versions
 
 
