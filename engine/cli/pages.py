@@ -19,7 +19,7 @@ def rules_label(settings: Settings, ruleset: RuleSet | None) -> str:
     if ruleset is None:
         return "the rules (which do not load now: `linkcrm validate` lists why)"
     version = f" (version {ruleset.version[:12]})" if ruleset.version else ""
-    return f"the rules in {settings.rules_dir}{version} as loaded when serve started"
+    return f"the rules in {settings.rules_dir}{version} (no rule version is published yet)"
 
 
 def page_routes(settings: Settings, ruleset: RuleSet | None,

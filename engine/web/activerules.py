@@ -34,9 +34,10 @@ class ActiveRules:
             version = await self._versions.active_version()
         except StorageError:
             version = None
-        if version is None or (self._fallback is not None
-                               and self._fallback.version == version):
+        if version is None:
             return self._fallback, self._fallback_label
+        if self._fallback is not None and self._fallback.version == version:
+            return self._fallback, f"rules version {version} (active now)"
         if self._loaded is None or self._loaded.version != version:
             loaded = await self._load(version)
             if loaded is None:

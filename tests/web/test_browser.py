@@ -186,7 +186,7 @@ def test_replay_a_dead_letter_and_see_it_processed(page: Page, server: Server) -
     page.click("nav >> text=Dead letters")
     group = page.locator("section.group", has_text="the CRM was unreachable")
     expect(group).to_have_count(1)
-    expect(page.locator("body")).to_contain_text("Replay uses the rules in")
+    expect(page.locator("body")).to_contain_text("Replay uses rules version")
     shot(page, "09-dead-letters")
     group.locator("button", has_text="Replay this group").click()
     expect(page.locator(".done")).to_contain_text("Re-queued 1 event(s)")
