@@ -27,30 +27,35 @@ def is_path(ref: str) -> bool:
     return bool(ref.strip()) and Path(ref).exists()
 
 
-async def find_version(versions: RuleVersions, ref: str) -> RuleVersion:
+async def find_version(versions: RuleVersions, ref: str, *, folders: bool = True) -> RuleVersion:
     """The published version `ref` names: `active`, a version id, or a unique prefix of one.
-    Raises UnknownRuleSetError (saying what to give instead) for none or several."""
+    Raises UnknownRuleSetError (saying what to give instead) for none or several; `folders`
+    says whether the command also takes a rule folder, which the advice then mentions."""
     wanted = ref.strip().lower()
     if wanted == ACTIVE:
         active = await versions.active()
         if active is None:
             raise UnknownRuleSetError(
                 "no rule version is active: nothing is published in this database yet; "
-                "publish one with `linkcrm rules publish rules/`, or give a rule folder")
+                "publish one with `linkcrm rules publish rules/`"
+                + (", or give a rule folder" if folders else ""))
         return active
-    known = [v.version for v in await versions.list_versions()]
-    matches = [v for v in known if wanted and v.startswith(wanted)]
+    matches = [v.version for v in await versions.list_versions()
+               if wanted and v.version.startswith(wanted)]
     if len(matches) > 1:
         raise UnknownRuleSetError(
             f"{ref!r} is the start of {len(matches)} rule versions ({', '.join(matches)}); "
             "give more of it")
     found = await versions.get(matches[0]) if matches else None
-    if found is None:
+    if found is not None:
+        return found
+    if folders:
         raise UnknownRuleSetError(
             f"unknown rule set {ref!r}: there is no rule folder or file by that name, and no "
             "published rule version starts with it; give a rule folder (e.g. rules/), a "
             "version `linkcrm rules list` shows, or `active`")
-    return found
+    raise UnknownRuleSetError(f"unknown rule version {ref!r}; `linkcrm rules list` shows "
+                              "the published ones")
 
 
 def resolve_ruleset(ref: str,
@@ -71,24 +76,6 @@ def resolve_ruleset(ref: str,
 
 
 async def find_published(versions: RuleVersions, ref: str) -> RuleVersion:
-    """The published version `ref` names: a version id, a unique prefix of one, or `active`
-    (commands that take only versions: `replay --rules-version`, `rules shadow-report`).
-    Raises UnknownRuleSetError saying what to give instead."""
-    wanted = ref.strip().lower()
-    if wanted == ACTIVE:
-        active = await versions.active()
-        if active is None:
-            raise UnknownRuleSetError(
-                "no rule version is active: nothing is published in this database yet; "
-                "publish one with `linkcrm rules publish rules/`")
-        return active
-    matches = [v.version for v in await versions.list_versions()
-               if wanted and v.version.startswith(wanted)]
-    if len(matches) > 1:
-        raise UnknownRuleSetError(f"{ref!r} is the start of {len(matches)} rule versions "
-                                  f"({', '.join(matches)}); give more of it")
-    found = await versions.get(matches[0]) if matches else None
-    if found is None:
-        raise UnknownRuleSetError(f"unknown rule version {ref!r}; `linkcrm rules list` shows "
-                                  "the published ones")
-    return found
+    """`find_version` for commands that take only versions (`replay --rules-version`,
+    `rules shadow-report`)."""
+    return await find_version(versions, ref, folders=False)
