@@ -90,9 +90,12 @@ class Inbox(Protocol):
         """Push the lease expiry out for a long-running event."""
 
     async def finish(
-        self, event_id: int, worker_id: str, status: records.FinalStatus, error: str | None = None
+        self, event_id: int, worker_id: str, status: records.FinalStatus, error: str | None = None,
+        *, ordering_keys: Sequence[str] | None = None,
     ) -> bool:
-        """Mark a leased event processed, ignored or dead, and release the lease."""
+        """Mark a leased event processed, ignored or dead, and release the lease; with
+        `ordering_keys`, replace its ordering keys in the same write (only if it was still
+        leased by `worker_id`)."""
 
     async def retry_later(
         self, event_id: int, worker_id: str, next_attempt_at: datetime, error: str | None
@@ -102,6 +105,12 @@ class Inbox(Protocol):
     async def set_ordering_keys(self, event_id: int, keys: Sequence[str]) -> None:
         """Record which identities an event touches (replaces earlier keys; none is a valid
         answer) and that they are recorded, so later events can wait for it."""
+
+    async def set_ordering_keys_many(self, keys: Mapping[int, Sequence[str]]) -> None:
+        """`set_ordering_keys` for every event in `keys` (event id -> its keys), in one write
+        where the backend can: a claim's events record theirs together."""
+        for event_id, event_keys in keys.items():
+            await self.set_ordering_keys(event_id, event_keys)
 
     async def earlier_pending(
         self, event_id: int, keys: Sequence[str]
@@ -163,6 +172,11 @@ class Outcomes(Protocol):
 
     async def of_event(self, event_id: int) -> list[records.ActionOutcome]:
         """Every action outcome of one event, in recording order."""
+
+    async def of_events(self, event_ids: Sequence[int]) -> dict[int, list[records.ActionOutcome]]:
+        """`of_event` for many events in one read where the backend can: every id given is a
+        key, with [] for an event without outcomes."""
+        return {event_id: await self.of_event(event_id) for event_id in event_ids}
 
     async def counts(self) -> Mapping[tuple[str, str], int]:
         """(target, status) -> number of actions, for metrics."""

@@ -96,6 +96,19 @@ class BatchTarget(Target, Protocol):
                            ) -> list[Outcome | Exception]: ...
 
 
+# How many events a worker applies to one target at once when `--concurrency` is not given:
+# a remote CRM's rate limit is shared, so a few in flight keep it busy; a target may say how
+# many it takes (`concurrency` attribute), as the embedded CRM does, whose writes share one
+# commit the more of them arrive together.
+DEFAULT_CONCURRENCY = 4
+
+
+def concurrency_of(target: Target) -> int:
+    """The events `target` takes at once unless the operator says otherwise."""
+    wanted = getattr(target, "concurrency", DEFAULT_CONCURRENCY)
+    return wanted if isinstance(wanted, int) and wanted > 0 else DEFAULT_CONCURRENCY
+
+
 def startable(target: Target) -> TypeGuard[StartableTarget]:
     return isinstance(target, StartableTarget)
 

@@ -27,8 +27,16 @@ from datetime import datetime, timedelta
 from engine.errors import StorageError, UnstorableValueError, where
 from engine.rules.model import RuleSet
 from engine.runtime.metrics import Metrics
-from engine.storage import ActionOutcome, Clock, FinalStatus, InboxEvent, Storage, utc_now
-from engine.targets.base import Target, batches
+from engine.storage import (
+    PENDING_STATUSES,
+    ActionOutcome,
+    Clock,
+    FinalStatus,
+    InboxEvent,
+    Storage,
+    utc_now,
+)
+from engine.targets.base import Target, batches, concurrency_of
 from engine.worker.apply import Applier, Lane, PartResult, Sleep
 from engine.worker.attribution import attach_all
 from engine.worker.batch import Batcher
@@ -45,18 +53,19 @@ class WorkerOptions:
     """How hard the worker works and how long it waits in-process before rescheduling.
 
     `concurrency` is how many events each target handles at once (with one target, the number
-    of events in flight). A target with batch endpoints gets the calls that queue up while a
-    batch is in flight in its next batch, at most `batch_size` (1: no batching). Waits longer
-    than `short_wait` (backoff), `order_wait` (an earlier event of the same identity) or
-    `busy_wait` (a full lane) are rescheduled in the store, so a restart loses nothing and a
-    worker slot is never held for long. An event deferred for a full lane or an earlier event
-    comes back after about a second, twice as long with every further attempt, at most
-    `defer_cap` seconds (with jitter): the backlog of a CRM that hangs thins out instead of
-    being claimed again and again, and claims take the earliest due first, so the events that
-    arrive meanwhile go to the other targets promptly.
+    of events in flight); None: each target's own figure (`targets.base.concurrency_of`: 4
+    for a remote CRM, 64 for the embedded one). A target with batch endpoints gets the calls
+    that queue up while a batch is in flight in its next batch, at most `batch_size` (1: no
+    batching). Waits longer than `short_wait` (backoff), `order_wait` (an earlier event of
+    the same identity) or `busy_wait` (a full lane) are rescheduled in the store, so a
+    restart loses nothing and a worker slot is never held for long. An event deferred for a
+    full lane or an earlier event comes back after about a second, twice as long with every
+    further attempt, at most `defer_cap` seconds (with jitter): the backlog of a CRM that
+    hangs thins out instead of being claimed again and again, and claims take the earliest
+    due first, so the events that arrive meanwhile go to the other targets promptly.
     """
 
-    concurrency: int = 4
+    concurrency: int | None = None
     lease_seconds: float = 60.0
     poll_interval: float = 0.2
     short_wait: float = 2.0
@@ -75,6 +84,7 @@ class _Job:
     work: Work
     known: Mapping[tuple[str, str], ActionOutcome]
     keys: dict[str, list[str]]  # target -> its ordering keys, while that target is unfinished
+    recorded: list[str] = field(default_factory=list)  # the ordering keys last stored
 
 
 class Worker:
@@ -112,8 +122,9 @@ class Worker:
         self.options = options or WorkerOptions()
         self.worker_id = worker_id or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self.clock = clock
-        n = max(1, self.options.concurrency)
-        self.lanes = {target.name: Lane(target, n) for target in self.targets}
+        sizes = {target.name: max(1, self.options.concurrency or concurrency_of(target))
+                 for target in self.targets}
+        self.lanes = {target.name: Lane(target, sizes[target.name]) for target in self.targets}
         # Calls go through a Batcher where the target has batch endpoints: concurrent events'
         # actions then share requests, which is what a rate-limited CRM needs.
         self.callers: dict[str, Target] = {
@@ -121,7 +132,9 @@ class Worker:
             if batches(target) and self.options.batch_size > 1 else target
             for target in self.targets}
         # With several targets, room for one more target's worth of events: a stuck target can
-        # fill its own lane and queue, and the others still have `n` events to work on.
+        # fill its own lane and queue, and the others still have `n` events to work on (`n`:
+        # the smallest lane, so no lane is handed far more events than it can take).
+        n = min(sizes.values())
         self.capacity = n if len(self.targets) == 1 else n * (len(self.targets) + 1)
         self.applier = Applier(storage.outcomes, self.metrics, self.options.policy,
                                self.options.short_wait, clock, sleep)
@@ -137,7 +150,8 @@ class Worker:
         `drain_timeout` seconds to finish; the rest are released for the next claim."""
         log.info("worker started", extra={"worker_id": self.worker_id,
                                           "targets": [t.name for t in self.targets],
-                                          "concurrency": self.options.concurrency})
+                                          "concurrency": {name: lane.size for name, lane
+                                                          in self.lanes.items()}})
         try:
             await self._loop(until_idle=False)
         finally:
@@ -199,8 +213,7 @@ class Worker:
         if snapshot.shadow is not None and self.shadow is not None:
             for event, rules in zip(events, chosen, strict=True):
                 self._observe(event, rules, snapshot.shadow)
-        begun = await asyncio.gather(*(self._begin(job) for job in jobs),
-                                     return_exceptions=True)
+        begun = await self._begin_all(jobs)
         transient = [error for error in begun if _transient(error)]
         if transient:
             log.error("could not start events", extra={"error": str(transient[0]),
@@ -218,13 +231,32 @@ class Worker:
             self._tasks.add(task)
             task.add_done_callback(self._finished)
 
+    async def _begin_all(self, jobs: list[_Job]) -> list[BaseException | None]:
+        """Read the claimed events' outcomes and record their ordering keys: one read and one
+        write for the whole claim. When the write fails on some event's own data, each event
+        begins alone, so only that one fails."""
+        try:
+            known = await self.storage.outcomes.of_events([job.event.id for job in jobs])
+            for job in jobs:
+                self._plan_keys(job, known.get(job.event.id, []))
+            await self.storage.inbox.set_ordering_keys_many(
+                {job.event.id: job.recorded for job in jobs})
+        except Exception as error:
+            if _transient(error) or len(jobs) == 1:
+                return [error] * len(jobs)
+            return await asyncio.gather(*(self._begin(job) for job in jobs),
+                                        return_exceptions=True)
+        return [None] * len(jobs)
+
     async def _begin(self, job: _Job) -> None:
-        outcomes = await self.storage.outcomes.of_event(job.event.id)
+        self._plan_keys(job, await self.storage.outcomes.of_event(job.event.id))
+        await self.storage.inbox.set_ordering_keys(job.event.id, job.recorded)
+
+    def _plan_keys(self, job: _Job, outcomes: list[ActionOutcome]) -> None:
         job.known = {(o.target, o.idempotency_key): o for o in outcomes}
-        for target in self.targets:
-            if _unfinished(job, target.name):
-                job.keys[target.name] = ordering_keys(target.name, job.work.actions)
-        await self.storage.inbox.set_ordering_keys(job.event.id, _all_keys(job))
+        job.keys = {target.name: ordering_keys(target.name, job.work.actions)
+                    for target in self.targets if _unfinished(job, target.name)}
+        job.recorded = _all_keys(job)
 
     def _observe(self, event: InboxEvent, active: RuleSet, shadow: RuleSet) -> None:
         """Show the event to the shadow observer in a task of its own: the event does not wait
@@ -320,9 +352,16 @@ class Worker:
             lane.release()
         if result.done:
             del job.keys[target.name]
-            await self.storage.inbox.set_ordering_keys(job.event.id, _all_keys(job))
-            self._notify()
+            if job.keys:  # later events may go on this target while the others finish
+                await self._record_keys(job)
+            self._notify()  # the last target's keys go with the event's conclusion
         return result
+
+    async def _record_keys(self, job: _Job) -> None:
+        keys = _all_keys(job)
+        if keys != job.recorded:
+            await self.storage.inbox.set_ordering_keys(job.event.id, keys)
+            job.recorded = keys
 
     async def _wait_for_order(self, job: _Job, target: str) -> PartResult | None:
         keys = job.keys[target]
@@ -334,6 +373,8 @@ class Worker:
             if not earlier:
                 return None
             blocker = await self.storage.inbox.get(earlier[0])
+            if blocker is None or blocker.status not in PENDING_STATUSES:
+                continue  # it finished between the two reads: check again at once
             remaining = deadline - loop.time()
             # No waiting in-process behind a target that hangs (the slot is worth more to the
             # events of the other targets), nor behind an event no worker holds: claims go by
@@ -349,8 +390,8 @@ class Worker:
         # and an identity's events must not drift ever further apart. The doubling is for a
         # CRM that hangs, and half a lease still thins out the backlog waiting behind it.
         due = self._deferred(job.event, 0.5, cap=self.options.lease_seconds / 2)
-        if blocker is not None and blocker.next_attempt_at is not None \
-                and blocker.lease_owner is None and blocker.next_attempt_at > due:
+        if blocker.next_attempt_at is not None and blocker.lease_owner is None \
+                and blocker.next_attempt_at > due:
             due = min(blocker.next_attempt_at + timedelta(seconds=0.5),
                       self._after(self.options.policy.cap))
         return PartResult(target, False, due, f"{target}: waiting for earlier event "
@@ -362,6 +403,7 @@ class Worker:
         if later:
             due = min(r.retry_at for r in later if r.retry_at is not None)
             note = "; ".join(r.note for r in later)
+            await self._record_keys(job)
             if not await self.storage.inbox.retry_later(event.id, self.worker_id, due, note):
                 log.warning("lease lost before rescheduling", extra={"event_id": event.id})
             return
@@ -375,7 +417,9 @@ class Worker:
         else:
             status = "processed"
         error = "\n".join(problems) if problems else None
-        if await self.storage.inbox.finish(event.id, self.worker_id, status, error):
+        keys = _all_keys(job)
+        if await self.storage.inbox.finish(event.id, self.worker_id, status, error,
+                                           ordering_keys=None if keys == job.recorded else keys):
             self.metrics.processed.inc(status=status)
             log.log(logging.WARNING if status == "dead" else logging.DEBUG, "event finished",
                     extra={"event_id": event.id, "event_type": event.event_type,
@@ -444,11 +488,8 @@ class Worker:
         delay = min(limit, max(first * 2.0 ** doublings, floor))
         return self._after(delay * self.options.policy.rng.uniform(0.5, 1.0))
 
-    def _held(self, event: InboxEvent | None) -> bool:
-        """Whether a worker holds a live lease on `event`; one that is gone counts as held (the
-        next check no longer finds it)."""
-        if event is None:
-            return True
+    def _held(self, event: InboxEvent) -> bool:
+        """Whether a worker holds a live lease on `event`."""
         expires = event.lease_expires_at
         return event.lease_owner is not None and expires is not None and expires > self.clock()
 

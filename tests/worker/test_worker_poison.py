@@ -192,6 +192,35 @@ async def test_an_error_in_the_worker_itself_dead_letters_that_event_only(
         "the worker failed on this event: KeyError: 'a bug that quotes ada@example.com'")
 
 
+async def test_keys_one_event_cannot_record_fail_that_event_only(
+    storage: Storage, rules: RuleSet, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A claim records every event's ordering keys in one write; when that write fails on one
+    # event's data, each event records its own, and only that one is a dead letter.
+    ids = [await store(storage, "install.tracked", token=f"tok_{n}", prefix="p")
+           for n in range(3)]
+    record_one = storage.inbox.set_ordering_keys
+    together: list[list[int]] = []
+
+    async def refused(keys: dict[int, list[str]]) -> None:
+        together.append(sorted(keys))
+        raise UnstorableValueError("an ordering key cannot be stored")
+
+    async def one(event_id: int, keys: list[str]) -> None:
+        if event_id == ids[1]:
+            raise UnstorableValueError("an ordering key cannot be stored")
+        await record_one(event_id, keys)
+
+    monkeypatch.setattr(storage.inbox, "set_ordering_keys_many", refused)
+    monkeypatch.setattr(storage.inbox, "set_ordering_keys", one)
+    await local_worker(storage, rules).run_until_idle()
+    assert together == [ids]
+    statuses = [(await storage.inbox.get(event_id)) for event_id in ids]
+    assert [e.status for e in statuses if e is not None] == ["processed", "dead", "processed"]
+    contacts = await storage.local_crm.contacts()
+    assert sorted(c.identities[0].value for c in contacts) == ["tok_0", "tok_2"]
+
+
 async def test_a_value_the_store_refuses_is_dead_at_once_not_retried(
     storage: Storage, rules: RuleSet
 ) -> None:

@@ -156,11 +156,23 @@ class PostgresInbox(PostgresPart, Inbox):
         return await self._leased("extend the lease", _EXTEND, params, event_id, worker_id)
 
     async def finish(
-        self, event_id: int, worker_id: str, status: records.FinalStatus, error: str | None = None
+        self, event_id: int, worker_id: str, status: records.FinalStatus, error: str | None = None,
+        *, ordering_keys: Sequence[str] | None = None,
     ) -> bool:
         checks.final_status(status)
         params = {"status": status, "error": values.storable_text(error)}
-        return await self._leased("finish the event", _FINISH, params, event_id, worker_id)
+        if ordering_keys is None:
+            return await self._leased("finish the event", _FINISH, params, event_id, worker_id)
+        async with self._db.connection("finish the event") as connection, \
+                connection.transaction():
+            finished = (await connection.execute(
+                f"UPDATE inbox SET {_FINISH}"
+                f" WHERE id = %(id)s AND lease_owner = %(worker)s AND {PENDING}",
+                {**params, "id": event_id, "worker": worker_id, "now": self._db.now()},
+            )).rowcount == 1
+            if finished:
+                await _replace_keys(connection, event_id, ordering_keys)
+            return finished
 
     async def retry_later(
         self, event_id: int, worker_id: str, next_attempt_at: datetime, error: str | None
@@ -183,19 +195,25 @@ class PostgresInbox(PostgresPart, Inbox):
     async def set_ordering_keys(self, event_id: int, keys: Sequence[str]) -> None:
         async with self._db.connection("record ordering keys") as connection, \
                 connection.transaction():
+            await _replace_keys(connection, event_id, keys)
+
+    async def set_ordering_keys_many(self, keys: Mapping[int, Sequence[str]]) -> None:
+        if not keys:
+            return
+        ids = sorted(keys)
+        pairs = [(event_id, key) for event_id in ids for key in sorted(set(keys[event_id]))]
+        async with self._db.connection("record ordering keys") as connection, \
+                connection.transaction():
             await connection.execute(
-                "DELETE FROM inbox_ordering_keys WHERE event_id = %s", (event_id,))
-            if keys:
+                "DELETE FROM inbox_ordering_keys WHERE event_id = ANY(%s::bigint[])", (ids,))
+            if pairs:
                 await connection.execute(
                     "INSERT INTO inbox_ordering_keys (event_id, ordering_key)"
-                    " SELECT %s, unnest(%s::text[]) ON CONFLICT DO NOTHING",
-                    (event_id, sorted(set(keys))),
-                )
+                    " SELECT * FROM unnest(%s::bigint[], %s::text[]) ON CONFLICT DO NOTHING",
+                    ([event_id for event_id, _ in pairs], [key for _, key in pairs]))
             await connection.execute(
                 "UPDATE inbox SET ordering_recorded = true"
-                " WHERE id = %s AND NOT ordering_recorded",
-                (event_id,),
-            )
+                " WHERE id = ANY(%s::bigint[]) AND NOT ordering_recorded", (ids,))
 
     async def earlier_pending(
         self, event_id: int, keys: Sequence[str]
@@ -269,6 +287,20 @@ class PostgresInbox(PostgresPart, Inbox):
                 " (SELECT received_at FROM inbox WHERE status = 'failed' ORDER BY id LIMIT 1))")
             oldest = await cursor.fetchone()
         return records.InboxStats(counts, oldest[0] if oldest else None)
+
+
+async def _replace_keys(connection: Conn, event_id: int, keys: Sequence[str]) -> None:
+    await connection.execute("DELETE FROM inbox_ordering_keys WHERE event_id = %s", (event_id,))
+    if keys:
+        await connection.execute(
+            "INSERT INTO inbox_ordering_keys (event_id, ordering_key)"
+            " SELECT %s, unnest(%s::text[]) ON CONFLICT DO NOTHING",
+            (event_id, sorted(set(keys))),
+        )
+    await connection.execute(
+        "UPDATE inbox SET ordering_recorded = true WHERE id = %s AND NOT ordering_recorded",
+        (event_id,),
+    )
 
 
 async def _requeue(connection: Conn, event_id: int, now: datetime | None,

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from datetime import datetime
 
 from engine.storage import records, values
@@ -71,6 +71,20 @@ class PostgresOutcomes(PostgresPart, Outcomes):
             (event_id,),
         )
         return [outcome_from_row(row) for row in rows]
+
+    async def of_events(self, event_ids: Sequence[int]) -> dict[int, list[records.ActionOutcome]]:
+        unique = sorted(set(event_ids))
+        found: dict[int, list[records.ActionOutcome]] = {event_id: [] for event_id in unique}
+        if not unique:
+            return found
+        rows = await self._db.rows(
+            "list outcomes",
+            f"SELECT {OUTCOME_COLUMNS} FROM action_outcomes WHERE event_id = ANY(%s::bigint[])"
+            " ORDER BY id", (unique,))
+        for row in rows:
+            outcome = outcome_from_row(row)
+            found[outcome.event_id].append(outcome)
+        return found
 
     async def counts(self) -> Mapping[tuple[str, str], int]:
         rows = await self._db.rows(

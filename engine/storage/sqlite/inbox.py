@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import functools
 import sqlite3
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from datetime import datetime, timedelta
 
 from engine.errors import StorageError, UnstorableEventError
@@ -148,11 +148,21 @@ class SQLiteInbox(SQLitePart, Inbox):
         return await self._leased("extend the lease", _EXTEND, (expires,), event_id, worker_id)
 
     async def finish(
-        self, event_id: int, worker_id: str, status: records.FinalStatus, error: str | None = None
+        self, event_id: int, worker_id: str, status: records.FinalStatus, error: str | None = None,
+        *, ordering_keys: Sequence[str] | None = None,
     ) -> bool:
         checks.final_status(status)
-        params = (status, values.storable_text(error), self._db.now())
-        return await self._leased("finish the event", _FINISH, params, event_id, worker_id)
+        params = (status, values.storable_text(error), self._db.now(), event_id, worker_id)
+
+        def run(connection: sqlite3.Connection) -> bool:
+            finished = connection.execute(
+                f"UPDATE inbox SET {_FINISH} WHERE id = ? AND lease_owner = ? AND {PENDING}",
+                params).rowcount == 1
+            if finished and ordering_keys is not None:
+                _replace_keys(connection, event_id, ordering_keys)
+            return finished
+
+        return await self._db.write(run, "finish the event")
 
     async def retry_later(
         self, event_id: int, worker_id: str, next_attempt_at: datetime, error: str | None
@@ -172,17 +182,12 @@ class SQLiteInbox(SQLitePart, Inbox):
         return changed == 1
 
     async def set_ordering_keys(self, event_id: int, keys: Sequence[str]) -> None:
+        await self._db.write(lambda c: _replace_keys(c, event_id, keys), "record ordering keys")
+
+    async def set_ordering_keys_many(self, keys: Mapping[int, Sequence[str]]) -> None:
         def run(connection: sqlite3.Connection) -> None:
-            connection.execute("DELETE FROM inbox_ordering_keys WHERE event_id = ?", (event_id,))
-            connection.executemany(
-                "INSERT INTO inbox_ordering_keys (event_id, ordering_key) VALUES (?, ?)"
-                " ON CONFLICT DO NOTHING",
-                [(event_id, key) for key in keys],
-            )
-            connection.execute(
-                "UPDATE inbox SET ordering_recorded = 1 WHERE id = ? AND ordering_recorded = 0",
-                (event_id,),
-            )
+            for event_id, event_keys in keys.items():
+                _replace_keys(connection, event_id, event_keys)
 
         await self._db.write(run, "record ordering keys")
 
@@ -255,6 +260,19 @@ class SQLiteInbox(SQLitePart, Inbox):
             return records.InboxStats(counts, parse_optional_ts(oldest[0]))
 
         return await self._db.read(run, "count the inbox")
+
+
+def _replace_keys(connection: sqlite3.Connection, event_id: int, keys: Sequence[str]) -> None:
+    connection.execute("DELETE FROM inbox_ordering_keys WHERE event_id = ?", (event_id,))
+    connection.executemany(
+        "INSERT INTO inbox_ordering_keys (event_id, ordering_key) VALUES (?, ?)"
+        " ON CONFLICT DO NOTHING",
+        [(event_id, key) for key in keys],
+    )
+    connection.execute(
+        "UPDATE inbox SET ordering_recorded = 1 WHERE id = ? AND ordering_recorded = 0",
+        (event_id,),
+    )
 
 
 def _dead_letter(row: sqlite3.Row) -> records.DeadLetter:

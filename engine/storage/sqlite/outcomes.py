@@ -3,21 +3,27 @@
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from datetime import datetime
 
 from engine.storage import records, values
 from engine.storage.protocols import Outcomes
 from engine.storage.sqlite import timeline
 from engine.storage.sqlite.database import SQLitePart
-from engine.storage.sqlite.rows import OUTCOME_COLUMNS, dumps_optional, outcome_from_row, ts
+from engine.storage.sqlite.rows import (
+    OUTCOME_COLUMNS,
+    dumps_optional,
+    outcome_from_row,
+    placeholders,
+    ts,
+)
 
 _GET = f"SELECT {OUTCOME_COLUMNS} FROM action_outcomes WHERE target = ? AND idempotency_key = ?"
 
 
 class SQLiteOutcomes(SQLitePart, Outcomes):
-    """An upsert and a read of the row it left, in one writer job: nothing else writes between
-    them, so the row read is the one this call made or the `ok` one it kept."""
+    """An upsert that returns the row it wrote, in one writer job; when it wrote none (the `ok`
+    row is kept), a read of that row in the same job, so nothing else writes in between."""
 
     async def get(self, target: str, idempotency_key: str) -> records.ActionOutcome | None:
         return await self._db.row("read the outcome", _GET, (target, idempotency_key),
@@ -30,7 +36,7 @@ class SQLiteOutcomes(SQLitePart, Outcomes):
 
         def run(connection: sqlite3.Connection) -> records.ActionOutcome:
             # The WHERE on the conflict branch keeps an `ok` row as it is: success is final.
-            connection.execute(
+            written = connection.execute(
                 "INSERT INTO action_outcomes (event_id, rule, action_kind, target,"
                 " idempotency_key, status, attempts, request_summary, response, error,"
                 " next_attempt_at, created_at, updated_at, rules_version)"
@@ -40,16 +46,17 @@ class SQLiteOutcomes(SQLitePart, Outcomes):
                 " request_summary = excluded.request_summary, response = excluded.response,"
                 " error = excluded.error, next_attempt_at = excluded.next_attempt_at,"
                 " updated_at = excluded.updated_at, rules_version = excluded.rules_version"
-                " WHERE action_outcomes.status <> 'ok'",
+                f" WHERE action_outcomes.status <> 'ok' RETURNING {OUTCOME_COLUMNS}",
                 (
                     outcome.event_id, outcome.rule, outcome.action_kind, outcome.target,
                     outcome.idempotency_key, outcome.status,
                     dumps_optional(outcome.request_summary), dumps_optional(outcome.response),
                     outcome.error, next_at, now, now, outcome.rules_version,
                 ),
-            )
-            return outcome_from_row(
-                connection.execute(_GET, (outcome.target, outcome.idempotency_key)).fetchone())
+            ).fetchone()
+            # No row back: the `ok` row was kept as it is; read it.
+            return outcome_from_row(written if written is not None else connection.execute(
+                _GET, (outcome.target, outcome.idempotency_key)).fetchone())
 
         return await self._db.write(run, "record the outcome")
 
@@ -58,6 +65,22 @@ class SQLiteOutcomes(SQLitePart, Outcomes):
             "list outcomes",
             f"SELECT {OUTCOME_COLUMNS} FROM action_outcomes WHERE event_id = ? ORDER BY id",
             (event_id,), outcome_from_row)
+
+    async def of_events(self, event_ids: Sequence[int]) -> dict[int, list[records.ActionOutcome]]:
+        unique = sorted(set(event_ids))
+
+        def run(connection: sqlite3.Connection) -> dict[int, list[records.ActionOutcome]]:
+            found: dict[int, list[records.ActionOutcome]] = {event_id: [] for event_id in unique}
+            for start in range(0, len(unique), 500):  # well under SQLite's parameter limit
+                chunk = unique[start:start + 500]
+                for row in connection.execute(
+                        f"SELECT {OUTCOME_COLUMNS} FROM action_outcomes"
+                        f" WHERE event_id IN ({placeholders(len(chunk))}) ORDER BY id", chunk):
+                    outcome = outcome_from_row(row)
+                    found[outcome.event_id].append(outcome)
+            return found
+
+        return await self._db.read(run, "list outcomes")
 
     async def counts(self) -> Mapping[tuple[str, str], int]:
         counted = await self._db.rows(

@@ -31,6 +31,9 @@ class LocalTarget:
     """
 
     name = "local"
+    # Events at once without `--concurrency`: each one waits on the storage's group commit,
+    # and the more wait together, the more share one commit.
+    concurrency = 64
 
     def __init__(self, store: LocalCRMStore, field_map: FieldMap) -> None:
         self.store = store

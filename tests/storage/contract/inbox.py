@@ -11,7 +11,7 @@ from datetime import UTC, datetime, timedelta
 import pytest
 
 from engine.errors import UnstorableEventError
-from engine.storage import PLANNING_WAIT, FinalStatus, NewOutcome, Storage
+from engine.storage import PLANNING_WAIT, EventFilter, FinalStatus, NewOutcome, Storage
 from tests.storage.contract.support import FakeClock, event, outcome
 
 
@@ -194,6 +194,25 @@ class InboxContract:
         await storage.inbox.claim("w", 1, 30)
         await storage.inbox.finish(a, "w", "processed")
         assert await storage.inbox.earlier_unfinished(c, ["local:deep_link_token:tok_1"]) == []
+
+    async def test_keys_recorded_together_and_replaced_when_finishing(
+        self, storage: Storage
+    ) -> None:
+        a, b, c = [(await storage.inbox.store(event(n))).id for n in (1, 2, 3)]
+        ada, bob = "local:deep_link_token:tok_1", "*:email:bob"
+        await storage.inbox.set_ordering_keys_many({a: [ada], b: [], c: [ada, bob]})
+        assert await storage.inbox.earlier_unfinished(c, [ada]) == [a]
+        assert await storage.inbox.earlier_unfinished(c, [bob]) == []  # b: none, but recorded
+        assert [e.id for e in await storage.inbox.claim("w", 3, 30)] == [a, b, c]
+        # Finishing with keys keeps only those (a touched-identity key, for the delivery log).
+        assert await storage.inbox.finish(c, "w", "processed", ordering_keys=[bob])
+        assert [e.id for e in await storage.inbox.browse(EventFilter(touched=(bob,)))] == [c]
+        assert [e.id for e in await storage.inbox.browse(EventFilter(touched=(ada,)))] == [a]
+        # Not leased by this worker: neither the status nor the keys change.
+        assert not await storage.inbox.finish(a, "other", "processed", ordering_keys=[])
+        assert await storage.inbox.earlier_unfinished(b, [ada]) == [a]
+        assert await storage.inbox.finish(a, "w", "processed")
+        assert await storage.inbox.earlier_unfinished(b, [ada]) == []
 
     async def test_an_earlier_event_being_planned_elsewhere_holds_back_a_later_one(
         self, storage: Storage, make_storage: Callable[[], Storage]

@@ -30,3 +30,16 @@ class OutcomesContract:
         assert [(o.target, o.status) for o in outcomes] == [("hubspot", "ok"), ("local", "dead")]
         counts = await storage.outcomes.counts()
         assert counts[("hubspot", "ok")] == 1 and counts[("local", "dead")] == 1
+
+    async def test_the_outcomes_of_many_events_in_one_read(self, storage: Storage) -> None:
+        first, second, none = [(await storage.inbox.store(event(n))).id for n in (1, 2, 3)]
+        await storage.outcomes.record(outcome(first, "ok", target="hubspot"))
+        await storage.outcomes.record(outcome(second, "retrying", target="local", key="k2"))
+        await storage.outcomes.record(outcome(first, "dead", target="local", error="bad"))
+        found = await storage.outcomes.of_events([second, first, none, first])
+        assert {event_id: [(o.target, o.status) for o in outcomes]
+                for event_id, outcomes in found.items()} == {
+            first: [("hubspot", "ok"), ("local", "dead")], second: [("local", "retrying")],
+            none: []}
+        assert found[first] == await storage.outcomes.of_event(first)
+        assert await storage.outcomes.of_events([]) == {}
