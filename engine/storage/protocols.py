@@ -118,6 +118,14 @@ class Inbox(Protocol):
         """One read: (pending events before `event_id` sharing one of `keys`, pending events
         before `event_id` whose keys are not recorded yet), each in arrival order."""
 
+    async def earlier_pending_many(
+        self, wanted: Mapping[int, Sequence[str]]
+    ) -> dict[int, tuple[list[int], list[int]]]:
+        """`earlier_pending` for every event in `wanted` (event id -> its keys), in one read
+        where the backend can; an event given no keys gets ([], [])."""
+        return {event_id: await self.earlier_pending(event_id, keys) if keys else ([], [])
+                for event_id, keys in wanted.items()}
+
     async def earlier_unfinished(self, event_id: int, keys: Sequence[str]) -> list[int]:
         """Ids of pending events that arrived before `event_id` and share one of `keys`; the
         worker applies an event only when this is empty (per-identity order).

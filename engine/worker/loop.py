@@ -85,6 +85,9 @@ class _Job:
     known: Mapping[tuple[str, str], ActionOutcome]
     keys: dict[str, list[str]]  # target -> its ordering keys, while that target is unfinished
     recorded: list[str] = field(default_factory=list)  # the ordering keys last stored
+    # No earlier event held any of its keys when the claim recorded them (nor was one still
+    # being planned): its first order check is already done.
+    clear: bool = False
 
 
 class Worker:
@@ -246,7 +249,23 @@ class Worker:
                 return [error] * len(jobs)
             return await asyncio.gather(*(self._begin(job) for job in jobs),
                                         return_exceptions=True)
+        await self._check_order(jobs)
         return [None] * len(jobs)
+
+    async def _check_order(self, jobs: list[_Job]) -> None:
+        """The claim's first order check, in one read now that its keys are recorded: an
+        event with nothing earlier is `clear`. Any doubt (a store error) leaves each event
+        to check for itself."""
+        wanted = {job.event.id: sorted({key for keys in job.keys.values() for key in keys})
+                  for job in jobs if job.keys}
+        try:
+            found = await self.storage.inbox.earlier_pending_many(wanted)
+        except StorageError as error:
+            log.warning("order check for the claim failed", extra={"error": str(error)})
+            return
+        for job in jobs:
+            shared, unplanned = found.get(job.event.id, ([], []))
+            job.clear = job.event.id in wanted and not shared and not unplanned
 
     async def _begin(self, job: _Job) -> None:
         self._plan_keys(job, await self.storage.outcomes.of_event(job.event.id))
@@ -310,15 +329,7 @@ class Worker:
         assert me is not None
         lease = asyncio.create_task(self._keep_lease(event.id, me))
         try:
-            parts = [asyncio.create_task(self._part(job, target)) for target in self.targets]
-            try:
-                results = await asyncio.gather(*parts)
-            except BaseException:
-                for part in parts:
-                    part.cancel()
-                await asyncio.gather(*parts, return_exceptions=True)
-                raise
-            await self._conclude(job, list(results))
+            await self._conclude(job, await self._parts(job))
         except asyncio.CancelledError:
             await self._release(event, "interrupted: the worker stopped", 0.0)
             raise
@@ -331,6 +342,19 @@ class Worker:
             await self._release(event, f"storage error: {error}", 5.0)
         finally:
             lease.cancel()
+
+    async def _parts(self, job: _Job) -> list[PartResult]:
+        """Every target's share, each in its own task (one target: in this one)."""
+        if len(self.targets) == 1:
+            return [await self._part(job, self.targets[0])]
+        parts = [asyncio.create_task(self._part(job, target)) for target in self.targets]
+        try:
+            return list(await asyncio.gather(*parts))
+        except BaseException:
+            for part in parts:
+                part.cancel()
+            await asyncio.gather(*parts, return_exceptions=True)
+            raise
 
     async def _part(self, job: _Job, target: Target) -> PartResult:
         """This target's share of the event: wait for order, take a lane, apply."""
@@ -364,6 +388,8 @@ class Worker:
             job.recorded = keys
 
     async def _wait_for_order(self, job: _Job, target: str) -> PartResult | None:
+        if job.clear:
+            return None
         keys = job.keys[target]
         lane = self.lanes[target]
         loop = asyncio.get_running_loop()

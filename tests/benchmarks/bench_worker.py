@@ -19,6 +19,7 @@ import hashlib
 import io
 import json
 import pstats
+import resource
 import tempfile
 import time
 from datetime import UTC, datetime
@@ -77,13 +78,18 @@ def main() -> int:
         profiler = cProfile.Profile() if options.profile else None
         if profiler is not None:
             profiler.enable()
+        before = resource.getrusage(resource.RUSAGE_SELF)
         elapsed = asyncio.run(work(url, options.concurrency))
+        after = resource.getrusage(resource.RUSAGE_SELF)
         if profiler is not None:
             profiler.disable()
     concurrency = options.concurrency or "the target's default"
     print(f"worker alone: {options.events} events in {elapsed:.2f} s = "
           f"{options.events / elapsed:,.0f} events/s (concurrency {concurrency}, "
           f"local CRM, {url.split(':', 1)[0]})")
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    print(f"  CPU {cpu:.2f} s = {cpu / options.events * 1e6:,.0f} us per event (user + system, "
+          "every thread of this process: what a busy machine moves least)")
     if profiler is not None:
         for order in ("cumulative", "tottime"):
             out = io.StringIO()

@@ -67,6 +67,37 @@ async def test_two_events_of_one_identity_never_run_at_the_same_time(
     assert [e for e in target.events()] == [e for e in ids for _ in range(2)]
 
 
+async def test_a_claim_checks_order_once_and_only_blocked_events_check_again(
+    storage: Storage, rules: RuleSet, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # One read checks the whole claim once its keys are recorded; an event that had nothing
+    # earlier goes straight on, and only the one behind an earlier event of its identity
+    # checks again (and waits for it).
+    target = FakeTarget(delay=0.02)
+    first = await store(storage, "install.tracked", token="tok_a", prefix="one")
+    others = [await store(storage, "install.tracked", token=f"tok_{n}") for n in range(3)]
+    second = await store(storage, "install.tracked", token="tok_a", prefix="two")
+    claims: list[list[int]] = []
+    checked: list[int] = []
+    many, one = storage.inbox.earlier_pending_many, storage.inbox.earlier_unfinished
+
+    async def claim_check(wanted: dict[int, list[str]]) -> object:
+        claims.append(sorted(wanted))
+        return await many(wanted)
+
+    async def own_check(event_id: int, keys: list[str]) -> list[int]:
+        checked.append(event_id)
+        return await one(event_id, keys)
+
+    monkeypatch.setattr(storage.inbox, "earlier_pending_many", claim_check)
+    monkeypatch.setattr(storage.inbox, "earlier_unfinished", own_check)
+    await Worker(storage, rules, [target],
+                 options=WorkerOptions(concurrency=8, order_wait=30)).run_until_idle()
+    assert claims[0] == sorted([first, *others, second])
+    assert set(checked) == {second}
+    assert [e for e in target.events() if e in (first, second)] == [first] * 2 + [second] * 2
+
+
 async def test_an_event_never_holds_the_slot_its_earlier_event_needs_to_be_claimed(
     storage: Storage, rules: RuleSet
 ) -> None:

@@ -25,7 +25,7 @@ from engine.errors import PermanentCRMError, UnstorableValueError
 from engine.rules.model import RuleSet
 from engine.runtime.metrics import Metrics
 from engine.signing import sign
-from engine.storage import NewEvent, Storage, open_storage
+from engine.storage import ActionOutcome, NewEvent, NewOutcome, Storage, open_storage
 from engine.targets.base import CallContext
 from engine.targets.local.target import LocalTarget
 from engine.worker.loop import Worker, WorkerOptions
@@ -171,14 +171,14 @@ async def test_an_error_in_the_worker_itself_dead_letters_that_event_only(
     first = await store(storage, "install.tracked", token="tok_a", prefix="p")
     broken = await store(storage, "install.tracked", token="tok_b", prefix="p")
     last = await store(storage, "install.tracked", token="tok_c", prefix="p")
-    checked = storage.inbox.earlier_unfinished
+    record = storage.outcomes.record
 
-    async def buggy(event_id: int, keys: list[str]) -> list[int]:
-        if event_id == broken:
+    async def buggy(outcome: NewOutcome) -> ActionOutcome:
+        if outcome.event_id == broken:
             raise KeyError("a bug that quotes ada@example.com")
-        return await checked(event_id, keys)
+        return await record(outcome)
 
-    monkeypatch.setattr(storage.inbox, "earlier_unfinished", buggy)
+    monkeypatch.setattr(storage.outcomes, "record", buggy)
     await local_worker(storage, rules).run_until_idle()
     statuses = {}
     for event_id in (first, broken, last):

@@ -218,21 +218,39 @@ class PostgresInbox(PostgresPart, Inbox):
     async def earlier_pending(
         self, event_id: int, keys: Sequence[str]
     ) -> tuple[list[int], list[int]]:
+        return (await self.earlier_pending_many({event_id: keys}))[event_id]
+
+    async def earlier_pending_many(
+        self, wanted: Mapping[int, Sequence[str]]
+    ) -> dict[int, tuple[list[int], list[int]]]:
         # One round trip; each half reads its own index, so a long backlog of events waiting
-        # for a retry is not scanned on every check.
-        found = await self._db.rows(
+        # for a retry is not scanned on every check. The unplanned half is read once, up to
+        # the latest event asked about.
+        pairs = [(event_id, key) for event_id, keys in wanted.items() for key in set(keys)]
+        found: dict[int, tuple[list[int], list[int]]] = {event_id: ([], [])
+                                                         for event_id in wanted}
+        if not pairs:
+            return found
+        rows = await self._db.rows(
             "check earlier events",
-            "SELECT k.event_id, true FROM inbox_ordering_keys AS k"
-            " JOIN inbox AS i ON i.id = k.event_id"
-            " WHERE k.ordering_key = ANY(%(keys)s::text[]) AND k.event_id < %(id)s"
-            f" AND i.{PENDING}"
-            " UNION"
-            f" SELECT id, false FROM inbox WHERE id < %(id)s AND {PENDING}"
-            " AND NOT ordering_recorded ORDER BY 1",
-            {"keys": sorted(set(keys)), "id": event_id},
+            "SELECT DISTINCT w.id, k.event_id, true FROM"
+            " unnest(%(ids)s::bigint[], %(keys)s::text[]) AS w (id, key)"
+            " JOIN inbox_ordering_keys AS k ON k.ordering_key = w.key AND k.event_id < w.id"
+            f" JOIN inbox AS i ON i.id = k.event_id AND i.{PENDING}"
+            " UNION ALL"
+            f" SELECT NULL, id, false FROM inbox WHERE id < %(latest)s AND {PENDING}"
+            " AND NOT ordering_recorded ORDER BY 2",
+            {"ids": [event_id for event_id, _ in pairs], "keys": [key for _, key in pairs],
+             "latest": max(event_id for event_id, _ in pairs)},
         )
-        return ([event for event, shared in found if shared],
-                [event for event, shared in found if not shared])
+        unplanned = [other for _, other, shared in rows if not shared]
+        for event_id, other, shared in rows:
+            if shared:
+                found[event_id][0].append(other)
+        for event_id, (_, waiting) in found.items():
+            if wanted[event_id]:
+                waiting.extend(other for other in unplanned if other < event_id)
+        return found
 
     async def dead_letters(self, limit: int = 100) -> list[records.DeadLetter]:
         rows = await self._db.rows("list dead letters", _DEAD_LETTERS, (max(limit, 0),))

@@ -194,26 +194,37 @@ class SQLiteInbox(SQLitePart, Inbox):
     async def earlier_pending(
         self, event_id: int, keys: Sequence[str]
     ) -> tuple[list[int], list[int]]:
-        # Each half reads its own index: a long backlog of events waiting for a retry is not
-        # scanned on every check.
-        unique = sorted(set(keys))
+        return (await self.earlier_pending_many({event_id: keys}))[event_id]
 
-        def run(connection: sqlite3.Connection) -> tuple[list[int], list[int]]:
-            if not unique:
-                return [], []
-            shared = connection.execute(
-                "SELECT DISTINCT k.event_id FROM inbox_ordering_keys AS k"
-                " JOIN inbox AS i ON i.id = k.event_id"
-                f" WHERE k.ordering_key IN ({placeholders(len(unique))}) AND k.event_id < ?"
-                f" AND i.{PENDING} ORDER BY k.event_id",
-                (*unique, event_id),
-            ).fetchall()
-            unplanned = connection.execute(
-                "SELECT id FROM inbox INDEXED BY inbox_unplanned"
-                f" WHERE id < ? AND {PENDING} AND ordering_recorded = 0 ORDER BY id",
-                (event_id,),
-            ).fetchall()
-            return [row[0] for row in shared], [row[0] for row in unplanned]
+    async def earlier_pending_many(
+        self, wanted: Mapping[int, Sequence[str]]
+    ) -> dict[int, tuple[list[int], list[int]]]:
+        # Each half reads its own index: a long backlog of events waiting for a retry is not
+        # scanned on every check. The unplanned half is read once, up to the latest event.
+        def run(connection: sqlite3.Connection) -> dict[int, tuple[list[int], list[int]]]:
+            asking = {event_id: sorted(set(keys)) for event_id, keys in wanted.items() if keys}
+            unplanned: list[int] = []
+            if asking:
+                unplanned = [row[0] for row in connection.execute(
+                    "SELECT id FROM inbox INDEXED BY inbox_unplanned"
+                    f" WHERE id < ? AND {PENDING} AND ordering_recorded = 0 ORDER BY id",
+                    (max(asking),))]
+            found: dict[int, tuple[list[int], list[int]]] = {}
+            for event_id in wanted:
+                unique = asking.get(event_id)
+                if not unique:
+                    found[event_id] = ([], [])
+                    continue
+                shared = connection.execute(
+                    "SELECT DISTINCT k.event_id FROM inbox_ordering_keys AS k"
+                    " JOIN inbox AS i ON i.id = k.event_id"
+                    f" WHERE k.ordering_key IN ({placeholders(len(unique))}) AND k.event_id < ?"
+                    f" AND i.{PENDING} ORDER BY k.event_id",
+                    (*unique, event_id),
+                ).fetchall()
+                found[event_id] = ([row[0] for row in shared],
+                                   [other for other in unplanned if other < event_id])
+            return found
 
         return await self._db.read(run, "check earlier events")
 

@@ -214,6 +214,19 @@ class InboxContract:
         assert await storage.inbox.finish(a, "w", "processed")
         assert await storage.inbox.earlier_unfinished(b, [ada]) == []
 
+    async def test_earlier_events_of_many_events_in_one_read(self, storage: Storage) -> None:
+        a, b, c, d = [(await storage.inbox.store(event(n))).id for n in (1, 2, 3, 4)]
+        ada, bob = "local:ada", "local:bob"
+        await storage.inbox.set_ordering_keys_many({a: [ada], c: [ada, bob], d: [bob]})
+        # b's keys are not recorded: it holds back every later event that has keys.
+        assert await storage.inbox.earlier_pending_many({a: [ada], c: [ada, bob], d: [bob],
+                                                         b: []}) == {
+            a: ([], []), c: ([a], [b]), d: ([c], [b]), b: ([], [])}
+        await storage.inbox.set_ordering_keys(b, [])
+        assert await storage.inbox.earlier_pending_many({c: [bob], d: [ada]}) == {
+            c: ([], []), d: ([a, c], [])}
+        assert await storage.inbox.earlier_pending_many({}) == {}
+
     async def test_an_earlier_event_being_planned_elsewhere_holds_back_a_later_one(
         self, storage: Storage, make_storage: Callable[[], Storage]
     ) -> None:
