@@ -59,13 +59,16 @@ class Lane:
 
     async def acquire(self, wait: float) -> bool:
         loop = asyncio.get_running_loop()
-        if self.stuck(wait):
-            return False
-        try:
-            async with asyncio.timeout(wait):
-                await self._semaphore.acquire()
-        except TimeoutError:
-            return False
+        if self._semaphore.locked():
+            if self.stuck(wait):
+                return False
+            try:
+                async with asyncio.timeout(wait):
+                    await self._semaphore.acquire()
+            except TimeoutError:
+                return False
+        else:
+            await self._semaphore.acquire()  # a free place: no wait, no timer
         self._progress = loop.time()
         return True
 

@@ -91,7 +91,7 @@ async def attach_all(touches: Touches, events: Sequence[InboxEvent], policy: Lin
                                        retention_days=retention_days)
 
     identify = [i for i, event in enumerate(events) if event.event_type == IDENTIFY]
-    others = [i for i in range(len(events)) if i not in set(identify)]
+    others = [i for i, event in enumerate(events) if event.event_type != IDENTIFY]
     await asyncio.gather(*(one(i) for i in others))
     await asyncio.gather(*(one(i) for i in identify))
     return contexts

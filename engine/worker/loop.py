@@ -142,6 +142,8 @@ class Worker:
         self.applier = Applier(storage.outcomes, self.metrics, self.options.policy,
                                self.options.short_wait, clock, sleep)
         self._tasks: set[asyncio.Task[None]] = set()
+        self._held_events: dict[int, asyncio.Task[None]] = {}  # event id -> its task
+        self._lease_keeper: asyncio.Task[None] | None = None
         self._observers: set[asyncio.Task[None]] = set()
         self._stopping = False
         self._signal: asyncio.Event | None = None
@@ -311,6 +313,9 @@ class Worker:
             for task in pending:
                 task.cancel()
             await asyncio.gather(*pending, return_exceptions=True)
+        if self._lease_keeper is not None:
+            self._lease_keeper.cancel()
+            await asyncio.gather(self._lease_keeper, return_exceptions=True)
         if self._observers:  # shadow comparisons get what is left of the drain, then go
             _, late = await asyncio.wait(set(self._observers),
                                          timeout=self.options.drain_timeout)
@@ -327,7 +332,10 @@ class Worker:
         event = job.event
         me = asyncio.current_task()
         assert me is not None
-        lease = asyncio.create_task(self._keep_lease(event.id, me))
+        self._held_events[event.id] = me
+        if self._lease_keeper is None or self._lease_keeper.done():
+            self._lease_keeper = asyncio.create_task(self._keep_leases(),
+                                                     name="linkcrm-lease-keeper")
         try:
             await self._conclude(job, await self._parts(job))
         except asyncio.CancelledError:
@@ -341,7 +349,8 @@ class Worker:
                                                                "error": str(error)})
             await self._release(event, f"storage error: {error}", 5.0)
         finally:
-            lease.cancel()
+            if self._held_events.get(event.id) is me:
+                del self._held_events[event.id]
 
     async def _parts(self, job: _Job) -> list[PartResult]:
         """Every target's share, each in its own task (one target: in this one)."""
@@ -453,21 +462,26 @@ class Worker:
         else:
             log.warning("lease lost before finishing", extra={"event_id": event.id})
 
-    async def _keep_lease(self, event_id: int, owner: asyncio.Task[None]) -> None:
+    async def _keep_leases(self) -> None:
+        """Every third of a lease, extend the lease of every event in flight (one task for
+        all of them; their writes share commits); an event whose lease another worker has
+        taken is abandoned rather than raced (its keys make that safe). Ends when no event
+        is in flight; the next event starts it again."""
         interval = self.options.lease_seconds / 3
-        while True:
+        while self._held_events:
             await asyncio.sleep(interval)
-            try:
-                kept = await self.storage.inbox.extend_lease(event_id, self.worker_id,
-                                                       self.options.lease_seconds)
-            except StorageError as error:
-                log.error("lease not extended", extra={"event_id": event_id, "error": str(error)})
-                continue
-            if not kept:
-                # Another worker may own it now; stop rather than race it (keys make it safe).
-                log.warning("lease lost; abandoning the event", extra={"event_id": event_id})
-                owner.cancel()
-                return
+            held = list(self._held_events.items())
+            kept = await asyncio.gather(*(self.storage.inbox.extend_lease(
+                event_id, self.worker_id, self.options.lease_seconds) for event_id, _ in held),
+                return_exceptions=True)
+            for (event_id, task), answer in zip(held, kept, strict=True):
+                if isinstance(answer, BaseException):  # the store failed: try again next time
+                    log.error("lease not extended", extra={
+                        "event_id": event_id, "error_type": type(answer).__name__,
+                        "where": where(answer)})
+                elif not answer and self._held_events.get(event_id) is task:
+                    log.warning("lease lost; abandoning the event", extra={"event_id": event_id})
+                    task.cancel()
 
     async def _bury(self, event: InboxEvent, error: Exception) -> None:
         """Dead-letter an event after an error that retrying cannot fix (a value the store

@@ -1,0 +1,86 @@
+"""Leases while events are in flight: kept for as long as an event runs, given up when lost."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import pytest
+
+from engine.rules.model import RuleSet
+from engine.storage import Storage
+from engine.worker.loop import Worker, WorkerOptions
+from tests.support.worker_helpers import FakeTarget, store, wait_until, write_rules
+
+pytestmark = pytest.mark.anyio
+BACKENDS = ("sqlite", "postgresql")  # every test runs on both
+
+LEASE = 0.6
+
+
+@pytest.fixture
+def rules(tmp_path: Path) -> RuleSet:
+    return write_rules(tmp_path / "rules")
+
+
+async def test_events_running_longer_than_a_lease_keep_it(
+    storage: Storage, rules: RuleSet
+) -> None:
+    target = FakeTarget()
+    slow = [await store(storage, "install.tracked", token=f"tok_{n}") for n in range(3)]
+    for event_id in slow:
+        target.gates[event_id] = asyncio.Event()
+    worker = Worker(storage, rules, [target], options=WorkerOptions(lease_seconds=LEASE))
+    running = asyncio.create_task(worker.run())
+    try:
+        await wait_until(lambda: set(target.started) == set(slow), what="all three started")
+        # Four lease lengths later another worker still finds every event held.
+        for _ in range(8):
+            await asyncio.sleep(LEASE / 2)
+            assert await storage.inbox.claim("another-worker", 10, LEASE) == []
+        for gate in target.gates.values():
+            gate.set()
+        await wait_until(lambda: _all_processed(storage, slow), what="the events to finish")
+    finally:
+        worker.stop()
+        await running
+    assert sorted(event_id for event_id, _, _ in target.calls) == sorted(slow * 2)
+
+
+async def test_an_event_whose_lease_is_lost_is_abandoned_not_raced(
+    storage: Storage, rules: RuleSet, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    target = FakeTarget()
+    lost = await store(storage, "install.tracked", token="tok_lost")
+    kept = await store(storage, "install.tracked", token="tok_kept")
+    target.gates[lost] = asyncio.Event()
+    target.gates[kept] = asyncio.Event()
+    extend = storage.inbox.extend_lease
+
+    async def taken_over(event_id: int, worker_id: str, lease_seconds: float) -> bool:
+        if event_id == lost:
+            return False  # as if another worker had claimed it after a pause
+        return await extend(event_id, worker_id, lease_seconds)
+
+    monkeypatch.setattr(storage.inbox, "extend_lease", taken_over)
+    worker = Worker(storage, rules, [target], options=WorkerOptions(lease_seconds=LEASE))
+    running = asyncio.create_task(worker.run())
+    try:
+        await wait_until(lambda: {lost, kept} <= set(target.started), what="both started")
+        await asyncio.sleep(LEASE)  # the keeper has run at least once
+        target.gates[kept].set()
+        await wait_until(lambda: _all_processed(storage, [kept]), what="the kept event")
+        event = await storage.inbox.get(lost)
+        assert event is not None and event.status == "failed"  # handed back, not finished
+        assert [e for e, _, _ in target.calls] == [kept, kept]  # the lost one never went on
+    finally:
+        worker.stop()
+        await running
+
+
+async def _all_processed(storage: Storage, ids: list[int]) -> bool:
+    for event_id in ids:
+        event = await storage.inbox.get(event_id)
+        if event is None or event.status != "processed":
+            return False
+    return True
