@@ -22,7 +22,6 @@ surrogates become U+FFFD, so recording why something failed can never fail itsel
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from collections.abc import Iterable, Mapping
@@ -168,32 +167,7 @@ def storable_text(text: str | None) -> str | None:
 
 def storable_json(value: JSON, depth: int = 0) -> JSON:
     """A copy of `value` that every backend stores: cleaned strings and keys, non-finite
-    numbers as their text, containers deeper than MAX_DEPTH as a note. A value with none of
-    these (nearly all) is returned as it is."""
-    if depth == 0 and _plainly_storable(value):
-        return value
-    return _cleaned(value, depth)
-
-
-# A JSON text this short holds no number too long to write (MAX_INT_BITS is over 3,600
-# digits), and one with this few brackets nests no deeper than MAX_DEPTH.
-_PLAIN_CHARS = 3000
-
-
-def _plainly_storable(value: JSON) -> bool:
-    """Whether `value` certainly needs no cleaning, decided by the C JSON encoder rather than
-    a walk in Python: finite numbers only (allow_nan), short, few containers, and no NUL
-    (escaped as \\u0000) or lone surrogate (kept as it is with ensure_ascii off) in its
-    text. False may be wrong (a string holding a bracket); the walk then decides."""
-    try:
-        text = json.dumps(value, ensure_ascii=False, allow_nan=False, check_circular=False)
-    except (ValueError, TypeError, RecursionError):
-        return False
-    return (len(text) < _PLAIN_CHARS and text.count("[") + text.count("{") <= MAX_DEPTH
-            and "\\u0000" not in text and _SURROGATE.search(text) is None)
-
-
-def _cleaned(value: JSON, depth: int) -> JSON:
+    numbers as their text, containers deeper than MAX_DEPTH as a note."""
     if isinstance(value, str):
         return _UNSTORABLE_TEXT.sub("\ufffd", value)
     if isinstance(value, float) and not math.isfinite(value):
@@ -204,9 +178,9 @@ def _cleaned(value: JSON, depth: int) -> JSON:
     if isinstance(value, list | dict) and depth >= MAX_DEPTH:
         return f"(nested deeper than {MAX_DEPTH} levels)"
     if isinstance(value, list):
-        return [_cleaned(item, depth + 1) for item in value]
+        return [storable_json(item, depth + 1) for item in value]
     if isinstance(value, dict):
-        return {_UNSTORABLE_TEXT.sub("\ufffd", str(name)): _cleaned(item, depth + 1)
+        return {_UNSTORABLE_TEXT.sub("\ufffd", str(name)): storable_json(item, depth + 1)
                 for name, item in value.items()}
     return value
 
