@@ -241,7 +241,12 @@ class RateLimits(Protocol):
 
 
 class LocalCRMStore(Protocol):
-    """The embedded CRM's contacts, identities, stage history and deals (`local` target)."""
+    """The embedded CRM's contacts, identities, stage history and deals (`local` target).
+
+    `concurrency` is how many callers at once it serves well: the `local` target's default
+    number of events in flight."""
+
+    concurrency: int
 
     async def upsert_contact(
         self, identity: Keys, set: Fields, set_once: Fields

@@ -20,7 +20,10 @@ from engine.storage.protocols import LocalCRMStore
 
 class PostgresLocalCRM(PostgresPart, LocalCRMStore):
     """Each write is one transaction that first takes an advisory lock per identity key, so
-    two machines upserting one person at once make one contact."""
+    two machines upserting one person at once make one contact. Each caller holds a pooled
+    connection: a few at once (more would wait for the pool, whose default is 10)."""
+
+    concurrency = 4
 
     async def upsert_contact(
         self, identity: records.Keys, set: records.Fields, set_once: records.Fields

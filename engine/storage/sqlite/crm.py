@@ -17,7 +17,10 @@ from engine.storage.sqlite.rows import dumps, loads_object, parse_ts, placeholde
 
 class SQLiteLocalCRM(SQLitePart, LocalCRMStore):
     """Each write is one writer job; the writer runs one job at a time, so "find the contact
-    or create it" happens once per person."""
+    or create it" happens once per person. The more callers at once, the more writes share a
+    group commit: 64 keep it busy."""
+
+    concurrency = 64
 
     async def upsert_contact(
         self, identity: records.Keys, set: records.Fields, set_once: records.Fields

@@ -31,12 +31,12 @@ class LocalTarget:
     """
 
     name = "local"
-    # Events at once without `--concurrency`: each one waits on the storage's group commit,
-    # and the more wait together, the more share one commit.
-    concurrency = 64
 
     def __init__(self, store: LocalCRMStore, field_map: FieldMap) -> None:
         self.store = store
+        # Events at once without `--concurrency`: as many as the store serves well (SQLite's
+        # writes share a group commit, PostgreSQL's each hold a pooled connection).
+        self.concurrency = store.concurrency
         self.stages = tuple(stage.name for stage in field_map.contact_stages)
 
     async def execute(self, action: Action, context: CallContext) -> Outcome:

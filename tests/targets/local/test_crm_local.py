@@ -18,13 +18,16 @@ from engine.targets.registry import (
     build_targets,
     select_targets,
 )
+from engine.worker.loop import Worker, WorkerOptions
 from tests.support.paths import REPO
+from tests.support.worker_helpers import shipped_rules
 
 ROOT = REPO
 TOKEN = (IdentityKey("deep_link_token", "tok_1"),)
 BOTH = (IdentityKey("email", "ada@example.com"), IdentityKey("deep_link_token", "tok_1"))
 
 pytestmark = pytest.mark.anyio
+BACKENDS = ("sqlite", "postgresql")  # every test that uses a database runs on both
 
 
 
@@ -166,3 +169,15 @@ def test_a_crm_not_wired_in_yet_refuses_with_a_clear_message() -> None:
     registry = {**REGISTRY, "hubspot": TargetKind(("HUBSPOT_ACCESS_TOKEN",), None)}
     with pytest.raises(ConfigError, match="not available in this build"):
         select_targets({"HUBSPOT_ACCESS_TOKEN": "pat"}, registry)
+
+
+async def test_the_worker_runs_as_many_local_events_at_once_as_the_store_serves_well(
+    storage: Storage, field_map: FieldMap
+) -> None:
+    # SQLite's writes share a group commit, so many events at once fill each commit;
+    # PostgreSQL's each hold a pooled connection, so a few. `--concurrency` overrides both.
+    target = LocalTarget(storage.local_crm, field_map)
+    expected = 64 if type(storage).__name__.startswith("SQLite") else 4
+    assert Worker(storage, shipped_rules(), [target]).lanes["local"].size == expected
+    chosen = Worker(storage, shipped_rules(), [target], options=WorkerOptions(concurrency=3))
+    assert chosen.lanes["local"].size == 3
