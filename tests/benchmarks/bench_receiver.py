@@ -1,7 +1,7 @@
 """Receiver speed: the durable receiver next to a bare app that only verifies and answers 200.
 
     python tests/benchmarks/bench_receiver.py [--seconds 10] [--rounds 2] [--connections 32]
-                                              [--drain 20000]
+                                              [--drain 20000] [--steady-rate 1000]
 
 The servers run as separate processes with one uvicorn worker on loopback: `linkcrm serve
 --no-worker` on a fresh SQLite file (WAL, synchronous=FULL, group commit), and a bare Starlette
@@ -15,8 +15,10 @@ each is reported, with the server's CPU time per request, which a busy machine m
 than requests/s.
 Then, unless `--drain 0`, the end-to-end drain (drain.py): N distinct events into one `linkcrm
 serve` with its worker and the local CRM, timed from the first receipt to the last applied.
+Then, unless `--steady-rate 0`, 20 s of deliveries at a steady 1,000/s into a fresh `serve`,
+with the receipt -> applied latency.
 Targets (issue 12): durable >= 65% of bare requests/s, durable p99 < 15 ms; drain >= 3,000
-events/s applied.
+events/s applied; at a steady 1,000/s, receipt -> applied p99 < 1 s.
 """
 
 from __future__ import annotations
@@ -229,6 +231,9 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--connections", type=int, default=32)
+    parser.add_argument("--steady-rate", type=float, default=1000.0,
+                        help="then deliveries at this steady rate per second (0: skip)")
+    parser.add_argument("--steady-seconds", type=float, default=20.0)
     parser.add_argument("--threads", type=int, default=1, help="wrk threads")
     parser.add_argument("--bodies", type=int, default=150_000)
     parser.add_argument("--no-wrk", action="store_true", help="use the asyncio generator")
@@ -313,6 +318,12 @@ def main() -> None:
             print(line)
         print(f"  drain/bare = {drained.applied_per_s / anchor:.0%}; target >= 3,000 events/s "
               f"applied: {'met' if drained.applied_per_s >= 3000 else 'MISSED'}")
+    if options.steady_rate:
+        with tempfile.TemporaryDirectory(prefix="linkcrm-steady-") as scratch:
+            steady = drain(round(options.steady_rate * options.steady_seconds), Path(scratch),
+                           connections=options.connections, rate=options.steady_rate)
+        for line in steady.lines(None):
+            print(line)
 
 
 def _load(use_wrk: bool, port: int, data: Path, script: Path, made: list[tuple[str, bytes]],

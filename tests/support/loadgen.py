@@ -72,6 +72,50 @@ class LoadResult:
         return self.acknowledged / self.seconds if self.seconds else 0.0
 
 
+async def drive_paced(
+    targets: Sequence[tuple[int, bytes]], rate: float, *, connections: int = 32,
+    host: str = "127.0.0.1",
+) -> LoadResult:
+    """Send every (port, raw request) at a steady `rate` per second (as Tolinku would under a
+    steady stream of clicks), over up to `connections` keep-alive connections."""
+    statuses = [0] * len(targets)
+    answers = [b""] * len(targets)
+    due: asyncio.Queue[int | None] = asyncio.Queue()
+    started = time.perf_counter()
+
+    async def release() -> None:
+        for index in range(len(targets)):
+            wait = started + index / rate - time.perf_counter()
+            if wait > 0:
+                await asyncio.sleep(wait)
+            due.put_nowait(index)
+        for _ in range(connections):
+            due.put_nowait(None)
+
+    async def connection() -> None:
+        streams: tuple[asyncio.StreamReader, asyncio.StreamWriter] | None = None
+        while (index := await due.get()) is not None:
+            port, request = targets[index]
+            try:
+                if streams is None:
+                    streams = await asyncio.open_connection(host, port)
+                streams[1].write(request)
+                status, body, keep = await _read_response(streams[0])
+                statuses[index], answers[index] = status, body
+                if not keep:
+                    streams[1].close()
+                    streams = None
+            except (OSError, asyncio.IncompleteReadError, ValueError):
+                if streams is not None:
+                    streams[1].close()
+                streams = None
+        if streams is not None:
+            streams[1].close()
+
+    await asyncio.gather(release(), *(connection() for _ in range(connections)))
+    return LoadResult(statuses, time.perf_counter() - started, answers)
+
+
 async def drive(
     targets: Sequence[tuple[int, bytes]], *, connections: int = 32, host: str = "127.0.0.1"
 ) -> LoadResult:
