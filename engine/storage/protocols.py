@@ -89,6 +89,14 @@ class Inbox(Protocol):
     async def extend_lease(self, event_id: int, worker_id: str, lease_seconds: float) -> bool:
         """Push the lease expiry out for a long-running event."""
 
+    async def extend_leases(
+        self, event_ids: Sequence[int], worker_id: str, lease_seconds: float
+    ) -> set[int]:
+        """`extend_lease` for many events, in one write where the backend can; the ids whose
+        lease `worker_id` still held (and now holds for `lease_seconds` more)."""
+        return {event_id for event_id in event_ids
+                if await self.extend_lease(event_id, worker_id, lease_seconds)}
+
     async def finish(
         self, event_id: int, worker_id: str, status: records.FinalStatus, error: str | None = None,
         *, ordering_keys: Sequence[str] | None = None,

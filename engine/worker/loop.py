@@ -470,16 +470,17 @@ class Worker:
         interval = self.options.lease_seconds / 3
         while self._held_events:
             await asyncio.sleep(interval)
-            held = list(self._held_events.items())
-            kept = await asyncio.gather(*(self.storage.inbox.extend_lease(
-                event_id, self.worker_id, self.options.lease_seconds) for event_id, _ in held),
-                return_exceptions=True)
-            for (event_id, task), answer in zip(held, kept, strict=True):
-                if isinstance(answer, BaseException):  # the store failed: try again next time
-                    log.error("lease not extended", extra={
-                        "event_id": event_id, "error_type": type(answer).__name__,
-                        "where": where(answer)})
-                elif not answer and self._held_events.get(event_id) is task:
+            held = dict(self._held_events)
+            try:
+                kept = await self.storage.inbox.extend_leases(
+                    list(held), self.worker_id, self.options.lease_seconds)
+            except Exception as error:  # the store failed (or a bug): the next round tries again
+                log.error("leases not extended", extra={
+                    "events": len(held), "error_type": type(error).__name__,
+                    "where": where(error)})
+                continue
+            for event_id, task in held.items():
+                if event_id not in kept and self._held_events.get(event_id) is task:
                     log.warning("lease lost; abandoning the event", extra={"event_id": event_id})
                     task.cancel()
 

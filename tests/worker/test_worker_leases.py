@@ -55,14 +55,13 @@ async def test_an_event_whose_lease_is_lost_is_abandoned_not_raced(
     kept = await store(storage, "install.tracked", token="tok_kept")
     target.gates[lost] = asyncio.Event()
     target.gates[kept] = asyncio.Event()
-    extend = storage.inbox.extend_lease
+    extend = storage.inbox.extend_leases
 
-    async def taken_over(event_id: int, worker_id: str, lease_seconds: float) -> bool:
-        if event_id == lost:
-            return False  # as if another worker had claimed it after a pause
-        return await extend(event_id, worker_id, lease_seconds)
+    async def taken_over(event_ids: list[int], worker_id: str, lease_seconds: float) -> set[int]:
+        # As if another worker had claimed `lost` after a pause.
+        return await extend([e for e in event_ids if e != lost], worker_id, lease_seconds)
 
-    monkeypatch.setattr(storage.inbox, "extend_lease", taken_over)
+    monkeypatch.setattr(storage.inbox, "extend_leases", taken_over)
     worker = Worker(storage, rules, [target], options=WorkerOptions(lease_seconds=LEASE))
     running = asyncio.create_task(worker.run())
     try:

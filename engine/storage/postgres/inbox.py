@@ -155,6 +155,19 @@ class PostgresInbox(PostgresPart, Inbox):
         params = {"lease": float(lease_seconds)}
         return await self._leased("extend the lease", _EXTEND, params, event_id, worker_id)
 
+    async def extend_leases(
+        self, event_ids: Sequence[int], worker_id: str, lease_seconds: float
+    ) -> set[int]:
+        if not event_ids:
+            return set()
+        rows = await self._db.rows(
+            "extend the leases",
+            f"UPDATE inbox SET {_EXTEND} WHERE id = ANY(%(ids)s::bigint[])"
+            f" AND lease_owner = %(worker)s AND {PENDING} RETURNING id",
+            {"lease": float(lease_seconds), "ids": sorted(set(event_ids)), "worker": worker_id,
+             "now": self._db.now()})
+        return {row[0] for row in rows}
+
     async def finish(
         self, event_id: int, worker_id: str, status: records.FinalStatus, error: str | None = None,
         *, ordering_keys: Sequence[str] | None = None,

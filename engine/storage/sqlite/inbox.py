@@ -147,6 +147,24 @@ class SQLiteInbox(SQLitePart, Inbox):
         expires = ts(self._db.clock() + timedelta(seconds=lease_seconds))
         return await self._leased("extend the lease", _EXTEND, (expires,), event_id, worker_id)
 
+    async def extend_leases(
+        self, event_ids: Sequence[int], worker_id: str, lease_seconds: float
+    ) -> set[int]:
+        expires = ts(self._db.clock() + timedelta(seconds=lease_seconds))
+        unique = sorted(set(event_ids))
+
+        def run(connection: sqlite3.Connection) -> set[int]:
+            kept: set[int] = set()
+            for start in range(0, len(unique), 500):  # well under SQLite's parameter limit
+                chunk = unique[start:start + 500]
+                kept.update(row[0] for row in connection.execute(
+                    f"UPDATE inbox SET {_EXTEND} WHERE id IN ({placeholders(len(chunk))})"
+                    f" AND lease_owner = ? AND {PENDING} RETURNING id",
+                    (expires, *chunk, worker_id)))
+            return kept
+
+        return await self._db.write(run, "extend the leases")
+
     async def finish(
         self, event_id: int, worker_id: str, status: records.FinalStatus, error: str | None = None,
         *, ordering_keys: Sequence[str] | None = None,

@@ -129,6 +129,18 @@ class InboxContract:
         got = await storage.inbox.get(stored.id)
         assert got is not None and got.status == "processed" and got.lease_owner is None
 
+    async def test_leases_extended_together_only_where_still_held(
+        self, storage: Storage, clock: FakeClock
+    ) -> None:
+        ids = [(await storage.inbox.store(event(n))).id for n in range(3)]
+        assert [e.id for e in await storage.inbox.claim("w1", 2, 30)] == ids[:2]
+        clock.advance(31)  # both leases ran out; another worker takes the first
+        assert [e.id for e in await storage.inbox.claim("w2", 1, 30)] == [ids[0]]
+        assert await storage.inbox.extend_leases([*ids, ids[1]], "w1", 30) == {ids[1]}
+        clock.advance(20)  # w1's second lease was pushed out: still held
+        assert [e.id for e in await storage.inbox.claim("w3", 5, 30)] == [ids[2]]
+        assert await storage.inbox.extend_leases([], "w1", 30) == set()
+
     async def test_extend_lease_keeps_the_event(self, storage: Storage, clock: FakeClock) -> None:
         stored = await storage.inbox.store(event(1))
         await storage.inbox.claim("w1", 1, 30)
