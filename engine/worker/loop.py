@@ -32,6 +32,7 @@ from engine.targets.base import Target, batches
 from engine.worker.apply import Applier, Lane, PartResult, Sleep
 from engine.worker.attribution import attach_all
 from engine.worker.batch import Batcher
+from engine.worker.chain import Chains, Link, all_queued
 from engine.worker.pinning import PinnedRules
 from engine.worker.plan import KeyedAction, Work, ordering_keys, prepare, touched_keys
 from engine.worker.retrying import RetryPolicy
@@ -46,7 +47,10 @@ class WorkerOptions:
 
     `concurrency` is how many events each target handles at once (with one target, the number
     of events in flight). A target with batch endpoints gets the calls that queue up while a
-    batch is in flight in its next batch, at most `batch_size` (1: no batching). Waits longer
+    batch is in flight in its next batch, at most `batch_size` identities (1: no batching), and
+    room for `batch_window` events instead of `concurrency`: a backlog waiting for a
+    rate-limited CRM is then in flight together, so a batch carries every event of an
+    identity and each record is read and written once (`engine.worker.chain`). Waits longer
     than `short_wait` (backoff), `order_wait` (an earlier event of the same identity) or
     `busy_wait` (a full lane) are rescheduled in the store, so a restart loses nothing and a
     worker slot is never held for long. An event deferred for a full lane or an earlier event
@@ -65,6 +69,7 @@ class WorkerOptions:
     defer_cap: float = 60.0
     drain_timeout: float = 5.0
     batch_size: int = 100
+    batch_window: int = 2000
     policy: RetryPolicy = field(default_factory=RetryPolicy)
     touch_retention_days: int | None = 90  # touches older than this are not attributed
 
@@ -113,16 +118,20 @@ class Worker:
         self.worker_id = worker_id or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self.clock = clock
         n = max(1, self.options.concurrency)
-        self.lanes = {target.name: Lane(target, n) for target in self.targets}
         # Calls go through a Batcher where the target has batch endpoints: concurrent events'
         # actions then share requests, which is what a rate-limited CRM needs.
         self.callers: dict[str, Target] = {
             target.name: Batcher(target, self.options.batch_size)
             if batches(target) and self.options.batch_size > 1 else target
             for target in self.targets}
+        self.lanes = {target.name: Lane(target, max(n, self.options.batch_window)
+                                        if isinstance(self.callers[target.name], Batcher)
+                                        else n) for target in self.targets}
+        self.chains = Chains()
         # With several targets, room for one more target's worth of events: a stuck target can
         # fill its own lane and queue, and the others still have `n` events to work on.
-        self.capacity = n if len(self.targets) == 1 else n * (len(self.targets) + 1)
+        sizes = [lane.size for lane in self.lanes.values()]
+        self.capacity = sizes[0] if len(sizes) == 1 else sum(sizes) + n
         self.applier = Applier(storage.outcomes, self.metrics, self.options.policy,
                                self.options.short_wait, clock, sleep)
         self._tasks: set[asyncio.Task[None]] = set()
@@ -304,27 +313,40 @@ class Worker:
         """This target's share of the event: wait for order, take a lane, apply."""
         if target.name not in job.keys:
             return PartResult(target.name, done=True, dead=_dead_lines(job, target.name))
-        blocked = await self._wait_for_order(job, target.name)
-        if blocked is not None:
-            return blocked
-        lane = self.lanes[target.name]
-        if not await lane.acquire(self.options.busy_wait):
-            # A CRM that has hung for a minute will likely hang a while longer: no sooner.
-            hung = lane.stuck_for(self.options.busy_wait)
-            return PartResult(target.name, False, self._deferred(job.event, 1.0, hung),
-                              f"{target.name}: busy")
+        caller = self.callers[target.name]
+        link = self.chains.open(target.name, job.event.id) if isinstance(caller, Batcher) \
+            else None
         try:
-            result = await self.applier.apply(job.event, self.callers[target.name],
-                                              job.work.actions, job.known)
+            blocked = await self._wait_for_order(job, target.name)
+            if isinstance(blocked, PartResult):
+                return blocked
+            lane = self.lanes[target.name]
+            if not await lane.acquire(self.options.busy_wait):
+                # A CRM that has hung for a minute will likely hang a while longer: no sooner.
+                hung = lane.stuck_for(self.options.busy_wait)
+                return PartResult(target.name, False, self._deferred(job.event, 1.0, hung),
+                                  f"{target.name}: busy")
+            try:
+                if isinstance(caller, Batcher) and link is not None:
+                    result = await self.applier.pipeline(job.event, caller, job.work.actions,
+                                                         job.known, link, blocked)
+                else:
+                    result = await self.applier.apply(job.event, caller, job.work.actions,
+                                                      job.known)
+            finally:
+                lane.release()
         finally:
-            lane.release()
+            if link is not None:
+                self.chains.close(target.name, link)
         if result.done:
             del job.keys[target.name]
             await self.storage.inbox.set_ordering_keys(job.event.id, _all_keys(job))
             self._notify()
         return result
 
-    async def _wait_for_order(self, job: _Job, target: str) -> PartResult | None:
+    async def _wait_for_order(self, job: _Job, target: str) -> PartResult | tuple[Link, ...]:
+        """Nothing (go), the links of the earlier events to follow on a batching target
+        (`engine.worker.chain`), or this part deferred until an earlier event is done."""
         keys = job.keys[target]
         lane = self.lanes[target]
         loop = asyncio.get_running_loop()
@@ -332,7 +354,10 @@ class Worker:
         while True:
             earlier = await self.storage.inbox.earlier_unfinished(job.event.id, keys)
             if not earlier:
-                return None
+                return ()
+            leaders = self.chains.leaders(target, earlier)
+            if leaders is not None and await all_queued(leaders):
+                return leaders
             blocker = await self.storage.inbox.get(earlier[0])
             remaining = deadline - loop.time()
             # No waiting in-process behind a target that hangs (the slot is worth more to the

@@ -29,12 +29,12 @@ from tests.support.paths import REPO
 
 sys.path.insert(0, str(REPO))
 
-from engine.rules.files import load_ruleset  # noqa: E402
-from engine.runtime.metrics import Metrics  # noqa: E402
-from engine.runtime.settings import Settings  # noqa: E402
-from engine.storage import NewEvent, open_storage  # noqa: E402
-from engine.worker.assembly import open_worker  # noqa: E402
-from tests.support.loadgen import webhook_body  # noqa: E402
+from engine.rules.files import load_ruleset
+from engine.runtime.metrics import Metrics
+from engine.runtime.settings import Settings
+from engine.storage import NewEvent, open_storage
+from engine.worker.assembly import open_worker
+from tests.support.loadgen import webhook_body
 
 
 async def fill(url: str, events: int) -> None:

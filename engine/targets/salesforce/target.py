@@ -23,6 +23,7 @@ from engine.targets.salesforce.auth import (
     SalesforceSettings,
     TokenSource,
 )
+from engine.targets.salesforce.deals import Opportunities
 from engine.targets.salesforce.external import ExternalIds
 from engine.targets.salesforce.records import (
     ContactAction,
@@ -105,6 +106,8 @@ class SalesforceTarget:
         self.today = today
         settings = field_map.targets.get(CRM, {})
         self.deal_key_field: str = settings.get("deal_key_field", "")
+        self.opportunities = Opportunities(self.api, identities, field_map, self.leads,
+                                           self.deal_key_field, lambda: self.today())
 
     @classmethod
     def from_settings(
@@ -141,15 +144,20 @@ class SalesforceTarget:
         """Apply queued actions, one result per item in order (an Outcome or the CRMError that
         item would have raised). Contact actions keyed first by the External ID are read with
         one SOQL query per 100 Leads and written with sObject Collections upserts of up to 200
-        Leads, several actions on one Lead folded into one write; the rest run one by one."""
+        Leads, several actions on one Lead folded into one write; deals the same way as
+        Opportunities (`engine.targets.salesforce.deals`), after the Leads; the rest run one
+        by one."""
         results: list[Result | None] = [None] * len(items)
         groups: dict[str, list[int]] = {}
         singles: list[int] = []
+        deals: list[int] = []
         for index, (action, _) in enumerate(items):
             first = action.identity[0] if action.identity else None
             if isinstance(action, UpsertContact | SetStage) and first is not None \
                     and first.field == self.leads.external_id and self.leads.external_field:
                 groups.setdefault(first.value, []).append(index)
+            elif isinstance(action, CreateDeal) and self.deal_key_field and action.key:
+                deals.append(index)
             else:
                 singles.append(index)
         tokens = list(groups)
@@ -169,6 +177,17 @@ class SalesforceTarget:
         for index, result in enumerate(results):
             if isinstance(result, RetryableCRMError):
                 blocked.update(dict.fromkeys(items[index][0].identity, result))
+        ready: list[tuple[int, CreateDeal]] = []
+        for index in deals:
+            deal = items[index][0]
+            assert isinstance(deal, CreateDeal)
+            earlier = next((blocked[k] for k in deal.identity if k in blocked), None)
+            if earlier is not None:  # after an earlier action of its identity, as below
+                results[index] = earlier
+            else:
+                ready.append((index, deal))
+        for index, outcome in (await self.opportunities.run(ready)).items():
+            results[index] = outcome
         for index in sorted(singles):
             action = items[index][0]
             # A later action on an identity whose earlier action must be retried waits too,
