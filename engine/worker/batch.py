@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from engine.actions import Action, IdentityKey
@@ -18,14 +18,15 @@ log = logging.getLogger("engine.worker.loop")
 class _Call:
     action: Action
     context: CallContext
+    at: float = field(default_factory=lambda: asyncio.get_running_loop().time())
     answer: asyncio.Future[Outcome] = field(
         default_factory=lambda: asyncio.get_running_loop().create_future())
 
 
 class Batcher:
     """A `Target` in front of a `BatchTarget`: calls that arrive while a batch is in flight
-    wait and go out together in the next one, which carries at most `size` identities (the
-    records a batch request writes: HubSpot's 100 inputs) and every queued call on them.
+    wait and go out together in the next one, which carries at most `size` records (what a
+    batch request writes: HubSpot's 100 inputs) and every queued call on them.
 
     One call alone goes out at once, so batching costs no latency when the CRM keeps up; when
     it does not (rate limits, slow answers), the queue grows and one request carries many
@@ -35,15 +36,24 @@ class Batcher:
     first one it leaves behind. The worker queues a later event's calls only after the
     earlier event's (`submit`), so a batch holding both applies them in arrival order.
 
+    A record whose later calls are still `coming` (an event of its identity is on its way to
+    the queue: `engine.worker.chain`) waits for them, at most `hold` seconds after its first
+    queued call, so its events share one write instead of one each; a batch goes with the
+    records that are complete, or, when none is, once the oldest call has waited `hold`.
+
         target = Batcher(hubspot_target, size=100)
         outcome = await target.execute(action, context)
         answers = [target.submit(action, context) for action, context in calls]  # in order
     """
 
-    def __init__(self, target: BatchTarget, size: int = 100) -> None:
+    def __init__(self, target: BatchTarget, size: int = 100,
+                 coming: Callable[[IdentityKey], bool] | None = None,
+                 hold: float = 1.0) -> None:
         self.target = target
         self.name = target.name
         self.size = max(1, size)
+        self.coming = coming or (lambda key: False)
+        self.hold = hold
         self._queue: list[_Call] = []
         self._flushing: asyncio.Task[None] | None = None
         self.batches: list[int] = []  # the number of calls in each batch sent, for tests
@@ -61,31 +71,39 @@ class Batcher:
             self._flushing = asyncio.create_task(self._flush(), name=f"linkcrm-batch-{self.name}")
         return call.answer
 
-    def _take(self) -> list[_Call]:
-        """The next batch: queued calls in order until `size` identities are in it, then the
-        later calls that touch only those identities, unless an earlier call on one of them
-        was left behind (it must go first)."""
+    def _take(self, wait: bool) -> list[_Call]:
+        """The next batch: queued calls in order until `size` records are in it (a record is
+        the first identity key of a call: the one the target finds and writes it by), then
+        the later calls on those records, unless an earlier call on one of their identity
+        keys was left behind (it must go first)."""
         taken: list[_Call] = []
         left: list[_Call] = []
-        chosen: set[IdentityKey] = set()
+        records: set[IdentityKey] = set()
         blocked: set[IdentityKey] = set()
         for call in self._queue:
             keys = set(call.action.identity)
-            new = keys - chosen
-            if keys & blocked or (new and len(chosen) + len(new) > self.size and taken):
+            record = call.action.identity[:1]
+            new = bool(record) and record[0] not in records
+            if keys & blocked or (new and len(records) >= self.size) \
+                    or (wait and any(self.coming(key) for key in keys)):
                 left.append(call)
                 blocked |= keys
                 continue
             taken.append(call)
-            chosen |= keys
+            records.update(record)
         self._queue = left
         return taken
 
     async def _flush(self) -> None:
         # One tick, so calls that became ready together (a claim of many events) share a batch.
         await asyncio.sleep(0)
+        loop = asyncio.get_running_loop()
         while self._queue:
-            batch = self._take()
+            waited = loop.time() - self._queue[0].at
+            batch = self._take(wait=waited < self.hold)
+            if not batch:
+                await asyncio.sleep(min(0.01, self.hold))
+                continue
             self.batches.append(len(batch))
             await self._send(batch)
 

@@ -25,8 +25,11 @@ above an earlier event's unfinished action.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterable
+from collections import Counter
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+
+from engine.actions import IdentityKey
 
 
 def _future() -> asyncio.Future[bool]:
@@ -41,12 +44,15 @@ class Link:
     dead on that one pass."""
 
     event_id: int
+    keys: frozenset[IdentityKey] = frozenset()
+    unqueued: Counter[IdentityKey] = field(default_factory=Counter)  # its target's, shared
     queued: asyncio.Future[bool] = field(default_factory=_future)
     clean: asyncio.Future[bool] = field(default_factory=_future)
 
     def settle(self, *, queued: bool | None = None, clean: bool | None = None) -> None:
         if queued is not None and not self.queued.done():
             self.queued.set_result(queued)
+            self.unqueued.subtract(self.keys)
         if clean is not None and not self.clean.done():
             self.clean.set_result(clean)
 
@@ -60,15 +66,24 @@ async def all_clean(leaders: Iterable[Link]) -> bool:
 
 
 class Chains:
-    """The parts in progress on each batching target, by event id."""
+    """The parts in progress on each batching target, by event id, and the identities whose
+    calls are still to come (`coming`: a part in progress has not queued its calls yet)."""
 
     def __init__(self) -> None:
         self._links: dict[str, dict[int, Link]] = {}
+        self._unqueued: dict[str, Counter[IdentityKey]] = {}
 
-    def open(self, target: str, event_id: int) -> Link:
-        link = Link(event_id)
+    def open(self, target: str, event_id: int, keys: Iterable[IdentityKey] = ()) -> Link:
+        unqueued = self._unqueued.setdefault(target, Counter())
+        link = Link(event_id, frozenset(keys), unqueued)
+        unqueued.update(link.keys)
         self._links.setdefault(target, {})[event_id] = link
         return link
+
+    def coming(self, target: str) -> Callable[[IdentityKey], bool]:
+        """Whether calls on an identity are still to come on `target` (for `Batcher`)."""
+        unqueued = self._unqueued.setdefault(target, Counter())
+        return lambda key: unqueued[key] > 0
 
     def close(self, target: str, link: Link) -> None:
         link.settle(queued=False, clean=False)

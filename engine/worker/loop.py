@@ -69,7 +69,7 @@ class WorkerOptions:
     defer_cap: float = 60.0
     drain_timeout: float = 5.0
     batch_size: int = 100
-    batch_window: int = 2000
+    batch_window: int = 5000
     policy: RetryPolicy = field(default_factory=RetryPolicy)
     touch_retention_days: int | None = 90  # touches older than this are not attributed
 
@@ -120,14 +120,15 @@ class Worker:
         n = max(1, self.options.concurrency)
         # Calls go through a Batcher where the target has batch endpoints: concurrent events'
         # actions then share requests, which is what a rate-limited CRM needs.
+        self.chains = Chains()
         self.callers: dict[str, Target] = {
-            target.name: Batcher(target, self.options.batch_size)
+            target.name: Batcher(target, self.options.batch_size,
+                                 self.chains.coming(target.name))
             if batches(target) and self.options.batch_size > 1 else target
             for target in self.targets}
         self.lanes = {target.name: Lane(target, max(n, self.options.batch_window)
                                         if isinstance(self.callers[target.name], Batcher)
                                         else n) for target in self.targets}
-        self.chains = Chains()
         # With several targets, room for one more target's worth of events: a stuck target can
         # fill its own lane and queue, and the others still have `n` events to work on.
         sizes = [lane.size for lane in self.lanes.values()]
@@ -314,8 +315,9 @@ class Worker:
         if target.name not in job.keys:
             return PartResult(target.name, done=True, dead=_dead_lines(job, target.name))
         caller = self.callers[target.name]
-        link = self.chains.open(target.name, job.event.id) if isinstance(caller, Batcher) \
-            else None
+        link = self.chains.open(target.name, job.event.id, (
+            key for keyed in job.work.actions for key in keyed.action.identity)) \
+            if isinstance(caller, Batcher) else None
         try:
             blocked = await self._wait_for_order(job, target.name)
             if isinstance(blocked, PartResult):
