@@ -9,7 +9,9 @@ its own task and lane (`engine.worker.apply`), so a slow or failing CRM never ho
 others. Two events that touch the same identity on a target are applied to that target in
 arrival order: an event records one ordering key per (target, identity) before any of its work
 starts, drops a target's keys once that target is done with it, and a later event's share for a
-target waits while an earlier unfinished event still holds one of its keys.
+target waits while an earlier unfinished event still holds one of its keys; on a target with
+batch endpoints, when this worker is applying those earlier events, it queues its calls right
+behind theirs instead, so one batch writes them all in order (`engine.worker.chain`).
 """
 
 from __future__ import annotations
@@ -122,7 +124,8 @@ class Worker:
         # actions then share requests, which is what a rate-limited CRM needs.
         self.chains = Chains()
         self.callers: dict[str, Target] = {
-            target.name: Batcher(target, self.options.batch_size,
+            target.name: Batcher(target, min(self.options.batch_size,
+                                             getattr(target, "batch_records", 10**9)),
                                  self.chains.coming(target.name))
             if batches(target) and self.options.batch_size > 1 else target
             for target in self.targets}
@@ -130,9 +133,14 @@ class Worker:
                                         if isinstance(self.callers[target.name], Batcher)
                                         else n) for target in self.targets}
         # With several targets, room for one more target's worth of events: a stuck target can
-        # fill its own lane and queue, and the others still have `n` events to work on.
-        sizes = [lane.size for lane in self.lanes.values()]
-        self.capacity = sizes[0] if len(sizes) == 1 else sum(sizes) + n
+        # fill its own lane and queue, and the others still have `n` events to work on. The
+        # batching targets' windows overlap (an event has a part for each target): the widest.
+        windows = [lane.size for name, lane in self.lanes.items()
+                   if isinstance(self.callers[name], Batcher)]
+        others = [lane.size for name, lane in self.lanes.items()
+                  if not isinstance(self.callers[name], Batcher)]
+        self.capacity = max(windows + others) if len(self.lanes) == 1 else \
+            max(windows, default=0) + sum(others) + n
         self.applier = Applier(storage.outcomes, self.metrics, self.options.policy,
                                self.options.short_wait, clock, sleep)
         self._tasks: set[asyncio.Task[None]] = set()

@@ -5,16 +5,18 @@ sign-up -> conversion -> identify per token, each token's steps spread through t
 in bench_hubspot.py), and the worker `linkcrm worker` runs (targets built from an environment
 that points at the emulator, served over real HTTP, limits as CRM_FACTS gives them) drains it.
 
-    python tests/benchmarks/bench_crm_requests.py                    # ~2 min: all three CRMs
-    python tests/benchmarks/bench_crm_requests.py --crm hubspot --events 10000
+    python tests/benchmarks/bench_crm_requests.py                    # ~2.5 min: all three CRMs
+    python tests/benchmarks/bench_crm_requests.py --crm hubspot --events 2000 --latency 0.05
 
 Printed per CRM: requests sent, the one-batch floor (every event of the backlog in one call:
 HubSpot a batch read and a batch write per 100 contacts and per 100 deals; Salesforce a SOQL
-read per 100 and a Collections upsert per 200 Leads and Opportunities, plus the token), their
+read per 100 and a Collections upsert per 200 Leads and Opportunities, plus the token;
+Pipedrive, which has no batch endpoints, a search and a create per person and per deal), their
 ratio, the drain time against the rate-limit bound (the requests sent at the limit's rate;
 Salesforce has no short-window limit, so its bound is the target's own pacing, 25 requests/s),
 429s (Salesforce: 403 REQUEST_LIMIT_EXCEEDED) after the first window, and for Pipedrive the
-tokens (`x-token-cost`) spent per new person. Every CRM's records are read back and checked
+tokens (`x-token-cost`) spent per new person (the floor: a search at 20 and a create at 5 for the
+person and for its deal, 50). Every CRM's records are read back and checked
 against the story (one contact per token at stage customer with its email, one deal per token).
 """
 
@@ -79,7 +81,7 @@ class Figures:
             out.append(f"  Pipedrive tokens per new person: {self.tokens_per_person:.1f}")
         if self.by_kind:
             top = sorted(self.by_kind.items(), key=lambda kv: -kv[1])[:8]
-            out.append("  requests by kind: " + ", ".join(f"{k} {v}" for k, v in top))
+            out.append("  emulator counts: " + ", ".join(f"{k} {v}" for k, v in top))
         out.append("  records: " + ("as the story says" if not self.problems
                                     else "WRONG: " + "; ".join(self.problems[:5])))
         return out
@@ -165,7 +167,7 @@ async def one(crm: str, stack: Stack, ruleset: RuleSet, events: int,
     pd = stack.pipedrive
     sent = sum(pd.calls.values())
     persons, deals = len(pd.live("person")), len(pd.live("deal"))
-    floor = persons + deals  # no batch endpoints: one create per record at the very least
+    floor = 2 * (persons + deals)  # no batch endpoints: a search and a create per record
     first = pd.log[0][0] if pd.log else 0.0
     late = sum(1 for at, _, _, status in pd.log if status == 429 and at > first + PIPEDRIVE_WINDOW)
     found = crm_readback.pipedrive(pd, field_map)
@@ -210,9 +212,9 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--crm", nargs="+", default=["hubspot", "salesforce", "pipedrive"],
                         choices=["hubspot", "salesforce", "pipedrive"])
-    parser.add_argument("--events", type=int, default=2000,
+    parser.add_argument("--events", type=int, default=10_000,
                         help="events per CRM (HubSpot, Salesforce)")
-    parser.add_argument("--pipedrive-events", type=int, default=200,
+    parser.add_argument("--pipedrive-events", type=int, default=300,
                         help="events for Pipedrive (no batch endpoints: ~10 requests/s)")
     parser.add_argument("--latency", type=float, default=0.02, help="emulator latency (s)")
     sys.exit(asyncio.run(main(parser.parse_args())))
