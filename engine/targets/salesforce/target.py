@@ -72,6 +72,7 @@ class SalesforceTarget:
     """
 
     name = "salesforce"
+    batch_records = BATCH  # Leads per batch: one Collections upsert
 
     def __init__(
         self,
@@ -298,12 +299,18 @@ class SalesforceTarget:
         records: list[dict[str, JSON]] = []
         written: list[str] = []
         deferred: list[int] = []
+        # A new token whose actions name other keys (an email): a Lead made before linkcrm
+        # knew the token may hold one; such a token goes the single path, which finds it.
+        others = {token: {k for a in actions[token] for k in a.identity
+                          if k.field != self.leads.external_id}
+                  for token in chunk if not current[token]}
+        held = await self._held(set().union(*others.values()))
         for token, indices in chunk.items():
             found = current[token]
             try:
                 if len(found) > 1:
                     raise duplicates("Lead", ext, [str(r.get("Id")) for r in found])
-                if not found and any(len(a.identity) > 1 for a in actions[token]):
+                if not found and others.get(token, set()) & held:
                     deferred += indices
                     continue
                 record = found[0] if found else None
@@ -328,6 +335,31 @@ class SalesforceTarget:
             for token, result in zip(written, answer, strict=True):
                 await self._batch_result(token, result, actions[token], chunk[token], results)
         return deferred
+
+    async def _held(self, keys: set[IdentityKey]) -> set[IdentityKey]:
+        """The keys a Lead holds: mapped in the identity map, else found by one SOQL query
+        per 100 values of a field (emails match whatever their case)."""
+        held: set[IdentityKey] = set()
+        by_field: dict[str, list[IdentityKey]] = {}
+        for key in keys:
+            if self.leads.crm_name(key.field) is None:
+                held.add(key)  # the single path says what is wrong with it
+            elif await self.identities.lookup_identity(CRM, [key]) is not None:
+                held.add(key)
+            else:
+                by_field.setdefault(key.field, []).append(key)
+        for canonical, group in by_field.items():
+            name = self.leads.identity_field(group[0])
+            fold = canonical == "email"
+            for start in range(0, len(group), IN_VALUES):
+                part = group[start:start + IN_VALUES]
+                rows = await self.api.query(soql.select_where(
+                    ["Id", name], "Lead", name, [k.value for k in part]))
+                values = {str(r.get(name, "")).casefold() if fold else r.get(name)
+                          for r in rows}
+                held.update(k for k in part
+                            if (k.value.casefold() if fold else k.value) in values)
+        return held
 
     async def _batch_result(
         self, token: str, result: Any, actions: list[ContactAction], indices: list[int],
