@@ -7,18 +7,26 @@ import logging
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+from typing import Protocol
 
-from engine.actions import JSON
+from engine.actions import JSON, Action
 from engine.errors import PermanentCRMError, RetryableCRMError, UnstorableValueError
 from engine.runtime.metrics import Metrics
 from engine.storage import ActionOutcome, Clock, InboxEvent, NewOutcome, Outcomes, OutcomeStatus
 from engine.targets.base import CallContext, Outcome, Target
+from engine.worker.chain import Link, all_clean
 from engine.worker.plan import KeyedAction
 from engine.worker.retrying import RetryPolicy
 
 log = logging.getLogger("engine.worker.loop")
 
 Sleep = Callable[[float], Awaitable[None]]
+
+
+class Queueing(Target, Protocol):
+    """A target that takes calls to send later, in order (`engine.worker.batch.Batcher`)."""
+
+    def submit(self, action: Action, context: CallContext) -> asyncio.Future[Outcome]: ...
 
 
 @dataclass
@@ -125,16 +133,76 @@ class Applier:
                 result.dead.append(ended)
         return result
 
+    async def pipeline(
+        self,
+        event: InboxEvent,
+        target: Queueing,
+        actions: Sequence[KeyedAction],
+        known: Mapping[tuple[str, str], ActionOutcome],
+        link: Link,
+        leaders: Sequence[Link] = (),
+    ) -> PartResult:
+        """`apply`, with every action queued in the Batcher at once (behind `leaders`, the
+        earlier events of its identities: `engine.worker.chain`), so they share a batch. An
+        action retried, or a leader that did not come through clean, ends the pipelining: the
+        actions after it go one by one as `apply` sends them, or the whole part is deferred."""
+        if any(known.get((target.name, keyed.key)) is not None for keyed in actions):
+            link.settle(queued=False)  # a retry keeps its due times: one by one
+            return await self.apply(event, target, actions, known)
+        answers = [target.submit(keyed.action, CallContext(keyed.key, event.id,
+                                                           keyed.action.rule))
+                   for keyed in actions]
+        link.settle(queued=True)
+        results = await asyncio.gather(*answers, return_exceptions=True)
+        if not await all_clean(leaders):
+            # Applied before an earlier event of its identity that is to be applied again:
+            # apply it again afterwards, with nothing recorded (the actions are idempotent).
+            link.settle(clean=False)
+            return PartResult(target.name, False, self.clock() + timedelta(seconds=1.0),
+                              f"{target.name}: waiting for an earlier event of the same "
+                              "identity")
+        result = PartResult(target.name, done=True)
+        for position, (keyed, answer) in enumerate(zip(actions, results, strict=True)):
+            if isinstance(answer, BaseException) and not isinstance(answer, Exception):
+                raise answer  # cancelled: the worker is stopping
+            final = not isinstance(answer, Exception) or isinstance(
+                answer, PermanentCRMError | UnstorableValueError)
+            if not final:
+                link.settle(clean=False)
+                rest = await self._attempt(event, target, keyed, 0, first=answer)
+                if isinstance(rest, datetime):
+                    return PartResult(target.name, False, rest, f"{target.name}: retrying",
+                                      result.dead)
+                if rest is not None:
+                    result.dead.append(rest)
+                later = await self.apply(event, target, actions[position + 1:], known)
+                later.dead[:0] = result.dead
+                return later
+            ended = await self._attempt(event, target, keyed, 0, first=answer)
+            assert not isinstance(ended, datetime)
+            if ended is not None:
+                result.dead.append(ended)
+        link.settle(clean=True)
+        return result
+
     async def _attempt(
-        self, event: InboxEvent, target: Target, keyed: KeyedAction, attempts: int
+        self, event: InboxEvent, target: Target, keyed: KeyedAction, attempts: int,
+        first: Outcome | Exception | None = None,
     ) -> datetime | str | None:
-        """Run until ok (None), dead (its line) or rescheduled (the time it is due again)."""
+        """Run until ok (None), dead (its line) or rescheduled (the time it is due again);
+        `first` is the answer to a first attempt already sent (pipelined)."""
         while True:
             attempt = attempts + 1
             retry_after: float | None = None
             try:
-                outcome = await target.execute(
-                    keyed.action, CallContext(keyed.key, event.id, keyed.action.rule))
+                if first is not None:
+                    answer, first = first, None
+                    if isinstance(answer, Exception):
+                        raise answer
+                    outcome = answer
+                else:
+                    outcome = await target.execute(
+                        keyed.action, CallContext(keyed.key, event.id, keyed.action.rule))
             except RetryableCRMError as error:
                 message, retry_after = str(error), error.retry_after
             except PermanentCRMError as error:

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-from engine.actions import Action
-from engine.errors import RetryableCRMError
+from engine.actions import Action, IdentityKey
+from engine.errors import PermanentCRMError, RetryableCRMError
 from engine.targets.base import BatchTarget, CallContext, Outcome
 
 log = logging.getLogger("engine.worker.loop")
@@ -17,62 +18,138 @@ log = logging.getLogger("engine.worker.loop")
 class _Call:
     action: Action
     context: CallContext
+    at: float = field(default_factory=lambda: asyncio.get_running_loop().time())
     answer: asyncio.Future[Outcome] = field(
         default_factory=lambda: asyncio.get_running_loop().create_future())
 
 
 class Batcher:
     """A `Target` in front of a `BatchTarget`: calls that arrive while a batch is in flight
-    wait and go out together in the next one (at most `size`).
+    wait and go out together in the next one, which carries at most `size` records (what a
+    batch request writes: HubSpot's 100 inputs) and every queued call on them.
 
     One call alone goes out at once, so batching costs no latency when the CRM keeps up; when
     it does not (rate limits, slow answers), the queue grows and one request carries many
-    actions. Per-identity order holds without any work here: the worker never has two calls in
-    flight for one identity on a target (an event's actions go one after another, and a later
-    event of the same identity waits for the earlier one), so a batch never holds two actions
-    of one identity.
+    actions. Calls on one identity go out in the order they were queued, in one batch (the
+    target applies a batch's items in order and merges them into one write) or in successive
+    ones, never the later before the earlier: a batch stops taking an identity's calls at the
+    first one it leaves behind. The worker queues a later event's calls only after the
+    earlier event's (`submit`), so a batch holding both applies them in arrival order.
+
+    A record whose later calls are still `coming` (an event of its identity is on its way to
+    the queue: `engine.worker.chain`) waits for them, at most `hold` seconds after its first
+    queued call, so its events share one write instead of one each; a batch goes with the
+    records that are complete, or, when none is, once the oldest call has waited `hold`.
 
         target = Batcher(hubspot_target, size=100)
         outcome = await target.execute(action, context)
+        answers = [target.submit(action, context) for action, context in calls]  # in order
     """
 
-    def __init__(self, target: BatchTarget, size: int = 100) -> None:
+    def __init__(self, target: BatchTarget, size: int = 100,
+                 coming: Callable[[IdentityKey], bool] | None = None,
+                 hold: float = 1.0) -> None:
         self.target = target
         self.name = target.name
         self.size = max(1, size)
+        self.coming = coming or (lambda key: False)
+        self.hold = hold
         self._queue: list[_Call] = []
         self._flushing: asyncio.Task[None] | None = None
-        self.batches: list[int] = []  # the size of each batch sent, for tests and metrics
+        self.batches: list[int] = []  # the number of calls in each batch sent, for tests
 
     async def execute(self, action: Action, context: CallContext) -> Outcome:
+        # A cancelled caller (the worker stopping) leaves its call to finish in the batch; the
+        # outcome is lost but the action is idempotent, so the next attempt finds its record.
+        return await asyncio.shield(self.submit(action, context))
+
+    def submit(self, action: Action, context: CallContext) -> asyncio.Future[Outcome]:
+        """Queue a call now (behind every call queued before it) and return its answer."""
         call = _Call(action, context)
         self._queue.append(call)
         if self._flushing is None or self._flushing.done():
             self._flushing = asyncio.create_task(self._flush(), name=f"linkcrm-batch-{self.name}")
-        # A cancelled caller (the worker stopping) leaves its call to finish in the batch; the
-        # outcome is lost but the action is idempotent, so the next attempt finds its record.
-        return await asyncio.shield(call.answer)
+        return call.answer
+
+    def _take(self, wait: bool) -> list[_Call]:
+        """The next batch: queued calls in order until `size` records are in it (a record is
+        the first identity key of a call: the one the target finds and writes it by), then
+        the later calls on those records, unless an earlier call on one of their identity
+        keys was left behind (it must go first)."""
+        taken: list[_Call] = []
+        left: list[_Call] = []
+        records: set[IdentityKey] = set()
+        blocked: set[IdentityKey] = set()
+        for call in self._queue:
+            keys = set(call.action.identity)
+            record = call.action.identity[:1]
+            new = bool(record) and record[0] not in records
+            if keys & blocked or (new and len(records) >= self.size) \
+                    or (wait and any(self.coming(key) for key in keys)):
+                left.append(call)
+                blocked |= keys
+                continue
+            taken.append(call)
+            records.update(record)
+        self._queue = left
+        return taken
 
     async def _flush(self) -> None:
         # One tick, so calls that became ready together (a claim of many events) share a batch.
         await asyncio.sleep(0)
+        loop = asyncio.get_running_loop()
         while self._queue:
-            batch, self._queue = self._queue[:self.size], self._queue[self.size:]
+            waited = loop.time() - self._queue[0].at
+            batch = self._take(wait=waited < self.hold)
+            if not batch:
+                await asyncio.sleep(min(0.01, self.hold))
+                continue
             self.batches.append(len(batch))
-            try:
-                results = await self.target.execute_many([(c.action, c.context) for c in batch])
-            except Exception as error:  # a bug must fail these calls, not the flusher
-                log.exception("execute_many raised", extra={"target": self.name})
-                results = [error] * len(batch)
-            for position, call in enumerate(batch):
-                result: Outcome | Exception = results[position] if position < len(results) \
-                    else RetryableCRMError(f"{self.name}: no result for this action")
-                if call.answer.done():
-                    continue
-                if isinstance(result, Exception):
-                    call.answer.set_exception(result)
-                else:
-                    call.answer.set_result(result)
+            await self._send(batch)
+
+    async def _send(self, batch: Sequence[_Call]) -> None:
+        results = await self._many(batch)
+        if len(batch) > 1:
+            await self._alone(batch, results)
+        for call, result in zip(batch, results, strict=True):
+            if call.answer.done():
+                continue
+            if isinstance(result, Exception):
+                call.answer.set_exception(result)
+            else:
+                call.answer.set_result(result)
+
+    async def _many(self, batch: Sequence[_Call]) -> list[Outcome | Exception]:
+        """One result per call: a short answer leaves the rest retryable; a bug fails them."""
+        try:
+            results = await self.target.execute_many([(c.action, c.context) for c in batch])
+        except Exception as error:  # a bug must fail these calls, not the flusher
+            log.exception("execute_many raised", extra={"target": self.name})
+            return [error] * len(batch)
+        missing = RetryableCRMError(f"{self.name}: no result for this action")
+        return [results[n] if n < len(results) else missing for n in range(len(batch))]
+
+    async def _alone(self, batch: Sequence[_Call], results: list[Outcome | Exception]) -> None:
+        """Calls on one identity are merged into one write, so one call's permanent error
+        (a property the CRM lacks, a value it refuses) fails the others with it: send each
+        call so refused again alone, in order, for its own answer. A call whose earlier
+        call on an identity must be retried is not sent: it gets that error too."""
+        shared: dict[IdentityKey, int] = {}
+        for call in batch:
+            for key in call.action.identity:
+                shared[key] = shared.get(key, 0) + 1
+        blocked: dict[IdentityKey, Exception] = {}
+        for position, call in enumerate(batch):
+            keys = call.action.identity
+            earlier = next((blocked[k] for k in keys if k in blocked), None)
+            if earlier is not None:
+                results[position] = earlier
+            elif isinstance(results[position], PermanentCRMError) \
+                    and any(shared[k] > 1 for k in keys):
+                [results[position]] = await self._many([call])
+            result = results[position]
+            if isinstance(result, Exception) and not isinstance(result, PermanentCRMError):
+                blocked.update(dict.fromkeys(keys, result))
 
     async def aclose(self) -> None:
         """Stop a batch still in flight once its callers are gone (the worker stopped; the

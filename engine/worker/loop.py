@@ -9,7 +9,9 @@ its own task and lane (`engine.worker.apply`), so a slow or failing CRM never ho
 others. Two events that touch the same identity on a target are applied to that target in
 arrival order: an event records one ordering key per (target, identity) before any of its work
 starts, drops a target's keys once that target is done with it, and a later event's share for a
-target waits while an earlier unfinished event still holds one of its keys.
+target waits while an earlier unfinished event still holds one of its keys; on a target with
+batch endpoints, when this worker is applying those earlier events, it queues its calls right
+behind theirs instead, so one batch writes them all in order (`engine.worker.chain`).
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ from engine.targets.base import Target, batches, concurrency_of
 from engine.worker.apply import Applier, Lane, PartResult, Sleep
 from engine.worker.attribution import attach_all
 from engine.worker.batch import Batcher
+from engine.worker.chain import Chains, Link, all_queued
 from engine.worker.pinning import PinnedRules
 from engine.worker.plan import KeyedAction, Work, ordering_keys, prepare, touched_keys
 from engine.worker.retrying import RetryPolicy
@@ -54,15 +57,19 @@ class WorkerOptions:
 
     `concurrency` is how many events each target handles at once (with one target, the number
     of events in flight); None: each target's own figure (`targets.base.concurrency_of`: 4
-    for a remote CRM, 64 for the embedded one). A target with batch endpoints gets the calls
-    that queue up while a batch is in flight in its next batch, at most `batch_size` (1: no
-    batching). Waits longer than `short_wait` (backoff), `order_wait` (an earlier event of
-    the same identity) or `busy_wait` (a full lane) are rescheduled in the store, so a
-    restart loses nothing and a worker slot is never held for long. An event deferred for a
-    full lane or an earlier event comes back after about a second, twice as long with every
-    further attempt, at most `defer_cap` seconds (with jitter): the backlog of a CRM that
-    hangs thins out instead of being claimed again and again, and claims take the earliest
-    due first, so the events that arrive meanwhile go to the other targets promptly.
+    for a remote CRM, 64 for the embedded one on SQLite). A target with batch endpoints gets
+    the calls that queue up while a batch is in flight in its next batch, at most `batch_size`
+    identities (1: no batching), and room for `batch_window` events instead of `concurrency`:
+    a backlog waiting for a rate-limited CRM is then in flight together, so a batch carries
+    every event of an identity and each record is read and written once
+    (`engine.worker.chain`). Waits longer than `short_wait` (backoff), `order_wait` (an
+    earlier event of the same identity) or `busy_wait` (a full lane) are rescheduled in the
+    store, so a restart loses nothing and a worker slot is never held for long. An event
+    deferred for a full lane or an earlier event comes back after about a second, twice as
+    long with every further attempt, at most `defer_cap` seconds (with jitter): the backlog
+    of a CRM that hangs thins out instead of being claimed again and again, and claims take
+    the earliest due first, so the events that arrive meanwhile go to the other targets
+    promptly.
     """
 
     concurrency: int | None = None
@@ -74,6 +81,7 @@ class WorkerOptions:
     defer_cap: float = 60.0
     drain_timeout: float = 5.0
     batch_size: int = 100
+    batch_window: int = 5000
     policy: RetryPolicy = field(default_factory=RetryPolicy)
     touch_retention_days: int | None = 90  # touches older than this are not attributed
 
@@ -127,18 +135,29 @@ class Worker:
         self.clock = clock
         sizes = {target.name: max(1, self.options.concurrency or concurrency_of(target))
                  for target in self.targets}
-        self.lanes = {target.name: Lane(target, sizes[target.name]) for target in self.targets}
         # Calls go through a Batcher where the target has batch endpoints: concurrent events'
         # actions then share requests, which is what a rate-limited CRM needs.
+        self.chains = Chains()
         self.callers: dict[str, Target] = {
-            target.name: Batcher(target, self.options.batch_size)
+            target.name: Batcher(target, min(self.options.batch_size,
+                                             getattr(target, "batch_records", 10**9)),
+                                 self.chains.coming(target.name))
             if batches(target) and self.options.batch_size > 1 else target
             for target in self.targets}
+        self.lanes = {target.name: Lane(target, max(sizes[target.name], self.options.batch_window)
+                                        if isinstance(self.callers[target.name], Batcher)
+                                        else sizes[target.name]) for target in self.targets}
         # With several targets, room for one more target's worth of events: a stuck target can
         # fill its own lane and queue, and the others still have `n` events to work on (`n`:
-        # the smallest lane, so no lane is handed far more events than it can take).
+        # the smallest lane before batching windows). The batching targets' windows overlap
+        # (an event has a part for each target): the widest counts.
         n = min(sizes.values())
-        self.capacity = n if len(self.targets) == 1 else n * (len(self.targets) + 1)
+        windows = [lane.size for name, lane in self.lanes.items()
+                   if isinstance(self.callers[name], Batcher)]
+        others = [lane.size for name, lane in self.lanes.items()
+                  if not isinstance(self.callers[name], Batcher)]
+        self.capacity = max(windows + others) if len(self.lanes) == 1 else \
+            max(windows, default=0) + sum(others) + n
         self.applier = Applier(storage.outcomes, self.metrics, self.options.policy,
                                self.options.short_wait, clock, sleep)
         self._tasks: set[asyncio.Task[None]] = set()
@@ -369,20 +388,32 @@ class Worker:
         """This target's share of the event: wait for order, take a lane, apply."""
         if target.name not in job.keys:
             return PartResult(target.name, done=True, dead=_dead_lines(job, target.name))
-        blocked = await self._wait_for_order(job, target.name)
-        if blocked is not None:
-            return blocked
-        lane = self.lanes[target.name]
-        if not await lane.acquire(self.options.busy_wait):
-            # A CRM that has hung for a minute will likely hang a while longer: no sooner.
-            hung = lane.stuck_for(self.options.busy_wait)
-            return PartResult(target.name, False, self._deferred(job.event, 1.0, hung),
-                              f"{target.name}: busy")
+        caller = self.callers[target.name]
+        link = self.chains.open(target.name, job.event.id, (
+            key for keyed in job.work.actions for key in keyed.action.identity)) \
+            if isinstance(caller, Batcher) else None
         try:
-            result = await self.applier.apply(job.event, self.callers[target.name],
-                                              job.work.actions, job.known)
+            blocked = await self._wait_for_order(job, target.name)
+            if isinstance(blocked, PartResult):
+                return blocked
+            lane = self.lanes[target.name]
+            if not await lane.acquire(self.options.busy_wait):
+                # A CRM that has hung for a minute will likely hang a while longer: no sooner.
+                hung = lane.stuck_for(self.options.busy_wait)
+                return PartResult(target.name, False, self._deferred(job.event, 1.0, hung),
+                                  f"{target.name}: busy")
+            try:
+                if isinstance(caller, Batcher) and link is not None:
+                    result = await self.applier.pipeline(job.event, caller, job.work.actions,
+                                                         job.known, link, blocked)
+                else:
+                    result = await self.applier.apply(job.event, caller, job.work.actions,
+                                                      job.known)
+            finally:
+                lane.release()
         finally:
-            lane.release()
+            if link is not None:
+                self.chains.close(target.name, link)
         if result.done:
             del job.keys[target.name]
             if job.keys:  # later events may go on this target while the others finish
@@ -396,9 +427,11 @@ class Worker:
             await self.storage.inbox.set_ordering_keys(job.event.id, keys)
             job.recorded = keys
 
-    async def _wait_for_order(self, job: _Job, target: str) -> PartResult | None:
+    async def _wait_for_order(self, job: _Job, target: str) -> PartResult | tuple[Link, ...]:
+        """Nothing (go), the links of the earlier events to follow on a batching target
+        (`engine.worker.chain`), or this part deferred until an earlier event is done."""
         if job.clear:
-            return None
+            return ()
         keys = job.keys[target]
         lane = self.lanes[target]
         loop = asyncio.get_running_loop()
@@ -406,7 +439,10 @@ class Worker:
         while True:
             earlier = await self.storage.inbox.earlier_unfinished(job.event.id, keys)
             if not earlier:
-                return None
+                return ()
+            leaders = self.chains.leaders(target, earlier)
+            if leaders is not None and await all_queued(leaders):
+                return leaders
             blocker = await self.storage.inbox.get(earlier[0])
             if blocker is None or blocker.status not in PENDING_STATUSES:
                 continue  # it finished between the two reads: check again at once

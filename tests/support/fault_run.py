@@ -109,8 +109,11 @@ async def run(ruleset: RuleSet, directory: Path, people: int, *, fault_rate: flo
             httpx.AsyncClient(timeout=httpx.Timeout(CLIENT_TIMEOUT, connect=2.0)) as client:
         built = build_targets(stack.environ(*targets), storage, field_map, client)
         await start_targets(built)
+        # Batches of a few people in a window of a few events: every CRM still gets enough
+        # requests to see each kind of fault (a whole backlog in one batch is a handful), and
+        # later events of a person still ride behind earlier ones (engine.worker.chain).
         worker = Worker(storage, ruleset, built, metrics=metrics, options=WorkerOptions(
-            concurrency=concurrency, short_wait=3.0,
+            concurrency=concurrency, short_wait=3.0, batch_size=4, batch_window=concurrency,
             policy=RetryPolicy(base=0.05, cap=2.0, max_attempts=60, rng=random.Random(seed))))
         started = time.monotonic()
         running_worker = asyncio.create_task(worker.run())

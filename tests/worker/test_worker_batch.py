@@ -99,9 +99,8 @@ async def test_the_worker_batches_concurrent_events_and_keeps_each_identity_in_o
     worker = Worker(storage, rules, [target], options=WorkerOptions(concurrency=8))
     await worker.run_until_idle()
     assert max(len(batch) for batch in target.batches) > 1
-    for batch in target.batches:  # never two actions of one identity in flight together
-        values = [action.identity[0].value for action in batch]
-        assert len(values) == len(set(values)), values
+    # A later event of an identity may share a batch with the earlier one (queued behind it);
+    # the order of the batches and of each batch's items is the arrival order per identity.
     applied: dict[str, list[str]] = {}
     for batch in target.batches:
         for action in batch:

@@ -23,6 +23,7 @@ from engine.targets.salesforce.auth import (
     SalesforceSettings,
     TokenSource,
 )
+from engine.targets.salesforce.deals import Opportunities
 from engine.targets.salesforce.external import ExternalIds
 from engine.targets.salesforce.records import (
     ContactAction,
@@ -71,6 +72,7 @@ class SalesforceTarget:
     """
 
     name = "salesforce"
+    batch_records = BATCH  # Leads per batch: one Collections upsert
 
     def __init__(
         self,
@@ -105,6 +107,8 @@ class SalesforceTarget:
         self.today = today
         settings = field_map.targets.get(CRM, {})
         self.deal_key_field: str = settings.get("deal_key_field", "")
+        self.opportunities = Opportunities(self.api, identities, field_map, self.leads,
+                                           self.deal_key_field, lambda: self.today())
 
     @classmethod
     def from_settings(
@@ -141,15 +145,20 @@ class SalesforceTarget:
         """Apply queued actions, one result per item in order (an Outcome or the CRMError that
         item would have raised). Contact actions keyed first by the External ID are read with
         one SOQL query per 100 Leads and written with sObject Collections upserts of up to 200
-        Leads, several actions on one Lead folded into one write; the rest run one by one."""
+        Leads, several actions on one Lead folded into one write; deals the same way as
+        Opportunities (`engine.targets.salesforce.deals`), after the Leads; the rest run one
+        by one."""
         results: list[Result | None] = [None] * len(items)
         groups: dict[str, list[int]] = {}
         singles: list[int] = []
+        deals: list[int] = []
         for index, (action, _) in enumerate(items):
             first = action.identity[0] if action.identity else None
             if isinstance(action, UpsertContact | SetStage) and first is not None \
                     and first.field == self.leads.external_id and self.leads.external_field:
                 groups.setdefault(first.value, []).append(index)
+            elif isinstance(action, CreateDeal) and self.deal_key_field and action.key:
+                deals.append(index)
             else:
                 singles.append(index)
         tokens = list(groups)
@@ -169,6 +178,17 @@ class SalesforceTarget:
         for index, result in enumerate(results):
             if isinstance(result, RetryableCRMError):
                 blocked.update(dict.fromkeys(items[index][0].identity, result))
+        ready: list[tuple[int, CreateDeal]] = []
+        for index in deals:
+            deal = items[index][0]
+            assert isinstance(deal, CreateDeal)
+            earlier = next((blocked[k] for k in deal.identity if k in blocked), None)
+            if earlier is not None:  # after an earlier action of its identity, as below
+                results[index] = earlier
+            else:
+                ready.append((index, deal))
+        for index, outcome in (await self.opportunities.run(ready)).items():
+            results[index] = outcome
         for index in sorted(singles):
             action = items[index][0]
             # A later action on an identity whose earlier action must be retried waits too,
@@ -279,12 +299,18 @@ class SalesforceTarget:
         records: list[dict[str, JSON]] = []
         written: list[str] = []
         deferred: list[int] = []
+        # A new token whose actions name other keys (an email): a Lead made before linkcrm
+        # knew the token may hold one; such a token goes the single path, which finds it.
+        others = {token: {k for a in actions[token] for k in a.identity
+                          if k.field != self.leads.external_id}
+                  for token in chunk if not current[token]}
+        held = await self._held(set().union(*others.values()))
         for token, indices in chunk.items():
             found = current[token]
             try:
                 if len(found) > 1:
                     raise duplicates("Lead", ext, [str(r.get("Id")) for r in found])
-                if not found and any(len(a.identity) > 1 for a in actions[token]):
+                if not found and others.get(token, set()) & held:
                     deferred += indices
                     continue
                 record = found[0] if found else None
@@ -309,6 +335,31 @@ class SalesforceTarget:
             for token, result in zip(written, answer, strict=True):
                 await self._batch_result(token, result, actions[token], chunk[token], results)
         return deferred
+
+    async def _held(self, keys: set[IdentityKey]) -> set[IdentityKey]:
+        """The keys a Lead holds: mapped in the identity map, else found by one SOQL query
+        per 100 values of a field (emails match whatever their case)."""
+        held: set[IdentityKey] = set()
+        by_field: dict[str, list[IdentityKey]] = {}
+        for key in keys:
+            if self.leads.crm_name(key.field) is None:
+                held.add(key)  # the single path says what is wrong with it
+            elif await self.identities.lookup_identity(CRM, [key]) is not None:
+                held.add(key)
+            else:
+                by_field.setdefault(key.field, []).append(key)
+        for canonical, group in by_field.items():
+            name = self.leads.identity_field(group[0])
+            fold = canonical == "email"
+            for start in range(0, len(group), IN_VALUES):
+                part = group[start:start + IN_VALUES]
+                rows = await self.api.query(soql.select_where(
+                    ["Id", name], "Lead", name, [k.value for k in part]))
+                values = {str(r.get(name, "")).casefold() if fold else r.get(name)
+                          for r in rows}
+                held.update(k for k in part
+                            if (k.value.casefold() if fold else k.value) in values)
+        return held
 
     async def _batch_result(
         self, token: str, result: Any, actions: list[ContactAction], indices: list[int],

@@ -11,7 +11,7 @@ from typing import Any
 import httpx
 import pytest
 
-from engine.actions import Action, IdentityKey, UpsertContact
+from engine.actions import Action, CreateDeal, IdentityKey, UpsertContact
 from engine.errors import CRMError, PermanentCRMError, RetryableCRMError
 from engine.rules.evaluator import plan
 from engine.rules.files import load_ruleset
@@ -331,3 +331,26 @@ async def test_the_token_endpoint_takes_client_credentials_in_the_form_or_as_htt
     assert [(r.status_code, r.json()["error"]) for r, _ in refusals] == [
         (400, code) for _, code in refusals]
     emulator.schema_violations.clear()  # the last one lacks the client's credentials
+
+
+async def test_a_batch_of_deals_is_one_query_and_one_collections_upsert(
+        emulator: SalesforceEmulator, make: Callable[..., SalesforceTarget], url: str) -> None:
+    """Opportunities queue like Leads: the missing ones are read with one SOQL query and made
+    with one Collections upsert; one that exists is found, not rewritten; one deal key twice
+    in a batch is made once."""
+    target = make(url)
+    existing = emulator.seed("Opportunity", Name="Renamed by sales", StageName="Closed Won",
+                             CloseDate="2026-01-01", Linkcrm_Deal_Key__c="referral-tok_0")
+    converted = [actions_of(story(f"tok_{n}")[2]) for n in range(4)]
+    deals = [item for items in converted for item in items
+             if isinstance(item[0], CreateDeal)]
+    await target.start()
+    emulator.counters.clear()
+    results = await target.execute_many([*deals, deals[1]])
+    assert all(isinstance(r, Outcome) for r in results), results
+    assert emulator.counters["requests"] == 2  # one query, one upsert of the three missing
+    assert emulator.counters["collection_records"] == 3
+    assert [r.record_id for r in results][0] == existing
+    assert results[4] == results[1] and results[1].created
+    assert emulator.records["Opportunity"][existing]["Name"] == "Renamed by sales"
+    assert len(emulator.opportunities) == 4

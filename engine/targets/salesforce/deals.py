@@ -1,0 +1,114 @@
+"""Salesforce deals in batches: Opportunities read by one SOQL query per 100 deal keys and made by
+one sObject Collections upsert per 200, on the deal-key External ID.
+
+An Opportunity that exists is never rewritten (its stage and close date are the sales team's
+now): existing keys are read first and only the missing ones are upserted, so a retried create
+finds the Opportunity its lost answer made instead of making a second one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from datetime import date
+from typing import Any
+
+from engine.actions import JSON, CreateDeal
+from engine.config.fieldmap import FieldMap
+from engine.errors import CRMError, PermanentCRMError, RetryableCRMError
+from engine.targets.base import IdentityStore, Outcome
+from engine.targets.salesforce import soql
+from engine.targets.salesforce.records import LeadMap, opportunity_body
+from engine.targets.salesforce.rest import (
+    CRM,
+    TRANSIENT_CODES,
+    SalesforceAPI,
+    describe_errors,
+    error_entries,
+)
+
+BATCH = 200  # sObject Collections take at most 200 records per request
+IN_VALUES = 100  # values per SOQL IN list, far below the query URL's 16 KB limit
+Result = Outcome | Exception
+
+
+class Opportunities:
+    """`run` applies a batch's create_deal actions, one result per item."""
+
+    def __init__(self, api: SalesforceAPI, identities: IdentityStore, field_map: FieldMap,
+                 leads: LeadMap, key_field: str, today: Callable[[], date]) -> None:
+        self.api, self.identities, self.field_map = api, identities, field_map
+        self.leads, self.key_field, self.today = leads, key_field, today
+
+    async def run(self, deals: Sequence[tuple[int, CreateDeal]]) -> dict[int, Result]:
+        results: dict[int, Result] = {}
+        first: dict[str, int] = {}  # deal key -> the item that makes it
+        same: list[tuple[int, int]] = []
+        for index, action in deals:
+            if action.key in first:
+                same.append((index, first[action.key]))
+                continue
+            first[action.key] = index
+            known = await self.identities.lookup_deal(CRM, action.key)
+            if known:
+                results[index] = Outcome(known, "opportunity exists")
+        missing = [(i, a) for i, a in deals if i not in results and first[a.key] == i]
+        for start in range(0, len(missing), IN_VALUES):
+            chunk = missing[start:start + IN_VALUES]
+            try:
+                await self._chunk(chunk, results)
+            except CRMError as error:
+                for index, _ in chunk:
+                    results.setdefault(index, error)
+        for index, source in same:
+            results[index] = results[source]
+        return results
+
+    async def _chunk(self, chunk: Sequence[tuple[int, CreateDeal]],
+                     results: dict[int, Result]) -> None:
+        field = self.key_field
+        found: dict[str, list[dict[str, Any]]] = {}
+        query = soql.select_where(["Id", field], "Opportunity", field, [a.key for _, a in chunk])
+        for row in await self.api.query(query):
+            found.setdefault(str(row.get(field)), []).append(row)  # IN ignores case: exact
+        records: list[dict[str, JSON]] = []
+        written: list[tuple[int, CreateDeal]] = []
+        for index, action in chunk:
+            rows = found.get(action.key, [])
+            if len(rows) > 1:
+                results[index] = PermanentCRMError(
+                    f"{CRM}: {len(rows)} Opportunity records hold the same {field}; merge them "
+                    f"in Salesforce (and make {field} Unique), then replay")
+            elif rows:
+                record_id = await self.identities.bind_deal(CRM, action.key, str(rows[0]["Id"]))
+                results[index] = Outcome(record_id, "opportunity exists")
+            else:
+                try:
+                    body = opportunity_body(self.field_map, action, self.today(), self.leads)
+                except PermanentCRMError as error:
+                    results[index] = error
+                    continue
+                records.append({"attributes": {"type": "Opportunity"},
+                                **{k: v for k, v in body.items() if k != field},
+                                field: action.key})
+                written.append((index, action))
+        for start in range(0, len(records), BATCH):
+            answer = await self.api.json(
+                "PATCH", f"/composite/sobjects/Opportunity/{soql.name(field)}",
+                json={"allOrNone": False, "records": records[start:start + BATCH]})
+            part = written[start:start + BATCH]
+            if not isinstance(answer, list) or len(answer) != len(part):
+                raise PermanentCRMError(f"{CRM}: unexpected collections answer: {answer!r:.200}")
+            for (index, action), result in zip(part, answer, strict=True):
+                results[index] = await self._result(action, result)
+
+    async def _result(self, action: CreateDeal, result: Any) -> Result:
+        if isinstance(result, dict) and result.get("success") and result.get("id"):
+            record_id = await self.identities.bind_deal(CRM, action.key, str(result["id"]))
+            created = bool(result.get("created"))
+            return Outcome(record_id, "opportunity created" if created else "opportunity exists",
+                           created)
+        errors = error_entries(result.get("errors") if isinstance(result, dict) else None)
+        message = f"{CRM}: Opportunity {self.key_field}={action.key}: {describe_errors(errors)}"
+        if {str(e.get("statusCode")) for e in errors} & TRANSIENT_CODES:
+            return RetryableCRMError(message)
+        return PermanentCRMError(message)

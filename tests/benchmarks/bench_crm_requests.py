@@ -1,0 +1,220 @@
+"""Benchmark: CRM requests per event through the real worker, against the one-batch floor.
+
+For each CRM, a fresh SQLite inbox is filled with the shipped story (install -> referral
+sign-up -> conversion -> identify per token, each token's steps spread through the backlog as
+in bench_hubspot.py), and the worker `linkcrm worker` runs (targets built from an environment
+that points at the emulator, served over real HTTP, limits as CRM_FACTS gives them) drains it.
+
+    python tests/benchmarks/bench_crm_requests.py                    # ~2.5 min: all three CRMs
+    python tests/benchmarks/bench_crm_requests.py --crm hubspot --events 2000 --latency 0.05
+
+Printed per CRM: requests sent, the one-batch floor (every event of the backlog in one call:
+HubSpot a batch read and a batch write per 100 contacts and per 100 deals; Salesforce a SOQL
+read per 100 and a Collections upsert per 200 Leads and Opportunities, plus the token;
+Pipedrive, which has no batch endpoints, a search and a create per person and per deal), their
+ratio, the drain time against the rate-limit bound (the requests sent at the limit's rate;
+Salesforce has no short-window limit, so its bound is the target's own pacing, 25 requests/s),
+429s (Salesforce: 403 REQUEST_LIMIT_EXCEEDED) after the first window, and for Pipedrive the
+tokens (`x-token-cost`) spent per new person (the floor: a search at 20 and a create at 5 for the
+person and for its deal, 50). Every CRM's records are read back and checked
+against the story (one contact per token at stage customer with its email, one deal per token).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import hashlib
+import json
+import math
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+from tests.support.paths import REPO
+
+sys.path.insert(0, str(REPO))
+
+from engine.rules.files import load_ruleset
+from engine.rules.model import RuleSet
+from engine.runtime.metrics import Metrics
+from engine.runtime.settings import Settings
+from engine.storage import NewEvent, open_storage
+from engine.worker.assembly import open_worker
+from tests.benchmarks.bench_hubspot import backlog
+from tests.support import crm_readback
+from tests.support.crm_stack import Stack, running
+
+HUBSPOT_LIMIT, HUBSPOT_WINDOW = 100, 10.0  # Free/Starter private app
+PIPEDRIVE_BURST, PIPEDRIVE_WINDOW, PIPEDRIVE_SEARCH = 20, 2.0, 10  # Essential plan
+SALESFORCE_PACE = 25.0  # SalesforceTarget's default requests per second
+
+
+@dataclass
+class Figures:
+    crm: str
+    events: int
+    seconds: float
+    sent: int
+    floor: int
+    rate: float  # requests per second the limit allows
+    late_429s: int
+    statuses: dict[str, int]
+    problems: list[str]
+    tokens_per_person: float | None = None
+    by_kind: dict[str, int] | None = None
+
+    def lines(self) -> list[str]:
+        bound = self.sent / self.rate
+        out = [f"{self.crm}: {self.events} events drained in {self.seconds:.1f} s "
+               f"({self.events / self.seconds:.0f} events/s); inbox {self.statuses}",
+               f"  requests sent {self.sent}, one-batch floor {self.floor}: "
+               f"ratio {self.sent / self.floor:.2f}",
+               f"  rate-limit bound for those requests {bound:.1f} s ({self.rate:g}/s): "
+               f"drain / bound = {self.seconds / bound:.2f}; floor bound "
+               f"{self.floor / self.rate:.1f} s",
+               f"  429s after the first window: {self.late_429s}"]
+        if self.tokens_per_person is not None:
+            out.append(f"  Pipedrive tokens per new person: {self.tokens_per_person:.1f}")
+        if self.by_kind:
+            top = sorted(self.by_kind.items(), key=lambda kv: -kv[1])[:8]
+            out.append("  emulator counts: " + ", ".join(f"{k} {v}" for k, v in top))
+        out.append("  records: " + ("as the story says" if not self.problems
+                                    else "WRONG: " + "; ".join(self.problems[:5])))
+        return out
+
+
+async def fill(url: str, events: int) -> int:
+    """Store the backlog; returns the number of tokens (people) in it."""
+    timeline = backlog(events)
+    async with open_storage(url) as storage:
+        await storage.migrate()
+        now = datetime.now(UTC)
+        for event in timeline:
+            body = json.dumps(event, separators=(",", ":")).encode()
+            await storage.inbox.store(NewEvent(
+                body=body, event_type=event["event"], event_timestamp=event["timestamp"],
+                dedupe_key=hashlib.sha256(body).hexdigest(), received_at=now))
+    return len({e["data"]["token"] for e in timeline})
+
+
+def check(found: crm_readback.Found, timeline: list[dict[str, object]]) -> list[str]:
+    """What the read-back records get wrong about the story (the last step each token
+    reached in this backlog decides its stage, email and deal)."""
+    steps: dict[str, set[str]] = {}
+    for event in timeline:
+        data = event["data"]
+        assert isinstance(data, dict)
+        steps.setdefault(str(data["token"]), set()).add(str(event["event"]))
+    contacts, deals = found
+    by_token = {str(c.get("deep_link_token")): c for c in contacts}
+    problems = []
+    if len(contacts) != len(steps):
+        problems.append(f"{len(contacts)} contacts for {len(steps)} tokens")
+    wanted_deals = sum("referral.completed" in s for s in steps.values())
+    if len(deals) != wanted_deals:
+        problems.append(f"{len(deals)} deals, {wanted_deals} expected")
+    for token, seen in steps.items():
+        contact = by_token.get(token)
+        if contact is None:
+            problems.append(f"{token}: no contact")
+            continue
+        stage = "customer" if "referral.completed" in seen else "lead"
+        if contact.get("stage") != stage:
+            problems.append(f"{token}: stage {contact.get('stage')}, not {stage}")
+        if "app.user_identified" in seen and contact.get("email") != f"{token}@example.com":
+            problems.append(f"{token}: email {contact.get('email')!r}")
+    return problems
+
+
+async def one(crm: str, stack: Stack, ruleset: RuleSet, events: int,
+              folder: Path) -> Figures:
+    url = f"sqlite:///{folder / f'{crm}.db'}"
+    people = await fill(url, events)
+    timeline = backlog(events)
+    sf_before = dict(stack.salesforce.counters)
+    async with open_storage(url) as storage, open_worker(
+            storage, ruleset, Settings(), stack.environ(crm), metrics=Metrics()) as worker:
+        _reset(stack)
+        started = time.monotonic()
+        await worker.run_until_idle()
+        seconds = time.monotonic() - started
+        statuses = {k: v for k, v in (await storage.inbox.stats()).by_status.items() if v}
+    field_map = ruleset.field_map
+    if crm == "hubspot":
+        state = stack.hubspot
+        sent = sum(state.requests.values())
+        contacts, deals = len(state.contacts.records), len(state.deals.records)
+        floor = 2 * math.ceil(contacts / 100) + 2 * math.ceil(deals / 100)
+        first = state.first_request_at or 0.0
+        late = sum(1 for t in state.throttled_at if t > first + HUBSPOT_WINDOW)
+        found = crm_readback.hubspot(state, field_map)
+        return Figures(crm, events, seconds, sent, floor, HUBSPOT_LIMIT / HUBSPOT_WINDOW, late,
+                       statuses, check(found, timeline), by_kind=dict(state.requests))
+    if crm == "salesforce":
+        sf = stack.salesforce
+        counters = {k: v - sf_before.get(k, 0) for k, v in sf.counters.items()}
+        sent = counters.get("requests", 0) + counters.get("token_requests", 0)
+        leads, opportunities = len(sf.leads), len(sf.opportunities)
+        floor = 1 + sum(math.ceil(n / 100) + math.ceil(n / 200) for n in (leads, opportunities))
+        found = crm_readback.salesforce(sf, field_map)
+        return Figures(crm, events, seconds, sent, floor, SALESFORCE_PACE,
+                       counters.get("limit_exceeded", 0), statuses, check(found, timeline),
+                       by_kind={k: v for k, v in counters.items() if v})
+    pd = stack.pipedrive
+    sent = sum(pd.calls.values())
+    persons, deals = len(pd.live("person")), len(pd.live("deal"))
+    floor = 2 * (persons + deals)  # no batch endpoints: a search and a create per record
+    first = pd.log[0][0] if pd.log else 0.0
+    late = sum(1 for at, _, _, status in pd.log if status == 429 and at > first + PIPEDRIVE_WINDOW)
+    found = crm_readback.pipedrive(pd, field_map)
+    return Figures(crm, events, seconds, sent, floor, PIPEDRIVE_BURST / PIPEDRIVE_WINDOW, late,
+                   statuses, check(found, timeline), pd.tokens_used / max(1, people),
+                   dict(pd.calls))
+
+
+def _reset(stack: Stack) -> None:
+    """Forget the start-up requests (the property read, the field catalogue, the token)."""
+    state = stack.hubspot
+    state.requests.clear()
+    state.limit.hits.clear()
+    state.throttled_at.clear()
+    state.throttled, state.first_request_at = 0, None
+    stack.pipedrive.reset_usage()
+
+
+async def main(args: argparse.Namespace) -> int:
+    ruleset = load_ruleset([REPO / "rules"])
+    results = []
+    with tempfile.TemporaryDirectory() as directory:
+        for crm in args.crm:
+            async with running(
+                    ruleset.field_map,
+                    hubspot={"rate_limit": HUBSPOT_LIMIT, "window_seconds": HUBSPOT_WINDOW,
+                             "latency": args.latency},
+                    pipedrive={"burst_limit": PIPEDRIVE_BURST, "burst_window": PIPEDRIVE_WINDOW,
+                               "search_limit": PIPEDRIVE_SEARCH,
+                               "search_window": PIPEDRIVE_WINDOW, "latency": args.latency,
+                               "daily_budget": 10_000_000},
+                    pipedrive_rate_limit=PIPEDRIVE_BURST) as stack:
+                stack.salesforce.latency = args.latency
+                events = args.events if crm != "pipedrive" else args.pipedrive_events
+                figures = await one(crm, stack, ruleset, events, Path(directory))
+            results.append(figures)
+            print("\n".join(figures.lines()), flush=True)
+    return 1 if any(f.problems for f in results) else 0
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--crm", nargs="+", default=["hubspot", "salesforce", "pipedrive"],
+                        choices=["hubspot", "salesforce", "pipedrive"])
+    parser.add_argument("--events", type=int, default=10_000,
+                        help="events per CRM (HubSpot, Salesforce)")
+    parser.add_argument("--pipedrive-events", type=int, default=300,
+                        help="events for Pipedrive (no batch endpoints: ~10 requests/s)")
+    parser.add_argument("--latency", type=float, default=0.02, help="emulator latency (s)")
+    sys.exit(asyncio.run(main(parser.parse_args())))
