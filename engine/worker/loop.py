@@ -43,6 +43,7 @@ from engine.worker.apply import Applier, Lane, PartResult, Sleep
 from engine.worker.attribution import attach_all
 from engine.worker.batch import Batcher
 from engine.worker.chain import Chains, Link, all_queued
+from engine.worker.leases import LeaseKeeper
 from engine.worker.pinning import PinnedRules
 from engine.worker.plan import KeyedAction, Work, ordering_keys, prepare, touched_keys
 from engine.worker.retrying import RetryPolicy
@@ -161,8 +162,7 @@ class Worker:
         self.applier = Applier(storage.outcomes, self.metrics, self.options.policy,
                                self.options.short_wait, clock, sleep)
         self._tasks: set[asyncio.Task[None]] = set()
-        self._held_events: dict[int, asyncio.Task[None]] = {}  # event id -> its task
-        self._lease_keeper: asyncio.Task[None] | None = None
+        self.leases = LeaseKeeper(storage.inbox, self.worker_id, self.options.lease_seconds)
         self._observers: set[asyncio.Task[None]] = set()
         self._stopping = False
         self._signal: asyncio.Event | None = None
@@ -332,9 +332,7 @@ class Worker:
             for task in pending:
                 task.cancel()
             await asyncio.gather(*pending, return_exceptions=True)
-        if self._lease_keeper is not None:
-            self._lease_keeper.cancel()
-            await asyncio.gather(self._lease_keeper, return_exceptions=True)
+        await self.leases.aclose()
         if self._observers:  # shadow comparisons get what is left of the drain, then go
             _, late = await asyncio.wait(set(self._observers),
                                          timeout=self.options.drain_timeout)
@@ -351,10 +349,7 @@ class Worker:
         event = job.event
         me = asyncio.current_task()
         assert me is not None
-        self._held_events[event.id] = me
-        if self._lease_keeper is None or self._lease_keeper.done():
-            self._lease_keeper = asyncio.create_task(self._keep_leases(),
-                                                     name="linkcrm-lease-keeper")
+        self.leases.hold(event.id, me)
         try:
             await self._conclude(job, await self._parts(job))
         except asyncio.CancelledError:
@@ -368,8 +363,7 @@ class Worker:
                                                                "error": str(error)})
             await self._release(event, f"storage error: {error}", 5.0)
         finally:
-            if self._held_events.get(event.id) is me:
-                del self._held_events[event.id]
+            self.leases.release(event.id, me)
 
     async def _parts(self, job: _Job) -> list[PartResult]:
         """Every target's share, each in its own task (one target: in this one)."""
@@ -497,28 +491,6 @@ class Worker:
                            "status": status, "actions": len(work.actions)})
         else:
             log.warning("lease lost before finishing", extra={"event_id": event.id})
-
-    async def _keep_leases(self) -> None:
-        """Every third of a lease, extend the lease of every event in flight (one task for
-        all of them; their writes share commits); an event whose lease another worker has
-        taken is abandoned rather than raced (its keys make that safe). Ends when no event
-        is in flight; the next event starts it again."""
-        interval = self.options.lease_seconds / 3
-        while self._held_events:
-            await asyncio.sleep(interval)
-            held = dict(self._held_events)
-            try:
-                kept = await self.storage.inbox.extend_leases(
-                    list(held), self.worker_id, self.options.lease_seconds)
-            except Exception as error:  # the store failed (or a bug): the next round tries again
-                log.error("leases not extended", extra={
-                    "events": len(held), "error_type": type(error).__name__,
-                    "where": where(error)})
-                continue
-            for event_id, task in held.items():
-                if event_id not in kept and self._held_events.get(event_id) is task:
-                    log.warning("lease lost; abandoning the event", extra={"event_id": event_id})
-                    task.cancel()
 
     async def _bury(self, event: InboxEvent, error: Exception) -> None:
         """Dead-letter an event after an error that retrying cannot fix (a value the store

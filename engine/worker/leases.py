@@ -1,0 +1,63 @@
+"""The leases of every event a worker has in flight, kept by one task for all of them.
+
+    keeper = LeaseKeeper(storage.inbox, worker_id, lease_seconds=60)
+    keeper.hold(event_id, task)     # when the event's task starts
+    keeper.release(event_id, task)  # when it ends, however it ends
+    await keeper.aclose()           # when the worker stops
+
+Every third of a lease, one write extends them all (`Inbox.extend_leases`). An event whose
+lease another worker has taken (this one paused past its lease) has its task cancelled rather
+than raced: its keys and idempotency make that safe, and the other worker finishes it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from engine.errors import where
+from engine.storage import Inbox
+
+log = logging.getLogger("engine.worker.loop")
+
+
+class LeaseKeeper:
+    """Runs while any event is held; the next `hold` after that starts it again."""
+
+    def __init__(self, inbox: Inbox, worker_id: str, lease_seconds: float) -> None:
+        self.inbox = inbox
+        self.worker_id = worker_id
+        self.lease_seconds = lease_seconds
+        self._held: dict[int, asyncio.Task[None]] = {}  # event id -> its task
+        self._keeper: asyncio.Task[None] | None = None
+
+    def hold(self, event_id: int, task: asyncio.Task[None]) -> None:
+        self._held[event_id] = task
+        if self._keeper is None or self._keeper.done():
+            self._keeper = asyncio.create_task(self._keep(), name="linkcrm-lease-keeper")
+
+    def release(self, event_id: int, task: asyncio.Task[None]) -> None:
+        if self._held.get(event_id) is task:
+            del self._held[event_id]
+
+    async def aclose(self) -> None:
+        if self._keeper is not None:
+            self._keeper.cancel()
+            await asyncio.gather(self._keeper, return_exceptions=True)
+
+    async def _keep(self) -> None:
+        while self._held:
+            await asyncio.sleep(self.lease_seconds / 3)
+            held = dict(self._held)
+            try:
+                kept = await self.inbox.extend_leases(list(held), self.worker_id,
+                                                      self.lease_seconds)
+            except Exception as error:  # the store failed (or a bug): the next round tries again
+                log.error("leases not extended", extra={
+                    "events": len(held), "error_type": type(error).__name__,
+                    "where": where(error)})
+                continue
+            for event_id, task in held.items():
+                if event_id not in kept and self._held.get(event_id) is task:
+                    log.warning("lease lost; abandoning the event", extra={"event_id": event_id})
+                    task.cancel()
