@@ -65,7 +65,7 @@ class Settings:
             ),
             lease_seconds=reader.get("LINKCRM_LEASE_SECONDS", cls.lease_seconds, _positive_float),
             worker_concurrency=reader.get(
-                "LINKCRM_WORKER_CONCURRENCY", cls.worker_concurrency, _optional_positive_int
+                "LINKCRM_WORKER_CONCURRENCY", cls.worker_concurrency, _positive_int
             ),
             max_attempts=reader.get("LINKCRM_MAX_ATTEMPTS", cls.max_attempts, _positive_int),
             log_level=reader.get("LINKCRM_LOG_LEVEL", cls.log_level, _log_level),
@@ -110,10 +110,6 @@ class _Reader:
 
 def _problem(name: str, code: str, message: str, hint: str) -> Problem:
     return Problem(location=Location("environment"), code=code, message=message, hint=hint)
-
-
-def _optional_positive_int(raw: str) -> int | None:
-    return _positive_int(raw)
 
 
 def _url(raw: str) -> str:

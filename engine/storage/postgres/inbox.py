@@ -6,7 +6,7 @@ own transaction. SQL text is fixed; every value is a parameter.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from datetime import datetime
 
 import psycopg
@@ -174,18 +174,10 @@ class PostgresInbox(PostgresPart, Inbox):
     ) -> bool:
         checks.final_status(status)
         params = {"status": status, "error": values.storable_text(error)}
-        if ordering_keys is None:
-            return await self._leased("finish the event", _FINISH, params, event_id, worker_id)
-        async with self._db.connection("finish the event") as connection, \
-                connection.transaction():
-            finished = (await connection.execute(
-                f"UPDATE inbox SET {_FINISH}"
-                f" WHERE id = %(id)s AND lease_owner = %(worker)s AND {PENDING}",
-                {**params, "id": event_id, "worker": worker_id, "now": self._db.now()},
-            )).rowcount == 1
-            if finished:
-                await _replace_keys(connection, event_id, ordering_keys)
-            return finished
+        then = None if ordering_keys is None else (
+            lambda connection: _replace_keys(connection, event_id, ordering_keys))
+        return await self._leased("finish the event", _FINISH, params, event_id, worker_id,
+                                  then)
 
     async def retry_later(
         self, event_id: int, worker_id: str, next_attempt_at: datetime, error: str | None
@@ -195,15 +187,20 @@ class PostgresInbox(PostgresPart, Inbox):
                                   worker_id)
 
     async def _leased(self, doing: str, assignments: str, params: Mapping[str, object],
-                      event_id: int, worker_id: str) -> bool:
-        """Apply one of the SET clauses above only while `worker_id` holds the lease."""
-        changed = await self._db.execute(
-            doing,
-            f"UPDATE inbox SET {assignments}"
-            f" WHERE id = %(id)s AND lease_owner = %(worker)s AND {PENDING}",
-            {**params, "id": event_id, "worker": worker_id, "now": self._db.now()},
-        )
-        return changed == 1
+                      event_id: int, worker_id: str,
+                      then: Callable[[Conn], Awaitable[None]] | None = None) -> bool:
+        """Apply one of the SET clauses above only while `worker_id` holds the lease, and then
+        `then` in the same transaction when it did."""
+        query = (f"UPDATE inbox SET {assignments}"
+                 f" WHERE id = %(id)s AND lease_owner = %(worker)s AND {PENDING}")
+        bound = {**params, "id": event_id, "worker": worker_id, "now": self._db.now()}
+        if then is None:
+            return await self._db.execute(doing, query, bound) == 1
+        async with self._db.connection(doing) as connection, connection.transaction():
+            changed = (await connection.execute(query, bound)).rowcount == 1
+            if changed:
+                await then(connection)
+            return changed
 
     async def set_ordering_keys(self, event_id: int, keys: Sequence[str]) -> None:
         async with self._db.connection("record ordering keys") as connection, \

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import functools
 import sqlite3
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime, timedelta
 
 from engine.errors import StorageError, UnstorableEventError
@@ -170,17 +170,11 @@ class SQLiteInbox(SQLitePart, Inbox):
         *, ordering_keys: Sequence[str] | None = None,
     ) -> bool:
         checks.final_status(status)
-        params = (status, values.storable_text(error), self._db.now(), event_id, worker_id)
-
-        def run(connection: sqlite3.Connection) -> bool:
-            finished = connection.execute(
-                f"UPDATE inbox SET {_FINISH} WHERE id = ? AND lease_owner = ? AND {PENDING}",
-                params).rowcount == 1
-            if finished and ordering_keys is not None:
-                _replace_keys(connection, event_id, ordering_keys)
-            return finished
-
-        return await self._db.write(run, "finish the event")
+        params = (status, values.storable_text(error), self._db.now())
+        then = None if ordering_keys is None else (
+            lambda connection: _replace_keys(connection, event_id, ordering_keys))
+        return await self._leased("finish the event", _FINISH, params, event_id, worker_id,
+                                  then)
 
     async def retry_later(
         self, event_id: int, worker_id: str, next_attempt_at: datetime, error: str | None
@@ -190,14 +184,19 @@ class SQLiteInbox(SQLitePart, Inbox):
                                   worker_id)
 
     async def _leased(self, doing: str, assignments: str, params: tuple[object, ...],
-                      event_id: int, worker_id: str) -> bool:
-        """Apply one of the SET clauses above only while `worker_id` holds the lease."""
-        changed = await self._db.execute(
-            doing,
-            f"UPDATE inbox SET {assignments} WHERE id = ? AND lease_owner = ? AND {PENDING}",
-            (*params, event_id, worker_id),
-        )
-        return changed == 1
+                      event_id: int, worker_id: str,
+                      then: Callable[[sqlite3.Connection], None] | None = None) -> bool:
+        """Apply one of the SET clauses above only while `worker_id` holds the lease, and then
+        `then` in the same write when it did."""
+        def run(connection: sqlite3.Connection) -> bool:
+            changed = connection.execute(
+                f"UPDATE inbox SET {assignments} WHERE id = ? AND lease_owner = ? AND {PENDING}",
+                (*params, event_id, worker_id)).rowcount == 1
+            if changed and then is not None:
+                then(connection)
+            return changed
+
+        return await self._db.write(run, doing)
 
     async def set_ordering_keys(self, event_id: int, keys: Sequence[str]) -> None:
         await self._db.write(lambda c: _replace_keys(c, event_id, keys), "record ordering keys")

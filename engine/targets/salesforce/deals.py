@@ -19,15 +19,15 @@ from engine.targets.base import IdentityStore, Outcome
 from engine.targets.salesforce import soql
 from engine.targets.salesforce.records import LeadMap, opportunity_body
 from engine.targets.salesforce.rest import (
+    BATCH,
     CRM,
+    IN_VALUES,
     TRANSIENT_CODES,
     SalesforceAPI,
     describe_errors,
     error_entries,
 )
 
-BATCH = 200  # sObject Collections take at most 200 records per request
-IN_VALUES = 100  # values per SOQL IN list, far below the query URL's 16 KB limit
 Result = Outcome | Exception
 
 

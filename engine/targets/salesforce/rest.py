@@ -20,6 +20,8 @@ CRM = "salesforce"
 Body = JSON | Mapping[str, Any]
 _USAGE = re.compile(r"api-usage=(\d+)/(\d+)")
 # Per-record codes in collection answers that a later attempt can clear.
+BATCH = 200  # sObject Collections take at most 200 records per request
+IN_VALUES = 100  # values per SOQL IN list, keeping the query URL far below its 16 KB limit
 TRANSIENT_CODES = frozenset({"UNABLE_TO_LOCK_ROW", "REQUEST_LIMIT_EXCEEDED", "SERVER_UNAVAILABLE"})
 
 

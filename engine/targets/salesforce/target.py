@@ -32,15 +32,15 @@ from engine.targets.salesforce.records import (
     opportunity_body,
 )
 from engine.targets.salesforce.rest import (
+    BATCH,
     CRM,
+    IN_VALUES,
     TRANSIENT_CODES,
     SalesforceAPI,
     describe_errors,
     error_entries,
 )
 
-BATCH = 200  # sObject Collections take at most 200 records per request
-IN_VALUES = 100  # values per SOQL IN list, keeping the query URL far below its 16 KB limit
 RECORD_ID = re.compile(r"[A-Za-z0-9]{15}(?:[A-Za-z0-9]{3})?")
 # Outcome | Exception, as HubSpot's execute_many answers (list is invariant: keep them equal).
 Result = Outcome | Exception
