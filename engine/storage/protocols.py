@@ -30,6 +30,7 @@ from types import TracebackType
 from typing import Protocol
 
 from engine.actions import IdentityKey
+from engine.errors import UnstorableValueError
 from engine.storage import records, touchrecords
 from engine.storage.records import Fields, Keys
 
@@ -186,6 +187,11 @@ class Outcomes(Protocol):
         overwritten: the stored row is returned unchanged, so a replay cannot undo success.
         Diagnostics (error, summaries) are cleaned, never refused (`values.storable_outcome`)."""
 
+    async def record_many(self, outcomes: Sequence[records.NewOutcome]
+                          ) -> list[records.ActionOutcome]:
+        """`record` for each, in order, in one write where the backend can (all or none)."""
+        return [await self.record(outcome) for outcome in outcomes]
+
     async def of_event(self, event_id: int) -> list[records.ActionOutcome]:
         """Every action outcome of one event, in recording order."""
 
@@ -276,6 +282,30 @@ class LocalCRMStore(Protocol):
     ) -> records.DealResult:
         """Create the deal for `key` linked to the contact (created if missing); one deal per
         key, ever: an existing deal is returned unchanged."""
+
+    async def apply_all(self, ops: Sequence[records.LocalOp]
+                        ) -> list[records.LocalResult | Exception]:
+        """Every op in order (an event's actions), as one write where the backend can, with
+        one result per op: what its own call returns, or the error its own data raised
+        (ValueError, OverflowError, UnstorableValueError), in which case that op is undone
+        alone and the next ones still run. Any other failure (the database) raises: a backend
+        that writes them together keeps none of them; this default, one call per op, keeps
+        those before it (each op is idempotent, so running them all again is harmless)."""
+        results: list[records.LocalResult | Exception] = []
+        for op in ops:
+            try:
+                results.append(await self._apply_one(op))
+            except (ValueError, OverflowError, UnstorableValueError) as error:
+                results.append(error)
+        return results
+
+    async def _apply_one(self, op: records.LocalOp) -> records.LocalResult:
+        if isinstance(op, records.UpsertContactOp):
+            return await self.upsert_contact(op.identity, op.set, op.set_once)
+        if isinstance(op, records.SetStageOp):
+            return await self.set_stage(op.identity, op.stage, op.stages, op.event_id)
+        return await self.create_deal(op.identity, op.key, op.title, op.stage, op.amount,
+                                      op.fields)
 
     async def contacts(self, limit: int | None = None) -> list[records.LocalContact]:
         """Contacts with identities, fields and stage history, oldest first."""

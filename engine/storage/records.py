@@ -362,6 +362,41 @@ class DealResult:
     created: bool
 
 
+@dataclass(frozen=True, slots=True)
+class UpsertContactOp:
+    """`LocalCRMStore.upsert_contact`'s arguments, for `LocalCRMStore.apply_all`."""
+
+    identity: Keys
+    set: Fields
+    set_once: Fields
+
+
+@dataclass(frozen=True, slots=True)
+class SetStageOp:
+    """`LocalCRMStore.set_stage`'s arguments, for `LocalCRMStore.apply_all`."""
+
+    identity: Keys
+    stage: str
+    stages: Sequence[str]
+    event_id: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class CreateDealOp:
+    """`LocalCRMStore.create_deal`'s arguments, for `LocalCRMStore.apply_all`."""
+
+    identity: Keys
+    key: str
+    title: str
+    stage: str | None
+    amount: float | None
+    fields: Fields
+
+
+LocalOp = UpsertContactOp | SetStageOp | CreateDealOp
+LocalResult = ContactResult | StageResult | DealResult
+
+
 def is_blank(value: JSON) -> bool:
     """Null and "" leave a field untouched: the local CRM never clears a value by accident."""
     return value is None or value == ""

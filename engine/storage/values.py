@@ -45,7 +45,7 @@ _FIX = "no store can keep it as it is; fix the value at its source, or map anoth
 def text_problem(text: str, *, noun: str | None = None, limit: int | None = None) -> str | None:
     """Why `text` cannot be stored, or None. A `noun` ("key", "name") means a text column,
     which holds no NUL; `limit` is the most characters it may have."""
-    surrogate = _SURROGATE.search(text)
+    surrogate = None if text.isascii() else _SURROGATE.search(text)  # ASCII: none, quickly
     if surrogate is not None:
         return (f"holds a lone surrogate (\\u{ord(surrogate.group()):04x}) at character "
                 f"{surrogate.start() + 1}, which is not Unicode text")
@@ -162,14 +162,14 @@ def storable_text(text: str | None) -> str | None:
     """`text` with NUL characters and lone surrogates replaced by U+FFFD."""
     if text is None:
         return None
-    return _UNSTORABLE_TEXT.sub("\ufffd", text)
+    return _clean(text)
 
 
 def storable_json(value: JSON, depth: int = 0) -> JSON:
     """A copy of `value` that every backend stores: cleaned strings and keys, non-finite
     numbers as their text, containers deeper than MAX_DEPTH as a note."""
     if isinstance(value, str):
-        return _UNSTORABLE_TEXT.sub("\ufffd", value)
+        return _clean(value)
     if isinstance(value, float) and not math.isfinite(value):
         return repr(value)
     if isinstance(value, int) and not isinstance(value, bool) \
@@ -180,9 +180,16 @@ def storable_json(value: JSON, depth: int = 0) -> JSON:
     if isinstance(value, list):
         return [storable_json(item, depth + 1) for item in value]
     if isinstance(value, dict):
-        return {_UNSTORABLE_TEXT.sub("\ufffd", str(name)): storable_json(item, depth + 1)
+        return {_clean(str(name)): storable_json(item, depth + 1)
                 for name, item in value.items()}
     return value
+
+
+def _clean(text: str) -> str:
+    # Most text is ASCII without NUL: nothing to replace, and no pattern to run.
+    if text.isascii() and "\x00" not in text:
+        return text
+    return _UNSTORABLE_TEXT.sub("\ufffd", text)
 
 
 def storable_outcome(outcome: NewOutcome) -> NewOutcome:

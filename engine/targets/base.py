@@ -96,6 +96,17 @@ class BatchTarget(Target, Protocol):
                            ) -> list[Outcome | Exception]: ...
 
 
+@runtime_checkable
+class AllAtOnceTarget(Target, Protocol):
+    """A target that applies one event's actions in one write (the embedded CRM: one job of
+    SQLite's group commit). One result per item, in order: its Outcome or the
+    PermanentCRMError its own data raised (the later items still run); any other failure
+    raises for the whole call, and then none of it is kept or each item is idempotent."""
+
+    async def execute_all(self, items: Sequence[tuple[Action, CallContext]]
+                          ) -> list[Outcome | Exception]: ...
+
+
 # How many events a worker applies to one target at once when `--concurrency` is not given:
 # a remote CRM's rate limit is shared, so a few in flight keep it busy; a target may say how
 # many it takes (`concurrency` attribute), as the embedded CRM does, whose writes share one
@@ -115,3 +126,7 @@ def startable(target: Target) -> TypeGuard[StartableTarget]:
 
 def batches(target: Target) -> TypeGuard[BatchTarget]:
     return isinstance(target, BatchTarget)
+
+
+def all_at_once(target: Target) -> TypeGuard[AllAtOnceTarget]:
+    return isinstance(target, AllAtOnceTarget)

@@ -13,7 +13,7 @@ from engine.actions import JSON, Action
 from engine.errors import PermanentCRMError, RetryableCRMError, UnstorableValueError
 from engine.runtime.metrics import Metrics
 from engine.storage import ActionOutcome, Clock, InboxEvent, NewOutcome, Outcomes, OutcomeStatus
-from engine.targets.base import CallContext, Outcome, Target
+from engine.targets.base import AllAtOnceTarget, CallContext, Outcome, Target
 from engine.worker.chain import Link, all_clean
 from engine.worker.plan import KeyedAction
 from engine.worker.retrying import RetryPolicy
@@ -185,6 +185,53 @@ class Applier:
         link.settle(clean=True)
         return result
 
+    async def together(
+        self,
+        event: InboxEvent,
+        target: AllAtOnceTarget,
+        actions: Sequence[KeyedAction],
+        known: Mapping[tuple[str, str], ActionOutcome],
+    ) -> PartResult:
+        """`apply`, with the event's actions written at once (`AllAtOnceTarget`) and their
+        outcomes recorded in one write. A retry, or a failure of the whole write, goes the
+        way `apply` goes: the write failed counts as the first action's attempt."""
+        if not actions or any(known.get((target.name, keyed.key)) is not None
+                              for keyed in actions):
+            return await self.apply(event, target, actions, known)
+        try:
+            answers = await target.execute_all(
+                [(keyed.action, CallContext(keyed.key, event.id, keyed.action.rule))
+                 for keyed in actions])
+        except Exception as error:  # the whole write: its first action's attempt
+            answers = [error]
+        result = PartResult(target.name, done=True)
+        written: list[tuple[KeyedAction, NewOutcome]] = []
+        for keyed, answer in zip(actions, answers, strict=False):
+            if isinstance(answer, Outcome):
+                written.append((keyed, self._row(event, target, keyed, "ok", outcome=answer)))
+            elif isinstance(answer, PermanentCRMError):
+                written.append((keyed, self._row(event, target, keyed, "dead",
+                                                 error=str(answer))))
+                result.dead.append(_dead_line(target.name, keyed, str(answer)))
+            else:
+                break
+        if written:
+            await self.outcomes.record_many([row for _, row in written])
+        for keyed, row in written:
+            self._count(event, target, keyed, row.status)
+        if len(written) == len(actions):
+            return result
+        position = len(written)
+        ended = await self._attempt(event, target, actions[position], 0,
+                                    first=answers[position] if position < len(answers) else None)
+        if isinstance(ended, datetime):
+            return PartResult(target.name, False, ended, f"{target.name}: retrying", result.dead)
+        if ended is not None:
+            result.dead.append(ended)
+        later = await self.apply(event, target, actions[position + 1:], known)
+        later.dead[:0] = result.dead
+        return later
+
     async def _attempt(
         self, event: InboxEvent, target: Target, keyed: KeyedAction, attempts: int,
         first: Outcome | Exception | None = None,
@@ -247,11 +294,28 @@ class Applier:
         error: str | None = None,
         next_attempt_at: datetime | None = None,
     ) -> ActionOutcome:
+        recorded = await self.outcomes.record(self._row(
+            event, target, keyed, status, outcome=outcome, error=error,
+            next_attempt_at=next_attempt_at))
+        self._count(event, target, keyed, status)
+        return recorded
+
+    @staticmethod
+    def _row(
+        event: InboxEvent,
+        target: Target,
+        keyed: KeyedAction,
+        status: OutcomeStatus,
+        *,
+        outcome: Outcome | None = None,
+        error: str | None = None,
+        next_attempt_at: datetime | None = None,
+    ) -> NewOutcome:
         action = keyed.action
         response: JSON = None if outcome is None else {
             "record_id": outcome.record_id, "created": outcome.created,
             "summary": outcome.summary}
-        recorded = await self.outcomes.record(NewOutcome(
+        return NewOutcome(
             event_id=event.id,
             rule=action.rule,
             action_kind=action.kind,
@@ -263,7 +327,10 @@ class Applier:
             error=error,
             next_attempt_at=next_attempt_at,
             rules_version=keyed.rules_version,
-        ))
+        )
+
+    def _count(self, event: InboxEvent, target: Target, keyed: KeyedAction,
+               status: OutcomeStatus) -> None:
         self.metrics.actions.inc(
             target=target.name, outcome={"ok": "ok", "retrying": "retried", "dead": "dead"}[status]
         )
@@ -271,9 +338,8 @@ class Applier:
             # The CRM's message may quote field values (personal data): it goes to the dead
             # letter, not to the log.
             log.warning("action dead-lettered", extra={
-                "event_id": event.id, "target": target.name, "rule": action.rule,
-                "action": action.kind})
-        return recorded
+                "event_id": event.id, "target": target.name, "rule": keyed.action.rule,
+                "action": keyed.action.kind})
 
 
 def _summary(keyed: KeyedAction) -> JSON:

@@ -38,7 +38,7 @@ from engine.storage import (
     Storage,
     utc_now,
 )
-from engine.targets.base import Target, batches, concurrency_of
+from engine.targets.base import Target, all_at_once, batches, concurrency_of
 from engine.worker.apply import Applier, Lane, PartResult, Sleep
 from engine.worker.attribution import attach_all
 from engine.worker.batch import Batcher
@@ -145,6 +145,11 @@ class Worker:
                                  self.chains.coming(target.name))
             if batches(target) and self.options.batch_size > 1 else target
             for target in self.targets}
+        # Targets that write an event's actions at once (the embedded CRM), checked once
+        # here: a runtime protocol check costs more than the write it chooses.
+        self.together = {target.name: target for target in self.targets
+                         if not isinstance(self.callers[target.name], Batcher)
+                         and all_at_once(target)}
         self.lanes = {target.name: Lane(target, max(sizes[target.name], self.options.batch_window)
                                         if isinstance(self.callers[target.name], Batcher)
                                         else sizes[target.name]) for target in self.targets}
@@ -400,6 +405,9 @@ class Worker:
                 if isinstance(caller, Batcher) and link is not None:
                     result = await self.applier.pipeline(job.event, caller, job.work.actions,
                                                          job.known, link, blocked)
+                elif (together := self.together.get(target.name)) is not None:
+                    result = await self.applier.together(job.event, together,
+                                                         job.work.actions, job.known)
                 else:
                     result = await self.applier.apply(job.event, caller, job.work.actions,
                                                       job.known)

@@ -13,8 +13,10 @@ from pathlib import Path
 
 import pytest
 
+from engine.actions import IdentityKey
 from engine.errors import StorageError, UnstorableEventError, UnstorableValueError
 from engine.storage import Storage, StoreResult, open_storage, records
+from engine.storage.sqlite import crm as sqlite_crm
 from engine.storage.sqlite import schema as sqlite_schema
 from engine.storage.sqlite.groupcommit import GroupCommitWriter
 from engine.storage.sqlite.schema import LATEST, MIGRATIONS
@@ -121,6 +123,52 @@ async def test_one_failing_job_does_not_undo_its_batch_mates(storage: SQLiteStor
     assert isinstance(results[1], StorageError), results[1]
     assert "FOREIGN KEY constraint failed" in str(results[1])
     assert len(await storage.inbox.list_events()) == 2
+
+
+async def test_apply_all_undoes_an_op_its_data_fails_midway_and_keeps_the_rest(
+    storage: SQLiteStorage, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One writer job for an event's ops: an op that fails on its data after writing part of
+    itself is rolled back to its own savepoint; the ops before and after it are kept."""
+    token = IdentityKey("deep_link_token", "tok_1")
+    stages = ("subscriber", "lead", "customer")
+    real = sqlite_crm._set_stage
+
+    def half_then_refused(connection: sqlite3.Connection, op: records.SetStageOp,
+                          now: str) -> records.StageResult:
+        real(connection, op, now)  # the stage moved and its history row is written...
+        if op.stage == "customer":
+            raise ValueError("refused after writing")  # ...then this op fails on its data
+        return real(connection, op, now)
+
+    monkeypatch.setattr(sqlite_crm, "_set_stage", half_then_refused)
+    results = await storage.local_crm.apply_all([
+        records.SetStageOp([token], "lead", stages),
+        records.SetStageOp([token], "customer", stages),
+        records.UpsertContactOp([token], {"first_name": "Ada"}, {}),
+    ])
+    assert isinstance(results[1], ValueError)
+    [contact] = await storage.local_crm.contacts()
+    assert (contact.stage, dict(contact.fields)) == ("lead", {"first_name": "Ada"})
+    assert [change.to_stage for change in contact.stage_history] == ["lead"]
+
+
+async def test_apply_all_keeps_nothing_when_the_database_fails(
+    storage: SQLiteStorage, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    token = IdentityKey("deep_link_token", "tok_1")
+
+    def broken(connection: sqlite3.Connection, op: records.CreateDealOp,
+               now: str) -> records.DealResult:
+        raise sqlite3.OperationalError("disk I/O error")
+
+    monkeypatch.setattr(sqlite_crm, "_create_deal", broken)
+    with pytest.raises(StorageError, match="disk I/O error"):
+        await storage.local_crm.apply_all([
+            records.UpsertContactOp([token], {"first_name": "Ada"}, {}),
+            records.CreateDealOp([token], "deal-1", "Deal", None, None, {}),
+        ])
+    assert await storage.local_crm.contacts() == []
 
 
 async def test_a_value_sqlite_cannot_bind_is_permanent_and_fails_alone(

@@ -14,6 +14,7 @@ import json
 import random
 import subprocess
 import sys
+from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -171,14 +172,14 @@ async def test_an_error_in_the_worker_itself_dead_letters_that_event_only(
     first = await store(storage, "install.tracked", token="tok_a", prefix="p")
     broken = await store(storage, "install.tracked", token="tok_b", prefix="p")
     last = await store(storage, "install.tracked", token="tok_c", prefix="p")
-    record = storage.outcomes.record
+    record = storage.outcomes.record_many
 
-    async def buggy(outcome: NewOutcome) -> ActionOutcome:
-        if outcome.event_id == broken:
+    async def buggy(outcomes: Sequence[NewOutcome]) -> list[ActionOutcome]:
+        if any(outcome.event_id == broken for outcome in outcomes):
             raise KeyError("a bug that quotes ada@example.com")
-        return await record(outcome)
+        return await record(outcomes)
 
-    monkeypatch.setattr(storage.outcomes, "record", buggy)
+    monkeypatch.setattr(storage.outcomes, "record_many", buggy)
     await local_worker(storage, rules).run_until_idle()
     statuses = {}
     for event_id in (first, broken, last):

@@ -1,18 +1,24 @@
 """The embedded CRM (`local` target) on SQLite: contacts, identities, stage history, deals.
 
-Each operation is one writer job, so it is atomic.
+Each operation is one writer job, so it is atomic; `apply_all` runs an event's operations as
+one job, each in its own savepoint.
 """
 
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import overload
 
 from engine.actions import IdentityKey
+from engine.errors import UnstorableValueError
 from engine.storage import checks, records
 from engine.storage.protocols import LocalCRMStore
-from engine.storage.sqlite.database import SQLitePart
+from engine.storage.sqlite.database import UNSTORABLE, SQLitePart, unstorable
 from engine.storage.sqlite.rows import dumps, loads_object, parse_ts, placeholders
+
+# One op's write, run in the writer thread.
+_Job = Callable[[sqlite3.Connection], records.LocalResult]
 
 
 class SQLiteLocalCRM(SQLitePart, LocalCRMStore):
@@ -25,75 +31,77 @@ class SQLiteLocalCRM(SQLitePart, LocalCRMStore):
     async def upsert_contact(
         self, identity: records.Keys, set: records.Fields, set_once: records.Fields
     ) -> records.ContactResult:
-        checks.upsert(identity, set, set_once)
-        now = self._db.now()
-
-        def run(connection: sqlite3.Connection) -> records.ContactResult:
-            result = _ensure_contact(connection, identity, now)
-            row = connection.execute(
-                "SELECT fields FROM local_contacts WHERE id = ?", (result.contact_id,)
-            ).fetchone()
-            fields = loads_object(row[0])
-            merged = records.merge_contact_fields(fields, set, set_once)
-            if merged != fields:
-                connection.execute(
-                    "UPDATE local_contacts SET fields = ?, updated_at = ? WHERE id = ?",
-                    (dumps(merged), now, result.contact_id),
-                )
-            return result
-
-        return await self._db.write(run, "upsert the contact")
+        return await self._db.write(
+            self._job(records.UpsertContactOp(identity, set, set_once)), "upsert the contact")
 
     async def set_stage(
         self, identity: records.Keys, stage: str, stages: Sequence[str], event_id: int | None = None
     ) -> records.StageResult:
-        checks.stage(identity, stage, stages)
-        now = self._db.now()
-
-        def run(connection: sqlite3.Connection) -> records.StageResult:
-            contact_id = _ensure_contact(connection, identity, now).contact_id
-            row = connection.execute(
-                "SELECT stage FROM local_contacts WHERE id = ?", (contact_id,)).fetchone()
-            current: str | None = row[0]
-            if not records.advances(current, stage, stages):
-                return records.StageResult(contact_id, current, current, changed=False)
-            connection.execute(
-                "UPDATE local_contacts SET stage = ?, updated_at = ? WHERE id = ?",
-                (stage, now, contact_id),
-            )
-            connection.execute(
-                "INSERT INTO local_stage_history (contact_id, from_stage, to_stage, changed_at,"
-                " event_id) VALUES (?, ?, ?, ?, ?)",
-                (contact_id, current, stage, now, event_id),
-            )
-            return records.StageResult(contact_id, from_stage=current, to_stage=stage, changed=True)
-
-        return await self._db.write(run, "set the stage")
+        return await self._db.write(
+            self._job(records.SetStageOp(identity, stage, stages, event_id)), "set the stage")
 
     async def create_deal(self, identity: records.Keys, key: str, title: str,
                           stage: str | None, amount: float | None, fields: records.Fields
                           ) -> records.DealResult:
-        checks.deal(identity, key, title, stage, amount, fields)
+        return await self._db.write(
+            self._job(records.CreateDealOp(identity, key, title, stage, amount, fields)),
+            "create the deal")
+
+    async def apply_all(self, ops: Sequence[records.LocalOp]
+                        ) -> list[records.LocalResult | Exception]:
+        """One writer job for all the ops, each in its own savepoint: an op its own data
+        fails is undone alone; anything else undoes the whole job and raises."""
+        jobs: list[_Job | Exception] = []
+        for op in ops:
+            try:
+                jobs.append(self._job(op))
+            except (ValueError, OverflowError, UnstorableValueError) as error:
+                jobs.append(error)
+
+        def run(connection: sqlite3.Connection) -> list[records.LocalResult | Exception]:
+            results: list[records.LocalResult | Exception] = []
+            for job in jobs:
+                if isinstance(job, Exception):
+                    results.append(job)
+                    continue
+                connection.execute("SAVEPOINT op")
+                try:
+                    results.append(job(connection))
+                except (*UNSTORABLE, ValueError) as error:
+                    connection.execute("ROLLBACK TO op")
+                    results.append(unstorable(error, "apply the actions")
+                                   if isinstance(error, UNSTORABLE) else error)
+                connection.execute("RELEASE op")
+            return results
+
+        return await self._db.write(run, "apply the actions")
+
+    @overload
+    def _job(self, op: records.UpsertContactOp) -> Callable[
+        [sqlite3.Connection], records.ContactResult]: ...
+
+    @overload
+    def _job(self, op: records.SetStageOp) -> Callable[
+        [sqlite3.Connection], records.StageResult]: ...
+
+    @overload
+    def _job(self, op: records.CreateDealOp) -> Callable[
+        [sqlite3.Connection], records.DealResult]: ...
+
+    @overload
+    def _job(self, op: records.LocalOp) -> _Job: ...
+
+    def _job(self, op: records.LocalOp) -> _Job:
+        """The op's write, to run in the writer; its arguments checked here first."""
         now = self._db.now()
-
-        def run(connection: sqlite3.Connection) -> records.DealResult:
-            existing = connection.execute(
-                "SELECT id, contact_id FROM local_deals WHERE deal_key = ?", (key,)
-            ).fetchone()
-            if existing is not None:
-                return records.DealResult(existing[0], existing[1], created=False)
-            contact_id = (_ensure_contact(connection, identity, now).contact_id
-                          if identity else None)
-            row = connection.execute(
-                "INSERT INTO local_deals"
-                " (deal_key, title, stage, amount, contact_id, fields, created_at, updated_at)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, ?) RETURNING id",
-                (key, title, stage, amount, contact_id, dumps(records.kept_fields(fields)), now,
-                 now),
-            ).fetchone()
-            return records.DealResult(deal_id=int(row[0]), contact_id=contact_id, created=True)
-
-        return await self._db.write(run, "create the deal")
+        if isinstance(op, records.UpsertContactOp):
+            checks.upsert(op.identity, op.set, op.set_once)
+            return lambda connection: _upsert(connection, op, now)
+        if isinstance(op, records.SetStageOp):
+            checks.stage(op.identity, op.stage, op.stages)
+            return lambda connection: _set_stage(connection, op, now)
+        checks.deal(op.identity, op.key, op.title, op.stage, op.amount, op.fields)
+        return lambda connection: _create_deal(connection, op, now)
 
     async def contacts(self, limit: int | None = None) -> list[records.LocalContact]:
         def run(connection: sqlite3.Connection) -> list[records.LocalContact]:
@@ -131,6 +139,60 @@ class SQLiteLocalCRM(SQLitePart, LocalCRMStore):
             "SELECT id, deal_key, title, stage, amount, contact_id, fields, created_at,"
             " updated_at FROM local_deals ORDER BY id LIMIT ?",
             (-1 if limit is None else limit,), _deal)
+
+
+def _upsert(connection: sqlite3.Connection, op: records.UpsertContactOp,
+            now: str) -> records.ContactResult:
+    result = _ensure_contact(connection, op.identity, now)
+    row = connection.execute(
+        "SELECT fields FROM local_contacts WHERE id = ?", (result.contact_id,)).fetchone()
+    fields = loads_object(row[0])
+    merged = records.merge_contact_fields(fields, op.set, op.set_once)
+    if merged != fields:
+        connection.execute(
+            "UPDATE local_contacts SET fields = ?, updated_at = ? WHERE id = ?",
+            (dumps(merged), now, result.contact_id),
+        )
+    return result
+
+
+def _set_stage(connection: sqlite3.Connection, op: records.SetStageOp,
+               now: str) -> records.StageResult:
+    contact_id = _ensure_contact(connection, op.identity, now).contact_id
+    row = connection.execute(
+        "SELECT stage FROM local_contacts WHERE id = ?", (contact_id,)).fetchone()
+    current: str | None = row[0]
+    if not records.advances(current, op.stage, op.stages):
+        return records.StageResult(contact_id, current, current, changed=False)
+    connection.execute(
+        "UPDATE local_contacts SET stage = ?, updated_at = ? WHERE id = ?",
+        (op.stage, now, contact_id),
+    )
+    connection.execute(
+        "INSERT INTO local_stage_history (contact_id, from_stage, to_stage, changed_at,"
+        " event_id) VALUES (?, ?, ?, ?, ?)",
+        (contact_id, current, op.stage, now, op.event_id),
+    )
+    return records.StageResult(contact_id, from_stage=current, to_stage=op.stage, changed=True)
+
+
+def _create_deal(connection: sqlite3.Connection, op: records.CreateDealOp,
+                 now: str) -> records.DealResult:
+    existing = connection.execute(
+        "SELECT id, contact_id FROM local_deals WHERE deal_key = ?", (op.key,)
+    ).fetchone()
+    if existing is not None:
+        return records.DealResult(existing[0], existing[1], created=False)
+    contact_id = (_ensure_contact(connection, op.identity, now).contact_id
+                  if op.identity else None)
+    row = connection.execute(
+        "INSERT INTO local_deals"
+        " (deal_key, title, stage, amount, contact_id, fields, created_at, updated_at)"
+        " VALUES (?, ?, ?, ?, ?, ?, ?, ?) RETURNING id",
+        (op.key, op.title, op.stage, op.amount, contact_id,
+         dumps(records.kept_fields(op.fields)), now, now),
+    ).fetchone()
+    return records.DealResult(deal_id=int(row[0]), contact_id=contact_id, created=True)
 
 
 def _deal(row: sqlite3.Row) -> records.LocalDeal:

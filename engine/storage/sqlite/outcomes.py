@@ -22,43 +22,24 @@ _GET = f"SELECT {OUTCOME_COLUMNS} FROM action_outcomes WHERE target = ? AND idem
 
 
 class SQLiteOutcomes(SQLitePart, Outcomes):
-    """An upsert that returns the row it wrote, in one writer job; when it wrote none (the `ok`
-    row is kept), a read of that row in the same job, so nothing else writes in between."""
+    """An upsert that returns the row it wrote, in one writer job (`record_many`: one job for
+    them all); when it wrote none (the `ok` row is kept), a read of that row in the same job,
+    so nothing else writes in between."""
 
     async def get(self, target: str, idempotency_key: str) -> records.ActionOutcome | None:
         return await self._db.row("read the outcome", _GET, (target, idempotency_key),
                                   outcome_from_row)
 
     async def record(self, outcome: records.NewOutcome) -> records.ActionOutcome:
-        outcome = values.storable_outcome(outcome)
+        return (await self.record_many([outcome]))[0]
+
+    async def record_many(self, outcomes: Sequence[records.NewOutcome]
+                          ) -> list[records.ActionOutcome]:
+        cleaned = [values.storable_outcome(outcome) for outcome in outcomes]
         now = self._db.now()
-        next_at = None if outcome.next_attempt_at is None else ts(outcome.next_attempt_at)
-
-        def run(connection: sqlite3.Connection) -> records.ActionOutcome:
-            # The WHERE on the conflict branch keeps an `ok` row as it is: success is final.
-            written = connection.execute(
-                "INSERT INTO action_outcomes (event_id, rule, action_kind, target,"
-                " idempotency_key, status, attempts, request_summary, response, error,"
-                " next_attempt_at, created_at, updated_at, rules_version)"
-                " VALUES (?, ?, ?, ?, ?, ?, 1, ?, ?, ?, ?, ?, ?, ?)"
-                " ON CONFLICT (target, idempotency_key) DO UPDATE SET"
-                " status = excluded.status, attempts = action_outcomes.attempts + 1,"
-                " request_summary = excluded.request_summary, response = excluded.response,"
-                " error = excluded.error, next_attempt_at = excluded.next_attempt_at,"
-                " updated_at = excluded.updated_at, rules_version = excluded.rules_version"
-                f" WHERE action_outcomes.status <> 'ok' RETURNING {OUTCOME_COLUMNS}",
-                (
-                    outcome.event_id, outcome.rule, outcome.action_kind, outcome.target,
-                    outcome.idempotency_key, outcome.status,
-                    dumps_optional(outcome.request_summary), dumps_optional(outcome.response),
-                    outcome.error, next_at, now, now, outcome.rules_version,
-                ),
-            ).fetchone()
-            # No row back: the `ok` row was kept as it is; read it.
-            return outcome_from_row(written if written is not None else connection.execute(
-                _GET, (outcome.target, outcome.idempotency_key)).fetchone())
-
-        return await self._db.write(run, "record the outcome")
+        return await self._db.write(
+            lambda connection: [_upsert(connection, outcome, now) for outcome in cleaned],
+            "record the outcome")
 
     async def of_event(self, event_id: int) -> list[records.ActionOutcome]:
         return await self._db.rows(
@@ -98,3 +79,30 @@ class SQLiteOutcomes(SQLitePart, Outcomes):
             records.ActionOutcome]:
         return await self._db.read(lambda c: timeline.recent_retries(c, since, limit),
                                    "read recent retries")
+
+
+def _upsert(connection: sqlite3.Connection, outcome: records.NewOutcome,
+            now: str) -> records.ActionOutcome:
+    next_at = None if outcome.next_attempt_at is None else ts(outcome.next_attempt_at)
+    # The WHERE on the conflict branch keeps an `ok` row as it is: success is final.
+    written = connection.execute(
+        "INSERT INTO action_outcomes (event_id, rule, action_kind, target,"
+        " idempotency_key, status, attempts, request_summary, response, error,"
+        " next_attempt_at, created_at, updated_at, rules_version)"
+        " VALUES (?, ?, ?, ?, ?, ?, 1, ?, ?, ?, ?, ?, ?, ?)"
+        " ON CONFLICT (target, idempotency_key) DO UPDATE SET"
+        " status = excluded.status, attempts = action_outcomes.attempts + 1,"
+        " request_summary = excluded.request_summary, response = excluded.response,"
+        " error = excluded.error, next_attempt_at = excluded.next_attempt_at,"
+        " updated_at = excluded.updated_at, rules_version = excluded.rules_version"
+        f" WHERE action_outcomes.status <> 'ok' RETURNING {OUTCOME_COLUMNS}",
+        (
+            outcome.event_id, outcome.rule, outcome.action_kind, outcome.target,
+            outcome.idempotency_key, outcome.status,
+            dumps_optional(outcome.request_summary), dumps_optional(outcome.response),
+            outcome.error, next_at, now, now, outcome.rules_version,
+        ),
+    ).fetchone()
+    # No row back: the `ok` row was kept as it is; read it.
+    return outcome_from_row(written if written is not None else connection.execute(
+        _GET, (outcome.target, outcome.idempotency_key)).fetchone())

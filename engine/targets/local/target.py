@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from engine.actions import Action, CreateDeal, SetStage, UpsertContact
 from engine.config.fieldmap import FieldMap
 from engine.errors import (
@@ -10,7 +12,7 @@ from engine.errors import (
     StorageError,
     UnstorableValueError,
 )
-from engine.storage import LocalCRMStore
+from engine.storage import LocalCRMStore, records
 from engine.targets.base import CallContext, Outcome
 
 
@@ -40,43 +42,75 @@ class LocalTarget:
         self.stages = tuple(stage.name for stage in field_map.contact_stages)
 
     async def execute(self, action: Action, context: CallContext) -> Outcome:
+        (result,) = await self.execute_all([(action, context)])
+        if isinstance(result, Exception):
+            raise result
+        return result
+
+    async def execute_all(self, items: Sequence[tuple[Action, CallContext]]
+                          ) -> list[Outcome | Exception]:
+        """All of an event's actions in one write of the store (`LocalCRMStore.apply_all`)."""
+        ops: list[records.LocalOp | Exception] = []
+        for action, context in items:
+            try:
+                ops.append(self._op(action, context))
+            except PermanentCRMError as error:
+                ops.append(error)
+            except (ValueError, OverflowError) as error:
+                ops.append(_refused(action, error))
         try:
-            return await self._apply(action, context)
+            done = iter(await self.store.apply_all(
+                [op for op in ops if not isinstance(op, Exception)]))
         except UnstorableValueError as error:
-            raise PermanentCRMError(f"local: {action.kind} failed: {error}") from None
+            raise PermanentCRMError(f"local: {error}") from None
         except StorageError as error:
             raise RetryableCRMError(f"local: {error}") from None
-        except (ValueError, OverflowError) as error:
-            raise PermanentCRMError(f"local: {action.kind} failed: {error}") from None
+        results: list[Outcome | Exception] = []
+        for (action, _), op in zip(items, ops, strict=True):
+            result = op if isinstance(op, Exception) else next(done)
+            if isinstance(result, PermanentCRMError):
+                results.append(result)
+            elif isinstance(result, Exception):
+                results.append(_refused(action, result))
+            else:
+                results.append(self._outcome(result))
+        return results
 
-    async def _apply(self, action: Action, context: CallContext) -> Outcome:
+    def _op(self, action: Action, context: CallContext) -> records.LocalOp:
         if isinstance(action, UpsertContact):
-            contact = await self.store.upsert_contact(
-                action.identity, action.set, action.set_once
-            )
-            verb = "created" if contact.created else "updated"
-            return Outcome(str(contact.contact_id), f"contact {contact.contact_id} {verb}",
-                           created=contact.created)
+            return records.UpsertContactOp(action.identity, action.set, action.set_once)
         if isinstance(action, SetStage):
-            stage = await self.store.set_stage(
-                action.identity, action.stage, self.stages, context.event_id
-            )
-            summary = (
-                f"contact {stage.contact_id} moved {stage.from_stage or '(none)'} -> "
-                f"{stage.to_stage}" if stage.changed
-                else f"contact {stage.contact_id} stays {stage.to_stage} "
-                     f"(stages only move forward)"
-            )
-            return Outcome(str(stage.contact_id), summary)
+            return records.SetStageOp(action.identity, action.stage, self.stages,
+                                      context.event_id)
         if isinstance(action, CreateDeal):
             amount = None if action.amount is None else float(action.amount)
-            deal = await self.store.create_deal(
-                action.identity, action.key, action.title, action.stage or None, amount,
-                action.set,
-            )
-            verb = "created" if deal.created else "already exists (one deal per key)"
-            return Outcome(str(deal.deal_id), f"deal {deal.deal_id} {verb}", created=deal.created)
+            return records.CreateDealOp(action.identity, action.key, action.title,
+                                        action.stage or None, amount, action.set)
         raise PermanentCRMError(f"local: {action.kind} is not supported")
+
+    @staticmethod
+    def _outcome(result: records.LocalResult) -> Outcome:
+        if isinstance(result, records.ContactResult):
+            verb = "created" if result.created else "updated"
+            return Outcome(str(result.contact_id), f"contact {result.contact_id} {verb}",
+                           created=result.created)
+        if isinstance(result, records.StageResult):
+            summary = (
+                f"contact {result.contact_id} moved {result.from_stage or '(none)'} -> "
+                f"{result.to_stage}" if result.changed
+                else f"contact {result.contact_id} stays {result.to_stage} "
+                     f"(stages only move forward)"
+            )
+            return Outcome(str(result.contact_id), summary)
+        verb = "created" if result.created else "already exists (one deal per key)"
+        return Outcome(str(result.deal_id), f"deal {result.deal_id} {verb}",
+                       created=result.created)
 
     async def aclose(self) -> None:
         """Nothing to release: the storage belongs to the caller."""
+
+
+def _refused(action: Action, error: Exception) -> PermanentCRMError:
+    """A value the store cannot keep, or one the field map does not allow (a stage it does
+    not know): a fix is needed, retrying cannot help."""
+    return PermanentCRMError(f"local: {action.kind} failed: {error}")

@@ -8,7 +8,7 @@ import pytest
 
 from engine.actions import IdentityKey
 from engine.errors import UnstorableValueError
-from engine.storage import Storage
+from engine.storage import Storage, records
 from tests.storage.contract.support import EMAIL, STAGES, TOKEN, event
 
 
@@ -128,3 +128,37 @@ class LocalCRMContract:
         [contact] = await crm.contacts()
         assert contact.identities == (TOKEN,) and dict(contact.fields) == kept
         assert await crm.deals() == []
+
+    async def test_apply_all_applies_in_order_and_fails_only_the_bad_op(
+        self, storage: Storage
+    ) -> None:
+        event_id = (await storage.inbox.store(event(1))).id
+        results = await storage.local_crm.apply_all([
+            records.UpsertContactOp([TOKEN], {"first_name": "Ada"}, {}),
+            records.SetStageOp([TOKEN], "lead", STAGES, event_id),
+            records.SetStageOp([TOKEN], "no-such-stage", STAGES, event_id),
+            records.UpsertContactOp([IdentityKey("email", "x\ud800")], {}, {}),
+            records.CreateDealOp([TOKEN, EMAIL], "deal-1", "First deal", "won", 12.5, {}),
+            records.SetStageOp([EMAIL], "customer", STAGES, event_id),
+        ])
+        contact, stage, unknown, unstorable, deal, later = results
+        assert isinstance(contact, records.ContactResult) and contact.created
+        assert stage == records.StageResult(contact.contact_id, None, "lead", changed=True)
+        assert isinstance(unknown, ValueError) and "no-such-stage" in str(unknown)
+        assert isinstance(unstorable, UnstorableValueError)
+        assert isinstance(deal, records.DealResult)
+        assert deal == records.DealResult(deal.deal_id, contact.contact_id, created=True)
+        # The deal attached the email to the contact, so the last op found it by email.
+        assert later == records.StageResult(contact.contact_id, "lead", "customer", True)
+        [kept] = await storage.local_crm.contacts()
+        assert (kept.stage, dict(kept.fields)) == ("customer", {"first_name": "Ada"})
+        assert [(c.from_stage, c.to_stage, c.event_id) for c in kept.stage_history] == [
+            (None, "lead", event_id), ("lead", "customer", event_id)]
+        # The same ops again change nothing: each is idempotent, as its own call is.
+        again = await storage.local_crm.apply_all([
+            records.UpsertContactOp([TOKEN], {"first_name": "Ada"}, {}),
+            records.CreateDealOp([TOKEN], "deal-1", "First deal", "won", 12.5, {})])
+        assert again == [records.ContactResult(contact.contact_id, created=False),
+                         records.DealResult(deal.deal_id, contact.contact_id, created=False)]
+        assert len(await storage.local_crm.deals()) == 1
+        assert await storage.local_crm.apply_all([]) == []

@@ -1,0 +1,122 @@
+"""The embedded CRM takes an event's actions in one write and their outcomes in another
+(`Applier.together`), on both backends, with the same results as one action at a time."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+from pathlib import Path
+
+import pytest
+
+from engine.errors import StorageError
+from engine.rules.model import RuleSet
+from engine.storage import ActionOutcome, NewOutcome, Storage, records
+from engine.targets.local.target import LocalTarget
+from engine.worker.loop import Worker, WorkerOptions
+from engine.worker.retrying import RetryPolicy
+from tests.support.worker_helpers import store, write_rules
+
+pytestmark = pytest.mark.anyio
+BACKENDS = ("sqlite", "postgresql")  # every test that uses a database runs on both
+
+
+class Sleeps:
+    def __init__(self) -> None:
+        self.delays: list[float] = []
+
+    async def __call__(self, seconds: float) -> None:
+        self.delays.append(seconds)
+
+
+@pytest.fixture
+def rules(tmp_path: Path) -> RuleSet:
+    return write_rules(tmp_path / "rules")
+
+
+def worker(storage: Storage, rules: RuleSet, sleeps: Sleeps | None = None) -> Worker:
+    policy = RetryPolicy(base=0.01, cap=0.05, max_attempts=3, rng=random.Random(3))
+    return Worker(storage, rules, [LocalTarget(storage.local_crm, rules.field_map)],
+                  options=WorkerOptions(policy=policy), sleep=sleeps or Sleeps())
+
+
+async def test_an_events_actions_are_one_write_and_their_outcomes_another(
+    storage: Storage, rules: RuleSet, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    applied: list[list[str]] = []
+    recorded: list[list[str]] = []
+    apply_all, record_many = storage.local_crm.apply_all, storage.outcomes.record_many
+
+    async def spy_apply(ops: Sequence[records.LocalOp]) -> list[records.LocalResult | Exception]:
+        applied.append([type(op).__name__ for op in ops])
+        return await apply_all(ops)
+
+    async def spy_record(outcomes: Sequence[NewOutcome]) -> list[ActionOutcome]:
+        recorded.append([outcome.action_kind for outcome in outcomes])
+        return await record_many(outcomes)
+
+    monkeypatch.setattr(storage.local_crm, "apply_all", spy_apply)
+    monkeypatch.setattr(storage.outcomes, "record_many", spy_record)
+    ids = [await store(storage, "install.tracked", token=f"tok_{n}", prefix="p")
+           for n in range(3)]
+    await worker(storage, rules).run_until_idle()
+    assert applied == [["UpsertContactOp", "SetStageOp"]] * 3
+    assert recorded == [["upsert_contact", "set_stage"]] * 3
+    for event_id in ids:
+        event = await storage.inbox.get(event_id)
+        assert event is not None and event.status == "processed"
+        assert [(o.status, o.attempts) for o in await storage.outcomes.of_event(event_id)] == [
+            ("ok", 1), ("ok", 1)]
+    contacts = await storage.local_crm.contacts()
+    assert sorted((c.identities[0].value, c.stage) for c in contacts) == [
+        ("tok_0", "lead"), ("tok_1", "lead"), ("tok_2", "lead")]
+
+
+async def test_a_failed_write_counts_as_the_first_actions_attempt_then_goes_one_by_one(
+    storage: Storage, rules: RuleSet, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    apply_all = storage.local_crm.apply_all
+    calls: list[int] = []
+
+    async def fails_once(ops: Sequence[records.LocalOp]) -> list[records.LocalResult | Exception]:
+        calls.append(len(ops))
+        if len(calls) == 1:
+            raise StorageError("record the contact: disk I/O error")
+        return await apply_all(ops)
+
+    monkeypatch.setattr(storage.local_crm, "apply_all", fails_once)
+    event_id = await store(storage, "install.tracked", token="tok_1", prefix="p")
+    sleeps = Sleeps()
+    await worker(storage, rules, sleeps).run_until_idle()
+    # The whole write, then each action on its own after the backoff.
+    assert calls == [2, 1, 1] and len(sleeps.delays) == 1
+    event = await storage.inbox.get(event_id)
+    assert event is not None and event.status == "processed"
+    outcomes = await storage.outcomes.of_event(event_id)
+    assert [(o.action_kind, o.status, o.attempts) for o in outcomes] == [
+        ("upsert_contact", "ok", 2), ("set_stage", "ok", 1)]
+    [contact] = await storage.local_crm.contacts()
+    assert (contact.stage, dict(contact.fields)) == ("lead", {"deep_link_prefix": "p"})
+
+
+async def test_an_action_its_data_fails_is_dead_and_the_next_ones_still_apply(
+    storage: Storage, rules: RuleSet, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    apply_all = storage.local_crm.apply_all
+
+    async def refuses_the_first(ops: Sequence[records.LocalOp]
+                                ) -> list[records.LocalResult | Exception]:
+        # As a store answers for an op its own data fails: that op's error in its place.
+        return [ValueError("'x\\ud800' cannot be stored"), *await apply_all(ops[1:])]
+
+    monkeypatch.setattr(storage.local_crm, "apply_all", refuses_the_first)
+    event_id = await store(storage, "install.tracked", token="tok_1", prefix="p")
+    await worker(storage, rules).run_until_idle()
+    event = await storage.inbox.get(event_id)
+    assert event is not None and event.status == "dead"
+    assert "local: upsert_contact failed: 'x\\ud800' cannot be stored" in (event.last_error or "")
+    outcomes = await storage.outcomes.of_event(event_id)
+    assert [(o.action_kind, o.status, o.attempts) for o in outcomes] == [
+        ("upsert_contact", "dead", 1), ("set_stage", "ok", 1)]
+    [contact] = await storage.local_crm.contacts()
+    assert (contact.stage, dict(contact.fields)) == ("lead", {})
