@@ -187,10 +187,11 @@ class Outcomes(Protocol):
         overwritten: the stored row is returned unchanged, so a replay cannot undo success.
         Diagnostics (error, summaries) are cleaned, never refused (`values.storable_outcome`)."""
 
-    async def record_many(self, outcomes: Sequence[records.NewOutcome]
-                          ) -> list[records.ActionOutcome]:
-        """`record` for each, in order, in one write where the backend can (all or none)."""
-        return [await self.record(outcome) for outcome in outcomes]
+    async def record_many(self, outcomes: Sequence[records.NewOutcome]) -> None:
+        """`record` for each, in order, in one write where the backend can (all or none),
+        without reading the rows back."""
+        for outcome in outcomes:
+            await self.record(outcome)
 
     async def of_event(self, event_id: int) -> list[records.ActionOutcome]:
         """Every action outcome of one event, in recording order."""

@@ -11,7 +11,7 @@ import pytest
 
 from engine.errors import StorageError
 from engine.rules.model import RuleSet
-from engine.storage import ActionOutcome, NewOutcome, Storage, records
+from engine.storage import NewOutcome, Storage, records
 from engine.targets.local.target import LocalTarget
 from engine.worker.loop import Worker, WorkerOptions
 from engine.worker.retrying import RetryPolicy
@@ -51,9 +51,9 @@ async def test_an_events_actions_are_one_write_and_their_outcomes_another(
         applied.append([type(op).__name__ for op in ops])
         return await apply_all(ops)
 
-    async def spy_record(outcomes: Sequence[NewOutcome]) -> list[ActionOutcome]:
+    async def spy_record(outcomes: Sequence[NewOutcome]) -> None:
         recorded.append([outcome.action_kind for outcome in outcomes])
-        return await record_many(outcomes)
+        await record_many(outcomes)
 
     monkeypatch.setattr(storage.local_crm, "apply_all", spy_apply)
     monkeypatch.setattr(storage.outcomes, "record_many", spy_record)

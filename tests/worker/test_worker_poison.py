@@ -26,7 +26,7 @@ from engine.errors import PermanentCRMError, UnstorableValueError
 from engine.rules.model import RuleSet
 from engine.runtime.metrics import Metrics
 from engine.signing import sign
-from engine.storage import ActionOutcome, NewEvent, NewOutcome, Storage, open_storage
+from engine.storage import NewEvent, NewOutcome, Storage, open_storage
 from engine.targets.base import CallContext
 from engine.targets.local.target import LocalTarget
 from engine.worker.loop import Worker, WorkerOptions
@@ -174,10 +174,10 @@ async def test_an_error_in_the_worker_itself_dead_letters_that_event_only(
     last = await store(storage, "install.tracked", token="tok_c", prefix="p")
     record = storage.outcomes.record_many
 
-    async def buggy(outcomes: Sequence[NewOutcome]) -> list[ActionOutcome]:
+    async def buggy(outcomes: Sequence[NewOutcome]) -> None:
         if any(outcome.event_id == broken for outcome in outcomes):
             raise KeyError("a bug that quotes ada@example.com")
-        return await record(outcomes)
+        await record(outcomes)
 
     monkeypatch.setattr(storage.outcomes, "record_many", buggy)
     await local_worker(storage, rules).run_until_idle()

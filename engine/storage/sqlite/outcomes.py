@@ -19,27 +19,50 @@ from engine.storage.sqlite.rows import (
 )
 
 _GET = f"SELECT {OUTCOME_COLUMNS} FROM action_outcomes WHERE target = ? AND idempotency_key = ?"
+# The WHERE on the conflict branch keeps an `ok` row as it is: success is final.
+_UPSERT = (
+    "INSERT INTO action_outcomes (event_id, rule, action_kind, target, idempotency_key, status,"
+    " attempts, request_summary, response, error, next_attempt_at, created_at, updated_at,"
+    " rules_version) VALUES (?, ?, ?, ?, ?, ?, 1, ?, ?, ?, ?, ?, ?, ?)"
+    " ON CONFLICT (target, idempotency_key) DO UPDATE SET"
+    " status = excluded.status, attempts = action_outcomes.attempts + 1,"
+    " request_summary = excluded.request_summary, response = excluded.response,"
+    " error = excluded.error, next_attempt_at = excluded.next_attempt_at,"
+    " updated_at = excluded.updated_at, rules_version = excluded.rules_version"
+    " WHERE action_outcomes.status <> 'ok'"
+)
 
 
 class SQLiteOutcomes(SQLitePart, Outcomes):
-    """An upsert that returns the row it wrote, in one writer job (`record_many`: one job for
-    them all); when it wrote none (the `ok` row is kept), a read of that row in the same job,
-    so nothing else writes in between."""
+    """An upsert that returns the row it wrote, in one writer job; when it wrote none (the `ok`
+    row is kept), a read of that row in the same job, so nothing else writes in between.
+    `record_many` is one statement for them all, reading nothing back."""
 
     async def get(self, target: str, idempotency_key: str) -> records.ActionOutcome | None:
         return await self._db.row("read the outcome", _GET, (target, idempotency_key),
                                   outcome_from_row)
 
     async def record(self, outcome: records.NewOutcome) -> records.ActionOutcome:
-        return (await self.record_many([outcome]))[0]
+        outcome = values.storable_outcome(outcome)
+        now = self._db.now()
 
-    async def record_many(self, outcomes: Sequence[records.NewOutcome]
-                          ) -> list[records.ActionOutcome]:
+        def run(connection: sqlite3.Connection) -> records.ActionOutcome:
+            written = connection.execute(f"{_UPSERT} RETURNING {OUTCOME_COLUMNS}",
+                                         _row(outcome, now)).fetchone()
+            # No row back: the `ok` row was kept as it is; read it.
+            return outcome_from_row(written if written is not None else connection.execute(
+                _GET, (outcome.target, outcome.idempotency_key)).fetchone())
+
+        return await self._db.write(run, "record the outcome")
+
+    async def record_many(self, outcomes: Sequence[records.NewOutcome]) -> None:
         cleaned = [values.storable_outcome(outcome) for outcome in outcomes]
         now = self._db.now()
-        return await self._db.write(
-            lambda connection: [_upsert(connection, outcome, now) for outcome in cleaned],
-            "record the outcome")
+
+        def run(connection: sqlite3.Connection) -> None:
+            connection.executemany(_UPSERT, [_row(outcome, now) for outcome in cleaned])
+
+        await self._db.write(run, "record the outcomes")
 
     async def of_event(self, event_id: int) -> list[records.ActionOutcome]:
         return await self._db.rows(
@@ -81,28 +104,10 @@ class SQLiteOutcomes(SQLitePart, Outcomes):
                                    "read recent retries")
 
 
-def _upsert(connection: sqlite3.Connection, outcome: records.NewOutcome,
-            now: str) -> records.ActionOutcome:
+
+def _row(outcome: records.NewOutcome, now: str) -> tuple[object, ...]:
     next_at = None if outcome.next_attempt_at is None else ts(outcome.next_attempt_at)
-    # The WHERE on the conflict branch keeps an `ok` row as it is: success is final.
-    written = connection.execute(
-        "INSERT INTO action_outcomes (event_id, rule, action_kind, target,"
-        " idempotency_key, status, attempts, request_summary, response, error,"
-        " next_attempt_at, created_at, updated_at, rules_version)"
-        " VALUES (?, ?, ?, ?, ?, ?, 1, ?, ?, ?, ?, ?, ?, ?)"
-        " ON CONFLICT (target, idempotency_key) DO UPDATE SET"
-        " status = excluded.status, attempts = action_outcomes.attempts + 1,"
-        " request_summary = excluded.request_summary, response = excluded.response,"
-        " error = excluded.error, next_attempt_at = excluded.next_attempt_at,"
-        " updated_at = excluded.updated_at, rules_version = excluded.rules_version"
-        f" WHERE action_outcomes.status <> 'ok' RETURNING {OUTCOME_COLUMNS}",
-        (
-            outcome.event_id, outcome.rule, outcome.action_kind, outcome.target,
-            outcome.idempotency_key, outcome.status,
-            dumps_optional(outcome.request_summary), dumps_optional(outcome.response),
-            outcome.error, next_at, now, now, outcome.rules_version,
-        ),
-    ).fetchone()
-    # No row back: the `ok` row was kept as it is; read it.
-    return outcome_from_row(written if written is not None else connection.execute(
-        _GET, (outcome.target, outcome.idempotency_key)).fetchone())
+    return (outcome.event_id, outcome.rule, outcome.action_kind, outcome.target,
+            outcome.idempotency_key, outcome.status, dumps_optional(outcome.request_summary),
+            dumps_optional(outcome.response), outcome.error, next_at, now, now,
+            outcome.rules_version)
