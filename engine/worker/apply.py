@@ -169,15 +169,8 @@ class Applier:
                 answer, PermanentCRMError | UnstorableValueError)
             if not final:
                 link.settle(clean=False)
-                rest = await self._attempt(event, target, keyed, 0, first=answer)
-                if isinstance(rest, datetime):
-                    return PartResult(target.name, False, rest, f"{target.name}: retrying",
-                                      result.dead)
-                if rest is not None:
-                    result.dead.append(rest)
-                later = await self.apply(event, target, actions[position + 1:], known)
-                later.dead[:0] = result.dead
-                return later
+                return await self._one_by_one(event, target, actions[position:], known,
+                                              answer, result.dead)
             ended = await self._attempt(event, target, keyed, 0, first=answer)
             assert not isinstance(ended, datetime)
             if ended is not None:
@@ -219,17 +212,27 @@ class Applier:
             await self.outcomes.record_many([row for _, row in written])
         for keyed, row in written:
             self._count(event, target, keyed, row.status)
-        if len(written) == len(actions):
-            return result
         position = len(written)
-        ended = await self._attempt(event, target, actions[position], 0,
-                                    first=answers[position] if position < len(answers) else None)
+        if position == len(actions):
+            return result
+        return await self._one_by_one(event, target, actions[position:], known,
+                                      answers[position] if position < len(answers) else None,
+                                      result.dead)
+
+    async def _one_by_one(
+        self, event: InboxEvent, target: Target, actions: Sequence[KeyedAction],
+        known: Mapping[tuple[str, str], ActionOutcome], first: Outcome | Exception | None,
+        dead: list[str],
+    ) -> PartResult:
+        """The rest of a part the way `apply` sends it, from `actions[0]`, whose first
+        attempt already got `first` (None: not sent); `dead` holds the earlier dead lines."""
+        ended = await self._attempt(event, target, actions[0], 0, first=first)
         if isinstance(ended, datetime):
-            return PartResult(target.name, False, ended, f"{target.name}: retrying", result.dead)
+            return PartResult(target.name, False, ended, f"{target.name}: retrying", dead)
         if ended is not None:
-            result.dead.append(ended)
-        later = await self.apply(event, target, actions[position + 1:], known)
-        later.dead[:0] = result.dead
+            dead.append(ended)
+        later = await self.apply(event, target, actions[1:], known)
+        later.dead[:0] = dead
         return later
 
     async def _attempt(
