@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 # One pass over the characters is the "backslash first" rule made structural: each input
 # character maps once, so a backslash an earlier mapping wrote is never escaped again.
@@ -68,13 +68,31 @@ def select_where(
     """
     if not values:
         raise ValueError("select_where needs at least one value")
+    return select_where_any(fields, sobject, {field: values}, limit)
+
+
+def select_where_any(
+    fields: Sequence[str], sobject: str, matches: Mapping[str, Sequence[str]],
+    limit: int | None = None,
+) -> str:
+    """The records where any of the fields holds one of its values: `... WHERE A IN ('a',
+    'b') OR B = 'c'` (a field with no values is left out; one value is `=`).
+
+    >>> select_where_any(["Id"], "Lead", {"Token__c": ["t1", "t2"], "Email": ["a@b.co"]})
+    "SELECT Id FROM Lead WHERE Token__c IN ('t1', 't2') OR Email = 'a@b.co'"
+    """
+    conditions = [_condition(field, values) for field, values in matches.items() if values]
+    if not conditions:
+        raise ValueError("select_where_any needs at least one value")
     columns = ", ".join(name(f) for f in dict.fromkeys(fields))
-    if len(values) == 1:
-        condition = f"{name(field)} = {literal(values[0])}"
-    else:
-        condition = f"{name(field)} IN ({', '.join(literal(v) for v in values)})"
-    query = f"SELECT {columns} FROM {name(sobject)} WHERE {condition}"
+    query = f"SELECT {columns} FROM {name(sobject)} WHERE {' OR '.join(conditions)}"
     return query if limit is None else f"{query} LIMIT {int(limit)}"
+
+
+def _condition(field: str, values: Sequence[str]) -> str:
+    if len(values) == 1:
+        return f"{name(field)} = {literal(values[0])}"
+    return f"{name(field)} IN ({', '.join(literal(v) for v in values)})"
 
 
 def select_all(fields: Sequence[str], sobject: str) -> str:

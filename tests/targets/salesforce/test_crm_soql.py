@@ -62,3 +62,26 @@ def test_names_are_checked_because_they_cannot_be_escaped() -> None:
     for bad in ("Email = '' OR Id", "Lead--", "1Field", ""):
         with pytest.raises(ValueError):
             soql.select_where(["Id"], "Lead", bad, ["x"])
+
+
+@pytest.mark.parametrize("value", HOSTILE)
+def test_an_or_query_matches_a_record_holding_either_value_and_nothing_else(value: str) -> None:
+    columns = {"Id": 1, "Email": 1, "Token__c": 1}
+    text = soql.select_where_any(["Id"], "Lead", {"Token__c": [value, "t2"],
+                                                  "Email": [value.upper(), "b@x.co"]})
+    query = parse(text, {"Lead": columns})
+    assert query.where is not None
+    assert query.where({"Id": "1", "Token__c": value, "Email": None})
+    assert query.where({"Id": "2", "Token__c": "other", "Email": value})  # any case
+    assert query.where({"Id": "3", "Token__c": None, "Email": "B@X.CO"})
+    assert not query.where({"Id": "4", "Token__c": "x", "Email": "y"})
+    assert not query.where({"Id": "5", "Token__c": None, "Email": None})
+
+
+def test_an_or_query_leaves_out_fields_without_values() -> None:
+    assert soql.select_where_any(["Id", "Id"], "Lead", {"Token__c": ["a'b"], "Email": []}) == \
+        "SELECT Id FROM Lead WHERE Token__c = 'a\\'b'"
+    with pytest.raises(ValueError):
+        soql.select_where_any(["Id"], "Lead", {"Email": []})
+    with pytest.raises(ValueError):
+        soql.select_where_any(["Id"], "Lead", {"Email = '' OR Id": ["x"]})

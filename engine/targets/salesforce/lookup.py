@@ -1,0 +1,105 @@
+"""Leads read in batches: one SOQL query per part of a batch finds the Leads holding its tokens
+(the External ID) and the Leads holding its tokens' other identity keys (an email):
+`WHERE Token__c IN (...) OR Email IN (...)`. A new token whose email a Lead already holds (a
+Lead made before linkcrm knew the token) is then told apart without a second query.
+
+A part holds at most IN_VALUES tokens and stays within QUERY_BYTES once percent-encoded:
+Salesforce answers 414 to a request URI over 16,384 bytes (URI and headers together: 431), so
+long values make smaller parts rather than a refused query.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping, Sequence, Set
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import quote
+
+from engine.actions import IdentityKey
+from engine.targets.salesforce import soql
+from engine.targets.salesforce.records import LeadMap
+from engine.targets.salesforce.rest import IN_VALUES, SalesforceAPI
+
+# The `q` value at most, percent-encoded: the rest of the 16,384 bytes is left to the instance
+# URL, the API path and the headers (the bearer token among them).
+QUERY_BYTES = 12_000
+_SEPARATOR = len(quote(", ", safe=""))
+
+
+@dataclass
+class Found:
+    """The Leads holding each token (exactly: IN ignores case, the External ID does not) and
+    the other keys some Lead holds (emails whatever their case, other fields exactly)."""
+
+    by_token: dict[str, list[dict[str, Any]]]
+    held: set[IdentityKey]
+
+
+def encoded_length(query: str) -> int:
+    """The length of `query` as a URL query value, at most (every reserved byte as `%XX`)."""
+    return len(quote(query, safe=""))
+
+
+class LeadLookup:
+    """`find` reads the Leads a batch's tokens and their other keys reach.
+
+        found = await LeadLookup(api, leads).find(tokens, others, fields)
+    """
+
+    def __init__(self, api: SalesforceAPI, leads: LeadMap) -> None:
+        self.api, self.leads = api, leads
+
+    async def find(self, tokens: Sequence[str], others: Mapping[str, Set[IdentityKey]],
+                   fields: Sequence[str]) -> Found:
+        """`others[token]`: that token's other identity keys (a key whose field has no Lead
+        field is not looked for)."""
+        ext = self.leads.external_field
+        names = {key.field: name for keys in others.values() for key in keys
+                 if (name := self.leads.crm_name(key.field)) is not None}
+        columns = list(dict.fromkeys([*fields, ext, *names.values()]))
+        found = Found({token: [] for token in tokens}, set())
+        for part in self._parts(tokens, others, columns, names):
+            keys = [key for token in part for key in others.get(token, ()) if key.field in names]
+            rows = await self.api.query(self._query(part, keys, columns, names))
+            mine = set(part)  # a row found by its email may hold a token of another part
+            for row in rows:
+                if row.get(ext) in mine:
+                    found.by_token[row[ext]].append(row)
+            found.held.update(key for key in keys if self._holds(rows, key, names[key.field]))
+        return found
+
+    def _query(self, tokens: Sequence[str], keys: Sequence[IdentityKey], columns: Sequence[str],
+               names: Mapping[str, str]) -> str:
+        matches: dict[str, list[str]] = {self.leads.external_field: list(tokens)}
+        for key in keys:
+            values = matches.setdefault(names[key.field], [])
+            if key.value not in values:
+                values.append(key.value)
+        return soql.select_where_any(columns, "Lead", matches)
+
+    def _parts(self, tokens: Sequence[str], others: Mapping[str, Set[IdentityKey]],
+               columns: Sequence[str], names: Mapping[str, str]) -> Iterator[list[str]]:
+        """Tokens in order, cut where a part would pass IN_VALUES tokens or QUERY_BYTES (each
+        value costs its encoded literal and a separator; the frame is measured once)."""
+        frame = encoded_length(soql.select_where_any(
+            columns, "Lead", {name: ["", ""] for name in
+                              [self.leads.external_field, *dict.fromkeys(names.values())]}))
+        part: list[str] = []
+        size = frame
+        for token in tokens:
+            values = [token, *(k.value for k in others.get(token, ()) if k.field in names)]
+            cost = sum(encoded_length(soql.literal(v)) + _SEPARATOR for v in values)
+            if part and (len(part) >= IN_VALUES or size + cost > QUERY_BYTES):
+                yield part
+                part, size = [], frame
+            part.append(token)
+            size += cost
+        if part:
+            yield part
+
+    @staticmethod
+    def _holds(rows: Sequence[Mapping[str, Any]], key: IdentityKey, name: str) -> bool:
+        if key.field == "email":  # SOQL compares emails, like all strings, ignoring case
+            wanted = key.value.casefold()
+            return any(str(row.get(name) or "").casefold() == wanted for row in rows)
+        return any(row.get(name) == key.value for row in rows)
