@@ -3,9 +3,8 @@
 `WHERE Token__c IN (...) OR Email IN (...)`. A new token whose email a Lead already holds (a
 Lead made before linkcrm knew the token) is then told apart without a second query.
 
-A part holds at most IN_VALUES tokens and stays within QUERY_BYTES once percent-encoded:
-Salesforce answers 414 to a request URI over 16,384 bytes (URI and headers together: 431), so
-long values make smaller parts rather than a refused query.
+A part holds at most IN_VALUES tokens and stays within QUERY_BYTES once percent-encoded
+(`engine.targets.salesforce.rest`), so long values make smaller parts, not a refused query.
 """
 
 from __future__ import annotations
@@ -13,17 +12,11 @@ from __future__ import annotations
 from collections.abc import Iterator, Mapping, Sequence, Set
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import quote
 
 from engine.actions import IdentityKey
 from engine.targets.salesforce import soql
 from engine.targets.salesforce.records import LeadMap
-from engine.targets.salesforce.rest import IN_VALUES, SalesforceAPI
-
-# The `q` value at most, percent-encoded: the rest of the 16,384 bytes is left to the instance
-# URL, the API path and the headers (the bearer token among them).
-QUERY_BYTES = 12_000
-_SEPARATOR = len(quote(", ", safe=""))
+from engine.targets.salesforce.rest import IN_VALUES, QUERY_BYTES, SalesforceAPI
 
 
 @dataclass
@@ -33,11 +26,6 @@ class Found:
 
     by_token: dict[str, list[dict[str, Any]]]
     held: set[IdentityKey]
-
-
-def encoded_length(query: str) -> int:
-    """The length of `query` as a URL query value, at most (every reserved byte as `%XX`)."""
-    return len(quote(query, safe=""))
 
 
 class LeadLookup:
@@ -79,23 +67,12 @@ class LeadLookup:
 
     def _parts(self, tokens: Sequence[str], others: Mapping[str, Set[IdentityKey]],
                columns: Sequence[str], names: Mapping[str, str]) -> Iterator[list[str]]:
-        """Tokens in order, cut where a part would pass IN_VALUES tokens or QUERY_BYTES (each
-        value costs its encoded literal and a separator; the frame is measured once)."""
-        frame = encoded_length(soql.select_where_any(
-            columns, "Lead", {name: ["", ""] for name in
-                              [self.leads.external_field, *dict.fromkeys(names.values())]}))
-        part: list[str] = []
-        size = frame
-        for token in tokens:
-            values = [token, *(k.value for k in others.get(token, ()) if k.field in names)]
-            cost = sum(encoded_length(soql.literal(v)) + _SEPARATOR for v in values)
-            if part and (len(part) >= IN_VALUES or size + cost > QUERY_BYTES):
-                yield part
-                part, size = [], frame
-            part.append(token)
-            size += cost
-        if part:
-            yield part
+        fields = [self.leads.external_field, *dict.fromkeys(names.values())]
+        frame = soql.select_where_any(columns, "Lead", {name: ["", ""] for name in fields})
+        return soql.parts(
+            tokens, lambda token: [token, *(k.value for k in others.get(token, ())
+                                            if k.field in names)],
+            frame, most=IN_VALUES, budget=QUERY_BYTES)
 
     @staticmethod
     def _holds(rows: Sequence[Mapping[str, Any]], key: IdentityKey, name: str) -> bool:

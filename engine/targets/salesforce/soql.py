@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import TypeVar
+from urllib.parse import quote
 
 # One pass over the characters is the "backslash first" rule made structural: each input
 # character maps once, so a backslash an earlier mapping wrote is never escaped again.
@@ -18,6 +20,8 @@ _ESCAPES = {
     "\f": "\\f",
 }
 _NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_]*$")
+_SEPARATOR = len(quote(", ", safe=""))
+Item = TypeVar("Item")
 
 
 def escape(value: str) -> str:
@@ -98,3 +102,28 @@ def _condition(field: str, values: Sequence[str]) -> str:
 def select_all(fields: Sequence[str], sobject: str) -> str:
     """`SELECT f1, f2 FROM Obj` (small setup objects such as LeadStatus)."""
     return f"SELECT {', '.join(name(f) for f in fields)} FROM {name(sobject)}"
+
+
+def encoded_length(query: str) -> int:
+    """The length of `query` as a URL query value, at most (every reserved byte as `%XX`)."""
+    return len(quote(query, safe=""))
+
+
+def parts(items: Sequence[Item], values: Callable[[Item], Sequence[str]], frame: str, *,
+          most: int, budget: int) -> Iterator[list[Item]]:
+    """`items` in order, cut so that a part has at most `most` items and the query for it
+    stays within `budget` once percent-encoded: `frame` is that query with no values of its
+    own (measured once), and each of an item's `values` adds its literal and a separator.
+    An item whose values alone pass `budget` still gets a part (the server says what is wrong).
+    """
+    size = base = encoded_length(frame)
+    part: list[Item] = []
+    for item in items:
+        cost = sum(encoded_length(literal(v)) + _SEPARATOR for v in values(item))
+        if part and (len(part) >= most or size + cost > budget):
+            yield part
+            part, size = [], base
+        part.append(item)
+        size += cost
+    if part:
+        yield part

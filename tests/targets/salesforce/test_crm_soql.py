@@ -85,3 +85,22 @@ def test_an_or_query_leaves_out_fields_without_values() -> None:
         soql.select_where_any(["Id"], "Lead", {"Email": []})
     with pytest.raises(ValueError):
         soql.select_where_any(["Id"], "Lead", {"Email = '' OR Id": ["x"]})
+
+
+def test_parts_cut_at_the_count_or_where_the_encoded_query_would_pass_the_budget() -> None:
+    frame = soql.select_where(["Id"], "Lead", "Email", ["", ""])
+
+    def sizes(values: list[str], most: int, budget: int) -> list[int]:
+        cut = list(soql.parts(values, lambda v: [v], frame, most=most, budget=budget))
+        assert [v for part in cut for v in part] == values  # in order, each once
+        for part in cut:
+            text = soql.select_where(["Id"], "Lead", "Email", part)
+            assert len(part) == 1 or soql.encoded_length(text) <= budget
+        return [len(part) for part in cut]
+
+    assert sizes([f"v{n}" for n in range(450)], 200, 100_000) == [200, 200, 50]
+    # 'x…x' of 100 characters costs 100 + %27%27 + %2C%20 = 112 encoded characters.
+    budget = soql.encoded_length(frame) + 10 * 112
+    assert sizes(["x" * 100] * 25, 200, budget) == [10, 10, 5]
+    assert sizes(["é" * 200] * 3, 200, budget) == [1, 1, 1]  # é: 6 characters once encoded
+    assert sizes(["x" * 5000], 200, 10) == [1]  # too long alone: the server will say so
