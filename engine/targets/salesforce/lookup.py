@@ -53,17 +53,18 @@ class LeadLookup:
             for row in rows:
                 if row.get(ext) in mine:
                     found.by_token[row[ext]].append(row)
-            found.held.update(key for key in keys if self._holds(rows, key, names[key.field]))
+            held = {(field, _fold(field, row.get(name))) for field, name in names.items()
+                    for row in rows}
+            found.held.update(key for key in keys if (key.field, _fold(key.field, key.value))
+                              in held)
         return found
 
     def _query(self, tokens: Sequence[str], keys: Sequence[IdentityKey], columns: Sequence[str],
                names: Mapping[str, str]) -> str:
-        matches: dict[str, list[str]] = {self.leads.external_field: list(tokens)}
+        matches: dict[str, dict[str, None]] = {self.leads.external_field: dict.fromkeys(tokens)}
         for key in keys:
-            values = matches.setdefault(names[key.field], [])
-            if key.value not in values:
-                values.append(key.value)
-        return soql.select_where_any(columns, "Lead", matches)
+            matches.setdefault(names[key.field], {})[key.value] = None
+        return soql.select_where_any(columns, "Lead", {f: list(v) for f, v in matches.items()})
 
     def _parts(self, tokens: Sequence[str], others: Mapping[str, Set[IdentityKey]],
                columns: Sequence[str], names: Mapping[str, str]) -> Iterator[list[str]]:
@@ -74,9 +75,8 @@ class LeadLookup:
                                             if k.field in names)],
             frame, most=IN_VALUES, budget=QUERY_BYTES)
 
-    @staticmethod
-    def _holds(rows: Sequence[Mapping[str, Any]], key: IdentityKey, name: str) -> bool:
-        if key.field == "email":  # SOQL compares emails, like all strings, ignoring case
-            wanted = key.value.casefold()
-            return any(str(row.get(name) or "").casefold() == wanted for row in rows)
-        return any(row.get(name) == key.value for row in rows)
+
+def _fold(field: str, value: Any) -> Any:
+    """A value as a Lead's field compares it: SOQL compares emails, like all strings, ignoring
+    case, and an email is the same whatever its case; other keys must match exactly."""
+    return value.casefold() if field == "email" and isinstance(value, str) else value
