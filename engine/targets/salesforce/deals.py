@@ -1,5 +1,6 @@
-"""Salesforce deals in batches: Opportunities read by one SOQL query per 100 deal keys and made by
-one sObject Collections upsert per 200 (across those queries), on the deal-key External ID.
+"""Salesforce deals in batches: Opportunities read by one SOQL query per 200 deal keys (fewer when
+long keys would take the query URL past QUERY_BYTES) and made by one sObject Collections upsert
+per 200, on the deal-key External ID.
 
 An Opportunity that exists is never rewritten (its stage and close date are the sales team's
 now): existing keys are read first and only the missing ones are upserted, so a retried create

@@ -145,7 +145,7 @@ class SalesforceTarget:
     async def execute_many(self, items: Sequence[tuple[Action, CallContext]]) -> list[Result]:
         """Apply queued actions, one result per item in order (an Outcome or the CRMError that
         item would have raised). Contact actions keyed first by the External ID are read with
-        one SOQL query per 100 Leads, which also finds the Leads holding their other keys
+        one SOQL query per 200 Leads, which also finds the Leads holding their other keys
         (`engine.targets.salesforce.lookup`), and written with sObject Collections upserts of
         up to 200 Leads, several actions on one Lead folded into one write; deals the same way
         as Opportunities (`engine.targets.salesforce.deals`), after the Leads; the rest run
