@@ -52,6 +52,9 @@ from engine.worker.snapshot import Rules, ShadowHook
 log = logging.getLogger(__name__)
 
 
+DEFAULT_BATCH = 100  # records per batch for a target that does not say (HubSpot's inputs)
+
+
 @dataclass(frozen=True)
 class WorkerOptions:
     """How hard the worker works and how long it waits in-process before rescheduling.
@@ -60,17 +63,18 @@ class WorkerOptions:
     of events in flight); None: each target's own figure (`targets.base.concurrency_of`: 4
     for a remote CRM, 64 for the embedded one on SQLite). A target with batch endpoints gets
     the calls that queue up while a batch is in flight in its next batch, at most `batch_size`
-    identities (1: no batching), and room for `batch_window` events instead of `concurrency`:
-    a backlog waiting for a rate-limited CRM is then in flight together, so a batch carries
-    every event of an identity and each record is read and written once
-    (`engine.worker.chain`). Waits longer than `short_wait` (backoff), `order_wait` (an
-    earlier event of the same identity) or `busy_wait` (a full lane) are rescheduled in the
-    store, so a restart loses nothing and a worker slot is never held for long. An event
-    deferred for a full lane or an earlier event comes back after about a second, twice as
-    long with every further attempt, at most `defer_cap` seconds (with jitter): the backlog
-    of a CRM that hangs thins out instead of being claimed again and again, and claims take
-    the earliest due first, so the events that arrive meanwhile go to the other targets
-    promptly.
+    identities (1: no batching; None: the target's own `batch_records`, else 100, so a
+    Salesforce batch fills a 200-record Collections upsert), and room for `batch_window`
+    events instead of `concurrency`: a backlog waiting for a rate-limited CRM is then in flight
+    together, so a batch carries every event of an identity and each record is read and
+    written once (`engine.worker.chain`). Waits longer than `short_wait` (backoff),
+    `order_wait` (an earlier event of the same identity) or `busy_wait` (a full lane) are
+    rescheduled in the store, so a restart loses nothing and a worker slot is never held for
+    long. An event deferred for a full lane or an earlier event comes back after about a
+    second, twice as long with every further attempt, at most `defer_cap` seconds (with
+    jitter): the backlog of a CRM that hangs thins out instead of being claimed again and
+    again, and claims take the earliest due first, so the events that arrive meanwhile go to
+    the other targets promptly.
     """
 
     concurrency: int | None = None
@@ -81,7 +85,7 @@ class WorkerOptions:
     busy_wait: float = 2.0
     defer_cap: float = 60.0
     drain_timeout: float = 5.0
-    batch_size: int = 100
+    batch_size: int | None = None
     batch_window: int = 5000
     policy: RetryPolicy = field(default_factory=RetryPolicy)
     touch_retention_days: int | None = 90  # touches older than this are not attributed
@@ -139,11 +143,10 @@ class Worker:
         # Calls go through a Batcher where the target has batch endpoints: concurrent events'
         # actions then share requests, which is what a rate-limited CRM needs.
         self.chains = Chains()
+        batch = {target.name: self._batch_size(target) for target in self.targets}
         self.callers: dict[str, Target] = {
-            target.name: Batcher(target, min(self.options.batch_size,
-                                             getattr(target, "batch_records", 10**9)),
-                                 self.chains.coming(target.name))
-            if batches(target) and self.options.batch_size > 1 else target
+            target.name: Batcher(target, batch[target.name], self.chains.coming(target.name))
+            if batches(target) and batch[target.name] > 1 else target
             for target in self.targets}
         # Targets that write an event's actions at once (the embedded CRM), checked once
         # here: a runtime protocol check costs more than the write it chooses.
@@ -171,6 +174,12 @@ class Worker:
         self._observers: set[asyncio.Task[None]] = set()
         self._stopping = False
         self._signal: asyncio.Event | None = None
+
+    def _batch_size(self, target: Target) -> int:
+        own = getattr(target, "batch_records", DEFAULT_BATCH)
+        own = own if isinstance(own, int) and own > 0 else DEFAULT_BATCH
+        wanted = self.options.batch_size
+        return own if wanted is None else min(wanted, own)
 
     # -- running ----------------------------------------------------------------------------------
 

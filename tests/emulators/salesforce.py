@@ -35,6 +35,25 @@ LIMIT_EXCEEDED = [{"message": "TotalRequests Limit exceeded.",
 SESSION_EXPIRED = [{"message": "Session expired or invalid", "errorCode": "INVALID_SESSION_ID"}]
 
 
+# "In each REST call, the maximum length for the combined URI and headers is 16,384 bytes":
+# over it 431 Request Header Fields Too Large, the URI itself over it 414 URI Too Long
+# (help.salesforce.com article 000386264, "Maximum number of rows returned by SOQL queries
+# over the REST API").
+REQUEST_HEAD_BYTES = 16_384
+
+
+def _too_long(request: Request) -> Response | None:
+    raw = bytes(request.scope.get("raw_path") or request.url.path.encode())
+    query = bytes(request.scope.get("query_string") or b"")
+    uri = len(raw) + (len(query) + 1 if query else 0)
+    if uri > REQUEST_HEAD_BYTES:
+        return Response("URI Too Long", 414)
+    headers = sum(len(name) + len(value) + 4 for name, value in request.scope["headers"])
+    if uri + headers > REQUEST_HEAD_BYTES:
+        return Response("Request Header Fields Too Large", 431)
+    return None
+
+
 def _validators() -> dict[str, Draft202012Validator]:
     return {path.stem: Draft202012Validator(json.loads(path.read_text(encoding="utf-8")))
             for path in sorted(SCHEMAS.glob("*.json"))}
@@ -146,6 +165,10 @@ class SalesforceEmulator:
                 await asyncio.sleep(self.latency)
             self.counters["requests"] += 1
             self.counters[f"{request.method} {handler.__name__.strip('_')}"] += 1
+            too_long = _too_long(request)
+            if too_long is not None:
+                self.counters["too_long"] += 1
+                return too_long
             try:
                 version = request.path_params["version"]
                 if not (version.startswith("v") and _is_version(version[1:])):

@@ -116,6 +116,26 @@ async def test_the_worker_batches_concurrent_events_and_keeps_each_identity_in_o
     assert unbatched.callers["batching"] is target
 
 
+async def test_a_batch_holds_as_many_records_as_the_target_writes_in_one_request(
+        storage: Storage, tmp_path: Path) -> None:
+    """Salesforce's Collections take 200 records: its batches fill one; a target that does not
+    say gets 100 (HubSpot's inputs); `batch_size` caps both, and 1 turns batching off."""
+    rules = write_rules(tmp_path / "rules")
+
+    class Wide(BatchingTarget):
+        name, batch_records = "wide", 200
+
+    def sizes(**options: int) -> dict[str, int | None]:
+        worker = Worker(storage, rules, [Wide(), BatchingTarget()],
+                        options=WorkerOptions(**options))
+        return {name: caller.size if isinstance(caller, Batcher) else None
+                for name, caller in worker.callers.items()}
+
+    assert sizes() == {"wide": 200, "batching": 100}
+    assert sizes(batch_size=150) == {"wide": 150, "batching": 100}
+    assert sizes(batch_size=1) == {"wide": None, "batching": None}
+
+
 async def test_each_call_carries_its_event_rule_and_key_as_an_argument(
         storage: Storage, tmp_path: Path) -> None:
     """The worker tells a target which event and rule each action comes from (the local CRM

@@ -1,5 +1,6 @@
-"""Salesforce deals in batches: Opportunities read by one SOQL query per 100 deal keys and made by
-one sObject Collections upsert per 200, on the deal-key External ID.
+"""Salesforce deals in batches: Opportunities read by one SOQL query per 200 deal keys (fewer when
+long keys would take the query URL past QUERY_BYTES) and made by one sObject Collections upsert
+per 200, on the deal-key External ID.
 
 An Opportunity that exists is never rewritten (its stage and close date are the sales team's
 now): existing keys are read first and only the missing ones are upserted, so a retried create
@@ -22,6 +23,7 @@ from engine.targets.salesforce.rest import (
     BATCH,
     CRM,
     IN_VALUES,
+    QUERY_BYTES,
     TRANSIENT_CODES,
     SalesforceAPI,
     describe_errors,
@@ -52,26 +54,35 @@ class Opportunities:
             if known:
                 results[index] = Outcome(known, "opportunity exists")
         missing = [(i, a) for i, a in deals if i not in results and first[a.key] == i]
-        for start in range(0, len(missing), IN_VALUES):
-            chunk = missing[start:start + IN_VALUES]
+        new: list[tuple[int, CreateDeal, dict[str, JSON]]] = []
+        frame = soql.select_where(["Id", self.key_field], "Opportunity", self.key_field, ["", ""])
+        for chunk in soql.parts(missing, lambda item: [item[1].key], frame, most=IN_VALUES,
+                                budget=QUERY_BYTES):
             try:
-                await self._chunk(chunk, results)
+                new += await self._read(chunk, results)
             except CRMError as error:
                 for index, _ in chunk:
+                    results.setdefault(index, error)
+        for start in range(0, len(new), BATCH):
+            part = new[start:start + BATCH]
+            try:
+                await self._write(part, results)
+            except CRMError as error:
+                for index, _, _ in part:
                     results.setdefault(index, error)
         for index, source in same:
             results[index] = results[source]
         return results
 
-    async def _chunk(self, chunk: Sequence[tuple[int, CreateDeal]],
-                     results: dict[int, Result]) -> None:
+    async def _read(self, chunk: Sequence[tuple[int, CreateDeal]], results: dict[int, Result]
+                    ) -> list[tuple[int, CreateDeal, dict[str, JSON]]]:
+        """Answer the chunk's deals whose Opportunity exists; returns the records to make."""
         field = self.key_field
         found: dict[str, list[dict[str, Any]]] = {}
         query = soql.select_where(["Id", field], "Opportunity", field, [a.key for _, a in chunk])
         for row in await self.api.query(query):
             found.setdefault(str(row.get(field)), []).append(row)  # IN ignores case: exact
-        records: list[dict[str, JSON]] = []
-        written: list[tuple[int, CreateDeal]] = []
+        new: list[tuple[int, CreateDeal, dict[str, JSON]]] = []
         for index, action in chunk:
             rows = found.get(action.key, [])
             if len(rows) > 1:
@@ -87,19 +98,21 @@ class Opportunities:
                 except PermanentCRMError as error:
                     results[index] = error
                     continue
-                records.append({"attributes": {"type": "Opportunity"},
-                                **{k: v for k, v in body.items() if k != field},
-                                field: action.key})
-                written.append((index, action))
-        for start in range(0, len(records), BATCH):
-            answer = await self.api.json(
-                "PATCH", f"/composite/sobjects/Opportunity/{soql.name(field)}",
-                json={"allOrNone": False, "records": records[start:start + BATCH]})
-            part = written[start:start + BATCH]
-            if not isinstance(answer, list) or len(answer) != len(part):
-                raise PermanentCRMError(f"{CRM}: unexpected collections answer: {answer!r:.200}")
-            for (index, action), result in zip(part, answer, strict=True):
-                results[index] = await self._result(action, result)
+                new.append((index, action, {"attributes": {"type": "Opportunity"},
+                                            **{k: v for k, v in body.items() if k != field},
+                                            field: action.key}))
+        return new
+
+    async def _write(self, part: Sequence[tuple[int, CreateDeal, dict[str, JSON]]],
+                     results: dict[int, Result]) -> None:
+        """One Collections upsert of up to 200 new Opportunities (read missing just before)."""
+        answer = await self.api.json(
+            "PATCH", f"/composite/sobjects/Opportunity/{soql.name(self.key_field)}",
+            json={"allOrNone": False, "records": [record for _, _, record in part]})
+        if not isinstance(answer, list) or len(answer) != len(part):
+            raise PermanentCRMError(f"{CRM}: unexpected collections answer: {answer!r:.200}")
+        for (index, action, _), result in zip(part, answer, strict=True):
+            results[index] = await self._result(action, result)
 
     async def _result(self, action: CreateDeal, result: Any) -> Result:
         if isinstance(result, dict) and result.get("success") and result.get("id"):

@@ -21,7 +21,11 @@ Body = JSON | Mapping[str, Any]
 _USAGE = re.compile(r"api-usage=(\d+)/(\d+)")
 # Per-record codes in collection answers that a later attempt can clear.
 BATCH = 200  # sObject Collections take at most 200 records per request
-IN_VALUES = 100  # values per SOQL IN list, keeping the query URL far below its 16 KB limit
+IN_VALUES = 200  # records per SOQL read at most; QUERY_BYTES may cut a read shorter
+# A query's `q` value at most, percent-encoded. Salesforce answers 414 to a request URI over
+# 16,384 bytes (431 when URI and headers together pass it); the rest is left to the instance
+# URL, the API path and the headers (the bearer token among them).
+QUERY_BYTES = 12_000
 TRANSIENT_CODES = frozenset({"UNABLE_TO_LOCK_ROW", "REQUEST_LIMIT_EXCEEDED", "SERVER_UNAVAILABLE"})
 
 

@@ -25,6 +25,7 @@ from engine.targets.salesforce.auth import (
 )
 from engine.targets.salesforce.deals import Opportunities
 from engine.targets.salesforce.external import ExternalIds
+from engine.targets.salesforce.lookup import LeadLookup
 from engine.targets.salesforce.records import (
     ContactAction,
     LeadMap,
@@ -34,7 +35,6 @@ from engine.targets.salesforce.records import (
 from engine.targets.salesforce.rest import (
     BATCH,
     CRM,
-    IN_VALUES,
     TRANSIENT_CODES,
     SalesforceAPI,
     describe_errors,
@@ -103,6 +103,7 @@ class SalesforceTarget:
         self.field_map = field_map
         self.leads = LeadMap(field_map, external_id)
         self.external = ExternalIds(self.api)
+        self.lookup = LeadLookup(self.api, self.leads)
         self.identities = identities
         self.today = today
         settings = field_map.targets.get(CRM, {})
@@ -144,10 +145,11 @@ class SalesforceTarget:
     async def execute_many(self, items: Sequence[tuple[Action, CallContext]]) -> list[Result]:
         """Apply queued actions, one result per item in order (an Outcome or the CRMError that
         item would have raised). Contact actions keyed first by the External ID are read with
-        one SOQL query per 100 Leads and written with sObject Collections upserts of up to 200
-        Leads, several actions on one Lead folded into one write; deals the same way as
-        Opportunities (`engine.targets.salesforce.deals`), after the Leads; the rest run one
-        by one."""
+        one SOQL query per 200 Leads, which also finds the Leads holding their other keys
+        (`engine.targets.salesforce.lookup`), and written with sObject Collections upserts of
+        up to 200 Leads, several actions on one Lead folded into one write; deals the same way
+        as Opportunities (`engine.targets.salesforce.deals`), after the Leads; the rest run
+        one by one."""
         results: list[Result | None] = [None] * len(items)
         groups: dict[str, list[int]] = {}
         singles: list[int] = []
@@ -289,28 +291,24 @@ class SalesforceTarget:
             for token, indices in chunk.items()}
         ext = self.leads.external_field
         fields = self.leads.read_fields(a for group in actions.values() for a in group)
-        current: dict[str, list[dict[str, Any]]] = {token: [] for token in chunk}
-        tokens = list(chunk)
-        for start in range(0, len(tokens), IN_VALUES):
-            query = soql.select_where(fields, "Lead", ext, tokens[start:start + IN_VALUES])
-            for row in await self.api.query(query):
-                if row.get(ext) in current:  # IN ignores case; the token must match exactly
-                    current[row[ext]].append(row)
+        # A token's other keys (an email): a Lead made before linkcrm knew the token may hold
+        # one. The query that reads the tokens' Leads looks for those keys too (OR).
+        others = {token: {k for a in actions[token] for k in a.identity
+                          if k.field != self.leads.external_id} for token in chunk}
+        found_leads = await self.lookup.find(list(chunk), others, fields)
+        current = found_leads.by_token
         records: list[dict[str, JSON]] = []
         written: list[str] = []
         deferred: list[int] = []
-        # A new token whose actions name other keys (an email): a Lead made before linkcrm
-        # knew the token may hold one; such a token goes the single path, which finds it.
-        others = {token: {k for a in actions[token] for k in a.identity
-                          if k.field != self.leads.external_id}
-                  for token in chunk if not current[token]}
-        held = await self._held(set().union(*others.values()))
+        # A new token with such a key a Lead holds goes the single path, which finds that Lead.
+        new = {token: others[token] for token in chunk if not current[token]}
+        held = await self._held(set().union(*new.values()), found_leads.held)
         for token, indices in chunk.items():
             found = current[token]
             try:
                 if len(found) > 1:
                     raise duplicates("Lead", ext, [str(r.get("Id")) for r in found])
-                if not found and others.get(token, set()) & held:
+                if not found and new.get(token, set()) & held:
                     deferred += indices
                     continue
                 record = found[0] if found else None
@@ -336,29 +334,14 @@ class SalesforceTarget:
                 await self._batch_result(token, result, actions[token], chunk[token], results)
         return deferred
 
-    async def _held(self, keys: set[IdentityKey]) -> set[IdentityKey]:
-        """The keys a Lead holds: mapped in the identity map, else found by one SOQL query
-        per 100 values of a field (emails match whatever their case)."""
+    async def _held(self, keys: set[IdentityKey], found: set[IdentityKey]) -> set[IdentityKey]:
+        """The keys a Lead holds: `found` by the batch's query, else mapped in the identity
+        map (a key without a Lead field counts too: the single path says what is wrong)."""
         held: set[IdentityKey] = set()
-        by_field: dict[str, list[IdentityKey]] = {}
         for key in keys:
-            if self.leads.crm_name(key.field) is None:
-                held.add(key)  # the single path says what is wrong with it
-            elif await self.identities.lookup_identity(CRM, [key]) is not None:
+            if key in found or self.leads.crm_name(key.field) is None \
+                    or await self.identities.lookup_identity(CRM, [key]) is not None:
                 held.add(key)
-            else:
-                by_field.setdefault(key.field, []).append(key)
-        for canonical, group in by_field.items():
-            name = self.leads.identity_field(group[0])
-            fold = canonical == "email"
-            for start in range(0, len(group), IN_VALUES):
-                part = group[start:start + IN_VALUES]
-                rows = await self.api.query(soql.select_where(
-                    ["Id", name], "Lead", name, [k.value for k in part]))
-                values = {str(r.get(name, "")).casefold() if fold else r.get(name)
-                          for r in rows}
-                held.update(k for k in part
-                            if (k.value.casefold() if fold else k.value) in values)
         return held
 
     async def _batch_result(

@@ -17,7 +17,7 @@ from engine.actions import CreateDeal, IdentityKey, SetStage, UpsertContact
 from engine.config.fieldmap import FieldMap, load_field_map
 from engine.errors import PermanentCRMError
 from engine.storage import Storage, open_storage
-from engine.targets.base import CallContext
+from engine.targets.base import CallContext, Outcome
 from engine.targets.http import path_segment
 from engine.targets.salesforce import soql
 from engine.targets.salesforce.auth import ClientCredentials
@@ -255,10 +255,61 @@ async def test_queued_actions_become_one_query_and_one_collections_upsert(
     assert all(not isinstance(r, Exception) for r in results)
     assert len(emulator.leads) == 150
     assert {lead["Status"] for lead in emulator.leads} == {"Deep Link Customer"}
-    assert (emulator.counters["GET query"], emulator.counters["PATCH collections"]) == (2, 1)
+    assert (emulator.counters["GET query"], emulator.counters["PATCH collections"]) == (1, 1)
     results = await make().execute_many(items)
     assert {r.summary for r in results} == {"lead unchanged"}  # type: ignore[union-attr]
     assert emulator.counters["PATCH collections"] == 1
+
+
+def identified(token: str, email: str) -> UpsertContact:
+    return UpsertContact(rule="r", identity=(IdentityKey("deep_link_token", token),
+                                             IdentityKey("email", email)),
+                         set={"first_name": "Ada"})
+
+
+async def test_tokens_and_their_emails_are_read_with_one_or_query(
+        emulator: SalesforceEmulator, make: Callable[..., SalesforceTarget]) -> None:
+    """The batch query finds the Leads holding its tokens and the Leads holding their emails
+    (`Token IN (...) OR Email IN (...)`): a new token whose email an older Lead holds goes
+    the single path and lands on that Lead; the rest are one Collections upsert."""
+    older = emulator.seed("Lead", LastName="Lee", Company="X", Email="P5@Example.com")
+    known = emulator.seed("Lead", LastName="Kay", Company="X", Deep_Link_Token__c="tok_7",
+                          Email="someone.else@example.com")
+    items = [(identified(f"tok_{n}", f"p{n}@example.com"), CallContext("k")) for n in range(150)]
+    results = await make().execute_many(items)
+    assert all(not isinstance(r, Exception) for r in results), results
+    by_token = {r["Deep_Link_Token__c"]: r["Id"] for r in emulator.leads}
+    assert (len(by_token), by_token["tok_5"], by_token["tok_7"]) == (150, older, known)
+    assert emulator.records["Lead"][older]["Email"] == "P5@Example.com"  # its own, kept
+    # One batch query (150 tokens and their emails) and tok_5's own email query; before the
+    # OR, a query per 100 tokens and another per 100 emails asked which emails Leads hold.
+    assert emulator.counters["GET query"] == 2
+    assert emulator.counters["PATCH collections"] == 1
+    assert emulator.counters["malformed_queries"] == emulator.counters["too_long"] == 0
+    assert await make().execute_many(items) == [
+        Outcome(by_token[f"tok_{n}"], "lead unchanged") for n in range(150)]
+
+
+async def test_long_values_split_the_batch_query_under_salesforce_s_uri_limit(
+        emulator: SalesforceEmulator, make: Callable[..., SalesforceTarget]) -> None:
+    """100 tokens of 200 characters with 60-character emails would make a 30 KB query URL,
+    which Salesforce (and the emulator) refuses with 414: the batch reads in parts instead."""
+    items = [(identified(f"{n:03d}" + "t" * 197, f"{n:03d}" + "e" * 45 + "@example.com"),
+              CallContext("k")) for n in range(100)]
+    results = await make().execute_many(items)
+    assert all(not isinstance(r, Exception) for r in results), results
+    assert len(emulator.leads) == 100
+    assert 2 <= emulator.counters["GET query"] <= 4
+    assert emulator.counters["too_long"] == 0
+
+
+async def test_the_emulator_refuses_a_query_uri_over_16_384_bytes(
+        emulator: SalesforceEmulator, make: Callable[..., SalesforceTarget]) -> None:
+    target = make()
+    with pytest.raises(PermanentCRMError, match="414"):
+        await target.api.query(soql.select_where(["Id"], "Lead", "Email",
+                                                 [f"{n}" + "x" * 200 for n in range(100)]))
+    assert emulator.counters["too_long"] == 1
 
 
 async def test_one_refused_record_fails_only_its_own_actions(

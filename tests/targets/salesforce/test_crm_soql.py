@@ -62,3 +62,45 @@ def test_names_are_checked_because_they_cannot_be_escaped() -> None:
     for bad in ("Email = '' OR Id", "Lead--", "1Field", ""):
         with pytest.raises(ValueError):
             soql.select_where(["Id"], "Lead", bad, ["x"])
+
+
+@pytest.mark.parametrize("value", HOSTILE)
+def test_an_or_query_matches_a_record_holding_either_value_and_nothing_else(value: str) -> None:
+    columns = {"Id": 1, "Email": 1, "Token__c": 1}
+    text = soql.select_where_any(["Id"], "Lead", {"Token__c": [value, "t2"],
+                                                  "Email": [value.upper(), "b@x.co"]})
+    query = parse(text, {"Lead": columns})
+    assert query.where is not None
+    assert query.where({"Id": "1", "Token__c": value, "Email": None})
+    assert query.where({"Id": "2", "Token__c": "other", "Email": value})  # any case
+    assert query.where({"Id": "3", "Token__c": None, "Email": "B@X.CO"})
+    assert not query.where({"Id": "4", "Token__c": "x", "Email": "y"})
+    assert not query.where({"Id": "5", "Token__c": None, "Email": None})
+
+
+def test_an_or_query_leaves_out_fields_without_values() -> None:
+    assert soql.select_where_any(["Id", "Id"], "Lead", {"Token__c": ["a'b"], "Email": []}) == \
+        "SELECT Id FROM Lead WHERE Token__c = 'a\\'b'"
+    with pytest.raises(ValueError):
+        soql.select_where_any(["Id"], "Lead", {"Email": []})
+    with pytest.raises(ValueError):
+        soql.select_where_any(["Id"], "Lead", {"Email = '' OR Id": ["x"]})
+
+
+def test_parts_cut_at_the_count_or_where_the_encoded_query_would_pass_the_budget() -> None:
+    frame = soql.select_where(["Id"], "Lead", "Email", ["", ""])
+
+    def sizes(values: list[str], most: int, budget: int) -> list[int]:
+        cut = list(soql.parts(values, lambda v: [v], frame, most=most, budget=budget))
+        assert [v for part in cut for v in part] == values  # in order, each once
+        for part in cut:
+            text = soql.select_where(["Id"], "Lead", "Email", part)
+            assert len(part) == 1 or soql.encoded_length(text) <= budget
+        return [len(part) for part in cut]
+
+    assert sizes([f"v{n}" for n in range(450)], 200, 100_000) == [200, 200, 50]
+    # 'x…x' of 100 characters costs 100 + %27%27 + %2C%20 = 112 encoded characters.
+    budget = soql.encoded_length(frame) + 10 * 112
+    assert sizes(["x" * 100] * 25, 200, budget) == [10, 10, 5]
+    assert sizes(["é" * 200] * 3, 200, budget) == [1, 1, 1]  # é: 6 characters once encoded
+    assert sizes(["x" * 5000], 200, 10) == [1]  # too long alone: the server will say so
