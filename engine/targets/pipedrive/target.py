@@ -38,17 +38,18 @@ import asyncio
 import functools
 import hashlib
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import httpx
 
 from engine.actions import JSON, Action, CreateDeal, Fields, IdentityKey, SetStage, UpsertContact
 from engine.config.fieldmap import CoercionError, FieldMap
-from engine.errors import PermanentCRMError
+from engine.errors import CRMError, PermanentCRMError, RetryableCRMError
 from engine.targets.base import CallContext, IdentityStore, Outcome, RateLimitStore
 from engine.targets.pacing import Sleep
 from engine.targets.pipedrive.api import PipedriveAPI, Record, base_url_for, window_pacer
+from engine.targets.pipedrive.batch import PendingPeople
 from engine.targets.pipedrive.claims import Claim, Claims, KeyedLocks, Slots
 from engine.targets.pipedrive.fields import DIALECT, Account, fetch_catalog, resolve, to_wire
 
@@ -79,6 +80,7 @@ class PipedriveTarget:
     """
 
     name = TARGET
+    batch_records = 10  # persons per batch: each is several paced requests, not one input
 
     def __init__(self, client: httpx.AsyncClient, *, api_token: str, field_map: FieldMap,
                  identities: IdentityStore, rate_limits: RateLimitStore,
@@ -110,21 +112,46 @@ class PipedriveTarget:
     async def aclose(self) -> None:
         """Nothing to release: the injected client belongs to the caller."""
 
-    async def execute(self, action: Action, context: CallContext) -> Outcome:
+    async def execute(self, action: Action, context: CallContext,
+                      pending: PendingPeople | None = None) -> Outcome:
         account = self._account or await self.start()
         try:
             if isinstance(action, CreateDeal):
-                return await self._deal(account, action, context.idempotency_key)
+                return await self._deal(account, action, context.idempotency_key, pending)
             if isinstance(action, UpsertContact | SetStage):
-                return await self._contact(account, action, context.idempotency_key)
+                return await self._contact(account, action, context.idempotency_key, pending)
         except CoercionError as error:
             raise PermanentCRMError(f"{TARGET}: {error}") from None
         raise PermanentCRMError(f"{TARGET}: cannot apply {type(action).__name__}")
 
+    async def execute_many(self, items: Sequence[tuple[Action, CallContext]]
+                           ) -> list[Outcome | Exception]:
+        """Apply actions in order, each person read once and written once for the whole batch
+        (`engine.targets.pipedrive.batch`). An action after one of its identity that must be
+        retried is not applied: it gets that error too."""
+        pending = PendingPeople()
+        results: list[Outcome | Exception] = []
+        blocked: dict[IdentityKey, Exception] = {}
+        for index, (action, context) in enumerate(items):
+            earlier = next((blocked[k] for k in action.identity if k in blocked), None)
+            if earlier is not None:
+                results.append(earlier)
+                continue
+            pending.index = index
+            try:
+                results.append(await self.execute(action, context, pending))
+            except CRMError as error:
+                results.append(error)
+                if isinstance(error, RetryableCRMError):
+                    blocked.update(dict.fromkeys(action.identity, error))
+        for index, failure in (await pending.send(self._api)).items():
+            results[index] = failure
+        return results
+
     # -- contacts --------------------------------------------------------------------------------
 
     async def _contact(self, account: Account, action: UpsertContact | SetStage,
-                       idempotency_key: str) -> Outcome:
+                       idempotency_key: str, pending: PendingPeople | None = None) -> Outcome:
         keys = self._keys(account, action.identity)
         sets = self._write(account, action.set if isinstance(action, UpsertContact) else {})
         once = self._write(account, action.set_once if isinstance(action, UpsertContact) else {})
@@ -144,13 +171,20 @@ class PipedriveTarget:
             return body
 
         async with self._locks.hold(f"person:{keys[0][0].field}:{keys[0][0].value}"):
-            person, created = await self._person(keys, idempotency_key, create_body)
+            known = pending.person(k for k, _ in keys) if pending is not None else None
+            person, created = (known, False) if known is not None else \
+                await self._person(keys, idempotency_key, create_body)
+            if pending is not None:
+                person = pending.known((k for k, _ in keys), person)
             if created:
                 return Outcome(str(person["id"]), f"created person {person['id']}", created=True)
             patch = self._patch(account, person, sets, once, ident, stage)
             if not patch:
                 return Outcome(str(person["id"]), f"person {person['id']} already up to date")
-            await self._api.patch(f"/persons/{person['id']}", patch)
+            if pending is not None:
+                pending.change(person, patch)  # written once, after the batch's last action
+            else:
+                await self._api.patch(f"/persons/{person['id']}", patch)
         changed = ", ".join(sorted(patch))
         return Outcome(str(person["id"]), f"updated person {person['id']} ({changed})")
 
@@ -291,7 +325,8 @@ class PipedriveTarget:
 
     # -- deals -----------------------------------------------------------------------------------
 
-    async def _deal(self, account: Account, action: CreateDeal, idempotency_key: str) -> Outcome:
+    async def _deal(self, account: Account, action: CreateDeal, idempotency_key: str,
+                    pending: PendingPeople | None = None) -> Outcome:
         if account.deal_key is None:
             raise PermanentCRMError(f"{TARGET}: no deal key field (targets.pipedrive.deal_key_"
                                     "field in fields.yaml)")
@@ -301,7 +336,7 @@ class PipedriveTarget:
             return Outcome(existing, f"deal {existing} already exists for this key")
         body = self._deal_body(account, action)
         contact = await self._contact(account, UpsertContact(action.rule, action.identity),
-                                      idempotency_key)
+                                      idempotency_key, pending)
         assert contact.record_id is not None
         body["person_id"] = int(contact.record_id)
         async with self._locks.hold(f"deal:{deal_key}"):
