@@ -21,12 +21,15 @@ A claim records its owner (a hash of the action's idempotency key) and its start
 of the same action (its response was lost after Pipedrive committed the create) recognises its
 own claim; because the search index may not show the record yet, it also lists the records
 updated since the claim (`GET /persons?updated_since=`, which reads without index lag) before
-creating. A claim older than `claim_timeout` belongs to a crashed worker: the next generation
-is claimed (again atomically: one winner) and recovers the same way. A holder that finishes
-marks its generation done, so a record deleted in Pipedrive later is re-created at the next
-generation without waiting or listing. In one process, actions on
-the same identity are also serialised by a lock, so set_once and forward-only stage reads
-cannot interleave; across processes the worker applies one identity's events in order.
+creating. Before that, a create whose answer timed out is waited out (Pipedrive may commit
+it as late as the timeout again, and neither search nor the list would show it yet), however
+soon the action comes back (`claims.Unanswered`). A claim older than `claim_timeout` belongs
+to a crashed worker: the next generation is claimed (again atomically: one winner) and
+recovers the same way. A holder that finishes marks its generation done, so a record deleted
+in Pipedrive later is re-created at the next generation without waiting or listing. In one
+process, actions on the same identity are also serialised by a lock, so set_once and
+forward-only stage reads cannot interleave; across processes the worker applies one
+identity's events in order.
 
 Requests are paced to the per-token burst limit and the Search API limit through shared
 `Pacer`s, and 429s honour Retry-After (see `engine.targets.pipedrive.api`).
@@ -50,7 +53,7 @@ from engine.targets.base import CallContext, IdentityStore, Outcome, RateLimitSt
 from engine.targets.pacing import Sleep
 from engine.targets.pipedrive.api import PipedriveAPI, Record, base_url_for, window_pacer
 from engine.targets.pipedrive.batch import PendingPeople
-from engine.targets.pipedrive.claims import Claim, Claims, KeyedLocks, Slots
+from engine.targets.pipedrive.claims import Claim, Claims, KeyedLocks, Slots, Unanswered
 from engine.targets.pipedrive.fields import DIALECT, Account, fetch_catalog, resolve, to_wire
 
 TARGET = "pipedrive"
@@ -100,6 +103,7 @@ class PipedriveTarget:
         self._account: Account | None = None
         self._start_lock = asyncio.Lock()
         self._locks = KeyedLocks()
+        self._unanswered = Unanswered(clock)
 
     async def start(self) -> Account:
         """Resolve field labels to keys, options and pipeline/stage names to ids (once).
@@ -287,6 +291,8 @@ class PipedriveTarget:
                                          lambda: self._mapped_person(keys))
         if not isinstance(claim, Claim):
             return claim, False
+        unanswered = f"person:{first.field}:{first.value}"
+        self._unanswered.check(unanswered, "person")
         person = await self._search_person(keys)
         if person is None and claim.recover_since is not None:
             person = await self._api.recent(
@@ -294,7 +300,9 @@ class PipedriveTarget:
                 lambda p: any(_holds(p, key=k, where=w) for k, w in keys))
         created = person is None
         if person is None:
-            person = (await self._api.post("/persons", create_body()))["data"]
+            body = create_body()
+            person = (await self._unanswered.send(
+                unanswered, lambda: self._api.post("/persons", body)))["data"]
         record_id = str(person["id"])
         winner = await self._ids.bind_identity(TARGET, first, record_id)
         for key, _ in keys[1:]:
@@ -346,6 +354,7 @@ class PipedriveTarget:
                                              lambda: self._ids.lookup_deal(TARGET, slot))
             if not isinstance(claim, Claim):
                 return Outcome(claim, f"deal {claim} already exists for this key")
+            self._unanswered.check(f"deal:{deal_key}", "deal")
 
             def holds(deal: Record) -> bool:
                 return (deal.get("custom_fields") or {}).get(key_field) == deal_key
@@ -355,7 +364,8 @@ class PipedriveTarget:
                 deal = await self._api.recent("/deals", claim.recover_since, [key_field], holds)
             created = deal is None
             if deal is None:
-                deal = (await self._api.post("/deals", body))["data"]
+                deal = (await self._unanswered.send(
+                    f"deal:{deal_key}", lambda: self._api.post("/deals", body)))["data"]
             winner = await self._ids.bind_deal(TARGET, slot, str(deal["id"]))
             await claim.finish(slots)
         what = "created deal" if created else "found existing deal"

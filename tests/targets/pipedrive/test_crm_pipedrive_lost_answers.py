@@ -1,20 +1,21 @@
-"""Pipedrive's batch path through the real worker when a deal create loses its answer: the
-create outlives the client's timeout and commits later, and the same batch's merged person
-write then fails, so the worker retries the event's earlier actions and applies the deal again.
-Exactly one deal, however the retry is scheduled."""
+"""A Pipedrive create that loses its answer (it outlives the client's timeout and commits
+later) is not sent again before it could have landed, however soon the create is applied again:
+exactly one record."""
 
 from __future__ import annotations
 
 import asyncio
 import random
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any, cast
 
 import httpx
 import pytest
 
+from engine.actions import CreateDeal, IdentityKey
+from engine.errors import RetryableCRMError
 from engine.storage import Storage
+from engine.targets.base import CallContext
 from engine.targets.pipedrive.target import PipedriveTarget
 from engine.worker.loop import Worker, WorkerOptions
 from engine.worker.retrying import RetryPolicy
@@ -27,24 +28,13 @@ from tests.support.worker_helpers import new_event, shipped_rules
 pytestmark = pytest.mark.anyio
 RULES = shipped_rules()
 TIMEOUT = 1.0  # the client's read timeout
-LATE = 1.6  # when the timed-out create commits: after the timeout, before as long again
-
-
-def story(token: str) -> list[tuple[str, dict[str, str]]]:
-    return [
-        ("install.tracked", {"token": token, "prefix": "invite", "campaign": "spring",
-                             "platform": "iOS"}),
-        ("referral.created", {"token": token, "referrer_token": "tok_ref"}),
-        ("referral.completed", {"token": token, "referrer_token": "tok_ref"}),
-        ("app.user_identified", {"token": token, "email": f"{token}@example.com",
-                                 "first_name": "Ada", "last_name": "L", "user_id": token}),
-    ]
+LATE = 1.4  # when a timed-out create commits: after the timeout, before as long again
 
 
 def first(method: str, path: str, after: Callable[[], bool] = lambda: True
           ) -> Callable[[dict[str, Any]], bool]:
-    """`exempt` for a FaultInjector at rate 1: only the first `method path...` once `after()`
-    holds is faulted."""
+    """`exempt` for a FaultInjector at rate 1: only the first `method path...` sent once
+    `after()` holds is faulted."""
     seen: list[str] = []
 
     def exempt(scope: dict[str, Any]) -> bool:
@@ -57,44 +47,67 @@ def first(method: str, path: str, after: Callable[[], bool] = lambda: True
     return exempt
 
 
-async def drain(worker: Worker, storage: Storage, events: int) -> None:
-    async with asyncio.timeout(60):
-        while True:
-            await worker.run_until_idle()
-            by_status = (await storage.inbox.stats()).by_status
-            if by_status.get("processed", 0) + by_status.get("dead", 0) >= events:
-                return
-            await asyncio.sleep(0.1)
-
-
-async def test_a_deal_create_that_commits_late_is_not_made_again_when_the_batch_is_retried(
-        storage: Storage) -> None:
+async def provisioned() -> PipedriveEmulator:
     emulator = PipedriveEmulator(api_token=PIPEDRIVE_TOKEN, search_lag=30.0,
                                  burst_limit=1000, search_limit=1000)
     emulator.add_pipeline(*PIPELINE)
     await provision_pipedrive_app(emulator, RULES.field_map)
+    return emulator
+
+
+def target(client: httpx.AsyncClient, url: str, storage: Storage) -> PipedriveTarget:
+    return PipedriveTarget(client, api_token=PIPEDRIVE_TOKEN, base_url=url,
+                           field_map=RULES.field_map, identities=storage.identities,
+                           rate_limits=storage.rate_limits, burst_limit=1000, search_limit=1000)
+
+
+async def test_a_deal_create_that_commits_late_is_not_made_again_when_the_batch_is_retried(
+        storage: Storage) -> None:
+    """One conversion in one batch: the person is created, its stage waits for the merged
+    PATCH at the end of the batch, and the deal create commits after the timeout. The PATCH
+    then fails (503): the worker retries the stage and applies the deal again at once, its
+    first answer dropped. Without the target's own wait the deal's retry searches and lists
+    before the late create has landed, and makes a second deal."""
+    emulator = await provisioned()
     slow = FaultInjector(cast(Any, emulator.app), rate=1.0, kinds=("slow",), slow_seconds=LATE,
                          exempt=first("POST", "/api/v2/deals"))
-    # The person's merged write after the lost deal create fails (retryably): the worker
-    # retries the event's upsert, then applies its stage and deal again.
     failing = FaultInjector(cast(Any, slow), rate=1.0, kinds=("server_error",),
                             exempt=first("PATCH", "/api/v2/persons/",
                                          after=lambda: bool(slow.injected)))
-    for event_type, data in story("tok_late")[2:3]:
-        await storage.inbox.store(new_event(event_type, data))
+    await storage.inbox.store(new_event("referral.completed",
+                                        {"token": "tok_late", "referrer_token": "tok_ref"}))
     with serve(failing) as url:
         async with httpx.AsyncClient(timeout=TIMEOUT) as client:
-            target = PipedriveTarget(client, api_token=PIPEDRIVE_TOKEN, base_url=url,
-                                     field_map=RULES.field_map, identities=storage.identities,
-                                     rate_limits=storage.rate_limits, burst_limit=1000,
-                                     search_limit=1000)
-            await target.start()
-            worker = Worker(storage, RULES, [target], options=WorkerOptions(
-                policy=RetryPolicy(base=0.01, cap=0.02, rng=random.Random(1))))
-            await drain(worker, storage, 1)
+            worker = Worker(storage, RULES, [target(client, url, storage)],
+                            options=WorkerOptions(policy=RetryPolicy(
+                                base=0.01, cap=0.02, rng=random.Random(1))))
+            async with asyncio.timeout(60):
+                while not (await storage.inbox.stats()).by_status.get("processed"):
+                    await worker.run_until_idle()
+                    await asyncio.sleep(0.1)
         await asyncio.sleep(LATE)  # a create still sleeping in the emulator lands too
     assert slow.injected == {"slow": 1} and failing.injected == {"server_error": 1}
-    statuses = (await storage.inbox.stats()).by_status
-    assert {k: v for k, v in statuses.items() if v} == {"processed": 1}
     [person] = emulator.live("person")
     assert [d["person_id"] for d in emulator.live("deal")] == [person["id"]]
+
+
+async def test_a_create_without_an_answer_is_waited_out_before_its_record_is_looked_for(
+        storage: Storage) -> None:
+    emulator = await provisioned()
+    slow = FaultInjector(cast(Any, emulator.app), rate=1.0, kinds=("slow",), slow_seconds=LATE,
+                         exempt=first("POST", "/api/v2/deals"))
+    deal = CreateDeal("r", (IdentityKey("deep_link_token", "tok_late"),), key="referral-late")
+    with serve(slow) as url:
+        async with httpx.AsyncClient(timeout=TIMEOUT) as client:
+            pipedrive = target(client, url, storage)
+            [lost] = await pipedrive.execute_many([(deal, CallContext("k"))])
+            assert isinstance(lost, RetryableCRMError) and lost.retry_after == TIMEOUT
+            [early] = await pipedrive.execute_many([(deal, CallContext("k"))])  # at once
+            assert isinstance(early, RetryableCRMError) and "may still land" in str(early)
+            assert early.retry_after is not None and 0 < early.retry_after <= TIMEOUT
+            assert emulator.calls["GET /api/v2/deals/search"] == 1  # not looked for again
+            await asyncio.sleep(early.retry_after)
+            [found] = await pipedrive.execute_many([(deal, CallContext("k"))])
+    assert not isinstance(found, Exception) and not found.created
+    assert emulator.calls["POST /api/v2/deals"] == 1
+    assert [str(d["id"]) for d in emulator.live("deal")] == [found.record_id]
