@@ -100,7 +100,7 @@ class Unanswered:
     with what is left of the wait. Kept in this process: another worker takes an action over
     only once its lease has run out.
 
-        unanswered.check("deal:referral-tok_1")            # before the search and the create
+        unanswered.check("deal:referral-tok_1", "deal")    # before the search and the create
         deal = await unanswered.send("deal:referral-tok_1", lambda: api.post("/deals", body))
     """
 
@@ -120,7 +120,9 @@ class Unanswered:
             return await create()
         except RetryableCRMError as error:
             if error.retry_after is not None:
-                self.until[key] = max(self.until.get(key, 0.0), self.clock() + error.retry_after)
+                now = self.clock()
+                self.until = {k: t for k, t in self.until.items() if t > now}  # waits over
+                self.until[key] = max(self.until.get(key, 0.0), now + error.retry_after)
             raise
 
 
