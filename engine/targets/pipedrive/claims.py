@@ -6,7 +6,7 @@ import asyncio
 import hashlib
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TypeVar
 
 from engine.errors import RetryableCRMError
@@ -85,6 +85,45 @@ class Claims:
                     return None
                 since = started if since is None else min(since, started)  # holder crashed
             generation += 1  # finished or abandoned: the next generation is free to claim
+
+
+@dataclass
+class Unanswered:
+    """Creates that must be waited out before their record is found-or-created again.
+
+    A create whose answer timed out may still be committed by Pipedrive, as late as the
+    timeout again (`engine.targets.http.send`: the RetryableCRMError carries that wait); until
+    then neither search nor a list shows the record, so a second create would duplicate it.
+    The worker's retry waits for it, but a batch can apply the create again sooner (another
+    call's error in the batch replaces its answer, and the actions after a retried one are
+    applied again at once), so the target itself refuses: `check` raises RetryableCRMError
+    with what is left of the wait. Kept in this process: another worker takes an action over
+    only once its lease has run out.
+
+        unanswered.check("deal:referral-tok_1", "deal")    # before the search and the create
+        deal = await unanswered.send("deal:referral-tok_1", lambda: api.post("/deals", body))
+    """
+
+    clock: Callable[[], float]
+    until: dict[str, float] = field(default_factory=dict)
+
+    def check(self, key: str, what: str) -> None:
+        wait = self.until.get(key, 0.0) - self.clock()
+        if wait > 0:
+            raise RetryableCRMError(f"pipedrive: an earlier create of this {what} got no "
+                                    "answer and may still land", retry_after=wait)
+        self.until.pop(key, None)
+
+    async def send(self, key: str, create: Callable[[], Awaitable[T]]) -> T:
+        """`create()`; when it fails with a wait, the next `check` of `key` waits it out too."""
+        try:
+            return await create()
+        except RetryableCRMError as error:
+            if error.retry_after is not None:
+                now = self.clock()
+                self.until = {k: t for k, t in self.until.items() if t > now}  # waits over
+                self.until[key] = max(self.until.get(key, 0.0), now + error.retry_after)
+            raise
 
 
 class KeyedLocks:

@@ -21,12 +21,15 @@ A claim records its owner (a hash of the action's idempotency key) and its start
 of the same action (its response was lost after Pipedrive committed the create) recognises its
 own claim; because the search index may not show the record yet, it also lists the records
 updated since the claim (`GET /persons?updated_since=`, which reads without index lag) before
-creating. A claim older than `claim_timeout` belongs to a crashed worker: the next generation
-is claimed (again atomically: one winner) and recovers the same way. A holder that finishes
-marks its generation done, so a record deleted in Pipedrive later is re-created at the next
-generation without waiting or listing. In one process, actions on
-the same identity are also serialised by a lock, so set_once and forward-only stage reads
-cannot interleave; across processes the worker applies one identity's events in order.
+creating. Before that, a create whose answer timed out is waited out (Pipedrive may commit
+it as late as the timeout again, and neither search nor the list would show it yet), however
+soon the action comes back (`claims.Unanswered`). A claim older than `claim_timeout` belongs
+to a crashed worker: the next generation is claimed (again atomically: one winner) and
+recovers the same way. A holder that finishes marks its generation done, so a record deleted
+in Pipedrive later is re-created at the next generation without waiting or listing. In one
+process, actions on the same identity are also serialised by a lock, so set_once and
+forward-only stage reads cannot interleave; across processes the worker applies one
+identity's events in order.
 
 Requests are paced to the per-token burst limit and the Search API limit through shared
 `Pacer`s, and 429s honour Retry-After (see `engine.targets.pipedrive.api`).
@@ -38,18 +41,19 @@ import asyncio
 import functools
 import hashlib
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import httpx
 
 from engine.actions import JSON, Action, CreateDeal, Fields, IdentityKey, SetStage, UpsertContact
 from engine.config.fieldmap import CoercionError, FieldMap
-from engine.errors import PermanentCRMError
+from engine.errors import CRMError, PermanentCRMError, RetryableCRMError
 from engine.targets.base import CallContext, IdentityStore, Outcome, RateLimitStore
 from engine.targets.pacing import Sleep
 from engine.targets.pipedrive.api import PipedriveAPI, Record, base_url_for, window_pacer
-from engine.targets.pipedrive.claims import Claim, Claims, KeyedLocks, Slots
+from engine.targets.pipedrive.batch import PendingPeople
+from engine.targets.pipedrive.claims import Claim, Claims, KeyedLocks, Slots, Unanswered
 from engine.targets.pipedrive.fields import DIALECT, Account, fetch_catalog, resolve, to_wire
 
 TARGET = "pipedrive"
@@ -79,6 +83,7 @@ class PipedriveTarget:
     """
 
     name = TARGET
+    batch_records = 10  # persons per batch: each is several paced requests, not one input
 
     def __init__(self, client: httpx.AsyncClient, *, api_token: str, field_map: FieldMap,
                  identities: IdentityStore, rate_limits: RateLimitStore,
@@ -98,6 +103,7 @@ class PipedriveTarget:
         self._account: Account | None = None
         self._start_lock = asyncio.Lock()
         self._locks = KeyedLocks()
+        self._unanswered = Unanswered(clock)
 
     async def start(self) -> Account:
         """Resolve field labels to keys, options and pipeline/stage names to ids (once).
@@ -110,21 +116,46 @@ class PipedriveTarget:
     async def aclose(self) -> None:
         """Nothing to release: the injected client belongs to the caller."""
 
-    async def execute(self, action: Action, context: CallContext) -> Outcome:
+    async def execute(self, action: Action, context: CallContext,
+                      pending: PendingPeople | None = None) -> Outcome:
         account = self._account or await self.start()
         try:
             if isinstance(action, CreateDeal):
-                return await self._deal(account, action, context.idempotency_key)
+                return await self._deal(account, action, context.idempotency_key, pending)
             if isinstance(action, UpsertContact | SetStage):
-                return await self._contact(account, action, context.idempotency_key)
+                return await self._contact(account, action, context.idempotency_key, pending)
         except CoercionError as error:
             raise PermanentCRMError(f"{TARGET}: {error}") from None
         raise PermanentCRMError(f"{TARGET}: cannot apply {type(action).__name__}")
 
+    async def execute_many(self, items: Sequence[tuple[Action, CallContext]]
+                           ) -> list[Outcome | Exception]:
+        """Apply actions in order, each person read once and written once for the whole batch
+        (`engine.targets.pipedrive.batch`). An action after one of its identity that must be
+        retried is not applied: it gets that error too."""
+        pending = PendingPeople()
+        results: list[Outcome | Exception] = []
+        blocked: dict[IdentityKey, Exception] = {}
+        for index, (action, context) in enumerate(items):
+            earlier = next((blocked[k] for k in action.identity if k in blocked), None)
+            if earlier is not None:
+                results.append(earlier)
+                continue
+            pending.index = index
+            try:
+                results.append(await self.execute(action, context, pending))
+            except CRMError as error:
+                results.append(error)
+                if isinstance(error, RetryableCRMError):
+                    blocked.update(dict.fromkeys(action.identity, error))
+        for index, failure in (await pending.send(self._api)).items():
+            results[index] = failure
+        return results
+
     # -- contacts --------------------------------------------------------------------------------
 
     async def _contact(self, account: Account, action: UpsertContact | SetStage,
-                       idempotency_key: str) -> Outcome:
+                       idempotency_key: str, pending: PendingPeople | None = None) -> Outcome:
         keys = self._keys(account, action.identity)
         sets = self._write(account, action.set if isinstance(action, UpsertContact) else {})
         once = self._write(account, action.set_once if isinstance(action, UpsertContact) else {})
@@ -144,13 +175,20 @@ class PipedriveTarget:
             return body
 
         async with self._locks.hold(f"person:{keys[0][0].field}:{keys[0][0].value}"):
-            person, created = await self._person(keys, idempotency_key, create_body)
+            known = pending.person(k for k, _ in keys) if pending is not None else None
+            person, created = (known, False) if known is not None else \
+                await self._person(keys, idempotency_key, create_body)
+            if pending is not None:
+                person = pending.known((k for k, _ in keys), person)
             if created:
                 return Outcome(str(person["id"]), f"created person {person['id']}", created=True)
             patch = self._patch(account, person, sets, once, ident, stage)
             if not patch:
                 return Outcome(str(person["id"]), f"person {person['id']} already up to date")
-            await self._api.patch(f"/persons/{person['id']}", patch)
+            if pending is not None:
+                pending.change(person, patch)  # written once, after the batch's last action
+            else:
+                await self._api.patch(f"/persons/{person['id']}", patch)
         changed = ", ".join(sorted(patch))
         return Outcome(str(person["id"]), f"updated person {person['id']} ({changed})")
 
@@ -253,6 +291,8 @@ class PipedriveTarget:
                                          lambda: self._mapped_person(keys))
         if not isinstance(claim, Claim):
             return claim, False
+        unanswered = f"person:{first.field}:{first.value}"
+        self._unanswered.check(unanswered, "person")
         person = await self._search_person(keys)
         if person is None and claim.recover_since is not None:
             person = await self._api.recent(
@@ -260,7 +300,9 @@ class PipedriveTarget:
                 lambda p: any(_holds(p, key=k, where=w) for k, w in keys))
         created = person is None
         if person is None:
-            person = (await self._api.post("/persons", create_body()))["data"]
+            body = create_body()
+            person = (await self._unanswered.send(
+                unanswered, lambda: self._api.post("/persons", body)))["data"]
         record_id = str(person["id"])
         winner = await self._ids.bind_identity(TARGET, first, record_id)
         for key, _ in keys[1:]:
@@ -291,7 +333,8 @@ class PipedriveTarget:
 
     # -- deals -----------------------------------------------------------------------------------
 
-    async def _deal(self, account: Account, action: CreateDeal, idempotency_key: str) -> Outcome:
+    async def _deal(self, account: Account, action: CreateDeal, idempotency_key: str,
+                    pending: PendingPeople | None = None) -> Outcome:
         if account.deal_key is None:
             raise PermanentCRMError(f"{TARGET}: no deal key field (targets.pipedrive.deal_key_"
                                     "field in fields.yaml)")
@@ -301,7 +344,7 @@ class PipedriveTarget:
             return Outcome(existing, f"deal {existing} already exists for this key")
         body = self._deal_body(account, action)
         contact = await self._contact(account, UpsertContact(action.rule, action.identity),
-                                      idempotency_key)
+                                      idempotency_key, pending)
         assert contact.record_id is not None
         body["person_id"] = int(contact.record_id)
         async with self._locks.hold(f"deal:{deal_key}"):
@@ -311,6 +354,7 @@ class PipedriveTarget:
                                              lambda: self._ids.lookup_deal(TARGET, slot))
             if not isinstance(claim, Claim):
                 return Outcome(claim, f"deal {claim} already exists for this key")
+            self._unanswered.check(f"deal:{deal_key}", "deal")
 
             def holds(deal: Record) -> bool:
                 return (deal.get("custom_fields") or {}).get(key_field) == deal_key
@@ -320,7 +364,8 @@ class PipedriveTarget:
                 deal = await self._api.recent("/deals", claim.recover_since, [key_field], holds)
             created = deal is None
             if deal is None:
-                deal = (await self._api.post("/deals", body))["data"]
+                deal = (await self._unanswered.send(
+                    f"deal:{deal_key}", lambda: self._api.post("/deals", body)))["data"]
             winner = await self._ids.bind_deal(TARGET, slot, str(deal["id"]))
             await claim.finish(slots)
         what = "created deal" if created else "found existing deal"

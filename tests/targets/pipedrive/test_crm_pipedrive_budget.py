@@ -1,4 +1,5 @@
-"""Pipedrive's spent daily token budget fails calls at once instead of hanging the target."""
+"""Pipedrive's daily token budget: a spent budget fails calls at once instead of hanging the
+target, and a batch spends as few tokens per person as the API allows."""
 
 from __future__ import annotations
 
@@ -8,18 +9,20 @@ from pathlib import Path
 import httpx
 import pytest
 
-from engine.actions import IdentityKey, SetStage
+from engine.actions import Action, IdentityKey, SetStage
 from engine.errors import RetryableCRMError
+from engine.rules.evaluator import plan
 from engine.rules.files import load_ruleset
 from engine.storage import open_storage
-from engine.targets.base import CallContext
+from engine.targets.base import CallContext, Outcome
 from engine.targets.pipedrive.target import PipedriveTarget
 from tests.emulators.pipedrive import PipedriveEmulator
 from tests.support.crm_stack import PIPEDRIVE_TOKEN, PIPELINE, provision_pipedrive_app
 from tests.support.paths import REPO
 
 pytestmark = pytest.mark.anyio
-FIELD_MAP = load_ruleset([REPO / "rules"]).field_map
+RULES = load_ruleset([REPO / "rules"])
+FIELD_MAP = RULES.field_map
 
 
 
@@ -53,3 +56,54 @@ async def test_a_spent_budget_fails_every_call_fast_until_it_resets(tmp_path: Pa
     assert first.value.retry_after is not None and first.value.retry_after > 30
     assert later.value.retry_after is not None and later.value.retry_after > 30
     assert sum(emulator.calls.values()) == sent  # nothing more was sent
+
+
+def person_story(token: str) -> list[tuple[Action, CallContext]]:
+    events = [
+        {"event": "install.tracked", "timestamp": "2026-03-01T09:30:00Z",
+         "data": {"token": token, "prefix": "invite", "campaign": "spring", "platform": "iOS"}},
+        {"event": "referral.created", "timestamp": "2026-03-02T10:00:00Z",
+         "data": {"token": token, "referrer_token": "ref_grace"}},
+        {"event": "referral.completed", "timestamp": "2026-03-05T12:00:00Z",
+         "data": {"token": token, "referrer_token": "ref_grace"}},
+        {"event": "app.user_identified", "timestamp": "2026-03-06T08:00:00Z",
+         "data": {"token": token, "email": f"{token}@example.com", "first_name": "Ada",
+                  "last_name": "L", "user_id": "u_42"}},
+    ]
+    return [(action, CallContext(f"{token}:{n}:{i}"))
+            for n, event in enumerate(events)
+            for i, action in enumerate(plan(event, RULES).actions)]
+
+
+@pytest.mark.parametrize("batched", [False, True])
+async def test_a_batch_reads_and_writes_each_person_once(tmp_path: Path, batched: bool) -> None:
+    """A new person's whole story (8 actions): one by one, every action after the first reads
+    the person again (1 token) and most write it (5 each): 82 tokens. In one batch the person
+    is searched (20) and created (5), written once with every later change (5), and its deal
+    searched (20) and created (5): 55 tokens, and the same person and deal."""
+    emulator = PipedriveEmulator(api_token=PIPEDRIVE_TOKEN)
+    emulator.add_pipeline(*PIPELINE)
+    await provision_pipedrive_app(emulator, FIELD_MAP)
+    async with open_storage(f"sqlite:///{tmp_path / 'linkcrm.db'}") as storage:
+        await storage.migrate()
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=emulator.app)) as client:
+            target = PipedriveTarget(client, api_token=PIPEDRIVE_TOKEN,
+                                     base_url="http://pipedrive.test", field_map=FIELD_MAP,
+                                     identities=storage.identities,
+                                     rate_limits=storage.rate_limits, burst_limit=1000,
+                                     search_limit=1000)
+            await target.start()
+            emulator.reset_usage()
+            items = person_story("tok_1")
+            if batched:
+                results = await target.execute_many(items)
+            else:
+                results = [await target.execute(*item) for item in items]
+    assert all(isinstance(r, Outcome) for r in results), results
+    assert emulator.tokens_used == (55 if batched else 82)
+    [person] = emulator.live("person")
+    custom = person["custom_fields"]
+    assert person["emails"][0]["value"] == "tok_1@example.com" and person["name"] == "Ada L"
+    assert custom[emulator.field_key("person", "Deep link token")] == "tok_1"
+    assert custom[emulator.field_key("person", "First-touch campaign")] == "spring"
+    assert len(emulator.live("deal")) == 1
