@@ -91,9 +91,11 @@ class GroupCommitWriter:
         result: T = await self._submit(run, None, None)
         return result
 
-    async def run_bulk(self, handler: BulkHandler, item: object) -> Any:
-        """Queue `item`; the next batch passes every queued item of `handler` to one call."""
-        return await self._submit(None, handler, item)
+    def run_bulk(self, handler: BulkHandler, item: object) -> asyncio.Future[Any]:
+        """Queue `item`; the next batch passes every queued item of `handler` to one call.
+        Await the answer. (The future itself, not a coroutine around it: one frame less per
+        stored event.)"""
+        return self._submit(None, handler, item)
 
     def _submit(
         self, run: Callable[[sqlite3.Connection], Any] | None, bulk: BulkHandler | None,
