@@ -24,7 +24,7 @@ from engine.storage.records import lone_surrogate
 
 # Headers kept with the event: enough to debug a delivery, nothing secret (no signature).
 KEPT_HEADERS = ("content-type", "user-agent", "x-webhook-event")
-_KEPT = frozenset(name.encode() for name in KEPT_HEADERS)
+_KEPT = {name.encode(): name for name in KEPT_HEADERS}
 
 
 class Rejected(Exception):
@@ -58,14 +58,15 @@ def read_head(scope: Scope) -> Head:
     kept: dict[str, str] = {}
     for raw_name, value in scope["headers"]:
         name = raw_name.lower()
-        if name == b"content-length":
-            content_length = value
+        kept_name = _KEPT.get(name)
+        if kept_name is not None:
+            kept[kept_name] = value[:200].decode("latin-1")
         elif name == b"x-webhook-signature":
             signature = value
+        elif name == b"content-length":
+            content_length = value
         elif name == b"authorization":
             authorization = value
-        if name in _KEPT:
-            kept[name.decode("latin-1")] = value[:200].decode("latin-1")
     return Head(content_length, signature, authorization, kept.get("x-webhook-event"), kept)
 
 

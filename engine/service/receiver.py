@@ -19,6 +19,7 @@ from collections.abc import Callable
 from jsonschema import Draft202012Validator
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
+from starlette.types import Receive, Scope
 
 from engine.config.resources import validator
 from engine.errors import StorageError, UnstorableEventError
@@ -88,9 +89,14 @@ class Receiver:
         self._event_labels: set[str] = set()
 
     async def webhook(self, request: Request) -> Response:
-        """`POST /webhooks/tolinku`: the hot path, thousands of deliveries a second."""
-        head = read_head(request.scope)
-        body = await self._read(request, head, _signed)
+        """`POST /webhooks/tolinku` as a Starlette endpoint."""
+        return await self.answer_webhook(request.scope, request.receive)
+
+    async def answer_webhook(self, scope: Scope, receive: Receive) -> Response:
+        """`POST /webhooks/tolinku`: the hot path, thousands of deliveries a second. The app
+        calls it straight from ASGI, without a Request object (engine/service/app.py)."""
+        head = read_head(scope)
+        body = await self._read(receive, head, _signed)
         if isinstance(body, Response):
             return body
         try:
@@ -120,7 +126,7 @@ class Receiver:
         head = read_head(request.scope)
         if not authorized(head, self.api_keys):
             return refuse(self.metrics, Rejected("unauthorized", 401), close=True)
-        body = await self._read(request, head, _anything)
+        body = await self._read(request.receive, head, _anything)
         if isinstance(body, Response):
             return body
         received_at = self.clock()
@@ -143,7 +149,7 @@ class Receiver:
         ))
 
     async def _read(
-        self, request: Request, head: Head, admit: Callable[[Head], None]
+        self, receive: Receive, head: Head, admit: Callable[[Head], None]
     ) -> bytes | Response:
         """The body, read under the size cap and the deadline once the declared size and
         `admit` pass; otherwise the answer, which closes the connection (the rest of the
@@ -152,7 +158,7 @@ class Receiver:
         try:
             check_declared_size(head, limit)
             admit(head)
-            return await read_body(request.receive, limit, self.settings.request_timeout)
+            return await read_body(receive, limit, self.settings.request_timeout)
         except Rejected as error:
             return refuse(self.metrics, error, close=True)
         except ClientDisconnect:

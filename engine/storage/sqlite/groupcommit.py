@@ -91,9 +91,11 @@ class GroupCommitWriter:
         result: T = await self._submit(run, None, None)
         return result
 
-    async def run_bulk(self, handler: BulkHandler, item: object) -> Any:
-        """Queue `item`; the next batch passes every queued item of `handler` to one call."""
-        return await self._submit(None, handler, item)
+    def run_bulk(self, handler: BulkHandler, item: object) -> asyncio.Future[Any]:
+        """Queue `item`; the next batch passes every queued item of `handler` to one call.
+        Await the answer. (The future itself, not a coroutine around it: one frame less per
+        stored event.)"""
+        return self._submit(None, handler, item)
 
     def _submit(
         self, run: Callable[[sqlite3.Connection], Any] | None, bulk: BulkHandler | None,
@@ -179,11 +181,14 @@ class GroupCommitWriter:
             connection = self._get_connection()
             changes = connection.total_changes
             connection.execute("BEGIN IMMEDIATE")
+            first = True  # nothing written yet in this transaction
             for handler, indexes in bulk_groups.items():
                 items = [batch[i].item for i in indexes]
-                for index, outcome in zip(indexes, self._bulk(connection, handler, items),
+                for index, outcome in zip(indexes,
+                                          self._bulk(connection, handler, items, first=first),
                                           strict=True):
                     outcomes[index] = outcome
+                first = False
             for index, job in enumerate(batch):
                 if job.run is not None:
                     outcomes[index] = self._guarded(connection, job.run)
@@ -203,11 +208,20 @@ class GroupCommitWriter:
         return [outcomes[index] for index in range(len(batch))]
 
     def _bulk(
-        self, connection: sqlite3.Connection, handler: BulkHandler, items: list[Any]
+        self, connection: sqlite3.Connection, handler: BulkHandler, items: list[Any], *,
+        first: bool = False,
     ) -> list[tuple[Any, BaseException | None]]:
         """Every item with one handler call; when that call fails on an item's data, each
-        item alone. A database failure propagates and takes the whole batch down."""
-        outcome = self._guarded(connection, lambda c: handler(c, items))
+        item alone. A database failure propagates and takes the whole batch down.
+
+        The `first` write of a transaction needs no savepoint: rolling the transaction back
+        undoes exactly that call. Two statements fewer per commit, each a GIL hand-off for
+        the writer thread while the event loop is busy (the receiver's batches are all this).
+        """
+        if first:
+            outcome = _unguarded(connection, lambda c: handler(c, items))
+        else:
+            outcome = self._guarded(connection, lambda c: handler(c, items))
         if outcome[1] is None:
             return [_refused_or(value) for value in outcome[0]]
         if len(items) == 1:
@@ -278,6 +292,22 @@ def fails_one_job(error: Exception) -> bool:
         return True
     return isinstance(error, sqlite3.IntegrityError | sqlite3.DataError | sqlite3.ProgrammingError
                       | sqlite3.InterfaceError)
+
+
+def _unguarded(
+    connection: sqlite3.Connection, run: Callable[[sqlite3.Connection], Any]
+) -> tuple[Any, BaseException | None]:
+    """`run` as the first write of the open transaction: when it fails on its own data, the
+    transaction is rolled back and begun again, as a savepoint would have been; a database
+    failure propagates and takes the whole batch down."""
+    try:
+        return run(connection), None
+    except Exception as error:
+        if not fails_one_job(error):
+            raise
+        connection.execute("ROLLBACK")
+        connection.execute("BEGIN IMMEDIATE")
+        return None, error
 
 
 def _one(handler: BulkHandler, item: Any) -> Callable[[sqlite3.Connection], Any]:
