@@ -1,13 +1,15 @@
 """The leases of every event a worker has in flight, kept by one task for all of them.
 
     keeper = LeaseKeeper(storage.inbox, worker_id, lease_seconds=60)
+    keeper.claimed(event_ids)       # as soon as a claim returns: kept while being planned
     keeper.hold(event_id, task)     # when the event's task starts
-    keeper.release(event_id, task)  # when it ends, however it ends
+    keeper.release(event_id, task)  # when it ends, however it ends (None: it never started)
     await keeper.aclose()           # when the worker stops
 
 Every third of a lease, one write extends them all (`Inbox.extend_leases`). An event whose
 lease another worker has taken (this one paused past its lease) has its task cancelled rather
-than raced: its keys and idempotency make that safe, and the other worker finishes it.
+than raced: its keys and idempotency make that safe, and the other worker finishes it. One
+lost before its task started is never started (`lost`).
 """
 
 from __future__ import annotations
@@ -28,17 +30,38 @@ class LeaseKeeper:
         self.inbox = inbox
         self.worker_id = worker_id
         self.lease_seconds = lease_seconds
-        self._held: dict[int, asyncio.Task[None]] = {}  # event id -> its task
+        # event id -> its task (None: claimed, still being planned)
+        self._held: dict[int, asyncio.Task[None] | None] = {}
+        self._lost: set[int] = set()  # lost while being planned
         self._keeper: asyncio.Task[None] | None = None
+
+    def claimed(self, event_ids: list[int]) -> None:
+        """Keep the leases of a claim from the moment it returns: planning a large claim
+        on a busy machine may take a good part of a lease."""
+        for event_id in event_ids:
+            self._held.setdefault(event_id, None)
+        self._start()
 
     def hold(self, event_id: int, task: asyncio.Task[None]) -> None:
         self._held[event_id] = task
-        if self._keeper is None or self._keeper.done():
-            self._keeper = asyncio.create_task(self._keep(), name="linkcrm-lease-keeper")
+        self._start()
 
-    def release(self, event_id: int, task: asyncio.Task[None]) -> None:
-        if self._held.get(event_id) is task:
+    def release(self, event_id: int, task: asyncio.Task[None] | None) -> None:
+        if event_id in self._held and self._held[event_id] is task:
             del self._held[event_id]
+        if task is None:
+            self._lost.discard(event_id)
+
+    def lost(self, event_id: int) -> bool:
+        """Whether the event's lease was lost before its task started (asked once)."""
+        if event_id in self._lost:
+            self._lost.discard(event_id)
+            return True
+        return False
+
+    def _start(self) -> None:
+        if self._held and (self._keeper is None or self._keeper.done()):
+            self._keeper = asyncio.create_task(self._keep(), name="linkcrm-lease-keeper")
 
     async def aclose(self) -> None:
         if self._keeper is not None:
@@ -58,6 +81,11 @@ class LeaseKeeper:
                     "where": where(error)})
                 continue
             for event_id, task in held.items():
-                if event_id not in kept and self._held.get(event_id) is task:
+                if event_id not in kept and event_id in self._held \
+                        and self._held[event_id] is task:
                     log.warning("lease lost; abandoning the event", extra={"event_id": event_id})
-                    task.cancel()
+                    if task is None:
+                        del self._held[event_id]
+                        self._lost.add(event_id)
+                    else:
+                        task.cancel()

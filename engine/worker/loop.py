@@ -224,7 +224,12 @@ class Worker:
                     await self._wait_for_change(self.options.poll_interval * 5)
                     continue
             if claimed:
-                await self._start(claimed)
+                self.leases.claimed([event.id for event in claimed])
+                try:
+                    await self._start(claimed)
+                finally:  # those that did not start (released, buried) are not kept
+                    for event in claimed:
+                        self.leases.release(event.id, None)
                 continue
             if until_idle and not self._tasks:
                 return
@@ -260,12 +265,15 @@ class Worker:
                                    for e in events))
             return
         for job, result in zip(jobs, begun, strict=True):
+            if self.leases.lost(job.event.id):
+                continue  # another worker has it now
             if isinstance(result, Exception):
                 await self._bury(job.event, result)
                 continue
             if isinstance(result, BaseException):
                 raise result
             task = asyncio.create_task(self._process(job), name=f"linkcrm-event-{job.event.id}")
+            self.leases.hold(job.event.id, task)
             self._tasks.add(task)
             task.add_done_callback(self._finished)
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from engine.rules.model import RuleSet
-from engine.storage import Storage
+from engine.storage import InboxEvent, Storage
 from engine.worker.loop import Worker, WorkerOptions
 from tests.support.worker_helpers import FakeTarget, store, wait_until, write_rules
 
@@ -83,3 +83,67 @@ async def _all_processed(storage: Storage, ids: list[int]) -> bool:
         if event is None or event.status != "processed":
             return False
     return True
+
+
+async def test_a_claim_keeps_its_leases_while_it_is_being_planned(
+    storage: Storage, rules: RuleSet, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Planning a large claim on a busy machine can take a good part of a lease: the leases
+    # are kept from the moment the claim returns, not from when each event starts.
+    target = FakeTarget()
+    ids = [await store(storage, "install.tracked", token=f"tok_{n}") for n in range(3)]
+    worker = Worker(storage, rules, [target], options=WorkerOptions(lease_seconds=LEASE))
+    slow_planning = asyncio.Event()
+    choose = worker.pinned.ruleset_for
+
+    async def slow(event: InboxEvent, active: RuleSet) -> RuleSet:
+        slow_planning.set()
+        await asyncio.sleep(LEASE * 2)
+        return await choose(event, active)
+
+    monkeypatch.setattr(worker.pinned, "ruleset_for", slow)
+    running = asyncio.create_task(worker.run())
+    try:
+        await slow_planning.wait()
+        for _ in range(4):  # two lease lengths of planning: nobody else may take them
+            await asyncio.sleep(LEASE / 2)
+            assert await storage.inbox.claim("another-worker", 10, LEASE) == []
+        await wait_until(lambda: _all_processed(storage, ids), what="the events to finish")
+    finally:
+        worker.stop()
+        await running
+    assert sorted(event_id for event_id, _, _ in target.calls) == sorted(ids * 2)
+
+
+async def test_an_event_lost_while_its_claim_is_planned_is_never_started(
+    storage: Storage, rules: RuleSet, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    target = FakeTarget()
+    lost = await store(storage, "install.tracked", token="tok_lost")
+    kept = await store(storage, "install.tracked", token="tok_kept")
+    worker = Worker(storage, rules, [target], options=WorkerOptions(lease_seconds=LEASE))
+    extend = storage.inbox.extend_leases
+    extended = asyncio.Event()
+
+    async def taken_over(event_ids: list[int], worker_id: str, lease_seconds: float) -> set[int]:
+        kept_ids = await extend([e for e in event_ids if e != lost], worker_id, lease_seconds)
+        extended.set()
+        return kept_ids
+
+    choose = worker.pinned.ruleset_for
+
+    async def planned_after_a_renewal(event: InboxEvent, active: RuleSet) -> RuleSet:
+        await extended.wait()
+        return await choose(event, active)
+
+    monkeypatch.setattr(storage.inbox, "extend_leases", taken_over)
+    monkeypatch.setattr(worker.pinned, "ruleset_for", planned_after_a_renewal)
+    running = asyncio.create_task(worker.run())
+    try:
+        await wait_until(lambda: _all_processed(storage, [kept]), what="the kept event")
+    finally:
+        worker.stop()
+        await running
+    assert {event_id for event_id, _, _ in target.calls} == {kept}
+    event = await storage.inbox.get(lost)
+    assert event is not None and event.status == "received"  # left to whoever holds it
