@@ -198,20 +198,19 @@ class Applier:
         except Exception as error:  # the whole write: its first action's attempt
             answers = [error]
         result = PartResult(target.name, done=True)
-        written: list[tuple[KeyedAction, NewOutcome]] = []
+        written: list[NewOutcome] = []
         for keyed, answer in zip(actions, answers, strict=False):
             if isinstance(answer, Outcome):
-                written.append((keyed, self._row(event, target, keyed, "ok", outcome=answer)))
+                written.append(self._row(event, target, keyed, "ok", outcome=answer))
             elif isinstance(answer, PermanentCRMError):
-                written.append((keyed, self._row(event, target, keyed, "dead",
-                                                 error=str(answer))))
+                written.append(self._row(event, target, keyed, "dead", error=str(answer)))
                 result.dead.append(_dead_line(target.name, keyed, str(answer)))
             else:
                 break
         if written:
-            await self.outcomes.record_many([row for _, row in written])
-        for keyed, row in written:
-            self._count(event, target, keyed, row.status)
+            await self.outcomes.record_many(written)
+        for row in written:
+            self._count(row)
         position = len(written)
         if position == len(actions):
             return result
@@ -256,11 +255,11 @@ class Applier:
             except RetryableCRMError as error:
                 message, retry_after = str(error), error.retry_after
             except PermanentCRMError as error:
-                await self._record(event, target, keyed, "dead", error=str(error))
+                await self._record(self._row(event, target, keyed, "dead", error=str(error)))
                 return _dead_line(target.name, keyed, str(error))
             except UnstorableValueError as error:  # from the identity map: never retried
                 message = f"{target.name}: {error}"
-                await self._record(event, target, keyed, "dead", error=message)
+                await self._record(self._row(event, target, keyed, "dead", error=message))
                 return _dead_line(target.name, keyed, message)
             except Exception as error:  # an adapter bug must not stop the worker: retry it
                 log.exception("target raised an unexpected error", extra={
@@ -268,16 +267,16 @@ class Applier:
                     "action": keyed.action.kind})
                 message = f"{target.name}: unexpected {type(error).__name__}: {error}"
             else:
-                await self._record(event, target, keyed, "ok", outcome=outcome)
+                await self._record(self._row(event, target, keyed, "ok", outcome=outcome))
                 return None
             if self.policy.exhausted(attempt):
                 final = f"gave up after {attempt} attempts: {message}"
-                await self._record(event, target, keyed, "dead", error=final)
+                await self._record(self._row(event, target, keyed, "dead", error=final))
                 return _dead_line(target.name, keyed, final)
             delay = self.policy.delay(attempt, retry_after)
             due = self.clock() + timedelta(seconds=delay)
-            recorded = await self._record(event, target, keyed, "retrying", error=message,
-                                          next_attempt_at=due)
+            recorded = await self._record(self._row(event, target, keyed, "retrying",
+                                                    error=message, next_attempt_at=due))
             attempts = recorded.attempts
             log.info("action will be retried", extra={
                 "event_id": event.id, "target": target.name, "rule": keyed.action.rule,
@@ -286,21 +285,9 @@ class Applier:
                 return due
             await self.sleep(delay)
 
-    async def _record(
-        self,
-        event: InboxEvent,
-        target: Target,
-        keyed: KeyedAction,
-        status: OutcomeStatus,
-        *,
-        outcome: Outcome | None = None,
-        error: str | None = None,
-        next_attempt_at: datetime | None = None,
-    ) -> ActionOutcome:
-        recorded = await self.outcomes.record(self._row(
-            event, target, keyed, status, outcome=outcome, error=error,
-            next_attempt_at=next_attempt_at))
-        self._count(event, target, keyed, status)
+    async def _record(self, row: NewOutcome) -> ActionOutcome:
+        recorded = await self.outcomes.record(row)
+        self._count(row)
         return recorded
 
     @staticmethod
@@ -332,17 +319,16 @@ class Applier:
             rules_version=keyed.rules_version,
         )
 
-    def _count(self, event: InboxEvent, target: Target, keyed: KeyedAction,
-               status: OutcomeStatus) -> None:
+    def _count(self, row: NewOutcome) -> None:
         self.metrics.actions.inc(
-            target=target.name, outcome={"ok": "ok", "retrying": "retried", "dead": "dead"}[status]
-        )
-        if status == "dead":
+            target=row.target,
+            outcome={"ok": "ok", "retrying": "retried", "dead": "dead"}[row.status])
+        if row.status == "dead":
             # The CRM's message may quote field values (personal data): it goes to the dead
             # letter, not to the log.
             log.warning("action dead-lettered", extra={
-                "event_id": event.id, "target": target.name, "rule": keyed.action.rule,
-                "action": keyed.action.kind})
+                "event_id": row.event_id, "target": row.target, "rule": row.rule,
+                "action": row.action_kind})
 
 
 def _summary(keyed: KeyedAction) -> JSON:
