@@ -2,6 +2,7 @@
 
     keeper = LeaseKeeper(storage.inbox, worker_id, lease_seconds=60)
     keeper.claimed(event_ids)       # as soon as a claim returns: kept while being planned
+    keeper.running(event_id)        # already at work here (claimed again after a pause)?
     keeper.hold(event_id, task)     # when the event's task starts
     keeper.release(event_id, task)  # when it ends, however it ends (None: it never started)
     await keeper.aclose()           # when the worker stops
@@ -51,6 +52,12 @@ class LeaseKeeper:
             del self._held[event_id]
         if task is None:
             self._lost.discard(event_id)
+
+    def running(self, event_id: int) -> bool:
+        """Whether this worker has a task at work on the event: a worker that paused past a
+        lease may claim its own event again, and must not start it a second time."""
+        task = self._held.get(event_id)
+        return task is not None and not task.done()
 
     def lost(self, event_id: int) -> bool:
         """Whether the event's lease was lost before its task started (asked once)."""

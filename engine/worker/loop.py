@@ -223,6 +223,9 @@ class Worker:
                     log.error("claim failed", extra={"error": str(error)})
                     await self._wait_for_change(self.options.poll_interval * 5)
                     continue
+                # Its own event claimed again (this worker paused past the lease): the task
+                # already at work on it goes on, and the claim has renewed its lease.
+                claimed = [event for event in claimed if not self.leases.running(event.id)]
             if claimed:
                 self.leases.claimed([event.id for event in claimed])
                 try:

@@ -147,3 +147,41 @@ async def test_an_event_lost_while_its_claim_is_planned_is_never_started(
     assert {event_id for event_id, _, _ in target.calls} == {kept}
     event = await storage.inbox.get(lost)
     assert event is not None and event.status == "received"  # left to whoever holds it
+
+
+async def test_a_worker_that_paused_past_a_lease_does_not_start_its_own_event_twice(
+    storage: Storage, rules: RuleSet, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    target = FakeTarget()
+    event_id = await store(storage, "install.tracked", token="tok_paused")
+    target.gates[event_id] = asyncio.Event()
+
+    async def paused(event_ids: list[int], worker_id: str, lease_seconds: float) -> set[int]:
+        return set(event_ids)  # the keeper's writes never land: the lease runs out
+
+    monkeypatch.setattr(storage.inbox, "extend_leases", paused)
+    worker = Worker(storage, rules, [target],
+                    options=WorkerOptions(lease_seconds=LEASE, poll_interval=0.05))
+    running = asyncio.create_task(worker.run())
+    try:
+        await wait_until(lambda: target.started == [event_id], what="the event to start")
+        # Past its lease the worker's own claims find the event again, and again.
+        reclaimed = await _wait_for_reclaim(storage, event_id)
+        assert reclaimed > 1
+        assert target.started == [event_id]  # one task at work on it, not two
+        target.gates[event_id].set()
+        await wait_until(lambda: _all_processed(storage, [event_id]), what="the event")
+    finally:
+        worker.stop()
+        await running
+    assert [e for e, _, _ in target.calls] == [event_id, event_id]  # each action once
+
+
+async def _wait_for_reclaim(storage: Storage, event_id: int) -> int:
+    for _ in range(100):
+        await asyncio.sleep(LEASE / 2)
+        event = await storage.inbox.get(event_id)
+        assert event is not None
+        if event.attempts > 2:
+            return event.attempts - 1
+    raise AssertionError("the worker never claimed its own event again")
