@@ -101,10 +101,13 @@ class Inbox(Protocol):
     async def finish(
         self, event_id: int, worker_id: str, status: records.FinalStatus, error: str | None = None,
         *, ordering_keys: Sequence[str] | None = None,
+        outcomes: Sequence[records.NewOutcome] = (),
     ) -> bool:
         """Mark a leased event processed, ignored or dead, and release the lease; with
         `ordering_keys`, replace its ordering keys in the same write (only if it was still
-        leased by `worker_id`)."""
+        leased by `worker_id`). `outcomes` (its last actions' outcomes, as
+        `Outcomes.record_many` records them) go in the same write, all or none, whether or
+        not the lease was still held: they say what the CRM answered."""
 
     async def retry_later(
         self, event_id: int, worker_id: str, next_attempt_at: datetime, error: str | None

@@ -168,6 +168,23 @@ def storable_text(text: str | None) -> str | None:
 def storable_json(value: JSON, depth: int = 0) -> JSON:
     """A copy of `value` that every backend stores: cleaned strings and keys, non-finite
     numbers as their text, containers deeper than MAX_DEPTH as a note."""
+    # Exact types first: every outcome's summary and response passes here, and plain JSON
+    # values are nearly all there ever is. Subclasses take the general path below.
+    kind = type(value)
+    if kind is str:
+        return _clean(value)  # type: ignore[arg-type]
+    if value is None or kind is bool:
+        return value
+    if kind is dict and depth < MAX_DEPTH:
+        return {_clean(name) if type(name) is str else _clean(str(name)):
+                storable_json(item, depth + 1)
+                for name, item in value.items()}  # type: ignore[union-attr]
+    if kind is list and depth < MAX_DEPTH:
+        return [storable_json(item, depth + 1) for item in value]  # type: ignore[union-attr]
+    return _storable_other(value, depth)
+
+
+def _storable_other(value: JSON, depth: int) -> JSON:
     if isinstance(value, str):
         return _clean(value)
     if isinstance(value, float) and not math.isfinite(value):

@@ -32,13 +32,16 @@ class Queueing(Target, Protocol):
 @dataclass
 class PartResult:
     """How one target's share of one event ended: `done` (every action ok or dead) or due again
-    at `retry_at`, with `note` saying why; `dead` holds one line per dead action."""
+    at `retry_at`, with `note` saying why; `dead` holds one line per dead action. `unrecorded`:
+    outcomes the CRM answered that are still to be recorded (`Applier.together` leaves them
+    to go with the event's conclusion, in the same write)."""
 
     target: str
     done: bool
     retry_at: datetime | None = None
     note: str = ""
     dead: list[str] = field(default_factory=list)
+    unrecorded: list[NewOutcome] = field(default_factory=list)
 
 
 class Lane:
@@ -185,9 +188,11 @@ class Applier:
         actions: Sequence[KeyedAction],
         known: Mapping[tuple[str, str], ActionOutcome],
     ) -> PartResult:
-        """`apply`, with the event's actions written at once (`AllAtOnceTarget`) and their
-        outcomes recorded in one write. A retry, or a failure of the whole write, goes the
-        way `apply` goes: the write failed counts as the first action's attempt."""
+        """`apply`, with the event's actions written at once (`AllAtOnceTarget`). When every
+        one was answered, their outcomes are left `unrecorded` for the event's conclusion to
+        record with its finish (one write, not two: `record` them if it does not finish);
+        otherwise those answered are recorded in one write, and the rest goes the way `apply`
+        goes (the write failed counts as the first action's attempt)."""
         if not actions or any(known.get((target.name, keyed.key)) is not None
                               for keyed in actions):
             return await self.apply(event, target, actions, known)
@@ -207,13 +212,11 @@ class Applier:
                 result.dead.append(_dead_line(target.name, keyed, str(answer)))
             else:
                 break
-        if written:
-            await self.outcomes.record_many(written)
-        for row in written:
-            self._count(row)
         position = len(written)
         if position == len(actions):
+            result.unrecorded = written
             return result
+        await self.record(written)
         return await self._one_by_one(event, target, actions[position:], known,
                                       answers[position] if position < len(answers) else None,
                                       result.dead)
@@ -284,6 +287,17 @@ class Applier:
             if delay > self.short_wait:
                 return due
             await self.sleep(delay)
+
+    async def record(self, rows: Sequence[NewOutcome]) -> None:
+        """Record outcomes left `unrecorded`, in one write, and count them."""
+        if rows:
+            await self.outcomes.record_many(rows)
+        self.count(rows)
+
+    def count(self, rows: Sequence[NewOutcome]) -> None:
+        """Count outcomes recorded elsewhere (with the event's finish)."""
+        for row in rows:
+            self._count(row)
 
     async def _record(self, row: NewOutcome) -> ActionOutcome:
         recorded = await self.outcomes.record(row)

@@ -493,9 +493,11 @@ class Worker:
     async def _conclude(self, job: _Job, results: list[PartResult]) -> None:
         event, work = job.event, job.work
         later = [r for r in results if not r.done and r.retry_at is not None]
+        unrecorded = [row for r in results for row in r.unrecorded]
         if later:
             due = min(r.retry_at for r in later if r.retry_at is not None)
             note = "; ".join(r.note for r in later)
+            await self.applier.record(unrecorded)
             await self._record_keys(job)
             if not await self.storage.inbox.retry_later(event.id, self.worker_id, due, note):
                 log.warning("lease lost before rescheduling", extra={"event_id": event.id})
@@ -511,8 +513,11 @@ class Worker:
             status = "processed"
         error = "\n".join(problems) if problems else None
         keys = _all_keys(job)
-        if await self.storage.inbox.finish(event.id, self.worker_id, status, error,
-                                           ordering_keys=None if keys == job.recorded else keys):
+        finished = await self.storage.inbox.finish(
+            event.id, self.worker_id, status, error,
+            ordering_keys=None if keys == job.recorded else keys, outcomes=unrecorded)
+        self.applier.count(unrecorded)  # recorded, finished or not
+        if finished:
             self.metrics.processed.inc(status=status)
             log.log(logging.WARNING if status == "dead" else logging.DEBUG, "event finished",
                     extra={"event_id": event.id, "event_type": event.event_type,

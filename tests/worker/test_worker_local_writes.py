@@ -1,5 +1,6 @@
-"""The embedded CRM takes an event's actions in one write and their outcomes in another
-(`Applier.together`), on both backends, with the same results as one action at a time."""
+"""The embedded CRM takes an event's actions in one write and their outcomes with the event's
+finish in another (`Applier.together`), on both backends, with the same results as one action
+at a time."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import pytest
 
 from engine.errors import StorageError
 from engine.rules.model import RuleSet
-from engine.storage import NewOutcome, Storage, records
+from engine.storage import FinalStatus, NewOutcome, Storage, records
 from engine.targets.local.target import LocalTarget
 from engine.worker.loop import Worker, WorkerOptions
 from engine.worker.retrying import RetryPolicy
@@ -40,28 +41,37 @@ def worker(storage: Storage, rules: RuleSet, sleeps: Sleeps | None = None) -> Wo
                   options=WorkerOptions(policy=policy), sleep=sleeps or Sleeps())
 
 
-async def test_an_events_actions_are_one_write_and_their_outcomes_another(
+async def test_an_events_actions_are_one_write_and_their_outcomes_go_with_its_finish(
     storage: Storage, rules: RuleSet, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     applied: list[list[str]] = []
-    recorded: list[list[str]] = []
-    apply_all, record_many = storage.local_crm.apply_all, storage.outcomes.record_many
+    finished: list[tuple[int, FinalStatus, list[str]]] = []
+    apply_all, finish = storage.local_crm.apply_all, storage.inbox.finish
 
     async def spy_apply(ops: Sequence[records.LocalOp]) -> list[records.LocalResult | Exception]:
         applied.append([type(op).__name__ for op in ops])
         return await apply_all(ops)
 
-    async def spy_record(outcomes: Sequence[NewOutcome]) -> None:
-        recorded.append([outcome.action_kind for outcome in outcomes])
-        await record_many(outcomes)
+    async def spy_finish(event_id: int, worker_id: str, status: FinalStatus,
+                         error: str | None = None, *,
+                         ordering_keys: Sequence[str] | None = None,
+                         outcomes: Sequence[NewOutcome] = ()) -> bool:
+        finished.append((event_id, status, [outcome.action_kind for outcome in outcomes]))
+        return await finish(event_id, worker_id, status, error, ordering_keys=ordering_keys,
+                            outcomes=outcomes)
+
+    async def no_separate_record(outcomes: Sequence[NewOutcome]) -> None:
+        raise AssertionError("outcomes recorded apart from the finish")
 
     monkeypatch.setattr(storage.local_crm, "apply_all", spy_apply)
-    monkeypatch.setattr(storage.outcomes, "record_many", spy_record)
+    monkeypatch.setattr(storage.inbox, "finish", spy_finish)
+    monkeypatch.setattr(storage.outcomes, "record_many", no_separate_record)
     ids = [await store(storage, "install.tracked", token=f"tok_{n}", prefix="p")
            for n in range(3)]
     await worker(storage, rules).run_until_idle()
     assert applied == [["UpsertContactOp", "SetStageOp"]] * 3
-    assert recorded == [["upsert_contact", "set_stage"]] * 3
+    assert sorted(finished) == [(event_id, "processed", ["upsert_contact", "set_stage"])
+                                for event_id in ids]
     for event_id in ids:
         event = await storage.inbox.get(event_id)
         assert event is not None and event.status == "processed"

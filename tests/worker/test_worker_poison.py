@@ -26,7 +26,7 @@ from engine.errors import PermanentCRMError, UnstorableValueError
 from engine.rules.model import RuleSet
 from engine.runtime.metrics import Metrics
 from engine.signing import sign
-from engine.storage import NewEvent, NewOutcome, Storage, open_storage
+from engine.storage import FinalStatus, NewEvent, NewOutcome, Storage, open_storage
 from engine.targets.base import CallContext
 from engine.targets.local.target import LocalTarget
 from engine.worker.loop import Worker, WorkerOptions
@@ -172,14 +172,18 @@ async def test_an_error_in_the_worker_itself_dead_letters_that_event_only(
     first = await store(storage, "install.tracked", token="tok_a", prefix="p")
     broken = await store(storage, "install.tracked", token="tok_b", prefix="p")
     last = await store(storage, "install.tracked", token="tok_c", prefix="p")
-    record = storage.outcomes.record_many
+    finish = storage.inbox.finish
 
-    async def buggy(outcomes: Sequence[NewOutcome]) -> None:
+    async def buggy(event_id: int, worker_id: str, status: FinalStatus,
+                    error: str | None = None, *, ordering_keys: Sequence[str] | None = None,
+                    outcomes: Sequence[NewOutcome] = ()) -> bool:
+        # Writing the event's outcomes with its finish fails; dead-lettering it does not.
         if any(outcome.event_id == broken for outcome in outcomes):
             raise KeyError("a bug that quotes ada@example.com")
-        await record(outcomes)
+        return await finish(event_id, worker_id, status, error, ordering_keys=ordering_keys,
+                            outcomes=outcomes)
 
-    monkeypatch.setattr(storage.outcomes, "record_many", buggy)
+    monkeypatch.setattr(storage.inbox, "finish", buggy)
     await local_worker(storage, rules).run_until_idle()
     statuses = {}
     for event_id in (first, broken, last):

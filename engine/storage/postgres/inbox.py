@@ -16,6 +16,7 @@ from engine.storage import checks, records, values
 from engine.storage.postgres import timeline
 from engine.storage.postgres.batch import Batcher
 from engine.storage.postgres.database import PostgresDatabase, PostgresPart
+from engine.storage.postgres.outcomes import upsert as upsert_outcome
 from engine.storage.postgres.rows import (
     EVENT_COLUMNS,
     EVENT_FIELDS,
@@ -171,13 +172,21 @@ class PostgresInbox(PostgresPart, Inbox):
     async def finish(
         self, event_id: int, worker_id: str, status: records.FinalStatus, error: str | None = None,
         *, ordering_keys: Sequence[str] | None = None,
+        outcomes: Sequence[records.NewOutcome] = (),
     ) -> bool:
         checks.final_status(status)
         params = {"status": status, "error": values.storable_text(error)}
         then = None if ordering_keys is None else (
             lambda connection: _replace_keys(connection, event_id, ordering_keys))
+        cleaned = [values.storable_outcome(outcome) for outcome in outcomes]
+        now = self._db.now()
+
+        async def first(connection: Conn) -> None:
+            for outcome in cleaned:
+                await upsert_outcome(connection, outcome, now)
+
         return await self._leased("finish the event", _FINISH, params, event_id, worker_id,
-                                  then)
+                                  then, first if cleaned else None)
 
     async def retry_later(
         self, event_id: int, worker_id: str, next_attempt_at: datetime, error: str | None
@@ -188,17 +197,21 @@ class PostgresInbox(PostgresPart, Inbox):
 
     async def _leased(self, doing: str, assignments: str, params: Mapping[str, object],
                       event_id: int, worker_id: str,
-                      then: Callable[[Conn], Awaitable[None]] | None = None) -> bool:
+                      then: Callable[[Conn], Awaitable[None]] | None = None,
+                      first: Callable[[Conn], Awaitable[None]] | None = None) -> bool:
         """Apply one of the SET clauses above only while `worker_id` holds the lease, and then
-        `then` in the same transaction when it did."""
+        `then` in the same transaction when it did; `first`, in the same transaction, either
+        way."""
         query = (f"UPDATE inbox SET {assignments}"
                  f" WHERE id = %(id)s AND lease_owner = %(worker)s AND {PENDING}")
         bound = {**params, "id": event_id, "worker": worker_id, "now": self._db.now()}
-        if then is None:
+        if then is None and first is None:
             return await self._db.execute(doing, query, bound) == 1
         async with self._db.connection(doing) as connection, connection.transaction():
+            if first is not None:
+                await first(connection)
             changed = (await connection.execute(query, bound)).rowcount == 1
-            if changed:
+            if changed and then is not None:
                 await then(connection)
             return changed
 

@@ -11,6 +11,8 @@ from engine.storage.postgres.database import PostgresPart
 from engine.storage.postgres.rows import (
     NOW,
     OUTCOME_COLUMNS,
+    Conn,
+    Row,
     clean,
     optional_json,
     outcome_from_row,
@@ -19,6 +21,21 @@ from engine.storage.protocols import Outcomes
 
 _GET = (f"SELECT {OUTCOME_COLUMNS} FROM action_outcomes"
         " WHERE target = %(target)s AND idempotency_key = %(key)s")
+_UPSERT = (
+    "INSERT INTO action_outcomes AS o (event_id, rule, action_kind, target,"
+    " idempotency_key, status, attempts, request_summary, response, error,"
+    " next_attempt_at, created_at, updated_at, rules_version) VALUES (%(event)s,"
+    " %(rule)s, %(kind)s, %(target)s, %(key)s, %(status)s, 1, %(request)s,"
+    f" %(response)s, %(error)s, %(next)s, {NOW}, {NOW}, %(version)s)"
+    " ON CONFLICT ON CONSTRAINT action_outcomes_key DO UPDATE SET"
+    " status = excluded.status, attempts = o.attempts + 1,"
+    " request_summary = excluded.request_summary, response = excluded.response,"
+    " error = excluded.error, next_attempt_at = excluded.next_attempt_at,"
+    " updated_at = excluded.updated_at, rules_version = excluded.rules_version"
+    # Success is final: the conflict branch leaves an `ok` row as it is (and returns nothing).
+    " WHERE o.status <> 'ok'"
+    f" RETURNING {OUTCOME_COLUMNS}"
+)
 
 
 class PostgresOutcomes(PostgresPart, Outcomes):
@@ -31,36 +48,11 @@ class PostgresOutcomes(PostgresPart, Outcomes):
         return None if row is None else outcome_from_row(row)
 
     async def record(self, outcome: records.NewOutcome) -> records.ActionOutcome:
-        outcome = values.storable_outcome(outcome)
-        params = {
-            "event": outcome.event_id, "rule": outcome.rule, "kind": outcome.action_kind,
-            "target": outcome.target, "key": outcome.idempotency_key, "status": outcome.status,
-            "request": optional_json(outcome.request_summary),
-            "response": optional_json(outcome.response), "error": clean(outcome.error),
-            "next": outcome.next_attempt_at, "now": self._db.now(),
-            "version": outcome.rules_version,
-        }
         async with self._db.connection("record the outcome") as connection:
-            cursor = await connection.execute(
-                "INSERT INTO action_outcomes AS o (event_id, rule, action_kind, target,"
-                " idempotency_key, status, attempts, request_summary, response, error,"
-                " next_attempt_at, created_at, updated_at, rules_version) VALUES (%(event)s,"
-                " %(rule)s, %(kind)s, %(target)s, %(key)s, %(status)s, 1, %(request)s,"
-                f" %(response)s, %(error)s, %(next)s, {NOW}, {NOW}, %(version)s)"
-                " ON CONFLICT ON CONSTRAINT action_outcomes_key DO UPDATE SET"
-                " status = excluded.status, attempts = o.attempts + 1,"
-                " request_summary = excluded.request_summary, response = excluded.response,"
-                " error = excluded.error, next_attempt_at = excluded.next_attempt_at,"
-                " updated_at = excluded.updated_at, rules_version = excluded.rules_version"
-                # Success is final: the conflict branch leaves an `ok` row as it is (and
-                # returns nothing).
-                " WHERE o.status <> 'ok'"
-                f" RETURNING {OUTCOME_COLUMNS}",
-                params,
-            )
-            row = await cursor.fetchone()
+            row = await upsert(connection, values.storable_outcome(outcome), self._db.now())
             if row is None:  # the `ok` row kept; outcomes are never deleted
-                row = await (await connection.execute(_GET, params)).fetchone()
+                row = await (await connection.execute(_GET, {
+                    "target": outcome.target, "key": outcome.idempotency_key})).fetchone()
         assert row is not None
         return outcome_from_row(row)
 
@@ -101,3 +93,18 @@ class PostgresOutcomes(PostgresPart, Outcomes):
             records.ActionOutcome]:
         async with self._db.connection("read recent retries") as connection:
             return await timeline.recent_retries(connection, since, limit)
+
+
+async def upsert(connection: Conn, outcome: records.NewOutcome, now: datetime | None) -> Row | None:
+    """Write one cleaned outcome (`values.storable_outcome`); the row written, or None when
+    the `ok` row was kept as it is. The inbox's `finish` writes an event's last outcomes
+    with this, in its own transaction."""
+    params = {
+        "event": outcome.event_id, "rule": outcome.rule, "kind": outcome.action_kind,
+        "target": outcome.target, "key": outcome.idempotency_key, "status": outcome.status,
+        "request": optional_json(outcome.request_summary),
+        "response": optional_json(outcome.response), "error": clean(outcome.error),
+        "next": outcome.next_attempt_at, "now": now, "version": outcome.rules_version,
+    }
+    cursor = await connection.execute(_UPSERT, params)
+    return await cursor.fetchone()

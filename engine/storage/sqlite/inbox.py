@@ -17,6 +17,7 @@ from engine.storage.protocols import Inbox
 from engine.storage.sqlite import timeline
 from engine.storage.sqlite.database import SQLitePart
 from engine.storage.sqlite.groupcommit import fails_one_job, storage_error
+from engine.storage.sqlite.outcomes import writing_many
 from engine.storage.sqlite.rows import (
     EVENT_COLUMNS,
     dumps,
@@ -168,13 +169,15 @@ class SQLiteInbox(SQLitePart, Inbox):
     async def finish(
         self, event_id: int, worker_id: str, status: records.FinalStatus, error: str | None = None,
         *, ordering_keys: Sequence[str] | None = None,
+        outcomes: Sequence[records.NewOutcome] = (),
     ) -> bool:
         checks.final_status(status)
         params = (status, values.storable_text(error), self._db.now())
         then = None if ordering_keys is None else (
             lambda connection: _replace_keys(connection, event_id, ordering_keys))
+        first = writing_many(outcomes, params[2]) if outcomes else None
         return await self._leased("finish the event", _FINISH, params, event_id, worker_id,
-                                  then)
+                                  then, first)
 
     async def retry_later(
         self, event_id: int, worker_id: str, next_attempt_at: datetime, error: str | None
@@ -185,10 +188,13 @@ class SQLiteInbox(SQLitePart, Inbox):
 
     async def _leased(self, doing: str, assignments: str, params: tuple[object, ...],
                       event_id: int, worker_id: str,
-                      then: Callable[[sqlite3.Connection], None] | None = None) -> bool:
+                      then: Callable[[sqlite3.Connection], None] | None = None,
+                      first: Callable[[sqlite3.Connection], None] | None = None) -> bool:
         """Apply one of the SET clauses above only while `worker_id` holds the lease, and then
-        `then` in the same write when it did."""
+        `then` in the same write when it did; `first`, in the same write, either way."""
         def run(connection: sqlite3.Connection) -> bool:
+            if first is not None:
+                first(connection)
             changed = connection.execute(
                 f"UPDATE inbox SET {assignments} WHERE id = ? AND lease_owner = ? AND {PENDING}",
                 (*params, event_id, worker_id)).rowcount == 1

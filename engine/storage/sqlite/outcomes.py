@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime
 
 from engine.storage import records, values
@@ -56,13 +56,8 @@ class SQLiteOutcomes(SQLitePart, Outcomes):
         return await self._db.write(run, "record the outcome")
 
     async def record_many(self, outcomes: Sequence[records.NewOutcome]) -> None:
-        cleaned = [values.storable_outcome(outcome) for outcome in outcomes]
-        now = self._db.now()
-
-        def run(connection: sqlite3.Connection) -> None:
-            connection.executemany(_UPSERT, [_row(outcome, now) for outcome in cleaned])
-
-        await self._db.write(run, "record the outcomes")
+        write = writing_many(outcomes, self._db.now())
+        await self._db.write(write, "record the outcomes")
 
     async def of_event(self, event_id: int) -> list[records.ActionOutcome]:
         return await self._db.rows(
@@ -103,6 +98,20 @@ class SQLiteOutcomes(SQLitePart, Outcomes):
         return await self._db.read(lambda c: timeline.recent_retries(c, since, limit),
                                    "read recent retries")
 
+
+
+def writing_many(
+    outcomes: Sequence[records.NewOutcome], now: str
+) -> Callable[[sqlite3.Connection], None]:
+    """The writer job of `record_many`, cleaned here (on the caller's thread): the inbox's
+    `finish` runs it in its own job too."""
+    rows = [_row(values.storable_outcome(outcome), now) for outcome in outcomes]
+
+    def run(connection: sqlite3.Connection) -> None:
+        if rows:
+            connection.executemany(_UPSERT, rows)
+
+    return run
 
 
 def _row(outcome: records.NewOutcome, now: str) -> tuple[object, ...]:

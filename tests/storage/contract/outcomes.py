@@ -63,3 +63,27 @@ class OutcomesContract:
                                                     error="timeout \x00 \ud800")])
         k3 = await storage.outcomes.get("hubspot", "k3")
         assert k3 is not None and k3.error == "timeout \ufffd \ufffd"  # cleaned, not refused
+
+    async def test_an_events_last_outcomes_go_with_its_finish(self, storage: Storage) -> None:
+        kept, lost = [(await storage.inbox.store(event(n))).id for n in (1, 2)]
+        await storage.inbox.claim("w", 2, 30)
+        await storage.outcomes.record(outcome(kept, "ok", key="done"))
+        assert await storage.inbox.finish(kept, "w", "processed", outcomes=[
+            outcome(kept, "ok", key="k1"),
+            outcome(kept, "retrying", key="done", error="a late retry"),
+            outcome(kept, "dead", key="k2", error="refused \x00 \ud800")])
+        got = await storage.inbox.get(kept)
+        assert got is not None and (got.status, got.lease_owner) == ("processed", None)
+        assert [(o.idempotency_key, o.status, o.attempts, o.error)
+                for o in await storage.outcomes.of_event(kept)] == [
+            ("done", "ok", 1, None),  # success is final
+            ("k1", "ok", 1, None),
+            ("k2", "dead", 1, "refused \ufffd \ufffd")]  # cleaned, not refused
+        # Another worker holds the event now: it is not finished, but what the CRM answered
+        # is recorded all the same.
+        assert not await storage.inbox.finish(lost, "another", "processed",
+                                              outcomes=[outcome(lost, "ok", key="k3")])
+        got = await storage.inbox.get(lost)
+        assert got is not None and got.status == "received"
+        assert [o.idempotency_key for o in await storage.outcomes.of_event(lost)] == ["k3"]
+
