@@ -29,6 +29,7 @@ from engine.storage.sqlite.rows import (
 )
 
 PENDING = "status IN ('received', 'failed')"
+_IN_LIST = 500  # ids per IN list: well under SQLite's parameter limit
 
 # The SET clauses of lease-guarded updates; fixed text, values are always parameters.
 _FINISH = (
@@ -135,12 +136,16 @@ class SQLiteInbox(SQLitePart, Inbox):
                 f" ORDER BY {DUE}, id LIMIT ?",
                 (now, now, max(limit, 0)),
             ).fetchall()
-            return [event_from_row(connection.execute(
-                "UPDATE inbox SET lease_owner = ?, lease_expires_at = ?,"
-                " attempts = attempts + 1, updated_at = ?"
-                f" WHERE id = ? RETURNING {EVENT_COLUMNS}",
-                (worker_id, expires, now, event_id),
-            ).fetchone()) for (event_id,) in due]
+            ids = [event_id for (event_id,) in due]
+            leased: dict[int, sqlite3.Row] = {}
+            for start in range(0, len(ids), _IN_LIST):  # one statement per chunk, not per row
+                chunk = ids[start:start + _IN_LIST]
+                leased.update((row["id"], row) for row in connection.execute(
+                    "UPDATE inbox SET lease_owner = ?, lease_expires_at = ?,"
+                    " attempts = attempts + 1, updated_at = ?"
+                    f" WHERE id IN ({placeholders(len(chunk))}) RETURNING {EVENT_COLUMNS}",
+                    (worker_id, expires, now, *chunk)))
+            return [event_from_row(leased[event_id]) for event_id in ids]  # in due order
 
         return await self._db.write(run, "claim events")
 
@@ -208,9 +213,22 @@ class SQLiteInbox(SQLitePart, Inbox):
         await self._db.write(lambda c: _replace_keys(c, event_id, keys), "record ordering keys")
 
     async def set_ordering_keys_many(self, keys: Mapping[int, Sequence[str]]) -> None:
+        ids = list(keys)
+
         def run(connection: sqlite3.Connection) -> None:
-            for event_id, event_keys in keys.items():
-                _replace_keys(connection, event_id, event_keys)
+            # Three statements per chunk of events, not three per event.
+            for start in range(0, len(ids), _IN_LIST):
+                chunk = ids[start:start + _IN_LIST]
+                marks = placeholders(len(chunk))
+                connection.execute(
+                    f"DELETE FROM inbox_ordering_keys WHERE event_id IN ({marks})", chunk)
+                connection.executemany(
+                    "INSERT INTO inbox_ordering_keys (event_id, ordering_key) VALUES (?, ?)"
+                    " ON CONFLICT DO NOTHING",
+                    [(event_id, key) for event_id in chunk for key in keys[event_id]])
+                connection.execute(
+                    f"UPDATE inbox SET ordering_recorded = 1 WHERE id IN ({marks})"
+                    " AND ordering_recorded = 0", chunk)
 
         await self._db.write(run, "record ordering keys")
 

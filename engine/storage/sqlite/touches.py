@@ -4,6 +4,7 @@ reading the candidates, claiming one install and keeping the result are atomic t
 from __future__ import annotations
 
 import sqlite3
+from collections.abc import Sequence
 from datetime import datetime
 
 from engine.storage import touchrecords
@@ -42,20 +43,24 @@ def _count(connection: sqlite3.Connection, query: str, params: dict[str, object]
     return int(connection.execute(query, params).fetchone()[0])
 
 
+def _record_many(connection: sqlite3.Connection,
+                 items: Sequence[tuple[touchrecords.NewTouch, str]]) -> list[bool]:
+    """Each touch, unless its event's is kept already: whether it was new."""
+    return [connection.execute(
+        "INSERT INTO touches (event_id, event_type, token, campaign, prefix, platform,"
+        " referrer, per_person, occurred_at, recorded_at)"
+        " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (event_id) DO NOTHING",
+        (touch.event_id, touch.event_type, touch.token, touch.campaign, touch.prefix,
+         touch.platform, touch.referrer, int(touch.per_person), ts(touch.occurred_at), now),
+    ).rowcount == 1 for touch, now in items]
+
+
 class SQLiteTouches(SQLitePart, Touches):
     async def record(self, touch: touchrecords.NewTouch) -> bool:
-        now = self._db.now()
-
-        def run(connection: sqlite3.Connection) -> bool:
-            return connection.execute(
-                "INSERT INTO touches (event_id, event_type, token, campaign, prefix, platform,"
-                " referrer, per_person, occurred_at, recorded_at)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (event_id) DO NOTHING",
-                (touch.event_id, touch.event_type, touch.token, touch.campaign, touch.prefix,
-                 touch.platform, touch.referrer, int(touch.per_person), ts(touch.occurred_at),
-                 now)).rowcount == 1
-
-        return await self._db.write(run, "record the touch")
+        # A bulk job: the touches of a claim, recorded together, share one call and savepoint.
+        recorded: bool = await self._db.write_bulk(
+            _record_many, (touch, self._db.now()), "record the touch")
+        return recorded
 
     async def attribute(self, request: AttributionRequest) -> Attribution:
         now = self._db.now()
