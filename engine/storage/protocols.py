@@ -109,6 +109,14 @@ class Inbox(Protocol):
         `Outcomes.record_many` records them) go in the same write, all or none, whether or
         not the lease was still held: they say what the CRM answered."""
 
+    async def finish_many(self, worker_id: str, finishes: Sequence[records.Finish]
+                          ) -> list[bool]:
+        """`finish` for each, in one write where the backend can (all or none); whether each
+        event was still leased by `worker_id` (and so finished)."""
+        return [await self.finish(f.event_id, worker_id, f.status, f.error,
+                                  ordering_keys=f.ordering_keys, outcomes=f.outcomes)
+                for f in finishes]
+
     async def retry_later(
         self, event_id: int, worker_id: str, next_attempt_at: datetime, error: str | None
     ) -> bool:
@@ -262,9 +270,11 @@ class LocalCRMStore(Protocol):
     """The embedded CRM's contacts, identities, stage history and deals (`local` target).
 
     `concurrency` is how many callers at once it serves well: the `local` target's default
-    number of events in flight."""
+    number of events in flight. `one_write`: `apply_all` writes all its ops as one job of the
+    store whatever their number, so a worker may hand it a whole claim's at once."""
 
     concurrency: int
+    one_write: bool = False
 
     async def upsert_contact(
         self, identity: Keys, set: Fields, set_once: Fields

@@ -147,6 +147,17 @@ class NewOutcome:
 
 
 @dataclass(frozen=True, slots=True)
+class Finish:
+    """One event's `Inbox.finish`, for `Inbox.finish_many`."""
+
+    event_id: int
+    status: FinalStatus
+    error: str | None = None
+    ordering_keys: Sequence[str] | None = None
+    outcomes: Sequence[NewOutcome] = ()
+
+
+@dataclass(frozen=True, slots=True)
 class ActionOutcome:
     """The latest outcome of one action on one target, which it is known by (`target`,
     `idempotency_key`); `attempts` counts every recording."""

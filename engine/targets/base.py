@@ -101,10 +101,18 @@ class AllAtOnceTarget(Target, Protocol):
     """A target that applies one event's actions in one write (the embedded CRM: one job of
     SQLite's group commit). One result per item, in order: its Outcome or the
     PermanentCRMError its own data raised (the later items still run); any other failure
-    raises for the whole call, and then none of it is kept or each item is idempotent."""
+    raises for the whole call, and then none of it is kept or each item is idempotent.
+
+    A target whose `claims_at_once` attribute is true takes the actions of many events in one
+    call as well (the worker's claim at once: `claims_at_once`)."""
 
     async def execute_all(self, items: Sequence[tuple[Action, CallContext]]
                           ) -> list[Outcome | Exception]: ...
+
+
+def claims_at_once(target: Target) -> TypeGuard[AllAtOnceTarget]:
+    """Whether `target` writes many events' actions in one `execute_all` call."""
+    return all_at_once(target) and getattr(target, "claims_at_once", False) is True
 
 
 # How many events a worker applies to one target at once when `--concurrency` is not given:

@@ -187,39 +187,49 @@ class Applier:
         target: AllAtOnceTarget,
         actions: Sequence[KeyedAction],
         known: Mapping[tuple[str, str], ActionOutcome],
+        answers: Sequence[Outcome | Exception] | None = None,
     ) -> PartResult:
-        """`apply`, with the event's actions written at once (`AllAtOnceTarget`). When every
+        """`apply`, with the event's actions written at once (`AllAtOnceTarget`; `answers`:
+        that write's answers when it was made already, with other events'). When every
         one was answered, their outcomes are left `unrecorded` for the event's conclusion to
         record with its finish (one write, not two: `record` them if it does not finish);
         otherwise those answered are recorded in one write, and the rest goes the way `apply`
         goes (the write failed counts as the first action's attempt)."""
-        if not actions or any(known.get((target.name, keyed.key)) is not None
-                              for keyed in actions):
-            return await self.apply(event, target, actions, known)
-        try:
-            answers = await target.execute_all(
-                [(keyed.action, CallContext(keyed.key, event.id, keyed.action.rule))
-                 for keyed in actions])
-        except Exception as error:  # the whole write: its first action's attempt
-            answers = [error]
-        result = PartResult(target.name, done=True)
-        written: list[NewOutcome] = []
-        for keyed, answer in zip(actions, answers, strict=False):
-            if isinstance(answer, Outcome):
-                written.append(self._row(event, target, keyed, "ok", outcome=answer))
-            elif isinstance(answer, PermanentCRMError):
-                written.append(self._row(event, target, keyed, "dead", error=str(answer)))
-                result.dead.append(_dead_line(target.name, keyed, str(answer)))
-            else:
-                break
-        position = len(written)
+        if answers is None:
+            if not actions or any(known.get((target.name, keyed.key)) is not None
+                                  for keyed in actions):
+                return await self.apply(event, target, actions, known)
+            try:
+                answers = await target.execute_all(
+                    [(keyed.action, CallContext(keyed.key, event.id, keyed.action.rule))
+                     for keyed in actions])
+            except Exception as error:  # the whole write: its first action's attempt
+                answers = [error]
+        result = self.answered(event, target, actions, answers)
+        position = len(result.unrecorded)
         if position == len(actions):
-            result.unrecorded = written
             return result
-        await self.record(written)
+        await self.record(result.unrecorded)
         return await self._one_by_one(event, target, actions[position:], known,
                                       answers[position] if position < len(answers) else None,
                                       result.dead)
+
+    def answered(self, event: InboxEvent, target: Target, actions: Sequence[KeyedAction],
+                 answers: Sequence[Outcome | Exception]) -> PartResult:
+        """The part as far as an all-at-once write's `answers` settle it: an `unrecorded`
+        row for each action answered with its Outcome or a PermanentCRMError (dead), in
+        order, up to the first other answer. Settled whole when there is a row per action."""
+        result = PartResult(target.name, done=True)
+        for keyed, answer in zip(actions, answers, strict=False):
+            if isinstance(answer, Outcome):
+                result.unrecorded.append(self._row(event, target, keyed, "ok", outcome=answer))
+            elif isinstance(answer, PermanentCRMError):
+                result.unrecorded.append(self._row(event, target, keyed, "dead",
+                                                   error=str(answer)))
+                result.dead.append(_dead_line(target.name, keyed, str(answer)))
+            else:
+                break
+        return result
 
     async def _one_by_one(
         self, event: InboxEvent, target: Target, actions: Sequence[KeyedAction],

@@ -53,6 +53,11 @@ class LeaseKeeper:
         if task is None:
             self._lost.discard(event_id)
 
+    @property
+    def held(self) -> int:
+        """How many events are in flight here (claimed, being planned or at work)."""
+        return len(self._held)
+
     def running(self, event_id: int) -> bool:
         """Whether this worker has a task at work on the event: a worker that paused past a
         lease may claim its own event again, and must not start it a second time."""

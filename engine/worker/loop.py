@@ -22,9 +22,10 @@ import logging
 import os
 import socket
 import uuid
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+from typing import Any
 
 from engine.errors import StorageError, UnstorableValueError, where
 from engine.rules.model import RuleSet
@@ -34,11 +35,22 @@ from engine.storage import (
     ActionOutcome,
     Clock,
     FinalStatus,
+    Finish,
     InboxEvent,
+    NewOutcome,
     Storage,
     utc_now,
 )
-from engine.targets.base import Target, all_at_once, batches, concurrency_of
+from engine.targets.base import (
+    AllAtOnceTarget,
+    CallContext,
+    Outcome,
+    Target,
+    all_at_once,
+    batches,
+    claims_at_once,
+    concurrency_of,
+)
 from engine.worker.apply import Applier, Lane, PartResult, Sleep
 from engine.worker.attribution import attach_all
 from engine.worker.batch import Batcher
@@ -153,6 +165,11 @@ class Worker:
         self.together = {target.name: target for target in self.targets
                          if not isinstance(self.callers[target.name], Batcher)
                          and all_at_once(target)}
+        # With only the embedded CRM on SQLite, a claim's events go in one write together.
+        only = self.targets[0]
+        self.claim_at_once: AllAtOnceTarget | None = (
+            only if len(self.targets) == 1 and only.name in self.together
+            and claims_at_once(only) else None)
         self.lanes = {target.name: Lane(target, max(sizes[target.name], self.options.batch_window)
                                         if isinstance(self.callers[target.name], Batcher)
                                         else sizes[target.name]) for target in self.targets}
@@ -213,7 +230,7 @@ class Worker:
 
     async def _loop(self, *, until_idle: bool) -> None:
         while not self._stopping:
-            free = self.capacity - len(self._tasks)
+            free = self.capacity - self.leases.held
             claimed: list[InboxEvent] = []
             if free > 0:
                 try:
@@ -267,6 +284,7 @@ class Worker:
             await asyncio.gather(*(self._release(e, "the store failed at claim time", 1.0)
                                    for e in events))
             return
+        together: list[_Job] = []
         for job, result in zip(jobs, begun, strict=True):
             if self.leases.lost(job.event.id):
                 continue  # another worker has it now
@@ -275,10 +293,117 @@ class Worker:
                 continue
             if isinstance(result, BaseException):
                 raise result
-            task = asyncio.create_task(self._process(job), name=f"linkcrm-event-{job.event.id}")
+            if self._goes_together(job):
+                together.append(job)
+                continue
+            self._spawn(self._process(job), f"linkcrm-event-{job.event.id}", [job])
+        if together:
+            self._spawn(self._process_claim(together), f"linkcrm-claim-{together[0].event.id}",
+                        together)
+
+    def _spawn(self, work: Coroutine[Any, Any, None], name: str, jobs: list[_Job]) -> None:
+        task = asyncio.create_task(work, name=name)
+        for job in jobs:
             self.leases.hold(job.event.id, task)
-            self._tasks.add(task)
-            task.add_done_callback(self._finished)
+        self._tasks.add(task)
+        task.add_done_callback(self._finished)
+
+    def _goes_together(self, job: _Job) -> bool:
+        """Whether the event's part goes in its claim's one write: nothing earlier of its
+        identities to wait for, actions to write, none of them tried before."""
+        target = self.claim_at_once
+        return target is not None and job.clear and target.name in job.keys \
+            and bool(job.work.actions) \
+            and not any((target.name, keyed.key) in job.known for keyed in job.work.actions)
+
+    async def _process_claim(self, jobs: list[_Job]) -> None:
+        """The claim's events that go together (`_goes_together`): every one's actions in one
+        `execute_all` call, then each event concluded in its own task as `_process` does.
+        When that call fails as a whole, or the lane stays full, each goes its own way."""
+        target = self.claim_at_once
+        assert target is not None
+        me = asyncio.current_task()
+        try:
+            answers = await self._write_claim(target, jobs)
+        except asyncio.CancelledError:  # stopped (or a lease lost) before the events began
+            for job in jobs:
+                self.leases.release(job.event.id, me)
+            await asyncio.gather(*(self._release(job.event, "interrupted: the worker stopped",
+                                                 0.0) for job in jobs))
+            raise
+        settled: list[tuple[_Job, PartResult]] = []
+        alone: list[tuple[_Job, Sequence[Outcome | Exception] | None]] = []
+        for job, answered in zip(jobs, answers, strict=True):
+            result = None if answered is None else \
+                self.applier.answered(job.event, target, job.work.actions, answered)
+            if result is not None and len(result.unrecorded) == len(job.work.actions):
+                settled.append((job, result))
+            else:
+                alone.append((job, answered))
+        # Those settled by the write finish together; each of the others in its own task,
+        # which holds its lease from then on (`_process`).
+        await asyncio.gather(self._finish_claim(settled),
+                             *(self._process(job, answered) for job, answered in alone))
+
+    async def _finish_claim(self, settled: list[tuple[_Job, PartResult]]) -> None:
+        """Conclude the events their claim's write settled, in one write; when that write
+        fails on something other than the store, each event concludes alone."""
+        if not settled:
+            return
+        me = asyncio.current_task()
+        assert me is not None
+        finishes = []
+        for job, result in settled:
+            self.leases.hold(job.event.id, me)  # this task's (gather's) from now on
+            del job.keys[result.target]
+            finishes.append(self._finish(job, [result]))
+        try:
+            done = await self.storage.inbox.finish_many(self.worker_id, finishes)
+        except asyncio.CancelledError:
+            await asyncio.gather(*(self._release(job.event, "interrupted: the worker stopped",
+                                                 0.0) for job, _ in settled))
+            raise
+        except Exception as error:
+            if _transient(error):
+                log.error("events left for a later attempt", extra={
+                    "event_ids": [job.event.id for job, _ in settled], "error": str(error)})
+                await asyncio.gather(*(self._release(job.event, f"storage error: {error}",
+                                                     5.0) for job, _ in settled))
+                done = None
+            else:  # an event's own data or a bug: each concludes alone, to its own end
+                await asyncio.gather(*(self._process(job, result=result)
+                                       for job, result in settled))
+                return
+        finally:
+            for job, _ in settled:
+                self.leases.release(job.event.id, me)
+        self._notify()
+        if done is None:
+            return
+        for (job, result), finish, finished in zip(settled, finishes, done, strict=True):
+            self._finished_event(job, finish, finished, result.unrecorded)
+
+    async def _write_claim(self, target: AllAtOnceTarget, jobs: list[_Job]
+                           ) -> list[Sequence[Outcome | Exception] | None]:
+        """Each event's answers from one `execute_all`; None for all when that call failed
+        as a whole or the lane stayed full (each event then makes its own)."""
+        lane = self.lanes[target.name]
+        if not await lane.acquire(self.options.busy_wait):
+            return [None] * len(jobs)
+        try:
+            flat = await target.execute_all([
+                (keyed.action, CallContext(keyed.key, job.event.id, keyed.action.rule))
+                for job in jobs for keyed in job.work.actions])
+        except Exception:  # a failure of the whole write: none of it is kept, or idempotent
+            return [None] * len(jobs)
+        finally:
+            lane.release()
+        answers: list[Sequence[Outcome | Exception] | None] = []
+        start = 0
+        for job in jobs:
+            answers.append(flat[start:start + len(job.work.actions)])
+            start += len(job.work.actions)
+        return answers
 
     async def _begin_all(self, jobs: list[_Job]) -> list[BaseException | None]:
         """Read the claimed events' outcomes and record their ordering keys: one read and one
@@ -370,13 +495,24 @@ class Worker:
 
     # -- one event ----------------------------------------------------------------------------
 
-    async def _process(self, job: _Job) -> None:
+    async def _process(self, job: _Job,
+                       answers: Sequence[Outcome | Exception] | None = None,
+                       result: PartResult | None = None) -> None:
+        """The event from its order check to its conclusion; `answers`: what its claim's one
+        write answered for its actions (`_process_claim`), in their place; `result`: its
+        part as that write settled it, left to conclude."""
         event = job.event
         me = asyncio.current_task()
         assert me is not None
         self.leases.hold(event.id, me)
         try:
-            await self._conclude(job, await self._parts(job))
+            if result is not None:
+                parts = [result]
+            elif answers is not None:
+                parts = [await self._part(job, self.targets[0], answers)]
+            else:
+                parts = await self._parts(job)
+            await self._conclude(job, parts)
         except asyncio.CancelledError:
             await self._release(event, "interrupted: the worker stopped", 0.0)
             raise
@@ -403,8 +539,10 @@ class Worker:
             await asyncio.gather(*parts, return_exceptions=True)
             raise
 
-    async def _part(self, job: _Job, target: Target) -> PartResult:
-        """This target's share of the event: wait for order, take a lane, apply."""
+    async def _part(self, job: _Job, target: Target,
+                    answers: Sequence[Outcome | Exception] | None = None) -> PartResult:
+        """This target's share of the event: wait for order, take a lane, apply (`answers`:
+        the all-at-once target's answers to its actions, already written)."""
         if target.name not in job.keys:
             return PartResult(target.name, done=True, dead=_dead_lines(job, target.name))
         caller = self.callers[target.name]
@@ -427,7 +565,7 @@ class Worker:
                                                          job.known, link, blocked)
                 elif (together := self.together.get(target.name)) is not None:
                     result = await self.applier.together(job.event, together,
-                                                         job.work.actions, job.known)
+                                                         job.work.actions, job.known, answers)
                 else:
                     result = await self.applier.apply(job.event, caller, job.work.actions,
                                                       job.known)
@@ -491,7 +629,7 @@ class Worker:
                                               f"{earlier[0]} of the same identity")
 
     async def _conclude(self, job: _Job, results: list[PartResult]) -> None:
-        event, work = job.event, job.work
+        event = job.event
         later = [r for r in results if not r.done and r.retry_at is not None]
         unrecorded = [row for r in results for row in r.unrecorded]
         if later:
@@ -502,6 +640,16 @@ class Worker:
             if not await self.storage.inbox.retry_later(event.id, self.worker_id, due, note):
                 log.warning("lease lost before rescheduling", extra={"event_id": event.id})
             return
+        finish = self._finish(job, results)
+        finished = await self.storage.inbox.finish(
+            event.id, self.worker_id, finish.status, finish.error,
+            ordering_keys=finish.ordering_keys, outcomes=finish.outcomes)
+        self._finished_event(job, finish, finished, unrecorded)
+
+    def _finish(self, job: _Job, results: list[PartResult]) -> Finish:
+        """How the event ends, its parts all done: dead with every problem, ignored when no
+        rule matched, else processed; with its outcomes left unrecorded."""
+        work = job.work
         dead = [line for r in results for line in r.dead]
         problems = ([work.error] if work.error else []) + work.failures + dead
         status: FinalStatus
@@ -511,17 +659,22 @@ class Worker:
             status = "ignored"
         else:
             status = "processed"
-        error = "\n".join(problems) if problems else None
         keys = _all_keys(job)
-        finished = await self.storage.inbox.finish(
-            event.id, self.worker_id, status, error,
-            ordering_keys=None if keys == job.recorded else keys, outcomes=unrecorded)
-        self.applier.count(unrecorded)  # recorded, finished or not
+        return Finish(job.event.id, status, "\n".join(problems) if problems else None,
+                      ordering_keys=None if keys == job.recorded else keys,
+                      outcomes=[row for r in results for row in r.unrecorded])
+
+    def _finished_event(self, job: _Job, finish: Finish, finished: bool,
+                        recorded: Sequence[NewOutcome]) -> None:
+        event = job.event
+        self.applier.count(recorded)  # recorded, finished or not
         if finished:
-            self.metrics.processed.inc(status=status)
-            log.log(logging.WARNING if status == "dead" else logging.DEBUG, "event finished",
-                    extra={"event_id": event.id, "event_type": event.event_type,
-                           "status": status, "actions": len(work.actions)})
+            self.metrics.processed.inc(status=finish.status)
+            log.log(logging.WARNING if finish.status == "dead" else logging.DEBUG,
+                    "event finished", extra={"event_id": event.id,
+                                             "event_type": event.event_type,
+                                             "status": finish.status,
+                                             "actions": len(job.work.actions)})
         else:
             log.warning("lease lost before finishing", extra={"event_id": event.id})
 

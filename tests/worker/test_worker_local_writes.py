@@ -1,6 +1,6 @@
-"""The embedded CRM takes an event's actions in one write and their outcomes with the event's
-finish in another (`Applier.together`), on both backends, with the same results as one action
-at a time."""
+"""The embedded CRM takes an event's actions in one write (on SQLite, a claim's events' actions
+in one write: `Worker._process_claim`) and their outcomes with the event's finish in another
+(`Applier.together`), on both backends, with the same results as one action at a time."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import pytest
 
 from engine.errors import StorageError
 from engine.rules.model import RuleSet
-from engine.storage import FinalStatus, NewOutcome, Storage, records
+from engine.storage import FinalStatus, Finish, NewOutcome, Storage, open_storage, records
 from engine.targets.local.target import LocalTarget
 from engine.worker.loop import Worker, WorkerOptions
 from engine.worker.retrying import RetryPolicy
@@ -41,7 +41,7 @@ def worker(storage: Storage, rules: RuleSet, sleeps: Sleeps | None = None) -> Wo
                   options=WorkerOptions(policy=policy), sleep=sleeps or Sleeps())
 
 
-async def test_an_events_actions_are_one_write_and_their_outcomes_go_with_its_finish(
+async def test_actions_are_one_write_and_their_outcomes_go_with_the_finish(
     storage: Storage, rules: RuleSet, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     applied: list[list[str]] = []
@@ -60,16 +60,32 @@ async def test_an_events_actions_are_one_write_and_their_outcomes_go_with_its_fi
         return await finish(event_id, worker_id, status, error, ordering_keys=ordering_keys,
                             outcomes=outcomes)
 
+    finish_many = storage.inbox.finish_many
+    together: list[list[int]] = []
+
+    async def spy_finish_many(worker_id: str, finishes: Sequence[Finish]) -> list[bool]:
+        together.append([f.event_id for f in finishes])
+        finished.extend((f.event_id, f.status, [o.action_kind for o in f.outcomes])
+                        for f in finishes)
+        return await finish_many(worker_id, finishes)
+
     async def no_separate_record(outcomes: Sequence[NewOutcome]) -> None:
         raise AssertionError("outcomes recorded apart from the finish")
 
     monkeypatch.setattr(storage.local_crm, "apply_all", spy_apply)
     monkeypatch.setattr(storage.inbox, "finish", spy_finish)
+    monkeypatch.setattr(storage.inbox, "finish_many", spy_finish_many)
     monkeypatch.setattr(storage.outcomes, "record_many", no_separate_record)
     ids = [await store(storage, "install.tracked", token=f"tok_{n}", prefix="p")
            for n in range(3)]
-    await worker(storage, rules).run_until_idle()
-    assert applied == [["UpsertContactOp", "SetStageOp"]] * 3
+    running = worker(storage, rules)
+    await running.run_until_idle()
+    assert running.leases.held == 0  # every event let go, none kept counting as in flight
+    if storage.local_crm.one_write:  # SQLite: the claim's three events in one write each
+        assert applied == [["UpsertContactOp", "SetStageOp"] * 3]
+        assert together == [ids]
+    else:
+        assert applied == [["UpsertContactOp", "SetStageOp"]] * 3
     assert sorted(finished) == [(event_id, "processed", ["upsert_contact", "set_stage"])
                                 for event_id in ids]
     for event_id in ids:
@@ -88,18 +104,22 @@ async def test_a_failed_write_counts_as_the_first_actions_attempt_then_goes_one_
     apply_all = storage.local_crm.apply_all
     calls: list[int] = []
 
-    async def fails_once(ops: Sequence[records.LocalOp]) -> list[records.LocalResult | Exception]:
+    # On SQLite the claim's write comes first; failing, it costs the event no attempt.
+    claim_write = storage.local_crm.one_write
+    failing = 2 if claim_write else 1
+
+    async def fails(ops: Sequence[records.LocalOp]) -> list[records.LocalResult | Exception]:
         calls.append(len(ops))
-        if len(calls) == 1:
+        if len(calls) <= failing:
             raise StorageError("record the contact: disk I/O error")
         return await apply_all(ops)
 
-    monkeypatch.setattr(storage.local_crm, "apply_all", fails_once)
+    monkeypatch.setattr(storage.local_crm, "apply_all", fails)
     event_id = await store(storage, "install.tracked", token="tok_1", prefix="p")
     sleeps = Sleeps()
     await worker(storage, rules, sleeps).run_until_idle()
-    # The whole write, then each action on its own after the backoff.
-    assert calls == [2, 1, 1] and len(sleeps.delays) == 1
+    # The event's whole write, then each action on its own after the backoff.
+    assert calls == [2] * failing + [1, 1] and len(sleeps.delays) == 1
     event = await storage.inbox.get(event_id)
     assert event is not None and event.status == "processed"
     outcomes = await storage.outcomes.of_event(event_id)
@@ -130,3 +150,32 @@ async def test_an_action_its_data_fails_is_dead_and_the_next_ones_still_apply(
         ("upsert_contact", "dead", 1), ("set_stage", "ok", 1)]
     [contact] = await storage.local_crm.contacts()
     assert (contact.stage, dict(contact.fields)) == ("lead", {})
+
+
+async def test_a_claims_failed_write_leaves_each_event_to_write_its_own(
+    tmp_path: Path, rules: RuleSet, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async with open_storage(f"sqlite:///{tmp_path / 'claim.db'}") as storage:
+        await storage.migrate()
+        apply_all = storage.local_crm.apply_all
+        calls: list[int] = []
+
+        async def fails_once(ops: Sequence[records.LocalOp]
+                             ) -> list[records.LocalResult | Exception]:
+            calls.append(len(ops))
+            if len(calls) == 1:
+                raise StorageError("record the contact: disk I/O error")
+            return await apply_all(ops)
+
+        monkeypatch.setattr(storage.local_crm, "apply_all", fails_once)
+        ids = [await store(storage, "install.tracked", token=f"tok_{n}", prefix="p")
+               for n in range(3)]
+        sleeps = Sleeps()
+        await worker(storage, rules, sleeps).run_until_idle()
+        assert calls == [6, 2, 2, 2] and sleeps.delays == []  # at once, no attempt spent
+        for event_id in ids:
+            event = await storage.inbox.get(event_id)
+            assert event is not None and event.status == "processed"
+            assert [(o.status, o.attempts) for o in await storage.outcomes.of_event(event_id)
+                    ] == [("ok", 1), ("ok", 1)]
+

@@ -26,7 +26,7 @@ from engine.errors import PermanentCRMError, UnstorableValueError
 from engine.rules.model import RuleSet
 from engine.runtime.metrics import Metrics
 from engine.signing import sign
-from engine.storage import FinalStatus, NewEvent, NewOutcome, Storage, open_storage
+from engine.storage import FinalStatus, Finish, NewEvent, NewOutcome, Storage, open_storage
 from engine.targets.base import CallContext
 from engine.targets.local.target import LocalTarget
 from engine.worker.loop import Worker, WorkerOptions
@@ -183,7 +183,16 @@ async def test_an_error_in_the_worker_itself_dead_letters_that_event_only(
         return await finish(event_id, worker_id, status, error, ordering_keys=ordering_keys,
                             outcomes=outcomes)
 
+    finish_many = storage.inbox.finish_many
+
+    async def buggy_many(worker_id: str, finishes: Sequence[Finish]) -> list[bool]:
+        # A claim's events finish together: the one write fails, then each finishes alone.
+        if any(outcome.event_id == broken for f in finishes for outcome in f.outcomes):
+            raise KeyError("a bug that quotes ada@example.com")
+        return await finish_many(worker_id, finishes)
+
     monkeypatch.setattr(storage.inbox, "finish", buggy)
+    monkeypatch.setattr(storage.inbox, "finish_many", buggy_many)
     await local_worker(storage, rules).run_until_idle()
     statuses = {}
     for event_id in (first, broken, last):

@@ -24,9 +24,10 @@ _Job = Callable[[sqlite3.Connection], records.LocalResult]
 class SQLiteLocalCRM(SQLitePart, LocalCRMStore):
     """Each write is one writer job; the writer runs one job at a time, so "find the contact
     or create it" happens once per person. The more callers at once, the more writes share a
-    group commit: 64 keep it busy."""
+    group commit: 64 keep it busy. `apply_all` is one job, however many ops."""
 
     concurrency = 64
+    one_write = True
 
     async def upsert_contact(
         self, identity: records.Keys, set: records.Fields, set_once: records.Fields

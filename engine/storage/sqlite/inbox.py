@@ -176,13 +176,32 @@ class SQLiteInbox(SQLitePart, Inbox):
         *, ordering_keys: Sequence[str] | None = None,
         outcomes: Sequence[records.NewOutcome] = (),
     ) -> bool:
-        checks.final_status(status)
-        params = (status, values.storable_text(error), self._db.now())
-        then = None if ordering_keys is None else (
-            lambda connection: _replace_keys(connection, event_id, ordering_keys))
-        first = writing_many(outcomes, params[2]) if outcomes else None
-        return await self._leased("finish the event", _FINISH, params, event_id, worker_id,
-                                  then, first)
+        [finished] = await self.finish_many(worker_id, [records.Finish(
+            event_id, status, error, ordering_keys=ordering_keys, outcomes=outcomes)])
+        return finished
+
+    async def finish_many(self, worker_id: str, finishes: Sequence[records.Finish]
+                          ) -> list[bool]:
+        for finish in finishes:
+            checks.final_status(finish.status)
+        now = self._db.now()
+        outcomes = writing_many([o for finish in finishes for o in finish.outcomes], now)
+        updates = [(finish.event_id, (finish.status, values.storable_text(finish.error), now))
+                   for finish in finishes]
+
+        def run(connection: sqlite3.Connection) -> list[bool]:
+            outcomes(connection)  # what the CRM answered, leased or not
+            done = [connection.execute(
+                f"UPDATE inbox SET {_FINISH} WHERE id = ? AND lease_owner = ? AND {PENDING}",
+                (*params, event_id, worker_id)).rowcount == 1 for event_id, params in updates]
+            _replace_keys_many(connection, {
+                finish.event_id: finish.ordering_keys
+                for finish, finished in zip(finishes, done, strict=True)
+                if finished and finish.ordering_keys is not None})
+            return done
+
+        return await self._db.write(run, "finish the events" if len(finishes) > 1
+                                    else "finish the event")
 
     async def retry_later(
         self, event_id: int, worker_id: str, next_attempt_at: datetime, error: str | None
@@ -193,13 +212,10 @@ class SQLiteInbox(SQLitePart, Inbox):
 
     async def _leased(self, doing: str, assignments: str, params: tuple[object, ...],
                       event_id: int, worker_id: str,
-                      then: Callable[[sqlite3.Connection], None] | None = None,
-                      first: Callable[[sqlite3.Connection], None] | None = None) -> bool:
+                      then: Callable[[sqlite3.Connection], None] | None = None) -> bool:
         """Apply one of the SET clauses above only while `worker_id` holds the lease, and then
-        `then` in the same write when it did; `first`, in the same write, either way."""
+        `then` in the same write when it did."""
         def run(connection: sqlite3.Connection) -> bool:
-            if first is not None:
-                first(connection)
             changed = connection.execute(
                 f"UPDATE inbox SET {assignments} WHERE id = ? AND lease_owner = ? AND {PENDING}",
                 (*params, event_id, worker_id)).rowcount == 1
@@ -213,22 +229,8 @@ class SQLiteInbox(SQLitePart, Inbox):
         await self._db.write(lambda c: _replace_keys(c, event_id, keys), "record ordering keys")
 
     async def set_ordering_keys_many(self, keys: Mapping[int, Sequence[str]]) -> None:
-        ids = list(keys)
-
         def run(connection: sqlite3.Connection) -> None:
-            # Three statements per chunk of events, not three per event.
-            for start in range(0, len(ids), _IN_LIST):
-                chunk = ids[start:start + _IN_LIST]
-                marks = placeholders(len(chunk))
-                connection.execute(
-                    f"DELETE FROM inbox_ordering_keys WHERE event_id IN ({marks})", chunk)
-                connection.executemany(
-                    "INSERT INTO inbox_ordering_keys (event_id, ordering_key) VALUES (?, ?)"
-                    " ON CONFLICT DO NOTHING",
-                    [(event_id, key) for event_id in chunk for key in keys[event_id]])
-                connection.execute(
-                    f"UPDATE inbox SET ordering_recorded = 1 WHERE id IN ({marks})"
-                    " AND ordering_recorded = 0", chunk)
+            _replace_keys_many(connection, keys)
 
         await self._db.write(run, "record ordering keys")
 
@@ -325,6 +327,22 @@ def _replace_keys(connection: sqlite3.Connection, event_id: int, keys: Sequence[
         "UPDATE inbox SET ordering_recorded = 1 WHERE id = ? AND ordering_recorded = 0",
         (event_id,),
     )
+
+
+def _replace_keys_many(connection: sqlite3.Connection,
+                       keys: Mapping[int, Sequence[str]]) -> None:
+    """`_replace_keys` for many events: three statements per chunk of events, not per event."""
+    ids = list(keys)
+    for start in range(0, len(ids), _IN_LIST):
+        chunk = ids[start:start + _IN_LIST]
+        marks = placeholders(len(chunk))
+        connection.execute(f"DELETE FROM inbox_ordering_keys WHERE event_id IN ({marks})", chunk)
+        connection.executemany(
+            "INSERT INTO inbox_ordering_keys (event_id, ordering_key) VALUES (?, ?)"
+            " ON CONFLICT DO NOTHING",
+            [(event_id, key) for event_id in chunk for key in keys[event_id]])
+        connection.execute(f"UPDATE inbox SET ordering_recorded = 1 WHERE id IN ({marks})"
+                           " AND ordering_recorded = 0", chunk)
 
 
 def _dead_letter(row: sqlite3.Row) -> records.DeadLetter:

@@ -43,12 +43,12 @@ class SQLiteOutcomes(SQLitePart, Outcomes):
                                   outcome_from_row)
 
     async def record(self, outcome: records.NewOutcome) -> records.ActionOutcome:
-        outcome = values.storable_outcome(outcome)
         now = self._db.now()
+        row = _row(outcome, now)
 
         def run(connection: sqlite3.Connection) -> records.ActionOutcome:
             written = connection.execute(f"{_UPSERT} RETURNING {OUTCOME_COLUMNS}",
-                                         _row(outcome, now)).fetchone()
+                                         row).fetchone()
             # No row back: the `ok` row was kept as it is; read it.
             return outcome_from_row(written if written is not None else connection.execute(
                 _GET, (outcome.target, outcome.idempotency_key)).fetchone())
@@ -105,7 +105,7 @@ def writing_many(
 ) -> Callable[[sqlite3.Connection], None]:
     """The writer job of `record_many`, cleaned here (on the caller's thread): the inbox's
     `finish` runs it in its own job too."""
-    rows = [_row(values.storable_outcome(outcome), now) for outcome in outcomes]
+    rows = [_row(outcome, now) for outcome in outcomes]
 
     def run(connection: sqlite3.Connection) -> None:
         if rows:
@@ -115,8 +115,12 @@ def writing_many(
 
 
 def _row(outcome: records.NewOutcome, now: str) -> tuple[object, ...]:
+    """The outcome's parameters, its diagnostics cleaned as `values.storable_outcome` cleans
+    them (straight into the row: no cleaned copy of the record)."""
     next_at = None if outcome.next_attempt_at is None else ts(outcome.next_attempt_at)
     return (outcome.event_id, outcome.rule, outcome.action_kind, outcome.target,
-            outcome.idempotency_key, outcome.status, dumps_optional(outcome.request_summary),
-            dumps_optional(outcome.response), outcome.error, next_at, now, now,
-            outcome.rules_version)
+            outcome.idempotency_key, outcome.status,
+            dumps_optional(values.storable_json(outcome.request_summary)),
+            dumps_optional(values.storable_json(outcome.response)),
+            values.storable_text(outcome.error), next_at, now, now,
+            values.storable_text(outcome.rules_version))

@@ -14,6 +14,8 @@ from engine.storage.records import ActionOutcome, InboxEvent, field_names, from_
 def ts(moment: datetime) -> str:
     """A time as ISO 8601 UTC text of fixed width (always microseconds, always `+00:00`), so
     the text sorts in time order and SQL can compare it; a naive datetime is taken as UTC."""
+    if moment.tzinfo is UTC:  # nearly always (utc_now): no offset to look up
+        return moment.isoformat(timespec="microseconds")
     if moment.tzinfo is None:
         moment = moment.replace(tzinfo=UTC)
     elif moment.utcoffset():

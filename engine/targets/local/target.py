@@ -39,6 +39,8 @@ class LocalTarget:
         # Events at once without `--concurrency`: as many as the store serves well (SQLite's
         # writes share a group commit, PostgreSQL's each hold a pooled connection).
         self.concurrency = store.concurrency
+        # A claim's events may share one `execute_all` (SQLite: one writer job for them all).
+        self.claims_at_once = store.one_write
         self.stages = tuple(stage.name for stage in field_map.contact_stages)
 
     async def execute(self, action: Action, context: CallContext) -> Outcome:
