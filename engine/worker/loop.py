@@ -113,6 +113,7 @@ class _Job:
     # No earlier event held any of its keys when the claim recorded them (nor was one still
     # being planned): its first order check is already done.
     clear: bool = False
+    touched: list[str] = field(default_factory=list)  # `touched_keys` of its actions
 
 
 class Worker:
@@ -446,6 +447,7 @@ class Worker:
         job.known = {(o.target, o.idempotency_key): o for o in outcomes}
         job.keys = {target.name: ordering_keys(target.name, job.work.actions)
                     for target in self.targets if _unfinished(job, target.name)}
+        job.touched = touched_keys(job.work.actions)
         job.recorded = _all_keys(job)
 
     def _observe(self, event: InboxEvent, active: RuleSet, shadow: RuleSet) -> None:
@@ -785,8 +787,9 @@ def _all_keys(job: _Job) -> list[str]:
     """The keys to record: each unfinished target's, which later events wait on, and the
     identities the event touched (`touched_keys`), which stay for the delivery log's search
     and which no event ever waits on (no target is named "*")."""
-    return sorted({*touched_keys(job.work.actions),
-                   *(key for keys in job.keys.values() for key in keys)})
+    if not job.keys:
+        return job.touched
+    return sorted({*job.touched, *(key for keys in job.keys.values() for key in keys)})
 
 
 __all__ = ["KeyedAction", "Worker", "WorkerOptions"]

@@ -46,6 +46,10 @@ class Work:
         return [failure.message for failure in self.plan.failures] if self.plan else []
 
 
+# json.dumps with options builds an encoder per call; this one is built once (same text).
+_MATERIAL = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))
+
+
 def idempotency_key(dedupe_key: str, action: Action, ordinal: int) -> str:
     """sha256 of the event's dedupe key, the rule name, the action kind, its ordinal among the
     rule's actions of that kind, and the identity.
@@ -55,8 +59,7 @@ def idempotency_key(dedupe_key: str, action: Action, ordinal: int) -> str:
     counts per kind so that adding an action of another kind to the rule shifts nothing.
     """
     identity = [[key.field, key.value] for key in action.identity]
-    material = json.dumps([dedupe_key, action.rule, action.kind, ordinal, identity],
-                          ensure_ascii=False, separators=(",", ":"))
+    material = _MATERIAL.encode([dedupe_key, action.rule, action.kind, ordinal, identity])
     # surrogatepass: a key exists for any text (valid text encodes exactly as plain UTF-8).
     return hashlib.sha256(material.encode("utf-8", "surrogatepass")).hexdigest()
 
