@@ -343,8 +343,15 @@ class Worker:
                 alone.append((job, answered))
         # Those settled by the write finish together; each of the others in its own task,
         # which holds its lease from then on (`_process`).
-        await asyncio.gather(self._finish_claim(settled),
-                             *(self._process(job, answered) for job, answered in alone))
+        # Each of these ends its own events, however they end (a lost lease cancels only
+        # the one holding that event): all are waited for, whatever the others do.
+        ended = await asyncio.gather(
+            self._finish_claim(settled),
+            *(self._process(job, answered) for job, answered in alone), return_exceptions=True)
+        for error in ended:
+            if isinstance(error, BaseException) and not isinstance(error, asyncio.CancelledError):
+                log.error("event task failed", extra={"error_type": type(error).__name__,
+                                                      "where": where(error)})
 
     async def _finish_claim(self, settled: list[tuple[_Job, PartResult]]) -> None:
         """Conclude the events their claim's write settled, in one write; when that write
