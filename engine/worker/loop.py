@@ -37,7 +37,6 @@ from engine.storage import (
     FinalStatus,
     Finish,
     InboxEvent,
-    NewOutcome,
     Storage,
     utc_now,
 )
@@ -319,8 +318,9 @@ class Worker:
 
     async def _process_claim(self, jobs: list[_Job]) -> None:
         """The claim's events that go together (`_goes_together`): every one's actions in one
-        `execute_all` call, then each event concluded in its own task as `_process` does.
-        When that call fails as a whole, or the lane stays full, each goes its own way."""
+        `execute_all` call; the events that call settles whole finish together in one write
+        (`_finish_claim`), each of the others goes its own way (`_process`) from its answers,
+        and all of them do when the call fails as a whole or the lane stays full."""
         target = self.claim_at_once
         assert target is not None
         me = asyncio.current_task()
@@ -341,10 +341,8 @@ class Worker:
                 settled.append((job, result))
             else:
                 alone.append((job, answered))
-        # Those settled by the write finish together; each of the others in its own task,
-        # which holds its lease from then on (`_process`).
-        # Each of these ends its own events, however they end (a lost lease cancels only
-        # the one holding that event): all are waited for, whatever the others do.
+        # Each of these holds its events' leases from now on and ends them, however it ends
+        # (a lost lease cancels only the one holding that event): all are waited for.
         ended = await asyncio.gather(
             self._finish_claim(settled),
             *(self._process(job, answered) for job, answered in alone), return_exceptions=True)
@@ -388,8 +386,8 @@ class Worker:
         self._notify()
         if done is None:
             return
-        for (job, result), finish, finished in zip(settled, finishes, done, strict=True):
-            self._finished_event(job, finish, finished, result.unrecorded)
+        for (job, _), finish, finished in zip(settled, finishes, done, strict=True):
+            self._finished_event(job, finish, finished)
 
     async def _write_claim(self, target: AllAtOnceTarget, jobs: list[_Job]
                            ) -> list[Sequence[Outcome | Exception] | None]:
@@ -653,7 +651,7 @@ class Worker:
         finished = await self.storage.inbox.finish(
             event.id, self.worker_id, finish.status, finish.error,
             ordering_keys=finish.ordering_keys, outcomes=finish.outcomes)
-        self._finished_event(job, finish, finished, unrecorded)
+        self._finished_event(job, finish, finished)
 
     def _finish(self, job: _Job, results: list[PartResult]) -> Finish:
         """How the event ends, its parts all done: dead with every problem, ignored when no
@@ -673,10 +671,9 @@ class Worker:
                       ordering_keys=None if keys == job.recorded else keys,
                       outcomes=[row for r in results for row in r.unrecorded])
 
-    def _finished_event(self, job: _Job, finish: Finish, finished: bool,
-                        recorded: Sequence[NewOutcome]) -> None:
+    def _finished_event(self, job: _Job, finish: Finish, finished: bool) -> None:
         event = job.event
-        self.applier.count(recorded)  # recorded, finished or not
+        self.applier.count(finish.outcomes)  # recorded, finished or not
         if finished:
             self.metrics.processed.inc(status=finish.status)
             log.log(logging.WARNING if finish.status == "dead" else logging.DEBUG,
