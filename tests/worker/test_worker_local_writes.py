@@ -179,3 +179,28 @@ async def test_a_claims_failed_write_leaves_each_event_to_write_its_own(
             assert [(o.status, o.attempts) for o in await storage.outcomes.of_event(event_id)
                     ] == [("ok", 1), ("ok", 1)]
 
+
+
+async def test_a_later_event_of_a_person_in_the_same_claim_waits_for_the_earlier_one(
+    storage: Storage, rules: RuleSet, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # tok_a's second event is claimed with its first: it is not written with the claim, it
+    # waits for the first to finish and then goes on its own, so the last value is its.
+    apply_all = storage.local_crm.apply_all
+    applied: list[list[str]] = []
+
+    async def spy(ops: Sequence[records.LocalOp]) -> list[records.LocalResult | Exception]:
+        applied.append([op.identity[0].value for op in ops])
+        return await apply_all(ops)
+
+    monkeypatch.setattr(storage.local_crm, "apply_all", spy)
+    ids = [await store(storage, "install.tracked", token=token, prefix=prefix)
+           for token, prefix in (("tok_a", "first"), ("tok_b", "b"), ("tok_a", "second"))]
+    await worker(storage, rules).run_until_idle()
+    if storage.local_crm.one_write:
+        assert applied == [["tok_a", "tok_a", "tok_b", "tok_b"], ["tok_a", "tok_a"]]
+    for event_id in ids:
+        event = await storage.inbox.get(event_id)
+        assert event is not None and event.status == "processed"
+    fields = {c.identities[0].value: c.fields for c in await storage.local_crm.contacts()}
+    assert fields == {"tok_a": {"deep_link_prefix": "second"}, "tok_b": {"deep_link_prefix": "b"}}
