@@ -164,10 +164,20 @@ class Applier:
             return PartResult(target.name, False, self.clock() + timedelta(seconds=1.0),
                               f"{target.name}: waiting for an earlier event of the same "
                               "identity")
+        replies: list[Outcome | Exception] = []
+        for reply in results:
+            if isinstance(reply, Exception) or not isinstance(reply, BaseException):
+                replies.append(reply)
+            else:
+                raise reply  # cancelled: the worker is stopping
+        settled = self.answered(event, target, actions, replies)
+        if len(settled.unrecorded) == len(actions):  # every answer final: one write for all
+            await self.record(settled.unrecorded)
+            link.settle(clean=True)
+            settled.unrecorded = []
+            return settled
         result = PartResult(target.name, done=True)
-        for position, (keyed, answer) in enumerate(zip(actions, results, strict=True)):
-            if isinstance(answer, BaseException) and not isinstance(answer, Exception):
-                raise answer  # cancelled: the worker is stopping
+        for position, (keyed, answer) in enumerate(zip(actions, replies, strict=True)):
             final = not isinstance(answer, Exception) or isinstance(
                 answer, PermanentCRMError | UnstorableValueError)
             if not final:
@@ -223,10 +233,13 @@ class Applier:
         for keyed, answer in zip(actions, answers, strict=False):
             if isinstance(answer, Outcome):
                 result.unrecorded.append(self._row(event, target, keyed, "ok", outcome=answer))
-            elif isinstance(answer, PermanentCRMError):
+            elif isinstance(answer, PermanentCRMError | UnstorableValueError):
+                # As `_attempt` words them: an unstorable value names the target it was for.
+                message = str(answer) if isinstance(answer, PermanentCRMError) \
+                    else f"{target.name}: {answer}"
                 result.unrecorded.append(self._row(event, target, keyed, "dead",
-                                                   error=str(answer)))
-                result.dead.append(_dead_line(target.name, keyed, str(answer)))
+                                                   error=message))
+                result.dead.append(_dead_line(target.name, keyed, message))
             else:
                 break
         return result
