@@ -135,6 +135,11 @@ class ObjectType:
         self.groups: dict[str, dict[str, Any]] = {}
         self.records: dict[str, Record] = {}
         self._next = first_id
+        # property -> value -> ids of the records holding it, in creation order: built for a
+        # property the first time it is looked up, then kept by `stored` and `changed`. HubSpot
+        # finds a record by a property at once; a scan here would make a drain of thousands
+        # of contacts measure the emulator (which shares the worker's process) instead.
+        self._holders: dict[str, dict[str, list[str]]] = {}
 
     def define(self, prop: PropertyDef) -> None:
         self.properties[prop.name] = prop
@@ -148,7 +153,38 @@ class ObjectType:
             return self.records.get(value)
         if name == "email":
             value = value.lower()
-        return next((r for r in self.records.values() if r.properties.get(name) == value), None)
+        holders = self._holders.get(name)
+        if holders is None:
+            holders = self._holders[name] = {}
+            for record in self.records.values():
+                held = record.properties.get(name)
+                if held is not None:
+                    holders.setdefault(held, []).append(record.id)
+        ids = holders.get(value)
+        return self.records[ids[0]] if ids else None
+
+    def stored(self, record: Record) -> None:
+        """A new record, with its properties set."""
+        self.records[record.id] = record
+        for name, holders in self._holders.items():
+            value = record.properties.get(name)
+            if value is not None:
+                holders.setdefault(value, []).append(record.id)
+
+    def changed(self, record: Record, name: str, old: str | None) -> None:
+        """`record`'s property `name` was `old` and is what it holds now."""
+        holders = self._holders.get(name)
+        if holders is None or old == record.properties.get(name):
+            return
+        if old is not None:
+            holders[old].remove(record.id)
+            if not holders[old]:
+                del holders[old]
+        new = record.properties.get(name)
+        if new is not None:
+            ids = holders.setdefault(new, [])
+            ids.append(record.id)
+            ids.sort(key=int)  # creation order, as a scan of the records would find them
 
     def normalise(self, properties: dict[str, str], creating: bool) -> dict[str, str]:
         """Validated values as stored; raises the 400 HubSpot gives for the bad ones."""
@@ -371,7 +407,7 @@ class HubSpotState:
         record.properties.update({k: v for k, v in values.items() if v != ""})
         record.properties.update({"hs_object_id": record_id, "createdate": stamp,
                                   _modified(object_type): stamp})
-        object_type.records[record_id] = record
+        object_type.stored(record)
         return record
 
     def update(self, object_type: ObjectType, record: Record, values: dict[str, str]) -> Record:
@@ -379,11 +415,16 @@ class HubSpotState:
         for name, value in values.items():
             if name == "lifecyclestage" and not _forward(record.properties.get(name), value):
                 continue  # HubSpot ignores a backwards lifecycle stage without an error
+            old = record.properties.get(name)
             if value == "":
                 record.properties.pop(name, None)
             else:
                 record.properties[name] = value
-        record.updated_at = record.properties[_modified(object_type)] = now_iso()
+            object_type.changed(record, name, old)
+        modified = _modified(object_type)
+        old = record.properties.get(modified)
+        record.updated_at = record.properties[modified] = now_iso()
+        object_type.changed(record, modified, old)
         return record
 
     def visible_to_search(self, record: Record) -> bool:
