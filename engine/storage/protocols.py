@@ -399,6 +399,11 @@ class Touches(Protocol):
     async def record(self, touch: touchrecords.NewTouch) -> bool:
         """Keep one touch per inbox event; False when that event's touch exists (a retry)."""
 
+    async def record_many(self, touches: Sequence[touchrecords.NewTouch]) -> list[bool]:
+        """`record` for each, in one write where the backend can (all or none: a value one
+        of them cannot store fails the write)."""
+        return [await self.record(touch) for touch in touches]
+
     async def attribute(
         self, request: touchrecords.AttributionRequest
     ) -> touchrecords.Attribution:

@@ -60,6 +60,69 @@ async def attach(touches: Touches, event: InboxEvent, policy: LinkPolicy, *,
     """Record the event's touch, or attribute an identify event; the context to plan it with
     (None: plan the event as it is). StorageError propagates (the event is tried again);
     a value no store can keep only costs the touch."""
+    read = _read(event)
+    if read is None:
+        return None
+    envelope, event_type, data, happened = read
+    try:
+        if event_type == IDENTIFY:
+            return await _identify(touches, event, data, happened, retention_days)
+        touch = _touch(event, envelope, event_type, happened, policy)
+        if touch is not None:
+            await touches.record(touch)
+    except UnstorableValueError as error:
+        _not_kept(event, event_type, error)
+    return None
+
+
+async def attach_all(touches: Touches, events: Sequence[InboxEvent], policy: LinkPolicy,
+                     retention_days: int | None) -> list[dict[str, Any] | None]:
+    """`attach` for a claimed batch, in two steps: the batch's touches are kept (in one
+    write) before any of its identify events is attributed, so an install and the
+    registration that follows it, claimed together, still pair up."""
+    contexts: list[dict[str, Any] | None] = [None] * len(events)
+    kept: list[tuple[InboxEvent, str, NewTouch]] = []
+    identify = []
+    for index, event in enumerate(events):
+        read = None if event.event_type == IDENTIFY else _read(event)
+        if read is None or read[1] == IDENTIFY:
+            if event.event_type == IDENTIFY or read is not None:
+                identify.append(index)
+            continue
+        envelope, event_type, _, happened = read
+        touch = _touch(event, envelope, event_type, happened, policy)
+        if touch is not None:
+            kept.append((event, event_type, touch))
+    await _keep(touches, kept)
+
+    async def one(index: int) -> None:
+        contexts[index] = await attach(touches, events[index], policy,
+                                       retention_days=retention_days)
+
+    await asyncio.gather(*(one(i) for i in identify))
+    return contexts
+
+
+async def _keep(touches: Touches, kept: list[tuple[InboxEvent, str, NewTouch]]) -> None:
+    """The claim's touches in one write; when a value in one of them cannot be stored, each
+    alone, so only that touch is lost."""
+    if not kept:
+        return
+    try:
+        await touches.record_many([touch for _, _, touch in kept])
+        return
+    except UnstorableValueError:
+        pass
+    for event, event_type, touch in kept:
+        try:
+            await touches.record(touch)
+        except UnstorableValueError as error:
+            _not_kept(event, event_type, error)
+
+
+def _read(event: InboxEvent) -> tuple[dict[str, Any], str, dict[str, Any], datetime] | None:
+    """The envelope, its event type, its data and when it happened; None when the body is no
+    envelope with data."""
     envelope = _envelope(event)
     if envelope is None:
         return None
@@ -67,47 +130,28 @@ async def attach(touches: Touches, event: InboxEvent, policy: LinkPolicy, *,
     data = envelope.get("data")
     if not isinstance(data, dict) or not isinstance(event_type, str):
         return None
-    happened = parse_time(envelope.get("timestamp")) or event.received_at
-    try:
-        if event_type == IDENTIFY:
-            return await _identify(touches, event, data, happened, retention_days)
-        if event_type in policy.touch_events:
-            await _record(touches, event, envelope, happened, policy)
-    except UnstorableValueError as error:
-        log.warning("touch not kept: a value cannot be stored", extra={
-            "event_id": event.id, "event_type": event_type, "where": where(error)})
-    return None
+    return envelope, event_type, data, parse_time(envelope.get("timestamp")) or event.received_at
 
 
-async def attach_all(touches: Touches, events: Sequence[InboxEvent], policy: LinkPolicy,
-                     retention_days: int | None) -> list[dict[str, Any] | None]:
-    """`attach` for a claimed batch, in two steps: the batch's touches are kept before any of
-    its identify events is attributed, so an install and the registration that follows it,
-    claimed together, still pair up."""
-    contexts: list[dict[str, Any] | None] = [None] * len(events)
-
-    async def one(index: int) -> None:
-        contexts[index] = await attach(touches, events[index], policy,
-                                       retention_days=retention_days)
-
-    identify = [i for i, event in enumerate(events) if event.event_type == IDENTIFY]
-    others = [i for i, event in enumerate(events) if event.event_type != IDENTIFY]
-    await asyncio.gather(*(one(i) for i in others))
-    await asyncio.gather(*(one(i) for i in identify))
-    return contexts
+def _not_kept(event: InboxEvent, event_type: str, error: Exception) -> None:
+    log.warning("touch not kept: a value cannot be stored", extra={
+        "event_id": event.id, "event_type": event_type, "where": where(error)})
 
 
-async def _record(touches: Touches, event: InboxEvent, envelope: dict[str, Any],
-                  happened: datetime, policy: LinkPolicy) -> None:
+def _touch(event: InboxEvent, envelope: dict[str, Any], event_type: str, happened: datetime,
+           policy: LinkPolicy) -> NewTouch | None:
+    """The touch a link-level event with a token leaves, or None."""
+    if event_type not in policy.touch_events:
+        return None
     fields = link_fields(envelope["data"])
     token = fields["token"]
     if token is None:
-        return
+        return None
     link = link_of_event(envelope, policy)
-    await touches.record(NewTouch(
-        event_id=event.id, event_type=str(envelope["event"]), token=token,
+    return NewTouch(
+        event_id=event.id, event_type=event_type, token=token,
         campaign=fields["campaign"], prefix=fields["prefix"], platform=fields["platform"],
-        referrer=fields["referrer"], per_person=bool(link["per_person"]), occurred_at=happened))
+        referrer=fields["referrer"], per_person=bool(link["per_person"]), occurred_at=happened)
 
 
 async def _identify(touches: Touches, event: InboxEvent, data: dict[str, Any],

@@ -15,7 +15,7 @@ import random
 import subprocess
 import sys
 from collections.abc import Sequence
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import httpx
@@ -27,6 +27,7 @@ from engine.rules.model import RuleSet
 from engine.runtime.metrics import Metrics
 from engine.signing import sign
 from engine.storage import FinalStatus, Finish, NewEvent, NewOutcome, Storage, open_storage
+from engine.storage.touchrecords import AttributionRequest
 from engine.targets.base import CallContext
 from engine.targets.local.target import LocalTarget
 from engine.worker.loop import Worker, WorkerOptions
@@ -139,6 +140,13 @@ async def test_a_poison_event_is_a_dead_letter_and_the_events_after_it_are_proce
     assert tokens == ["tok_0", "tok_1", "tok_2"]
     assert metrics.processed.value(status="dead") == 1
     assert metrics.processed.value(status="processed") == 3
+    # The claim's touches go in one write; the poison's cannot be kept, the others still are.
+    later = datetime.now(UTC) + timedelta(days=1)
+    for n in range(3):
+        found = await storage.touches.attribute(AttributionRequest(
+            event_id=1000 + n, token=f"tok_{n}", platform=None, anchor=later, before=later,
+            since=None))
+        assert found.detail["count"] == 1
 
 
 async def test_hostile_values_end_applied_or_dead_the_same_on_both_backends(

@@ -5,6 +5,7 @@ same link at once claim two different installs."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
 
@@ -46,16 +47,17 @@ async def _count(connection: Conn, query: str, params: dict[str, Any]) -> int:
 
 class PostgresTouches(PostgresPart, Touches):
     async def record(self, touch: touchrecords.NewTouch) -> bool:
-        return await self._db.execute(
-            "record the touch",
-            "INSERT INTO touches (event_id, event_type, token, campaign, prefix, platform,"
-            " referrer, per_person, occurred_at, recorded_at) VALUES (%(event_id)s,"
-            " %(event_type)s, %(token)s, %(campaign)s, %(prefix)s, %(platform)s, %(referrer)s,"
-            f" %(per_person)s, %(occurred_at)s, {NOW}) ON CONFLICT (event_id) DO NOTHING",
-            {"event_id": touch.event_id, "event_type": touch.event_type, "token": touch.token,
-             "campaign": touch.campaign, "prefix": touch.prefix, "platform": touch.platform,
-             "referrer": touch.referrer, "per_person": touch.per_person,
-             "occurred_at": touch.occurred_at, "now": self._db.now()}) == 1
+        return await self._db.execute("record the touch", _RECORD, _record_params(
+            touch, self._db.now())) == 1
+
+    async def record_many(self, touches: Sequence[touchrecords.NewTouch]) -> list[bool]:
+        if not touches:
+            return []
+        now = self._db.now()
+        async with self._db.connection("record the touches") as connection, \
+                connection.transaction():
+            return [(await connection.execute(_RECORD, _record_params(touch, now))).rowcount == 1
+                    for touch in touches]
 
     async def attribute(self, request: AttributionRequest) -> Attribution:
         params: dict[str, Any] = {
@@ -111,3 +113,19 @@ class PostgresTouches(PostgresPart, Touches):
         return await self._db.execute("forget old touches",
                                       "DELETE FROM touches WHERE occurred_at < %s",
                                       (older_than,))
+
+
+_RECORD = (
+    "INSERT INTO touches (event_id, event_type, token, campaign, prefix, platform,"
+    " referrer, per_person, occurred_at, recorded_at) VALUES (%(event_id)s,"
+    " %(event_type)s, %(token)s, %(campaign)s, %(prefix)s, %(platform)s, %(referrer)s,"
+    f" %(per_person)s, %(occurred_at)s, {NOW}) ON CONFLICT (event_id) DO NOTHING"
+)
+
+
+def _record_params(touch: touchrecords.NewTouch, now: datetime | None) -> dict[str, object]:
+    return {"event_id": touch.event_id, "event_type": touch.event_type, "token": touch.token,
+            "campaign": touch.campaign, "prefix": touch.prefix, "platform": touch.platform,
+            "referrer": touch.referrer, "per_person": touch.per_person,
+            "occurred_at": touch.occurred_at, "now": now}
+

@@ -62,6 +62,11 @@ class SQLiteTouches(SQLitePart, Touches):
             _record_many, (touch, self._db.now()), "record the touch")
         return recorded
 
+    async def record_many(self, touches: Sequence[touchrecords.NewTouch]) -> list[bool]:
+        now = self._db.now()
+        items = [(touch, now) for touch in touches]
+        return await self._db.write(lambda c: _record_many(c, items), "record the touches")
+
     async def attribute(self, request: AttributionRequest) -> Attribution:
         now = self._db.now()
         params: dict[str, object] = {

@@ -6,6 +6,9 @@ from __future__ import annotations
 import asyncio
 from datetime import UTC, datetime, timedelta
 
+import pytest
+
+from engine.errors import UnstorableValueError
 from engine.storage import Storage
 from engine.storage.touchrecords import AttributionRequest, NewTouch
 
@@ -31,6 +34,16 @@ def ask(event_id: int, minutes: int, *, platform: str | None = None,
 
 
 class TouchesContract:
+    async def test_touches_kept_together_all_or_none(self, storage: Storage) -> None:
+        assert await storage.touches.record(touch(1, 0))
+        assert await storage.touches.record_many([touch(1, 5), touch(2, 10), touch(3, 20)]) == [
+            False, True, True]  # the first was kept before (a retry)
+        with pytest.raises(UnstorableValueError):
+            await storage.touches.record_many([touch(4, 30), touch(5, 40, token="t\ud800")])
+        got = await storage.touches.attribute(ask(100, 60))
+        assert got.detail["count"] == 3  # 1, 2 and 3; nothing of the failed write
+        assert await storage.touches.record_many([]) == []
+
     async def test_a_touch_is_kept_once_per_event(self, storage: Storage) -> None:
         assert await storage.touches.record(touch(1, 0))
         assert not await storage.touches.record(touch(1, 5))  # a retry of the same event
