@@ -170,26 +170,19 @@ class Applier:
                 replies.append(reply)
             else:
                 raise reply  # cancelled: the worker is stopping
-        settled = self.answered(event, target, actions, replies)
-        if len(settled.unrecorded) == len(actions):  # every answer final: one write for all
-            await self.record(settled.unrecorded)
+        # What the batch settled is recorded in one write (before the chain hears whether
+        # this event came through clean); from the first answer that is not final, the
+        # actions go one by one as `apply` sends them.
+        result = self.answered(event, target, actions, replies)
+        position = len(result.unrecorded)
+        await self.record(result.unrecorded)
+        result.unrecorded = []
+        if position == len(actions):
             link.settle(clean=True)
-            settled.unrecorded = []
-            return settled
-        result = PartResult(target.name, done=True)
-        for position, (keyed, answer) in enumerate(zip(actions, replies, strict=True)):
-            final = not isinstance(answer, Exception) or isinstance(
-                answer, PermanentCRMError | UnstorableValueError)
-            if not final:
-                link.settle(clean=False)
-                return await self._one_by_one(event, target, actions[position:], known,
-                                              answer, result.dead)
-            ended = await self._attempt(event, target, keyed, 0, first=answer)
-            assert not isinstance(ended, datetime)
-            if ended is not None:
-                result.dead.append(ended)
-        link.settle(clean=True)
-        return result
+            return result
+        link.settle(clean=False)
+        return await self._one_by_one(event, target, actions[position:], known,
+                                      replies[position], result.dead)
 
     async def together(
         self,

@@ -84,12 +84,16 @@ async def attach_all(touches: Touches, events: Sequence[InboxEvent], policy: Lin
     kept: list[tuple[InboxEvent, str, NewTouch]] = []
     identify = []
     for index, event in enumerate(events):
-        read = None if event.event_type == IDENTIFY else _read(event)
-        if read is None or read[1] == IDENTIFY:
-            if event.event_type == IDENTIFY or read is not None:
-                identify.append(index)
+        if event.event_type == IDENTIFY:
+            identify.append(index)
+            continue
+        read = _read(event)
+        if read is None:
             continue
         envelope, event_type, _, happened = read
+        if event_type == IDENTIFY:  # the body says so: attributed like the others
+            identify.append(index)
+            continue
         touch = _touch(event, envelope, event_type, happened, policy)
         if touch is not None:
             kept.append((event, event_type, touch))

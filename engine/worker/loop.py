@@ -638,11 +638,10 @@ class Worker:
     async def _conclude(self, job: _Job, results: list[PartResult]) -> None:
         event = job.event
         later = [r for r in results if not r.done and r.retry_at is not None]
-        unrecorded = [row for r in results for row in r.unrecorded]
         if later:
             due = min(r.retry_at for r in later if r.retry_at is not None)
             note = "; ".join(r.note for r in later)
-            await self.applier.record(unrecorded)
+            await self.applier.record([row for r in results for row in r.unrecorded])
             await self._record_keys(job)
             if not await self.storage.inbox.retry_later(event.id, self.worker_id, due, note):
                 log.warning("lease lost before rescheduling", extra={"event_id": event.id})

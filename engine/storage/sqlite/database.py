@@ -13,12 +13,12 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, TypeVar
+from typing import TypeVar
 
 from engine.errors import StorageError, UnstorableValueError
 from engine.storage import values
 from engine.storage.protocols import Clock
-from engine.storage.sqlite.groupcommit import BulkHandler, GroupCommitWriter, storage_error
+from engine.storage.sqlite.groupcommit import GroupCommitWriter, storage_error
 from engine.storage.sqlite.opening import check_path, connect
 from engine.storage.sqlite.rows import ts
 
@@ -76,16 +76,6 @@ class SQLiteDatabase:
         on its own data, it is undone alone and the rest of its batch is kept."""
         try:
             return await self.writer.run(run)
-        except UNSTORABLE as error:
-            raise unstorable(error, doing) from None
-        except sqlite3.Error as error:
-            raise storage_error(error, doing) from None
-
-    async def write_bulk(self, handler: BulkHandler, item: object, doing: str) -> Any:
-        """`item` with every other item of `handler` queued for the next commit, in one call
-        (`GroupCommitWriter.run_bulk`); failures as `write` raises them."""
-        try:
-            return await self.writer.run_bulk(handler, item)
         except UNSTORABLE as error:
             raise unstorable(error, doing) from None
         except sqlite3.Error as error:

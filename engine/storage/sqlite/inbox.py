@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import functools
 import sqlite3
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from datetime import datetime, timedelta
 
 from engine.errors import StorageError, UnstorableEventError
@@ -211,22 +211,18 @@ class SQLiteInbox(SQLitePart, Inbox):
                                   worker_id)
 
     async def _leased(self, doing: str, assignments: str, params: tuple[object, ...],
-                      event_id: int, worker_id: str,
-                      then: Callable[[sqlite3.Connection], None] | None = None) -> bool:
-        """Apply one of the SET clauses above only while `worker_id` holds the lease, and then
-        `then` in the same write when it did."""
+                      event_id: int, worker_id: str) -> bool:
+        """Apply one of the SET clauses above only while `worker_id` holds the lease."""
         def run(connection: sqlite3.Connection) -> bool:
-            changed = connection.execute(
+            return connection.execute(
                 f"UPDATE inbox SET {assignments} WHERE id = ? AND lease_owner = ? AND {PENDING}",
                 (*params, event_id, worker_id)).rowcount == 1
-            if changed and then is not None:
-                then(connection)
-            return changed
 
         return await self._db.write(run, doing)
 
     async def set_ordering_keys(self, event_id: int, keys: Sequence[str]) -> None:
-        await self._db.write(lambda c: _replace_keys(c, event_id, keys), "record ordering keys")
+        await self._db.write(lambda c: _replace_keys_many(c, {event_id: keys}),
+                             "record ordering keys")
 
     async def set_ordering_keys_many(self, keys: Mapping[int, Sequence[str]]) -> None:
         def run(connection: sqlite3.Connection) -> None:
@@ -316,22 +312,10 @@ class SQLiteInbox(SQLitePart, Inbox):
         return await self._db.read(run, "count the inbox")
 
 
-def _replace_keys(connection: sqlite3.Connection, event_id: int, keys: Sequence[str]) -> None:
-    connection.execute("DELETE FROM inbox_ordering_keys WHERE event_id = ?", (event_id,))
-    connection.executemany(
-        "INSERT INTO inbox_ordering_keys (event_id, ordering_key) VALUES (?, ?)"
-        " ON CONFLICT DO NOTHING",
-        [(event_id, key) for key in keys],
-    )
-    connection.execute(
-        "UPDATE inbox SET ordering_recorded = 1 WHERE id = ? AND ordering_recorded = 0",
-        (event_id,),
-    )
-
-
 def _replace_keys_many(connection: sqlite3.Connection,
                        keys: Mapping[int, Sequence[str]]) -> None:
-    """`_replace_keys` for many events: three statements per chunk of events, not per event."""
+    """Replace each event's ordering keys and mark them recorded: three statements per chunk
+    of events, not per event."""
     ids = list(keys)
     for start in range(0, len(ids), _IN_LIST):
         chunk = ids[start:start + _IN_LIST]

@@ -43,8 +43,8 @@ def _count(connection: sqlite3.Connection, query: str, params: dict[str, object]
     return int(connection.execute(query, params).fetchone()[0])
 
 
-def _record_many(connection: sqlite3.Connection,
-                 items: Sequence[tuple[touchrecords.NewTouch, str]]) -> list[bool]:
+def _record_many(connection: sqlite3.Connection, touches: Sequence[touchrecords.NewTouch],
+                 now: str) -> list[bool]:
     """Each touch, unless its event's is kept already: whether it was new."""
     return [connection.execute(
         "INSERT INTO touches (event_id, event_type, token, campaign, prefix, platform,"
@@ -52,20 +52,19 @@ def _record_many(connection: sqlite3.Connection,
         " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (event_id) DO NOTHING",
         (touch.event_id, touch.event_type, touch.token, touch.campaign, touch.prefix,
          touch.platform, touch.referrer, int(touch.per_person), ts(touch.occurred_at), now),
-    ).rowcount == 1 for touch, now in items]
+    ).rowcount == 1 for touch in touches]
 
 
 class SQLiteTouches(SQLitePart, Touches):
     async def record(self, touch: touchrecords.NewTouch) -> bool:
-        # A bulk job: the touches of a claim, recorded together, share one call and savepoint.
-        recorded: bool = await self._db.write_bulk(
-            _record_many, (touch, self._db.now()), "record the touch")
+        [recorded] = await self.record_many([touch])
         return recorded
 
     async def record_many(self, touches: Sequence[touchrecords.NewTouch]) -> list[bool]:
         now = self._db.now()
-        items = [(touch, now) for touch in touches]
-        return await self._db.write(lambda c: _record_many(c, items), "record the touches")
+        return await self._db.write(lambda c: _record_many(c, touches, now),
+                                    "record the touch" if len(touches) == 1
+                                    else "record the touches")
 
     async def attribute(self, request: AttributionRequest) -> Attribution:
         now = self._db.now()
