@@ -177,7 +177,7 @@ async def test_the_worker_runs_as_many_local_events_at_once_as_the_store_serves_
     # SQLite's writes share a group commit, so many events at once fill each commit;
     # PostgreSQL's each hold a pooled connection, so a few. `--concurrency` overrides both.
     target = LocalTarget(storage.local_crm, field_map)
-    expected = 64 if type(storage).__name__.startswith("SQLite") else 4
+    expected = 256 if type(storage).__name__.startswith("SQLite") else 4
     assert Worker(storage, shipped_rules(), [target]).lanes["local"].size == expected
     chosen = Worker(storage, shipped_rules(), [target], options=WorkerOptions(concurrency=3))
     assert chosen.lanes["local"].size == 3
