@@ -42,7 +42,6 @@ from engine.storage import (
 )
 from engine.targets.base import (
     AllAtOnceTarget,
-    CallContext,
     Outcome,
     Target,
     all_at_once,
@@ -54,6 +53,7 @@ from engine.worker.apply import Applier, Lane, PartResult, Sleep
 from engine.worker.attribution import attach_all
 from engine.worker.batch import Batcher
 from engine.worker.chain import Chains, Link, all_queued
+from engine.worker.claimwrite import ClaimWriter
 from engine.worker.leases import LeaseKeeper
 from engine.worker.pinning import PinnedRules
 from engine.worker.plan import KeyedAction, Work, ordering_keys, prepare, touched_keys
@@ -188,6 +188,15 @@ class Worker:
                                self.options.short_wait, clock, sleep)
         self._tasks: set[asyncio.Task[None]] = set()
         self.leases = LeaseKeeper(storage.inbox, self.worker_id, self.options.lease_seconds)
+        # A claim's one write to `claim_at_once` (`engine.worker.claimwrite`); how an event
+        # ends otherwise (alone, finished, handed back) stays the worker's, lent to it.
+        at_once = self.claim_at_once
+        self.claim_writer: ClaimWriter[_Job] | None = None if at_once is None else ClaimWriter(
+            at_once, self.lanes[at_once.name], busy_wait=self.options.busy_wait,
+            leases=self.leases, applier=self.applier, inbox=storage.inbox,
+            worker_id=self.worker_id, alone=self._process, finish=self._finish,
+            finished=self._finished_event, release=self._release, notify=self._notify,
+            transient=_transient)
         self._observers: set[asyncio.Task[None]] = set()
         self._stopping = False
         self._signal: asyncio.Event | None = None
@@ -284,6 +293,7 @@ class Worker:
             await asyncio.gather(*(self._release(e, "the store failed at claim time", 1.0)
                                    for e in events))
             return
+        writer = self.claim_writer
         together: list[_Job] = []
         for job, result in zip(jobs, begun, strict=True):
             if self.leases.lost(job.event.id):
@@ -293,12 +303,12 @@ class Worker:
                 continue
             if isinstance(result, BaseException):
                 raise result
-            if self._goes_together(job):
+            if writer is not None and writer.goes_together(job):
                 together.append(job)
                 continue
             self._spawn(self._process(job), f"linkcrm-event-{job.event.id}", [job])
-        if together:
-            self._spawn(self._process_claim(together), f"linkcrm-claim-{together[0].event.id}",
+        if writer is not None and together:
+            self._spawn(writer.process(together), f"linkcrm-claim-{together[0].event.id}",
                         together)
 
     def _spawn(self, work: Coroutine[Any, Any, None], name: str, jobs: list[_Job]) -> None:
@@ -307,109 +317,6 @@ class Worker:
             self.leases.hold(job.event.id, task)
         self._tasks.add(task)
         task.add_done_callback(self._finished)
-
-    def _goes_together(self, job: _Job) -> bool:
-        """Whether the event's part goes in its claim's one write: nothing earlier of its
-        identities to wait for, actions to write, none of them tried before."""
-        target = self.claim_at_once
-        return target is not None and job.clear and target.name in job.keys \
-            and bool(job.work.actions) \
-            and not any((target.name, keyed.key) in job.known for keyed in job.work.actions)
-
-    async def _process_claim(self, jobs: list[_Job]) -> None:
-        """The claim's events that go together (`_goes_together`): every one's actions in one
-        `execute_all` call; the events that call settles whole finish together in one write
-        (`_finish_claim`), each of the others goes its own way (`_process`) from its answers,
-        and all of them do when the call fails as a whole or the lane stays full."""
-        target = self.claim_at_once
-        assert target is not None
-        me = asyncio.current_task()
-        try:
-            answers = await self._write_claim(target, jobs)
-        except asyncio.CancelledError:  # stopped (or a lease lost) before the events began
-            for job in jobs:
-                self.leases.release(job.event.id, me)
-            await asyncio.gather(*(self._release(job.event, "interrupted: the worker stopped",
-                                                 0.0) for job in jobs))
-            raise
-        settled: list[tuple[_Job, PartResult]] = []
-        alone: list[tuple[_Job, Sequence[Outcome | Exception] | None]] = []
-        for job, answered in zip(jobs, answers, strict=True):
-            result = None if answered is None else \
-                self.applier.answered(job.event, target, job.work.actions, answered)
-            if result is not None and len(result.unrecorded) == len(job.work.actions):
-                settled.append((job, result))
-            else:
-                alone.append((job, answered))
-        # Each of these holds its events' leases from now on and ends them, however it ends
-        # (a lost lease cancels only the one holding that event): all are waited for.
-        ended = await asyncio.gather(
-            self._finish_claim(settled),
-            *(self._process(job, answered) for job, answered in alone), return_exceptions=True)
-        for error in ended:
-            if isinstance(error, BaseException) and not isinstance(error, asyncio.CancelledError):
-                log.error("event task failed", extra={"error_type": type(error).__name__,
-                                                      "where": where(error)})
-
-    async def _finish_claim(self, settled: list[tuple[_Job, PartResult]]) -> None:
-        """Conclude the events their claim's write settled, in one write; when that write
-        fails on something other than the store, each event concludes alone."""
-        if not settled:
-            return
-        me = asyncio.current_task()
-        assert me is not None
-        finishes = []
-        for job, result in settled:
-            self.leases.hold(job.event.id, me)  # this task's (gather's) from now on
-            del job.keys[result.target]
-            finishes.append(self._finish(job, [result]))
-        try:
-            done = await self.storage.inbox.finish_many(self.worker_id, finishes)
-        except asyncio.CancelledError:
-            await asyncio.gather(*(self._release(job.event, "interrupted: the worker stopped",
-                                                 0.0) for job, _ in settled))
-            raise
-        except Exception as error:
-            if _transient(error):
-                log.error("events left for a later attempt", extra={
-                    "event_ids": [job.event.id for job, _ in settled], "error": str(error)})
-                await asyncio.gather(*(self._release(job.event, f"storage error: {error}",
-                                                     5.0) for job, _ in settled))
-                done = None
-            else:  # an event's own data or a bug: each concludes alone, to its own end
-                await asyncio.gather(*(self._process(job, result=result)
-                                       for job, result in settled))
-                return
-        finally:
-            for job, _ in settled:
-                self.leases.release(job.event.id, me)
-        self._notify()
-        if done is None:
-            return
-        for (job, _), finish, finished in zip(settled, finishes, done, strict=True):
-            self._finished_event(job, finish, finished)
-
-    async def _write_claim(self, target: AllAtOnceTarget, jobs: list[_Job]
-                           ) -> list[Sequence[Outcome | Exception] | None]:
-        """Each event's answers from one `execute_all`; None for all when that call failed
-        as a whole or the lane stayed full (each event then makes its own)."""
-        lane = self.lanes[target.name]
-        if not await lane.acquire(self.options.busy_wait):
-            return [None] * len(jobs)
-        try:
-            flat = await target.execute_all([
-                (keyed.action, CallContext(keyed.key, job.event.id, keyed.action.rule))
-                for job in jobs for keyed in job.work.actions])
-        except Exception:  # a failure of the whole write: none of it is kept, or idempotent
-            return [None] * len(jobs)
-        finally:
-            lane.release()
-        answers: list[Sequence[Outcome | Exception] | None] = []
-        start = 0
-        for job in jobs:
-            answers.append(flat[start:start + len(job.work.actions)])
-            start += len(job.work.actions)
-        return answers
 
     async def _begin_all(self, jobs: list[_Job]) -> list[BaseException | None]:
         """Read the claimed events' outcomes and record their ordering keys: one read and one
@@ -506,7 +413,7 @@ class Worker:
                        answers: Sequence[Outcome | Exception] | None = None,
                        result: PartResult | None = None) -> None:
         """The event from its order check to its conclusion; `answers`: what its claim's one
-        write answered for its actions (`_process_claim`), in their place; `result`: its
+        write answered for its actions (`ClaimWriter.process`), in their place; `result`: its
         part as that write settled it, left to conclude."""
         event = job.event
         me = asyncio.current_task()
