@@ -7,7 +7,7 @@ import json
 import secrets
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,7 +26,7 @@ from tests.emulators.paths import PathFrontEnd
 from tests.emulators.salesforce_model import Org, SFError
 from tests.emulators.salesforce_oauth import OAuthError as _OAuthError
 from tests.emulators.salesforce_oauth import verify_assertion, with_basic_client
-from tests.emulators.salesforce_soql import SOQLError, parse
+from tests.emulators.salesforce_soql import Query, SOQLError, parse, tokenize
 
 SCHEMAS = Path(__file__).parent / "schemas" / "salesforce"
 JWT_GRANT = "urn:ietf:params:oauth:grant-type:jwt-bearer"
@@ -355,18 +355,27 @@ class SalesforceEmulator:
             raise SFError(400, "MALFORMED_QUERY", "q parameter is required")
         self.counters["queries"] += 1
         try:
-            query = parse(text, {name: fields for name, fields in self.org.objects.items()})
+            query, selected = self.select(text)
         except SOQLError as error:
             self.counters["malformed_queries"] += 1
             raise SFError(400, error.code, error.message) from None
-        rows = self.org.rows(query.sobject)
+        views = [self._view(request, query.sobject, r, query.fields) for r in selected]
+        return JSONResponse(self._page(request, views, len(views), 0))
+
+    def select(self, text: str) -> tuple[Query, list[dict[str, Any]]]:
+        """The query `text` and the records it answers, in the order it answers them; raises
+        SOQLError. A WHERE of `=` and IN terms joined by OR (what the target sends) reads only
+        the records holding one of its values; every record is still tested against it."""
+        query = parse(text, {name: fields for name, fields in self.org.objects.items()})
+        wanted = _wanted(text, self.org.objects[query.sobject])
+        rows = self.org.rows(query.sobject) if wanted is None \
+            else self.org.holding(query.sobject, wanted)
         selected = [r for r in rows if query.where is None or query.where(r)]
         for name, descending in reversed(query.order):
             selected.sort(key=_sort_key(name), reverse=descending)
         if query.limit is not None:
             selected = selected[: query.limit]
-        views = [self._view(request, query.sobject, r, query.fields) for r in selected]
-        return JSONResponse(self._page(request, views, len(views), 0))
+        return query, selected
 
     async def _query_more(self, request: Request) -> Response:
         locator, _, offset = request.path_params["locator"].rpartition("-")
@@ -439,6 +448,38 @@ async def _not_found(request: Request, error: Exception) -> Response:
 async def _not_allowed(request: Request, error: Exception) -> Response:
     return JSONResponse([{"errorCode": "METHOD_NOT_ALLOWED",
                           "message": f"HTTP Method '{request.method}' not allowed."}], 405)
+
+
+def _wanted(text: str, fields: Mapping[str, Any]) -> dict[str, list[str]] | None:
+    """The string values each field is asked for when the WHERE of a parsed query is only
+    `F = 'v'` and `F IN ('v', ...)` terms joined by OR; None for any other WHERE (or none).
+
+    >>> _wanted("SELECT Id FROM Lead WHERE email IN ('a', 'b') OR Id = 'c'", {"Email": 0, "Id": 0})
+    {'Email': ['a', 'b'], 'Id': ['c']}
+    """
+    tokens = [(t.kind, t.text) for t in tokenize(text)]
+    if ("keyword", "WHERE") not in tokens:
+        return None
+    columns = {name.lower(): name for name in fields}
+    wanted: dict[str, list[str]] = {}
+    at = tokens.index(("keyword", "WHERE")) + 1
+    while True:  # at: a term's column
+        if tokens[at][0] != "ident" or tokens[at + 1] not in (("op", "="), ("keyword", "IN")):
+            return None
+        values = wanted.setdefault(columns[tokens[at][1].lower()], [])
+        at += 2 if tokens[at + 1] == ("op", "=") else 3  # past `=`, or `IN (`
+        while True:  # at: a value
+            if tokens[at][0] != "string":
+                return None
+            values.append(tokens[at][1])
+            if tokens[at + 1] != ("punct", ","):
+                break
+            at += 2
+        at += 1 if tokens[at + 1] != ("punct", ")") else 2  # past the value, or the `)` of IN
+        if tokens[at] != ("keyword", "OR"):
+            return wanted if tokens[at] in (("end", ""), ("keyword", "ORDER"),
+                                            ("keyword", "LIMIT")) else None
+        at += 1
 
 
 def _sort_key(name: str) -> Callable[[dict[str, Any]], tuple[bool, str]]:

@@ -6,7 +6,7 @@ import itertools
 import re
 import time
 from collections import Counter
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Hashable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import date, datetime
 from typing import Any
@@ -121,6 +121,7 @@ class Org:
         default_factory=lambda: {"Lead": {}, "Opportunity": {}})
     counters: Counter[str] = field(default_factory=Counter)
     _ids: itertools.count[int] = field(default_factory=lambda: itertools.count(1))
+    _indexes: dict[str, _Index] = field(default_factory=dict, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if not self.objects:
@@ -135,8 +136,7 @@ class Org:
 
     def seed(self, sobject: str, **values: Any) -> str:
         record_id = self.new_id(sobject)
-        self.records[sobject][record_id] = {"Id": record_id, **self._defaults(sobject),
-                                            **values}
+        self._store(sobject, record_id, {"Id": record_id, **self._defaults(sobject), **values})
         return record_id
 
     def _defaults(self, sobject: str) -> dict[str, Any]:
@@ -150,8 +150,24 @@ class Org:
         def fold(v: Any) -> Any:
             return v if sensitive or not isinstance(v, str) else v.casefold()
 
-        return [r for r in self.records[sobject].values()
+        return [r for r in self.holding(sobject, {field_name: [value]})
                 if fold(r.get(field_name)) == fold(value)]
+
+    def holding(self, sobject: str, wanted: Mapping[str, Iterable[Any]]) -> list[dict[str, Any]]:
+        """The records in which a field of `wanted` holds one of its values, compared as SOQL
+        compares (strings ignoring case), in the order `rows` gives them. Read through the
+        index; every row when a value cannot be indexed or the object keeps no records of its
+        own (LeadStatus): callers test each record they get, as they would in a scan.
+
+        >>> org = Org(); _ = org.seed("Lead", Email="Ada@Example.com")
+        >>> [r["Email"] for r in org.holding("Lead", {"Email": ["ada@example.com"]})]
+        ['Ada@Example.com']
+        """
+        if sobject not in self.records:
+            return self.rows(sobject)
+        table = self.records[sobject]
+        ids = self._index(sobject).holding(wanted)
+        return list(table.values()) if ids is None else [table[i] for i in ids]
 
     def rows(self, sobject: str) -> list[dict[str, Any]]:
         """What a query FROM `sobject` sees (LeadStatus is made from the status settings)."""
@@ -182,8 +198,23 @@ class Org:
             self.counters[f"created {sobject}"] += 1
         else:
             self.counters[f"updated {sobject}"] += 1
-        self.records[sobject][record_id] = merged
+        self._store(sobject, record_id, merged)
         return record_id
+
+    def _store(self, sobject: str, record_id: str, record: dict[str, Any]) -> None:
+        index = self._index(sobject)  # before the table changes: a changed size means a rebuild
+        self.records[sobject][record_id] = record
+        index.put(record_id, record)
+
+    def _index(self, sobject: str) -> _Index:
+        """`sobject`'s index, built again when its table is not the one it was kept for: the
+        Collections rollback and tests replace tables (`emulator.records = ...`), and a table
+        whose size changed behind the Org's back was written to directly."""
+        table = self.records[sobject]
+        index = self._indexes.get(sobject)
+        if index is None or not index.keeps(table):
+            index = self._indexes[sobject] = _Index(table)
+        return index
 
     def fields(self, sobject: str) -> dict[str, SField]:
         if sobject not in self.objects or sobject == "LeadStatus":
@@ -221,6 +252,88 @@ class Org:
             message = rule(sobject, record)
             if message:
                 raise SFError(400, "FIELD_CUSTOM_VALIDATION_EXCEPTION", message)
+
+
+class _Index:
+    """The records of one table by field value, so a lookup reads the records holding a value
+    and not every record (upserting 2,500 Leads twice each: 2.2 s of scans, 0.1 s this way).
+
+    A field is indexed from its first lookup on, and kept by every write the Org makes
+    (`put`). Values are keyed case folded, as SOQL compares them; `Org.find` narrows the
+    holders of a case-sensitive field to exact matches. Each record's place in the table keeps
+    the answers in table order, as a scan finds them. Values that cannot be keyed (unhashable,
+    or unequal to themselves like NaN) are left out, and a lookup of such a value says None:
+    scan. A record dict edited in place is not seen: write through the Org."""
+
+    def __init__(self, table: dict[str, dict[str, Any]]) -> None:
+        self.table = table
+        self.places = {record_id: place for place, record_id in enumerate(table)}
+        self.next_place = len(self.places)
+        # field -> key -> ids of the records holding it; field -> id -> the key it is under
+        self.holders: dict[str, dict[Hashable, dict[str, None]]] = {}
+        self.filed: dict[str, dict[str, Hashable]] = {}
+
+    def keeps(self, table: dict[str, dict[str, Any]]) -> bool:
+        return table is self.table and len(table) == len(self.places)
+
+    def put(self, record_id: str, record: Mapping[str, Any]) -> None:
+        """`record` is now stored under `record_id` (new, or replacing what was there)."""
+        if record_id not in self.places:
+            self.places[record_id] = self.next_place
+            self.next_place += 1
+        for name in self.holders:
+            self._unfile(name, record_id)
+            self._file(name, record_id, record)
+
+    def holding(self, wanted: Mapping[str, Iterable[Any]]) -> list[str] | None:
+        """Ids of the records holding one of the values of a field of `wanted`, in table order;
+        None when a value cannot be looked up by key."""
+        found: set[str] = set()
+        for name, values in wanted.items():
+            holders = self.holders.get(name)
+            if holders is None:
+                holders = self._build(name)
+            for value in values:
+                key = _folded(value)
+                if not _keyable(key):
+                    return None
+                found.update(holders.get(key, ()))
+        return sorted(found, key=self.places.__getitem__)
+
+    def _build(self, name: str) -> dict[Hashable, dict[str, None]]:
+        self.holders[name], self.filed[name] = {}, {}
+        for record_id, record in self.table.items():
+            self._file(name, record_id, record)
+        return self.holders[name]
+
+    def _file(self, name: str, record_id: str, record: Mapping[str, Any]) -> None:
+        key = _folded(record.get(name))
+        if _keyable(key):
+            self.holders[name].setdefault(key, {})[record_id] = None
+            self.filed[name][record_id] = key
+
+    def _unfile(self, name: str, record_id: str) -> None:
+        filed = self.filed[name]
+        if record_id in filed:
+            key = filed.pop(record_id)
+            ids = self.holders[name][key]
+            del ids[record_id]
+            if not ids:
+                del self.holders[name][key]
+
+
+def _folded(value: Any) -> Any:
+    """A value as SOQL compares it: strings ignoring case."""
+    return value.casefold() if isinstance(value, str) else value
+
+
+def _keyable(key: Any) -> bool:
+    """Whether a dict finds `key` exactly when `==` does (not so for NaN, nor unhashables)."""
+    try:
+        hash(key)
+    except TypeError:
+        return False
+    return bool(key == key)
 
 
 def _check_type(spec: SField, value: Any) -> None:
