@@ -70,6 +70,32 @@ def number_problem(value: float) -> str | None:
 
 def json_problem(value: object, depth: int = 0) -> tuple[str, str] | None:
     """The path inside `value` and why it cannot be stored as JSON, or None."""
+    # Exact types first, as storable_json does: every field of every planned action passes
+    # here, and ASCII text, plain numbers and dicts with ASCII keys are nearly all there is.
+    kind = type(value)
+    if depth >= MAX_DEPTH:
+        return _json_problem(value, depth)
+    if kind is str:
+        return None if value.isascii() else _text_at(value)  # type: ignore[attr-defined,arg-type]
+    if kind is int or value is None or kind is bool:
+        return None
+    if kind is dict:
+        for name, item in value.items():  # type: ignore[attr-defined]
+            if type(name) is not str or not name.isascii():
+                return _json_problem(value, depth)  # the general path says which and why
+            found = json_problem(item, depth + 1)
+            if found is not None:
+                return _path(f".{_printable(name)}", found, depth)
+        return None
+    return _json_problem(value, depth)
+
+
+def _text_at(text: str) -> tuple[str, str] | None:
+    problem = text_problem(text)
+    return None if problem is None else ("", problem)
+
+
+def _json_problem(value: object, depth: int) -> tuple[str, str] | None:
     if depth > MAX_DEPTH:
         return "", f"nests deeper than {MAX_DEPTH} levels"
     if value is None or isinstance(value, bool | int):

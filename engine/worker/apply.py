@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -362,23 +363,39 @@ class Applier:
 
 
 def _summary(keyed: KeyedAction) -> JSON:
-    """What was asked, by field name only: values may be personal data."""
-    payload = keyed.action.payload()
-    fields: list[JSON] = []
+    """What was asked, by field name only: values may be personal data.
+
+    Every event of one rule action asks the same, so the summary is one shared dict per
+    shape (`_summary_of`); the store encodes it once (engine/storage/sqlite/outcomes.py).
+    Nothing changes a summary once made."""
+    action = keyed.action
+    payload = action.payload()
+    fields: list[str] = []
     for part in ("set", "set_once"):
         values = payload.get(part)
         if isinstance(values, dict):
             fields.extend(sorted(values))
-    summary: dict[str, JSON] = {
-        "action": keyed.action.kind,
-        "ordinal": keyed.ordinal,
-        "identity": [key.field for key in keyed.action.identity],
-    }
+    identity = tuple(key.field for key in action.identity)
+    stage = payload.get("stage", _NO_STAGE)
+    # Shared only when equal means the same JSON: text, not 1 == True == 1.0.
+    made = _summary_of if stage is _NO_STAGE or type(stage) is str else _make_summary
+    return made(action.kind, keyed.ordinal, identity, tuple(fields), stage)
+
+
+_NO_STAGE = object()
+
+
+def _make_summary(kind: str, ordinal: int, identity: tuple[str, ...], fields: tuple[str, ...],
+                  stage: object) -> JSON:
+    summary: dict[str, JSON] = {"action": kind, "ordinal": ordinal, "identity": list(identity)}
     if fields:
-        summary["fields"] = fields
-    if "stage" in payload:
-        summary["stage"] = payload["stage"]
+        summary["fields"] = list(fields)
+    if stage is not _NO_STAGE:
+        summary["stage"] = stage  # type: ignore[assignment]
     return summary
+
+
+_summary_of = functools.lru_cache(maxsize=1024)(_make_summary)
 
 
 def _dead_line(target: str, keyed: KeyedAction, error: str | None) -> str:

@@ -67,7 +67,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--events", type=int, default=10_000)
     parser.add_argument("--concurrency", type=int, default=None,
-                        help="events at once (default: the target's own, 64 for the local CRM)")
+                        help="events at once (default: the target's own; 256 for the local "
+                             "CRM on SQLite)")
     parser.add_argument("--database", help="a database URL (default: a fresh SQLite file)")
     parser.add_argument("--profile", type=int, default=0, metavar="N",
                         help="print the N costliest functions (cumulative and own time)")

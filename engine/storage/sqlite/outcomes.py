@@ -6,6 +6,7 @@ import sqlite3
 from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime
 
+from engine.actions import JSON
 from engine.storage import records, values
 from engine.storage.protocols import Outcomes
 from engine.storage.sqlite import timeline
@@ -120,7 +121,25 @@ def _row(outcome: records.NewOutcome, now: str) -> tuple[object, ...]:
     next_at = None if outcome.next_attempt_at is None else ts(outcome.next_attempt_at)
     return (outcome.event_id, outcome.rule, outcome.action_kind, outcome.target,
             outcome.idempotency_key, outcome.status,
-            dumps_optional(values.storable_json(outcome.request_summary)),
+            _summary_text(outcome.request_summary),
             dumps_optional(values.storable_json(outcome.response)),
             values.storable_text(outcome.error), next_at, now, now,
             values.storable_text(outcome.rules_version))
+
+
+# The text of request summaries the worker shares between events (one dict per rule action,
+# engine/worker/apply.py): each is cleaned and encoded once. Kept with the dict itself, so an
+# id is never reused while its entry lives; emptied now and then, so it stays small.
+_SUMMARY_TEXTS: dict[int, tuple[JSON, str | None]] = {}
+_SUMMARY_TEXTS_KEPT = 1024
+
+
+def _summary_text(summary: JSON) -> str | None:
+    known = _SUMMARY_TEXTS.get(id(summary))
+    if known is not None and known[0] is summary:
+        return known[1]
+    text = dumps_optional(values.storable_json(summary))
+    if len(_SUMMARY_TEXTS) >= _SUMMARY_TEXTS_KEPT:
+        _SUMMARY_TEXTS.clear()
+    _SUMMARY_TEXTS[id(summary)] = (summary, text)
+    return text
