@@ -1,6 +1,7 @@
 """The embedded CRM takes an event's actions in one write (on SQLite, a claim's events' actions
-in one write: `Worker._process_claim`) and their outcomes with the event's finish in another
-(`Applier.together`), on both backends, with the same results as one action at a time."""
+in one write: `ClaimWriter.process` in engine/worker/claimwrite.py) and their outcomes with the
+event's finish in another (`Applier.together`), on both backends, with the same results as one
+action at a time."""
 
 from __future__ import annotations
 
