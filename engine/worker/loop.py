@@ -72,7 +72,7 @@ class WorkerOptions:
 
     `concurrency` is how many events each target handles at once (with one target, the number
     of events in flight); None: each target's own figure (`targets.base.concurrency_of`: 4
-    for a remote CRM, 64 for the embedded one on SQLite). A target with batch endpoints gets
+    for a remote CRM, 256 for the embedded one on SQLite). A target with batch endpoints gets
     the calls that queue up while a batch is in flight in its next batch, at most `batch_size`
     identities (1: no batching; None: the target's own `batch_records`, else 100, so a
     Salesforce batch fills a 200-record Collections upsert), and room for `batch_window`
