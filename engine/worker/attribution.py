@@ -55,55 +55,37 @@ def no_token_touch() -> dict[str, Any]:
             "install": None, "per_person": None, "why": ["the identify call sent no token"]}
 
 
-async def attach(touches: Touches, event: InboxEvent, policy: LinkPolicy, *,
-                 retention_days: int | None) -> dict[str, Any] | None:
-    """Record the event's touch, or attribute an identify event; the context to plan it with
-    (None: plan the event as it is). StorageError propagates (the event is tried again);
-    a value no store can keep only costs the touch."""
-    read = _read(event)
-    if read is None:
-        return None
-    envelope, event_type, data, happened = read
-    try:
-        if event_type == IDENTIFY:
-            return await _identify(touches, event, data, happened, retention_days)
-        touch = _touch(event, envelope, event_type, happened, policy)
-        if touch is not None:
-            await touches.record(touch)
-    except UnstorableValueError as error:
-        _not_kept(event, event_type, error)
-    return None
-
-
 async def attach_all(touches: Touches, events: Sequence[InboxEvent], policy: LinkPolicy,
                      retention_days: int | None) -> list[dict[str, Any] | None]:
-    """`attach` for a claimed batch, in two steps: the batch's touches are kept (in one
-    write) before any of its identify events is attributed, so an install and the
-    registration that follows it, claimed together, still pair up."""
+    """Each claimed event's context to plan it with (None: plan the event as it is), in two
+    steps: the batch's touches are kept (in one write) before any of its identify events is
+    attributed, so an install and the registration that follows it, claimed together, still
+    pair up. StorageError propagates (the events are tried again); a value no store can keep
+    only costs that event's touch or attribution."""
     contexts: list[dict[str, Any] | None] = [None] * len(events)
     kept: list[tuple[InboxEvent, str, NewTouch]] = []
-    identify = []
+    identify: list[tuple[int, dict[str, Any], datetime]] = []
     for index, event in enumerate(events):
-        if event.event_type == IDENTIFY:
-            identify.append(index)
-            continue
         read = _read(event)
         if read is None:
             continue
-        envelope, event_type, _, happened = read
-        if event_type == IDENTIFY:  # the body says so: attributed like the others
-            identify.append(index)
+        envelope, event_type, data, happened = read
+        if event_type == IDENTIFY:
+            identify.append((index, data, happened))
             continue
         touch = _touch(event, envelope, event_type, happened, policy)
         if touch is not None:
             kept.append((event, event_type, touch))
     await _keep(touches, kept)
 
-    async def one(index: int) -> None:
-        contexts[index] = await attach(touches, events[index], policy,
-                                       retention_days=retention_days)
+    async def attribute(index: int, data: dict[str, Any], happened: datetime) -> None:
+        try:
+            contexts[index] = await _identify(touches, events[index], data, happened,
+                                              retention_days)
+        except UnstorableValueError as error:
+            _not_kept(events[index], IDENTIFY, error)
 
-    await asyncio.gather(*(one(i) for i in identify))
+    await asyncio.gather(*(attribute(*item) for item in identify))
     return contexts
 
 

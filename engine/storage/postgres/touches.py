@@ -128,4 +128,3 @@ def _record_params(touch: touchrecords.NewTouch, now: datetime | None) -> dict[s
             "campaign": touch.campaign, "prefix": touch.prefix, "platform": touch.platform,
             "referrer": touch.referrer, "per_person": touch.per_person,
             "occurred_at": touch.occurred_at, "now": now}
-
