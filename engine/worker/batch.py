@@ -25,7 +25,7 @@ class _Call:
 
 class Batcher:
     """A `Target` in front of a `BatchTarget`: calls that arrive while a batch is in flight
-    wait and go out together in the next one, which carries at most `size` records (what a
+    wait and go out together in a later one, which carries at most `size` records (what a
     batch request writes: HubSpot's 100 inputs) and every queued call on them.
 
     One call alone goes out at once, so batching costs no latency when the CRM keeps up; when
@@ -35,6 +35,13 @@ class Batcher:
     ones, never the later before the earlier: a batch stops taking an identity's calls at the
     first one it leaves behind. The worker queues a later event's calls only after the
     earlier event's (`submit`), so a batch holding both applies them in arrival order.
+
+    Up to `in_flight` batches are sent at once, so a backlog's batches overlap the CRM's
+    round trips (and the worker's handling of the answers) instead of taking turns. Only a
+    full batch (`size` records) goes while another is in flight, so a queue that is not a
+    backlog still waits and coalesces into the next one; and a batch never takes a call on an
+    identity of a batch in flight: an identity's next call goes once its last one's answer is
+    in, as if batches went one at a time.
 
     A record whose later calls are still `coming` (an event of its identity is on its way to
     the queue: `engine.worker.chain`) waits for them, at most `hold` seconds after its first
@@ -48,14 +55,17 @@ class Batcher:
 
     def __init__(self, target: BatchTarget, size: int = 100,
                  coming: Callable[[IdentityKey], bool] | None = None,
-                 hold: float = 1.0) -> None:
+                 hold: float = 1.0, in_flight: int = 2) -> None:
         self.target = target
         self.name = target.name
         self.size = max(1, size)
         self.coming = coming or (lambda key: False)
         self.hold = hold
+        self.in_flight = max(1, in_flight)
         self._queue: list[_Call] = []
         self._flushing: asyncio.Task[None] | None = None
+        self._sending: dict[asyncio.Task[None], frozenset[IdentityKey]] = {}
+        self._arrived = 0  # calls queued so far
         self.batches: list[int] = []  # the number of calls in each batch sent, for tests
 
     async def execute(self, action: Action, context: CallContext) -> Outcome:
@@ -67,19 +77,22 @@ class Batcher:
         """Queue a call now (behind every call queued before it) and return its answer."""
         call = _Call(action, context)
         self._queue.append(call)
+        self._arrived += 1
         if self._flushing is None or self._flushing.done():
             self._flushing = asyncio.create_task(self._flush(), name=f"linkcrm-batch-{self.name}")
         return call.answer
 
-    def _take(self, wait: bool) -> list[_Call]:
+    def _take(self, wait: bool, full: bool = False) -> tuple[list[_Call], int]:
         """The next batch: queued calls in order until `size` records are in it (a record is
         the first identity key of a call: the one the target finds and writes it by), then
         the later calls on those records, unless an earlier call on one of their identity
-        keys was left behind (it must go first)."""
+        keys was left behind (it must go first) or is in a batch in flight. With `full`, no
+        batch (and the queue as it was) unless it holds `size` records. Also how many records
+        the batch lacks of `size`."""
         taken: list[_Call] = []
         left: list[_Call] = []
         records: set[IdentityKey] = set()
-        blocked: set[IdentityKey] = set()
+        blocked: set[IdentityKey] = set().union(*self._sending.values())
         for call in self._queue:
             keys = set(call.action.identity)
             record = call.action.identity[:1]
@@ -91,26 +104,54 @@ class Batcher:
                 continue
             taken.append(call)
             records.update(record)
+        short = self.size - len(records)
+        if full and short > 0:
+            return [], short
         self._queue = left
-        return taken
+        return taken, short
 
     async def _flush(self) -> None:
         # One tick, so calls that became ready together (a claim of many events) share a batch.
         await asyncio.sleep(0)
         loop = asyncio.get_running_loop()
-        while self._queue:
-            waited = loop.time() - self._queue[0].at
-            batch = self._take(wait=waited < self.hold)
-            if not batch:
+        # While a batch is in flight, the queue is read again for a full one only when an
+        # answer freed identities or enough calls arrived to fill one (reading it is a scan).
+        look_again_at = 0
+        while self._queue or self._sending:
+            if self._queue and len(self._sending) < self.in_flight \
+                    and (not self._sending or self._arrived >= look_again_at):
+                waited = loop.time() - self._queue[0].at
+                batch, short = self._take(wait=waited < self.hold, full=bool(self._sending))
+                if batch:
+                    self._start(batch)
+                    continue
+                look_again_at = self._arrived + short
+            if self._sending:
+                done, _ = await asyncio.wait(self._sending, timeout=min(0.01, self.hold),
+                                             return_when=asyncio.FIRST_COMPLETED)
+                if done:
+                    look_again_at = 0
+            else:
                 await asyncio.sleep(min(0.01, self.hold))
-                continue
-            self.batches.append(len(batch))
-            await self._send(batch)
+
+    def _start(self, batch: list[_Call]) -> None:
+        self.batches.append(len(batch))
+        task = asyncio.create_task(self._send(batch), name=f"linkcrm-batch-{self.name}-send")
+        self._sending[task] = frozenset(key for call in batch for key in call.action.identity)
+        task.add_done_callback(self._sending.pop)
 
     async def _send(self, batch: Sequence[_Call]) -> None:
-        results = await self._many(batch)
-        if len(batch) > 1:
-            await self._alone(batch, results)
+        try:
+            results = await self._many(batch)
+            if len(batch) > 1:
+                await self._alone(batch, results)
+        except Exception as error:  # a bug must fail these calls, not leave them waiting
+            log.exception("a batch failed", extra={"target": self.name})
+            results = [error] * len(batch)
+        except asyncio.CancelledError:  # stopped (aclose): their callers are gone
+            for call in batch:
+                call.answer.cancel()
+            raise
         for call, result in zip(batch, results, strict=True):
             if call.answer.done():
                 continue
@@ -152,9 +193,10 @@ class Batcher:
                 blocked.update(dict.fromkeys(keys, result))
 
     async def aclose(self) -> None:
-        """Stop a batch still in flight once its callers are gone (the worker stopped; the
-        actions are idempotent, so their next attempt finds what it did). The wrapped target
-        is its owner's to close."""
-        if self._flushing is not None and not self._flushing.done():
-            self._flushing.cancel()
-            await asyncio.gather(self._flushing, return_exceptions=True)
+        """Stop batches still in flight once their callers are gone (the worker stopped; the
+        actions are idempotent, so their next attempt finds what they did). The wrapped
+        target is its owner's to close."""
+        running = [task for task in (self._flushing, *self._sending) if task is not None]
+        for task in running:
+            task.cancel()
+        await asyncio.gather(*running, return_exceptions=True)

@@ -5,7 +5,7 @@ applied again before the later one is."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import httpx
@@ -206,3 +206,75 @@ async def test_a_record_waits_for_its_calls_still_coming_at_most_hold_seconds() 
     await batcher.submit(call("z"), CallContext("z1"))  # never completed: goes after `hold`
     assert loop.time() - started >= 0.5
     await batcher.aclose()
+
+
+class Gated:
+    """Holds each batch until the test opens its gate, to see what goes while one is out."""
+
+    name = "gated"
+
+    def __init__(self) -> None:
+        self.batches: list[list[str]] = []
+        self.gates: list[asyncio.Event] = []
+
+    async def execute(self, action: Action, context: CallContext) -> Outcome:
+        raise AssertionError("execute_many only")
+
+    async def execute_many(self, items: Sequence[tuple[Action, CallContext]]
+                           ) -> list[Outcome | Exception]:
+        self.batches.append([context.idempotency_key for _, context in items])
+        gate = asyncio.Event()
+        self.gates.append(gate)
+        await gate.wait()
+        return [Outcome(None, "ok") for _ in items]
+
+    async def aclose(self) -> None:
+        return None
+
+
+async def until(condition: Callable[[], bool]) -> None:
+    for _ in range(500):
+        if condition():
+            return
+        await asyncio.sleep(0.002)
+    raise AssertionError("timed out")
+
+
+async def test_full_batches_overlap_one_in_flight_but_never_share_an_identity_with_it() -> None:
+    """A backlog's full batches go while another is out (up to `in_flight`); a partial one
+    waits for the batches in flight, and a call on an identity in flight waits for its
+    answer, so an identity's calls still go one batch after another."""
+    target = Gated()
+    batcher = Batcher(target, size=2, in_flight=2)
+    a1 = batcher.submit(call("a"), CallContext("a1"))
+    await until(lambda: len(target.batches) == 1)  # alone: it goes at once
+    rest = [batcher.submit(call(token), CallContext(key)) for token, key in
+            [("b", "b1"), ("a", "a2"), ("c", "c1"), ("d", "d1"), ("e", "e1")]]
+    await until(lambda: len(target.batches) == 2)
+    # b and c fill a batch beside a1's; a2 waits for a1's answer; d, e would be a third
+    # batch in flight, one more than `in_flight`.
+    assert target.batches == [["a1"], ["b1", "c1"]]
+    await asyncio.sleep(0.05)
+    assert len(target.batches) == 2
+    target.gates[0].set()
+    await a1
+    await until(lambda: len(target.batches) == 3)
+    assert target.batches[2] == ["a2", "d1"]  # full again: goes beside b1/c1's
+    await asyncio.sleep(0.05)
+    assert len(target.batches) == 3  # e alone is partial: it waits for the pipe to empty
+    target.gates[1].set()
+    target.gates[2].set()
+    await until(lambda: len(target.batches) == 4)
+    assert target.batches[3] == ["e1"]
+    target.gates[3].set()
+    assert all(isinstance(answer, Outcome) for answer in await asyncio.gather(*rest))
+    await batcher.aclose()
+
+
+async def test_closing_stops_the_batches_in_flight() -> None:
+    target = Gated()
+    batcher = Batcher(target, size=1, in_flight=2)
+    answers = [batcher.submit(call(token), CallContext(token)) for token in "ab"]
+    await until(lambda: len(target.batches) == 2)
+    await batcher.aclose()
+    assert all(answer.cancelled() for answer in answers)
