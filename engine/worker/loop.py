@@ -112,6 +112,9 @@ class _Job:
     # No earlier event held any of its keys when the claim recorded them (nor was one still
     # being planned): its first order check is already done.
     clear: bool = False
+    # Otherwise the earlier events that check found, when it answers the first order check
+    # of its one target's part (None: that check reads them itself).
+    earlier: list[int] | None = None
     touched: list[str] = field(default_factory=list)  # `touched_keys` of its actions
 
 
@@ -350,6 +353,10 @@ class Worker:
         for job in jobs:
             shared, unplanned = found.get(job.event.id, ([], []))
             job.clear = job.event.id in wanted and not shared and not unplanned
+            # What `earlier_unfinished` would answer now for its one target, unless it would
+            # first wait for the unplanned ones to be planned.
+            if not job.clear and len(job.keys) == 1 and (shared or not unplanned):
+                job.earlier = sorted({*shared, *unplanned})
 
     async def _begin(self, job: _Job) -> None:
         self._plan_keys(job, await self.storage.outcomes.of_event(job.event.id))
@@ -510,8 +517,11 @@ class Worker:
         lane = self.lanes[target]
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.options.order_wait
+        first, job.earlier = job.earlier, None  # the claim's check, read a moment ago
         while True:
-            earlier = await self.storage.inbox.earlier_unfinished(job.event.id, keys)
+            earlier = first if first is not None else \
+                await self.storage.inbox.earlier_unfinished(job.event.id, keys)
+            first = None
             if not earlier:
                 return ()
             leaders = self.chains.leaders(target, earlier)

@@ -153,3 +153,28 @@ async def test_each_call_carries_its_event_rule_and_key_as_an_argument(
         recorded = [(event, o.idempotency_key) for event in events
                     for o in await storage.outcomes.of_event(event) if o.target == target]
         assert sorted(calls, key=str) == sorted(recorded, key=str) and len(recorded) == 6
+
+
+async def test_a_later_event_in_the_same_claim_follows_without_reading_the_inbox_again(
+        storage: Storage, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The claim's one order check already found the earlier events of each identity; a later
+    event's first wait follows them (they are all in progress here) without a read per event."""
+    rules = write_rules(tmp_path / "rules")
+    for round_ in ("first", "second"):
+        for n in range(6):
+            await store(storage, "install.tracked", token=f"t{n}", prefix=f"{round_}-{n}")
+    reads: list[int] = []
+    original = storage.inbox.earlier_unfinished
+
+    async def counted(event_id: int, keys: Sequence[str]) -> list[int]:
+        reads.append(event_id)
+        return await original(event_id, keys)
+
+    monkeypatch.setattr(storage.inbox, "earlier_unfinished", counted)
+    target = BatchingTarget()
+    await Worker(storage, rules, [target], options=WorkerOptions(concurrency=12)).run_until_idle()
+    assert reads == []
+    applied = [str(a.set["deep_link_prefix"]) for batch in target.batches for a in batch
+               if isinstance(a, UpsertContact)]
+    for n in range(6):  # each token's first event before its second
+        assert applied.index(f"first-{n}") < applied.index(f"second-{n}")
