@@ -2,8 +2,10 @@
 
 For each CRM, a fresh SQLite inbox is filled with the shipped story (install -> referral
 sign-up -> conversion -> identify per token, each token's steps spread through the backlog as
-in bench_hubspot.py), and the worker `linkcrm worker` runs (targets built from an environment
-that points at the emulator, served over real HTTP, limits as CRM_FACTS gives them) drains it.
+in bench_hubspot.py), and `linkcrm worker`, in a process of its own as deployed (targets built
+from an environment that points at the emulator, served over real HTTP from this process,
+limits as CRM_FACTS gives them), drains it. With --in-process the worker runs in this process
+instead, where the emulators' work shares its GIL (the figure earlier sessions reported).
 
     python tests/benchmarks/bench_crm_requests.py                    # ~2.5 min: all three CRMs
     python tests/benchmarks/bench_crm_requests.py --crm hubspot --events 2000 --latency 0.05
@@ -27,6 +29,7 @@ import asyncio
 import hashlib
 import json
 import math
+import sqlite3
 import sys
 import tempfile
 import time
@@ -47,6 +50,7 @@ from engine.worker.assembly import open_worker
 from tests.benchmarks.bench_hubspot import backlog
 from tests.support import crm_readback
 from tests.support.crm_stack import Stack, running
+from tests.support.loadgen import linkcrm, stop
 
 HUBSPOT_LIMIT, HUBSPOT_WINDOW = 100, 10.0  # Free/Starter private app
 PIPEDRIVE_BURST, PIPEDRIVE_WINDOW, PIPEDRIVE_SEARCH = 20, 2.0, 10  # Essential plan
@@ -131,18 +135,15 @@ def check(found: crm_readback.Found, timeline: list[dict[str, object]]) -> list[
 
 
 async def one(crm: str, stack: Stack, ruleset: RuleSet, events: int,
-              folder: Path) -> Figures:
+              folder: Path, in_process: bool) -> Figures:
     url = f"sqlite:///{folder / f'{crm}.db'}"
     people = await fill(url, events)
     timeline = backlog(events)
     sf_before = dict(stack.salesforce.counters)
-    async with open_storage(url) as storage, open_worker(
-            storage, ruleset, Settings(), stack.environ(crm), metrics=Metrics()) as worker:
-        _reset(stack)
-        started = time.monotonic()
-        await worker.run_until_idle()
-        seconds = time.monotonic() - started
-        statuses = {k: v for k, v in (await storage.inbox.stats()).by_status.items() if v}
+    if in_process:
+        seconds, statuses = await _drain_in_process(url, stack, crm, ruleset)
+    else:
+        seconds, statuses = await _drain_by_process(url, stack, crm, folder)
     field_map = ruleset.field_map
     if crm == "hubspot":
         state = stack.hubspot
@@ -176,6 +177,57 @@ async def one(crm: str, stack: Stack, ruleset: RuleSet, events: int,
                    dict(pd.calls))
 
 
+async def _drain_in_process(url: str, stack: Stack, crm: str, ruleset: RuleSet
+                            ) -> tuple[float, dict[str, int]]:
+    """The worker in this process, beside the emulators (they share its GIL)."""
+    async with open_storage(url) as storage, open_worker(
+            storage, ruleset, Settings(), stack.environ(crm), metrics=Metrics()) as worker:
+        _reset(stack)
+        started = time.monotonic()
+        await worker.run_until_idle()
+        seconds = time.monotonic() - started
+        statuses = {k: v for k, v in (await storage.inbox.stats()).by_status.items() if v}
+    return seconds, statuses
+
+
+async def _drain_by_process(url: str, stack: Stack, crm: str, folder: Path
+                            ) -> tuple[float, dict[str, int]]:
+    """`linkcrm worker` in a process of its own, as deployed: the CRM's work is not the
+    worker's. Timed from its first claim until every event is finished (its start-up
+    requests count as sent, its start-up time does not)."""
+    _reset(stack)
+    database = url.removeprefix("sqlite:///")
+    log = folder / f"{crm}-worker.log"
+    env = {**stack.environ(crm), "LINKCRM_DATABASE_URL": url,
+           "LINKCRM_RULES": str(REPO / "rules"), "LINKCRM_LOG_LEVEL": "WARNING"}
+    worker = linkcrm(["worker"], env, log)
+    try:
+        started = finished = None
+        deadline = time.monotonic() + 600
+        while finished is None:
+            if worker.poll() is not None or time.monotonic() > deadline:
+                raise SystemExit(f"the worker stopped or hung:\n{log.read_text()[-2000:]}")
+            await asyncio.sleep(0.02)
+            statuses = _statuses(database)
+            if started is None and statuses != {"received": sum(statuses.values())}:
+                started = time.monotonic()
+            if set(statuses) <= {"processed", "ignored", "dead"}:
+                finished = time.monotonic()
+    finally:
+        stop([worker])
+    assert started is not None
+    return finished - started, statuses
+
+
+def _statuses(database: str) -> dict[str, int]:
+    """The inbox by status, a claimed event counted as claimed (read beside the worker)."""
+    with sqlite3.connect(database, timeout=10) as connection:
+        rows = connection.execute(
+            "SELECT CASE WHEN lease_owner IS NULL THEN status ELSE 'claimed' END, COUNT(*)"
+            " FROM inbox GROUP BY 1").fetchall()
+    return {str(status): int(n) for status, n in rows if n}
+
+
 def _reset(stack: Stack) -> None:
     """Forget the start-up requests (the property read, the field catalogue, the token)."""
     state = stack.hubspot
@@ -202,7 +254,8 @@ async def main(args: argparse.Namespace) -> int:
                     pipedrive_rate_limit=PIPEDRIVE_BURST) as stack:
                 stack.salesforce.latency = args.latency
                 events = args.events if crm != "pipedrive" else args.pipedrive_events
-                figures = await one(crm, stack, ruleset, events, Path(directory))
+                figures = await one(crm, stack, ruleset, events, Path(directory),
+                                    args.in_process)
             results.append(figures)
             print("\n".join(figures.lines()), flush=True)
     return 1 if any(f.problems for f in results) else 0
@@ -217,4 +270,7 @@ if __name__ == "__main__":
     parser.add_argument("--pipedrive-events", type=int, default=300,
                         help="events for Pipedrive (no batch endpoints: ~10 requests/s)")
     parser.add_argument("--latency", type=float, default=0.02, help="emulator latency (s)")
+    parser.add_argument("--in-process", action="store_true",
+                        help="run the worker in this process, beside the emulators (they then "
+                             "share one GIL), instead of `linkcrm worker` in its own")
     sys.exit(asyncio.run(main(parser.parse_args())))
