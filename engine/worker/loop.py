@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
-from engine.errors import StorageError, UnstorableValueError, where
+from engine.errors import StorageError, where
 from engine.rules.model import RuleSet
 from engine.runtime.metrics import Metrics
 from engine.storage import (
@@ -54,10 +54,11 @@ from engine.worker.attribution import attach_all
 from engine.worker.batch import Batcher
 from engine.worker.chain import Chains, Link, all_queued
 from engine.worker.claimwrite import ClaimWriter
+from engine.worker.finishing import Finisher
 from engine.worker.leases import LeaseKeeper
 from engine.worker.pinning import PinnedRules
 from engine.worker.plan import KeyedAction, Work, ordering_keys, prepare, touched_keys
-from engine.worker.retrying import RetryPolicy
+from engine.worker.retrying import RetryPolicy, transient
 from engine.worker.snapshot import Rules, ShadowHook
 
 log = logging.getLogger(__name__)
@@ -158,6 +159,8 @@ class Worker:
         # Calls go through a Batcher where the target has batch endpoints: concurrent events'
         # actions then share requests, which is what a rate-limited CRM needs.
         self.chains = Chains()
+        # Events concluding in one pass of the loop finish in one write.
+        self.finisher = Finisher(storage.inbox, self.worker_id)
         batch = {target.name: self._batch_size(target) for target in self.targets}
         self.callers: dict[str, Target] = {
             target.name: Batcher(target, batch[target.name], self.chains.coming(target.name))
@@ -199,7 +202,7 @@ class Worker:
             leases=self.leases, applier=self.applier, inbox=storage.inbox,
             worker_id=self.worker_id, alone=self._process, finish=self._finish,
             finished=self._finished_event, release=self._release, notify=self._notify,
-            transient=_transient)
+            transient=transient)
         self._observers: set[asyncio.Task[None]] = set()
         self._stopping = False
         self._signal: asyncio.Event | None = None
@@ -289,9 +292,9 @@ class Worker:
             for event, rules in zip(events, chosen, strict=True):
                 self._observe(event, rules, snapshot.shadow)
         begun = await self._begin_all(jobs)
-        transient = [error for error in begun if _transient(error)]
-        if transient:
-            log.error("could not start events", extra={"error": str(transient[0]),
+        store_failures = [error for error in begun if transient(error)]
+        if store_failures:
+            log.error("could not start events", extra={"error": str(store_failures[0]),
                                                        "event_ids": [e.id for e in events]})
             await asyncio.gather(*(self._release(e, "the store failed at claim time", 1.0)
                                    for e in events))
@@ -332,7 +335,7 @@ class Worker:
             await self.storage.inbox.set_ordering_keys_many(
                 {job.event.id: job.recorded for job in jobs})
         except Exception as error:
-            if _transient(error) or len(jobs) == 1:
+            if transient(error) or len(jobs) == 1:
                 return [error] * len(jobs)
             return await asyncio.gather(*(self._begin(job) for job in jobs),
                                         return_exceptions=True)
@@ -403,6 +406,7 @@ class Worker:
             for task in pending:
                 task.cancel()
             await asyncio.gather(*pending, return_exceptions=True)
+        await self.finisher.aclose()
         await self.leases.aclose()
         if self._observers:  # shadow comparisons get what is left of the drain, then go
             _, late = await asyncio.wait(set(self._observers),
@@ -438,7 +442,7 @@ class Worker:
             await self._release(event, "interrupted: the worker stopped", 0.0)
             raise
         except Exception as error:
-            if not _transient(error):
+            if not transient(error):
                 await self._bury(event, error)
                 return
             log.error("event left for a later attempt", extra={"event_id": event.id,
@@ -564,10 +568,7 @@ class Worker:
                 log.warning("lease lost before rescheduling", extra={"event_id": event.id})
             return
         finish = self._finish(job, results)
-        finished = await self.storage.inbox.finish(
-            event.id, self.worker_id, finish.status, finish.error,
-            ordering_keys=finish.ordering_keys, outcomes=finish.outcomes)
-        self._finished_event(job, finish, finished)
+        self._finished_event(job, finish, await self.finisher.finish(finish))
 
     def _finish(self, job: _Job, results: list[PartResult]) -> Finish:
         """How the event ends, its parts all done: dead with every problem, ignored when no
@@ -678,12 +679,6 @@ class Worker:
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(timeout):
                 await signal.wait()
-
-
-def _transient(error: object) -> bool:
-    """A store that could not commit or read may work again; every other error (a value the
-    store refuses, a bug) fails the same way on every attempt."""
-    return isinstance(error, StorageError) and not isinstance(error, UnstorableValueError)
 
 
 def _unfinished(job: _Job, target: str) -> bool:

@@ -11,7 +11,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import TypeVar
 
-from engine.errors import RetryableCRMError
+from engine.errors import RetryableCRMError, StorageError, UnstorableValueError
 
 T = TypeVar("T")
 
@@ -51,3 +51,9 @@ async def call_with_retries(
                 raise
             await sleep(policy.delay(attempt, error.retry_after))
             attempt += 1
+
+
+def transient(error: object) -> bool:
+    """A store that could not commit or read may work again; every other error (a value the
+    store refuses, a bug) fails the same way on every attempt."""
+    return isinstance(error, StorageError) and not isinstance(error, UnstorableValueError)

@@ -188,6 +188,30 @@ class PostgresInbox(PostgresPart, Inbox):
         return await self._leased("finish the event", _FINISH, params, event_id, worker_id,
                                   then, first if cleaned else None)
 
+    async def finish_many(self, worker_id: str, finishes: Sequence[records.Finish]
+                          ) -> list[bool]:
+        """`finish` for each, in one transaction: all or none."""
+        for finish in finishes:
+            checks.final_status(finish.status)
+        cleaned = [[values.storable_outcome(outcome) for outcome in finish.outcomes]
+                   for finish in finishes]
+        now = self._db.now()
+        query = (f"UPDATE inbox SET {_FINISH}"
+                 f" WHERE id = %(id)s AND lease_owner = %(worker)s AND {PENDING}")
+        done: list[bool] = []
+        async with self._db.connection("finish the events") as connection, \
+                connection.transaction():
+            for finish, outcomes in zip(finishes, cleaned, strict=True):
+                for outcome in outcomes:  # what the CRM answered, leased or not
+                    await upsert_outcome(connection, outcome, now)
+                changed = (await connection.execute(query, {
+                    "status": finish.status, "error": values.storable_text(finish.error),
+                    "id": finish.event_id, "worker": worker_id, "now": now})).rowcount == 1
+                if changed and finish.ordering_keys is not None:
+                    await _replace_keys(connection, finish.event_id, finish.ordering_keys)
+                done.append(changed)
+        return done
+
     async def retry_later(
         self, event_id: int, worker_id: str, next_attempt_at: datetime, error: str | None
     ) -> bool:
