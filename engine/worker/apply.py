@@ -16,6 +16,7 @@ from engine.runtime.metrics import Metrics
 from engine.storage import ActionOutcome, Clock, InboxEvent, NewOutcome, Outcomes, OutcomeStatus
 from engine.targets.base import AllAtOnceTarget, CallContext, Outcome, Target
 from engine.worker.chain import Link, all_clean
+from engine.worker.coalesce import Coalescer
 from engine.worker.plan import KeyedAction
 from engine.worker.retrying import RetryPolicy
 
@@ -105,6 +106,10 @@ class Applier:
     short_wait: float
     clock: Clock
     sleep: Sleep
+
+    def __post_init__(self) -> None:
+        # Outcomes recorded in one pass of the loop (a batch's answers) go in one write.
+        self._records: Coalescer[Sequence[NewOutcome], None] = Coalescer(self._record_all)
 
     async def apply(
         self,
@@ -306,10 +311,19 @@ class Applier:
             await self.sleep(delay)
 
     async def record(self, rows: Sequence[NewOutcome]) -> None:
-        """Record outcomes left `unrecorded`, in one write, and count them."""
+        """Record outcomes left `unrecorded`, in one write (with those other events record in
+        this pass of the loop), and count them."""
         if rows:
-            await self.outcomes.record_many(rows)
+            await self._records.submit(rows)
         self.count(rows)
+
+    async def _record_all(self, groups: list[Sequence[NewOutcome]]) -> list[None]:
+        await self.outcomes.record_many([row for rows in groups for row in rows])
+        return [None] * len(groups)
+
+    async def aclose(self) -> None:
+        """Wait for the outcomes still being written."""
+        await self._records.aclose()
 
     def count(self, rows: Sequence[NewOutcome]) -> None:
         """Count outcomes recorded elsewhere (with the event's finish)."""

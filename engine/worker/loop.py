@@ -54,7 +54,7 @@ from engine.worker.attribution import attach_all
 from engine.worker.batch import Batcher
 from engine.worker.chain import Chains, Link, all_queued
 from engine.worker.claimwrite import ClaimWriter
-from engine.worker.finishing import Finisher
+from engine.worker.coalesce import Coalescer
 from engine.worker.leases import LeaseKeeper
 from engine.worker.pinning import PinnedRules
 from engine.worker.plan import KeyedAction, Work, ordering_keys, prepare, touched_keys
@@ -160,7 +160,8 @@ class Worker:
         # actions then share requests, which is what a rate-limited CRM needs.
         self.chains = Chains()
         # Events concluding in one pass of the loop finish in one write.
-        self.finisher = Finisher(storage.inbox, self.worker_id)
+        self.finishes: Coalescer[Finish, bool] = Coalescer(
+            lambda finishes: storage.inbox.finish_many(self.worker_id, finishes))
         batch = {target.name: self._batch_size(target) for target in self.targets}
         self.callers: dict[str, Target] = {
             target.name: Batcher(target, batch[target.name], self.chains.coming(target.name))
@@ -406,7 +407,8 @@ class Worker:
             for task in pending:
                 task.cancel()
             await asyncio.gather(*pending, return_exceptions=True)
-        await self.finisher.aclose()
+        await self.finishes.aclose()
+        await self.applier.aclose()
         await self.leases.aclose()
         if self._observers:  # shadow comparisons get what is left of the drain, then go
             _, late = await asyncio.wait(set(self._observers),
@@ -568,7 +570,7 @@ class Worker:
                 log.warning("lease lost before rescheduling", extra={"event_id": event.id})
             return
         finish = self._finish(job, results)
-        self._finished_event(job, finish, await self.finisher.finish(finish))
+        self._finished_event(job, finish, await self.finishes.submit(finish))
 
     def _finish(self, job: _Job, results: list[PartResult]) -> Finish:
         """How the event ends, its parts all done: dead with every problem, ignored when no
