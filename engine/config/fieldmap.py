@@ -10,6 +10,7 @@ is pure and used by `explain --target` and the adapters.
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 from collections.abc import Callable
@@ -122,15 +123,33 @@ class FieldMap:
     file: str = ""
     links: LinkPolicy = field(default_factory=LinkPolicy)
 
+    # Looked up for every stage action a CRM writes: by name, built once per field map (the
+    # first of a repeated name wins, as a scan in order would find it).
+    @functools.cached_property
+    def _contact_stages(self) -> dict[str, tuple[int, Stage]]:
+        found: dict[str, tuple[int, Stage]] = {}
+        for rank, stage in enumerate(self.contact_stages):
+            found.setdefault(stage.name, (rank, stage))
+        return found
+
+    @functools.cached_property
+    def _deal_stages(self) -> dict[str, Stage]:
+        found: dict[str, Stage] = {}
+        for stage in self.deal_stages:
+            found.setdefault(stage.name, stage)
+        return found
+
     def contact_stage(self, name: str) -> Stage | None:
-        return next((s for s in self.contact_stages if s.name == name), None)
+        found = self._contact_stages.get(name)
+        return None if found is None else found[1]
 
     def deal_stage(self, name: str) -> Stage | None:
-        return next((s for s in self.deal_stages if s.name == name), None)
+        return self._deal_stages.get(name)
 
     def stage_rank(self, name: str) -> int:
-        """Position in the forward order; a contact never moves to a lower rank."""
-        return next(i for i, s in enumerate(self.contact_stages) if s.name == name)
+        """Position in the forward order; a contact never moves to a lower rank. KeyError for
+        a name that is no contact stage."""
+        return self._contact_stages[name][0]
 
     def coerce(self, dialect: Dialect, name: str, value: JSON) -> JSON:
         """`value` for canonical field `name` as `dialect`'s target wants it; raises
