@@ -8,7 +8,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from engine.actions import Action, IdentityKey
-from engine.errors import PermanentCRMError, RetryableCRMError
+from engine.errors import PermanentCRMError, RetryableCRMError, where
 from engine.targets.base import BatchTarget, CallContext, Outcome
 
 log = logging.getLogger("engine.worker.loop")
@@ -146,7 +146,10 @@ class Batcher:
             if len(batch) > 1:
                 await self._alone(batch, results)
         except Exception as error:  # a bug must fail these calls, not leave them waiting
-            log.exception("a batch failed", extra={"target": self.name})
+            # Type and place only: the message may quote event data.
+            log.error("a batch failed", extra={"target": self.name,
+                                               "error_type": type(error).__name__,
+                                               "where": where(error)})
             results = [error] * len(batch)
         except asyncio.CancelledError:  # stopped (aclose): their callers are gone
             for call in batch:

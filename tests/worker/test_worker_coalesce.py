@@ -278,3 +278,19 @@ async def test_closing_stops_the_batches_in_flight() -> None:
     await until(lambda: len(target.batches) == 2)
     await batcher.aclose()
     assert all(answer.cancelled() for answer in answers)
+
+
+async def test_a_batch_that_breaks_fails_its_calls_and_logs_no_event_data(
+        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    batcher = Batcher(Recorder(), size=10)
+
+    async def broken(batch: Sequence[object], results: list[object]) -> None:
+        raise RuntimeError("ada@example.com")
+
+    monkeypatch.setattr(batcher, "_alone", broken)
+    answers = [batcher.submit(call(token), CallContext(token)) for token in "ab"]
+    results = await asyncio.gather(*answers, return_exceptions=True)
+    assert all(isinstance(result, RuntimeError) for result in results)
+    assert "a batch failed" in caplog.text and "ada@example.com" not in caplog.text
+    assert (await batcher.submit(call("c"), CallContext("c"))).summary == "ok"  # still sends
+    await batcher.aclose()
