@@ -70,6 +70,8 @@ class Figures:
     problems: list[str]
     tokens_per_person: float | None = None
     by_kind: dict[str, int] | None = None
+    first_request_s: float | None = None  # from the first claim to the first CRM request
+    drain_requests: int = 0  # the requests sent from then on
 
     def lines(self) -> list[str]:
         bound = self.sent / self.rate
@@ -81,6 +83,10 @@ class Figures:
                f"drain / bound = {self.seconds / bound:.2f}; floor bound "
                f"{self.floor / self.rate:.1f} s",
                f"  429s after the first window: {self.late_429s}"]
+        if self.first_request_s is not None:
+            paced = self.drain_requests / max(self.seconds - self.first_request_s, 1e-9)
+            out.append(f"  first CRM request {self.first_request_s:.2f} s after the first claim "
+                       f"(planning it); from then on {paced:.1f} requests/s")
         if self.tokens_per_person is not None:
             out.append(f"  Pipedrive tokens per new person: {self.tokens_per_person:.1f}")
         if self.by_kind:
@@ -141,9 +147,9 @@ async def one(crm: str, stack: Stack, ruleset: RuleSet, events: int,
     timeline = backlog(events)
     sf_before = dict(stack.salesforce.counters)
     if in_process:
-        seconds, statuses = await _drain_in_process(url, stack, crm, ruleset)
+        started, seconds, statuses = await _drain_in_process(url, stack, crm, ruleset)
     else:
-        seconds, statuses = await _drain_by_process(url, stack, crm, folder)
+        started, seconds, statuses = await _drain_by_process(url, stack, crm, folder)
     field_map = ruleset.field_map
     if crm == "hubspot":
         state = stack.hubspot
@@ -153,8 +159,10 @@ async def one(crm: str, stack: Stack, ruleset: RuleSet, events: int,
         first = state.first_request_at or 0.0
         late = sum(1 for t in state.throttled_at if t > first + HUBSPOT_WINDOW)
         found = crm_readback.hubspot(state, field_map)
+        after = [t - started for t in state.request_times if t >= started]
         return Figures(crm, events, seconds, sent, floor, HUBSPOT_LIMIT / HUBSPOT_WINDOW, late,
-                       statuses, check(found, timeline), by_kind=dict(state.requests))
+                       statuses, check(found, timeline), by_kind=dict(state.requests),
+                       first_request_s=min(after, default=None), drain_requests=len(after))
     if crm == "salesforce":
         sf = stack.salesforce
         counters = {k: v - sf_before.get(k, 0) for k, v in sf.counters.items()}
@@ -178,7 +186,7 @@ async def one(crm: str, stack: Stack, ruleset: RuleSet, events: int,
 
 
 async def _drain_in_process(url: str, stack: Stack, crm: str, ruleset: RuleSet
-                            ) -> tuple[float, dict[str, int]]:
+                            ) -> tuple[float, float, dict[str, int]]:
     """The worker in this process, beside the emulators (they share its GIL)."""
     async with open_storage(url) as storage, open_worker(
             storage, ruleset, Settings(), stack.environ(crm), metrics=Metrics()) as worker:
@@ -187,11 +195,11 @@ async def _drain_in_process(url: str, stack: Stack, crm: str, ruleset: RuleSet
         await worker.run_until_idle()
         seconds = time.monotonic() - started
         statuses = {k: v for k, v in (await storage.inbox.stats()).by_status.items() if v}
-    return seconds, statuses
+    return started, seconds, statuses
 
 
 async def _drain_by_process(url: str, stack: Stack, crm: str, folder: Path
-                            ) -> tuple[float, dict[str, int]]:
+                            ) -> tuple[float, float, dict[str, int]]:
     """`linkcrm worker` in a process of its own, as deployed: the CRM's work is not the
     worker's. Timed from its first claim until every event is finished (its start-up
     requests count as sent, its start-up time does not)."""
@@ -216,7 +224,7 @@ async def _drain_by_process(url: str, stack: Stack, crm: str, folder: Path
     finally:
         stop([worker])
     assert started is not None
-    return finished - started, statuses
+    return started, finished - started, statuses
 
 
 def _statuses(database: str) -> dict[str, int]:
@@ -235,6 +243,7 @@ def _reset(stack: Stack) -> None:
     state.limit.hits.clear()
     state.throttled_at.clear()
     state.throttled, state.first_request_at = 0, None
+    state.request_times.clear()
     stack.pipedrive.reset_usage()
 
 

@@ -90,6 +90,7 @@ def create_hubspot_emulator(
             state.requests[f"{request.method} {kind}"] += 1
             if state.first_request_at is None:
                 state.first_request_at = state.limit.clock()
+            state.request_times.append(state.limit.clock())
             denied = _authenticate(state, request)
             if denied is not None:
                 return denied

@@ -315,6 +315,7 @@ class HubSpotState:
     throttled: int = 0
     throttled_at: list[float] = field(default_factory=list)
     first_request_at: float | None = None
+    request_times: list[float] = field(default_factory=list)  # when each request came in
     daily_used: int = 0
 
     def __post_init__(self) -> None:
