@@ -7,9 +7,11 @@ import sqlite3
 import subprocess
 import sys
 import textwrap
+import threading
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -18,7 +20,7 @@ from engine.errors import StorageError, UnstorableEventError, UnstorableValueErr
 from engine.storage import Storage, StoreResult, open_storage, records
 from engine.storage.sqlite import crm as sqlite_crm
 from engine.storage.sqlite import schema as sqlite_schema
-from engine.storage.sqlite.groupcommit import GroupCommitWriter
+from engine.storage.sqlite.groupcommit import GroupCommitWriter, OneStatement
 from engine.storage.sqlite.schema import LATEST, MIGRATIONS
 from engine.storage.sqlite.store import SQLiteStorage
 from tests.storage.contract import FakeClock, StorageContract, event
@@ -76,31 +78,86 @@ async def test_writer_is_wal_with_synchronous_full(storage: SQLiteStorage) -> No
         assert other.execute("PRAGMA journal_mode").fetchone() == ("wal",)
 
 
+def _count_commits(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Every commit the writer tries: of a transaction, or of a statement that is its own."""
+    commits: list[str] = []
+    transaction, statement = GroupCommitWriter._commit, GroupCommitWriter._commit_statement
+
+    def counting_transaction(self: GroupCommitWriter, connection: sqlite3.Connection) -> None:
+        commits.append("transaction")
+        transaction(self, connection)
+
+    def counting_statement(self: GroupCommitWriter, connection: sqlite3.Connection,
+                           handler: OneStatement, items: list[Any]) -> Sequence[Any]:
+        commits.append("statement")
+        return statement(self, connection, handler, items)
+
+    monkeypatch.setattr(GroupCommitWriter, "_commit", counting_transaction)
+    monkeypatch.setattr(GroupCommitWriter, "_commit_statement", counting_statement)
+    return commits
+
+
 async def test_concurrent_writes_share_commits(
     storage: SQLiteStorage, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    commits: list[int] = []
-    original = GroupCommitWriter._commit
-
-    def counting(self: GroupCommitWriter, connection: sqlite3.Connection) -> None:
-        commits.append(1)
-        original(self, connection)
-
-    monkeypatch.setattr(GroupCommitWriter, "_commit", counting)
+    commits = _count_commits(monkeypatch)
     results = await asyncio.gather(*(storage.inbox.store(event(n)) for n in range(200)))
     assert len({r.id for r in results}) == 200
     assert len(commits) < 100, f"{len(commits)} commits for 200 concurrent writes"
 
 
-async def test_a_failed_commit_fails_every_waiter_and_keeps_nothing(
-    storage: SQLiteStorage, monkeypatch: pytest.MonkeyPatch
+def _writer_statements(statements: list[str]) -> Callable[[sqlite3.Connection], None]:
+    """A connection hook recording the first word of each SQL statement the writer thread
+    runs (Python's trace repeats a statement's text as each of its trigger steps begins)."""
+    def record(sql: str) -> None:
+        if threading.current_thread().name == "linkcrm-sqlite-writer" and sql[:2] != "--":
+            statements.append(sql.split(None, 1)[0].upper())
+
+    return lambda connection: connection.set_trace_callback(record)
+
+
+async def test_a_batch_of_stores_alone_is_one_statement_that_commits_itself(
+    tmp_path: Path,
 ) -> None:
-    def failing(self: GroupCommitWriter, connection: sqlite3.Connection) -> None:
+    """The receiver's batches under load: the INSERT runs with no BEGIN or COMMIT around it
+    (each statement costs the writer thread a wait for the GIL) and is committed all the same,
+    as another connection sees. With another write in the batch, it is one transaction."""
+    statements: list[str] = []
+    opened = SQLiteStorage(tmp_path / "linkcrm.db", configure=_writer_statements(statements))
+    await opened.migrate()
+    try:
+        statements.clear()
+        results = await asyncio.gather(*(opened.inbox.store(event(n)) for n in range(50)))
+        assert len({result.id for result in results}) == 50
+        assert set(statements) == {"INSERT"}, statements
+        with sqlite3.connect(opened.path) as other:
+            assert other.execute("SELECT COUNT(*) FROM inbox").fetchone() == (50,)
+
+        statements.clear()
+        await asyncio.gather(
+            *(opened.inbox.store(event(n)) for n in range(50, 60)),
+            opened.database.write(lambda c: c.execute("DELETE FROM write_probe"), "probe"))
+        assert statements[0] == "BEGIN" and statements[-1] == "COMMIT", statements
+        assert "INSERT" in statements
+    finally:
+        await opened.close()
+
+
+@pytest.mark.parametrize("batch", ["stores alone", "stores and another write"])
+async def test_a_failed_commit_fails_every_waiter_and_keeps_nothing(
+    storage: SQLiteStorage, monkeypatch: pytest.MonkeyPatch, batch: str
+) -> None:
+    def failing(self: GroupCommitWriter, *args: object) -> None:
         raise sqlite3.OperationalError("disk I/O error")
 
     monkeypatch.setattr(GroupCommitWriter, "_commit", failing)
+    monkeypatch.setattr(GroupCommitWriter, "_commit_statement", failing)
+    def another_write(connection: sqlite3.Connection) -> None:
+        connection.execute("DELETE FROM write_probe")
+
+    others = [] if batch == "stores alone" else [storage.database.write(another_write, "probe")]
     results = await asyncio.gather(
-        *(storage.inbox.store(event(n)) for n in range(20)), return_exceptions=True)
+        *(storage.inbox.store(event(n)) for n in range(20)), *others, return_exceptions=True)
     assert all(isinstance(r, StorageError) for r in results)
     assert "disk I/O error" in str(results[0])
     monkeypatch.undo()
@@ -193,14 +250,7 @@ async def test_a_row_sqlite_refuses_fails_alone_in_its_group_commit(
 ) -> None:
     """Even a bad row the up-front check misses (here the check is switched off) fails only
     its own store: the batch's one INSERT is retried row by row, in one commit."""
-    commits: list[int] = []
-    original = GroupCommitWriter._commit
-
-    def counting(self: GroupCommitWriter, connection: sqlite3.Connection) -> None:
-        commits.append(1)
-        original(self, connection)
-
-    monkeypatch.setattr(GroupCommitWriter, "_commit", counting)
+    commits = _count_commits(monkeypatch)
     monkeypatch.setattr(records, "unstorable", lambda event: None)
     bad = replace(event(99), event_timestamp="2026-03-01\udfff")
     results = await asyncio.gather(
@@ -211,7 +261,8 @@ async def test_a_row_sqlite_refuses_fails_alone_in_its_group_commit(
     assert "2026-03-01" not in str(results[3])  # names the error, not the data
     assert sum(isinstance(r, StoreResult) for r in results) == 6
     assert len(await storage.inbox.list_events()) == 6
-    assert len(commits) == 1
+    # The one statement failed on the bad row and wrote nothing; one transaction wrote the rest.
+    assert commits == ["statement", "transaction"]
 
 
 async def test_a_bulk_handler_failing_on_one_item_keeps_the_others() -> None:

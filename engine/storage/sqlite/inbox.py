@@ -16,7 +16,7 @@ from engine.storage import checks, records, values
 from engine.storage.protocols import Inbox
 from engine.storage.sqlite import timeline
 from engine.storage.sqlite.database import SQLitePart
-from engine.storage.sqlite.groupcommit import fails_one_job, storage_error
+from engine.storage.sqlite.groupcommit import OneStatement, fails_one_job, storage_error
 from engine.storage.sqlite.outcomes import writing_many
 from engine.storage.sqlite.rows import (
     EVENT_COLUMNS,
@@ -75,7 +75,7 @@ class SQLiteInbox(SQLitePart, Inbox):
 
     async def store(self, event: records.NewEvent) -> records.StoreResult:
         try:
-            result: records.StoreResult = await self._db.writer.run_bulk(store_many, event)
+            result: records.StoreResult = await self._db.writer.run_bulk(STORE, event)
         except StorageError:
             raise
         except Exception as error:
@@ -392,6 +392,11 @@ def store_many(
     return [next(results) if error is None else error for error in refused]
 
 
+# Up to a thousand events, the one INSERT is the only write: a batch of stores and nothing else
+# commits with it, without BEGIN and COMMIT around it.
+STORE = OneStatement(store_many, rows=_MAX_ROWS)
+
+
 @functools.lru_cache(maxsize=256)
 def _headers_json(headers: tuple[tuple[str, str], ...]) -> str:
     """The kept headers as stored: one sender sends the same few headers on every delivery,
@@ -406,8 +411,9 @@ def _store_chunk(
 
     One statement is one step for SQLite and one GIL hand-off for Python, which is what keeps
     the writer thread from starving the event loop under load. Rows get consecutive ids in
-    VALUES order (the caller holds the write lock), so when every row went in, the ids follow
-    from the last one without another query.
+    VALUES order (the statement holds the write lock), so when every row went in, the ids
+    follow from the last one without another query. Inbox rows are never deleted, so the
+    reads that find duplicates' ids need not share the INSERT's transaction (`STORE`).
     """
     params: list[object] = []
     for event in events:
