@@ -396,13 +396,15 @@ async def _requeue(connection: Conn, event_id: int, now: datetime | None,
 # -- storing: many events, one statement ------------------------------------------------------
 
 # One statement for a whole batch: the same text whatever its size, so it is prepared once.
-# WITH ORDINALITY keeps ids in the order the deliveries arrived.
+# WITH ORDINALITY keeps ids in the order the deliveries arrived. The arrays go in binary (%b):
+# psycopg quotes a text-format array element by element in Python, 14 us per event here, a
+# fifth of the receiver's event loop on PostgreSQL; binary takes a tenth of that.
 _INSERT_MANY = (
     "INSERT INTO inbox (dedupe_key, source, event_type, event_timestamp, received_at, headers,"
     " body, updated_at)"
     " SELECT e.key, e.source, e.type, e.stamp, e.received, e.headers::json, e.body, e.received"
-    " FROM unnest(%(keys)s::text[], %(sources)s::text[], %(types)s::text[], %(stamps)s::text[],"
-    " %(received)s::timestamptz[], %(headers)s::text[], %(bodies)s::bytea[])"
+    " FROM unnest(%(keys)b::text[], %(sources)b::text[], %(types)b::text[], %(stamps)b::text[],"
+    " %(received)b::timestamptz[], %(headers)b::text[], %(bodies)b::bytea[])"
     " WITH ORDINALITY AS e (key, source, type, stamp, received, headers, body, n)"
     " ORDER BY e.n"
     " ON CONFLICT ON CONSTRAINT inbox_dedupe_key DO NOTHING RETURNING id, dedupe_key"
