@@ -15,12 +15,14 @@ from typing import Any
 
 import psycopg
 import pytest
+from psycopg import sql
 
 from engine.actions import IdentityKey
 from engine.errors import StorageError, UnstorableEventError, UnstorableValueError
 from engine.storage import NewEvent, Storage, StoreResult, checks, open_storage, records
-from engine.storage.postgres import inbox
+from engine.storage.postgres import inbox, notify
 from engine.storage.postgres import schema as postgres_schema
+from engine.storage.postgres.notify import channel_name
 from engine.storage.postgres.schema import LATEST, MIGRATIONS
 from engine.storage.postgres.store import PostgresStorage
 from tests.storage.contract import EMAIL, FakeClock, StorageContract, event
@@ -343,6 +345,55 @@ async def test_idle_workers_wake_when_another_process_stores(url: str) -> None:
         assert time.monotonic() - started < 2
         await receiver.inbox.store(event(1))  # a duplicate makes nothing new to claim
         assert await worker.wait_for_events(0.3) is False
+    finally:
+        await _close([receiver, worker])
+
+
+async def _listen(url: str, heard: list[object]) -> psycopg.AsyncConnection[Any]:
+    """A connection LISTENing on the inbox channel of `url`'s schema; `heard` collects what
+    comes."""
+    listener = await psycopg.AsyncConnection.connect(url, autocommit=True)
+    row = await (await listener.execute(f"SELECT {channel_name('inbox')}")).fetchone()
+    assert row is not None
+    await listener.execute(sql.SQL("LISTEN {}").format(sql.Identifier(row[0])))
+    listener.add_notify_handler(heard.append)
+    return listener
+
+
+async def test_a_busy_receiver_sends_a_few_notifications_not_one_per_store(url: str) -> None:
+    [receiver] = await _open(url, 1)
+    heard: list[object] = []
+    listener = await _listen(url, heard)
+    try:
+        started = time.monotonic()
+        for n in range(40):  # a store every 5 ms: each makes new work for the workers
+            await receiver.inbox.store(event(n))
+            await asyncio.sleep(0.005)
+        await asyncio.sleep(0.1)
+        await listener.execute("SELECT 1")  # deliver what has arrived
+        elapsed = time.monotonic() - started
+        assert 1 <= len(heard) <= elapsed / notify.SPACING + 2, (len(heard), elapsed)
+    finally:
+        await listener.close()
+        await _close([receiver])
+
+
+async def test_a_notify_connection_the_server_dropped_is_replaced_at_once(url: str) -> None:
+    receiver, worker = await _open(url, 2)
+    try:
+        assert await worker.wait_for_events(0.5) in (True, False)  # starts LISTEN
+        await receiver.inbox.store(event(1))
+        assert await worker.wait_for_events(5) is True
+        sending = receiver.database.wakeups._sending  # the kept NOTIFY connection
+        assert sending is not None
+        async with await psycopg.AsyncConnection.connect(url, autocommit=True) as admin:
+            await admin.execute(  # as a server restart or a proxy's idle timeout would
+                "SELECT pg_terminate_backend(%s)", (sending[0].info.backend_pid,))
+        await asyncio.sleep(0.1)
+        started = time.monotonic()
+        await receiver.inbox.store(event(2))
+        assert await worker.wait_for_events(5) is True
+        assert time.monotonic() - started < 1  # woken by the notification, not the timeout
     finally:
         await _close([receiver, worker])
 

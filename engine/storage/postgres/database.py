@@ -55,9 +55,9 @@ class PostgresDatabase:
         self._open_lock = asyncio.Lock()
         self._opened = False
         self.closed = False
-        self.wakeups = Wakeups(self._pool, conninfo)
+        self.wakeups = Wakeups(conninfo)
         # Rule publishes and activations NOTIFY this one inside their transaction.
-        self.rule_changes = Wakeups(self._pool, conninfo, "rules")
+        self.rule_changes = Wakeups(conninfo, "rules")
         # Why the last store batch could not commit; None once one commits.
         self.write_failure: str | None = None
 

@@ -5,6 +5,10 @@ is sent is covered by one more. PostgreSQL serialises the commits of notifying t
 one lock, so a NOTIFY inside each receiver's INSERT would make every store wait for the others'
 fsyncs; a separate NOTIFY that skips the WAL flush keeps stores concurrent. A lost notification
 costs one poll interval, never an event: workers still claim on a timer.
+
+Each subject sends on a connection of its own, outside the pool, set once to skip the WAL flush:
+a notification is then one statement, not a pooled checkout and a four-statement transaction
+(that was a tenth of a busy receiver's event loop).
 """
 
 from __future__ import annotations
@@ -12,14 +16,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from typing import Any
 
 import psycopg
 from psycopg import sql
-from psycopg_pool import AsyncConnectionPool
-
-from engine.storage.postgres.rows import Conn
 
 log = logging.getLogger(__name__)
+
+# Seconds between one process's notifications on a subject while pokes keep coming.
+SPACING = 0.02
 
 # One channel per schema and subject, so two linkcrm installations sharing a database do not
 # wake each other. Computed by the server on both sides; names stay under the 63-byte
@@ -37,15 +42,14 @@ class Wakeups:
         woken = await wakeups.wait(0.5)     # True when poked (here or by another process)
     """
 
-    def __init__(self, pool: AsyncConnectionPool[Conn], conninfo: str,
-                 subject: str = "inbox") -> None:
+    def __init__(self, conninfo: str, subject: str = "inbox") -> None:
         self._channel = "SELECT " + channel_name(subject)
         self._subject = subject
-        self._pool = pool
         self._conninfo = conninfo
         self._signal = asyncio.Event()
         self._pending = False
         self._sender: asyncio.Task[None] | None = None
+        self._sending: tuple[psycopg.AsyncConnection[Any], str] | None = None  # and its channel
         self._listener: asyncio.Task[None] | None = None
         self._closed = False
 
@@ -63,14 +67,44 @@ class Wakeups:
     async def _send(self) -> None:
         while self._pending and not self._closed:
             self._pending = False
-            try:
-                async with self._pool.connection() as connection, connection.transaction():
-                    await connection.execute("SET LOCAL synchronous_commit = off")
-                    await connection.execute(f"SELECT pg_notify(({self._channel}), '')")
-            except (psycopg.Error, OSError) as error:
-                # Nothing is lost: the workers' next poll finds the event.
-                log.debug("NOTIFY failed", extra={"error": str(error)})
+            if not await self._notify():
                 return
+            # Pokes meanwhile ride on the next one: a busy receiver sends a few dozen a second,
+            # not one per batch, and an idle worker still hears the first at once.
+            await asyncio.sleep(SPACING)
+
+    async def _notify(self) -> bool:
+        """One NOTIFY. A kept connection that went stale while idle (a server restart, a
+        proxy's idle timeout) is replaced once; when a fresh one fails too, the workers' next
+        poll finds the event (nothing is lost) and the next poke connects again."""
+        for fresh in (self._sending is None, True):
+            try:
+                connection, channel = self._sending or await self._connect_sender()
+                await connection.execute("SELECT pg_notify(%s, '')", (channel,))
+                return True
+            except (psycopg.Error, OSError) as error:
+                await self._close_sender()
+                if fresh:
+                    log.debug("NOTIFY failed", extra={"error": str(error)})
+        return False
+
+    async def _connect_sender(self) -> tuple[psycopg.AsyncConnection[Any], str]:
+        connection = await psycopg.AsyncConnection.connect(self._conninfo, autocommit=True)
+        try:
+            await connection.execute("SET synchronous_commit = off")
+            row = await (await connection.execute(self._channel)).fetchone()
+            assert row is not None
+        except BaseException:
+            await connection.close()
+            raise
+        self._sending = (connection, str(row[0]))
+        return self._sending
+
+    async def _close_sender(self) -> None:
+        if self._sending is not None:
+            connection, self._sending = self._sending[0], None
+            with contextlib.suppress(psycopg.Error, OSError):
+                await connection.close()
 
     # -- receiving ------------------------------------------------------------------------------
 
@@ -124,3 +158,4 @@ class Wakeups:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        await self._close_sender()
