@@ -191,9 +191,7 @@ class SQLiteInbox(SQLitePart, Inbox):
 
         def run(connection: sqlite3.Connection) -> list[bool]:
             outcomes(connection)  # what the CRM answered, leased or not
-            done = [connection.execute(
-                f"UPDATE inbox SET {_FINISH} WHERE id = ? AND lease_owner = ? AND {PENDING}",
-                (*params, event_id, worker_id)).rowcount == 1 for event_id, params in updates]
+            done = _finish_leased(connection, worker_id, updates)
             _replace_keys_many(connection, {
                 finish.event_id: finish.ordering_keys
                 for finish, finished in zip(finishes, done, strict=True)
@@ -327,6 +325,30 @@ def _replace_keys_many(connection: sqlite3.Connection,
             [(event_id, key) for event_id in chunk for key in keys[event_id]])
         connection.execute(f"UPDATE inbox SET ordering_recorded = 1 WHERE id IN ({marks})"
                            " AND ordering_recorded = 0", chunk)
+
+
+def _finish_leased(connection: sqlite3.Connection, worker_id: str,
+                   updates: Sequence[tuple[int, tuple[object, ...]]]) -> list[bool]:
+    """Set each event's final columns where `worker_id` still holds its lease; whether each
+    was. Events that end alike (a batch's are mostly "processed", no error) share an UPDATE:
+    one statement per kind of ending, not one per event (each statement is a GIL hand-off for
+    the writer thread)."""
+    if len({event_id for event_id, _ in updates}) != len(updates):  # the same event twice
+        return [connection.execute(
+            f"UPDATE inbox SET {_FINISH} WHERE id = ? AND lease_owner = ? AND {PENDING}",
+            (*params, event_id, worker_id)).rowcount == 1 for event_id, params in updates]
+    alike: dict[tuple[object, ...], list[int]] = {}
+    for event_id, params in updates:
+        alike.setdefault(params, []).append(event_id)
+    finished: set[int] = set()
+    for params, event_ids in alike.items():
+        for start in range(0, len(event_ids), _IN_LIST):
+            chunk = event_ids[start:start + _IN_LIST]
+            finished.update(event_id for (event_id,) in connection.execute(
+                f"UPDATE inbox SET {_FINISH} WHERE id IN ({placeholders(len(chunk))})"
+                f" AND lease_owner = ? AND {PENDING} RETURNING id",
+                (*params, *chunk, worker_id)))
+    return [event_id in finished for event_id, _ in updates]
 
 
 def _dead_letter(row: sqlite3.Row) -> records.DeadLetter:

@@ -11,7 +11,7 @@ from datetime import UTC, datetime, timedelta
 import pytest
 
 from engine.errors import UnstorableEventError
-from engine.storage import PLANNING_WAIT, EventFilter, FinalStatus, NewOutcome, Storage
+from engine.storage import PLANNING_WAIT, EventFilter, FinalStatus, Finish, NewOutcome, Storage
 from tests.storage.contract.support import FakeClock, event, outcome
 
 
@@ -159,6 +159,24 @@ class InboxContract:
         assert await storage.inbox.claim("w", 10, 30) == []
         with pytest.raises(ValueError):
             await storage.inbox.finish(1, "w", "received")  # type: ignore[arg-type]
+
+    async def test_finish_many_finishes_what_this_worker_still_leases(
+        self, storage: Storage
+    ) -> None:
+        ids = [(await storage.inbox.store(event(n))).id for n in range(6)]
+        assert len(await storage.inbox.claim("w", 5, 30)) == 5  # the sixth is not leased
+        assert await storage.inbox.finish(ids[4], "w", "processed")  # finished already
+        done = await storage.inbox.finish_many("w", [
+            Finish(ids[0], "processed"), Finish(ids[1], "dead", "HubSpot answered 400"),
+            Finish(ids[2], "processed"), Finish(ids[3], "ignored"), Finish(ids[4], "dead", "x"),
+            Finish(ids[5], "processed")])
+        assert done == [True, True, True, True, False, False]
+        got = [await storage.inbox.get(event_id) for event_id in ids]
+        assert [(e.status, e.last_error, e.lease_owner) for e in got if e is not None] == [
+            ("processed", None, None), ("dead", "HubSpot answered 400", None),
+            ("processed", None, None), ("ignored", None, None), ("processed", None, None),
+            ("received", None, None)]
+        assert await storage.inbox.finish_many("other", [Finish(ids[5], "processed")]) == [False]
 
     async def test_retry_later_waits_for_its_time(
         self, storage: Storage, clock: FakeClock
