@@ -58,8 +58,13 @@ class SQLiteLocalCRM(SQLitePart, LocalCRMStore):
 
     async def apply_all(self, ops: Sequence[records.LocalOp]
                         ) -> list[records.LocalResult | Exception]:
-        """One writer job for all the ops, each in its own savepoint: an op its own data
-        fails is undone alone; anything else undoes the whole job and raises."""
+        """One writer job for all the ops: an op its own data fails is undone alone;
+        anything else undoes the whole job and raises.
+
+        The ops first run together, inside the job's own savepoint; only when one fails on
+        its data are they rolled back and run again, each in a savepoint of its own. Two
+        statements fewer per op when none fails (each statement is a GIL hand-off for the
+        writer thread)."""
         jobs: list[_Job | Exception] = []
         for op in ops:
             try:
@@ -67,7 +72,19 @@ class SQLiteLocalCRM(SQLitePart, LocalCRMStore):
             except (ValueError, OverflowError, UnstorableValueError) as error:
                 jobs.append(error)
 
-        def run(connection: sqlite3.Connection) -> list[records.LocalResult | Exception]:
+        def together(connection: sqlite3.Connection) -> list[records.LocalResult | Exception]:
+            connection.execute("SAVEPOINT ops")
+            try:
+                results = [job if isinstance(job, Exception) else job(connection)
+                           for job in jobs]
+            except (*UNSTORABLE, ValueError):
+                connection.execute("ROLLBACK TO ops")
+                connection.execute("RELEASE ops")
+                return each_alone(connection)
+            connection.execute("RELEASE ops")
+            return results
+
+        def each_alone(connection: sqlite3.Connection) -> list[records.LocalResult | Exception]:
             results: list[records.LocalResult | Exception] = []
             for job in jobs:
                 if isinstance(job, Exception):
@@ -83,7 +100,7 @@ class SQLiteLocalCRM(SQLitePart, LocalCRMStore):
                 connection.execute("RELEASE op")
             return results
 
-        return await self._db.write(run, "apply the actions")
+        return await self._db.write(together, "apply the actions")
 
     @overload
     def _job(self, op: records.UpsertContactOp) -> Callable[
