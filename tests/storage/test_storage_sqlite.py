@@ -21,6 +21,7 @@ from engine.storage import Storage, StoreResult, open_storage, records
 from engine.storage.sqlite import crm as sqlite_crm
 from engine.storage.sqlite import schema as sqlite_schema
 from engine.storage.sqlite.groupcommit import GroupCommitWriter, OneStatement
+from engine.storage.sqlite.rows import insert_rows
 from engine.storage.sqlite.schema import LATEST, MIGRATIONS
 from engine.storage.sqlite.store import SQLiteStorage
 from tests.storage.contract import FakeClock, StorageContract, event
@@ -478,3 +479,18 @@ async def test_an_unwritable_location_is_a_storage_error(tmp_path: Path) -> None
     with pytest.raises(StorageError, match="no database at .*; run `linkcrm migrate`"):
         SQLiteStorage(tmp_path / "linkcrm.db", create=False)
     assert not (tmp_path / "linkcrm.db").exists() and not missing.exists()
+
+
+def test_insert_rows_runs_rows_in_order_as_executemany_would() -> None:
+    """Multi-row statements in place of executemany: a later row's ON CONFLICT sees the
+    earlier rows, the ok row is kept, and more rows than one statement may hold go in too."""
+    connection = sqlite3.connect(":memory:", isolation_level=None)
+    connection.execute("CREATE TABLE t (k TEXT PRIMARY KEY, n INTEGER, s TEXT)")
+    connection.execute("INSERT INTO t VALUES ('a', 1, 'ok')")
+    rows = [("b", "retry"), ("b", "x"), ("a", "y"), *((f"k{i}", "new") for i in range(20000))]
+    insert_rows(connection, "INSERT INTO t (k, n, s)", "(?, 1, ?)", rows,
+                " ON CONFLICT (k) DO UPDATE SET n = t.n + 1, s = excluded.s WHERE t.s <> 'ok'")
+    assert connection.execute("SELECT * FROM t WHERE k IN ('a', 'b') ORDER BY k").fetchall() == [
+        ("a", 1, "ok"), ("b", 2, "x")]
+    assert connection.execute("SELECT COUNT(*) FROM t").fetchone() == (20002,)
+    insert_rows(connection, "INSERT INTO t (k, n, s)", "(?, 1, ?)", [])  # nothing to do

@@ -15,7 +15,7 @@ from engine.errors import UnstorableValueError
 from engine.storage import checks, records
 from engine.storage.protocols import LocalCRMStore
 from engine.storage.sqlite.database import UNSTORABLE, SQLitePart, unstorable
-from engine.storage.sqlite.rows import dumps, loads_object, parse_ts, placeholders
+from engine.storage.sqlite.rows import dumps, insert_rows, loads_object, parse_ts, placeholders
 
 # One op's write, run in the writer thread.
 _Job = Callable[[sqlite3.Connection], records.LocalResult]
@@ -249,9 +249,7 @@ def _ensure_contact(
         ).fetchone()
         contact_id = int(row[0])
     # A key already owned by another contact stays there: linkcrm never merges contacts itself.
-    connection.executemany(
-        "INSERT INTO local_contact_identities (field, value, contact_id) VALUES (?, ?, ?)"
-        " ON CONFLICT (field, value) DO NOTHING",
-        [(key.field, key.value, contact_id) for key in identity],
-    )
+    insert_rows(connection, "INSERT INTO local_contact_identities (field, value, contact_id)",
+                "(?, ?, ?)", [(key.field, key.value, contact_id) for key in identity],
+                " ON CONFLICT (field, value) DO NOTHING")
     return records.ContactResult(contact_id=contact_id, created=created)

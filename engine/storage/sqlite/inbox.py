@@ -22,6 +22,7 @@ from engine.storage.sqlite.rows import (
     EVENT_COLUMNS,
     dumps,
     event_from_row,
+    insert_rows,
     parse_optional_ts,
     parse_ts,
     placeholders,
@@ -319,10 +320,9 @@ def _replace_keys_many(connection: sqlite3.Connection,
         chunk = ids[start:start + _IN_LIST]
         marks = placeholders(len(chunk))
         connection.execute(f"DELETE FROM inbox_ordering_keys WHERE event_id IN ({marks})", chunk)
-        connection.executemany(
-            "INSERT INTO inbox_ordering_keys (event_id, ordering_key) VALUES (?, ?)"
-            " ON CONFLICT DO NOTHING",
-            [(event_id, key) for event_id in chunk for key in keys[event_id]])
+        insert_rows(connection, "INSERT INTO inbox_ordering_keys (event_id, ordering_key)",
+                    "(?, ?)", [(event_id, key) for event_id in chunk for key in keys[event_id]],
+                    " ON CONFLICT DO NOTHING")
         connection.execute(f"UPDATE inbox SET ordering_recorded = 1 WHERE id IN ({marks})"
                            " AND ordering_recorded = 0", chunk)
 

@@ -14,6 +14,7 @@ from engine.storage.sqlite.database import SQLitePart
 from engine.storage.sqlite.rows import (
     OUTCOME_COLUMNS,
     dumps_optional,
+    insert_rows,
     outcome_from_row,
     placeholders,
     ts,
@@ -21,10 +22,13 @@ from engine.storage.sqlite.rows import (
 
 _GET = f"SELECT {OUTCOME_COLUMNS} FROM action_outcomes WHERE target = ? AND idempotency_key = ?"
 # The WHERE on the conflict branch keeps an `ok` row as it is: success is final.
-_UPSERT = (
+_UPSERT_INTO = (
     "INSERT INTO action_outcomes (event_id, rule, action_kind, target, idempotency_key, status,"
     " attempts, request_summary, response, error, next_attempt_at, created_at, updated_at,"
-    " rules_version) VALUES (?, ?, ?, ?, ?, ?, 1, ?, ?, ?, ?, ?, ?, ?)"
+    " rules_version)"
+)
+_UPSERT_ROW = "(?, ?, ?, ?, ?, ?, 1, ?, ?, ?, ?, ?, ?, ?)"
+_UPSERT_ON_CONFLICT = (
     " ON CONFLICT (target, idempotency_key) DO UPDATE SET"
     " status = excluded.status, attempts = action_outcomes.attempts + 1,"
     " request_summary = excluded.request_summary, response = excluded.response,"
@@ -32,6 +36,7 @@ _UPSERT = (
     " updated_at = excluded.updated_at, rules_version = excluded.rules_version"
     " WHERE action_outcomes.status <> 'ok'"
 )
+_UPSERT = f"{_UPSERT_INTO} VALUES {_UPSERT_ROW}{_UPSERT_ON_CONFLICT}"
 
 
 class SQLiteOutcomes(SQLitePart, Outcomes):
@@ -109,8 +114,7 @@ def writing_many(
     rows = [_row(outcome, now) for outcome in outcomes]
 
     def run(connection: sqlite3.Connection) -> None:
-        if rows:
-            connection.executemany(_UPSERT, rows)
+        insert_rows(connection, _UPSERT_INTO, _UPSERT_ROW, rows, _UPSERT_ON_CONFLICT)
 
     return run
 

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import sqlite3
+from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any, cast
 
@@ -81,3 +83,29 @@ def outcome_from_row(row: sqlite3.Row) -> ActionOutcome:
 def placeholders(count: int) -> str:
     """`?, ?, ?` for an IN list: only the number of parameters is built into the SQL text."""
     return ", ".join("?" * count)
+
+
+# SQLite's default limit on the parameters of one statement (SQLITE_MAX_VARIABLE_NUMBER).
+_MAX_PARAMETERS = 32766
+
+
+def insert_rows(connection: sqlite3.Connection, head: str, row: str,
+                rows: Sequence[Sequence[object]], tail: str = "") -> None:
+    """`connection.executemany(f"{head} VALUES {row}{tail}", rows)` in as few statements as
+    SQLite's parameter limit allows: `head VALUES (?, ?), (?, ?), ... tail`. SQLite runs the
+    rows of one statement in order, as executemany would (a later row's ON CONFLICT sees the
+    earlier ones); but Python's executemany steps once per row, and each step hands the GIL
+    to the event loop and waits to win it back. `row` holds placeholders (and constants),
+    never data."""
+    if not rows:
+        return
+    per_statement = _MAX_PARAMETERS // row.count("?")
+    for start in range(0, len(rows), per_statement):
+        chunk = rows[start:start + per_statement]
+        connection.execute(_values_sql(head, row, tail, len(chunk)),
+                           [value for one in chunk for value in one])
+
+
+@functools.lru_cache(maxsize=256)
+def _values_sql(head: str, row: str, tail: str, count: int) -> str:
+    return f"{head} VALUES {', '.join([row] * count)}{tail}"
