@@ -485,6 +485,7 @@ def test_insert_rows_runs_rows_in_order_as_executemany_would() -> None:
     """Multi-row statements in place of executemany: a later row's ON CONFLICT sees the
     earlier rows, the ok row is kept, and more rows than one statement may hold go in too."""
     connection = sqlite3.connect(":memory:", isolation_level=None)
+    connection.setlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER, 5)  # two rows per statement
     connection.execute("CREATE TABLE t (k TEXT PRIMARY KEY, n INTEGER, s TEXT)")
     connection.execute("INSERT INTO t VALUES ('a', 1, 'ok')")
     rows = [("b", "retry"), ("b", "x"), ("a", "y"), *((f"k{i}", "new") for i in range(20000))]

@@ -85,10 +85,6 @@ def placeholders(count: int) -> str:
     return ", ".join("?" * count)
 
 
-# SQLite's default limit on the parameters of one statement (SQLITE_MAX_VARIABLE_NUMBER).
-_MAX_PARAMETERS = 32766
-
-
 def insert_rows(connection: sqlite3.Connection, head: str, row: str,
                 rows: Sequence[Sequence[object]], tail: str = "") -> None:
     """`connection.executemany(f"{head} VALUES {row}{tail}", rows)` in as few statements as
@@ -99,7 +95,8 @@ def insert_rows(connection: sqlite3.Connection, head: str, row: str,
     never data."""
     if not rows:
         return
-    per_statement = _MAX_PARAMETERS // row.count("?")
+    limit = connection.getlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER)  # 32766 since 3.32
+    per_statement = max(1, limit // row.count("?"))
     for start in range(0, len(rows), per_statement):
         chunk = rows[start:start + per_statement]
         connection.execute(_values_sql(head, row, tail, len(chunk)),
