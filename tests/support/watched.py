@@ -14,13 +14,21 @@ from pathlib import Path
 from tests.support.paths import REPO
 
 
+def _ctrl_c_as_in_a_terminal() -> None:
+    """In the child, before Python starts: SIGINT back to its default. A shell ignores it in
+    the jobs it starts with `&` when not interactive, and Python then never turns it into
+    KeyboardInterrupt: a suite started that way would wait for a watch Ctrl-C cannot stop."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 class Watched:
     """A `linkcrm ... --watch` process whose output lines are read as they come."""
 
     def __init__(self, *args: str, cwd: Path = REPO) -> None:
         self.process = subprocess.Popen(
             [sys.executable, "-m", "engine.cli", *args], cwd=cwd, text=True,
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=dict(os.environ))
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=dict(os.environ),
+            preexec_fn=_ctrl_c_as_in_a_terminal)
         self.lines: queue.Queue[str] = queue.Queue()
         self.reader = threading.Thread(target=self._read, daemon=True)
         self.reader.start()
