@@ -239,11 +239,7 @@ def _statuses(database: str) -> dict[str, int]:
 def _reset(stack: Stack) -> None:
     """Forget the start-up requests (the property read, the field catalogue, the token)."""
     state = stack.hubspot
-    state.requests.clear()
-    state.limit.hits.clear()
-    state.throttled_at.clear()
-    state.throttled, state.first_request_at = 0, None
-    state.request_times.clear()
+    state.forget_requests()
     stack.pipedrive.reset_usage()
 
 

@@ -71,9 +71,7 @@ async def main(args: argparse.Namespace) -> int:
                                          window_seconds=args.window, latency=args.latency)
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app)) as setup:
         await provision(setup, TOKEN, ruleset.field_map, base_url="http://hubspot")
-    state.requests.clear()
-    state.limit.hits.clear()
-    state.throttled, state.first_request_at = 0, None
+    state.forget_requests()
     state.latency = args.latency
 
     events = backlog(args.events)

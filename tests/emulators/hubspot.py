@@ -88,8 +88,6 @@ def create_hubspot_emulator(
         async def run(request: Request) -> Response:
             kind = template.replace("{object}", request.path_params.get("object", "{object}"))
             state.requests[f"{request.method} {kind}"] += 1
-            if state.first_request_at is None:
-                state.first_request_at = state.limit.clock()
             state.request_times.append(state.limit.clock())
             denied = _authenticate(state, request)
             if denied is not None:

@@ -314,9 +314,21 @@ class HubSpotState:
     requests: Counter[str] = field(default_factory=Counter)
     throttled: int = 0
     throttled_at: list[float] = field(default_factory=list)
-    first_request_at: float | None = None
     request_times: list[float] = field(default_factory=list)  # when each request came in
     daily_used: int = 0
+
+    @property
+    def first_request_at(self) -> float | None:
+        return self.request_times[0] if self.request_times else None
+
+    def forget_requests(self) -> None:
+        """Count from here: the requests, the rate-limit window and the 429s so far are
+        forgotten (set-up such as provisioning is not part of what a test measures)."""
+        self.requests.clear()
+        self.limit.hits.clear()
+        self.throttled_at.clear()
+        self.throttled = 0
+        self.request_times.clear()
 
     def __post_init__(self) -> None:
         contact_defaults: tuple[tuple[str, str, str, str, tuple[str, ...]], ...] = (

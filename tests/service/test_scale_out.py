@@ -126,10 +126,7 @@ def hubspot() -> Iterator[tuple[str, HubSpotState, FaultInjector]]:
     requests per 10 s to the private app whatever the number of workers."""
     app, state = create_hubspot_emulator(HUBSPOT_TOKEN, rate_limit=HUBSPOT_LIMIT)
     asyncio.run(_provision(app))
-    state.requests.clear()
-    state.limit.hits.clear()
-    state.throttled_at.clear()
-    state.throttled, state.first_request_at = 0, None
+    state.forget_requests()
     faults = FaultInjector(cast(Any, app), rate=0.05, kinds=("drop_after_commit",), seed=5)
     with serve_app(faults) as url:
         yield url, state, faults

@@ -79,10 +79,7 @@ async def provision_hubspot_app(app: Starlette, state: HubSpotState, field_map: 
     """What `linkcrm provision hubspot` creates, without counting it against the limit."""
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app)) as client:
         await provision_hubspot(client, HUBSPOT_TOKEN, field_map, base_url="http://hubspot")
-    state.requests.clear()
-    state.limit.hits.clear()
-    state.throttled_at.clear()
-    state.throttled, state.first_request_at = 0, None
+    state.forget_requests()
 
 
 async def provision_pipedrive_app(emulator: PipedriveEmulator, field_map: FieldMap) -> None:

@@ -197,9 +197,8 @@ class GroupCommitWriter:
             if job.bulk is not None:
                 bulk_groups.setdefault(job.bulk, []).append(index)
         if len(bulk_groups) == 1:
-            [handler] = bulk_groups
-            if isinstance(handler, OneStatement) and len(batch) <= handler.rows and all(
-                    job.bulk is handler for job in batch):
+            [(handler, indexes)] = bulk_groups.items()
+            if isinstance(handler, OneStatement) and len(indexes) == len(batch) <= handler.rows:
                 alone = self._run_one_statement(handler, [job.item for job in batch])
                 if alone is not None:
                     return alone

@@ -103,10 +103,7 @@ async def provisioned(field_map: FieldMap, **options: Any) -> tuple[Any, HubSpot
     app, state = create_hubspot_emulator(TOKEN, **options)
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app)) as client:
         await provision(client, TOKEN, field_map, base_url="http://hubspot")
-    state.requests.clear()
-    state.limit.hits.clear()
-    state.throttled_at.clear()
-    state.throttled, state.first_request_at = 0, None
+    state.forget_requests()
     return app, state
 
 
