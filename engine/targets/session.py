@@ -42,19 +42,22 @@ class HeaderAuth(httpx.Auth):
 @dataclass(frozen=True)
 class Lane:
     """The limits one kind of request counts against: `pacer`, its own (the one a "slow down"
-    answer pauses), after `shared`, one every request of the CRM counts against too
-    (Pipedrive's burst limit, for its searches). `name` lets a session tell lanes apart
-    (HubSpot's search answers carry no rate-limit headers to learn from)."""
+    answer pauses), then `shared`, one every request of the CRM counts against too
+    (Pipedrive's burst limit, for its searches). The shared token is taken last, just before
+    the request goes: taken first, it would age while the request waits for its own lane, and
+    the CRM would see that request arrive closer to the next ones than they were paced. `name`
+    lets a session tell lanes apart (HubSpot's search answers carry no rate-limit headers to
+    learn from)."""
 
     pacer: Pacer | None = None
     shared: Pacer | None = None
     name: str = "default"
 
     async def acquire(self) -> None:
-        if self.shared is not None:
-            await self.shared.acquire()
         if self.pacer is not None:
             await self.pacer.acquire()
+        if self.shared is not None:
+            await self.shared.acquire()
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,8 @@ HubSpot a batch read and a batch write per 100 contacts and per 100 deals; Sales
 read per 100 and a Collections upsert per 200 Leads and Opportunities, plus the token;
 Pipedrive, which has no batch endpoints, a search and a create per person and per deal), their
 ratio, the drain time against the rate-limit bound (the requests sent at the limit's rate;
-Salesforce has no short-window limit, so its bound is the target's own pacing, 25 requests/s),
+Salesforce has no short-window limit, so its bound is the target's own pacing, 25 requests/s;
+Pipedrive's searches also count against the Search API limit, so the slower of the two binds),
 429s (Salesforce: 403 REQUEST_LIMIT_EXCEEDED) after the first window, and for Pipedrive the
 tokens (`x-token-cost`) spent per new person (the floor: a search at 20 and a create at 5 for the
 person and for its deal, 50). Every CRM's records are read back and checked
@@ -73,13 +74,19 @@ class Figures:
     first_request_s: float | None = None  # from the first claim to the first CRM request
     drain_requests: int = 0  # the requests sent from then on
 
+    searches: tuple[int, float] | None = None  # (searches sent, their own limit per second)
+
     def lines(self) -> list[str]:
-        bound = self.sent / self.rate
+        bound, limits = self.sent / self.rate, f"{self.rate:g}/s"
+        if self.searches is not None:  # searches count against both limits: the slower binds
+            searches, search_rate = self.searches
+            bound = max(bound, searches / search_rate)
+            limits += f", {searches} searches at {search_rate:g}/s"
         out = [f"{self.crm}: {self.events} events drained in {self.seconds:.1f} s "
                f"({self.events / self.seconds:.0f} events/s); inbox {self.statuses}",
                f"  requests sent {self.sent}, one-batch floor {self.floor}: "
                f"ratio {self.sent / self.floor:.2f}",
-               f"  rate-limit bound for those requests {bound:.1f} s ({self.rate:g}/s): "
+               f"  rate-limit bound for those requests {bound:.1f} s ({limits}): "
                f"drain / bound = {self.seconds / bound:.2f}; floor bound "
                f"{self.floor / self.rate:.1f} s",
                f"  429s after the first window: {self.late_429s}"]
@@ -180,9 +187,11 @@ async def one(crm: str, stack: Stack, ruleset: RuleSet, events: int,
     first = pd.log[0][0] if pd.log else 0.0
     late = sum(1 for at, _, _, status in pd.log if status == 429 and at > first + PIPEDRIVE_WINDOW)
     found = crm_readback.pipedrive(pd, field_map)
+    searches = sum(n for call, n in pd.calls.items() if call.endswith("/search"))
     return Figures(crm, events, seconds, sent, floor, PIPEDRIVE_BURST / PIPEDRIVE_WINDOW, late,
                    statuses, check(found, timeline), pd.tokens_used / max(1, people),
-                   dict(pd.calls))
+                   dict(pd.calls),
+                   searches=(searches, PIPEDRIVE_SEARCH / PIPEDRIVE_WINDOW))
 
 
 async def _drain_in_process(url: str, stack: Stack, crm: str, ruleset: RuleSet

@@ -20,7 +20,7 @@ import httpx
 
 from engine.errors import CRMError, PermanentCRMError
 from engine.targets.http import body_of, path_segment, raise_for_status, retry_after
-from engine.targets.pacing import Pacer
+from engine.targets.pacing import Pacer, pacer_shape
 from engine.targets.session import HeaderAuth, Lane, Session, Throttled
 
 CRM = "hubspot"
@@ -35,18 +35,6 @@ THROTTLED_ATTEMPTS = 4
 SEARCH_PER_SECOND = 4  # docs say 4 or 5 per second (unverified which): take the lower
 
 Sleep = Callable[[float], Awaitable[None]]
-
-
-def pacer_shape(limit: float, window: float) -> tuple[float, float]:
-    """(capacity, refill window) for a `Pacer` that lets at most `limit` requests through ANY
-    `window` seconds. A bucket of `limit` tokens refilled at `limit` per window lets twice the
-    limit through one window (the full bucket, then a window of refill); the most a bucket lets
-    through a window is capacity + refill * window, so the burst stays small and the refill is
-    what is left below the limit, less a margin for jitter between our clock and HubSpot's."""
-    burst = max(1.0, float(int(limit) // 20))
-    margin = max(0.5, limit * 0.01)
-    rate = max(limit - burst - margin, 0.5) / window
-    return burst, burst / rate
 
 
 def as_object(value: object) -> dict[str, object]:

@@ -33,12 +33,11 @@ from engine.targets.hubspot.api import (
     SEARCH_PER_SECOND,
     HubSpotAPI,
     Sleep,
-    pacer_shape,
 )
 from engine.targets.hubspot.contacts import ContactWriter
 from engine.targets.hubspot.deals import DealJob, DealWriter
 from engine.targets.hubspot.plan import ContactGroup, DealSpec, Locator, Translator, group_contacts
-from engine.targets.pacing import Pacer
+from engine.targets.pacing import window_pacer
 
 __all__ = ["DEFAULT_BASE_URL", "HubSpotTarget", "unique_properties"]
 
@@ -71,11 +70,10 @@ class HubSpotTarget:
                  clock: Callable[[], float] = time.monotonic) -> None:
         # Buckets are per private app (its limit is), named by a digest, never the token.
         bucket = "hubspot:" + hashlib.sha256(token.encode()).hexdigest()[:12]
-        capacity, window = pacer_shape(requests_per_window, window_seconds)
-        self.pacer = Pacer(rate_limits, bucket, capacity, window, sleep=sleep, clock=clock)
-        capacity, window = pacer_shape(search_per_second, 1.0)
-        self.search_pacer = Pacer(rate_limits, bucket + ":search", capacity, window, sleep=sleep,
-                                  clock=clock)
+        self.pacer = window_pacer(rate_limits, bucket, requests_per_window, window_seconds,
+                                  sleep, clock)
+        self.search_pacer = window_pacer(rate_limits, bucket + ":search", search_per_second,
+                                         1.0, sleep, clock)
         self.api = HubSpotAPI(client, token, base_url=base_url, pacer=self.pacer,
                               search_pacer=self.search_pacer, window_seconds=window_seconds,
                               sleep=sleep)

@@ -11,9 +11,9 @@ from typing import Any
 import httpx
 
 from engine.errors import PermanentCRMError, RetryableCRMError
-from engine.targets.base import CredentialsRefused, RateLimitStore
+from engine.targets.base import CredentialsRefused
 from engine.targets.http import body_of, path_segment, raise_for_status, retry_after
-from engine.targets.pacing import Pacer, Sleep
+from engine.targets.pacing import Pacer
 from engine.targets.session import HeaderAuth, Lane, Session, Throttled
 
 CRM = "pipedrive"
@@ -178,15 +178,6 @@ class PipedriveAPI(Session):
 def is_deleted(record: Record) -> bool:
     """Deleted in Pipedrive: kept, marked, for 30 days; linkcrm treats it as gone."""
     return record.get("is_deleted") is True
-
-
-def window_pacer(store: RateLimitStore, bucket: str, limit: int, window: float,
-                 sleep: Sleep) -> Pacer:
-    """A token bucket that never exceeds `limit` requests in any rolling `window`: a bucket of
-    capacity C refilling R per window admits at most C + R in a window, so C + R < limit."""
-    burst = max(1, limit // 4)
-    steady = max(1, limit - burst - 1)
-    return Pacer(store, bucket, capacity=burst, window=burst * window / steady, sleep=sleep)
 
 
 def rfc3339(moment: float) -> str:

@@ -50,8 +50,8 @@ from engine.actions import JSON, Action, CreateDeal, Fields, IdentityKey, SetSta
 from engine.config.fieldmap import CoercionError, FieldMap
 from engine.errors import CRMError, PermanentCRMError, RetryableCRMError
 from engine.targets.base import CallContext, IdentityStore, Outcome, RateLimitStore
-from engine.targets.pacing import Sleep
-from engine.targets.pipedrive.api import PipedriveAPI, Record, base_url_for, window_pacer
+from engine.targets.pacing import Sleep, window_pacer
+from engine.targets.pipedrive.api import PipedriveAPI, Record, base_url_for
 from engine.targets.pipedrive.batch import PendingPeople
 from engine.targets.pipedrive.claims import Claim, Claims, KeyedLocks, Slots, Unanswered
 from engine.targets.pipedrive.fields import DIALECT, Account, fetch_catalog, resolve, to_wire
