@@ -15,13 +15,7 @@ from jmespath.exceptions import JMESPathError
 from engine.actions import JSON, Action, IdentityKey
 from engine.config.links import link_of_event
 from engine.rules.expressions import Expression
-from engine.rules.model import ActionTemplate, Rule, RuleSet
-
-
-@dataclass(frozen=True)
-class Skip:
-    rule: str
-    reason: str
+from engine.rules.model import ActionTemplate, Rule, RuleSet, Skip
 
 
 @dataclass(frozen=True)
@@ -142,7 +136,7 @@ def plan(event: Any, ruleset: RuleSet) -> Plan:
         event_type = ""
     listening, others = ruleset.dispatch(event_type)
     matched: list[str] = []
-    skipped: list[Skip] = [Skip(name, reason) for name, reason in others]
+    skipped: list[Skip] = list(others)
     actions: list[Action] = []
     failures: list[ActionFailure] = []
     for rule in listening:

@@ -43,7 +43,15 @@ class Rule:
         return any(fnmatchcase(event_type, pattern) for pattern in self.on)
 
 
-Dispatch = tuple[tuple[Rule, ...], tuple[tuple[str, str], ...]]
+@dataclass(frozen=True)
+class Skip:
+    """A rule that did not act on an event, and why."""
+
+    rule: str
+    reason: str
+
+
+Dispatch = tuple[tuple[Rule, ...], tuple[Skip, ...]]
 
 _DISPATCH_CACHE_LIMIT = 1024  # event types are few; a flood of made-up ones is not cached
 
@@ -61,14 +69,14 @@ class RuleSet:
         return next((r for r in self.rules if r.name == name), None)
 
     def dispatch(self, event_type: str) -> Dispatch:
-        """The rules listening to `event_type`, in file order, and (rule, reason) for the
-        others; computed once per event type."""
+        """The rules listening to `event_type`, in file order, and a `Skip` for each of the
+        others; computed once per event type (a plan shares them: they are immutable)."""
         cached = self._dispatch.get(event_type)
         if cached is not None:
             return cached
         listening = tuple(r for r in self.rules if r.listens_to(event_type))
         others = tuple(
-            (r.name, f"listens to {', '.join(r.on)}, not {event_type or 'this event'}")
+            Skip(r.name, f"listens to {', '.join(r.on)}, not {event_type or 'this event'}")
             for r in self.rules if r not in listening
         )
         result = (listening, others)
