@@ -1,38 +1,71 @@
 """A batch of Pipedrive actions: each person found (or made) once, and written once.
 
 Pipedrive has no batch endpoints, so a batch saves what it can per person: the actions of one
-batch that touch a person read it once (the first finds it through the identity map, search or a
-create; the others see it as the batch left it) and their changes go out in one PATCH after the
-last of them. Every request costs `x-token-cost` tokens from the company's daily budget (a read
-1, a write 5): an event's stage after its upsert, and a person's later events, cost nothing more
-than the fields they change.
+batch that touch a person read it once (the first finds it through the identity map or search;
+the others see it as the batch left it) and their changes go out in one write after the last of
+them: a PATCH for a person Pipedrive has, the create itself for one it has not (a new person's
+later fields, stage and email ride in its POST). Every request costs `x-token-cost` tokens from
+the company's daily budget (a search 20, a write 5): a new person costs its search and its
+create, whatever the batch does to it, and a person's later events cost nothing more than the
+fields they change.
 
     pending = PendingPeople()
     person = pending.person(keys)            # as this batch left it, or None: find it
-    pending.known(keys, person)              # found or created: later actions see it
-    pending.change(person, patch, index)     # written by send(), once per person
-    failed = await pending.send(api)         # index -> the error of a PATCH that failed
+    pending.known(keys, person)              # found: later actions see it
+    person = pending.create(keys, body, commit)   # not found: made by send(), id unknown yet
+    pending.change(person, patch)            # written by send(), once per person
+    outcome = pending.said(person_id, make)  # the outcome of the item `index`, real id at send
+    replaced = await pending.send(api)       # index -> its final outcome, or the error
+
+A person to create gets a placeholder id (`new:<n>`) until `send` posts it; an outcome that
+names it is settled by `send` with the real id (or the create's error). A deal for such a person
+waits too (`deal`): it is created after its person, with the person's real id.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 
 from engine.actions import IdentityKey
 from engine.errors import CRMError
+from engine.targets.base import Outcome
 from engine.targets.pipedrive.api import PipedriveAPI, Record
+
+PLACEHOLDER = "new:"
+Commit = Callable[[Record], Awaitable[str]]  # the record to create -> its id, as bound
+MakeOutcome = Callable[[str], Outcome]  # the real id -> the outcome that names it
+
+
+def placeholder(record_id: str) -> bool:
+    """An id `send` has still to make real."""
+    return record_id.startswith(PLACEHOLDER)
+
+
+@dataclass
+class _Create:
+    """A record found nowhere: `commit` creates it from `record` (as the batch left it, less
+    its placeholder id) and binds it; `after` names the create that must go first (a deal's
+    person), whose real id `body_id` puts into the record."""
+
+    record: Record
+    commit: Commit
+    after: str | None = None
+    body_id: str | None = None
 
 
 @dataclass
 class PendingPeople:
-    """The persons one batch has read, by id; the changes it has to write; `index` is the
-    item the next change belongs to (its outcome waits for the write)."""
+    """The persons one batch has read, by id; the changes and creates it has to write; `index`
+    is the item the next change belongs to (its outcome waits for the write)."""
 
     people: dict[str, Record] = field(default_factory=dict)
     ids: dict[IdentityKey, str] = field(default_factory=dict)
     patches: dict[str, Record] = field(default_factory=dict)
     waiting: dict[str, list[int]] = field(default_factory=dict)
+    creates: dict[str, _Create] = field(default_factory=dict)
+    deals: dict[str, str] = field(default_factory=dict)  # deal key -> its placeholder
+    outcomes: dict[str, list[tuple[int, MakeOutcome]]] = field(default_factory=dict)
     index: int = 0
 
     def person(self, keys: Iterable[IdentityKey]) -> Record | None:
@@ -46,26 +79,71 @@ class PendingPeople:
         self.ids.update(dict.fromkeys(keys, person_id))
         return kept
 
+    def create(self, keys: Iterable[IdentityKey], body: Record, commit: Commit) -> Record:
+        """A person to create at `send`: its record as later actions see and change it."""
+        person_id = f"{PLACEHOLDER}person:{len(self.creates)}"
+        person = {**body, "id": person_id}
+        self.creates[person_id] = _Create(person, commit)
+        return self.known(keys, person)
+
+    def deal(self, deal_key: str, person_id: str, body: Record, commit: Commit) -> str:
+        """A deal to create at `send`, after its person (`person_id`, a placeholder)."""
+        deal_id = f"{PLACEHOLDER}deal:{len(self.creates)}"
+        self.creates[deal_id] = _Create(body, commit, after=person_id, body_id="person_id")
+        self.deals[deal_key] = deal_id
+        return deal_id
+
     def change(self, person: Record, patch: Record) -> None:
-        """Apply `patch` to the person as the batch sees it and keep it for `send`."""
+        """Apply `patch` to the person as the batch sees it and keep it for `send` (a person
+        still to create takes it into its create)."""
         person_id = str(person["id"])
-        merged = self.patches.setdefault(person_id, {})
         custom = patch.get("custom_fields") or {}
         if custom:
             person["custom_fields"] = {**(person.get("custom_fields") or {}), **custom}
+        for name in ("name", "emails"):
+            if name in patch:
+                person[name] = patch[name]
+        if placeholder(person_id):
+            return
+        merged = self.patches.setdefault(person_id, {})
+        if custom:
             merged["custom_fields"] = {**merged.get("custom_fields", {}), **custom}
         for name in ("name", "emails"):
             if name in patch:
-                person[name] = merged[name] = patch[name]
+                merged[name] = patch[name]
         self.waiting.setdefault(person_id, []).append(self.index)
 
-    async def send(self, api: PipedriveAPI) -> dict[int, Exception]:
-        """One PATCH per changed person; the items whose change a failed PATCH carried."""
-        failed: dict[int, Exception] = {}
+    def said(self, record_id: str, make: MakeOutcome) -> Outcome:
+        """The outcome `make(record_id)`, settled by `send` with the real id when `record_id`
+        is still a placeholder (and failed with its create's error)."""
+        if placeholder(record_id):
+            self.outcomes.setdefault(record_id, []).append((self.index, make))
+        return make(record_id)
+
+    async def send(self, api: PipedriveAPI) -> dict[int, Outcome | Exception]:
+        """Every create (a deal after its person), then one PATCH per changed person; the items
+        whose outcome that settles: the real one, or the error of the write that failed."""
+        replaced: dict[int, Outcome | Exception] = {}
+        made: dict[str, str | CRMError] = {}
+        for record_id, create in self.creates.items():
+            first = made.get(create.after) if create.after is not None else None
+            try:
+                if isinstance(first, CRMError):
+                    raise first
+                if first is not None and create.body_id is not None:
+                    create.record[create.body_id] = int(first)
+                record = {k: v for k, v in create.record.items() if k != "id"}
+                made[record_id] = real = await create.commit(record)
+            except CRMError as error:
+                made[record_id] = error
+                replaced.update((i, error) for i, _ in self.outcomes.get(record_id, []))
+                continue
+            replaced.update((i, make(real)) for i, make in self.outcomes.get(record_id, []))
         for person_id, patch in self.patches.items():
             try:
                 await api.patch(f"/persons/{person_id}", patch)
             except CRMError as error:
-                failed.update(dict.fromkeys(self.waiting[person_id], error))
+                replaced.update(dict.fromkeys(self.waiting[person_id], error))
+        self.creates.clear()
         self.patches.clear()
-        return failed
+        return replaced

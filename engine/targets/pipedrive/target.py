@@ -52,7 +52,7 @@ from engine.errors import CRMError, PermanentCRMError, RetryableCRMError
 from engine.targets.base import CallContext, IdentityStore, Outcome, RateLimitStore
 from engine.targets.pacing import Sleep, window_pacer
 from engine.targets.pipedrive.api import PipedriveAPI, Record, base_url_for
-from engine.targets.pipedrive.batch import PendingPeople
+from engine.targets.pipedrive.batch import PendingPeople, placeholder
 from engine.targets.pipedrive.claims import Claim, Claims, KeyedLocks, Slots, Unanswered
 from engine.targets.pipedrive.fields import DIALECT, Account, fetch_catalog, resolve, to_wire
 
@@ -148,14 +148,18 @@ class PipedriveTarget:
                 results.append(error)
                 if isinstance(error, RetryableCRMError):
                     blocked.update(dict.fromkeys(action.identity, error))
-        for index, failure in (await pending.send(self._api)).items():
-            results[index] = failure
+        for index, settled in (await pending.send(self._api)).items():
+            results[index] = settled
         return results
 
     # -- contacts --------------------------------------------------------------------------------
 
     async def _contact(self, account: Account, action: UpsertContact | SetStage,
-                       idempotency_key: str, pending: PendingPeople | None = None) -> Outcome:
+                       idempotency_key: str, pending: PendingPeople | None = None,
+                       settle: bool = True) -> Outcome:
+        """Find or create the person and write the action's changes; in a batch (`pending`)
+        the changes wait for its end. `settle=False`: the outcome is not this action's (a
+        deal's person), so the batch's end does not settle it."""
         keys = self._keys(account, action.identity)
         sets = self._write(account, action.set if isinstance(action, UpsertContact) else {})
         once = self._write(account, action.set_once if isinstance(action, UpsertContact) else {})
@@ -177,20 +181,24 @@ class PipedriveTarget:
         async with self._locks.hold(f"person:{keys[0][0].field}:{keys[0][0].value}"):
             known = pending.person(k for k, _ in keys) if pending is not None else None
             person, created = (known, False) if known is not None else \
-                await self._person(keys, idempotency_key, create_body)
+                await self._person(keys, idempotency_key, create_body, pending)
             if pending is not None:
                 person = pending.known((k for k, _ in keys), person)
+            person_id = str(person["id"])
+            said = pending if settle else None
             if created:
-                return Outcome(str(person["id"]), f"created person {person['id']}", created=True)
+                return _said(said, person_id,
+                             lambda i: Outcome(i, f"created person {i}", created=True))
             patch = self._patch(account, person, sets, once, ident, stage)
             if not patch:
-                return Outcome(str(person["id"]), f"person {person['id']} already up to date")
+                return _said(said, person_id,
+                             lambda i: Outcome(i, f"person {i} already up to date"))
             if pending is not None:
                 pending.change(person, patch)  # written once, after the batch's last action
             else:
-                await self._api.patch(f"/persons/{person['id']}", patch)
+                await self._api.patch(f"/persons/{person_id}", patch)
         changed = ", ".join(sorted(patch))
-        return Outcome(str(person["id"]), f"updated person {person['id']} ({changed})")
+        return _said(said, person_id, lambda i: Outcome(i, f"updated person {i} ({changed})"))
 
     def _keys(self, account: Account, identity: tuple[IdentityKey, ...]) -> list[Key]:
         keys: list[Key] = []
@@ -276,7 +284,10 @@ class PipedriveTarget:
     # -- finding or creating a person ------------------------------------------------------------
 
     async def _person(self, keys: list[Key], idempotency_key: str,
-                      create_body: Callable[[], Record]) -> tuple[Record, bool]:
+                      create_body: Callable[[], Record], pending: PendingPeople | None = None
+                      ) -> tuple[Record, bool]:
+        """The person, found or created, and whether it is new. In a batch (`pending`) a new
+        person is created by `pending.send`, with every later change of the batch in it."""
         first = keys[0][0]
 
         def slot(name: str) -> IdentityKey:
@@ -298,19 +309,32 @@ class PipedriveTarget:
             person = await self._api.recent(
                 "/persons", claim.recover_since, [w for _, w in keys if w != "emails"],
                 lambda p: any(_holds(p, key=k, where=w) for k, w in keys))
+        if person is None and pending is not None:
+            async def commit(record: Record) -> str:
+                made = (await self._unanswered.send(
+                    unanswered, lambda: self._api.post("/persons", record)))["data"]
+                return await self._bind_person(keys, str(made["id"]), claim, slots)
+
+            return pending.create((k for k, _ in keys), create_body(), commit), True
         created = person is None
         if person is None:
             body = create_body()
             person = (await self._unanswered.send(
                 unanswered, lambda: self._api.post("/persons", body)))["data"]
         record_id = str(person["id"])
-        winner = await self._ids.bind_identity(TARGET, first, record_id)
-        for key, _ in keys[1:]:
-            await self._ids.bind_identity(TARGET, key, winner)  # a key bound elsewhere stays
-        await claim.finish(slots)
+        winner = await self._bind_person(keys, record_id, claim, slots)
         if winner != record_id:  # only after a stale claim was taken over: use the first one
             return await self._api.record("/persons", winner) or person, False
         return person, created
+
+    async def _bind_person(self, keys: list[Key], record_id: str, claim: Claim, slots: Slots
+                           ) -> str:
+        """Map the person's keys to `record_id` and finish the claim; the id that won."""
+        winner = await self._ids.bind_identity(TARGET, keys[0][0], record_id)
+        for key, _ in keys[1:]:
+            await self._ids.bind_identity(TARGET, key, winner)  # a key bound elsewhere stays
+        await claim.finish(slots)
+        return winner
 
     async def _mapped_person(self, keys: list[Key]) -> Record | None:
         record_id = await self._ids.lookup_identity(TARGET, [k for k, _ in keys])
@@ -339,21 +363,44 @@ class PipedriveTarget:
             raise PermanentCRMError(f"{TARGET}: no deal key field (targets.pipedrive.deal_key_"
                                     "field in fields.yaml)")
         deal_key, key_field = action.key, account.deal_key.key
+        if pending is not None and (waiting := pending.deals.get(deal_key)) is not None:
+            return pending.said(waiting, lambda i: Outcome(i, f"deal {i} already exists for "
+                                                              "this key"))
         existing, slot = await self._mapped_deal(deal_key)
         if existing is not None:
             return Outcome(existing, f"deal {existing} already exists for this key")
         body = self._deal_body(account, action)
+        # The person first (its id goes into the deal); this action's outcome is the deal's.
         contact = await self._contact(account, UpsertContact(action.rule, action.identity),
-                                      idempotency_key, pending)
-        assert contact.record_id is not None
-        body["person_id"] = int(contact.record_id)
+                                      idempotency_key, pending, settle=False)
+        person_id = contact.record_id
+        assert person_id is not None
+        if not placeholder(person_id):
+            body["person_id"] = int(person_id)
+        deal_id, created = await self._find_or_create_deal(
+            deal_key, key_field, slot, body, person_id, idempotency_key, pending)
+        if placeholder(deal_id):  # made at the batch's end, after its new person
+            assert pending is not None
+            return pending.said(deal_id, lambda made: Outcome(
+                made, f"created deal {made} for person {body.get('person_id', person_id)}",
+                created=True))
+        what = "created deal" if created else "found existing deal"
+        # A person the batch has still to make settles this outcome at its end, or fails it.
+        return _said(pending, person_id, lambda person: Outcome(
+            deal_id, f"{what} {deal_id} for person {person}", created=created))
+
+    async def _find_or_create_deal(self, deal_key: str, key_field: str, slot: str, body: Record,
+                                   person_id: str, idempotency_key: str,
+                                   pending: PendingPeople | None) -> tuple[str, bool]:
+        """The deal's id and whether it is new: found, created, or, for a person the batch
+        has still to make, a placeholder that `pending.send` creates after the person."""
         async with self._locks.hold(f"deal:{deal_key}"):
             slots = Slots(lambda n: self._ids.lookup_deal(TARGET, f"claim:{n}:{slot}"),
                           lambda n, v: self._ids.bind_deal(TARGET, f"claim:{n}:{slot}", v))
             claim = await self._claims.claim("deal", idempotency_key, slots,
                                              lambda: self._ids.lookup_deal(TARGET, slot))
             if not isinstance(claim, Claim):
-                return Outcome(claim, f"deal {claim} already exists for this key")
+                return claim, False  # another execution made it meanwhile
             self._unanswered.check(f"deal:{deal_key}", "deal")
 
             def holds(deal: Record) -> bool:
@@ -362,14 +409,23 @@ class PipedriveTarget:
             deal = await self._api.find("/deals", deal_key, "custom_fields", holds)
             if deal is None and claim.recover_since is not None:
                 deal = await self._api.recent("/deals", claim.recover_since, [key_field], holds)
+            if deal is None and pending is not None and placeholder(person_id):
+                async def commit(record: Record) -> str:  # once its new person is made
+                    made = (await self._unanswered.send(
+                        f"deal:{deal_key}", lambda: self._api.post("/deals", record)))["data"]
+                    return await self._bind_deal(slot, str(made["id"]), claim, slots)
+
+                return pending.deal(deal_key, person_id, body, commit), True
             created = deal is None
             if deal is None:
                 deal = (await self._unanswered.send(
                     f"deal:{deal_key}", lambda: self._api.post("/deals", body)))["data"]
-            winner = await self._ids.bind_deal(TARGET, slot, str(deal["id"]))
-            await claim.finish(slots)
-        what = "created deal" if created else "found existing deal"
-        return Outcome(winner, f"{what} {winner} for person {body['person_id']}", created=created)
+            return await self._bind_deal(slot, str(deal["id"]), claim, slots), created
+
+    async def _bind_deal(self, slot: str, record_id: str, claim: Claim, slots: Slots) -> str:
+        winner = await self._ids.bind_deal(TARGET, slot, record_id)
+        await claim.finish(slots)
+        return winner
 
     async def _mapped_deal(self, deal_key: str) -> tuple[str | None, str]:
         """The live deal the identity map holds for `deal_key`, and the map key to bind a new
@@ -404,6 +460,12 @@ class PipedriveTarget:
         if action.amount is not None:
             body["value"] = action.amount
         return body
+
+
+def _said(pending: PendingPeople | None, record_id: str,
+          make: Callable[[str], Outcome]) -> Outcome:
+    """`make(record_id)`; in a batch, settled again with the real id once it is known."""
+    return make(record_id) if pending is None else pending.said(record_id, make)
 
 
 def _holds(person: Record, *, key: IdentityKey, where: str) -> bool:

@@ -9,7 +9,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from engine.actions import Action, IdentityKey, SetStage
+from engine.actions import Action, CreateDeal, IdentityKey, SetStage
 from engine.errors import RetryableCRMError
 from engine.rules.evaluator import plan
 from engine.rules.files import load_ruleset
@@ -79,8 +79,9 @@ def person_story(token: str) -> list[tuple[Action, CallContext]]:
 async def test_a_batch_reads_and_writes_each_person_once(tmp_path: Path, batched: bool) -> None:
     """A new person's whole story (8 actions): one by one, every action after the first reads
     the person again (1 token) and most write it (5 each): 82 tokens. In one batch the person
-    is searched (20) and created (5), written once with every later change (5), and its deal
-    searched (20) and created (5): 55 tokens, and the same person and deal."""
+    is searched (20) and created (5) with every later change in its create, and its deal
+    searched (20) and created (5) after it: 50 tokens, the floor, and the same person and deal.
+    Every outcome names the real records."""
     emulator = PipedriveEmulator(api_token=PIPEDRIVE_TOKEN)
     emulator.add_pipeline(*PIPELINE)
     await provision_pipedrive_app(emulator, FIELD_MAP)
@@ -100,10 +101,48 @@ async def test_a_batch_reads_and_writes_each_person_once(tmp_path: Path, batched
             else:
                 results = [await target.execute(*item) for item in items]
     assert all(isinstance(r, Outcome) for r in results), results
-    assert emulator.tokens_used == (55 if batched else 82)
+    assert emulator.tokens_used == (50 if batched else 82)
+    if batched:
+        assert emulator.calls["PATCH /api/v2/persons/{id}"] == 0
     [person] = emulator.live("person")
+    [deal] = emulator.live("deal")
+    assert deal["person_id"] == person["id"]
+    named = {r.record_id for r in results if isinstance(r, Outcome)}
+    assert named == {str(person["id"]), str(deal["id"])}
+    assert sum(r.created for r in results if isinstance(r, Outcome)) == 2
+    assert all(str(person["id"]) in r.summary or str(deal["id"]) in r.summary
+               for r in results if isinstance(r, Outcome))
     custom = person["custom_fields"]
     assert person["emails"][0]["value"] == "tok_1@example.com" and person["name"] == "Ada L"
     assert custom[emulator.field_key("person", "Deep link token")] == "tok_1"
     assert custom[emulator.field_key("person", "First-touch campaign")] == "spring"
     assert len(emulator.live("deal")) == 1
+
+
+async def test_a_deal_twice_in_a_batch_for_a_new_person_is_made_once(tmp_path: Path) -> None:
+    """The conversion delivered twice (two deliveries, two idempotency keys) in the batch that
+    makes its person: the deal waits for the person, and the second create_deal finds the
+    first's deal waiting instead of claiming it again: one deal, named by both outcomes."""
+    emulator = PipedriveEmulator(api_token=PIPEDRIVE_TOKEN)
+    emulator.add_pipeline(*PIPELINE)
+    await provision_pipedrive_app(emulator, FIELD_MAP)
+    items = person_story("tok_2")
+    again = [(action, CallContext(f"again:{i}")) for i, (action, _) in enumerate(items)
+             if isinstance(action, CreateDeal)]
+    async with open_storage(f"sqlite:///{tmp_path / 'linkcrm.db'}") as storage:
+        await storage.migrate()
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=emulator.app)) as client:
+            target = PipedriveTarget(client, api_token=PIPEDRIVE_TOKEN,
+                                     base_url="http://pipedrive.test", field_map=FIELD_MAP,
+                                     identities=storage.identities,
+                                     rate_limits=storage.rate_limits, burst_limit=1000,
+                                     search_limit=1000)
+            async with asyncio.timeout(10):  # a second claim would wait, then fail
+                results = await target.execute_many(items + again)
+    assert all(isinstance(r, Outcome) for r in results), results
+    [deal] = emulator.live("deal")
+    deals = [r for (action, _), r in zip(items + again, results, strict=True)
+             if isinstance(action, CreateDeal)]
+    assert len(deals) == 2
+    assert {r.record_id for r in deals if isinstance(r, Outcome)} == {str(deal["id"])}
+    assert emulator.calls["POST /api/v2/deals"] == 1

@@ -14,6 +14,7 @@ import pytest
 
 from engine.actions import CreateDeal, IdentityKey
 from engine.errors import RetryableCRMError
+from engine.rules.evaluator import plan
 from engine.storage import Storage
 from engine.targets.base import CallContext
 from engine.targets.pipedrive.target import PipedriveTarget
@@ -61,34 +62,59 @@ def target(client: httpx.AsyncClient, url: str, storage: Storage) -> PipedriveTa
                            rate_limits=storage.rate_limits, burst_limit=1000, search_limit=1000)
 
 
+async def drain(storage: Storage, app: Any, events: list[tuple[str, dict[str, Any]]]) -> None:
+    """Store `events` one at a time, each applied through the worker before the next."""
+    with serve(app) as url:
+        async with httpx.AsyncClient(timeout=TIMEOUT) as client:
+            worker = Worker(storage, RULES, [target(client, url, storage)],
+                            options=WorkerOptions(policy=RetryPolicy(
+                                base=0.01, cap=0.02, rng=random.Random(1))))
+            for done, (event_type, data) in enumerate(events, 1):
+                await storage.inbox.store(new_event(event_type, data))
+                async with asyncio.timeout(60):
+                    while (await storage.inbox.stats()).by_status.get("processed", 0) < done:
+                        await worker.run_until_idle()
+                        await asyncio.sleep(0.1)
+        await asyncio.sleep(LATE)  # a create still sleeping in the emulator lands too
+
+
 async def test_a_deal_create_that_commits_late_is_not_made_again_when_the_batch_is_retried(
         storage: Storage) -> None:
-    """One conversion in one batch: the person is created, its stage waits for the merged
-    PATCH at the end of the batch, and the deal create commits after the timeout. The PATCH
-    then fails (503): the worker retries the stage and applies the deal again at once, its
-    first answer dropped. Without the target's own wait the deal's retry searches and lists
-    before the late create has landed, and makes a second deal."""
+    """A sign-up makes the person; then its conversion in one batch: the stage waits for the
+    merged PATCH at the end of the batch, and the deal create commits after the timeout. The
+    PATCH then fails (503): the worker retries the stage and applies the deal again at once,
+    its first answer dropped. Without the target's own wait the deal's retry searches and
+    lists before the late create has landed, and makes a second deal."""
     emulator = await provisioned()
     slow = FaultInjector(cast(Any, emulator.app), rate=1.0, kinds=("slow",), slow_seconds=LATE,
                          exempt=first("POST", "/api/v2/deals"))
     failing = FaultInjector(cast(Any, slow), rate=1.0, kinds=("server_error",),
                             exempt=first("PATCH", "/api/v2/persons/",
                                          after=lambda: bool(slow.injected)))
-    await storage.inbox.store(new_event("referral.completed",
-                                        {"token": "tok_late", "referrer_token": "tok_ref"}))
-    with serve(failing) as url:
-        async with httpx.AsyncClient(timeout=TIMEOUT) as client:
-            worker = Worker(storage, RULES, [target(client, url, storage)],
-                            options=WorkerOptions(policy=RetryPolicy(
-                                base=0.01, cap=0.02, rng=random.Random(1))))
-            async with asyncio.timeout(60):
-                while not (await storage.inbox.stats()).by_status.get("processed"):
-                    await worker.run_until_idle()
-                    await asyncio.sleep(0.1)
-        await asyncio.sleep(LATE)  # a create still sleeping in the emulator lands too
+    await drain(storage, failing, [
+        ("referral.created", {"token": "tok_late", "referrer_token": "tok_ref"}),
+        ("referral.completed", {"token": "tok_late", "referrer_token": "tok_ref"})])
     assert slow.injected == {"slow": 1} and failing.injected == {"server_error": 1}
     [person] = emulator.live("person")
     assert [d["person_id"] for d in emulator.live("deal")] == [person["id"]]
+
+
+async def test_a_new_persons_deal_that_commits_late_is_made_once(storage: Storage) -> None:
+    """A conversion for someone Pipedrive has never seen: the person is created at the end of
+    the batch with its stage in the create, then its deal, whose create commits after the
+    timeout. The retry waits it out and finds it: one person, one deal, no PATCH."""
+    emulator = await provisioned()
+    slow = FaultInjector(cast(Any, emulator.app), rate=1.0, kinds=("slow",), slow_seconds=LATE,
+                         exempt=first("POST", "/api/v2/deals"))
+    await drain(storage, slow, [
+        ("referral.completed", {"token": "tok_late", "referrer_token": "tok_ref"})])
+    assert slow.injected == {"slow": 1}
+    [person] = emulator.live("person")
+    assert [d["person_id"] for d in emulator.live("deal")] == [person["id"]]
+    assert emulator.calls["POST /api/v2/persons"] == 1
+    assert emulator.calls["PATCH /api/v2/persons/{id}"] == 0
+    stage = person["custom_fields"][emulator.field_key("person", "Lifecycle stage")]
+    assert stage is not None
 
 
 async def test_a_create_without_an_answer_is_waited_out_before_its_record_is_looked_for(
@@ -111,3 +137,38 @@ async def test_a_create_without_an_answer_is_waited_out_before_its_record_is_loo
     assert not isinstance(found, Exception) and not found.created
     assert emulator.calls["POST /api/v2/deals"] == 1
     assert [str(d["id"]) for d in emulator.live("deal")] == [found.record_id]
+
+
+async def test_a_new_persons_create_that_loses_its_answer_fails_every_item_that_waited_for_it(
+        storage: Storage) -> None:
+    """A batch's new person is created at its end, with the changes of every later action of
+    the batch; its deal waits for it. The create commits and its answer is lost: every item
+    that named the person, and the deal, gets the error (the deal is never sent without its
+    person). Applied again, the batch finds the person it made and makes the deal: one of
+    each, with every field."""
+    emulator = await provisioned()
+    dropped = FaultInjector(cast(Any, emulator.app), rate=1.0, kinds=("drop_after_commit",),
+                            exempt=first("POST", "/api/v2/persons"))
+    token = "tok_drop"
+    events = [("referral.created", {"token": token, "referrer_token": "tok_ref"}),
+              ("referral.completed", {"token": token, "referrer_token": "tok_ref"}),
+              ("app.user_identified", {"token": token, "email": "drop@example.com"})]
+    items = [(action, CallContext(f"{n}:{i}")) for n, (kind, data) in enumerate(events)
+             for i, action in enumerate(plan({"event": kind, "timestamp": "2026-03-01T12:00:00Z",
+                                              "data": data}, RULES).actions)]
+    with serve(dropped) as url:
+        async with httpx.AsyncClient(timeout=TIMEOUT) as client:
+            pipedrive = target(client, url, storage)
+            failed = await pipedrive.execute_many(items)
+            assert dropped.injected == {"drop_after_commit": 1}
+            assert all(isinstance(r, RetryableCRMError) for r in failed), failed
+            assert emulator.calls["POST /api/v2/deals"] == 0
+            wait = max(r.retry_after or 0.0 for r in failed if isinstance(r, Exception))
+            await asyncio.sleep(wait)
+            again = await pipedrive.execute_many(items)
+    assert not any(isinstance(r, Exception) for r in again), again
+    [person] = emulator.live("person")
+    [deal] = emulator.live("deal")
+    assert deal["person_id"] == person["id"]
+    assert person["emails"][0]["value"] == "drop@example.com"
+    assert emulator.calls["POST /api/v2/persons"] == 1
