@@ -50,6 +50,7 @@ class _Create:
 
     record: Record
     commit: Commit
+    keys: frozenset[IdentityKey] = frozenset()
     after: str | None = None
     body_id: str | None = None
 
@@ -66,6 +67,7 @@ class PendingPeople:
     creates: dict[str, _Create] = field(default_factory=dict)
     deals: dict[str, str] = field(default_factory=dict)  # deal key -> its placeholder
     outcomes: dict[str, list[tuple[int, MakeOutcome]]] = field(default_factory=dict)
+    made: dict[str, str | CRMError] = field(default_factory=dict)  # placeholder -> id, error
     index: int = 0
 
     def person(self, keys: Iterable[IdentityKey]) -> Record | None:
@@ -81,14 +83,15 @@ class PendingPeople:
 
     def create(self, keys: Iterable[IdentityKey], body: Record, commit: Commit) -> Record:
         """A person to create at `send`: its record as later actions see and change it."""
-        person_id = f"{PLACEHOLDER}person:{len(self.creates)}"
+        keys = frozenset(keys)
+        person_id = f"{PLACEHOLDER}person:{len(self.made) + len(self.creates)}"
         person = {**body, "id": person_id}
-        self.creates[person_id] = _Create(person, commit)
+        self.creates[person_id] = _Create(person, commit, keys)
         return self.known(keys, person)
 
     def deal(self, deal_key: str, person_id: str, body: Record, commit: Commit) -> str:
         """A deal to create at `send`, after its person (`person_id`, a placeholder)."""
-        deal_id = f"{PLACEHOLDER}deal:{len(self.creates)}"
+        deal_id = f"{PLACEHOLDER}deal:{len(self.made) + len(self.creates)}"
         self.creates[deal_id] = _Create(body, commit, after=person_id, body_id="person_id")
         self.deals[deal_key] = deal_id
         return deal_id
@@ -120,30 +123,50 @@ class PendingPeople:
             self.outcomes.setdefault(record_id, []).append((self.index, make))
         return make(record_id)
 
+    async def create_done(self, done: Callable[[frozenset[IdentityKey]], bool]
+                          ) -> dict[int, Outcome | Exception]:
+        """Create now each new person whose keys no later action of the batch uses (`done`),
+        and its deal: a create sent while the next searches wait for their limit costs no
+        time. The items whose outcome that settles, as `send`."""
+        ready = {record_id for record_id, create in self.creates.items()
+                 if create.after is None and done(create.keys)}
+        return await self._create(lambda record_id, create: record_id in ready
+                                  or create.after in ready)
+
     async def send(self, api: PipedriveAPI) -> dict[int, Outcome | Exception]:
-        """Every create (a deal after its person), then one PATCH per changed person; the items
-        whose outcome that settles: the real one, or the error of the write that failed."""
+        """Every create left (a deal after its person), then one PATCH per changed person; the
+        items whose outcome that settles: the real one, or the error of the write that failed."""
+        replaced = await self._create(lambda record_id, create: True)
+        for person_id, patch in self.patches.items():
+            try:
+                await api.patch(f"/persons/{person_id}", patch)
+            except CRMError as error:
+                replaced.update(dict.fromkeys(self.waiting[person_id], error))
+        self.patches.clear()
+        return replaced
+
+    async def _create(self, chosen: Callable[[str, _Create], bool]
+                      ) -> dict[int, Outcome | Exception]:
         replaced: dict[int, Outcome | Exception] = {}
-        made: dict[str, str | CRMError] = {}
-        for record_id, create in self.creates.items():
-            first = made.get(create.after) if create.after is not None else None
+        for record_id, create in [(i, c) for i, c in self.creates.items() if chosen(i, c)]:
+            del self.creates[record_id]
+            self._forget(record_id)
+            first = self.made.get(create.after) if create.after is not None else None
             try:
                 if isinstance(first, CRMError):
                     raise first
                 if first is not None and create.body_id is not None:
                     create.record[create.body_id] = int(first)
                 record = {k: v for k, v in create.record.items() if k != "id"}
-                made[record_id] = real = await create.commit(record)
+                self.made[record_id] = real = await create.commit(record)
             except CRMError as error:
-                made[record_id] = error
-                replaced.update((i, error) for i, _ in self.outcomes.get(record_id, []))
+                self.made[record_id] = error
+                replaced.update((i, error) for i, _ in self.outcomes.pop(record_id, []))
                 continue
-            replaced.update((i, make(real)) for i, make in self.outcomes.get(record_id, []))
-        for person_id, patch in self.patches.items():
-            try:
-                await api.patch(f"/persons/{person_id}", patch)
-            except CRMError as error:
-                replaced.update(dict.fromkeys(self.waiting[person_id], error))
-        self.creates.clear()
-        self.patches.clear()
+            replaced.update((i, make(real)) for i, make in self.outcomes.pop(record_id, []))
         return replaced
+
+    def _forget(self, record_id: str) -> None:
+        """A created person is the identity map's now: a later action finds it there."""
+        self.people.pop(record_id, None)
+        self.ids = {key: known for key, known in self.ids.items() if known != record_id}

@@ -135,7 +135,9 @@ class PipedriveTarget:
         retried is not applied: it gets that error too."""
         pending = PendingPeople()
         results: list[Outcome | Exception] = []
+        settled: dict[int, Outcome | Exception] = {}
         blocked: dict[IdentityKey, Exception] = {}
+        last = {key: index for index, (action, _) in enumerate(items) for key in action.identity}
         for index, (action, context) in enumerate(items):
             earlier = next((blocked[k] for k in action.identity if k in blocked), None)
             if earlier is not None:
@@ -148,8 +150,10 @@ class PipedriveTarget:
                 results.append(error)
                 if isinstance(error, RetryableCRMError):
                     blocked.update(dict.fromkeys(action.identity, error))
-        for index, settled in (await pending.send(self._api)).items():
-            results[index] = settled
+            settled.update(await pending.create_done(functools.partial(_unused_after, last, index)))
+        settled.update(await pending.send(self._api))
+        for index, outcome in settled.items():
+            results[index] = outcome
         return results
 
     # -- contacts --------------------------------------------------------------------------------
@@ -460,6 +464,12 @@ class PipedriveTarget:
         if action.amount is not None:
             body["value"] = action.amount
         return body
+
+
+def _unused_after(last: dict[IdentityKey, int], index: int, keys: frozenset[IdentityKey]
+                  ) -> bool:
+    """No item of the batch after `index` has any of `keys` (`last`: each key's last item)."""
+    return all(last.get(key, -1) <= index for key in keys)
 
 
 def _said(pending: PendingPeople | None, record_id: str,

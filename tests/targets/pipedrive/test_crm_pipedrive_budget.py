@@ -146,3 +146,33 @@ async def test_a_deal_twice_in_a_batch_for_a_new_person_is_made_once(tmp_path: P
     assert len(deals) == 2
     assert {r.record_id for r in deals if isinstance(r, Outcome)} == {str(deal["id"])}
     assert emulator.calls["POST /api/v2/deals"] == 1
+
+
+async def test_a_new_person_is_created_once_no_later_action_of_the_batch_is_on_it(
+        tmp_path: Path) -> None:
+    """Two new people's stories one after the other in one batch: the first person and its
+    deal are created before the second is searched for (while the next search waits for the
+    Search API limit, a create costs no time), each with all of its story in its create."""
+    emulator = PipedriveEmulator(api_token=PIPEDRIVE_TOKEN)
+    emulator.add_pipeline(*PIPELINE)
+    await provision_pipedrive_app(emulator, FIELD_MAP)
+    async with open_storage(f"sqlite:///{tmp_path / 'linkcrm.db'}") as storage:
+        await storage.migrate()
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=emulator.app)) as client:
+            target = PipedriveTarget(client, api_token=PIPEDRIVE_TOKEN,
+                                     base_url="http://pipedrive.test", field_map=FIELD_MAP,
+                                     identities=storage.identities,
+                                     rate_limits=storage.rate_limits, burst_limit=1000,
+                                     search_limit=1000)
+            await target.start()
+            emulator.reset_usage()
+            results = await target.execute_many(person_story("tok_a") + person_story("tok_b"))
+    assert all(isinstance(r, Outcome) for r in results), results
+    calls = [f"{method} {path}" for _, method, path, _ in emulator.log]
+    searches = [i for i, call in enumerate(calls) if call.startswith("GET /api/v2/persons/search")]
+    creates = [i for i, call in enumerate(calls) if call.startswith("POST /api/v2/")]
+    assert len(searches) == 2 and len(creates) == 4
+    assert creates[1] < searches[1]  # tok_a's person and deal, before tok_b is looked for
+    assert emulator.tokens_used == 100 and not any(c.startswith("PATCH") for c in calls)
+    emails = sorted(p["emails"][0]["value"] for p in emulator.live("person"))
+    assert emails == ["tok_a@example.com", "tok_b@example.com"]
