@@ -118,9 +118,16 @@ class PendingPeople:
 
     def said(self, record_id: str, make: MakeOutcome) -> Outcome:
         """The outcome `make(record_id)`, settled by `send` with the real id when `record_id`
-        is still a placeholder (and failed with its create's error)."""
-        if placeholder(record_id):
-            self.outcomes.setdefault(record_id, []).append((self.index, make))
+        is still a placeholder (and failed with its create's error). Raises that error when
+        the create has failed already."""
+        if not placeholder(record_id):
+            return make(record_id)
+        made = self.made.get(record_id)
+        if isinstance(made, CRMError):
+            raise made
+        if made is not None:
+            return make(made)
+        self.outcomes.setdefault(record_id, []).append((self.index, make))
         return make(record_id)
 
     async def create_done(self, done: Callable[[frozenset[IdentityKey]], bool]

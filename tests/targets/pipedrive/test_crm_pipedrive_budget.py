@@ -4,6 +4,7 @@ target, and a batch spends as few tokens per person as the API allows."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from pathlib import Path
 
 import httpx
@@ -176,3 +177,27 @@ async def test_a_new_person_is_created_once_no_later_action_of_the_batch_is_on_i
     assert emulator.tokens_used == 100 and not any(c.startswith("PATCH") for c in calls)
     emails = sorted(p["emails"][0]["value"] for p in emulator.live("person"))
     assert emails == ["tok_a@example.com", "tok_b@example.com"]
+
+
+async def test_a_deal_key_seen_again_after_its_deal_was_made_names_the_made_deal(
+        tmp_path: Path) -> None:
+    """The batch makes a person and its deal as soon as its story is over; a later
+    create_deal for the same deal key (another person's) gets that deal's real id."""
+    emulator = PipedriveEmulator(api_token=PIPEDRIVE_TOKEN)
+    emulator.add_pipeline(*PIPELINE)
+    await provision_pipedrive_app(emulator, FIELD_MAP)
+    items = person_story("tok_c")
+    [deal_action] = [action for action, _ in items if isinstance(action, CreateDeal)]
+    other = dataclasses.replace(deal_action, identity=(IdentityKey("deep_link_token", "tok_d"),))
+    async with open_storage(f"sqlite:///{tmp_path / 'linkcrm.db'}") as storage:
+        await storage.migrate()
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=emulator.app)) as client:
+            target = PipedriveTarget(client, api_token=PIPEDRIVE_TOKEN,
+                                     base_url="http://pipedrive.test", field_map=FIELD_MAP,
+                                     identities=storage.identities,
+                                     rate_limits=storage.rate_limits, burst_limit=1000,
+                                     search_limit=1000)
+            *_, again = await target.execute_many([*items, (other, CallContext("other"))])
+    [deal] = emulator.live("deal")
+    assert isinstance(again, Outcome) and again.record_id == str(deal["id"])
+    assert emulator.calls["POST /api/v2/deals"] == 1
