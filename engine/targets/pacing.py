@@ -30,19 +30,34 @@ class Pacer:
     sleep: Sleep = asyncio.sleep
     clock: Callable[[], float] = time.monotonic
     _paused_until: float = field(default=0.0, init=False)
+    _first: int = field(default=0, init=False)  # `first` acquires waiting in this process
+    _none_first: asyncio.Event = field(default_factory=asyncio.Event, init=False)
 
-    async def acquire(self, cost: float = 1.0) -> None:
-        """Wait until `cost` requests may be sent, then take them."""
-        while True:
-            pause = self._paused_until - self.clock()
-            if pause > 0:
-                await self.sleep(pause)
-                continue
-            wait = await self.store.take_tokens(self.bucket, cost, self.capacity,
-                                                self.capacity / self.window)
-            if wait <= 0:
-                return
-            await self.sleep(wait)
+    async def acquire(self, cost: float = 1.0, *, first: bool = False) -> None:
+        """Wait until `cost` requests may be sent, then take them. `first`: before every
+        other request of this process that is waiting too (one that waited for a limit of its
+        own already, so that stricter limit is never left idle for the others)."""
+        if first:
+            self._first += 1
+            self._none_first.clear()
+        try:
+            while True:
+                while not first and self._first:
+                    await self._none_first.wait()
+                pause = self._paused_until - self.clock()
+                if pause > 0:
+                    await self.sleep(pause)
+                    continue
+                wait = await self.store.take_tokens(self.bucket, cost, self.capacity,
+                                                    self.capacity / self.window)
+                if wait <= 0:
+                    return
+                await self.sleep(wait)
+        finally:
+            if first:
+                self._first -= 1
+                if not self._first:
+                    self._none_first.set()
 
     def pause(self, seconds: float) -> None:
         """Hold every request of this pacer for `seconds` (a 429's Retry-After, an exhausted

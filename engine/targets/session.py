@@ -45,7 +45,9 @@ class Lane:
     answer pauses), then `shared`, one every request of the CRM counts against too
     (Pipedrive's burst limit, for its searches). The shared token is taken last, just before
     the request goes: taken first, it would age while the request waits for its own lane, and
-    the CRM would see that request arrive closer to the next ones than they were paced. `name`
+    the CRM would see that request arrive closer to the next ones than they were paced; and it
+    is taken before any request of the shared limit alone, so the stricter limit is never left
+    idle while those use up the shared one (Pipedrive's searches before its writes). `name`
     lets a session tell lanes apart (HubSpot's search answers carry no rate-limit headers to
     learn from)."""
 
@@ -57,7 +59,7 @@ class Lane:
         if self.pacer is not None:
             await self.pacer.acquire()
         if self.shared is not None:
-            await self.shared.acquire()
+            await self.shared.acquire(first=True)
 
 
 @dataclass(frozen=True)

@@ -130,31 +130,33 @@ class PipedriveTarget:
 
     async def execute_many(self, items: Sequence[tuple[Action, CallContext]]
                            ) -> list[Outcome | Exception]:
-        """Apply actions in order, each person read once and written once for the whole batch
-        (`engine.targets.pipedrive.batch`). An action after one of its identity that must be
-        retried is not applied: it gets that error too."""
+        """Apply actions person by person (those that share an identity key in their order),
+        each person read once and written once for the whole batch, its create or PATCH sent
+        as soon as no later action is on it (`engine.targets.pipedrive.batch`): one person's
+        writes go while the next person's search waits for the Search API limit. An action
+        after one of its identity that must be retried is not applied: it gets that error
+        too."""
         pending = PendingPeople()
-        results: list[Outcome | Exception] = []
-        settled: dict[int, Outcome | Exception] = {}
+        results: dict[int, Outcome | Exception] = {}
         blocked: dict[IdentityKey, Exception] = {}
-        last = {key: index for index, (action, _) in enumerate(items) for key in action.identity}
-        for index, (action, context) in enumerate(items):
+        order = by_person([action.identity for action, _ in items])
+        last = {key: turn for turn, index in enumerate(order) for key in items[index][0].identity}
+        for turn, index in enumerate(order):
+            action, context = items[index]
             earlier = next((blocked[k] for k in action.identity if k in blocked), None)
             if earlier is not None:
-                results.append(earlier)
+                results[index] = earlier
                 continue
             pending.index = index
             try:
-                results.append(await self.execute(action, context, pending))
+                results[index] = await self.execute(action, context, pending)
             except CRMError as error:
-                results.append(error)
+                results[index] = error
                 if isinstance(error, RetryableCRMError):
                     blocked.update(dict.fromkeys(action.identity, error))
-            settled.update(await pending.create_done(functools.partial(_unused_after, last, index)))
-        settled.update(await pending.send(self._api))
-        for index, outcome in settled.items():
-            results[index] = outcome
-        return results
+            results.update(await pending.create_done(functools.partial(_unused_after, last, turn)))
+        results.update(await pending.send(self._api))
+        return [results[index] for index in range(len(items))]
 
     # -- contacts --------------------------------------------------------------------------------
 
@@ -464,6 +466,26 @@ class PipedriveTarget:
         if action.amount is not None:
             body["value"] = action.amount
         return body
+
+
+def by_person(identities: Sequence[tuple[IdentityKey, ...]]) -> list[int]:
+    """The items' indices grouped by person: items that share an identity key (directly or
+    through others) keep their order, and each group comes where its first item was."""
+    parent: dict[IdentityKey, IdentityKey] = {}
+
+    def root(key: IdentityKey) -> IdentityKey:
+        while parent.setdefault(key, key) != key:
+            parent[key] = parent[parent[key]]
+            key = parent[key]
+        return key
+
+    for keys in identities:
+        for key in keys[1:]:
+            parent[root(key)] = root(keys[0])
+    groups: dict[object, list[int]] = {}
+    for index, keys in enumerate(identities):
+        groups.setdefault(root(keys[0]) if keys else index, []).append(index)
+    return [index for group in groups.values() for index in group]
 
 
 def _unused_after(last: dict[IdentityKey, int], index: int, keys: frozenset[IdentityKey]

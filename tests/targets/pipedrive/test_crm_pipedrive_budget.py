@@ -16,7 +16,7 @@ from engine.rules.evaluator import plan
 from engine.rules.files import load_ruleset
 from engine.storage import open_storage
 from engine.targets.base import CallContext, Outcome
-from engine.targets.pipedrive.target import PipedriveTarget
+from engine.targets.pipedrive.target import PipedriveTarget, by_person
 from tests.emulators.pipedrive import PipedriveEmulator
 from tests.support.crm_stack import PIPEDRIVE_TOKEN, PIPELINE, provision_pipedrive_app
 from tests.support.paths import REPO
@@ -151,9 +151,10 @@ async def test_a_deal_twice_in_a_batch_for_a_new_person_is_made_once(tmp_path: P
 
 async def test_a_new_person_is_created_once_no_later_action_of_the_batch_is_on_it(
         tmp_path: Path) -> None:
-    """Two new people's stories one after the other in one batch: the first person and its
-    deal are created before the second is searched for (while the next search waits for the
-    Search API limit, a create costs no time), each with all of its story in its create."""
+    """Two new people's stories, interleaved, in one batch: the batch goes person by person,
+    so the first person and its deal are created before the second is searched for (while
+    the next search waits for the Search API limit, a create costs no time), each with all of
+    its story in its create."""
     emulator = PipedriveEmulator(api_token=PIPEDRIVE_TOKEN)
     emulator.add_pipeline(*PIPELINE)
     await provision_pipedrive_app(emulator, FIELD_MAP)
@@ -167,8 +168,15 @@ async def test_a_new_person_is_created_once_no_later_action_of_the_batch_is_on_i
                                      search_limit=1000)
             await target.start()
             emulator.reset_usage()
-            results = await target.execute_many(person_story("tok_a") + person_story("tok_b"))
+            items = [item for pair in zip(person_story("tok_a"), person_story("tok_b"),
+                                          strict=True) for item in pair]
+            results = await target.execute_many(items)
     assert all(isinstance(r, Outcome) for r in results), results
+    for (action, _), result in zip(items, results, strict=True):  # each in its own place
+        token = action.identity[0].value
+        assert isinstance(result, Outcome) and result.record_id in {
+            str(r["id"]) for kind in ("person", "deal") for r in emulator.live(kind)
+            if token in str(r)}
     calls = [f"{method} {path}" for _, method, path, _ in emulator.log]
     searches = [i for i, call in enumerate(calls) if call.startswith("GET /api/v2/persons/search")]
     creates = [i for i, call in enumerate(calls) if call.startswith("POST /api/v2/")]
@@ -201,3 +209,16 @@ async def test_a_deal_key_seen_again_after_its_deal_was_made_names_the_made_deal
     [deal] = emulator.live("deal")
     assert isinstance(again, Outcome) and again.record_id == str(deal["id"])
     assert emulator.calls["POST /api/v2/deals"] == 1
+
+
+def test_a_batch_goes_person_by_person_keeping_each_persons_order() -> None:
+    def key(value: str) -> IdentityKey:
+        return IdentityKey("deep_link_token", value)
+
+    email = IdentityKey("email", "a@example.com")
+    identities = [(key("a"),), (key("b"),), (key("c"),), (key("a"), email), (key("b"),),
+                  (email,), (key("c"),), ()]
+    # a's items, and the one by its email only; then b's; then c's; an item without keys alone.
+    assert by_person(identities) == [0, 3, 5, 1, 4, 2, 6, 7]
+    joined = [(key("x"),), (key("y"),), (key("y"), key("x")), (key("z"),)]
+    assert by_person(joined) == [0, 1, 2, 3]  # y joins x through item 2: one person, in order
