@@ -15,11 +15,12 @@ fields they change.
     person = pending.create(keys, body, commit)   # not found: made by send(), id unknown yet
     pending.change(person, patch)            # written by send(), once per person
     outcome = pending.said(person_id, make)  # the outcome of the item `index`, real id at send
-    replaced = await pending.send(api)       # index -> its final outcome, or the error
+    replaced = await pending.create_done(done)    # the creates no later action is on, now
+    replaced |= await pending.send(api)      # the rest; index -> its final outcome, or the error
 
-A person to create gets a placeholder id (`new:<n>`) until `send` posts it; an outcome that
-names it is settled by `send` with the real id (or the create's error). A deal for such a person
-waits too (`deal`): it is created after its person, with the person's real id.
+A person to create gets a placeholder id (`new:person:<n>`) until it is posted; an outcome that
+names it is settled then with the real id (or the create's error). A deal for such a person
+waits too (`deal`): it is created right after its person, with the person's real id.
 """
 
 from __future__ import annotations
