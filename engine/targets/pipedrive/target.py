@@ -131,11 +131,11 @@ class PipedriveTarget:
     async def execute_many(self, items: Sequence[tuple[Action, CallContext]]
                            ) -> list[Outcome | Exception]:
         """Apply actions person by person (those that share an identity key in their order),
-        each person read once and written once for the whole batch, its create or PATCH sent
-        as soon as no later action is on it (`engine.targets.pipedrive.batch`): one person's
-        writes go while the next person's search waits for the Search API limit. An action
-        after one of its identity that must be retried is not applied: it gets that error
-        too."""
+        each person read once and written once for the whole batch
+        (`engine.targets.pipedrive.batch`): a new person is created, with its deal, as soon as
+        no later action is on it, while the next person's search waits for the Search API
+        limit; a PATCH goes at the batch's end. An action after one of its identity that must
+        be retried is not applied: it gets that error too."""
         pending = PendingPeople()
         results: dict[int, Outcome | Exception] = {}
         blocked: dict[IdentityKey, Exception] = {}
