@@ -386,8 +386,7 @@ class PipedriveTarget:
         deal_id, created = await self._find_or_create_deal(
             deal_key, key_field, slot, body, person_id, idempotency_key, pending)
         if placeholder(deal_id):  # made at the batch's end, after its new person
-            assert pending is not None
-            return pending.said(deal_id, lambda made: Outcome(
+            return _said(pending, deal_id, lambda made: Outcome(
                 made, f"created deal {made} for person {body.get('person_id', person_id)}",
                 created=True))
         what = "created deal" if created else "found existing deal"

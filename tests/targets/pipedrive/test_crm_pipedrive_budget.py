@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import httpx
@@ -76,13 +78,10 @@ def person_story(token: str) -> list[tuple[Action, CallContext]]:
             for i, action in enumerate(plan(event, RULES).actions)]
 
 
-@pytest.mark.parametrize("batched", [False, True])
-async def test_a_batch_reads_and_writes_each_person_once(tmp_path: Path, batched: bool) -> None:
-    """A new person's whole story (8 actions): one by one, every action after the first reads
-    the person again (1 token) and most write it (5 each): 82 tokens. In one batch the person
-    is searched (20) and created (5) with every later change in its create, and its deal
-    searched (20) and created (5) after it: 50 tokens, the floor, and the same person and deal.
-    Every outcome names the real records."""
+@asynccontextmanager
+async def unthrottled(tmp_path: Path) -> AsyncIterator[tuple[PipedriveEmulator, PipedriveTarget]]:
+    """A provisioned emulator and a started target whose limits never bind, its usage counted
+    from zero: what a batch costs, and nothing else."""
     emulator = PipedriveEmulator(api_token=PIPEDRIVE_TOKEN)
     emulator.add_pipeline(*PIPELINE)
     await provision_pipedrive_app(emulator, FIELD_MAP)
@@ -96,11 +95,22 @@ async def test_a_batch_reads_and_writes_each_person_once(tmp_path: Path, batched
                                      search_limit=1000)
             await target.start()
             emulator.reset_usage()
-            items = person_story("tok_1")
-            if batched:
-                results = await target.execute_many(items)
-            else:
-                results = [await target.execute(*item) for item in items]
+            yield emulator, target
+
+
+@pytest.mark.parametrize("batched", [False, True])
+async def test_a_batch_reads_and_writes_each_person_once(tmp_path: Path, batched: bool) -> None:
+    """A new person's whole story (8 actions): one by one, every action after the first reads
+    the person again (1 token) and most write it (5 each): 82 tokens. In one batch the person
+    is searched (20) and created (5) with every later change in its create, and its deal
+    searched (20) and created (5) after it: 50 tokens, the floor, and the same person and deal.
+    Every outcome names the real records."""
+    async with unthrottled(tmp_path) as (emulator, target):
+        items = person_story("tok_1")
+        if batched:
+            results = await target.execute_many(items)
+        else:
+            results = [await target.execute(*item) for item in items]
     assert all(isinstance(r, Outcome) for r in results), results
     assert emulator.tokens_used == (50 if batched else 82)
     if batched:
@@ -124,22 +134,11 @@ async def test_a_deal_twice_in_a_batch_for_a_new_person_is_made_once(tmp_path: P
     """The conversion delivered twice (two deliveries, two idempotency keys) in the batch that
     makes its person: the deal waits for the person, and the second create_deal finds the
     first's deal waiting instead of claiming it again: one deal, named by both outcomes."""
-    emulator = PipedriveEmulator(api_token=PIPEDRIVE_TOKEN)
-    emulator.add_pipeline(*PIPELINE)
-    await provision_pipedrive_app(emulator, FIELD_MAP)
     items = person_story("tok_2")
     again = [(action, CallContext(f"again:{i}")) for i, (action, _) in enumerate(items)
              if isinstance(action, CreateDeal)]
-    async with open_storage(f"sqlite:///{tmp_path / 'linkcrm.db'}") as storage:
-        await storage.migrate()
-        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=emulator.app)) as client:
-            target = PipedriveTarget(client, api_token=PIPEDRIVE_TOKEN,
-                                     base_url="http://pipedrive.test", field_map=FIELD_MAP,
-                                     identities=storage.identities,
-                                     rate_limits=storage.rate_limits, burst_limit=1000,
-                                     search_limit=1000)
-            async with asyncio.timeout(10):  # a second claim would wait, then fail
-                results = await target.execute_many(items + again)
+    async with unthrottled(tmp_path) as (emulator, target), asyncio.timeout(10):
+        results = await target.execute_many(items + again)  # a second claim would wait, fail
     assert all(isinstance(r, Outcome) for r in results), results
     [deal] = emulator.live("deal")
     deals = [r for (action, _), r in zip(items + again, results, strict=True)
@@ -155,22 +154,10 @@ async def test_a_new_person_is_created_once_no_later_action_of_the_batch_is_on_i
     so the first person and its deal are created before the second is searched for (while
     the next search waits for the Search API limit, a create costs no time), each with all of
     its story in its create."""
-    emulator = PipedriveEmulator(api_token=PIPEDRIVE_TOKEN)
-    emulator.add_pipeline(*PIPELINE)
-    await provision_pipedrive_app(emulator, FIELD_MAP)
-    async with open_storage(f"sqlite:///{tmp_path / 'linkcrm.db'}") as storage:
-        await storage.migrate()
-        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=emulator.app)) as client:
-            target = PipedriveTarget(client, api_token=PIPEDRIVE_TOKEN,
-                                     base_url="http://pipedrive.test", field_map=FIELD_MAP,
-                                     identities=storage.identities,
-                                     rate_limits=storage.rate_limits, burst_limit=1000,
-                                     search_limit=1000)
-            await target.start()
-            emulator.reset_usage()
-            items = [item for pair in zip(person_story("tok_a"), person_story("tok_b"),
-                                          strict=True) for item in pair]
-            results = await target.execute_many(items)
+    items = [item for pair in zip(person_story("tok_a"), person_story("tok_b"), strict=True)
+             for item in pair]
+    async with unthrottled(tmp_path) as (emulator, target):
+        results = await target.execute_many(items)
     assert all(isinstance(r, Outcome) for r in results), results
     for (action, _), result in zip(items, results, strict=True):  # each in its own place
         token = action.identity[0].value
@@ -191,21 +178,11 @@ async def test_a_deal_key_seen_again_after_its_deal_was_made_names_the_made_deal
         tmp_path: Path) -> None:
     """The batch makes a person and its deal as soon as its story is over; a later
     create_deal for the same deal key (another person's) gets that deal's real id."""
-    emulator = PipedriveEmulator(api_token=PIPEDRIVE_TOKEN)
-    emulator.add_pipeline(*PIPELINE)
-    await provision_pipedrive_app(emulator, FIELD_MAP)
     items = person_story("tok_c")
     [deal_action] = [action for action, _ in items if isinstance(action, CreateDeal)]
     other = dataclasses.replace(deal_action, identity=(IdentityKey("deep_link_token", "tok_d"),))
-    async with open_storage(f"sqlite:///{tmp_path / 'linkcrm.db'}") as storage:
-        await storage.migrate()
-        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=emulator.app)) as client:
-            target = PipedriveTarget(client, api_token=PIPEDRIVE_TOKEN,
-                                     base_url="http://pipedrive.test", field_map=FIELD_MAP,
-                                     identities=storage.identities,
-                                     rate_limits=storage.rate_limits, burst_limit=1000,
-                                     search_limit=1000)
-            *_, again = await target.execute_many([*items, (other, CallContext("other"))])
+    async with unthrottled(tmp_path) as (emulator, target):
+        *_, again = await target.execute_many([*items, (other, CallContext("other"))])
     [deal] = emulator.live("deal")
     assert isinstance(again, Outcome) and again.record_id == str(deal["id"])
     assert emulator.calls["POST /api/v2/deals"] == 1
