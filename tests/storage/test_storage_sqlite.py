@@ -192,12 +192,11 @@ async def test_apply_all_undoes_an_op_its_data_fails_midway_and_keeps_the_rest(
     stages = ("subscriber", "lead", "customer")
     real = sqlite_crm._set_stage
 
-    def half_then_refused(connection: sqlite3.Connection, op: records.SetStageOp,
-                          now: str) -> records.StageResult:
-        real(connection, op, now)  # the stage moved and its history row is written...
+    def half_then_refused(contacts: Any, op: records.SetStageOp) -> records.StageResult:
+        real(contacts, op)  # the stage moved and its history row is written...
         if op.stage == "customer":
             raise ValueError("refused after writing")  # ...then this op fails on its data
-        return real(connection, op, now)
+        return real(contacts, op)
 
     monkeypatch.setattr(sqlite_crm, "_set_stage", half_then_refused)
     results = await storage.local_crm.apply_all([
@@ -216,8 +215,7 @@ async def test_apply_all_keeps_nothing_when_the_database_fails(
 ) -> None:
     token = IdentityKey("deep_link_token", "tok_1")
 
-    def broken(connection: sqlite3.Connection, op: records.CreateDealOp,
-               now: str) -> records.DealResult:
+    def broken(contacts: Any, op: records.CreateDealOp) -> records.DealResult:
         raise sqlite3.OperationalError("disk I/O error")
 
     monkeypatch.setattr(sqlite_crm, "_create_deal", broken)

@@ -1,24 +1,24 @@
 """The embedded CRM (`local` target) on SQLite: contacts, identities, stage history, deals.
 
-Each operation is one writer job, so it is atomic; `apply_all` runs an event's operations as
-one job, each in its own savepoint.
+Each operation is one writer job, so it is atomic; `apply_all` runs many operations as one
+job, an operation that fails on its own data undone alone.
 """
 
 from __future__ import annotations
 
 import sqlite3
 from collections.abc import Callable, Sequence
-from typing import overload
+from typing import Any, overload
 
-from engine.actions import IdentityKey
+from engine.actions import JSON, IdentityKey
 from engine.errors import UnstorableValueError
 from engine.storage import checks, records
 from engine.storage.protocols import LocalCRMStore
 from engine.storage.sqlite.database import UNSTORABLE, SQLitePart, unstorable
 from engine.storage.sqlite.rows import dumps, insert_rows, loads_object, parse_ts, placeholders
 
-# One op's write, run in the writer thread.
-_Job = Callable[[sqlite3.Connection], records.LocalResult]
+# One op's write, run in the writer thread against the job's contacts.
+_Job = Callable[["_Contacts"], records.LocalResult]
 
 
 class SQLiteLocalCRM(SQLitePart, LocalCRMStore):
@@ -41,19 +41,19 @@ class SQLiteLocalCRM(SQLitePart, LocalCRMStore):
         self, identity: records.Keys, set: records.Fields, set_once: records.Fields
     ) -> records.ContactResult:
         return await self._db.write(
-            self._job(records.UpsertContactOp(identity, set, set_once)), "upsert the contact")
+            self._alone(records.UpsertContactOp(identity, set, set_once)), "upsert the contact")
 
     async def set_stage(
         self, identity: records.Keys, stage: str, stages: Sequence[str], event_id: int | None = None
     ) -> records.StageResult:
         return await self._db.write(
-            self._job(records.SetStageOp(identity, stage, stages, event_id)), "set the stage")
+            self._alone(records.SetStageOp(identity, stage, stages, event_id)), "set the stage")
 
     async def create_deal(self, identity: records.Keys, key: str, title: str,
                           stage: str | None, amount: float | None, fields: records.Fields
                           ) -> records.DealResult:
         return await self._db.write(
-            self._job(records.CreateDealOp(identity, key, title, stage, amount, fields)),
+            self._alone(records.CreateDealOp(identity, key, title, stage, amount, fields)),
             "create the deal")
 
     async def apply_all(self, ops: Sequence[records.LocalOp]
@@ -61,22 +61,25 @@ class SQLiteLocalCRM(SQLitePart, LocalCRMStore):
         """One writer job for all the ops: an op its own data fails is undone alone;
         anything else undoes the whole job and raises.
 
-        The ops first run together, inside the job's own savepoint; only when one fails on
-        its data are they rolled back and run again, each in a savepoint of its own. Two
-        statements fewer per op when none fails (each statement is a GIL hand-off for the
-        writer thread)."""
+        The ops first run together, inside the job's own savepoint and sharing one
+        `_Contacts`; only when one fails on its data are they rolled back and run again, each
+        in a savepoint of its own. Two statements fewer per op when none fails (each statement
+        is a GIL hand-off for the writer thread), and each person read and written once."""
         jobs: list[_Job | Exception] = []
         for op in ops:
             try:
-                jobs.append(self._job(op))
+                jobs.append(_job(op))
             except (ValueError, OverflowError, UnstorableValueError) as error:
                 jobs.append(error)
+        now = self._db.now()
 
         def together(connection: sqlite3.Connection) -> list[records.LocalResult | Exception]:
             connection.execute("SAVEPOINT ops")
+            contacts = _Contacts(connection, now)
             try:
-                results = [job if isinstance(job, Exception) else job(connection)
+                results = [job if isinstance(job, Exception) else job(contacts)
                            for job in jobs]
+                contacts.flush()
             except (*UNSTORABLE, ValueError):
                 connection.execute("ROLLBACK TO ops")
                 connection.execute("RELEASE ops")
@@ -92,7 +95,9 @@ class SQLiteLocalCRM(SQLitePart, LocalCRMStore):
                     continue
                 connection.execute("SAVEPOINT op")
                 try:
-                    results.append(job(connection))
+                    contacts = _Contacts(connection, now)
+                    results.append(job(contacts))
+                    contacts.flush()
                 except (*UNSTORABLE, ValueError) as error:
                     connection.execute("ROLLBACK TO op")
                     results.append(unstorable(error, "apply the actions")
@@ -103,31 +108,28 @@ class SQLiteLocalCRM(SQLitePart, LocalCRMStore):
         return await self._db.write(together, "apply the actions")
 
     @overload
-    def _job(self, op: records.UpsertContactOp) -> Callable[
+    def _alone(self, op: records.UpsertContactOp) -> Callable[
         [sqlite3.Connection], records.ContactResult]: ...
 
     @overload
-    def _job(self, op: records.SetStageOp) -> Callable[
+    def _alone(self, op: records.SetStageOp) -> Callable[
         [sqlite3.Connection], records.StageResult]: ...
 
     @overload
-    def _job(self, op: records.CreateDealOp) -> Callable[
+    def _alone(self, op: records.CreateDealOp) -> Callable[
         [sqlite3.Connection], records.DealResult]: ...
 
-    @overload
-    def _job(self, op: records.LocalOp) -> _Job: ...
+    def _alone(self, op: records.LocalOp) -> Callable[[sqlite3.Connection], Any]:
+        """The op as a writer job of its own."""
+        job, now = _job(op), self._db.now()
 
-    def _job(self, op: records.LocalOp) -> _Job:
-        """The op's write, to run in the writer; its arguments checked here first."""
-        now = self._db.now()
-        if isinstance(op, records.UpsertContactOp):
-            checks.upsert(op.identity, op.set, op.set_once)
-            return lambda connection: _upsert(connection, op, now)
-        if isinstance(op, records.SetStageOp):
-            checks.stage(op.identity, op.stage, op.stages)
-            return lambda connection: _set_stage(connection, op, now)
-        checks.deal(op.identity, op.key, op.title, op.stage, op.amount, op.fields)
-        return lambda connection: _create_deal(connection, op, now)
+        def run(connection: sqlite3.Connection) -> records.LocalResult:
+            contacts = _Contacts(connection, now)
+            result = job(contacts)
+            contacts.flush()
+            return result
+
+        return run
 
     async def contacts(self, limit: int | None = None) -> list[records.LocalContact]:
         def run(connection: sqlite3.Connection) -> list[records.LocalContact]:
@@ -167,56 +169,121 @@ class SQLiteLocalCRM(SQLitePart, LocalCRMStore):
             (-1 if limit is None else limit,), _deal)
 
 
-def _upsert(connection: sqlite3.Connection, op: records.UpsertContactOp,
-            now: str) -> records.ContactResult:
-    result = _ensure_contact(connection, op.identity, now)
-    row = connection.execute(
-        "SELECT fields FROM local_contacts WHERE id = ?", (result.contact_id,)).fetchone()
-    fields = loads_object(row[0])
+def _job(op: records.LocalOp) -> _Job:
+    """The op's write, to run in the writer; its arguments checked here first."""
+    if isinstance(op, records.UpsertContactOp):
+        checks.upsert(op.identity, op.set, op.set_once)
+        return lambda contacts: _upsert(contacts, op)
+    if isinstance(op, records.SetStageOp):
+        checks.stage(op.identity, op.stage, op.stages)
+        return lambda contacts: _set_stage(contacts, op)
+    checks.deal(op.identity, op.key, op.title, op.stage, op.amount, op.fields)
+    return lambda contacts: _create_deal(contacts, op)
+
+
+class _Contacts:
+    """The contacts one writer job reads and changes: each identity is resolved, and each
+    contact's row read, once per job; the rows it changed are written back by `flush`, once
+    each, at the job's end. An event's upsert, stage and deal for one person cost one lookup
+    and one UPDATE instead of three each (bench_worker.py: ~5 statements fewer per event).
+
+    Sound because a job is the only writer while it runs and a key, once attached, stays with
+    its contact: the same identity resolves to the same contact for the rest of the job."""
+
+    def __init__(self, connection: sqlite3.Connection, now: str) -> None:
+        self.connection = connection
+        self.now = now
+        self._ids: dict[tuple[IdentityKey, ...], int] = {}
+        self._rows: dict[int, list[dict[str, JSON] | str | None]] = {}
+        self._changed: set[int] = set()
+
+    def ensure(self, identity: records.Keys) -> records.ContactResult:
+        keys = tuple(identity)
+        contact_id = self._ids.get(keys)
+        if contact_id is not None:
+            return records.ContactResult(contact_id=contact_id, created=False)
+        result = _ensure_contact(self.connection, keys, self.now)
+        self._ids[keys] = result.contact_id
+        if result.created:
+            self._rows[result.contact_id] = [{}, None]
+        return result
+
+    def fields(self, contact_id: int) -> dict[str, JSON]:
+        fields = self._row(contact_id)[0]
+        assert isinstance(fields, dict)
+        return fields
+
+    def stage(self, contact_id: int) -> str | None:
+        stage = self._row(contact_id)[1]
+        assert not isinstance(stage, dict)
+        return stage
+
+    def change(self, contact_id: int, *, fields: dict[str, JSON] | None = None,
+               stage: str | None = None) -> None:
+        row = self._row(contact_id)
+        if fields is not None:
+            row[0] = fields
+        if stage is not None:
+            row[1] = stage
+        self._changed.add(contact_id)
+
+    def flush(self) -> None:
+        """Write back the rows this job changed (in contact order, so two jobs' writes never
+        interleave differently)."""
+        if self._changed:
+            self.connection.executemany(
+                "UPDATE local_contacts SET fields = ?, stage = ?, updated_at = ? WHERE id = ?",
+                [(dumps(self._rows[contact_id][0]), self._rows[contact_id][1], self.now,
+                  contact_id) for contact_id in sorted(self._changed)])
+            self._changed.clear()
+
+    def _row(self, contact_id: int) -> list[dict[str, JSON] | str | None]:
+        row = self._rows.get(contact_id)
+        if row is None:
+            fields, stage = self.connection.execute(
+                "SELECT fields, stage FROM local_contacts WHERE id = ?", (contact_id,)
+            ).fetchone()
+            row = self._rows[contact_id] = [loads_object(fields), stage]
+        return row
+
+
+def _upsert(contacts: _Contacts, op: records.UpsertContactOp) -> records.ContactResult:
+    result = contacts.ensure(op.identity)
+    fields = contacts.fields(result.contact_id)
     merged = records.merge_contact_fields(fields, op.set, op.set_once)
     if merged != fields:
-        connection.execute(
-            "UPDATE local_contacts SET fields = ?, updated_at = ? WHERE id = ?",
-            (dumps(merged), now, result.contact_id),
-        )
+        contacts.change(result.contact_id, fields=merged)
     return result
 
 
-def _set_stage(connection: sqlite3.Connection, op: records.SetStageOp,
-               now: str) -> records.StageResult:
-    contact_id = _ensure_contact(connection, op.identity, now).contact_id
-    row = connection.execute(
-        "SELECT stage FROM local_contacts WHERE id = ?", (contact_id,)).fetchone()
-    current: str | None = row[0]
+def _set_stage(contacts: _Contacts, op: records.SetStageOp) -> records.StageResult:
+    contact_id = contacts.ensure(op.identity).contact_id
+    current = contacts.stage(contact_id)
     if not records.advances(current, op.stage, op.stages):
         return records.StageResult(contact_id, current, current, changed=False)
-    connection.execute(
-        "UPDATE local_contacts SET stage = ?, updated_at = ? WHERE id = ?",
-        (op.stage, now, contact_id),
-    )
-    connection.execute(
+    contacts.change(contact_id, stage=op.stage)
+    contacts.connection.execute(
         "INSERT INTO local_stage_history (contact_id, from_stage, to_stage, changed_at,"
         " event_id) VALUES (?, ?, ?, ?, ?)",
-        (contact_id, current, op.stage, now, op.event_id),
+        (contact_id, current, op.stage, contacts.now, op.event_id),
     )
     return records.StageResult(contact_id, from_stage=current, to_stage=op.stage, changed=True)
 
 
-def _create_deal(connection: sqlite3.Connection, op: records.CreateDealOp,
-                 now: str) -> records.DealResult:
+def _create_deal(contacts: _Contacts, op: records.CreateDealOp) -> records.DealResult:
+    connection = contacts.connection
     existing = connection.execute(
         "SELECT id, contact_id FROM local_deals WHERE deal_key = ?", (op.key,)
     ).fetchone()
     if existing is not None:
         return records.DealResult(existing[0], existing[1], created=False)
-    contact_id = (_ensure_contact(connection, op.identity, now).contact_id
-                  if op.identity else None)
+    contact_id = contacts.ensure(op.identity).contact_id if op.identity else None
     row = connection.execute(
         "INSERT INTO local_deals"
         " (deal_key, title, stage, amount, contact_id, fields, created_at, updated_at)"
         " VALUES (?, ?, ?, ?, ?, ?, ?, ?) RETURNING id",
         (op.key, op.title, op.stage, op.amount, contact_id,
-         dumps(records.kept_fields(op.fields)), now, now),
+         dumps(records.kept_fields(op.fields)), contacts.now, contacts.now),
     ).fetchone()
     return records.DealResult(deal_id=int(row[0]), contact_id=contact_id, created=True)
 
