@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import sqlite3
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any, overload
 
 from engine.actions import JSON, IdentityKey
@@ -181,6 +182,14 @@ def _job(op: records.LocalOp) -> _Job:
     return lambda contacts: _create_deal(contacts, op)
 
 
+@dataclass
+class _Row:
+    """A contact's columns that ops change."""
+
+    fields: dict[str, JSON]
+    stage: str | None
+
+
 class _Contacts:
     """The contacts one writer job reads and changes: each identity is resolved, and each
     contact's row read, once per job; the rows it changed are written back by `flush`, once
@@ -194,7 +203,7 @@ class _Contacts:
         self.connection = connection
         self.now = now
         self._ids: dict[tuple[IdentityKey, ...], int] = {}
-        self._rows: dict[int, list[dict[str, JSON] | str | None]] = {}
+        self._rows: dict[int, _Row] = {}
         self._changed: set[int] = set()
 
     def ensure(self, identity: records.Keys) -> records.ContactResult:
@@ -205,63 +214,50 @@ class _Contacts:
         result = _ensure_contact(self.connection, keys, self.now)
         self._ids[keys] = result.contact_id
         if result.created:
-            self._rows[result.contact_id] = [{}, None]
+            self._rows[result.contact_id] = _Row({}, None)
         return result
 
-    def fields(self, contact_id: int) -> dict[str, JSON]:
-        fields = self._row(contact_id)[0]
-        assert isinstance(fields, dict)
-        return fields
-
-    def stage(self, contact_id: int) -> str | None:
-        stage = self._row(contact_id)[1]
-        assert not isinstance(stage, dict)
-        return stage
-
-    def change(self, contact_id: int, *, fields: dict[str, JSON] | None = None,
-               stage: str | None = None) -> None:
-        row = self._row(contact_id)
-        if fields is not None:
-            row[0] = fields
-        if stage is not None:
-            row[1] = stage
-        self._changed.add(contact_id)
-
-    def flush(self) -> None:
-        """Write back the rows this job changed (in contact order, so two jobs' writes never
-        interleave differently)."""
-        if self._changed:
-            self.connection.executemany(
-                "UPDATE local_contacts SET fields = ?, stage = ?, updated_at = ? WHERE id = ?",
-                [(dumps(self._rows[contact_id][0]), self._rows[contact_id][1], self.now,
-                  contact_id) for contact_id in sorted(self._changed)])
-            self._changed.clear()
-
-    def _row(self, contact_id: int) -> list[dict[str, JSON] | str | None]:
+    def row(self, contact_id: int) -> _Row:
+        """The contact's fields and stage as this job left them; change them through
+        `changed`."""
         row = self._rows.get(contact_id)
         if row is None:
             fields, stage = self.connection.execute(
                 "SELECT fields, stage FROM local_contacts WHERE id = ?", (contact_id,)
             ).fetchone()
-            row = self._rows[contact_id] = [loads_object(fields), stage]
+            row = self._rows[contact_id] = _Row(loads_object(fields), stage)
         return row
+
+    def changed(self, contact_id: int) -> _Row:
+        """The contact's row, to change: written back by `flush`."""
+        self._changed.add(contact_id)
+        return self.row(contact_id)
+
+    def flush(self) -> None:
+        """Write back the rows this job changed."""
+        if self._changed:
+            self.connection.executemany(
+                "UPDATE local_contacts SET fields = ?, stage = ?, updated_at = ? WHERE id = ?",
+                [(dumps(self._rows[contact_id].fields), self._rows[contact_id].stage, self.now,
+                  contact_id) for contact_id in sorted(self._changed)])
+            self._changed.clear()
 
 
 def _upsert(contacts: _Contacts, op: records.UpsertContactOp) -> records.ContactResult:
     result = contacts.ensure(op.identity)
-    fields = contacts.fields(result.contact_id)
+    fields = contacts.row(result.contact_id).fields
     merged = records.merge_contact_fields(fields, op.set, op.set_once)
     if merged != fields:
-        contacts.change(result.contact_id, fields=merged)
+        contacts.changed(result.contact_id).fields = merged
     return result
 
 
 def _set_stage(contacts: _Contacts, op: records.SetStageOp) -> records.StageResult:
     contact_id = contacts.ensure(op.identity).contact_id
-    current = contacts.stage(contact_id)
+    current = contacts.row(contact_id).stage
     if not records.advances(current, op.stage, op.stages):
         return records.StageResult(contact_id, current, current, changed=False)
-    contacts.change(contact_id, stage=op.stage)
+    contacts.changed(contact_id).stage = op.stage
     contacts.connection.execute(
         "INSERT INTO local_stage_history (contact_id, from_stage, to_stage, changed_at,"
         " event_id) VALUES (?, ?, ?, ?, ?)",
