@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, fields
+from functools import cache
 from datetime import datetime
 from typing import Any, Literal, TypeVar
 
@@ -448,6 +449,7 @@ def kept_fields(fields: Mapping[str, JSON]) -> dict[str, JSON]:
 # -- rows to records ---------------------------------------------------------------------------
 
 
+@cache
 def field_names(record: type[Any]) -> tuple[str, ...]:
     """A record's fields in order: the column list a backend selects to build it."""
     return tuple(item.name for item in fields(record))
@@ -456,7 +458,5 @@ def field_names(record: type[Any]) -> tuple[str, ...]:
 def from_row(record: type[R], row: Sequence[Any], **convert: Callable[[Any], Any]) -> R:
     """The record whose fields are `row`'s columns in field order, each passed through its
     `convert` function if it has one (a backend's time or JSON decoding)."""
-    given = dict(zip(field_names(record), row, strict=True))
-    for name, function in convert.items():
-        given[name] = function(given[name])
-    return record(**given)
+    return record(*[convert[name](value) if name in convert else value
+                    for name, value in zip(field_names(record), row, strict=True)])
