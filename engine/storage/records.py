@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, fields
-from functools import cache
 from datetime import datetime
 from typing import Any, Literal, TypeVar
 
@@ -449,10 +448,16 @@ def kept_fields(fields: Mapping[str, JSON]) -> dict[str, JSON]:
 # -- rows to records ---------------------------------------------------------------------------
 
 
-@cache
+_FIELD_NAMES: dict[type[Any], tuple[str, ...]] = {}
+
+
 def field_names(record: type[Any]) -> tuple[str, ...]:
-    """A record's fields in order: the column list a backend selects to build it."""
-    return tuple(item.name for item in fields(record))
+    """A record's fields in order: the column list a backend selects to build it (worked out
+    once per record type: `from_row` asks for each row)."""
+    names = _FIELD_NAMES.get(record)
+    if names is None:
+        names = _FIELD_NAMES[record] = tuple(item.name for item in fields(record))
+    return names
 
 
 def from_row(record: type[R], row: Sequence[Any], **convert: Callable[[Any], Any]) -> R:

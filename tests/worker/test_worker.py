@@ -2,20 +2,22 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import random
 from datetime import timedelta
 from pathlib import Path
 
 import pytest
 
-from engine.actions import TOUCHED, IdentityKey, identity_digest
+from engine.actions import TOUCHED, Action, IdentityKey, UpsertContact, identity_digest
 from engine.errors import PermanentCRMError, RetryableCRMError
 from engine.rules.model import RuleSet
 from engine.runtime.metrics import Metrics
 from engine.storage import EventFilter, Storage, open_storage
 from engine.targets.local.target import LocalTarget
 from engine.worker.loop import Worker, WorkerOptions
-from engine.worker.plan import prepare
+from engine.worker.plan import idempotency_key, prepare
 from engine.worker.retrying import RetryPolicy
 from tests.storage.contract import FakeClock
 from tests.support.worker_helpers import BASE_RULES, FakeTarget, shipped_rules, store, write_rules
@@ -227,6 +229,26 @@ async def test_idempotency_keys_are_stable_when_a_rule_file_is_edited(
     assert await storage.inbox.requeue(event_id)
     await Worker(storage, after, [target]).run_until_idle()
     assert target.kinds(event_id) == ["upsert_contact", "set_stage", "create_deal"]
+
+
+@pytest.mark.parametrize(("dedupe_key", "action", "ordinal", "pinned"), [
+    ("sha-of-body", UpsertContact(rule="installs", identity=(
+        IdentityKey("deep_link_token", "tok_1"),)), 0,
+     "8d2cd1dfb8aba5feb95bb50d596fef53ee6346a3a75e396c35a77beb9853560f"),
+    ('k"\\\x00', UpsertContact(rule="r\u2028é", identity=(
+        IdentityKey("deep_link_token", "t\ud800\x00"), IdentityKey("email", "ä@b.c"))), 12,
+     "17f73cc34f90e9351961b5cb27d2a4c2147c21a0a1fd631577ea56b0b71c6ab8"),
+])
+def test_idempotency_keys_never_change_across_releases(
+        dedupe_key: str, action: Action, ordinal: int, pinned: str) -> None:
+    """An upgraded worker must find the outcomes an older one recorded: the key is the
+    sha256 of the compact JSON text of its parts (quotes, backslashes, NUL, a lone surrogate,
+    non-ASCII text as they are), pinned here."""
+    material = json.dumps([dedupe_key, action.rule, action.kind, ordinal,
+                           [[key.field, key.value] for key in action.identity]],
+                          ensure_ascii=False, separators=(",", ":"))
+    expected = hashlib.sha256(material.encode("utf-8", "surrogatepass")).hexdigest()
+    assert idempotency_key(dedupe_key, action, ordinal) == expected == pinned
 
 
 async def test_the_identities_an_event_touched_stay_findable_after_it_is_done(
