@@ -18,7 +18,9 @@ serve` with its worker and the local CRM, timed from the first receipt to the la
 Then, unless `--steady-rate 0`, 20 s of deliveries at a steady 1,000/s into a fresh `serve`,
 with the receipt -> applied latency.
 Targets (issue 12): durable >= 65% of bare requests/s, durable p99 < 15 ms; drain >= 3,000
-events/s applied; at a steady 1,000/s, receipt -> applied p99 < 1 s.
+events/s applied (printed also as a share of the bare anchor: the issue measured 3,000 against
+a bare app at 28,600 req/s, and absolute figures move with the host several times over); at a
+steady 1,000/s, receipt -> applied p99 < 1 s.
 """
 
 from __future__ import annotations
@@ -43,6 +45,8 @@ from tests.support.paths import REPO
 
 ROOT = REPO
 SECRET = "whsec_bench_receiver"
+# The drain target over the bare anchor of the run that set it (issue 12's table).
+ISSUE_DRAIN_SHARE = 3_000 / 28_600
 SERVERS = {  # name: what it is; "bare" is the anchor
     "bare": "bare Starlette, uvicorn uvloop + httptools",
     "bare-h11": "bare Starlette, uvicorn h11 + asyncio (context)",
@@ -336,8 +340,11 @@ def main() -> None:
             drained = drain(options.drain, Path(scratch), connections=options.connections)
         for line in drained.lines(best["durable"].rate):
             print(line)
-        print(f"  drain/bare = {drained.applied_per_s / anchor:.0%}; target >= 3,000 events/s "
-              f"applied: {'met' if drained.applied_per_s >= 3000 else 'MISSED'}")
+        share = drained.applied_per_s / anchor
+        print(f"  drain/bare = {share:.1%}; target >= 3,000 events/s applied: "
+              f"{'met' if drained.applied_per_s >= 3000 else 'MISSED'}; the same target as a "
+              f"share of the issue's bare anchor (3,000 of 28,600 req/s = "
+              f"{ISSUE_DRAIN_SHARE:.1%}): {'met' if share >= ISSUE_DRAIN_SHARE else 'MISSED'}")
     if options.steady_rate:
         with tempfile.TemporaryDirectory(prefix="linkcrm-steady-") as scratch:
             steady = drain(round(options.steady_rate * options.steady_seconds), Path(scratch),
