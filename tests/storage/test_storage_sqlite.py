@@ -20,7 +20,6 @@ from engine.errors import StorageError, UnstorableEventError, UnstorableValueErr
 from engine.storage import Storage, StoreResult, open_storage, records
 from engine.storage.sqlite import crm as sqlite_crm
 from engine.storage.sqlite import schema as sqlite_schema
-from engine.storage.sqlite.checkpoint import Checkpointer
 from engine.storage.sqlite.groupcommit import GroupCommitWriter, OneStatement
 from engine.storage.sqlite.rows import insert_rows
 from engine.storage.sqlite.schema import LATEST, MIGRATIONS
@@ -78,57 +77,6 @@ async def test_writer_is_wal_with_synchronous_full(storage: SQLiteStorage) -> No
     assert await storage.durability() == {"sqlite_synchronous": 2, "sqlite_wal": 1}  # FULL
     with sqlite3.connect(storage.path) as other:  # WAL is a property of the file
         assert other.execute("PRAGMA journal_mode").fetchone() == ("wal",)
-
-
-async def test_the_wal_is_checkpointed_beside_the_writer_not_in_its_commits(
-        storage: SQLiteStorage, tmp_path: Path) -> None:
-    """No commit runs a checkpoint (the writer's autocheckpoint is off); the checkpointer's
-    thread moves what was committed into the database file itself."""
-    database = storage.database
-    assert await database.write(
-        lambda c: c.execute("PRAGMA wal_autocheckpoint").fetchone()[0], "read") == 0
-    stored = await asyncio.gather(*(storage.inbox.store(event(n)) for n in range(50)))
-    assert len(stored) == 50
-    alone = tmp_path / "alone.db"
-    in_file = None
-    for _ in range(100):  # it checkpoints once a second at most
-        await asyncio.sleep(0.1)
-        # The database file alone, without its WAL: does it hold the events yet?
-        alone.write_bytes(Path(storage.path).read_bytes())
-        try:
-            with sqlite3.connect(alone) as copy:
-                in_file = copy.execute("SELECT COUNT(*) FROM inbox").fetchone()[0]
-        except sqlite3.Error:  # not checkpointed yet (no table), or copied mid-checkpoint
-            continue
-        if in_file == 50:
-            break
-    assert in_file == 50
-
-
-def test_a_failed_checkpoint_is_logged_and_tried_again(
-        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    path = tmp_path / "file.db"
-    with sqlite3.connect(path) as setup:
-        setup.execute("PRAGMA journal_mode = WAL")
-        setup.execute("CREATE TABLE t (x)")
-    attempts: list[int] = []
-
-    def connect() -> sqlite3.Connection:
-        attempts.append(1)
-        if len(attempts) == 1:
-            raise sqlite3.OperationalError("disk I/O error")
-        return sqlite3.connect(path)
-
-    checkpointer = Checkpointer(connect, interval=0.01)
-    checkpointer.nudge()
-    for _ in range(200):
-        if checkpointer.rounds:
-            break
-        threading.Event().wait(0.01)
-    checkpointer.nudge()
-    checkpointer.close()
-    assert checkpointer.rounds >= 2 and len(attempts) == 2
-    assert "could not checkpoint the WAL" in caplog.text
 
 
 def _count_commits(monkeypatch: pytest.MonkeyPatch) -> list[str]:

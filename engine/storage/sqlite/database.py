@@ -18,7 +18,6 @@ from typing import TypeVar
 from engine.errors import StorageError, UnstorableValueError
 from engine.storage import values
 from engine.storage.protocols import Clock
-from engine.storage.sqlite.checkpoint import Checkpointer
 from engine.storage.sqlite.groupcommit import GroupCommitWriter, storage_error
 from engine.storage.sqlite.opening import check_path, connect
 from engine.storage.sqlite.rows import ts
@@ -40,8 +39,7 @@ def unstorable(error: Exception, doing: str) -> UnstorableValueError:
 
 class SQLiteDatabase:
     """Reads run on a small thread pool with their own connections, which WAL lets proceed
-    while the writer commits; writes go through one `GroupCommitWriter`; a `Checkpointer`
-    moves the WAL into the file beside them. Other processes on
+    while the writer commits; writes go through one `GroupCommitWriter`. Other processes on
     the same file take turns on SQLite's write lock, waiting up to `busy_timeout`."""
 
     def __init__(
@@ -59,8 +57,7 @@ class SQLiteDatabase:
         self._lock = threading.Lock()
         self.closed = False
         self._readers = ThreadPoolExecutor(max_workers=4, thread_name_prefix="linkcrm-sqlite-read")
-        self.checkpointer = Checkpointer(self._connect)
-        self.writer = GroupCommitWriter(self._connect_writer, self.checkpointer.nudge)
+        self.writer = GroupCommitWriter(self._connect_writer)
 
     def now(self) -> str:
         """The clock's reading as stored (ISO 8601 UTC text)."""
@@ -109,7 +106,6 @@ class SQLiteDatabase:
         """Run the queued writes, then close every connection (blocking; idempotent)."""
         self.closed = True
         self.writer.close()
-        self.checkpointer.close()
         self._readers.shutdown(wait=True)
         with self._lock:
             for connection in self._reader_connections:
@@ -135,8 +131,6 @@ class SQLiteDatabase:
         # the writer's system calls). It only ever serves rolling a statement back, never
         # recovery, so memory holds it; the WAL and its fsync are as they were.
         connection.execute("PRAGMA temp_store = MEMORY")
-        # The checkpointer's thread moves the WAL into the file; no commit waits for it.
-        connection.execute("PRAGMA wal_autocheckpoint = 0")
         try:
             mode = self._switch_to_wal(connection)
         except BaseException:

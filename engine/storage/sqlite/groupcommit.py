@@ -90,10 +90,8 @@ class GroupCommitWriter:
     call. At thousands of requests a second, per-caller wake-ups would cost more than SQLite.
     """
 
-    def __init__(self, connect: Callable[[], sqlite3.Connection],
-                 after_batch: Callable[[], None] | None = None) -> None:
+    def __init__(self, connect: Callable[[], sqlite3.Connection]) -> None:
         self._connect = connect
-        self._after_batch = after_batch  # called on the writer thread after each batch
         self._queue: queue.SimpleQueue[list[_Job] | None] = queue.SimpleQueue()
         # Jobs submitted during the current iteration of each event loop, not yet handed over.
         self._staged: dict[asyncio.AbstractEventLoop, list[_Job]] = {}
@@ -187,8 +185,6 @@ class GroupCommitWriter:
                 self._settle(live, [(None, StorageError("the storage writer failed"))] * len(live))
                 raise
             self._settle(live, outcomes)
-            if self._after_batch is not None:
-                self._after_batch()
         if self._connection is not None:
             self._connection.close()
             self._connection = None
