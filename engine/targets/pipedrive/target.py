@@ -487,10 +487,11 @@ def by_person(identities: Sequence[tuple[IdentityKey, ...]]) -> list[int]:
     return [index for group in groups.values() for index in group]
 
 
-def _unused_after(last: dict[IdentityKey, int], index: int, keys: frozenset[IdentityKey]
+def _unused_after(last: dict[IdentityKey, int], turn: int, keys: frozenset[IdentityKey]
                   ) -> bool:
-    """No item of the batch after `index` has any of `keys` (`last`: each key's last item)."""
-    return all(last.get(key, -1) <= index for key in keys)
+    """No item the batch takes after its `turn` (its place in `by_person` order) has any of
+    `keys` (`last`: each key's last turn)."""
+    return all(last.get(key, -1) <= turn for key in keys)
 
 
 def _said(pending: PendingPeople | None, record_id: str,
