@@ -13,6 +13,7 @@ import click
 from engine.errors import ConfigError, StorageError
 from engine.rules.files import load_ruleset
 from engine.rules.model import RuleSet
+from engine.runtime.gil import share_the_gil_promptly
 from engine.runtime.logs import configure_logging
 from engine.runtime.metrics import Metrics
 from engine.runtime.settings import Settings
@@ -183,6 +184,7 @@ def worker(concurrency: int | None) -> None:
     location = rules_folder(settings)
     _check_targets()
     configure_logging(settings.log_level)
+    share_the_gil_promptly()  # the SQLite writer thread hands commits back without waiting
     try:
         asyncio.run(_work(settings, location, concurrency))
     except StorageError as error:
