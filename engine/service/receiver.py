@@ -40,6 +40,7 @@ from engine.service.intake import (
 from engine.service.refusals import refuse
 from engine.signing import verify_signature
 from engine.storage import Clock, NewEvent, Storage, utc_now
+from engine.storage.records import DEDUPE_PREFIX_CHARACTERS
 
 log = logging.getLogger(__name__)
 
@@ -116,6 +117,8 @@ class Receiver:
             event_type=event_type,
             event_timestamp=envelope["timestamp"],
             dedupe_key=hashlib.sha256(body).hexdigest(),
+            # Fixed by the signed body, as the key is: keys of one moment are stored together.
+            dedupe_prefix=envelope["timestamp"][:DEDUPE_PREFIX_CHARACTERS],
             received_at=self.clock(),
             source="tolinku",
             headers=head.kept,

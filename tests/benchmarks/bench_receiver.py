@@ -38,6 +38,7 @@ import sys
 import tempfile
 import time
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from tests.benchmarks.drain import drain
@@ -140,13 +141,16 @@ def cpu_seconds(pid: int) -> float:
 
 
 def bodies(count: int) -> list[tuple[str, bytes]]:
-    """Distinct signed ~600-byte install events (a counter inside the JSON)."""
+    """Distinct signed ~600-byte install events (a counter inside the JSON), signed one
+    millisecond apart as a sender's events are: in the order they happened."""
     from engine.signing import sign
 
     made = []
+    start = datetime(2026, 3, 1, 12, 30, tzinfo=UTC)
     for n in range(count):
+        stamp = (start + timedelta(milliseconds=n)).isoformat(timespec="milliseconds")
         document = {
-            "event": "install.tracked", "timestamp": "2026-03-01T12:30:00Z",
+            "event": "install.tracked", "timestamp": stamp.replace("+00:00", "Z"),
             "data": {"token": f"tok_{n:09d}", "prefix": "spring-invite",
                      "campaign": "spring-referrals-2026", "platform": "iOS",
                      "referrer_token": f"ref_{n:09d}", "hostname": "go.example.com",

@@ -382,9 +382,9 @@ def _requeue(connection: sqlite3.Connection, event_id: int, now: str,
 
 # -- storing: many events, one statement ------------------------------------------------------
 
-_ROW = "(?, ?, ?, ?, ?, ?, ?, 'received', 0, ?)"
+_ROW = "(?, ?, ?, ?, ?, ?, ?, ?, 'received', 0, ?)"
 
-# SQLite allows 32766 parameters per statement; 8 per row.
+# SQLite allows 32766 parameters per statement; 9 per row.
 _MAX_ROWS = 1000
 
 
@@ -392,10 +392,11 @@ _MAX_ROWS = 1000
 def _insert(count: int) -> str:
     """One INSERT for `count` rows: the text holds placeholders only, never data."""
     return (
-        "INSERT INTO inbox (dedupe_key, source, event_type, event_timestamp, received_at,"
-        " headers, body, status, attempts, updated_at) VALUES "
+        "INSERT INTO inbox (dedupe_prefix, dedupe_key, source, event_type, event_timestamp,"
+        " received_at, headers, body, status, attempts, updated_at) VALUES "
         + ", ".join([_ROW] * count)
-        + " ON CONFLICT (dedupe_key) DO NOTHING"
+        + " ON CONFLICT (dedupe_prefix, dedupe_key) DO NOTHING"
+        " RETURNING id, dedupe_prefix, dedupe_key"
     )
 
 
@@ -429,38 +430,36 @@ def _headers_json(headers: tuple[tuple[str, str], ...]) -> str:
 def _store_chunk(
     connection: sqlite3.Connection, events: Sequence[records.NewEvent]
 ) -> list[records.StoreResult]:
-    """Insert rows with one statement; the unique dedupe key decides what is new.
+    """Insert rows with one statement; the unique (prefix, key) decides what is new.
 
     One statement is one step for SQLite and one GIL hand-off for Python, which is what keeps
-    the writer thread from starving the event loop under load. Rows get consecutive ids in
-    VALUES order (the statement holds the write lock), so when every row went in, the ids
-    follow from the last one without another query. Inbox rows are never deleted, so the
-    reads that find duplicates' ids need not share the INSERT's transaction (`STORE`).
+    the writer thread from starving the event loop under load. It returns the rows it inserted:
+    when every row went in, their ids in ascending order are the events' in VALUES order (the
+    statement holds the write lock). A row that conflicts still uses up an id, so ids are not
+    worked out from the last one. Inbox rows are never deleted, so the reads that find
+    duplicates' ids need not share the INSERT's transaction (`STORE`).
     """
     params: list[object] = []
+    keys: list[tuple[str, str]] = []
     for event in events:
         received = ts(event.received_at)
+        key = (values.nul_free(event.dedupe_prefix), event.dedupe_key)
+        keys.append(key)
         # A NUL in these columns becomes U+FFFD, as PostgreSQL text needs; the raw body keeps it.
         params += (
-            event.dedupe_key, values.nul_free(event.source),
+            *key, values.nul_free(event.source),
             values.nul_free(event.event_type), values.nul_free(event.event_timestamp),
             received, _headers_json(tuple(event.headers.items())), event.body, received,
         )
-    cursor = connection.execute(_insert(len(events)), params)
-    inserted, last = cursor.rowcount, cursor.lastrowid or 0
-    if inserted == len(events):
-        first = last - inserted + 1
-        return [records.StoreResult(id=first + i, duplicate=False) for i in range(inserted)]
+    inserted = connection.execute(_insert(len(events)), params).fetchall()
+    if len(inserted) == len(events):
+        return [records.StoreResult(id=event_id, duplicate=False)
+                for event_id in sorted(event_id for event_id, _, _ in inserted)]
     # Some were seen before (a retry, or identical copies within this batch).
-    added: dict[str, int] = {}
-    if inserted > 0:
-        added = dict(connection.execute(
-            "SELECT dedupe_key, id FROM inbox WHERE id > ? AND id <= ?", (last - inserted, last)
-        ).fetchall())
+    added = {(prefix, key): event_id for event_id, prefix, key in inserted}
     results: list[records.StoreResult] = []
-    claimed: set[str] = set()
-    for event in events:
-        key = event.dedupe_key
+    claimed: set[tuple[str, str]] = set()
+    for key in keys:
         if key in added and key not in claimed:
             claimed.add(key)  # the first of identical copies in one batch is the stored one
             results.append(records.StoreResult(id=added[key], duplicate=False))
@@ -468,7 +467,7 @@ def _store_chunk(
         existing = added.get(key)
         if existing is None:
             existing = connection.execute(
-                "SELECT id FROM inbox WHERE dedupe_key = ?", (key,)
+                "SELECT id FROM inbox WHERE dedupe_prefix = ? AND dedupe_key = ?", key
             ).fetchone()[0]
         results.append(records.StoreResult(id=existing, duplicate=True))
     return results

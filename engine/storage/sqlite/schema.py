@@ -6,6 +6,7 @@ import sqlite3
 
 from engine.storage.checks import Migrations, migrations_to_apply
 from engine.storage.ddl import outcome_tables
+from engine.storage.sqlite.dedupe_ddl import INBOX_DEDUPE_PREFIX
 from engine.storage.sqlite.touches_ddl import TOUCHES
 
 # Append new versions; never edit one that has shipped. Types and constraints stay close to
@@ -181,6 +182,9 @@ MIGRATIONS: Migrations = (
     # Touches and attribution at identify (engine.storage.touchrecords). Numbered after the
     # migrations merged before it; renumbering is changing this number (the text is pinned).
     (8, TOUCHES),
+    # Deliveries' dedupe keys stored by arrival rather than at random in their unique index
+    # (engine/storage/sqlite/dedupe_ddl.py): the inbox is rebuilt once.
+    (9, INBOX_DEDUPE_PREFIX),
 )
 
 LATEST = MIGRATIONS[-1][0]
