@@ -275,6 +275,43 @@ async def test_migration_2_counts_the_events_already_stored(url: str) -> None:
         await upgraded.close()
 
 
+async def test_migration_8_gives_stored_events_the_prefix_their_retries_come_with(
+    url: str,
+) -> None:
+    """After the upgrade a retry of a stored webhook (its prefix is its signed timestamp's
+    start) and of a stored identify call (no prefix) are duplicates, and (prefix, key) dedupes
+    across two receivers as the key alone did."""
+    stamp = "2026-03-01T10:00:00.123456789012345678+00:00"  # longer than the prefix
+    with psycopg.connect(url, autocommit=True) as connection:
+        connection.execute("CREATE TABLE schema_version (version INTEGER PRIMARY KEY,"
+                           " applied_at TIMESTAMPTZ NOT NULL DEFAULT now())")
+        for number, statements in postgres_schema.MIGRATIONS:
+            if number < 8:
+                for statement in statements:
+                    connection.execute(statement)
+                connection.execute("INSERT INTO schema_version VALUES (%s, now())", (number,))
+        for key, source in (("key-hook", "tolinku"), ("key-identify", "identify")):
+            connection.execute(
+                "INSERT INTO inbox (dedupe_key, source, event_type, event_timestamp,"
+                " received_at, headers, status, updated_at) VALUES (%s, %s, 'e', %s, now(),"
+                " '{}', 'processed', now())", (key, source, stamp))
+    left, right = await _open(url, 2)
+    try:
+        prefix = stamp[:records.DEDUPE_PREFIX_CHARACTERS]
+        retries = [replace(event(1), dedupe_key="key-hook", event_timestamp=stamp,
+                           dedupe_prefix=prefix),
+                   replace(event(2), dedupe_key="key-identify", source="identify")]
+        results = await asyncio.gather(*(left.inbox.store(e) for e in retries))
+        assert [(r.id, r.duplicate) for r in results] == [(1, True), (2, True)]
+        fresh = replace(event(3), dedupe_prefix=prefix)
+        results = await asyncio.gather(
+            *((left if i % 2 else right).inbox.store(fresh) for i in range(20)))
+        assert sum(not r.duplicate for r in results) == 1
+        assert len({r.id for r in results}) == 1
+    finally:
+        await _close([left, right])
+
+
 async def test_check_writable_fails_while_the_disk_is_full_and_recovers(
     storage: PostgresStorage, url: str
 ) -> None:

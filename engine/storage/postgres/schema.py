@@ -7,6 +7,7 @@ from engine.storage.checks import Migrations, migrations_to_apply
 from engine.storage.ddl import outcome_tables
 from engine.storage.postgres.rows import Conn
 from engine.storage.postgres.touches_ddl import TOUCHES
+from engine.storage.records import DEDUPE_PREFIX_CHARACTERS
 
 # Append new versions; never edit one that has shipped. Tables and columns match the SQLite
 # schema (engine/storage/sqlite/schema.py) except where PostgreSQL has a better type: identity
@@ -201,6 +202,18 @@ MIGRATIONS: Migrations = (
     # Touches and attribution at identify (engine.storage.touchrecords). Numbered after the
     # migrations merged before it; renumbering is changing this number (the text is pinned).
     (7, TOUCHES),
+    # Deliveries' dedupe keys stored by arrival rather than at random in their unique index:
+    # led by a prefix the deduplicated bytes fix (`NewEvent.dedupe_prefix`, a webhook's signed
+    # timestamp), the keys of one moment share leaves, so a batch dirties (and, after each
+    # checkpoint, logs whole) a few index pages instead of one per key. Stored events get the
+    # prefix the receiver gives; (prefix, key) is unique exactly where the key is.
+    (8, (
+        "ALTER TABLE inbox ADD COLUMN dedupe_prefix TEXT NOT NULL DEFAULT ''",
+        "UPDATE inbox SET dedupe_prefix = substr(event_timestamp, 1, "
+        f"{DEDUPE_PREFIX_CHARACTERS}) WHERE source = 'tolinku'",
+        "ALTER TABLE inbox ADD CONSTRAINT inbox_dedupe UNIQUE (dedupe_prefix, dedupe_key)",
+        "ALTER TABLE inbox DROP CONSTRAINT inbox_dedupe_key",
+    )),
 )
 
 LATEST = MIGRATIONS[-1][0]

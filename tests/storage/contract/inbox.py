@@ -40,6 +40,21 @@ class InboxContract:
         assert second.id == first.id
         assert len(await storage.inbox.list_events()) == 1
 
+    async def test_prefixed_keys_dedupe_alike_in_one_batch_and_across_batches(
+        self, storage: Storage
+    ) -> None:
+        """Identical copies in one batch: the first is stored and told so, the rest are its
+        duplicates, whatever prefix leads their key (ids may skip where copies conflicted)."""
+        stamped = replace(event(1), dedupe_prefix="2026-03-01T00:00:00Z\x00\u00e9")
+        first, copy, other = await asyncio.gather(
+            storage.inbox.store(stamped), storage.inbox.store(stamped),
+            storage.inbox.store(event(2)))
+        assert (first.duplicate, copy.duplicate, other.duplicate) == (False, True, False)
+        assert copy.id == first.id != other.id
+        later = await asyncio.gather(storage.inbox.store(event(2)), storage.inbox.store(stamped))
+        assert [(r.id, r.duplicate) for r in later] == [(other.id, True), (first.id, True)]
+        assert len(await storage.inbox.list_events()) == 2
+
     async def test_concurrent_identical_deliveries_store_exactly_one(
         self, storage: Storage
     ) -> None:
