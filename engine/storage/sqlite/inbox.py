@@ -396,7 +396,6 @@ def _insert(count: int) -> str:
         " received_at, headers, body, status, attempts, updated_at) VALUES "
         + ", ".join([_ROW] * count)
         + " ON CONFLICT (dedupe_prefix, dedupe_key) DO NOTHING"
-        " RETURNING id, dedupe_prefix, dedupe_key"
     )
 
 
@@ -433,11 +432,13 @@ def _store_chunk(
     """Insert rows with one statement; the unique (prefix, key) decides what is new.
 
     One statement is one step for SQLite and one GIL hand-off for Python, which is what keeps
-    the writer thread from starving the event loop under load. It returns the rows it inserted:
-    when every row went in, their ids in ascending order are the events' in VALUES order (the
-    statement holds the write lock). A row that conflicts still uses up an id, so ids are not
-    worked out from the last one. Inbox rows are never deleted, so the reads that find
-    duplicates' ids need not share the INSERT's transaction (`STORE`).
+    the writer thread from starving the event loop under load (RETURNING would be one hand-off
+    per row). When every row went in, they got consecutive ids in VALUES order (the statement
+    holds the write lock), so the ids follow from the last one without another query. When
+    some conflicted, each event's row is read by its (prefix, key): a row that conflicts still
+    uses up an id, but the rows this statement inserted are the ones with the highest ids, as
+    AUTOINCREMENT never hands out an id below one it handed out before. Inbox rows are never
+    deleted, so those reads need not share the INSERT's transaction (`STORE`).
     """
     params: list[object] = []
     keys: list[tuple[str, str]] = []
@@ -451,23 +452,37 @@ def _store_chunk(
             values.nul_free(event.event_type), values.nul_free(event.event_timestamp),
             received, _headers_json(tuple(event.headers.items())), event.body, received,
         )
-    inserted = connection.execute(_insert(len(events)), params).fetchall()
-    if len(inserted) == len(events):
-        return [records.StoreResult(id=event_id, duplicate=False)
-                for event_id in sorted(event_id for event_id, _, _ in inserted)]
+    cursor = connection.execute(_insert(len(events)), params)
+    inserted, last = cursor.rowcount, cursor.lastrowid or 0
+    if inserted == len(events):
+        first = last - inserted + 1
+        return [records.StoreResult(id=first + i, duplicate=False) for i in range(inserted)]
     # Some were seen before (a retry, or identical copies within this batch).
-    added = {(prefix, key): event_id for event_id, prefix, key in inserted}
+    ids = _ids_of(connection, sorted(set(keys)))
+    added = set(sorted(ids.values())[len(ids) - inserted:]) if inserted else set()
     results: list[records.StoreResult] = []
     claimed: set[tuple[str, str]] = set()
     for key in keys:
-        if key in added and key not in claimed:
-            claimed.add(key)  # the first of identical copies in one batch is the stored one
-            results.append(records.StoreResult(id=added[key], duplicate=False))
-            continue
-        existing = added.get(key)
-        if existing is None:
-            existing = connection.execute(
-                "SELECT id FROM inbox WHERE dedupe_prefix = ? AND dedupe_key = ?", key
-            ).fetchone()[0]
-        results.append(records.StoreResult(id=existing, duplicate=True))
+        event_id = ids[key]
+        new = event_id in added and key not in claimed
+        claimed.add(key)  # the first of identical copies in one batch is the stored one
+        results.append(records.StoreResult(id=event_id, duplicate=not new))
     return results
+
+
+def _ids_of(connection: sqlite3.Connection,
+            keys: Sequence[tuple[str, str]]) -> dict[tuple[str, str], int]:
+    """The id of each stored (prefix, key), through the unique index."""
+    ids: dict[tuple[str, str], int] = {}
+    for start in range(0, len(keys), _IN_LIST):
+        chunk = keys[start:start + _IN_LIST]
+        # CROSS JOIN: the given pairs first, each looked up in the index (an IN list of row
+        # values would scan the inbox).
+        pairs = ", ".join(["(?, ?)"] * len(chunk))
+        rows = connection.execute(
+            f"SELECT i.dedupe_prefix, i.dedupe_key, i.id FROM (VALUES {pairs}) AS k"
+            " CROSS JOIN inbox AS i"
+            " ON i.dedupe_prefix = k.column1 AND i.dedupe_key = k.column2",
+            [part for key in chunk for part in key])
+        ids.update(((prefix, key), event_id) for prefix, key, event_id in rows)
+    return ids
