@@ -181,6 +181,30 @@ def fsync_ms(directory: Path, count: int = 200) -> float:
     return statistics.median(times) * 1000
 
 
+def disk_stalls(directory: Path, seconds: float = 10.0) -> str:
+    """How this disk syncs writes the size of a group commit (128 KiB, about 20 events) for
+    `seconds`: the durable receiver's p99 can be no better than the slowest of its syncs."""
+    path = directory / "stall-probe"
+    times = []
+    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT, 0o600)
+    block = b"x" * 131072
+    try:
+        deadline = time.perf_counter() + seconds
+        while time.perf_counter() < deadline:
+            started = time.perf_counter()
+            os.pwrite(descriptor, block, (len(times) % 32) * len(block))
+            os.fdatasync(descriptor)
+            times.append(time.perf_counter() - started)
+    finally:
+        os.close(descriptor)
+        path.unlink()
+    times.sort()
+    stalls = sum(t > 0.05 for t in times)
+    p50, p99 = times[len(times) // 2] * 1000, times[len(times) * 99 // 100] * 1000
+    return (f"this disk, {len(times)} syncs of 128 KiB writes in {seconds:.0f} s: p50 "
+            f"{p50:.2f} ms, p99 {p99:.2f} ms, max {times[-1] * 1000:.0f} ms, {stalls} over 50 ms")
+
+
 def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
@@ -318,6 +342,7 @@ def main() -> None:
                 server.terminate()
                 server.wait(timeout=30)
         stored = _stored(directory / "bench.db")
+        stalls = disk_stalls(directory)
 
     for name in SERVERS:
         for number, result in enumerate(results[name], 1):
@@ -335,6 +360,7 @@ def main() -> None:
     sent = sum(r.requests for r in results["durable"])
     print(f"durable stored {stored} distinct events (measured rounds sent {sent}, plus the "
           f"warm-up); a body is repeated only when a run outlasts its slice")
+    print(stalls)
     ratio = best["durable"].rate / anchor
     verdict = "met" if ratio >= 0.65 and best["durable"].p99_ms < 15 else "MISSED"
     print(f"durable/bare = {ratio:.0%}  (target >= 65% of bare uvloop + httptools, "
