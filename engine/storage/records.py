@@ -40,7 +40,8 @@ class NewEvent:
     the key in that constraint's index, so that keys arriving together are stored together
     rather than on random pages (engine/storage/sqlite/dedupe_ddl.py): it must be fixed by the
     same bytes as the key, so that two deliveries with one key always have one prefix. The
-    receiver gives a webhook's the first DEDUPE_PREFIX_CHARACTERS of its signed timestamp.
+    receiver gives a webhook the first DEDUPE_PREFIX_CHARACTERS characters of its signed
+    timestamp, and an identify call none (its timestamp is the call's, not the body's).
     """
 
     body: bytes

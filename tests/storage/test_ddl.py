@@ -19,6 +19,7 @@ SHIPPED = {
     ("sqlite", 6): "7ed615151574b8a5d2a136c16b26f9be482e575e36ea78935acdb3be09d78d6a",
     ("sqlite", 7): "6e69d8bf2ef75e15442bbc023186df87290ad6cd0d0949a3392ab4cce3ebf556",
     ("sqlite", 8): "8b27c2d43ac37e0ce158631d270ec34fabd151a321b09826b4ac52172327338d",
+    ("sqlite", 9): "df2bd4dffb9457d014d576027ad170a4777effdce3ce23848ac907e9ee6401bf",
     ("postgresql", 1): "43929706cca8c92f670596aa0c3b4ffdb140e8c463cd8ce803ef9454608e3a49",
     ("postgresql", 2): "bc7fe498f198eb1e2989ea84b3279cd8dc2775b1bcdb9ad48118b8ef1e91bada",
     ("postgresql", 3): "a8e3e3f3692f8da75d225335cde7619042998be6b7ab1ea987110c0bc06d8389",
@@ -26,6 +27,7 @@ SHIPPED = {
     ("postgresql", 5): "11f397635de0dfce7107de90f3c91af998a5eba1fbfe3dc933013887684f17dd",
     ("postgresql", 6): "6e69d8bf2ef75e15442bbc023186df87290ad6cd0d0949a3392ab4cce3ebf556",
     ("postgresql", 7): "7a27d9ae76b24daf12ff4a9362db9678b1f5794330464643d5b4966d0fecb767",
+    ("postgresql", 8): "baa6616a1eb72d2c61c9820e1896025be18c3062eb20fcff30ae838a86ad8254",
 }
 MIGRATIONS = {"sqlite": dict(sqlite_schema.MIGRATIONS),
               "postgresql": dict(postgres_schema.MIGRATIONS)}
