@@ -4,9 +4,9 @@ A dedupe key is a sha256, so every new key used to go to a random leaf of the un
 a group commit of 17 deliveries wrote 17 pages of that index to the WAL (45 pages in all per
 commit at 100,000 stored events), and each checkpoint copied them all back. Led by a prefix
 that the deduplicated bytes fix themselves (`NewEvent.dedupe_prefix`: a webhook's signed
-timestamp), new keys land on the same few pages: 25 pages a commit, checkpoints a third as
-long. Two deliveries of the same bytes have the same prefix, so (prefix, key) is unique exactly
-where the key is.
+timestamp), new keys land on the same few pages: 25 pages a commit, and the slowest 1% of
+commits (those that checkpoint) take 6 ms instead of 18. Two deliveries of the same bytes
+have the same prefix, so (prefix, key) is unique exactly where the key is.
 
 SQLite cannot drop a column's UNIQUE, so the inbox is rebuilt, once, inside the migration's
 transaction: copied aside, dropped and created again, its rows copied back with their ids.
