@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from engine.errors import StorageError
 from engine.storage import records
 from engine.storage.sqlite.schema import LATEST, MIGRATIONS
 from engine.storage.sqlite.store import SQLiteStorage
@@ -106,6 +107,38 @@ async def test_the_rebuilt_inbox_keeps_every_event_its_id_references_and_duplica
         assert (await storage.inbox.stats()).by_status["received"] == 2
     finally:
         await storage.close()
+
+
+async def test_a_disk_that_fills_during_the_rebuild_leaves_the_old_inbox_whole(
+    tmp_path: Path,
+) -> None:
+    """The rebuild is one transaction: when the disk cannot hold the copy, the migration fails
+    with a storage error and the database is still at version 8 with every event in it."""
+    database = tmp_path / "v8.db"
+    _version_8_database(database)
+
+    def no_room_to_grow(connection: sqlite3.Connection) -> None:
+        pages = connection.execute("PRAGMA page_count").fetchone()[0]
+        connection.execute(f"PRAGMA max_page_count = {int(pages)}")
+
+    full = SQLiteStorage(database, clock=FakeClock(), configure=no_room_to_grow)
+    try:
+        with pytest.raises(StorageError, match="full"):
+            await full.migrate()
+    finally:
+        await full.close()
+    with sqlite3.connect(database) as other:
+        assert other.execute("SELECT MAX(version) FROM schema_version").fetchone() == (8,)
+        assert other.execute("SELECT id, dedupe_key FROM inbox ORDER BY id").fetchall() == [
+            (1, "key-hook"), (2, "key-identify"), (3, "key-dead")]
+        assert other.execute("SELECT COUNT(*) FROM sqlite_master"
+                             " WHERE name LIKE '%before_9'").fetchone() == (0,)
+    upgraded = SQLiteStorage(database, clock=FakeClock())
+    try:
+        assert await upgraded.migrate() == LATEST
+        assert len(await upgraded.inbox.list_events()) == 3
+    finally:
+        await upgraded.close()
 
 
 async def test_an_empty_inbox_is_rebuilt_and_numbers_from_one(tmp_path: Path) -> None:
