@@ -17,7 +17,8 @@ pytestmark = pytest.mark.slow
 def test_the_receiver_benchmark_prints_every_figure() -> None:
     done = subprocess.run(
         [sys.executable, "tests/benchmarks/bench_receiver.py", "--seconds", "1", "--rounds", "1",
-         "--bodies", "3000", "--connections", "8", "--drain", "300", "--no-wrk"],
+         "--bodies", "3000", "--connections", "8", "--drain", "300", "--no-wrk",
+         "--disk-seconds", "0.5"],
         cwd=REPO, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     out = done.stdout
@@ -30,6 +31,7 @@ def test_the_receiver_benchmark_prints_every_figure() -> None:
     assert re.search(r"bare Starlette, uvicorn uvloop \+ httptools\s+\d+\s+100%", out), out
     assert re.search(r"errors 0", out) and "errors 1" not in out
     assert re.search(r"durable/bare = \d+%", out), out
+    assert re.search(r"this disk, \d+ syncs of 128 KiB writes in [\d.]+ s: p50 [\d.]+ ms", out), out
     assert re.search(r"end-to-end drain of 300 distinct events .* all applied at [\d,]+ "
                      r"events/s", out), out
     assert "dead 0" in out
