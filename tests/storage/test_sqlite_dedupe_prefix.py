@@ -12,9 +12,10 @@ import pytest
 
 from engine.errors import StorageError
 from engine.storage import records
-from engine.storage.sqlite.schema import LATEST, MIGRATIONS
+from engine.storage.sqlite.schema import LATEST
 from engine.storage.sqlite.store import SQLiteStorage
 from tests.storage.contract import FakeClock, event
+from tests.storage.old_schemas import sqlite_before
 
 LONG_STAMP = "2026-03-01T10:00:00.123456789012345678+00:00"  # longer than the prefix
 THEN = "2026-03-01T10:00:01.000000+00:00"
@@ -29,13 +30,7 @@ def _version_8_database(path: Path) -> None:
     with sqlite3.connect(path, isolation_level=None) as connection:
         connection.execute("PRAGMA foreign_keys = ON")
         connection.execute("BEGIN")
-        connection.execute("CREATE TABLE schema_version (version INTEGER PRIMARY KEY,"
-                           " applied_at TEXT NOT NULL)")
-        for number, statements in MIGRATIONS:
-            if number < 9:
-                for statement in statements:
-                    connection.execute(statement)
-                connection.execute("INSERT INTO schema_version VALUES (?, 'then')", (number,))
+        sqlite_before(connection, 9)
         rows = [("key-hook", "tolinku", LONG_STAMP, "received"),
                 ("key-identify", "identify", THEN, "processed"),
                 # Stored with its NUL as U+FFFD, as every release has stored text.

@@ -21,11 +21,11 @@ from engine.actions import IdentityKey
 from engine.errors import StorageError, UnstorableEventError, UnstorableValueError
 from engine.storage import NewEvent, Storage, StoreResult, checks, open_storage, records
 from engine.storage.postgres import inbox, notify
-from engine.storage.postgres import schema as postgres_schema
 from engine.storage.postgres.notify import channel_name
 from engine.storage.postgres.schema import LATEST, MIGRATIONS
 from engine.storage.postgres.store import PostgresStorage
 from tests.storage.contract import EMAIL, FakeClock, StorageContract, event
+from tests.storage.old_schemas import postgres_before
 from tests.support.postgres import fresh_schema, require_postgres, schema_url
 
 
@@ -252,13 +252,7 @@ async def test_inbox_stats_reads_no_more_rows_for_a_bigger_inbox(
 
 async def test_migration_2_counts_the_events_already_stored(url: str) -> None:
     with psycopg.connect(url, autocommit=True) as connection:
-        connection.execute("CREATE TABLE schema_version (version INTEGER PRIMARY KEY,"
-                           " applied_at TIMESTAMPTZ NOT NULL DEFAULT now())")
-        for number, statements in postgres_schema.MIGRATIONS:
-            if number < 2:
-                for statement in statements:
-                    connection.execute(statement)
-                connection.execute("INSERT INTO schema_version VALUES (%s, now())", (number,))
+        postgres_before(connection, 2)
         for n, status in enumerate(["received"] * 3 + ["dead", "processed", "processed"]):
             connection.execute(
                 "INSERT INTO inbox (dedupe_key, source, event_type, event_timestamp,"
@@ -283,13 +277,7 @@ async def test_migration_8_gives_stored_events_the_prefix_their_retries_come_wit
     across two receivers as the key alone did."""
     stamp = "2026-03-01T10:00:00.123456789012345678+00:00"  # longer than the prefix
     with psycopg.connect(url, autocommit=True) as connection:
-        connection.execute("CREATE TABLE schema_version (version INTEGER PRIMARY KEY,"
-                           " applied_at TIMESTAMPTZ NOT NULL DEFAULT now())")
-        for number, statements in postgres_schema.MIGRATIONS:
-            if number < 8:
-                for statement in statements:
-                    connection.execute(statement)
-                connection.execute("INSERT INTO schema_version VALUES (%s, now())", (number,))
+        postgres_before(connection, 8)
         for key, source in (("key-hook", "tolinku"), ("key-identify", "identify")):
             connection.execute(
                 "INSERT INTO inbox (dedupe_key, source, event_type, event_timestamp,"

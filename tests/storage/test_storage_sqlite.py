@@ -19,12 +19,12 @@ from engine.actions import IdentityKey
 from engine.errors import StorageError, UnstorableEventError, UnstorableValueError
 from engine.storage import Storage, StoreResult, open_storage, records
 from engine.storage.sqlite import crm as sqlite_crm
-from engine.storage.sqlite import schema as sqlite_schema
 from engine.storage.sqlite.groupcommit import GroupCommitWriter, OneStatement
 from engine.storage.sqlite.rows import insert_rows
 from engine.storage.sqlite.schema import LATEST, MIGRATIONS
 from engine.storage.sqlite.store import SQLiteStorage
 from tests.storage.contract import FakeClock, StorageContract, event
+from tests.storage.old_schemas import sqlite_before
 
 
 def _cannot_grow(connection: sqlite3.Connection) -> None:
@@ -324,13 +324,7 @@ async def test_inbox_stats_cost_does_not_grow_with_the_inbox(tmp_path: Path) -> 
 async def test_migration_3_counts_the_events_already_stored(tmp_path: Path) -> None:
     database = tmp_path / "old.db"
     with sqlite3.connect(database, isolation_level=None) as connection:
-        connection.execute("CREATE TABLE schema_version ("
-                           "version INTEGER PRIMARY KEY, applied_at TEXT NOT NULL)")
-        for number, statements in sqlite_schema.MIGRATIONS:
-            if number < 3:
-                for statement in statements:
-                    connection.execute(statement)
-                connection.execute("INSERT INTO schema_version VALUES (?, 'then')", (number,))
+        sqlite_before(connection, 3)
         for n, status in enumerate(["received"] * 3 + ["dead", "processed", "processed"]):
             connection.execute(
                 "INSERT INTO inbox (dedupe_key, source, event_type, event_timestamp,"
@@ -410,12 +404,7 @@ async def test_upgrading_a_version_2_database_keeps_its_backlog_in_order(tmp_pat
     with sqlite3.connect(database, isolation_level=None) as connection:
         connection.execute("PRAGMA journal_mode = WAL")
         connection.execute("BEGIN")
-        connection.execute("CREATE TABLE schema_version (version INTEGER PRIMARY KEY,"
-                           " applied_at TEXT NOT NULL)")
-        for number, statements in MIGRATIONS[:2]:
-            for statement in statements:
-                connection.execute(statement)
-            connection.execute("INSERT INTO schema_version VALUES (?, 'then')", (number,))
+        sqlite_before(connection, 3)
         for n, status in enumerate(["failed", "received", "processed"], start=1):
             connection.execute(
                 "INSERT INTO inbox (dedupe_key, source, event_type, event_timestamp,"

@@ -12,13 +12,14 @@ SQLite cannot drop a column's UNIQUE, so the inbox is rebuilt, once, inside the 
 transaction: copied aside, dropped and created again, its rows copied back with their ids.
 Foreign keys stay on: `defer_foreign_keys` lets the rows that reference an event wait for it
 to be copied back, and the commit fails (undoing everything) unless each finds its event again.
-Indexes and triggers are created again with the text they shipped with; the inbox's
-AUTOINCREMENT counter is carried over, so no id is ever handed out twice.
+Indexes and triggers are created again with the text they shipped with (inbox_ddl.py); the
+inbox's AUTOINCREMENT counter is carried over, so no id is ever handed out twice.
 """
 
 from __future__ import annotations
 
 from engine.storage.records import DEDUPE_PREFIX_CHARACTERS
+from engine.storage.sqlite import inbox_ddl
 
 _COLUMNS = (
     "id, dedupe_key, source, event_type, event_timestamp, received_at, headers, body, status,"
@@ -72,22 +73,10 @@ INBOX_DEDUPE_PREFIX: tuple[str, ...] = (
     " WHERE name = 'inbox'",
     "DROP TABLE inbox_before_9",
     "DROP TABLE inbox_sequence_before_9",
-    "CREATE INDEX inbox_pending ON inbox (id) WHERE status IN ('received', 'failed')",
-    "CREATE INDEX inbox_status ON inbox (status, id)",
-    "CREATE INDEX inbox_unplanned ON inbox (id)"
-    " WHERE status IN ('received', 'failed') AND ordering_recorded = 0",
-    "CREATE INDEX inbox_due ON inbox (COALESCE(next_attempt_at, received_at), id)"
-    " WHERE status IN ('received', 'failed')",
-    "CREATE INDEX inbox_event_type ON inbox (event_type, id)",
-    """CREATE TRIGGER inbox_counts_insert AFTER INSERT ON inbox BEGIN
-            UPDATE inbox_counts SET n = n + 1 WHERE status = NEW.status;
-        END""",
-    """CREATE TRIGGER inbox_counts_update AFTER UPDATE OF status ON inbox
-        WHEN OLD.status <> NEW.status BEGIN
-            UPDATE inbox_counts SET n = n - 1 WHERE status = OLD.status;
-            UPDATE inbox_counts SET n = n + 1 WHERE status = NEW.status;
-        END""",
-    """CREATE TRIGGER inbox_counts_delete AFTER DELETE ON inbox BEGIN
-            UPDATE inbox_counts SET n = n - 1 WHERE status = OLD.status;
-        END""",
+    inbox_ddl.PENDING_INDEX,
+    inbox_ddl.STATUS_INDEX,
+    inbox_ddl.UNPLANNED_INDEX,
+    inbox_ddl.DUE_INDEX,
+    inbox_ddl.EVENT_TYPE_INDEX,
+    *inbox_ddl.COUNT_TRIGGERS,
 )

@@ -6,6 +6,7 @@ import sqlite3
 
 from engine.storage.checks import Migrations, migrations_to_apply
 from engine.storage.ddl import outcome_tables
+from engine.storage.sqlite import inbox_ddl
 from engine.storage.sqlite.dedupe_ddl import INBOX_DEDUPE_PREFIX
 from engine.storage.sqlite.touches_ddl import TOUCHES
 
@@ -31,8 +32,8 @@ MIGRATIONS: Migrations = (
             last_error TEXT,
             updated_at TEXT NOT NULL
         )""",
-        "CREATE INDEX inbox_pending ON inbox (id) WHERE status IN ('received', 'failed')",
-        "CREATE INDEX inbox_status ON inbox (status, id)",
+        inbox_ddl.PENDING_INDEX,
+        inbox_ddl.STATUS_INDEX,
         "CREATE INDEX inbox_received_at ON inbox (received_at)",
         """CREATE TABLE inbox_ordering_keys (
             event_id INTEGER NOT NULL REFERENCES inbox (id),
@@ -99,17 +100,7 @@ MIGRATIONS: Migrations = (
         )""",
         "INSERT INTO inbox_counts (status) VALUES"
         " ('received'), ('processed'), ('ignored'), ('failed'), ('dead')",
-        """CREATE TRIGGER inbox_counts_insert AFTER INSERT ON inbox BEGIN
-            UPDATE inbox_counts SET n = n + 1 WHERE status = NEW.status;
-        END""",
-        """CREATE TRIGGER inbox_counts_update AFTER UPDATE OF status ON inbox
-        WHEN OLD.status <> NEW.status BEGIN
-            UPDATE inbox_counts SET n = n - 1 WHERE status = OLD.status;
-            UPDATE inbox_counts SET n = n + 1 WHERE status = NEW.status;
-        END""",
-        """CREATE TRIGGER inbox_counts_delete AFTER DELETE ON inbox BEGIN
-            UPDATE inbox_counts SET n = n - 1 WHERE status = OLD.status;
-        END""",
+        *inbox_ddl.COUNT_TRIGGERS,
         "UPDATE inbox_counts SET n = (SELECT COUNT(*) FROM inbox"
         " WHERE inbox.status = inbox_counts.status)",
         """CREATE TABLE write_probe (
@@ -127,10 +118,8 @@ MIGRATIONS: Migrations = (
         " CHECK (ordering_recorded IN (0, 1))",
         "UPDATE inbox SET ordering_recorded = 1 WHERE status IN ('received', 'failed')"
         " AND id IN (SELECT event_id FROM inbox_ordering_keys)",
-        "CREATE INDEX inbox_unplanned ON inbox (id)"
-        " WHERE status IN ('received', 'failed') AND ordering_recorded = 0",
-        "CREATE INDEX inbox_due ON inbox (COALESCE(next_attempt_at, received_at), id)"
-        " WHERE status IN ('received', 'failed')",
+        inbox_ddl.UNPLANNED_INDEX,
+        inbox_ddl.DUE_INDEX,
     )),
     # Published rule sets (`linkcrm rules publish`): their files by name, and a status of
     # which exactly one row is `active` once any is published (the partial unique index);
@@ -177,7 +166,7 @@ MIGRATIONS: Migrations = (
     # index a rare type (one event in 10,000) read half a million rows a page (0.4 s at
     # 1,000,000 events); with it, 50 index entries.
     (7, (
-        "CREATE INDEX inbox_event_type ON inbox (event_type, id)",
+        inbox_ddl.EVENT_TYPE_INDEX,
     )),
     # Touches and attribution at identify (engine.storage.touchrecords). Numbered after the
     # migrations merged before it; renumbering is changing this number (the text is pinned).
