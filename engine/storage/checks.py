@@ -41,6 +41,14 @@ def token_bucket(cost: float, capacity: float, refill_per_second: float) -> None
         raise ValueError("need 0 < cost <= capacity and refill_per_second > 0")
 
 
+MAX_WINDOW_SLOTS = 10_000  # `take_slot` names its rows bucket#0000 to bucket#9999
+
+
+def window_slots(limit: int, window: float) -> None:
+    if not 1 <= limit <= MAX_WINDOW_SLOTS or not window > 0:
+        raise ValueError(f"need 1 <= limit <= {MAX_WINDOW_SLOTS} and window > 0")
+
+
 def identity_keys(keys: Sequence[IdentityKey]) -> None:
     """Keys to look up in the identity map."""
     values.require_identity(keys)

@@ -265,6 +265,14 @@ class RateLimits(Protocol):
         """Take `cost` tokens and return 0, or take nothing and return the seconds to wait
         before asking again. Needs 0 < cost <= capacity and refill_per_second > 0."""
 
+    async def take_slot(self, bucket: str, limit: int, window: float) -> float:
+        """Record one request now and return 0 when fewer than `limit` of the bucket's
+        recorded requests are under `window` seconds old; else record nothing and return the
+        seconds until the oldest of those `limit` is that old. The bucket keeps one row per
+        request of its last `limit` (`bucket#0000`, ...): a rolling window exactly as a CRM
+        counts it, where a token bucket must pace below the limit to stay under it in every
+        window. Needs 1 <= limit <= 10,000 and window > 0."""
+
 
 class LocalCRMStore(Protocol):
     """The embedded CRM's contacts, identities, stage history and deals (`local` target).

@@ -161,3 +161,6 @@ class Scratch:
     async def take_tokens(self, bucket: str, cost: float, capacity: float,
                           refill_per_second: float) -> float:
         return 0.0
+
+    async def take_slot(self, bucket: str, limit: int, window: float) -> float:
+        return 0.0

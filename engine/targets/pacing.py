@@ -1,9 +1,11 @@
 """Pace requests to a CRM's rate limit, shared by every worker through the database.
 
-A `Pacer` takes tokens from a bucket in the shared `RateLimitStore` before each request, so
-N workers together stay under the limit instead of multiplying it. It also learns from the
-CRM's answers: remaining-request headers that reach zero and a 429's Retry-After pause the bucket
-for everyone in this process until the window resets.
+A `Pacer` takes its turn from the shared `RateLimitStore` before each request, so N workers
+together stay under the limit instead of multiplying it: for a CRM limit of N requests in any
+rolling window (`window_pacer`: HubSpot, Pipedrive) a slot of that window, as the CRM counts it;
+for a steady pace (Salesforce's) a token bucket. It also learns from the CRM's answers:
+remaining-request headers that reach zero and a 429's Retry-After pause it for everyone in this
+process until the window resets.
 """
 
 from __future__ import annotations
@@ -21,7 +23,10 @@ JITTER = 0.1  # seconds between a request taking its token and reaching the CRM,
 
 @dataclass
 class Pacer:
-    """`capacity` requests per `window` seconds, as a token bucket named `bucket`."""
+    """`capacity` requests per `window` seconds: with `rolling`, at most that many in any
+    `window` seconds (a log of the last `capacity` requests in the store, each window
+    stretched by `JITTER` for the time a request takes to reach the CRM); else a token bucket
+    named `bucket` that refills `capacity` per `window` (and holds `capacity`)."""
 
     store: RateLimitStore
     bucket: str
@@ -29,6 +34,7 @@ class Pacer:
     window: float
     sleep: Sleep = asyncio.sleep
     clock: Callable[[], float] = time.monotonic
+    rolling: bool = False
     _paused_until: float = field(default=0.0, init=False)
     _first: int = field(default=0, init=False)  # `first` acquires waiting in this process
     _none_first: asyncio.Event = field(default_factory=asyncio.Event, init=False)
@@ -48,8 +54,7 @@ class Pacer:
                 if pause > 0:
                     await self.sleep(pause)
                     continue
-                wait = await self.store.take_tokens(self.bucket, cost, self.capacity,
-                                                    self.capacity / self.window)
+                wait = await self._take(cost)
                 if wait <= 0:
                     return
                 await self.sleep(wait)
@@ -59,32 +64,27 @@ class Pacer:
                 if not self._first:
                     self._none_first.set()
 
+    async def _take(self, cost: float) -> float:
+        if not self.rolling:
+            return await self.store.take_tokens(self.bucket, cost, self.capacity,
+                                                self.capacity / self.window)
+        if cost != 1:
+            raise ValueError("a rolling-window pacer takes one request at a time")
+        return await self.store.take_slot(self.bucket, max(1, int(self.capacity)),
+                                          self.window + JITTER)
+
+    def follow(self, limit: float, window: float) -> None:
+        """The CRM states another limit (HubSpot's rate-limit headers): pace to that."""
+        self.capacity, self.window = limit, window
+
     def pause(self, seconds: float) -> None:
         """Hold every request of this pacer for `seconds` (a 429's Retry-After, an exhausted
         remaining-requests header)."""
         self._paused_until = max(self._paused_until, self.clock() + max(0.0, seconds))
 
 
-def pacer_shape(limit: float, window: float) -> tuple[float, float]:
-    """(capacity, refill window) for a `Pacer` that lets at most `limit` requests through ANY
-    `window` seconds, as a CRM counts them. A bucket of `limit` tokens refilled at `limit` per
-    window lets twice the limit through one window (the full bucket, then a window of refill);
-    the most a bucket lets through a window is capacity + refill * window, so the burst stays
-    small and the refill is what is left below the limit, less a margin for jitter: a request
-    reaches the CRM some time after it took its token (the store's write, the event loop, the
-    network), so two of them may arrive closer together than they were paced. The margin is a
-    tenth of a second's worth of requests (a tenth of the limit for windows under a second),
-    and never under half of one. A limit of 20 per 2 s paces at 9/s, 10 per 2 s at 4.25/s,
-    100 per 10 s at 9.4/s."""
-    burst = max(1.0, float(int(limit) // 20))
-    margin = max(0.5, min(JITTER / window, 0.1) * limit)
-    rate = max(limit - burst - margin, 0.5) / window
-    return burst, burst / rate
-
-
 def window_pacer(store: RateLimitStore, bucket: str, limit: float, window: float,
                  sleep: Sleep = asyncio.sleep, clock: Callable[[], float] = time.monotonic
                  ) -> Pacer:
     """A `Pacer` for a CRM limit of `limit` requests in any rolling `window` seconds."""
-    capacity, refill_window = pacer_shape(limit, window)
-    return Pacer(store, bucket, capacity, refill_window, sleep=sleep, clock=clock)
+    return Pacer(store, bucket, limit, window, sleep=sleep, clock=clock, rolling=True)

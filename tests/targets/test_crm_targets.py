@@ -16,7 +16,6 @@ from engine.targets.base import Target
 from engine.targets.hubspot.target import HubSpotTarget
 from engine.targets.kind import Environ, Finding, NotSetUp, TargetKind
 from engine.targets.local.target import LocalTarget
-from engine.targets.pacing import pacer_shape
 from engine.targets.pipedrive.settings import PipedriveSettings
 from engine.targets.pipedrive.target import PipedriveTarget
 from engine.targets.registry import (
@@ -122,7 +121,7 @@ async def test_the_factories_build_each_adapter_with_its_overrides(
     assert isinstance(pipedrive, PipedriveTarget)
     assert pipedrive._api.base_url == "https://acme.pipedrive.com/api/v2"
     burst = pipedrive._api.burst
-    assert burst is not None and (burst.capacity, burst.window) == pacer_shape(80, 2.0)
+    assert burst is not None and (burst.capacity, burst.window, burst.rolling) == (80, 2.0, True)
 
 
 async def test_start_refuses_an_account_without_the_fields_and_waits_out_an_outage(

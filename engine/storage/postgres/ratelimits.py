@@ -1,8 +1,9 @@
-"""Shared token buckets on PostgreSQL: one upsert under the bucket's row lock."""
+"""Shared token buckets (one upsert under the bucket's row lock) and rolling windows (read,
+decide and stamp under the bucket's advisory lock) on PostgreSQL."""
 
 from __future__ import annotations
 
-from engine.storage import checks
+from engine.storage import checks, windows
 from engine.storage.postgres.database import PostgresPart
 from engine.storage.postgres.rows import NOW
 from engine.storage.protocols import RateLimits
@@ -44,3 +45,32 @@ class PostgresRateLimits(PostgresPart, RateLimits):
         assert row is not None  # an upsert always returns its row
         tokens, granted = float(row[0]), bool(row[1])
         return 0.0 if granted else (cost - tokens) / refill_per_second
+
+    async def take_slot(self, bucket: str, limit: int, window: float) -> float:
+        checks.window_slots(limit, window)
+        low, high = windows.slot_range(bucket)
+        async with self._db.connection("take a rate-limit slot") as connection, \
+                connection.transaction():
+            await connection.execute("SET LOCAL synchronous_commit = off")
+            # One taker of this bucket at a time on every machine. The time is read once the
+            # lock is held (clock_timestamp, not the transaction's start): a request that
+            # waited for the lock goes later than its transaction began.
+            cursor = await connection.execute(
+                "SELECT COALESCE(%(now)s::timestamptz, clock_timestamp())"
+                " FROM pg_advisory_xact_lock(hashtextextended(%(bucket)s, 0))",
+                {"bucket": bucket, "now": self._db.now()})
+            row = await cursor.fetchone()
+            assert row is not None
+            now = row[0]
+            cursor = await connection.execute(
+                "SELECT bucket, updated_at FROM rate_buckets"
+                " WHERE bucket >= %(low)s AND bucket < %(high)s", {"low": low, "high": high})
+            rows = [(str(name), at) for name, at in await cursor.fetchall()]
+            wait, stamp = windows.decide(bucket, rows, limit, window, now)
+            if stamp is not None:
+                await connection.execute(
+                    "INSERT INTO rate_buckets (bucket, tokens, granted, updated_at)"
+                    " VALUES (%(stamp)s, 0, true, %(at)s)"
+                    " ON CONFLICT (bucket) DO UPDATE SET updated_at = excluded.updated_at",
+                    {"stamp": stamp, "at": now})
+        return wait

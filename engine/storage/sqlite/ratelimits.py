@@ -1,10 +1,11 @@
-"""Shared token buckets on SQLite: read, refill, take and write in one writer job."""
+"""Shared token buckets and rolling windows on SQLite: read, decide and write in one writer
+job."""
 
 from __future__ import annotations
 
 import sqlite3
 
-from engine.storage import checks
+from engine.storage import checks, windows
 from engine.storage.protocols import RateLimits
 from engine.storage.sqlite.database import SQLitePart
 from engine.storage.sqlite.rows import parse_ts, ts
@@ -42,3 +43,22 @@ class SQLiteRateLimits(SQLitePart, RateLimits):
             return wait
 
         return await self._db.write(run, "take rate-limit tokens")
+
+    async def take_slot(self, bucket: str, limit: int, window: float) -> float:
+        checks.window_slots(limit, window)
+        now = self._db.clock()
+        low, high = windows.slot_range(bucket)
+
+        def run(connection: sqlite3.Connection) -> float:
+            rows = [(name, parse_ts(at)) for name, at in connection.execute(
+                "SELECT bucket, updated_at FROM rate_buckets WHERE bucket >= ? AND bucket < ?",
+                (low, high))]
+            wait, stamp = windows.decide(bucket, rows, limit, window, now)
+            if stamp is not None:
+                connection.execute(
+                    "INSERT INTO rate_buckets (bucket, tokens, updated_at) VALUES (?, 0, ?)"
+                    " ON CONFLICT (bucket) DO UPDATE SET updated_at = excluded.updated_at",
+                    (stamp, ts(now)))
+            return wait
+
+        return await self._db.write(run, "take a rate-limit slot")

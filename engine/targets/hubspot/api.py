@@ -20,7 +20,7 @@ import httpx
 
 from engine.errors import CRMError, PermanentCRMError
 from engine.targets.http import body_of, path_segment, raise_for_status, retry_after
-from engine.targets.pacing import Pacer, pacer_shape
+from engine.targets.pacing import Pacer
 from engine.targets.session import HeaderAuth, Lane, Session, Throttled
 
 CRM = "hubspot"
@@ -231,7 +231,7 @@ class HubSpotAPI(Session):
             return
         window = interval / 1000 if interval else self.window_seconds
         if self.pacer is not None and (int(limit) != self.limit or window != self.window_seconds):
-            self.pacer.capacity, self.pacer.window = pacer_shape(limit, window)
+            self.pacer.follow(limit, window)
         self.limit, self.window_seconds = int(limit), window
         remaining = _number(headers.get("x-hubspot-ratelimit-remaining"))
         if remaining is not None and remaining <= 0 and self.pacer is not None:

@@ -25,3 +25,40 @@ class RateLimitsContract:
         for cost, capacity, refill in ((0, 2, 1.0), (3, 2, 1.0), (1, 2, 0.0), (1, 2, -1.0)):
             with pytest.raises(ValueError, match="0 < cost <= capacity"):
                 await storage.rate_limits.take_tokens("hubspot", cost, capacity, refill)
+
+    async def test_a_rolling_window_lets_limit_requests_through_any_window(
+        self, storage: Storage, clock: FakeClock
+    ) -> None:
+        limits = storage.rate_limits
+        for _ in range(3):
+            assert await limits.take_slot("pipedrive:search", 3, 2.0) == 0
+            clock.advance(0.5)
+        # Three went at 0, 0.5 and 1.0 s; it is 1.5 s: the next may go when the first is 2 s
+        # old, and asking again records nothing.
+        assert await limits.take_slot("pipedrive:search", 3, 2.0) == pytest.approx(0.5)
+        assert await limits.take_slot("pipedrive:search", 3, 2.0) == pytest.approx(0.5)
+        assert await limits.take_slot("pipedrive:burst", 3, 2.0) == 0  # a bucket of its own
+        clock.advance(0.5)
+        assert await limits.take_slot("pipedrive:search", 3, 2.0) == 0  # stamps the oldest
+        assert await limits.take_slot("pipedrive:search", 3, 2.0) == pytest.approx(0.5)
+        clock.advance(0.5)
+        assert await limits.take_slot("pipedrive:search", 3, 2.0) == 0
+
+    async def test_a_rolling_window_follows_a_limit_that_changes(
+        self, storage: Storage, clock: FakeClock
+    ) -> None:
+        """HubSpot states another limit in its headers: the rows of a larger limit stay, and
+        the newest `limit` of them count."""
+        limits = storage.rate_limits
+        for _ in range(4):
+            assert await limits.take_slot("hubspot", 4, 10.0) == 0
+            clock.advance(1)
+        assert await limits.take_slot("hubspot", 2, 10.0) == pytest.approx(8.0)  # at 2 s
+        assert await limits.take_slot("hubspot", 6, 10.0) == 0
+        assert await limits.take_slot("hubspot", 6, 10.0) == 0
+        assert await limits.take_slot("hubspot", 6, 10.0) == pytest.approx(6.0)
+
+    async def test_a_rolling_window_that_cannot_grant_is_refused(self, storage: Storage) -> None:
+        for limit, window in ((0, 1.0), (10_001, 1.0), (1, 0.0), (1, -1.0)):
+            with pytest.raises(ValueError, match="1 <= limit <= 10000 and window > 0"):
+                await storage.rate_limits.take_slot("hubspot", limit, window)

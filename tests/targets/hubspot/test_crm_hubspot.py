@@ -18,7 +18,7 @@ from engine.targets.base import CallContext
 from engine.targets.hubspot.admin import doctor, provision
 from engine.targets.hubspot.api import HubSpotAPI, existing_id, hubspot_message
 from engine.targets.hubspot.target import HubSpotTarget
-from engine.targets.pacing import Pacer, pacer_shape
+from engine.targets.pacing import Pacer, window_pacer
 from tests.emulators.hubspot import create_hubspot_emulator, too_many
 from tests.emulators.hubspot_state import HubSpotState
 from tests.support.identity_maps import Recording
@@ -461,11 +461,11 @@ async def test_rate_limit_headers_reshape_the_pacer(storage: Storage) -> None:
     script = Script(httpx.Response(200, json={}, headers={
         "X-HubSpot-RateLimit-Max": "190", "X-HubSpot-RateLimit-Remaining": "180",
         "X-HubSpot-RateLimit-Interval-Milliseconds": "10000"}))
-    pacer = Pacer(storage.rate_limits, "hs-test", *pacer_shape(100, 10.0))
+    pacer = window_pacer(storage.rate_limits, "hs-test", 100, 10.0)
     async with httpx.AsyncClient(transport=httpx.MockTransport(script)) as client:
         api = HubSpotAPI(client, TOKEN, base_url=BASE, pacer=pacer)
         await api.call("GET", "/x")
-    assert (pacer.capacity, pacer.window) == pacer_shape(190, 10.0)
+    assert (pacer.capacity, pacer.window, pacer.rolling) == (190, 10.0, True)
     assert api.limit == 190
 
 

@@ -51,6 +51,9 @@ class Buckets:
                           refill_per_second: float) -> float:
         return 0.0
 
+    async def take_slot(self, bucket: str, limit: int, window: float) -> float:
+        return 0.0
+
 
 class Identities:
     def __init__(self) -> None:
