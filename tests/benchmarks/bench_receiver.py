@@ -291,7 +291,8 @@ def main() -> None:
                         help="then the end-to-end drain of N events through `linkcrm serve` "
                              "(receiver and worker, local CRM); 0 skips it")
     parser.add_argument("--disk-seconds", type=float, default=10.0,
-                        help="then how this disk syncs group-commit-sized writes, for so long")
+                        help="then how this disk syncs group-commit-sized writes, for so long "
+                             "(0 skips it)")
     options = parser.parse_args()
     use_wrk = shutil.which("wrk") is not None and not options.no_wrk
 
@@ -345,7 +346,7 @@ def main() -> None:
                 server.terminate()
                 server.wait(timeout=30)
         stored = _stored(directory / "bench.db")
-        stalls = disk_stalls(directory, options.disk_seconds)
+        stalls = disk_stalls(directory, options.disk_seconds) if options.disk_seconds > 0 else ""
 
     for name in SERVERS:
         for number, result in enumerate(results[name], 1):
@@ -363,14 +364,16 @@ def main() -> None:
     sent = sum(r.requests for r in results["durable"])
     print(f"durable stored {stored} distinct events (measured rounds sent {sent}, plus the "
           f"warm-up); a body is repeated only when a run outlasts its slice")
-    print(stalls)
+    if stalls:
+        print(stalls)
     ratio = best["durable"].rate / anchor
     verdict = "met" if ratio >= 0.65 and best["durable"].p99_ms < 15 else "MISSED"
     print(f"durable/bare = {ratio:.0%}  (target >= 65% of bare uvloop + httptools, "
           f"p99 < 15 ms: {verdict})")
     if options.drain:
         with tempfile.TemporaryDirectory(prefix="linkcrm-drain-") as scratch:
-            drained = drain(options.drain, Path(scratch), connections=options.connections)
+            drained = drain(options.drain, Path(scratch), connections=options.connections,
+                            use_wrk=use_wrk, wrk_threads=options.threads)
         for line in drained.lines(best["durable"].rate):
             print(line)
         share = drained.applied_per_s / anchor
