@@ -41,12 +41,18 @@ def token_bucket(cost: float, capacity: float, refill_per_second: float) -> None
         raise ValueError("need 0 < cost <= capacity and refill_per_second > 0")
 
 
-MAX_WINDOW_SLOTS = 10_000  # `take_slot` names its rows bucket#0000 to bucket#9999
+MAX_WINDOW_SLOTS = 10_000  # `take_slots` names its rows bucket#0000 to bucket#9999
 
 
-def window_slots(limit: int, window: float) -> None:
-    if not 1 <= limit <= MAX_WINDOW_SLOTS or not window > 0:
-        raise ValueError(f"need 1 <= limit <= {MAX_WINDOW_SLOTS} and window > 0")
+def window_slots(windows: Sequence[tuple[str, int, float]]) -> None:
+    """Rolling windows to take one request from: (bucket, limit, window seconds)."""
+    if not windows:
+        raise ValueError("need at least one window")
+    if len({bucket for bucket, _, _ in windows}) != len(windows):
+        raise ValueError("need distinct buckets")
+    for _, limit, window in windows:
+        if not 1 <= limit <= MAX_WINDOW_SLOTS or not window > 0:
+            raise ValueError(f"need 1 <= limit <= {MAX_WINDOW_SLOTS} and window > 0")
 
 
 def identity_keys(keys: Sequence[IdentityKey]) -> None:

@@ -265,13 +265,15 @@ class RateLimits(Protocol):
         """Take `cost` tokens and return 0, or take nothing and return the seconds to wait
         before asking again. Needs 0 < cost <= capacity and refill_per_second > 0."""
 
-    async def take_slot(self, bucket: str, limit: int, window: float) -> float:
-        """Record one request now and return 0 when fewer than `limit` of the bucket's
-        recorded requests are under `window` seconds old; else record nothing and return the
-        seconds until the oldest of those `limit` is that old. The bucket keeps one row per
-        request of its last `limit` (`bucket#0000`, ...): a rolling window exactly as a CRM
-        counts it, where a token bucket must pace below the limit to stay under it in every
-        window. Needs 1 <= limit <= 10,000 and window > 0."""
+    async def take_slots(self, windows: Sequence[tuple[str, int, float]]) -> float:
+        """One request in each rolling window (bucket, limit, window seconds), all or none:
+        record it in every one and return 0 when each has fewer than `limit` of its recorded
+        requests under `window` seconds old; else record nothing and return the seconds until
+        the last of them has room. A bucket keeps one row per request of its last `limit`
+        (`bucket#0000`, ...): a rolling window exactly as a CRM counts it, where a token bucket
+        must pace below the limit to stay under it in every window; taking a request's every
+        limit at once keeps one from aging while the request waits for another. Needs distinct
+        buckets, 1 <= limit <= 10,000 and window > 0."""
 
 
 class LocalCRMStore(Protocol):

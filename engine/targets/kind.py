@@ -162,5 +162,5 @@ class Scratch:
                           refill_per_second: float) -> float:
         return 0.0
 
-    async def take_slot(self, bucket: str, limit: int, window: float) -> float:
+    async def take_slots(self, windows: Sequence[tuple[str, int, float]]) -> float:
         return 0.0

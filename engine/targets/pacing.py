@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
@@ -38,11 +39,17 @@ class Pacer:
     _paused_until: float = field(default=0.0, init=False)
     _first: int = field(default=0, init=False)  # `first` acquires waiting in this process
     _none_first: asyncio.Event = field(default_factory=asyncio.Event, init=False)
+    _sent: deque[float] = field(default_factory=deque, init=False)  # this process's, rolling
 
-    async def acquire(self, cost: float = 1.0, *, first: bool = False) -> None:
+    async def acquire(self, cost: float = 1.0, *, first: bool = False,
+                      along: Pacer | None = None) -> None:
         """Wait until `cost` requests may be sent, then take them. `first`: before every
         other request of this process that is waiting too (one that waited for a limit of its
-        own already, so that stricter limit is never left idle for the others)."""
+        own already, so that stricter limit is never left idle for the others). `along`:
+        another rolling window the request counts against, taken with this one, all or none
+        (so neither ages while the request waits for the other)."""
+        if along is not None and not (self.rolling and along.rolling):
+            raise ValueError("only rolling-window pacers take a request together")
         if first:
             self._first += 1
             self._none_first.clear()
@@ -50,12 +57,16 @@ class Pacer:
             while True:
                 while not first and self._first:
                     await self._none_first.wait()
-                pause = self._paused_until - self.clock()
+                pause = max(self._paused_until, along._paused_until if along else 0.0) \
+                    - self.clock()
                 if pause > 0:
                     await self.sleep(pause)
                     continue
-                wait = await self._take(cost)
+                wait = await self._take(cost, along)
                 if wait <= 0:
+                    for pacer in (self, along):
+                        if pacer is not None and pacer.rolling:
+                            pacer._sent.append(pacer.clock())
                     return
                 await self.sleep(wait)
         finally:
@@ -64,18 +75,32 @@ class Pacer:
                 if not self._first:
                     self._none_first.set()
 
-    async def _take(self, cost: float) -> float:
+    async def _take(self, cost: float, along: Pacer | None) -> float:
         if not self.rolling:
             return await self.store.take_tokens(self.bucket, cost, self.capacity,
                                                 self.capacity / self.window)
         if cost != 1:
             raise ValueError("a rolling-window pacer takes one request at a time")
-        return await self.store.take_slot(self.bucket, max(1, int(self.capacity)),
-                                          self.window + JITTER)
+        return await self.store.take_slots(
+            [pacer._slots() for pacer in (self, along) if pacer is not None])
+
+    def _slots(self) -> tuple[str, int, float]:
+        return self.bucket, max(1, int(self.capacity)), self.window + JITTER
 
     def follow(self, limit: float, window: float) -> None:
         """The CRM states another limit (HubSpot's rate-limit headers): pace to that."""
         self.capacity, self.window = limit, window
+
+    def filled_here(self) -> bool:
+        """Whether this process's own requests fill the rolling window: a CRM that then says
+        none remain says what this pacer knows, and holds the next request back until the
+        oldest ages out anyway, to the moment (the CRM's reset is in whole seconds)."""
+        if not self.rolling:
+            return False
+        since = self.clock() - self.window - JITTER
+        while self._sent and self._sent[0] <= since:
+            self._sent.popleft()
+        return len(self._sent) >= self.capacity
 
     def pause(self, seconds: float) -> None:
         """Hold every request of this pacer for `seconds` (a 429's Retry-After, an exhausted

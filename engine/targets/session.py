@@ -43,10 +43,11 @@ class HeaderAuth(httpx.Auth):
 class Lane:
     """The limits one kind of request counts against: `pacer`, its own (the one a "slow down"
     answer pauses), then `shared`, one every request of the CRM counts against too
-    (Pipedrive's burst limit, for its searches). The shared token is taken last, just before
-    the request goes: taken first, it would age while the request waits for its own lane, and
-    the CRM would see that request arrive closer to the next ones than they were paced; and it
-    is taken before any request of the shared limit alone, so the stricter limit is never left
+    (Pipedrive's burst limit, for its searches). Rolling windows (`window_pacer`) are taken
+    together, all or none; otherwise the shared token is taken last, just before the request
+    goes. Either way neither ages while the request waits for the other (the CRM would see the
+    request arrive closer to the next ones than they were paced), and the shared limit is
+    taken before any request of the shared limit alone, so the stricter limit is never left
     idle while those use up the shared one (Pipedrive's searches before its writes). `name`
     lets a session tell lanes apart (HubSpot's search answers carry no rate-limit headers to
     learn from)."""
@@ -56,6 +57,10 @@ class Lane:
     name: str = "default"
 
     async def acquire(self) -> None:
+        if self.pacer is not None and self.shared is not None \
+                and self.pacer.rolling and self.shared.rolling:
+            await self.shared.acquire(first=True, along=self.pacer)  # both at once
+            return
         if self.pacer is not None:
             await self.pacer.acquire()
         if self.shared is not None:

@@ -9,9 +9,10 @@ from typing import cast
 
 import pytest
 
-from engine.storage import windows
+from engine.storage import rolling
 from engine.targets.base import RateLimitStore
 from engine.targets.pacing import JITTER, Pacer, window_pacer
+from engine.targets.session import Lane
 
 EPOCH = datetime(2026, 3, 1, tzinfo=UTC)
 
@@ -24,10 +25,12 @@ class _Window:
         self.now = 0.0
         self.rows: dict[str, datetime] = {}
 
-    async def take_slot(self, bucket: str, limit: int, window: float) -> float:
+    async def take_slots(self, windows: list[tuple[str, int, float]]) -> float:
         now = EPOCH + timedelta(seconds=self.now)
-        wait, stamp = windows.decide(bucket, list(self.rows.items()), limit, window, now)
-        if stamp is not None:
+        found = [[(name, at) for name, at in self.rows.items()
+                  if name.startswith(bucket + "#")] for bucket, _, _ in windows]
+        wait, stamps = rolling.decide_all(windows, found, now)
+        for stamp in stamps:
             self.rows[stamp] = now
         return wait
 
@@ -97,3 +100,30 @@ async def test_a_first_request_takes_the_next_token_before_plain_ones_waiting_lo
         await asyncio.sleep(0.05)
     await asyncio.gather(search, *plain)
     assert order[0] == "search" and sorted(order[1:]) == ["write 0", "write 1", "write 2"]
+
+
+@pytest.mark.anyio
+async def test_a_lane_of_two_rolling_windows_takes_both_at_once() -> None:
+    """A Pipedrive search counts against the Search API limit and the burst limit: the lane
+    takes its slot in both in one store call, so neither ages while it waits for the other,
+    and each pacer knows its window is full of this process's requests."""
+    store = _Window()
+    taken: list[list[str]] = []
+    take = store.take_slots
+
+    async def recording(windows: list[tuple[str, int, float]]) -> float:
+        taken.append([bucket for bucket, _, _ in windows])
+        return await take(windows)
+
+    store.take_slots = recording  # type: ignore[method-assign]
+    shared = window_pacer(cast(RateLimitStore, store), "burst", 3, 2.0, store.sleep)
+    search = window_pacer(cast(RateLimitStore, store), "search", 2, 2.0, store.sleep)
+    lane = Lane(search, shared=shared, name="search")
+    await lane.acquire()
+    await Lane(shared).acquire()
+    await lane.acquire()
+    assert taken == [["burst", "search"], ["burst"], ["burst", "search"]]
+    assert search.filled_here() and shared.filled_here()
+    await lane.acquire()  # waits for the windows to free
+    assert store.now == pytest.approx(2.0 + JITTER)
+    assert taken[-1] == ["burst", "search"]

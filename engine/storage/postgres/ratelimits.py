@@ -3,7 +3,9 @@ decide and stamp under the bucket's advisory lock) on PostgreSQL."""
 
 from __future__ import annotations
 
-from engine.storage import checks, windows
+from collections.abc import Sequence
+
+from engine.storage import checks, rolling
 from engine.storage.postgres.database import PostgresPart
 from engine.storage.postgres.rows import NOW
 from engine.storage.protocols import RateLimits
@@ -46,28 +48,34 @@ class PostgresRateLimits(PostgresPart, RateLimits):
         tokens, granted = float(row[0]), bool(row[1])
         return 0.0 if granted else (cost - tokens) / refill_per_second
 
-    async def take_slot(self, bucket: str, limit: int, window: float) -> float:
-        checks.window_slots(limit, window)
-        low, high = windows.slot_range(bucket)
-        async with self._db.connection("take a rate-limit slot") as connection, \
+    async def take_slots(self, windows: Sequence[tuple[str, int, float]]) -> float:
+        checks.window_slots(windows)
+        async with self._db.connection("take rate-limit slots") as connection, \
                 connection.transaction():
             await connection.execute("SET LOCAL synchronous_commit = off")
-            # One taker of this bucket at a time on every machine. The time is read once the
-            # lock is held (clock_timestamp, not the transaction's start): a request that
-            # waited for the lock goes later than its transaction began.
+            # One taker of these buckets at a time on every machine (locked in one order, so
+            # two takers never wait for each other). The time is read once the locks are held
+            # (clock_timestamp, not the transaction's start): a request that waited for them
+            # goes later than its transaction began.
+            for bucket in sorted(bucket for bucket, _, _ in windows):
+                await connection.execute("SELECT pg_advisory_xact_lock(hashtextextended(%s, 0))",
+                                         (bucket,))
             cursor = await connection.execute(
-                "SELECT COALESCE(%(now)s::timestamptz, clock_timestamp())"
-                " FROM pg_advisory_xact_lock(hashtextextended(%(bucket)s, 0))",
-                {"bucket": bucket, "now": self._db.now()})
+                "SELECT COALESCE(%(now)s::timestamptz, clock_timestamp())",
+                {"now": self._db.now()})
             row = await cursor.fetchone()
             assert row is not None
             now = row[0]
-            cursor = await connection.execute(
-                "SELECT bucket, updated_at FROM rate_buckets"
-                " WHERE bucket >= %(low)s AND bucket < %(high)s", {"low": low, "high": high})
-            rows = [(str(name), at) for name, at in await cursor.fetchall()]
-            wait, stamp = windows.decide(bucket, rows, limit, window, now)
-            if stamp is not None:
+            rows = []
+            for bucket, _, _ in windows:
+                low, high = rolling.slot_range(bucket)
+                cursor = await connection.execute(
+                    "SELECT bucket, updated_at FROM rate_buckets"
+                    " WHERE bucket >= %(low)s AND bucket < %(high)s",
+                    {"low": low, "high": high})
+                rows.append([(str(name), at) for name, at in await cursor.fetchall()])
+            wait, stamps = rolling.decide_all(windows, rows, now)
+            for stamp in stamps:
                 await connection.execute(
                     "INSERT INTO rate_buckets (bucket, tokens, granted, updated_at)"
                     " VALUES (%(stamp)s, 0, true, %(at)s)"

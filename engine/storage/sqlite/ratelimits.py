@@ -4,11 +4,12 @@ job."""
 from __future__ import annotations
 
 import sqlite3
+from collections.abc import Sequence
 
-from engine.storage import checks, windows
+from engine.storage import checks, rolling
 from engine.storage.protocols import RateLimits
 from engine.storage.sqlite.database import SQLitePart
-from engine.storage.sqlite.rows import parse_ts, ts
+from engine.storage.sqlite.rows import insert_rows, parse_ts, ts
 
 
 class SQLiteRateLimits(SQLitePart, RateLimits):
@@ -44,21 +45,18 @@ class SQLiteRateLimits(SQLitePart, RateLimits):
 
         return await self._db.write(run, "take rate-limit tokens")
 
-    async def take_slot(self, bucket: str, limit: int, window: float) -> float:
-        checks.window_slots(limit, window)
+    async def take_slots(self, windows: Sequence[tuple[str, int, float]]) -> float:
+        checks.window_slots(windows)
         now = self._db.clock()
-        low, high = windows.slot_range(bucket)
 
         def run(connection: sqlite3.Connection) -> float:
-            rows = [(name, parse_ts(at)) for name, at in connection.execute(
+            rows = [[(name, parse_ts(at)) for name, at in connection.execute(
                 "SELECT bucket, updated_at FROM rate_buckets WHERE bucket >= ? AND bucket < ?",
-                (low, high))]
-            wait, stamp = windows.decide(bucket, rows, limit, window, now)
-            if stamp is not None:
-                connection.execute(
-                    "INSERT INTO rate_buckets (bucket, tokens, updated_at) VALUES (?, 0, ?)"
-                    " ON CONFLICT (bucket) DO UPDATE SET updated_at = excluded.updated_at",
-                    (stamp, ts(now)))
+                rolling.slot_range(bucket))] for bucket, _, _ in windows]
+            wait, stamps = rolling.decide_all(windows, rows, now)
+            insert_rows(connection, "INSERT INTO rate_buckets (bucket, tokens, updated_at)",
+                        "(?, 0, ?)", [(stamp, ts(now)) for stamp in stamps],
+                        " ON CONFLICT (bucket) DO UPDATE SET updated_at = excluded.updated_at")
             return wait
 
-        return await self._db.write(run, "take a rate-limit slot")
+        return await self._db.write(run, "take rate-limit slots")

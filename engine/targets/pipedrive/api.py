@@ -156,11 +156,13 @@ class PipedriveAPI(Session):
         return _message(body)
 
     def observe(self, response: httpx.Response, lane: Lane) -> None:
-        """A remaining count of zero means the next request in this window earns a 429."""
+        """A remaining count of zero means the next request in this window earns a 429: the
+        pacer holds back until the reset, unless this process's own requests filled the window
+        (its rolling window then frees the next slot at the moment the CRM does)."""
         if lane.pacer is None or response.headers.get("x-ratelimit-remaining") != "0":
             return
         reset = _seconds(response.headers.get("x-ratelimit-reset"))
-        if reset is not None:
+        if reset is not None and not lane.pacer.filled_here():
             lane.pacer.pause(reset)
 
     def throttled(self, response: httpx.Response, lane: Lane) -> Throttled | None:

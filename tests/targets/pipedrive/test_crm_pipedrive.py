@@ -14,7 +14,7 @@ from engine.actions import CreateDeal, IdentityKey, SetStage, UpsertContact
 from engine.config.fieldmap import CoercionError, FieldMap, load_field_map
 from engine.errors import PermanentCRMError, RetryableCRMError
 from engine.targets.base import CallContext
-from engine.targets.pacing import Pacer
+from engine.targets.pacing import Pacer, window_pacer
 from engine.targets.pipedrive.api import PipedriveAPI, PipedriveAuthError
 from engine.targets.pipedrive.claims import Claim, Claims, Slots
 from engine.targets.pipedrive.fields import (
@@ -51,7 +51,7 @@ class Buckets:
                           refill_per_second: float) -> float:
         return 0.0
 
-    async def take_slot(self, bucket: str, limit: int, window: float) -> float:
+    async def take_slots(self, windows: Sequence[tuple[str, int, float]]) -> float:
         return 0.0
 
 
@@ -194,6 +194,27 @@ async def test_a_spent_window_pauses_before_the_next_request() -> None:
     await client.get("/persons/1")
     await client.get("/persons/2")
     assert clock.sleeps == [2.0]
+
+
+@pytest.mark.parametrize(("limit", "sleeps"), [(2, []), (3, [2.0])])
+async def test_a_window_spent_by_someone_else_pauses_one_spent_here_does_not(
+        limit: int, sleeps: list[float]) -> None:
+    """None remaining after this process's own requests filled the rolling window is what its
+    pacer knows already: it frees the next slot to the moment, not a whole-second reset later.
+    None remaining while they did not fill it: another client shares the token; pause."""
+    clock = Clock()
+    burst = window_pacer(Buckets(), "b", limit, 2.0, sleep=clock.sleep, clock=clock)
+    client = PipedriveAPI(
+        httpx.AsyncClient(transport=httpx.MockTransport(lambda r: ok({}, headers={
+            "x-ratelimit-remaining": "0" if r.url.path.endswith("/2") else "1",
+            "x-ratelimit-reset": "2"}))),
+        api_token="secret-token", base_url="https://acme.pipedrive.com", burst=burst,
+        search=window_pacer(Buckets(), "s", 10, 2.0, sleep=clock.sleep, clock=clock),
+        sleep=clock.sleep)
+    await client.get("/persons/1")
+    await client.get("/persons/2")
+    await client.get("/persons/3")
+    assert clock.sleeps == sleeps
 
 
 async def test_401_is_permanent_names_the_setting_and_never_the_token() -> None:

@@ -1,9 +1,9 @@
-"""A rolling window of requests kept as rows, shared by the backends' `take_slot`.
+"""A rolling window of requests kept as rows, shared by the backends' `take_slots`.
 
 A bucket's requests are rows named `bucket#0000`, `bucket#0001`, ... each holding the time
 one request went: at most `limit` of them matter, the most recent. A request may go when fewer
-than `limit` of them are under `window` seconds old; it then stamps the oldest row (or a new
-one, while there are fewer than `limit`).
+than `limit` of them are under `window` seconds old, in each window it counts against; it then
+stamps the oldest row of each (or a new one, while there are fewer than `limit`).
 """
 
 from __future__ import annotations
@@ -16,6 +16,19 @@ def slot_range(bucket: str) -> tuple[str, str]:
     """The bucket's rows are the names from the first (inclusive) to the second (exclusive):
     '$' follows '#'."""
     return f"{bucket}#", f"{bucket}$"
+
+
+def decide_all(windows: Sequence[tuple[str, int, float]],
+               rows: Sequence[Sequence[tuple[str, datetime]]], now: datetime
+               ) -> tuple[float, list[str]]:
+    """(0, the rows to stamp with `now`, one per window) when a request has room in every
+    window, else (the longest wait, [])."""
+    decided = [decide(bucket, found, limit, window, now)
+               for (bucket, limit, window), found in zip(windows, rows, strict=True)]
+    wait = max(wait for wait, _ in decided)
+    if wait > 0:
+        return wait, []
+    return 0.0, [stamp for _, stamp in decided if stamp is not None]
 
 
 def decide(bucket: str, rows: Sequence[tuple[str, datetime]], limit: int, window: float,
