@@ -336,6 +336,24 @@ async def test_rate_limit_bucket_is_shared_by_every_pool(url: str) -> None:
         await _close(storages)
 
 
+async def test_rolling_windows_are_shared_by_every_pool(url: str) -> None:
+    """Pipedrive searches (a search window and the burst window) and writes (the burst window
+    alone) from three pools at once: neither window ever grants more than its limit, and a
+    refused search took nothing from the burst window."""
+    storages = await _open(url, 3)
+    search, burst = ("pd:search", 10, 1000.0), ("pd:burst", 25, 1000.0)
+    try:
+        waits = await asyncio.gather(*(
+            storages[n % 3].rate_limits.take_slots([search, burst] if n % 2 else [burst])
+            for n in range(60)))
+        searches = sum(w == 0 for n, w in enumerate(waits) if n % 2)
+        writes = sum(w == 0 for n, w in enumerate(waits) if not n % 2)
+        assert searches <= 10 and searches + writes == 25
+        assert all(w > 0 for w in waits if w != 0)
+    finally:
+        await _close(storages)
+
+
 async def test_rate_limit_bucket_is_shared_with_another_process(
     storage: PostgresStorage, url: str
 ) -> None:
