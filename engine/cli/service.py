@@ -13,6 +13,7 @@ import click
 from engine.errors import ConfigError, StorageError
 from engine.rules.files import load_ruleset
 from engine.rules.model import RuleSet
+from engine.runtime.collector import collect_cycles_seldom
 from engine.runtime.gil import share_the_gil_promptly
 from engine.runtime.logs import configure_logging
 from engine.runtime.metrics import Metrics
@@ -185,6 +186,7 @@ def worker(concurrency: int | None) -> None:
     _check_targets()
     configure_logging(settings.log_level)
     share_the_gil_promptly()  # the SQLite writer thread hands commits back without waiting
+    collect_cycles_seldom()  # thousands of events in flight make each walk long
     try:
         asyncio.run(_work(settings, location, concurrency))
     except StorageError as error:

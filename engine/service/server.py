@@ -22,6 +22,7 @@ import uvicorn
 import uvloop
 from starlette.routing import BaseRoute
 
+from engine.runtime.collector import collect_cycles_seldom
 from engine.runtime.gil import share_the_gil_promptly
 from engine.runtime.logs import configure_logging
 from engine.runtime.metrics import Metrics
@@ -61,6 +62,7 @@ def run(
     settings.require_webhook_secret()
     configure_logging(settings.log_level)
     share_the_gil_promptly()  # the SQLite writer thread hands commits back without waiting
+    collect_cycles_seldom()  # thousands of events in flight make each walk long
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
         runner.run(_serve(settings, (host, port), sockets, migrate=migrate, workers=workers,
                           pages=pages))

@@ -74,16 +74,26 @@ class Chains:
         self._unqueued: dict[str, Counter[IdentityKey]] = {}
 
     def open(self, target: str, event_id: int, keys: Iterable[IdentityKey] = ()) -> Link:
-        unqueued = self._unqueued.setdefault(target, Counter())
+        unqueued = self._unqueued_on(target)
         link = Link(event_id, frozenset(keys), unqueued)
         unqueued.update(link.keys)
-        self._links.setdefault(target, {})[event_id] = link
+        links = self._links.get(target)
+        if links is None:
+            links = self._links[target] = {}
+        links[event_id] = link
         return link
 
     def coming(self, target: str) -> Callable[[IdentityKey], bool]:
         """Whether calls on an identity are still to come on `target` (for `Batcher`)."""
-        unqueued = self._unqueued.setdefault(target, Counter())
+        unqueued = self._unqueued_on(target)
         return lambda key: unqueued[key] > 0
+
+    def _unqueued_on(self, target: str) -> Counter[IdentityKey]:
+        # Not setdefault(target, Counter()): that builds a Counter on every call (per event).
+        unqueued = self._unqueued.get(target)
+        if unqueued is None:
+            unqueued = self._unqueued[target] = Counter()
+        return unqueued
 
     def close(self, target: str, link: Link) -> None:
         link.settle(queued=False, clean=False)
