@@ -66,7 +66,7 @@ class Pacer:
                 if wait <= 0:
                     for pacer in (self, along):
                         if pacer is not None and pacer.rolling:
-                            pacer._sent.append(pacer.clock())
+                            pacer._note_sent()
                     return
                 await self.sleep(wait)
         finally:
@@ -97,10 +97,17 @@ class Pacer:
         oldest ages out anyway, to the moment (the CRM's reset is in whole seconds)."""
         if not self.rolling:
             return False
+        self._forget_old()
+        return len(self._sent) >= self.capacity
+
+    def _note_sent(self) -> None:
+        self._sent.append(self.clock())
+        self._forget_old()  # kept to one window's worth, whether asked or not
+
+    def _forget_old(self) -> None:
         since = self.clock() - self.window - JITTER
         while self._sent and self._sent[0] <= since:
             self._sent.popleft()
-        return len(self._sent) >= self.capacity
 
     def pause(self, seconds: float) -> None:
         """Hold every request of this pacer for `seconds` (a 429's Retry-After, an exhausted

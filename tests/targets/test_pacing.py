@@ -127,3 +127,15 @@ async def test_a_lane_of_two_rolling_windows_takes_both_at_once() -> None:
     await lane.acquire()  # waits for the windows to free
     assert store.now == pytest.approx(2.0 + JITTER)
     assert taken[-1] == ["burst", "search"]
+
+
+@pytest.mark.anyio
+async def test_a_window_pacer_remembers_one_window_of_its_own_requests() -> None:
+    """What `filled_here` counts is kept to one window, whether anyone asks or not (HubSpot's
+    pacer sends for days without asking)."""
+    store = _Window()
+    pacer = window_pacer(cast(RateLimitStore, store), "crm", 10, 1.0, store.sleep,
+                         clock=lambda: store.now)
+    while store.now < 60:
+        await pacer.acquire()
+    assert len(pacer._sent) <= 10
