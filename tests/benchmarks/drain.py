@@ -131,7 +131,7 @@ def drain(events: int, directory: Path, *, connections: int = 32,
                 _wait_finished(database, events, timeout, server, log, sender)
             finally:
                 sender.terminate()
-                sender.wait()
+                sender.communicate()  # waits, and closes its output
         else:
             requests = [(port, webhook_request(body, port)) for body in bodies]
             load = asyncio.run(drive(requests, connections=connections) if rate is None
