@@ -48,7 +48,7 @@ def test_the_drain_sends_each_event_once_from_wrk(tmp_path: Path) -> None:
     if shutil.which("wrk") is None:
         pytest.fail("wrk is missing: install Debian's with `apt-get install -y wrk` "
                     "(.ci/run does)")
-    result = drain(300, tmp_path, connections=8)
+    result = drain(300, tmp_path, connections=8, timeout=120)
     assert (result.events, result.dead) == (300, 0)
     with sqlite3.connect(tmp_path / "drain.db") as connection:
         stored, distinct = connection.execute(
