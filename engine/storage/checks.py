@@ -50,6 +50,8 @@ def window_slots(windows: Sequence[tuple[str, int, float]]) -> None:
         raise ValueError("need at least one window")
     if len({bucket for bucket, _, _ in windows}) != len(windows):
         raise ValueError("need distinct buckets")
+    if any("#" in bucket for bucket, _, _ in windows):
+        raise ValueError("a bucket name holds no '#' (its rows are named bucket#0000, ...)")
     for _, limit, window in windows:
         if not 1 <= limit <= MAX_WINDOW_SLOTS or not window > 0:
             raise ValueError(f"need 1 <= limit <= {MAX_WINDOW_SLOTS} and window > 0")

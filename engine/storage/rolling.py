@@ -18,6 +18,14 @@ def slot_range(bucket: str) -> tuple[str, str]:
     return f"{bucket}#", f"{bucket}$"
 
 
+def by_window(windows: Sequence[tuple[str, int, float]],
+              rows: Sequence[tuple[str, datetime]]) -> list[list[tuple[str, datetime]]]:
+    """The rows read for several windows at once, split by window (bucket names hold no '#',
+    `checks.window_slots`, so a row's name tells its bucket)."""
+    return [[row for row in rows if row[0].startswith(f"{bucket}#")]
+            for bucket, _, _ in windows]
+
+
 def decide_all(windows: Sequence[tuple[str, int, float]],
                rows: Sequence[Sequence[tuple[str, datetime]]], now: datetime
                ) -> tuple[float, list[str]]:

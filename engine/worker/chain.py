@@ -77,10 +77,7 @@ class Chains:
         unqueued = self._unqueued_on(target)
         link = Link(event_id, frozenset(keys), unqueued)
         unqueued.update(link.keys)
-        links = self._links.get(target)
-        if links is None:
-            links = self._links[target] = {}
-        links[event_id] = link
+        self._links.setdefault(target, {})[event_id] = link
         return link
 
     def coming(self, target: str) -> Callable[[IdentityKey], bool]:

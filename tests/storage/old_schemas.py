@@ -4,6 +4,7 @@ recorded as the migrate command does, for the upgrade tests of each backend."""
 from __future__ import annotations
 
 import sqlite3
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import psycopg
@@ -14,21 +15,22 @@ from engine.storage.sqlite import schema as sqlite_schema
 
 def sqlite_before(connection: sqlite3.Connection, number: int) -> None:
     """SQLite's schema up to (not including) migration `number`."""
-    connection.execute("CREATE TABLE schema_version (version INTEGER PRIMARY KEY,"
-                       " applied_at TEXT NOT NULL)")
-    for version, statements in sqlite_schema.MIGRATIONS:
-        if version < number:
-            for statement in statements:
-                connection.execute(statement)
-            connection.execute("INSERT INTO schema_version VALUES (?, 'then')", (version,))
+    _before(connection.execute, sqlite_schema.MIGRATIONS, number,
+            "applied_at TEXT NOT NULL", "INSERT INTO schema_version VALUES (?, 'then')")
 
 
 def postgres_before(connection: psycopg.Connection[Any], number: int) -> None:
     """PostgreSQL's schema up to (not including) migration `number`."""
-    connection.execute("CREATE TABLE schema_version (version INTEGER PRIMARY KEY,"
-                       " applied_at TIMESTAMPTZ NOT NULL DEFAULT now())")
-    for version, statements in postgres_schema.MIGRATIONS:
+    _before(connection.execute, postgres_schema.MIGRATIONS, number,
+            "applied_at TIMESTAMPTZ NOT NULL DEFAULT now()",
+            "INSERT INTO schema_version VALUES (%s, now())")
+
+
+def _before(execute: Callable[..., Any], migrations: Sequence[tuple[int, Sequence[str]]],
+            number: int, applied_at: str, record: str) -> None:
+    execute(f"CREATE TABLE schema_version (version INTEGER PRIMARY KEY, {applied_at})")
+    for version, statements in migrations:
         if version < number:
             for statement in statements:
-                connection.execute(statement)
-            connection.execute("INSERT INTO schema_version VALUES (%s, now())", (version,))
+                execute(statement)
+            execute(record, (version,))

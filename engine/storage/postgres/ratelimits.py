@@ -66,19 +66,19 @@ class PostgresRateLimits(PostgresPart, RateLimits):
             row = await cursor.fetchone()
             assert row is not None
             now = row[0]
-            rows = []
-            for bucket, _, _ in windows:
-                low, high = rolling.slot_range(bucket)
-                cursor = await connection.execute(
-                    "SELECT bucket, updated_at FROM rate_buckets"
-                    " WHERE bucket >= %(low)s AND bucket < %(high)s",
-                    {"low": low, "high": high})
-                rows.append([(str(name), at) for name, at in await cursor.fetchall()])
-            wait, stamps = rolling.decide_all(windows, rows, now)
-            for stamp in stamps:
+            lows, highs = zip(*(rolling.slot_range(bucket) for bucket, _, _ in windows),
+                              strict=True)
+            cursor = await connection.execute(
+                "SELECT b.bucket, b.updated_at FROM rate_buckets AS b"
+                " JOIN unnest(%(lows)s::text[], %(highs)s::text[]) AS r (low, high)"
+                " ON b.bucket >= r.low AND b.bucket < r.high",
+                {"lows": list(lows), "highs": list(highs)})
+            found = [(str(name), at) for name, at in await cursor.fetchall()]
+            wait, stamps = rolling.decide_all(windows, rolling.by_window(windows, found), now)
+            if stamps:
                 await connection.execute(
                     "INSERT INTO rate_buckets (bucket, tokens, granted, updated_at)"
-                    " VALUES (%(stamp)s, 0, true, %(at)s)"
+                    " SELECT unnest(%(stamps)s::text[]), 0, true, %(at)s"
                     " ON CONFLICT (bucket) DO UPDATE SET updated_at = excluded.updated_at",
-                    {"stamp": stamp, "at": now})
+                    {"stamps": stamps, "at": now})
         return wait

@@ -86,3 +86,5 @@ class RateLimitsContract:
             await storage.rate_limits.take_slots([])
         with pytest.raises(ValueError, match="distinct buckets"):
             await storage.rate_limits.take_slots([("hubspot", 1, 1.0), ("hubspot", 2, 1.0)])
+        with pytest.raises(ValueError, match="holds no '#'"):
+            await storage.rate_limits.take_slots([("hubspot#1", 1, 1.0)])
