@@ -29,6 +29,7 @@ from engine.targets.salesforce.rest import (
     describe_errors,
     error_entries,
 )
+from engine.targets.together import at_once
 
 Result = Outcome | Exception
 
@@ -50,9 +51,10 @@ class Opportunities:
                 same.append((index, first[action.key]))
                 continue
             first[action.key] = index
-            known = await self.identities.lookup_deal(CRM, action.key)
-            if known:
-                results[index] = Outcome(known, "opportunity exists")
+        known = await at_once(self.identities.lookup_deal(CRM, key) for key in first)
+        for index, record_id in zip(first.values(), known, strict=True):
+            if record_id:
+                results[index] = Outcome(record_id, "opportunity exists")
         missing = [(i, a) for i, a in deals if i not in results and first[a.key] == i]
         new: list[tuple[int, CreateDeal, dict[str, JSON]]] = []
         frame = soql.select_where(["Id", self.key_field], "Opportunity", self.key_field, ["", ""])
@@ -83,6 +85,7 @@ class Opportunities:
         for row in await self.api.query(query):
             found.setdefault(str(row.get(field)), []).append(row)  # IN ignores case: exact
         new: list[tuple[int, CreateDeal, dict[str, JSON]]] = []
+        existing: list[tuple[int, CreateDeal, str]] = []
         for index, action in chunk:
             rows = found.get(action.key, [])
             if len(rows) > 1:
@@ -90,8 +93,7 @@ class Opportunities:
                     f"{CRM}: {len(rows)} Opportunity records hold the same {field}; merge them "
                     f"in Salesforce (and make {field} Unique), then replay")
             elif rows:
-                record_id = await self.identities.bind_deal(CRM, action.key, str(rows[0]["Id"]))
-                results[index] = Outcome(record_id, "opportunity exists")
+                existing.append((index, action, str(rows[0]["Id"])))
             else:
                 try:
                     body = opportunity_body(self.field_map, action, self.today(), self.leads)
@@ -101,6 +103,10 @@ class Opportunities:
                 new.append((index, action, {"attributes": {"type": "Opportunity"},
                                             **{k: v for k, v in body.items() if k != field},
                                             field: action.key}))
+        bound = await at_once(self.identities.bind_deal(CRM, action.key, record_id)
+                              for _, action, record_id in existing)
+        for (index, _, _), record_id in zip(existing, bound, strict=True):
+            results[index] = Outcome(record_id, "opportunity exists")
         return new
 
     async def _write(self, part: Sequence[tuple[int, CreateDeal, dict[str, JSON]]],
@@ -111,8 +117,10 @@ class Opportunities:
             json={"allOrNone": False, "records": [record for _, _, record in part]})
         if not isinstance(answer, list) or len(answer) != len(part):
             raise PermanentCRMError(f"{CRM}: unexpected collections answer: {answer!r:.200}")
-        for (index, action, _), result in zip(part, answer, strict=True):
-            results[index] = await self._result(action, result)
+        outcomes = await at_once(self._result(action, result)
+                                 for (_, action, _), result in zip(part, answer, strict=True))
+        for (index, _, _), outcome in zip(part, outcomes, strict=True):
+            results[index] = outcome
 
     async def _result(self, action: CreateDeal, result: Any) -> Result:
         if isinstance(result, dict) and result.get("success") and result.get("id"):

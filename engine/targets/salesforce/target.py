@@ -40,6 +40,7 @@ from engine.targets.salesforce.rest import (
     describe_errors,
     error_entries,
 )
+from engine.targets.together import at_once
 
 RECORD_ID = re.compile(r"[A-Za-z0-9]{15}(?:[A-Za-z0-9]{3})?")
 # Outcome | Exception, as HubSpot's execute_many answers (list is invariant: keep them equal).
@@ -303,6 +304,7 @@ class SalesforceTarget:
         # A new token with such a key a Lead holds goes the single path, which finds that Lead.
         new = {token: others[token] for token in chunk if not current[token]}
         held = await self._held(set().union(*new.values()), found_leads.held)
+        unchanged: list[tuple[list[IdentityKey], str]] = []
         for token, indices in chunk.items():
             found = current[token]
             try:
@@ -318,44 +320,49 @@ class SalesforceTarget:
                     results[index] = error
                 continue
             if record is not None and not body:
-                await self._bind(self._identity(actions[token]), str(record["Id"]))
+                unchanged.append((self._identity(actions[token]), str(record["Id"])))
                 for index in indices:
                     results[index] = Outcome(str(record["Id"]), "lead unchanged")
                 continue
             records.append({"attributes": {"type": "Lead"}, ext: token,
                             **{k: v for k, v in body.items() if k != ext}})
             written.append(token)
+        await at_once(self._bind(identity, record_id) for identity, record_id in unchanged)
         if records:
             answer = await self.api.json("PATCH", f"/composite/sobjects/Lead/{ext}",
                                          json={"allOrNone": False, "records": records})
             if not isinstance(answer, list) or len(answer) != len(records):
                 raise PermanentCRMError(f"{CRM}: unexpected collections answer: {answer!r:.200}")
-            for token, result in zip(written, answer, strict=True):
-                await self._batch_result(token, result, actions[token], chunk[token], results)
+            written_ids = [self._batch_result(token, result, actions[token], chunk[token],
+                                              results)
+                           for token, result in zip(written, answer, strict=True)]
+            await at_once(self._bind(self._identity(actions[token]), record_id)
+                          for token, record_id in zip(written, written_ids, strict=True)
+                          if record_id is not None)
         return deferred
 
     async def _held(self, keys: set[IdentityKey], found: set[IdentityKey]) -> set[IdentityKey]:
         """The keys a Lead holds: `found` by the batch's query, else mapped in the identity
         map (a key without a Lead field counts too: the single path says what is wrong)."""
-        held: set[IdentityKey] = set()
-        for key in keys:
-            if key in found or self.leads.crm_name(key.field) is None \
-                    or await self.identities.lookup_identity(CRM, [key]) is not None:
-                held.add(key)
-        return held
+        held = {key for key in keys if key in found or self.leads.crm_name(key.field) is None}
+        asked = [key for key in keys if key not in held]
+        mapped = await at_once(self.identities.lookup_identity(CRM, [key]) for key in asked)
+        return held | {key for key, record_id in zip(asked, mapped, strict=True)
+                       if record_id is not None}
 
-    async def _batch_result(
+    def _batch_result(
         self, token: str, result: Any, actions: list[ContactAction], indices: list[int],
         results: list[Result | None],
-    ) -> None:
+    ) -> str | None:
+        """Fill `results` for one token's items from its Collections answer; returns the Lead's
+        id to bind its keys to, or None when the write failed."""
         if isinstance(result, dict) and result.get("success"):
             record_id, created = str(result["id"]), bool(result.get("created"))
-            await self._bind(self._identity(actions), record_id)
             for n, index in enumerate(indices):
                 first = created and n == 0
                 results[index] = Outcome(record_id, "lead created" if first else "lead updated",
                                          first)
-            return
+            return record_id
         errors = error_entries(result.get("errors") if isinstance(result, dict) else None)
         codes = {str(e.get("statusCode")) for e in errors}
         message = f"{CRM}: Lead {self.leads.external_field}={token}: {describe_errors(errors)}"
@@ -363,6 +370,7 @@ class SalesforceTarget:
             else PermanentCRMError(message)
         for index in indices:
             results[index] = error
+        return None
 
     @staticmethod
     def _identity(actions: Iterable[Action]) -> list[IdentityKey]:

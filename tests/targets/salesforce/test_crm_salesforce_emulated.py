@@ -354,3 +354,55 @@ async def test_a_batch_of_deals_is_one_query_and_one_collections_upsert(
     assert results[4] == results[1] and results[1].created
     assert emulator.records["Opportunity"][existing]["Name"] == "Renamed by sales"
     assert len(emulator.opportunities) == 4
+
+
+class _CountingIdentities:
+    """The storage's identity map, counting how many of its calls are in flight at once."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner, self.running, self.peak = inner, 0, 0
+
+    def __getattr__(self, name: str) -> Any:
+        method = getattr(self.inner, name)
+
+        async def counted(*args: Any) -> Any:
+            self.running += 1
+            self.peak = max(self.peak, self.running)
+            try:
+                return await method(*args)
+            finally:
+                self.running -= 1
+
+        return counted
+
+
+async def test_a_batch_binds_its_records_in_the_identity_map_together(
+        emulator: SalesforceEmulator, storage: Storage, client: httpx.AsyncClient,
+        url: str) -> None:
+    """A batch's identity-map calls start together, not one after another (each would wait
+    for a commit of its own: most of a 200-record batch's time), and every key is bound."""
+    identities = _CountingIdentities(storage.identities)
+    target = SalesforceTarget(
+        client, instance_url=url, credentials=ClientCredentials(emulator.client_id,
+                                                                emulator.client_secret),
+        field_map=RULES.field_map, identities=identities, rate_limits=storage.rate_limits,
+        today=lambda: date(2026, 3, 6), requests_per_second=10_000.0)
+    await target.start()
+    installs = [item for n in range(20) for item in actions_of(story(f"tok_{n}")[0])]
+    results = await target.execute_many(installs)
+    assert all(isinstance(r, Outcome) for r in results), results
+    assert len({r.record_id for r in results if isinstance(r, Outcome)}) == 20
+    assert identities.peak >= 20
+    deals = [item for n in range(20) for item in actions_of(story(f"tok_{n}")[2])
+             if isinstance(item[0], CreateDeal)]
+    identities.peak = 0
+    made = await target.execute_many(deals)
+    assert all(isinstance(r, Outcome) and r.created for r in made), made
+    assert identities.peak >= 20  # the lookups, then the binds of the new Opportunities
+    for (action, _), result in zip(installs, results, strict=True):
+        assert isinstance(result, Outcome)
+        assert await storage.identities.lookup_identity("salesforce", action.identity[:1]) == \
+            result.record_id
+    for n, deal in enumerate(made):
+        assert await storage.identities.lookup_deal("salesforce", f"referral-tok_{n}") == \
+            deal.record_id
