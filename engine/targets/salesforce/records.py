@@ -38,14 +38,18 @@ class LeadMap:
         spec = field_map.fields.get(external_id)
         crm_field = spec.in_crm(CRM) if spec else None
         self.external_field = crm_field.name if crm_field else ""
+        self._names: dict[str, str | None] = {}  # crm_name's answers (asked ~15 times an event)
 
     def crm_name(self, canonical: str) -> str | None:
         """The Lead field for a canonical contact field; None when Salesforce has none."""
+        try:
+            return self._names[canonical]
+        except KeyError:
+            pass
         spec = self.field_map.fields.get(canonical)
-        if spec is None or spec.object != "contact":
-            return None
-        crm_field = spec.in_crm(CRM)
-        return crm_field.name if crm_field else None
+        crm_field = spec.in_crm(CRM) if spec is not None and spec.object == "contact" else None
+        name = self._names[canonical] = crm_field.name if crm_field else None
+        return name
 
     def identity_field(self, key: IdentityKey) -> str:
         name = self.crm_name(key.field)

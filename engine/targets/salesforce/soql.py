@@ -19,6 +19,8 @@ _ESCAPES = {
     "\b": "\\b",
     "\f": "\\f",
 }
+# What `escape` changes: the characters above, the other controls and lone surrogates.
+_TO_ESCAPE = re.compile(r"[\\'\"\x00-\x1f\x7f\ud800-\udfff]")
 _NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_]*$")
 _SEPARATOR = len(quote(", ", safe=""))
 Item = TypeVar("Item")
@@ -33,6 +35,8 @@ def escape(value: str) -> str:
     short escape, so they travel as `\uXXXX`; `%` and `_` are left alone because `\%` and `\_`
     are errors outside LIKE (and linkcrm never uses LIKE).
     """
+    if _TO_ESCAPE.search(value) is None:  # most values (tokens, emails): as they are
+        return value
     out = []
     for char in value:
         mapped = _ESCAPES.get(char)

@@ -23,6 +23,17 @@ def test_escape_follows_the_soql_escape_sequences(value: str, escaped: str) -> N
     assert soql.escape(value) == escaped
 
 
+def test_escape_changes_exactly_the_reserved_and_control_characters() -> None:
+    """Values with nothing to escape are passed through whole (the fast path): every
+    character of the Basic Multilingual Plane, surrogates included, either stays itself or is
+    one `escape` must change, in a value of its own and inside a longer one."""
+    for code in range(0x10000):
+        char = chr(code)
+        reserved = char in "\\'\"" or code < 0x20 or code == 0x7F or 0xD800 <= code <= 0xDFFF
+        assert (soql.escape(char) != char) == reserved, hex(code)
+        assert (soql.escape(f"tok_{char}@x") != f"tok_{char}@x") == reserved, hex(code)
+
+
 @pytest.mark.parametrize("value", HOSTILE)
 def test_an_escaped_value_reads_back_as_exactly_one_literal(value: str) -> None:
     quoted = soql.literal(value)
