@@ -26,6 +26,27 @@ class Recording:
         return call
 
 
+class InFlight(Recording):
+    """Also counts how many calls are in flight at once: `peak` is the most there were."""
+
+    def __init__(self, inner: IdentityMap) -> None:
+        super().__init__(inner)
+        self.running = self.peak = 0
+
+    def __getattr__(self, name: str) -> Callable[..., Awaitable[Any]]:
+        call = super().__getattr__(name)
+
+        async def counted(*args: Any, **kwargs: Any) -> Any:
+            self.running += 1
+            self.peak = max(self.peak, self.running)
+            try:
+                return await call(*args, **kwargs)
+            finally:
+                self.running -= 1
+
+        return counted
+
+
 class AnotherWorkerRebinds(Recording):
     """Right after the first call that names `key` alone, another worker maps it to
     `record_id` (in `target`): the moment a target forgetting a stale mapping of that key

@@ -23,6 +23,7 @@ from engine.worker.retrying import RetryPolicy, call_with_retries
 from tests.emulators.salesforce import SalesforceEmulator
 from tests.emulators.salesforce_oauth import new_rsa_key, public_key_of
 from tests.emulators.server import serve
+from tests.support.identity_maps import InFlight
 from tests.support.paths import REPO
 
 pytestmark = pytest.mark.anyio
@@ -356,32 +357,13 @@ async def test_a_batch_of_deals_is_one_query_and_one_collections_upsert(
     assert len(emulator.opportunities) == 4
 
 
-class _CountingIdentities:
-    """The storage's identity map, counting how many of its calls are in flight at once."""
-
-    def __init__(self, inner: Any) -> None:
-        self.inner, self.running, self.peak = inner, 0, 0
-
-    def __getattr__(self, name: str) -> Any:
-        method = getattr(self.inner, name)
-
-        async def counted(*args: Any) -> Any:
-            self.running += 1
-            self.peak = max(self.peak, self.running)
-            try:
-                return await method(*args)
-            finally:
-                self.running -= 1
-
-        return counted
-
 
 async def test_a_batch_binds_its_records_in_the_identity_map_together(
         emulator: SalesforceEmulator, storage: Storage, client: httpx.AsyncClient,
         url: str) -> None:
     """A batch's identity-map calls start together, not one after another (each would wait
     for a commit of its own: most of a 200-record batch's time), and every key is bound."""
-    identities = _CountingIdentities(storage.identities)
+    identities = InFlight(storage.identities)
     target = SalesforceTarget(
         client, instance_url=url, credentials=ClientCredentials(emulator.client_id,
                                                                 emulator.client_secret),
