@@ -34,6 +34,20 @@ async def test_the_calls_run_side_by_side() -> None:
     assert peak == 5
 
 
+async def test_no_more_than_most_run_at_a_time() -> None:
+    running, peak = 0, 0
+
+    async def call() -> None:
+        nonlocal running, peak
+        running += 1
+        peak = max(peak, running)
+        await asyncio.sleep(0.001)
+        running -= 1
+
+    await at_once((call() for _ in range(100)), most=8)
+    assert peak == 8
+
+
 async def test_every_call_finishes_before_the_first_error_is_raised() -> None:
     finished: list[str] = []
 
