@@ -47,6 +47,31 @@ class InFlight(Recording):
         return counted
 
 
+class KeyOverlaps(Recording):
+    """Also counts, in `overlaps`, the binds that started on an identity key while another
+    call was still binding that key."""
+
+    def __init__(self, inner: IdentityMap) -> None:
+        super().__init__(inner)
+        self.overlaps = 0
+        self._busy: dict[IdentityKey, int] = {}
+
+    def __getattr__(self, name: str) -> Callable[..., Awaitable[Any]]:
+        call = super().__getattr__(name)
+        if name not in ("bind_identity", "rebind_identity"):
+            return call
+
+        async def watched(target: str, key: IdentityKey, *rest: Any) -> Any:
+            self.overlaps += self._busy.get(key, 0) > 0
+            self._busy[key] = self._busy.get(key, 0) + 1
+            try:
+                return await call(target, key, *rest)
+            finally:
+                self._busy[key] -= 1
+
+        return watched
+
+
 class AnotherWorkerRebinds(Recording):
     """Right after the first call that names `key` alone, another worker maps it to
     `record_id` (in `target`): the moment a target forgetting a stale mapping of that key

@@ -280,6 +280,20 @@ class SalesforceTarget:
                 # Salesforce is the authority: a stale mapping (merged Lead) is replaced.
                 await self.identities.rebind_identity(CRM, key, record_id)
 
+    async def _bind_all(self, bindings: Sequence[tuple[list[IdentityKey], str]]) -> None:
+        """`_bind` each (identity, Lead id), together; a binding that shares a key with an
+        earlier one (two Leads holding one email) goes after it, so the later Lead ends up
+        mapped, as when they were bound one by one."""
+        seen: set[IdentityKey] = set()
+        together: list[tuple[list[IdentityKey], str]] = []
+        after: list[tuple[list[IdentityKey], str]] = []
+        for identity, record_id in bindings:
+            (after if seen.intersection(identity) else together).append((identity, record_id))
+            seen.update(identity)
+        await at_once(self._bind(identity, record_id) for identity, record_id in together)
+        for identity, record_id in after:
+            await self._bind(identity, record_id)
+
     async def _upsert_batch(
         self, chunk: dict[str, list[int]], items: Sequence[tuple[Action, CallContext]],
         results: list[Result | None],
@@ -327,7 +341,7 @@ class SalesforceTarget:
             records.append({"attributes": {"type": "Lead"}, ext: token,
                             **{k: v for k, v in body.items() if k != ext}})
             written.append(token)
-        await at_once(self._bind(identity, record_id) for identity, record_id in unchanged)
+        await self._bind_all(unchanged)
         if records:
             answer = await self.api.json("PATCH", f"/composite/sobjects/Lead/{ext}",
                                          json={"allOrNone": False, "records": records})
@@ -336,9 +350,9 @@ class SalesforceTarget:
             written_ids = [self._batch_result(token, result, actions[token], chunk[token],
                                               results)
                            for token, result in zip(written, answer, strict=True)]
-            await at_once(self._bind(self._identity(actions[token]), record_id)
-                          for token, record_id in zip(written, written_ids, strict=True)
-                          if record_id is not None)
+            await self._bind_all([(self._identity(actions[token]), record_id)
+                                  for token, record_id in zip(written, written_ids, strict=True)
+                                  if record_id is not None])
         return deferred
 
     async def _held(self, keys: set[IdentityKey], found: set[IdentityKey]) -> set[IdentityKey]:

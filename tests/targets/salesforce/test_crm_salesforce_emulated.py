@@ -23,7 +23,7 @@ from engine.worker.retrying import RetryPolicy, call_with_retries
 from tests.emulators.salesforce import SalesforceEmulator
 from tests.emulators.salesforce_oauth import new_rsa_key, public_key_of
 from tests.emulators.server import serve
-from tests.support.identity_maps import InFlight
+from tests.support.identity_maps import InFlight, KeyOverlaps
 from tests.support.paths import REPO
 
 pytestmark = pytest.mark.anyio
@@ -388,3 +388,30 @@ async def test_a_batch_binds_its_records_in_the_identity_map_together(
     for n, deal in enumerate(made):
         assert await storage.identities.lookup_deal("salesforce", f"referral-tok_{n}") == \
             deal.record_id
+
+
+@pytest.mark.parametrize("database_url", ["sqlite", "postgresql"], indirect=True)
+async def test_two_leads_sharing_an_email_in_one_batch_map_it_to_the_later(
+        emulator: SalesforceEmulator, storage: Storage, client: httpx.AsyncClient,
+        url: str) -> None:
+    """The batch's bindings go together, except one that shares a key with an earlier one: it
+    goes after, so the email ends up mapped to the later Lead, as when they went one by one
+    (on PostgreSQL, two binds of one key at once could leave either)."""
+    identities = KeyOverlaps(storage.identities)
+    target = SalesforceTarget(
+        client, instance_url=url, credentials=ClientCredentials(emulator.client_id,
+                                                                emulator.client_secret),
+        field_map=RULES.field_map, identities=identities,
+        rate_limits=storage.rate_limits, today=lambda: date(2026, 3, 6),
+        requests_per_second=10_000.0)
+    await target.start()
+    calls = [*actions_of(story("tok_a", "shared@example.com")[3]),
+             *actions_of(story("tok_b", "shared@example.com")[3])]
+    results = await target.execute_many(calls)
+    assert all(isinstance(r, Outcome) for r in results), results
+    later = results[-1]
+    assert isinstance(later, Outcome)
+    email = IdentityKey("email", "shared@example.com")
+    assert await storage.identities.lookup_identity("salesforce", [email]) == later.record_id
+    assert identities.overlaps == 0
+    assert identities.calls.count("bind_identity") == 4  # each Lead's token and the email
