@@ -14,13 +14,13 @@ from typing import Any
 from urllib.parse import parse_qsl, unquote
 
 from cryptography.hazmat.primitives.asymmetric import rsa
-from jsonschema import Draft202012Validator
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from tests.emulators.bodyschema import BodySchema
 from tests.emulators.faults import FaultInjector
 from tests.emulators.paths import PathFrontEnd
 from tests.emulators.salesforce_model import Org, SFError
@@ -54,8 +54,8 @@ def _too_long(request: Request) -> Response | None:
     return None
 
 
-def _validators() -> dict[str, Draft202012Validator]:
-    return {path.stem: Draft202012Validator(json.loads(path.read_text(encoding="utf-8")))
+def _validators() -> dict[str, BodySchema]:
+    return {path.stem: BodySchema(json.loads(path.read_text(encoding="utf-8")))
             for path in sorted(SCHEMAS.glob("*.json"))}
 
 
