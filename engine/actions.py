@@ -11,6 +11,7 @@ An action here is *planned*: every expression is already evaluated, so the value
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -27,6 +28,18 @@ class IdentityKey:
 
     field: str
     value: str
+    # The worker's ordering and batching hash keys hundreds of thousands of times a backlog:
+    # hashed once, as the dataclass would hash it.
+    _hash: int = dataclasses.field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "_hash", hash((self.field, self.value)))
+
+    def __hash__(self) -> int:
+        return self._hash
+
+    def __reduce__(self) -> tuple[type[IdentityKey], tuple[str, str]]:
+        return IdentityKey, (self.field, self.value)  # a string's hash differs per process
 
 
 Identity = tuple[IdentityKey, ...]  # in priority order; never empty once planned

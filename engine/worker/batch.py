@@ -21,6 +21,15 @@ class _Call:
     at: float = field(default_factory=lambda: asyncio.get_running_loop().time())
     answer: asyncio.Future[Outcome] = field(
         default_factory=lambda: asyncio.get_running_loop().create_future())
+    # Its identity keys as a set, and the record it writes (its first key): read on every
+    # scan of the queue, so made once.
+    keys: frozenset[IdentityKey] = field(init=False)
+    record: IdentityKey | None = field(init=False)
+
+    def __post_init__(self) -> None:
+        identity = self.action.identity
+        self.keys = frozenset(identity)
+        self.record = identity[0] if identity else None
 
 
 class Batcher:
@@ -93,17 +102,18 @@ class Batcher:
         left: list[_Call] = []
         records: set[IdentityKey] = set()
         blocked: set[IdentityKey] = set().union(*self._sending.values())
+        coming = self.coming
         for call in self._queue:
-            keys = set(call.action.identity)
-            record = call.action.identity[:1]
-            new = bool(record) and record[0] not in records
-            if keys & blocked or (new and len(records) >= self.size) \
-                    or (wait and any(self.coming(key) for key in keys)):
+            keys, record = call.keys, call.record
+            new = record is not None and record not in records
+            if (new and len(records) >= self.size) or not keys.isdisjoint(blocked) \
+                    or (wait and any(map(coming, keys))):
                 left.append(call)
                 blocked |= keys
                 continue
             taken.append(call)
-            records.update(record)
+            if new and record is not None:
+                records.add(record)
         short = self.size - len(records)
         if full and short > 0:
             return [], short
