@@ -31,6 +31,7 @@ import contextlib
 import hashlib
 import json
 import math
+import os
 import sqlite3
 import sys
 import tempfile
@@ -76,6 +77,7 @@ class Figures:
     drain_requests: int = 0  # the requests sent from then on
 
     searches: tuple[int, float] | None = None  # (searches sent, their own limit per second)
+    worker_cpu_s: float | None = None  # the worker process's CPU from first claim to done
 
     def lines(self) -> list[str]:
         bound, limits = self.sent / self.rate, f"{self.rate:g}/s"
@@ -95,6 +97,10 @@ class Figures:
             paced = self.drain_requests / max(self.seconds - self.first_request_s, 1e-9)
             out.append(f"  first CRM request {self.first_request_s:.2f} s after the first claim "
                        f"(planning it); from then on {paced:.1f} requests/s")
+        if self.worker_cpu_s is not None:
+            out.append(f"  worker CPU in the drain {self.worker_cpu_s:.1f} s "
+                       f"({self.worker_cpu_s / self.events * 1e6:.0f} us per event, "
+                       f"{self.worker_cpu_s / self.seconds:.0%} of one core while it ran)")
         if self.tokens_per_person is not None:
             out.append(f"  Pipedrive tokens per new person: {self.tokens_per_person:.1f}")
         if self.by_kind:
@@ -154,10 +160,11 @@ async def one(crm: str, stack: Stack, ruleset: RuleSet, events: int,
     people = await fill(url, events)
     timeline = backlog(events)
     sf_before = dict(stack.salesforce.counters)
+    cpu = None
     if in_process:
         started, seconds, statuses = await _drain_in_process(url, stack, crm, ruleset)
     else:
-        started, seconds, statuses = await _drain_by_process(url, stack, crm, folder)
+        started, seconds, statuses, cpu = await _drain_by_process(url, stack, crm, folder)
     field_map = ruleset.field_map
     if crm == "hubspot":
         state = stack.hubspot
@@ -170,7 +177,8 @@ async def one(crm: str, stack: Stack, ruleset: RuleSet, events: int,
         after = [t - started for t in state.request_times if t >= started]
         return Figures(crm, events, seconds, sent, floor, HUBSPOT_LIMIT / HUBSPOT_WINDOW, late,
                        statuses, check(found, timeline), by_kind=dict(state.requests),
-                       first_request_s=min(after, default=None), drain_requests=len(after))
+                       first_request_s=min(after, default=None), drain_requests=len(after),
+                       worker_cpu_s=cpu)
     if crm == "salesforce":
         sf = stack.salesforce
         counters = {k: v - sf_before.get(k, 0) for k, v in sf.counters.items()}
@@ -180,7 +188,7 @@ async def one(crm: str, stack: Stack, ruleset: RuleSet, events: int,
         found = crm_readback.salesforce(sf, field_map)
         return Figures(crm, events, seconds, sent, floor, SALESFORCE_PACE,
                        counters.get("limit_exceeded", 0), statuses, check(found, timeline),
-                       by_kind={k: v for k, v in counters.items() if v})
+                       by_kind={k: v for k, v in counters.items() if v}, worker_cpu_s=cpu)
     pd = stack.pipedrive
     sent = sum(pd.calls.values())
     persons, deals = len(pd.live("person")), len(pd.live("deal"))
@@ -192,7 +200,7 @@ async def one(crm: str, stack: Stack, ruleset: RuleSet, events: int,
     return Figures(crm, events, seconds, sent, floor, PIPEDRIVE_BURST / PIPEDRIVE_WINDOW, late,
                    statuses, check(found, timeline), pd.tokens_used / max(1, people),
                    dict(pd.calls),
-                   searches=(searches, PIPEDRIVE_SEARCH / PIPEDRIVE_WINDOW))
+                   searches=(searches, PIPEDRIVE_SEARCH / PIPEDRIVE_WINDOW), worker_cpu_s=cpu)
 
 
 async def _drain_in_process(url: str, stack: Stack, crm: str, ruleset: RuleSet
@@ -209,10 +217,11 @@ async def _drain_in_process(url: str, stack: Stack, crm: str, ruleset: RuleSet
 
 
 async def _drain_by_process(url: str, stack: Stack, crm: str, folder: Path
-                            ) -> tuple[float, float, dict[str, int]]:
+                            ) -> tuple[float, float, dict[str, int], float | None]:
     """`linkcrm worker` in a process of its own, as deployed: the CRM's work is not the
     worker's. Timed from its first claim until every event is finished (its start-up
-    requests count as sent, its start-up time does not)."""
+    requests count as sent, its start-up time does not); also the worker's CPU seconds in
+    that time (None where /proc does not tell)."""
     _reset(stack)
     database = url.removeprefix("sqlite:///")
     log = folder / f"{crm}-worker.log"
@@ -222,19 +231,31 @@ async def _drain_by_process(url: str, stack: Stack, crm: str, folder: Path
     progress = _Progress(database)
     try:
         started = finished = None
+        cpu_then = cpu_now = None
         deadline = time.monotonic() + 600
         while finished is None:
             if worker.poll() is not None or time.monotonic() > deadline:
                 raise SystemExit(f"the worker stopped or hung:\n{log.read_text()[-2000:]}")
             await asyncio.sleep(0.02)
             if started is None and progress.started():
-                started = time.monotonic()
+                started, cpu_then = time.monotonic(), _cpu_seconds(worker.pid)
             if started is not None and progress.finished():
-                finished = time.monotonic()
+                finished, cpu_now = time.monotonic(), _cpu_seconds(worker.pid)
     finally:
         stop([worker])
         progress.close()
-    return started, finished - started, _statuses(database)
+    cpu = None if cpu_then is None or cpu_now is None else cpu_now - cpu_then
+    return started, finished - started, _statuses(database), cpu
+
+
+def _cpu_seconds(pid: int) -> float | None:
+    """User and system CPU seconds of process `pid` so far, every thread (Linux's /proc)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = stat[stat.rindex(")") + 2:].split()  # after the command name, which may hold spaces
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 class _Progress:
