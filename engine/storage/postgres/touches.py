@@ -23,6 +23,32 @@ _WINDOW = ("token = %(token)s AND occurred_at <= %(before)s"
            " AND (%(since)s::timestamptz IS NULL OR occurred_at >= %(since)s::timestamptz)")
 
 
+# The token's touches in the window, those older than the retention, and the window's installs
+# and how many of them are claimed: one pass over the token's touches.
+_IN_WINDOW = ("occurred_at <= %(before)s"
+              " AND (%(since)s::timestamptz IS NULL OR occurred_at >= %(since)s::timestamptz)")
+_COUNTS = (
+    f"SELECT COUNT(*) FILTER (WHERE {_IN_WINDOW}),"
+    " COUNT(*) FILTER (WHERE %(since)s::timestamptz IS NOT NULL"
+    " AND occurred_at < %(since)s::timestamptz),"
+    f" COUNT(*) FILTER (WHERE {_IN_WINDOW} AND event_type = %(install)s),"
+    f" COUNT(*) FILTER (WHERE {_IN_WINDOW} AND event_type = %(install)s"
+    " AND claimed_by IS NOT NULL)"
+    " FROM touches WHERE token = %(token)s")
+_FIRST_AND_LAST = (
+    f"(SELECT 0, {_COLUMNS} FROM touches WHERE {_WINDOW} ORDER BY occurred_at, id LIMIT 1)"
+    f" UNION ALL (SELECT 1, {_COLUMNS} FROM touches WHERE {_WINDOW}"
+    " ORDER BY occurred_at DESC, id DESC LIMIT 1)")
+_INSTALL = (
+    f"{_SELECT} WHERE {_WINDOW} AND event_type = %(install)s AND claimed_by IS NULL"
+    " ORDER BY CASE WHEN %(platform)s::text IS NOT NULL"
+    " AND lower(platform) = lower(%(platform)s::text) THEN 0 ELSE 1 END,"
+    " abs(extract(epoch FROM occurred_at - %(anchor)s::timestamptz)), id"
+    " LIMIT 1 FOR UPDATE SKIP LOCKED")
+_LATEST = (f"{_SELECT} WHERE token = %(token)s AND occurred_at <= %(before)s"
+           " ORDER BY occurred_at DESC, id DESC LIMIT 1")
+
+
 def _attribution(row: Row) -> Attribution:
     detail = row[2] if isinstance(row[2], dict) else {}
     return Attribution(int(row[0]), str(row[1]), detail, row[3])
@@ -40,9 +66,16 @@ async def _one(connection: Conn, query: str, params: dict[str, Any]) -> Touch | 
     return None if row is None else from_row(Touch, row)
 
 
-async def _count(connection: Conn, query: str, params: dict[str, Any]) -> int:
-    row = await (await connection.execute(query, params)).fetchone()
-    return int(row[0]) if row else 0
+async def _first_and_last(connection: Conn, params: dict[str, Any], count: int
+                          ) -> tuple[Touch, Touch]:
+    """The window's first and last touch, in one statement (one row when it holds one)."""
+    if count == 1:
+        only = await _one(connection, f"{_SELECT} WHERE {_WINDOW} LIMIT 1", params)
+        assert only is not None
+        return only, only
+    rows = await (await connection.execute(_FIRST_AND_LAST, params)).fetchall()
+    touches = {int(row[0]): from_row(Touch, row[1:]) for row in rows}
+    return touches[0], touches[1]
 
 
 class PostgresTouches(PostgresPart, Touches):
@@ -71,31 +104,20 @@ class PostgresTouches(PostgresPart, Touches):
             known = await _get(connection, request.event_id)
             if known is not None:
                 return known
-            first = await _one(connection, f"{_SELECT} WHERE {_WINDOW}"
-                                           " ORDER BY occurred_at, id LIMIT 1", params)
-            last = await _one(connection, f"{_SELECT} WHERE {_WINDOW}"
-                                          " ORDER BY occurred_at DESC, id DESC LIMIT 1", params)
-            count = await _count(connection, f"SELECT COUNT(*) FROM touches WHERE {_WINDOW}",
-                                 params)
-            expired = 0 if request.since is None else await _count(
-                connection, "SELECT COUNT(*) FROM touches WHERE token = %(token)s"
-                            " AND occurred_at < %(since)s", params)
-            taken = await _count(connection, f"SELECT COUNT(*) FROM touches WHERE {_WINDOW}"
-                                             " AND event_type = %(install)s"
-                                             " AND claimed_by IS NOT NULL", params)
-            install = await _one(
-                connection,
-                f"{_SELECT} WHERE {_WINDOW} AND event_type = %(install)s AND claimed_by IS NULL"
-                " ORDER BY CASE WHEN %(platform)s::text IS NOT NULL"
-                " AND lower(platform) = lower(%(platform)s::text) THEN 0 ELSE 1 END,"
-                " abs(extract(epoch FROM occurred_at - %(anchor)s::timestamptz)), id"
-                " LIMIT 1 FOR UPDATE SKIP LOCKED", params)
+            counts = await (await connection.execute(_COUNTS, params)).fetchone()
+            count, expired, installs, taken = (int(n) for n in counts) if counts else (0,) * 4
+            first = last = install = None
+            if count:
+                first, last = await _first_and_last(connection, params, count)
+            if installs > taken:  # an unclaimed install in the window
+                install = await _one(connection, _INSTALL, params)
             if install is not None:
                 await connection.execute("UPDATE touches SET claimed_by = %s WHERE id = %s",
                                          (request.event_id, install.id))
-            latest = await _one(connection, f"{_SELECT} WHERE token = %(token)s"
-                                            " AND occurred_at <= %(before)s"
-                                            " ORDER BY occurred_at DESC, id DESC LIMIT 1", params)
+            # The latest touch before the identify is the window's last when it has one, and
+            # can only be an expired one when it has none.
+            latest = last if last is not None else \
+                await _one(connection, _LATEST, params) if expired else None
             detail = touchrecords.attribution_detail(request, first, last, install, latest,
                                                      count, expired, taken)
             row = await (await connection.execute(

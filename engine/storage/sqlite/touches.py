@@ -20,7 +20,30 @@ _SELECT = f"SELECT {_COLUMNS} FROM touches"
 _WINDOW = "token = :token AND occurred_at <= :before AND (:since IS NULL OR occurred_at >= :since)"
 
 
-def _touch(row: sqlite3.Row) -> Touch:
+# The token's touches in the window, those older than the retention, and the window's installs
+# and how many of them are claimed: one pass over the token's touches.
+_IN_WINDOW = "occurred_at <= :before AND (:since IS NULL OR occurred_at >= :since)"
+_COUNTS = (
+    f"SELECT COUNT(*) FILTER (WHERE {_IN_WINDOW}),"
+    " COUNT(*) FILTER (WHERE :since IS NOT NULL AND occurred_at < :since),"
+    f" COUNT(*) FILTER (WHERE {_IN_WINDOW} AND event_type = :install),"
+    f" COUNT(*) FILTER (WHERE {_IN_WINDOW} AND event_type = :install AND claimed_by IS NOT NULL)"
+    " FROM touches WHERE token = :token")
+_FIRST_AND_LAST = (
+    f"SELECT * FROM (SELECT 0, {_COLUMNS} FROM touches WHERE {_WINDOW}"
+    " ORDER BY occurred_at, id LIMIT 1)"
+    f" UNION ALL SELECT * FROM (SELECT 1, {_COLUMNS} FROM touches WHERE {_WINDOW}"
+    " ORDER BY occurred_at DESC, id DESC LIMIT 1)")
+_INSTALL = (
+    f"{_SELECT} WHERE {_WINDOW} AND event_type = :install AND claimed_by IS NULL"
+    " ORDER BY CASE WHEN :platform IS NOT NULL"
+    " AND lower(platform) = lower(:platform) THEN 0 ELSE 1 END,"
+    " abs(julianday(occurred_at) - julianday(:anchor)), id LIMIT 1")
+_LATEST = (f"{_SELECT} WHERE token = :token AND occurred_at <= :before"
+           " ORDER BY occurred_at DESC, id DESC LIMIT 1")
+
+
+def _touch(row: Sequence[object]) -> Touch:
     return from_row(Touch, row, per_person=bool, occurred_at=parse_ts)
 
 
@@ -39,8 +62,16 @@ def _one(connection: sqlite3.Connection, query: str, params: dict[str, object]) 
     return None if row is None else _touch(row)
 
 
-def _count(connection: sqlite3.Connection, query: str, params: dict[str, object]) -> int:
-    return int(connection.execute(query, params).fetchone()[0])
+def _first_and_last(connection: sqlite3.Connection, params: dict[str, object], count: int
+                    ) -> tuple[Touch, Touch]:
+    """The window's first and last touch, in one statement (one row when it holds one)."""
+    if count == 1:
+        only = _one(connection, f"{_SELECT} WHERE {_WINDOW} LIMIT 1", params)
+        assert only is not None
+        return only, only
+    rows = connection.execute(_FIRST_AND_LAST, params).fetchall()
+    touches = {int(row[0]): _touch(tuple(row)[1:]) for row in rows}
+    return touches[0], touches[1]
 
 
 def _record_many(connection: sqlite3.Connection, touches: Sequence[touchrecords.NewTouch],
@@ -78,29 +109,19 @@ class SQLiteTouches(SQLitePart, Touches):
             known = _get(connection, request.event_id)
             if known is not None:
                 return known
-            first = _one(connection, f"{_SELECT} WHERE {_WINDOW} ORDER BY occurred_at, id"
-                                     " LIMIT 1", params)
-            last = _one(connection, f"{_SELECT} WHERE {_WINDOW}"
-                                    " ORDER BY occurred_at DESC, id DESC LIMIT 1", params)
-            count = _count(connection, f"SELECT COUNT(*) FROM touches WHERE {_WINDOW}", params)
-            expired = 0 if request.since is None else _count(
-                connection, "SELECT COUNT(*) FROM touches WHERE token = :token"
-                            " AND occurred_at < :since", params)
-            taken = _count(connection, f"SELECT COUNT(*) FROM touches WHERE {_WINDOW}"
-                                       " AND event_type = :install AND claimed_by IS NOT NULL",
-                           params)
-            install = _one(
-                connection,
-                f"{_SELECT} WHERE {_WINDOW} AND event_type = :install AND claimed_by IS NULL"
-                " ORDER BY CASE WHEN :platform IS NOT NULL"
-                " AND lower(platform) = lower(:platform) THEN 0 ELSE 1 END,"
-                " abs(julianday(occurred_at) - julianday(:anchor)), id LIMIT 1", params)
+            count, expired, installs, taken = connection.execute(_COUNTS, params).fetchone()
+            first = last = install = None
+            if count:
+                first, last = _first_and_last(connection, params, count)
+            if installs > taken:  # an unclaimed install in the window
+                install = _one(connection, _INSTALL, params)
             if install is not None:
                 connection.execute("UPDATE touches SET claimed_by = ? WHERE id = ?",
                                    (request.event_id, install.id))
-            latest = _one(connection, f"{_SELECT} WHERE token = :token"
-                                      " AND occurred_at <= :before"
-                                      " ORDER BY occurred_at DESC, id DESC LIMIT 1", params)
+            # The latest touch before the identify is the window's last when it has one, and
+            # can only be an expired one when it has none.
+            latest = last if last is not None else \
+                _one(connection, _LATEST, params) if expired else None
             detail = touchrecords.attribution_detail(request, first, last, install, latest,
                                                      count, expired, taken)
             connection.execute("INSERT INTO touch_attributions (event_id, token, detail,"

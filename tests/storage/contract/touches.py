@@ -107,6 +107,40 @@ class TouchesContract:
                                      "(1 older than the retention)"]
         assert await storage.touches.forget(T0 + timedelta(minutes=50)) == 1
 
+    async def test_the_link_is_the_latest_touch_of_any_age_before_the_identify(
+        self, storage: Storage
+    ) -> None:
+        def linked(event_id: int, minutes: int, prefix: str, per_person: bool) -> NewTouch:
+            return NewTouch(event_id=event_id, event_type="link.clicked", token="summer-promo",
+                            campaign=None, prefix=prefix, platform=None, referrer=f"r{event_id}",
+                            per_person=per_person, occurred_at=T0 + timedelta(minutes=minutes))
+
+        await storage.touches.record(linked(1, 0, "old", True))
+        await storage.touches.record(linked(2, 10, "older-but-later", False))
+        await storage.touches.record(linked(3, 300, "after-the-identify", True))
+        # Every touch before the identify is past the retention: none is attached, but the
+        # link is still the latest of them.
+        gone = await storage.touches.attribute(ask(100, 200, since=50))
+        assert not gone.found and gone.detail["count"] == 0 and gone.detail["last"] is None
+        assert gone.detail["link"] == {"prefix": "older-but-later", "referrer": "r2"}
+        assert gone.detail["per_person"] is False
+        assert gone.detail["why"] == ["no touch found for token 'summer-promo' "
+                                      "(2 older than the retention)"]
+        # One touch within it: it is first, last and the link, the older one ignored.
+        one = await storage.touches.attribute(ask(101, 200, since=5))
+        assert one.detail["count"] == 1
+        assert one.detail["first"] == one.detail["last"]
+        assert one.detail["last"]["event_id"] == 2
+        assert one.detail["link"] == {"prefix": "older-but-later", "referrer": "r2"}
+        assert one.detail["why"][0] == ("1 touch(es) of token 'summer-promo' within the "
+                                        "retention, 1 older ignored")
+        # No retention: both count; still nothing after the identify.
+        both = await storage.touches.attribute(ask(102, 200))
+        assert (both.detail["count"], both.detail["first"]["event_id"],
+                both.detail["last"]["event_id"]) == (2, 1, 2)
+        assert both.detail["per_person"] is False and both.detail["install"] is None
+        assert both.detail["why"][1] == "no unclaimed install of this token before the identify"
+
     async def test_an_unknown_token_finds_nothing(self, storage: Storage) -> None:
         got = await storage.touches.attribute(ask(100, 60, token="never-seen"))
         assert not got.found
