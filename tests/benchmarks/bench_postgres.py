@@ -4,6 +4,8 @@ with one and two worker processes against a CRM that takes 50 ms per call.
     python tests/benchmarks/bench_postgres.py [--events 30000] [--worker-events 1200]
     # needs PostgreSQL on 127.0.0.1; --worker-events 0 measures the receivers only
 
+The receivers here share the machine with this process's asyncio load generator;
+`bench_receiver.py --postgres` measures the same two with wrk, in alternating rounds.
 Not collected by pytest. Every process is the real `linkcrm` entry point: `serve --no-worker`
 for the receivers, `worker --concurrency N` for the workers (with the recording CRM target
 loaded, see tests/emulators/recording.py).

@@ -2,6 +2,7 @@
 
     python tests/benchmarks/bench_receiver.py [--seconds 10] [--rounds 2] [--connections 32]
                                               [--drain 20000] [--steady-rate 1000]
+                                              [--postgres]
 
 The servers run as separate processes with one uvicorn worker on loopback: `linkcrm serve
 --no-worker` on a fresh SQLite file (WAL, synchronous=FULL, group commit), and a bare Starlette
@@ -13,6 +14,8 @@ distinct ~600-byte bodies, so dedupe never short-circuits) or, without wrk, an a
 keep-alive client. Rounds alternate the servers so all see the same machine; the best round of
 each is reported, with the server's CPU time per request, which a busy machine moves far less
 than requests/s.
+With `--postgres`, `serve --no-worker` on PostgreSQL (127.0.0.1) takes its turn in the same
+rounds, and its share of the SQLite figure is printed (target >= 0.8).
 Then, unless `--drain 0`, the end-to-end drain (drain.py): N distinct events into one `linkcrm
 serve` with its worker and the local CRM, timed from the first receipt to the last applied.
 Then, unless `--steady-rate 0`, 20 s of deliveries at a steady 1,000/s into a fresh `serve`,
@@ -27,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import re
@@ -43,6 +47,7 @@ from pathlib import Path
 
 from tests.benchmarks.drain import drain
 from tests.support.paths import REPO
+from tests.support.postgres import fresh_schema, schema_url, unreachable_reason
 
 ROOT = REPO
 SECRET = "whsec_bench_receiver"
@@ -52,6 +57,7 @@ SERVERS = {  # name: what it is; "bare" is the anchor
     "bare": "bare Starlette, uvicorn uvloop + httptools",
     "bare-h11": "bare Starlette, uvicorn h11 + asyncio (context)",
     "durable": "linkcrm serve --no-worker (SQLite FULL)",
+    "durable-pg": "linkcrm serve --no-worker (PostgreSQL)",  # with --postgres
 }
 
 BARE_SERVER = """
@@ -287,6 +293,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="wrk threads")
     parser.add_argument("--bodies", type=int, default=150_000)
     parser.add_argument("--no-wrk", action="store_true", help="use the asyncio generator")
+    parser.add_argument("--postgres", action="store_true",
+                        help="also `serve --no-worker` on PostgreSQL (127.0.0.1), in the same "
+                             "rounds: its share of the SQLite figure")
     parser.add_argument("--drain", type=int, default=20_000, metavar="N",
                         help="then the end-to-end drain of N events through `linkcrm serve` "
                              "(receiver and worker, local CRM); 0 skips it")
@@ -296,7 +305,11 @@ def main() -> None:
     options = parser.parse_args()
     use_wrk = shutil.which("wrk") is not None and not options.no_wrk
 
-    with tempfile.TemporaryDirectory(prefix="linkcrm-bench-") as scratch:
+    names = [name for name in SERVERS if name != "durable-pg" or options.postgres]
+    if options.postgres and unreachable_reason():
+        sys.exit(unreachable_reason())
+    with tempfile.TemporaryDirectory(prefix="linkcrm-bench-") as scratch, \
+            contextlib.ExitStack() as stack:
         directory = Path(scratch)
         made = bodies(options.bodies)
         data = directory / "bodies.tsv"
@@ -312,7 +325,7 @@ def main() -> None:
         print(f"this disk: fsync of a 4 KiB write p50 {fsync_ms(directory):.2f} ms")
         env = {**os.environ, "WEBHOOK_SECRET": SECRET, "LINKCRM_LOG_LEVEL": "WARNING",
                "LINKCRM_DATABASE_URL": f"sqlite:///{directory / 'bench.db'}"}
-        ports = {name: free_port() for name in SERVERS}
+        ports = {name: free_port() for name in names}
         commands = {
             "bare": [sys.executable, "-c", BARE_SERVER, str(ports["bare"]), SECRET,
                      "httptools+uvloop"],
@@ -321,9 +334,14 @@ def main() -> None:
             "durable": [sys.executable, "-m", "engine.cli", "serve", "--no-worker",
                         "--port", str(ports["durable"])],
         }
-        servers = {name: subprocess.Popen(command, env=env, cwd=ROOT)
-                   for name, command in commands.items()}
-        results: dict[str, list[Result]] = {name: [] for name in SERVERS}
+        envs = {name: env for name in names}
+        if options.postgres:
+            schema = stack.enter_context(fresh_schema("lc_bench_receiver"))
+            commands["durable-pg"] = [*commands["durable"][:-1], str(ports["durable-pg"])]
+            envs["durable-pg"] = {**env, "LINKCRM_DATABASE_URL": schema_url(schema)}
+        servers = {name: subprocess.Popen(commands[name], env=envs[name], cwd=ROOT)
+                   for name in names}
+        results: dict[str, list[Result]] = {name: [] for name in names}
         try:
             for name, port in ports.items():
                 wait_ready(port, servers[name])
@@ -332,10 +350,10 @@ def main() -> None:
             runs = options.rounds + 1
             spans = [range(i * len(made) // runs, (i + 1) * len(made) // runs)
                      for i in range(runs)]
-            for name in SERVERS:  # warm up each (imports, caches, the database)
+            for name in names:  # warm up each (imports, caches, the database)
                 _load(use_wrk, ports[name], data, script, made, 2.0, options, spans[0])
             for number in range(1, runs):
-                for name in SERVERS:
+                for name in names:
                     before = cpu_seconds(servers[name].pid)
                     result = _load(use_wrk, ports[name], data, script, made, options.seconds,
                                    options, spans[number])
@@ -348,16 +366,16 @@ def main() -> None:
         stored = _stored(directory / "bench.db")
         stalls = disk_stalls(directory, options.disk_seconds) if options.disk_seconds > 0 else ""
 
-    for name in SERVERS:
+    for name in names:
         for number, result in enumerate(results[name], 1):
-            print(f"  {name:<8} round {number}: {result.rate:8.0f} req/s  p50 "
+            print(f"  {name:<10} round {number}: {result.rate:8.0f} req/s  p50 "
                   f"{result.p50_ms:6.2f} ms  p99 {result.p99_ms:6.2f} ms  errors {result.errors}"
                   f"  server CPU {result.cpu_us:5.0f} us/request")
     best = {name: max(rs, key=lambda r: r.rate) for name, rs in results.items()}
     anchor = best["bare"].rate
     print(f"{'server':<48} {'req/s':>8} {'of bare':>8} {'p50 ms':>7} {'p99 ms':>7} "
           f"{'CPU us/req':>10}")
-    for name in SERVERS:
+    for name in names:
         result = best[name]
         print(f"{SERVERS[name]:<48} {result.rate:8.0f} {result.rate / anchor:8.0%} "
               f"{result.p50_ms:7.2f} {result.p99_ms:7.2f} {result.cpu_us:10.0f}")
@@ -370,6 +388,10 @@ def main() -> None:
     verdict = "met" if ratio >= 0.65 and best["durable"].p99_ms < 15 else "MISSED"
     print(f"durable/bare = {ratio:.0%}  (target >= 65% of bare uvloop + httptools, "
           f"p99 < 15 ms: {verdict})")
+    if options.postgres:
+        share = best["durable-pg"].rate / best["durable"].rate
+        print(f"PostgreSQL/SQLite = {share:.2f}x  (target >= 0.8x: "
+              f"{'met' if share >= 0.8 else 'MISSED'})")
     if options.drain:
         with tempfile.TemporaryDirectory(prefix="linkcrm-drain-") as scratch:
             drained = drain(options.drain, Path(scratch), connections=options.connections,
