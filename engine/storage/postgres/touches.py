@@ -19,14 +19,13 @@ from engine.storage.touchrecords import INSTALL, Attribution, AttributionRequest
 
 _COLUMNS = ", ".join(field_names(Touch))
 _SELECT = f"SELECT {_COLUMNS} FROM touches"
-_WINDOW = ("token = %(token)s AND occurred_at <= %(before)s"
-           " AND (%(since)s::timestamptz IS NULL OR occurred_at >= %(since)s::timestamptz)")
+_IN_WINDOW = ("occurred_at <= %(before)s"
+              " AND (%(since)s::timestamptz IS NULL OR occurred_at >= %(since)s::timestamptz)")
+_WINDOW = f"token = %(token)s AND {_IN_WINDOW}"
 
 
 # The token's touches in the window, those older than the retention, and the window's installs
 # and how many of them are claimed: one pass over the token's touches.
-_IN_WINDOW = ("occurred_at <= %(before)s"
-              " AND (%(since)s::timestamptz IS NULL OR occurred_at >= %(since)s::timestamptz)")
 _COUNTS = (
     f"SELECT COUNT(*) FILTER (WHERE {_IN_WINDOW}),"
     " COUNT(*) FILTER (WHERE %(since)s::timestamptz IS NOT NULL"

@@ -17,12 +17,12 @@ from engine.storage.touchrecords import INSTALL, Attribution, AttributionRequest
 _COLUMNS = ", ".join(field_names(Touch))
 _SELECT = f"SELECT {_COLUMNS} FROM touches"
 # The window: the token's touches from the retention cutoff (NULL: no cutoff) to the identify.
-_WINDOW = "token = :token AND occurred_at <= :before AND (:since IS NULL OR occurred_at >= :since)"
+_IN_WINDOW = "occurred_at <= :before AND (:since IS NULL OR occurred_at >= :since)"
+_WINDOW = f"token = :token AND {_IN_WINDOW}"
 
 
 # The token's touches in the window, those older than the retention, and the window's installs
 # and how many of them are claimed: one pass over the token's touches.
-_IN_WINDOW = "occurred_at <= :before AND (:since IS NULL OR occurred_at >= :since)"
 _COUNTS = (
     f"SELECT COUNT(*) FILTER (WHERE {_IN_WINDOW}),"
     " COUNT(*) FILTER (WHERE :since IS NOT NULL AND occurred_at < :since),"
