@@ -40,9 +40,8 @@ class SQLiteIdentityMap(SQLitePart, IdentityMap):
 
     async def bind_identity(self, target: str, key: IdentityKey, record_id: str) -> str:
         checks.identity_binding(key, record_id)
-        where = (target, key.field, key.value)
-        row = (*where, record_id, self._db.now())
-        return await self._db.write(lambda c: _winner(c, _BIND, row, _LOOKUP, where),
+        where, now = (target, key.field, key.value), self._db.now()
+        return await self._db.write(lambda c: _winner(c, _BIND, _LOOKUP, where, record_id, now),
                                     "bind the identity")
 
     async def rebind_identity(self, target: str, key: IdentityKey, record_id: str) -> None:
@@ -73,15 +72,15 @@ class SQLiteIdentityMap(SQLitePart, IdentityMap):
 
     async def bind_deal(self, target: str, deal_key: str, deal_id: str) -> str:
         checks.deal_key(deal_key, deal_id)
-        where = (target, deal_key)
-        row = (*where, deal_id, self._db.now())
-        return await self._db.write(lambda c: _winner(c, _BIND_DEAL, row, _LOOKUP_DEAL, where),
-                                    "bind the deal")
+        where, now = (target, deal_key), self._db.now()
+        return await self._db.write(
+            lambda c: _winner(c, _BIND_DEAL, _LOOKUP_DEAL, where, deal_id, now), "bind the deal")
 
 
-def _winner(connection: sqlite3.Connection, insert: str, row: tuple[object, ...], lookup: str,
-            where: tuple[object, ...]) -> str:
-    """Insert `row` unless its key is mapped, then read what the key maps to. One writer job:
-    nothing writes in between, so that is the first bind's value."""
-    connection.execute(insert, row)
+def _winner(connection: sqlite3.Connection, insert: str, lookup: str, where: tuple[str, ...],
+            value: str, now: str) -> str:
+    """Bind the key `where` to `value` unless it is mapped already; what it maps to now. One
+    writer job: nothing writes in between, so that is the first bind's value."""
+    if connection.execute(insert, (*where, value, now)).rowcount == 1:
+        return value  # this bind is the first
     return str(connection.execute(lookup, where).fetchone()[0])
