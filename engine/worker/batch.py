@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable, Sequence
+from collections import deque
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
 from engine.actions import Action, IdentityKey
@@ -25,6 +26,7 @@ class _Call:
     # scan of the queue, so made once.
     keys: frozenset[IdentityKey] = field(init=False)
     record: IdentityKey | None = field(init=False)
+    seq: int = 0  # its place in the order calls were queued
 
     def __post_init__(self) -> None:
         identity = self.action.identity
@@ -71,7 +73,11 @@ class Batcher:
         self.coming = coming or (lambda key: False)
         self.hold = hold
         self.in_flight = max(1, in_flight)
-        self._queue: list[_Call] = []
+        self._queue: dict[int, _Call] = {}  # by `seq`: oldest first
+        # The queued calls holding each identity key, oldest first, and those holding none:
+        # a batch takes the later calls on its records from here instead of reading the queue.
+        self._by_key: dict[IdentityKey, deque[_Call]] = {}
+        self._unkeyed: deque[_Call] = deque()
         self._flushing: asyncio.Task[None] | None = None
         self._sending: dict[asyncio.Task[None], frozenset[IdentityKey]] = {}
         self._arrived = 0  # calls queued so far
@@ -84,12 +90,20 @@ class Batcher:
 
     def submit(self, action: Action, context: CallContext) -> asyncio.Future[Outcome]:
         """Queue a call now (behind every call queued before it) and return its answer."""
-        call = _Call(action, context)
-        self._queue.append(call)
-        self._arrived += 1
+        call = self._enqueue(action, context)
         if self._flushing is None or self._flushing.done():
             self._flushing = asyncio.create_task(self._flush(), name=f"linkcrm-batch-{self.name}")
         return call.answer
+
+    def _enqueue(self, action: Action, context: CallContext) -> _Call:
+        call = _Call(action, context, seq=self._arrived)
+        self._queue[call.seq] = call
+        for key in call.keys:
+            self._by_key.setdefault(key, deque()).append(call)
+        if not call.keys:
+            self._unkeyed.append(call)
+        self._arrived += 1
+        return call
 
     def _take(self, wait: bool, full: bool = False) -> tuple[list[_Call], int]:
         """The next batch: queued calls in order until `size` records are in it (a record is
@@ -97,28 +111,70 @@ class Batcher:
         the later calls on those records, unless an earlier call on one of their identity
         keys was left behind (it must go first) or is in a batch in flight. With `full`, no
         batch (and the queue as it was) unless it holds `size` records. Also how many records
-        the batch lacks of `size`."""
+        the batch lacks of `size`.
+
+        The queue is read in order only until the batch has its records; the later calls on
+        them come from the index by key (`_later_calls`), so a backlog of thousands of calls
+        is not read again for every batch."""
         taken: list[_Call] = []
-        left: list[_Call] = []
         records: set[IdentityKey] = set()
-        blocked: set[IdentityKey] = set().union(*self._sending.values())
+        in_flight: set[IdentityKey] = set().union(*self._sending.values())
+        blocked = set(in_flight)
         coming = self.coming
-        for call in self._queue:
+        read_to = -1  # the `seq` of the last call read in order
+        for call in self._queue.values():
+            if len(records) >= self.size:
+                break
+            read_to = call.seq
             keys, record = call.keys, call.record
-            new = record is not None and record not in records
-            if (new and len(records) >= self.size) or not keys.isdisjoint(blocked) \
-                    or (wait and any(map(coming, keys))):
-                left.append(call)
-                blocked |= keys
+            if not keys.isdisjoint(blocked) or (wait and any(map(coming, keys))):
+                blocked |= keys  # left behind: no later call on its keys may pass it
                 continue
             taken.append(call)
-            if new and record is not None:
+            if record is not None:
                 records.add(record)
         short = self.size - len(records)
         if full and short > 0:
             return [], short
-        self._queue = left
+        self._dequeue(taken)
+        if short <= 0:
+            taken += self._later_calls(records, read_to, in_flight, wait)
         return taken, short
+
+    def _later_calls(self, records: set[IdentityKey], read_to: int,
+                     in_flight: set[IdentityKey], wait: bool) -> list[_Call]:
+        """The calls after `read_to` that a full batch on `records` takes, in order: a call
+        on one of them (or on no identity) whose every key is held by no batch in flight and by
+        no earlier queued call, and not still waiting for one `coming`. The calls taken before
+        are out of the index, so "no earlier queued call" is "the oldest queued on each key"."""
+        candidates = {call.seq: call for record in records
+                      for call in self._by_key.get(record, ())
+                      if call.seq > read_to and call.record in records}
+        candidates.update((call.seq, call) for call in self._unkeyed if call.seq > read_to)
+        taken: list[_Call] = []
+        for seq in sorted(candidates):
+            call = candidates[seq]
+            keys = call.keys
+            if not keys.isdisjoint(in_flight) or (wait and any(map(self.coming, keys))) \
+                    or any(self._by_key[key][0] is not call for key in keys):
+                continue
+            taken.append(call)
+            self._dequeue((call,))  # out of the index at once: the next candidate may follow it
+        return taken
+
+    def _dequeue(self, calls: Iterable[_Call]) -> None:
+        for call in calls:
+            del self._queue[call.seq]
+            for key in call.keys:
+                waiting = self._by_key[key]
+                if waiting[0] is call:  # nearly always: a call goes after those before it
+                    waiting.popleft()
+                else:
+                    waiting.remove(call)
+                if not waiting:
+                    del self._by_key[key]
+            if not call.keys:
+                self._unkeyed.remove(call)
 
     async def _flush(self) -> None:
         # One tick, so calls that became ready together (a claim of many events) share a batch.
@@ -130,7 +186,7 @@ class Batcher:
         while self._queue or self._sending:
             if self._queue and len(self._sending) < self.in_flight \
                     and (not self._sending or self._arrived >= look_again_at):
-                waited = loop.time() - self._queue[0].at
+                waited = loop.time() - next(iter(self._queue.values())).at
                 batch, short = self._take(wait=waited < self.hold, full=bool(self._sending))
                 if batch:
                     self._start(batch)

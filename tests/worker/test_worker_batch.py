@@ -4,6 +4,7 @@ per-identity order holds with batching on."""
 from __future__ import annotations
 
 import asyncio
+import random
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -13,7 +14,7 @@ from engine.actions import Action, IdentityKey, UpsertContact
 from engine.errors import PermanentCRMError, RetryableCRMError
 from engine.storage import Storage
 from engine.targets.base import CallContext, Outcome, batches
-from engine.worker.batch import Batcher
+from engine.worker.batch import Batcher, _Call
 from engine.worker.loop import Worker, WorkerOptions
 from tests.support.worker_helpers import FakeTarget, store, write_rules
 
@@ -178,3 +179,70 @@ async def test_a_later_event_in_the_same_claim_follows_without_reading_the_inbox
                if isinstance(a, UpsertContact)]
     for n in range(6):  # each token's first event before its second
         assert applied.index(f"first-{n}") < applied.index(f"second-{n}")
+
+
+def _scanned(queue: list[_Call], size: int, in_flight: set[IdentityKey], wait: bool,
+             full: bool, coming: set[IdentityKey]) -> tuple[list[_Call], list[_Call], int]:
+    """The batch rule read straight off the queue, call by call (how `_take` read it before
+    it kept an index): (taken, left, how many records short)."""
+    taken: list[_Call] = []
+    left: list[_Call] = []
+    records: set[IdentityKey] = set()
+    blocked = set(in_flight)
+    for call in queue:
+        keys = set(call.action.identity)
+        record = call.action.identity[:1]
+        new = bool(record) and record[0] not in records
+        if (new and len(records) >= size) or keys & blocked \
+                or (wait and any(key in coming for key in keys)):
+            left.append(call)
+            blocked |= keys
+            continue
+        taken.append(call)
+        records.update(record)
+    short = size - len(records)
+    if full and short > 0:
+        return [], queue, short
+    return taken, left, short
+
+
+async def test_a_batch_takes_what_reading_the_whole_queue_in_order_would() -> None:
+    """Thousands of random queues of calls that share records and second keys, with keys in
+    flight and keys still coming: `_take` (which reads the queue only until its batch has its
+    records, then an index by key) takes exactly the calls, in the order, that reading every
+    queued call in order takes, and leaves the rest queued in order, batch after batch."""
+    rng = random.Random(12)
+    tokens = [IdentityKey("deep_link_token", f"t{n}") for n in range(12)]
+    emails = [IdentityKey("email", f"e{n}") for n in range(5)]
+
+    def identity() -> tuple[IdentityKey, ...]:
+        shape = rng.random()
+        if shape < 0.03:
+            return ()
+        if shape < 0.15:
+            return (rng.choice(emails),)
+        token = rng.choice(tokens)
+        return (token, rng.choice(emails)) if shape < 0.5 else (token,)
+
+    target = BatchingTarget()
+    compared = 0
+    for _ in range(300):
+        batcher = Batcher(target, size=rng.randint(1, 6))
+        coming: set[IdentityKey] = set()
+        batcher.coming = coming.__contains__
+        reference: list[_Call] = []
+        for _ in range(rng.randint(1, 5)):  # batches, with calls arriving in between
+            for _ in range(rng.randint(0, 25)):
+                reference.append(batcher._enqueue(UpsertContact("r", identity()),
+                                                  CallContext("k")))
+            in_flight = set(rng.sample([*tokens, *emails], rng.randint(0, 3)))
+            batcher._sending = {None: frozenset(in_flight)}  # type: ignore[dict-item]
+            coming.clear()
+            coming.update(rng.sample([*tokens, *emails], rng.randint(0, 2)))
+            wait, full = rng.random() < 0.4, rng.random() < 0.3
+            expected, reference, short = _scanned(reference, batcher.size, in_flight, wait,
+                                                  full, coming)
+            assert batcher._take(wait, full) == (expected, short)
+            assert list(batcher._queue.values()) == reference
+            compared += 1
+    assert compared > 600
