@@ -22,8 +22,8 @@ class _Call:
     at: float = field(default_factory=lambda: asyncio.get_running_loop().time())
     answer: asyncio.Future[Outcome] = field(
         default_factory=lambda: asyncio.get_running_loop().create_future())
-    # Its identity keys as a set, and the record it writes (its first key): read on every
-    # scan of the queue, so made once.
+    # Its identity keys as a set, and the record it writes (its first key): read by every
+    # batch that considers it, so made once.
     keys: frozenset[IdentityKey] = field(init=False)
     record: IdentityKey | None = field(init=False)
     seq: int = 0  # its place in the order calls were queued
@@ -151,11 +151,12 @@ class Batcher:
                       for call in self._by_key.get(record, ())
                       if call.seq > read_to and call.record in records}
         candidates.update((call.seq, call) for call in self._unkeyed if call.seq > read_to)
+        coming = self.coming
         taken: list[_Call] = []
         for seq in sorted(candidates):
             call = candidates[seq]
             keys = call.keys
-            if not keys.isdisjoint(in_flight) or (wait and any(map(self.coming, keys))) \
+            if not keys.isdisjoint(in_flight) or (wait and any(map(coming, keys))) \
                     or any(self._by_key[key][0] is not call for key in keys):
                 continue
             taken.append(call)
@@ -203,7 +204,7 @@ class Batcher:
     def _start(self, batch: list[_Call]) -> None:
         self.batches.append(len(batch))
         task = asyncio.create_task(self._send(batch), name=f"linkcrm-batch-{self.name}-send")
-        self._sending[task] = frozenset(key for call in batch for key in call.action.identity)
+        self._sending[task] = frozenset().union(*(call.keys for call in batch))
         task.add_done_callback(self._sending.pop)
 
     async def _send(self, batch: Sequence[_Call]) -> None:
