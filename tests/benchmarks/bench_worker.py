@@ -26,6 +26,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from engine.rules.files import load_ruleset
+from engine.runtime.collector import collect_cycles_seldom
+from engine.runtime.gil import share_the_gil_promptly
 from engine.runtime.metrics import Metrics
 from engine.runtime.settings import Settings
 from engine.storage import NewEvent, open_storage
@@ -76,6 +78,8 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as folder:
         url = options.database or f"sqlite:///{Path(folder) / 'worker.db'}"
         asyncio.run(fill(url, options.events))
+        share_the_gil_promptly()  # as `linkcrm worker` and `linkcrm serve` run
+        collect_cycles_seldom()
         profiler = cProfile.Profile() if options.profile else None
         if profiler is not None:
             profiler.enable()
