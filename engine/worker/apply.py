@@ -163,6 +163,22 @@ class Applier:
                    for keyed in actions]
         link.settle(queued=True)
         results = await asyncio.gather(*answers, return_exceptions=True)
+        return await self.pipelined(event, target, actions, known, link, leaders, results)
+
+    async def pipelined(
+        self,
+        event: InboxEvent,
+        target: Target,
+        actions: Sequence[KeyedAction],
+        known: Mapping[tuple[str, str], ActionOutcome],
+        link: Link,
+        leaders: Sequence[Link],
+        results: Sequence[Outcome | BaseException],
+    ) -> PartResult:
+        """`pipeline` from the answers (`results`) to the calls it queued: kept once every
+        leader came through clean, recorded as far as they settle it, and the rest one by
+        one (`engine.worker.claimpipe` queues a claim's calls itself and comes here for the
+        events it cannot finish together)."""
         if not await all_clean(leaders):
             # Applied before an earlier event of its identity that is to be applied again:
             # apply it again afterwards, with nothing recorded (the actions are idempotent).

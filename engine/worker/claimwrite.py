@@ -65,12 +65,10 @@ J = TypeVar("J", bound=ClaimedJob)
 
 
 @dataclass
-class ClaimWriter(Generic[J]):
-    """Writes a claim's events to `target` at once and finishes those it settles at once.
+class ClaimFinishing(Generic[J]):
+    """What a claim's one write shares with its kind: how the events it settles whole finish
+    together in one write (`_finish`), and how events end otherwise, lent by the worker.
 
-    The worker lends it how an event ends otherwise: `alone(job, answers, result)` takes an
-    event from its order check to its conclusion (`answers`: what the claim's write answered
-    for its actions; `result`: its part as that write settled it, left to conclude);
     `finish(job, parts)` says how an event whose parts are all done ends; `finished(job,
     finish, finished)` counts and logs that end; `release(event, why, delay)` hands an event
     back; `notify()` wakes what waits for an event of this worker to move on; `transient(error)`
@@ -78,7 +76,6 @@ class ClaimWriter(Generic[J]):
     way on every attempt (a value the store refuses, a bug).
     """
 
-    target: AllAtOnceTarget
     lane: Lane  # the target's: the claim's write takes one slot
     _: KW_ONLY
     busy_wait: float  # how long to wait for that slot before each event goes alone
@@ -86,59 +83,30 @@ class ClaimWriter(Generic[J]):
     applier: Applier
     inbox: Inbox
     worker_id: str
-    alone: Callable[[J, Answers | None, PartResult | None], Awaitable[None]]
     finish: Callable[[J, list[PartResult]], Finish]
     finished: Callable[[J, Finish, bool], None]
     release: Callable[[InboxEvent, str, float], Awaitable[None]]
     notify: Callable[[], None]
     transient: Callable[[object], bool]
 
-    def goes_together(self, job: J) -> bool:
-        """Whether the event's part goes in its claim's one write: nothing earlier of its
-        identities to wait for, actions to write, none of them tried before."""
-        name = self.target.name
-        return job.clear and name in job.keys and bool(job.work.actions) \
-            and not any((name, keyed.key) in job.known for keyed in job.work.actions)
+    def _conclude_alone(self, job: J, result: PartResult) -> Awaitable[None]:
+        """The event concludes the worker's one-by-one way from its settled part."""
+        raise NotImplementedError
 
-    async def process(self, jobs: list[J]) -> None:
-        """The claim's events that go together (`goes_together`): every one's actions in one
-        `execute_all` call; the events that call settles whole finish together in one write
-        (`_finish`), each of the others goes its own way (`alone`) from its answers, and all
-        of them do when the call fails as a whole or the lane stays full."""
+    async def _hand_back_all(self, jobs: Sequence[J]) -> None:
+        """Stopped (or a lease lost) before the events began: let go and hand them back."""
         me = asyncio.current_task()
-        try:
-            answers = await self._write(jobs)
-        except asyncio.CancelledError:  # stopped (or a lease lost) before the events began
-            for job in jobs:
-                self.leases.release(job.event.id, me)
-            await asyncio.gather(*(self.release(job.event, "interrupted: the worker stopped",
-                                                0.0) for job in jobs))
-            raise
-        settled: list[tuple[J, PartResult]] = []
-        alone: list[tuple[J, Answers | None]] = []
-        for job, answered in zip(jobs, answers, strict=True):
-            result = None if answered is None else \
-                self.applier.answered(job.event, self.target, job.work.actions, answered)
-            if result is not None and len(result.unrecorded) == len(job.work.actions):
-                settled.append((job, result))
-            else:
-                alone.append((job, answered))
-        # Each of these holds its events' leases from now on and ends them, however it ends
-        # (a lost lease cancels only the one holding that event): all are waited for.
-        ended = await asyncio.gather(
-            self._finish(settled),
-            *(self.alone(job, answered, None) for job, answered in alone),
-            return_exceptions=True)
-        for error in ended:
-            if isinstance(error, BaseException) and not isinstance(error, asyncio.CancelledError):
-                log.error("event task failed", extra={"error_type": type(error).__name__,
-                                                      "where": where(error)})
+        for job in jobs:
+            self.leases.release(job.event.id, me)
+        await asyncio.gather(*(self.release(job.event, "interrupted: the worker stopped", 0.0)
+                               for job in jobs))
 
-    async def _finish(self, settled: list[tuple[J, PartResult]]) -> None:
+    async def _finish(self, settled: list[tuple[J, PartResult]]) -> bool:
         """Conclude the events their claim's write settled, in one write; when that write
-        fails on something other than the store, each event concludes alone."""
+        fails on something other than the store, each event concludes alone, in order.
+        Whether their outcomes went in that write (False: handed back, or each alone)."""
         if not settled:
-            return
+            return True
         me = asyncio.current_task()
         assert me is not None
         finishes = []
@@ -158,19 +126,68 @@ class ClaimWriter(Generic[J]):
                     "event_ids": [job.event.id for job, _ in settled], "error": str(error)})
                 await asyncio.gather(*(self.release(job.event, f"storage error: {error}",
                                                     5.0) for job, _ in settled))
-                done = None
-            else:  # an event's own data or a bug: each concludes alone, to its own end
-                await asyncio.gather(*(self.alone(job, None, result)
-                                       for job, result in settled))
-                return
+                return False
+            # An event's own data or a bug: each concludes alone, to its own end, in order
+            # (an identity's later event records its outcomes after the earlier one's).
+            for job, result in settled:
+                await self._conclude_alone(job, result)
+            return False
         finally:
             for job, _ in settled:
                 self.leases.release(job.event.id, me)
         self.notify()
-        if done is None:
-            return
         for (job, _), finish, finished in zip(settled, finishes, done, strict=True):
             self.finished(job, finish, finished)
+        return True
+
+
+@dataclass
+class ClaimWriter(ClaimFinishing[J]):
+    """Writes a claim's events to `target` at once and finishes those it settles at once.
+
+    The worker lends it how an event ends otherwise: `alone(job, answers, result)` takes an
+    event from its order check to its conclusion (`answers`: what the claim's write answered
+    for its actions; `result`: its part as that write settled it, left to conclude).
+    """
+
+    target: AllAtOnceTarget
+    alone: Callable[[J, Answers | None, PartResult | None], Awaitable[None]]
+
+    def goes_together(self, job: J) -> bool:
+        """Whether the event's part goes in its claim's one write: nothing earlier of its
+        identities to wait for, actions to write, none of them tried before."""
+        name = self.target.name
+        return job.clear and name in job.keys and bool(job.work.actions) \
+            and not any((name, keyed.key) in job.known for keyed in job.work.actions)
+
+    def _conclude_alone(self, job: J, result: PartResult) -> Awaitable[None]:
+        return self.alone(job, None, result)
+
+    async def process(self, jobs: list[J]) -> None:
+        """The claim's events that go together (`goes_together`): every one's actions in one
+        `execute_all` call; the events that call settles whole finish together in one write
+        (`_finish`), each of the others goes its own way (`alone`) from its answers, and all
+        of them do when the call fails as a whole or the lane stays full."""
+        try:
+            answers = await self._write(jobs)
+        except asyncio.CancelledError:  # stopped (or a lease lost) before the events began
+            await self._hand_back_all(jobs)
+            raise
+        settled: list[tuple[J, PartResult]] = []
+        alone: list[tuple[J, Answers | None]] = []
+        for job, answered in zip(jobs, answers, strict=True):
+            result = None if answered is None else \
+                self.applier.answered(job.event, self.target, job.work.actions, answered)
+            if result is not None and len(result.unrecorded) == len(job.work.actions):
+                settled.append((job, result))
+            else:
+                alone.append((job, answered))
+        # Each of these holds its events' leases from now on and ends them, however it ends
+        # (a lost lease cancels only the one holding that event): all are waited for.
+        log_failures(await asyncio.gather(
+            self._finish(settled),
+            *(self.alone(job, answered, None) for job, answered in alone),
+            return_exceptions=True))
 
     async def _write(self, jobs: list[J]) -> list[Answers | None]:
         """Each event's answers from one `execute_all`; None for all when that call failed
@@ -193,4 +210,13 @@ class ClaimWriter(Generic[J]):
         return answers
 
 
-__all__ = ["ClaimWriter", "ClaimedJob"]
+def log_failures(ended: Sequence[object]) -> None:
+    """Log the errors among what the tasks of a claim ended with (a bug: the events they
+    held are handed back when their leases run out)."""
+    for error in ended:
+        if isinstance(error, BaseException) and not isinstance(error, asyncio.CancelledError):
+            log.error("event task failed", extra={"error_type": type(error).__name__,
+                                                  "where": where(error)})
+
+
+__all__ = ["ClaimFinishing", "ClaimWriter", "ClaimedJob", "log_failures"]

@@ -53,6 +53,7 @@ from engine.worker.apply import Applier, Lane, PartResult, Sleep
 from engine.worker.attribution import attach_all
 from engine.worker.batch import Batcher
 from engine.worker.chain import Chains, Link, all_queued
+from engine.worker.claimpipe import ClaimPipeline, Pipelined
 from engine.worker.claimwrite import ClaimWriter
 from engine.worker.coalesce import Coalescer
 from engine.worker.leases import LeaseKeeper
@@ -199,11 +200,20 @@ class Worker:
         # ends otherwise (alone, finished, handed back) stays the worker's, lent to it.
         at_once = self.claim_at_once
         self.claim_writer: ClaimWriter[_Job] | None = None if at_once is None else ClaimWriter(
-            at_once, self.lanes[at_once.name], busy_wait=self.options.busy_wait,
-            leases=self.leases, applier=self.applier, inbox=storage.inbox,
-            worker_id=self.worker_id, alone=self._process, finish=self._finish,
+            self.lanes[at_once.name], target=at_once, alone=self._process,
+            busy_wait=self.options.busy_wait, leases=self.leases, applier=self.applier,
+            inbox=storage.inbox, worker_id=self.worker_id, finish=self._finish,
             finished=self._finished_event, release=self._release, notify=self._notify,
             transient=transient)
+        # With only a batching target, a claim's events go in one pass (`engine.worker.claimpipe`).
+        queueing = self.callers[only.name]
+        self.claim_pipeline: ClaimPipeline[_Job] | None = ClaimPipeline(
+            self.lanes[only.name], target=queueing, chains=self.chains,
+            alone=self._process_pipelined, busy_wait=self.options.busy_wait, leases=self.leases,
+            applier=self.applier, inbox=storage.inbox, worker_id=self.worker_id,
+            finish=self._finish, finished=self._finished_event, release=self._release,
+            notify=self._notify, transient=transient) \
+            if len(self.targets) == 1 and isinstance(queueing, Batcher) else None
         self._observers: set[asyncio.Task[None]] = set()
         self._stopping = False
         self._signal: asyncio.Event | None = None
@@ -300,8 +310,7 @@ class Worker:
             await asyncio.gather(*(self._release(e, "the store failed at claim time", 1.0)
                                    for e in events))
             return
-        writer = self.claim_writer
-        together: list[_Job] = []
+        ready: list[_Job] = []
         for job, result in zip(jobs, begun, strict=True):
             if self.leases.lost(job.event.id):
                 continue  # another worker has it now
@@ -310,13 +319,20 @@ class Worker:
                 continue
             if isinstance(result, BaseException):
                 raise result
-            if writer is not None and writer.goes_together(job):
-                together.append(job)
-                continue
-            self._spawn(self._process(job), f"linkcrm-event-{job.event.id}", [job])
-        if writer is not None and together:
-            self._spawn(writer.process(together), f"linkcrm-claim-{together[0].event.id}",
-                        together)
+            ready.append(job)
+        together: list[_Job] = []
+        process: Callable[[list[_Job]], Coroutine[Any, Any, None]] | None = None
+        if (writer := self.claim_writer) is not None:
+            together, process = [job for job in ready if writer.goes_together(job)], \
+                writer.process
+        elif (pipe := self.claim_pipeline) is not None:
+            together, process = pipe.select(ready), pipe.process
+        going = {job.event.id for job in together}
+        for job in ready:
+            if job.event.id not in going:
+                self._spawn(self._process(job), f"linkcrm-event-{job.event.id}", [job])
+        if process is not None and together:
+            self._spawn(process(together), f"linkcrm-claim-{together[0].event.id}", together)
 
     def _spawn(self, work: Coroutine[Any, Any, None], name: str, jobs: list[_Job]) -> None:
         task = asyncio.create_task(work, name=name)
@@ -424,10 +440,12 @@ class Worker:
 
     async def _process(self, job: _Job,
                        answers: Sequence[Outcome | Exception] | None = None,
-                       result: PartResult | None = None) -> None:
+                       result: PartResult | None = None,
+                       pipelined: Pipelined | None = None) -> None:
         """The event from its order check to its conclusion; `answers`: what its claim's one
-        write answered for its actions (`ClaimWriter.process`), in their place; `result`: its
-        part as that write settled it, left to conclude."""
+        write answered for its actions (`ClaimWriter.process`), in their place; `pipelined`:
+        its calls as its claim's pass queued and answered them (`ClaimPipeline.process`);
+        `result`: its part as either settled it, left to conclude."""
         event = job.event
         me = asyncio.current_task()
         assert me is not None
@@ -435,6 +453,8 @@ class Worker:
         try:
             if result is not None:
                 parts = [result]
+            elif pipelined is not None:
+                parts = [await self._pipelined_part(job, pipelined)]
             elif answers is not None:
                 parts = [await self._part(job, self.targets[0], answers)]
             else:
@@ -501,8 +521,27 @@ class Worker:
         finally:
             if link is not None:
                 self.chains.close(target.name, link)
+        return await self._part_ended(job, result)
+
+    def _process_pipelined(self, job: _Job, pipelined: Pipelined | None,
+                           result: PartResult | None) -> Coroutine[Any, Any, None]:
+        """How an event of a claim's pass (`ClaimPipeline`) goes on alone."""
+        return self._process(job, result=result, pipelined=pipelined)
+
+    async def _pipelined_part(self, job: _Job, pipelined: Pipelined) -> PartResult:
+        """The one target's part from the answers its claim's pass got (`Applier.pipelined`)."""
+        name = self.targets[0].name
+        try:
+            result = await self.applier.pipelined(
+                job.event, self.callers[name], job.work.actions, job.known, pipelined.link,
+                pipelined.leaders, pipelined.replies)
+        finally:
+            self.chains.close(name, pipelined.link)
+        return await self._part_ended(job, result)
+
+    async def _part_ended(self, job: _Job, result: PartResult) -> PartResult:
         if result.done:
-            del job.keys[target.name]
+            del job.keys[result.target]
             if job.keys:  # later events may go on this target while the others finish
                 await self._record_keys(job)
             self._notify()  # the last target's keys go with the event's conclusion
