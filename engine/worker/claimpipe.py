@@ -3,8 +3,8 @@
     pipe = ClaimPipeline(lane, target=batcher, chains=chains, busy_wait=2.0, leases=leases,
                          applier=applier, inbox=storage.inbox, worker_id=worker_id,
                          alone=worker._process_pipelined, ...)
-    together = pipe.select(jobs)       # in claim order; opens their chain links
-    await pipe.process(together)       # in the one task that holds all their leases
+    selected = pipe.select(jobs)       # a ClaimPass, in claim order; opens their chain links
+    await pipe.process(selected)       # in the one task that holds all their leases
 
 The worker uses this path when its one target has batch endpoints (a `Batcher` in front of
 HubSpot or Salesforce). Per event, the one-by-one path costs a task, a lane slot, an order
@@ -63,6 +63,17 @@ class Pipelined:
 
 
 J = TypeVar("J", bound=FollowingJob)
+Behind = tuple[tuple[int, ...], tuple[Link, ...]]  # earlier events: of the pass, of others
+
+
+@dataclass(eq=False)
+class ClaimPass(Generic[J]):
+    """The events of a claim that go in one pass, in claim order, with each one's chain link
+    and the earlier events it goes behind: of this pass, by id, and of passes in progress."""
+
+    jobs: list[J] = field(default_factory=list)
+    links: dict[int, Link] = field(default_factory=dict)
+    behind: dict[int, Behind] = field(default_factory=dict)
 
 
 @dataclass
@@ -75,35 +86,35 @@ class ClaimPipeline(ClaimFinishing[J]):
     target: Queueing
     chains: Chains
     alone: Callable[[J, Pipelined | None, PartResult | None], Coroutine[Any, Any, None]]
-    _links: dict[int, Link] = field(default_factory=dict, init=False)  # by event id, selected
-    # The earlier events each selected event goes behind: of its pass, by id, and of others.
-    _behind: dict[int, tuple[tuple[int, ...], tuple[Link, ...]]] = field(
-        default_factory=dict, init=False)
+    # The links of the passes in progress, by event id: what a later claim's event follows.
+    # An event that went on alone may be claimed again while its first pass still runs: the
+    # newer pass's link is the one kept here.
+    _in_progress: dict[int, Link] = field(default_factory=dict, init=False)
 
-    def select(self, jobs: Sequence[J]) -> list[J]:
+    def select(self, jobs: Sequence[J]) -> ClaimPass[J]:
         """The events of a claim, in claim order, that go in its one pass; each gets its
         chain link now, so the claim's other events (and later claims) can follow it."""
         name = self.target.name
-        chosen: list[J] = []
-        ids: set[int] = set()
+        chosen: ClaimPass[J] = ClaimPass()
         for job in jobs:
             if name not in job.keys or not job.work.actions \
                     or any((name, keyed.key) in job.known for keyed in job.work.actions):
                 continue
-            behind = self._behind_of(job, ids)
+            behind = self._behind_of(job, chosen.links)
             if behind is None:
                 continue
-            self._behind[job.event.id] = behind
-            ids.add(job.event.id)
-            self._links[job.event.id] = self.chains.open(name, job.event.id, (
+            event_id = job.event.id
+            link = self.chains.open(name, event_id, (
                 key for keyed in job.work.actions for key in keyed.action.identity))
-            chosen.append(job)
+            chosen.jobs.append(job)
+            chosen.links[event_id] = self._in_progress[event_id] = link
+            chosen.behind[event_id] = behind
         return chosen
 
-    def _behind_of(self, job: J, ids: set[int]) -> tuple[tuple[int, ...], tuple[Link, ...]] | None:
-        """The earlier events the event goes behind: of this pass (`ids`, their calls queued
-        in it just before its own) and of passes in progress whose calls are queued already;
-        None when one of them is neither (its calls may not be queued yet)."""
+    def _behind_of(self, job: J, chosen: dict[int, Link]) -> Behind | None:
+        """The earlier events the event goes behind: of this pass (`chosen`, their calls
+        queued in it just before its own) and of passes in progress whose calls are queued
+        and not given up; None when one of them is neither."""
         if job.clear:
             return (), ()
         if not job.earlier:
@@ -111,10 +122,11 @@ class ClaimPipeline(ClaimFinishing[J]):
         inside: list[int] = []
         outside: list[Link] = []
         for event_id in job.earlier:
-            link = self._links.get(event_id)
-            if event_id in ids:
+            link = self._in_progress.get(event_id)
+            if event_id in chosen:
                 inside.append(event_id)
-            elif link is not None and link.queued.done() and link.queued.result():
+            elif link is not None and link.queued.done() and link.queued.result() \
+                    and (not link.clean.done() or link.clean.result()):
                 outside.append(link)
             else:
                 return None
@@ -123,13 +135,14 @@ class ClaimPipeline(ClaimFinishing[J]):
     def _conclude_alone(self, job: J, result: PartResult) -> Awaitable[None]:
         return self.alone(job, None, result)
 
-    async def process(self, jobs: list[J]) -> None:
+    async def process(self, claim: ClaimPass[J]) -> None:
         """Every selected event's calls queued in claim order; then, as their answers come
         in, the events settled whole (behind earlier events settled whole) finish in one write
         per wake-up, and each of the others goes the one-by-one way from its answers; all of
         them from the start when the lane stays full."""
+        jobs = claim.jobs
         if not await self.lane.acquire(self.busy_wait):  # each its own way, from the start
-            self._close(jobs)
+            self._close(claim, jobs)
             log_failures(await asyncio.gather(*(self.alone(job, None, None) for job in jobs),
                                               return_exceptions=True))
             return
@@ -141,29 +154,31 @@ class ClaimPipeline(ClaimFinishing[J]):
                 for keyed in job.work.actions:
                     answers.expect(index, self.target.submit(
                         keyed.action, CallContext(keyed.key, event.id, keyed.action.rule)))
-                self._links[event.id].settle(queued=True)
+                claim.links[event.id].settle(queued=True)
             while answers.waiting:
-                settled, apart = self._decide(await answers.next(), answers)
+                settled, apart = self._decide(claim, await answers.next(), answers)
                 alone += [asyncio.create_task(self.alone(job, pipelined, None),
                                               name=f"linkcrm-event-{job.event.id}")
                           for job, pipelined in apart]
                 # One write at a time, in claim order: an event settled behind an earlier
                 # one finishes in the same write or a later one, never ahead of it.
-                if await self._finish_settled(settled):
+                if await self._finish_settled(claim, settled):
                     answers.written.update(job.event.id for job, _ in settled)
-        except asyncio.CancelledError:  # stopped, or a lease lost: the rest are handed back
+        except BaseException as error:  # stopped, a lease lost, a bug: the rest handed back
             for task in alone:
                 task.cancel()
             undecided = [job for job in jobs if job.event.id in answers.undecided]
-            self._close(undecided)
+            self._close(claim, undecided)
             await self._hand_back_all(undecided)
-            raise
+            if isinstance(error, asyncio.CancelledError):
+                raise
+            log_failures([error])  # type and place only: the message may quote event data
         finally:
             self.lane.release()
             log_failures(await asyncio.gather(*alone, return_exceptions=True))
-            self._close(jobs)
+            self._close(claim, jobs)
 
-    def _decide(self, ready: list[int], answers: _Answers[J]
+    def _decide(self, claim: ClaimPass[J], ready: list[int], answers: _Answers[J]
                 ) -> tuple[list[tuple[J, PartResult]], list[tuple[J, Pipelined]]]:
         """The answered events (by claim position) whose earlier events are decided: those
         settled whole behind earlier events settled whole, to finish together, and the others,
@@ -173,7 +188,7 @@ class ClaimPipeline(ClaimFinishing[J]):
         whole = set(answers.written)
         for index in ready:
             job = answers.jobs[index]
-            inside, outside = self._behind[job.event.id]
+            inside, outside = claim.behind[job.event.id]
             unwritten = [link for link in outside if not link.clean.done()]
             if unwritten or not answers.undecided.isdisjoint(inside):
                 answers.park(index, unwritten)  # an earlier event is still undecided
@@ -187,26 +202,29 @@ class ClaimPipeline(ClaimFinishing[J]):
                 settled.append((job, result))
                 whole.add(job.event.id)
             else:
-                leaders = tuple(self._links[e] for e in inside) + outside
-                apart.append((job, Pipelined(self._links[job.event.id], leaders, replies)))
+                leaders = tuple(claim.links[e] for e in inside) + outside
+                apart.append((job, Pipelined(claim.links[job.event.id], leaders, replies)))
         return settled, apart
 
-    async def _finish_settled(self, settled: list[tuple[J, PartResult]]) -> bool:
+    async def _finish_settled(self, claim: ClaimPass[J],
+                              settled: list[tuple[J, PartResult]]) -> bool:
         """`_finish`, then each link says whether its event's outcomes are written."""
         written = False
         try:
             written = await self._finish(settled)
         finally:
             for job, _ in settled:
-                self._links[job.event.id].settle(clean=written)
+                claim.links[job.event.id].settle(clean=written)
         return written
 
-    def _close(self, jobs: Sequence[J]) -> None:
+    def _close(self, claim: ClaimPass[J], jobs: Sequence[J]) -> None:
         for job in jobs:
-            self._behind.pop(job.event.id, None)
-            link = self._links.pop(job.event.id, None)
-            if link is not None:
-                self.chains.close(self.target.name, link)
+            link = claim.links.get(job.event.id)
+            if link is None:
+                continue
+            if self._in_progress.get(job.event.id) is link:
+                del self._in_progress[job.event.id]
+            self.chains.close(self.target.name, link)
 
 
 class _Answers(Generic[J]):
@@ -279,4 +297,4 @@ class _Answers(Generic[J]):
         return replies
 
 
-__all__ = ["ClaimPipeline", "FollowingJob", "Pipelined"]
+__all__ = ["ClaimPass", "ClaimPipeline", "FollowingJob", "Pipelined"]

@@ -321,18 +321,21 @@ class Worker:
                 raise result
             ready.append(job)
         together: list[_Job] = []
-        process: Callable[[list[_Job]], Coroutine[Any, Any, None]] | None = None
+        claim: Coroutine[Any, Any, None] | None = None
         if (writer := self.claim_writer) is not None:
-            together, process = [job for job in ready if writer.goes_together(job)], \
-                writer.process
+            together = [job for job in ready if writer.goes_together(job)]
+            claim = writer.process(together)
         elif (pipe := self.claim_pipeline) is not None:
-            together, process = pipe.select(ready), pipe.process
+            selected = pipe.select(ready)
+            together, claim = selected.jobs, pipe.process(selected)
         going = {job.event.id for job in together}
         for job in ready:
             if job.event.id not in going:
                 self._spawn(self._process(job), f"linkcrm-event-{job.event.id}", [job])
-        if process is not None and together:
-            self._spawn(process(together), f"linkcrm-claim-{together[0].event.id}", together)
+        if claim is not None and together:
+            self._spawn(claim, f"linkcrm-claim-{together[0].event.id}", together)
+        elif claim is not None:
+            claim.close()  # nothing goes together: the coroutine never runs
 
     def _spawn(self, work: Coroutine[Any, Any, None], name: str, jobs: list[_Job]) -> None:
         task = asyncio.create_task(work, name=name)

@@ -50,6 +50,19 @@ async def test_twenty_percent_faults_everywhere_lose_nothing_and_duplicate_nothi
     assert fault_run.problems(report, RULES) == []
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("crm", ["hubspot", "salesforce"])
+async def test_twenty_percent_faults_on_a_lone_batching_crm_lose_nothing_and_duplicate_nothing(
+        tmp_path: Path, crm: str) -> None:
+    """A worker with one batching target sends each claim in one pass
+    (engine/worker/claimpipe.py): the same faults, the same exactly-once end state."""
+    report = await fault_run.run(RULES, tmp_path, 24, timeout=240, targets=(crm,))
+    assert report.statuses == {"processed": report.events}, report.dead_errors
+    assert set(report.injected[crm]) == set(KINDS), report.injected
+    assert report.retried[crm] > 0
+    assert fault_run.problems(report, RULES) == []
+
+
 def only_first(method: str, path: str) -> Callable[[dict[str, Any]], bool]:
     """`exempt` for a FaultInjector at rate 1: only the first `method path` is faulted."""
     seen: list[str] = []
