@@ -19,14 +19,14 @@ of a rate-limited CRM stays full.
 An event is selected when it has actions to send, none of them tried before, and nothing
 earlier of its identities is pending (`clear`) or every earlier pending event of them
 (`earlier`, from the claim's one order check) was selected before it in this pass or is in a
-pass still in progress that has queued its calls: its calls then queue right behind theirs,
-as `engine.worker.chain` would have them follow. It is decided once
-those earlier events are (their answers may come in a later batch than its own), and it
-finishes with them only if each settled whole, in the same write or a later one; otherwise
-it goes the one-by-one way from its answers, behind them (`Applier.pipelined`), and so does
-every event whose own answers do not settle it whole (a retryable error). Every selected
-event keeps a chain link, so an event of a later claim can follow it as before; a link is
-`clean` once its event's outcomes are written.
+pass still in progress that has queued its calls and not given up: its calls then queue
+right behind theirs, as `engine.worker.chain` would have them follow. It is decided once those
+earlier events are (their answers may come in a later batch than its own), and it finishes
+with them only if each settled whole, in the same write or a later one; otherwise it goes the
+one-by-one way from its answers, behind them (`Applier.pipelined`), and so does every event
+whose own answers do not settle it whole (a retryable error). Every selected event keeps a
+chain link, so an event of a later claim can follow it as before; a link is `clean` once its
+event's outcomes are written.
 """
 
 from __future__ import annotations
