@@ -238,6 +238,12 @@ class IdentityMap(Protocol):
     async def bind_identity(self, target: str, key: IdentityKey, record_id: str) -> str:
         """Map the key to `record_id` unless it is already mapped; returns the id that won."""
 
+    async def bind_identities(self, target: str, bindings: Sequence[tuple[IdentityKey, str]]
+                              ) -> list[str]:
+        """`bind_identity` for each (key, record id), in order, in one write: for each, the
+        id that won (a key bound twice in the list keeps the first). A bad key or id raises
+        before anything is written."""
+
     async def rebind_identity(self, target: str, key: IdentityKey, record_id: str) -> None:
         """Map the key to `record_id`, replacing whatever it named, in one atomic write: for
         a CRM that is the authority on the record (its unique property, a merged record)."""
@@ -254,6 +260,10 @@ class IdentityMap(Protocol):
 
     async def bind_deal(self, target: str, deal_key: str, deal_id: str) -> str:
         """Map the deal key unless it is already mapped; returns the id that won."""
+
+    async def bind_deals(self, target: str, bindings: Sequence[tuple[str, str]]) -> list[str]:
+        """`bind_deal` for each (deal key, deal id), in order, in one write: for each, the
+        id that won. A bad key or id raises before anything is written."""
 
 
 class RateLimits(Protocol):

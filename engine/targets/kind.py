@@ -144,6 +144,10 @@ class Scratch:
     async def bind_identity(self, target: str, key: IdentityKey, record_id: str) -> str:
         return self.identities.setdefault((target, key.field, key.value), record_id)
 
+    async def bind_identities(self, target: str, bindings: Sequence[tuple[IdentityKey, str]]
+                              ) -> list[str]:
+        return [await self.bind_identity(target, key, record_id) for key, record_id in bindings]
+
     async def rebind_identity(self, target: str, key: IdentityKey, record_id: str) -> None:
         self.identities[(target, key.field, key.value)] = record_id
 
@@ -157,6 +161,9 @@ class Scratch:
 
     async def bind_deal(self, target: str, deal_key: str, deal_id: str) -> str:
         return self.deals.setdefault((target, deal_key), deal_id)
+
+    async def bind_deals(self, target: str, bindings: Sequence[tuple[str, str]]) -> list[str]:
+        return [self.deals.setdefault((target, key), deal_id) for key, deal_id in bindings]
 
     async def take_tokens(self, bucket: str, cost: float, capacity: float,
                           refill_per_second: float) -> float:

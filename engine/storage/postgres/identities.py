@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from engine.actions import IdentityKey
 from engine.storage import checks, records
 from engine.storage.postgres.database import PostgresPart
@@ -35,6 +37,35 @@ class PostgresIdentityMap(PostgresPart, IdentityMap):
                 if winner is not None:  # else unbound between the two statements: again
                     return winner
         raise RuntimeError("the identity kept changing while being bound")
+
+    async def bind_identities(self, target: str, bindings: Sequence[tuple[IdentityKey, str]]
+                              ) -> list[str]:
+        for key, record_id in bindings:
+            checks.identity_binding(key, record_id)
+        if not bindings:
+            return []
+        fields = [key.field for key, _ in bindings]
+        values = [key.value for key, _ in bindings]
+        params = {"target": target, "fields": fields, "values": values,
+                  "records": [record_id for _, record_id in bindings], "now": self._db.now()}
+        async with self._db.connection("bind the identities") as connection:
+            # One insert for all (a key twice in the list: the first row is kept), then one
+            # read of what each key names now.
+            await connection.execute(
+                "INSERT INTO identity_map (target, field, value, record_id, created_at)"
+                f" SELECT %(target)s, k.field, k.value, k.record, {NOW} FROM unnest("
+                "%(fields)s::text[], %(values)s::text[], %(records)s::text[])"
+                " WITH ORDINALITY AS k (field, value, record, n) ORDER BY k.n"
+                " ON CONFLICT (target, field, value) DO NOTHING", params)
+            cursor = await connection.execute(
+                "SELECT m.field, m.value, m.record_id FROM identity_map AS m"
+                " JOIN unnest(%(fields)s::text[], %(values)s::text[]) AS k (field, value)"
+                " ON m.field = k.field AND m.value = k.value WHERE m.target = %(target)s",
+                params)
+            named = {(str(f), str(v)): str(r) for f, v, r in await cursor.fetchall()}
+        # A key unbound between the two statements binds again on its own.
+        return [named.get((key.field, key.value)) or await self.bind_identity(target, key, rid)
+                for key, rid in bindings]
 
     async def rebind_identity(self, target: str, key: IdentityKey, record_id: str) -> None:
         # One upsert: the row is locked from the conflict to the commit, so a concurrent bind
@@ -79,6 +110,25 @@ class PostgresIdentityMap(PostgresPart, IdentityMap):
             winner = str(row[0]) if row else await _lookup_deal(connection, target, deal_key)
         assert winner is not None  # deal keys are never deleted
         return winner
+
+    async def bind_deals(self, target: str, bindings: Sequence[tuple[str, str]]) -> list[str]:
+        for deal_key, deal_id in bindings:
+            checks.deal_key(deal_key, deal_id)
+        if not bindings:
+            return []
+        params = {"target": target, "keys": [key for key, _ in bindings],
+                  "deals": [deal for _, deal in bindings], "now": self._db.now()}
+        async with self._db.connection("bind the deals") as connection:
+            await connection.execute(
+                "INSERT INTO deal_keys (target, deal_key, deal_id, created_at)"
+                f" SELECT %(target)s, k.deal_key, k.deal_id, {NOW} FROM unnest("
+                "%(keys)s::text[], %(deals)s::text[]) WITH ORDINALITY AS k (deal_key, deal_id, n)"
+                " ORDER BY k.n ON CONFLICT (target, deal_key) DO NOTHING", params)
+            cursor = await connection.execute(
+                "SELECT deal_key, deal_id FROM deal_keys"
+                " WHERE target = %(target)s AND deal_key = ANY(%(keys)s::text[])", params)
+            named = {str(key): str(deal) for key, deal in await cursor.fetchall()}
+        return [named[key] for key, _ in bindings]  # deal keys are never deleted
 
 
 async def _lookup(connection: Conn, target: str, keys: records.Keys) -> str | None:

@@ -1,8 +1,9 @@
-"""The identity map and deal keys on SQLite: one statement per call."""
+"""The identity map and deal keys on SQLite: one writer job per call."""
 
 from __future__ import annotations
 
 import sqlite3
+from collections.abc import Sequence
 
 from engine.actions import IdentityKey
 from engine.storage import checks, records
@@ -44,6 +45,20 @@ class SQLiteIdentityMap(SQLitePart, IdentityMap):
         return await self._db.write(lambda c: _winner(c, _BIND, _LOOKUP, where, record_id, now),
                                     "bind the identity")
 
+    async def bind_identities(self, target: str, bindings: Sequence[tuple[IdentityKey, str]]
+                              ) -> list[str]:
+        for key, record_id in bindings:
+            checks.identity_binding(key, record_id)
+        if not bindings:
+            return []
+        now = self._db.now()
+
+        def run(connection: sqlite3.Connection) -> list[str]:
+            return [_winner(connection, _BIND, _LOOKUP, (target, key.field, key.value),
+                            record_id, now) for key, record_id in bindings]
+
+        return await self._db.write(run, "bind the identities")
+
     async def rebind_identity(self, target: str, key: IdentityKey, record_id: str) -> None:
         checks.identity_binding(key, record_id)
         await self._db.execute(
@@ -75,6 +90,19 @@ class SQLiteIdentityMap(SQLitePart, IdentityMap):
         where, now = (target, deal_key), self._db.now()
         return await self._db.write(
             lambda c: _winner(c, _BIND_DEAL, _LOOKUP_DEAL, where, deal_id, now), "bind the deal")
+
+    async def bind_deals(self, target: str, bindings: Sequence[tuple[str, str]]) -> list[str]:
+        for deal_key, deal_id in bindings:
+            checks.deal_key(deal_key, deal_id)
+        if not bindings:
+            return []
+        now = self._db.now()
+
+        def run(connection: sqlite3.Connection) -> list[str]:
+            return [_winner(connection, _BIND_DEAL, _LOOKUP_DEAL, (target, deal_key), deal_id,
+                            now) for deal_key, deal_id in bindings]
+
+        return await self._db.write(run, "bind the deals")
 
 
 def _winner(connection: sqlite3.Connection, insert: str, lookup: str, where: tuple[str, ...],

@@ -103,8 +103,9 @@ class Opportunities:
                 new.append((index, action, {"attributes": {"type": "Opportunity"},
                                             **{k: v for k, v in body.items() if k != field},
                                             field: action.key}))
-        bound = await at_once(self.identities.bind_deal(CRM, action.key, record_id)
-                              for _, action, record_id in existing)
+        bound = await self.identities.bind_deals(CRM, [(action.key, record_id)
+                                                       for _, action, record_id in existing]) \
+            if existing else []
         for (index, _, _), record_id in zip(existing, bound, strict=True):
             results[index] = Outcome(record_id, "opportunity exists")
         return new
@@ -117,19 +118,27 @@ class Opportunities:
             json={"allOrNone": False, "records": [record for _, _, record in part]})
         if not isinstance(answer, list) or len(answer) != len(part):
             raise PermanentCRMError(f"{CRM}: unexpected collections answer: {answer!r:.200}")
-        outcomes = await at_once(self._result(action, result)
-                                 for (_, action, _), result in zip(part, answer, strict=True))
-        for (index, _, _), outcome in zip(part, outcomes, strict=True):
-            results[index] = outcome
-
-    async def _result(self, action: CreateDeal, result: Any) -> Result:
-        if isinstance(result, dict) and result.get("success") and result.get("id"):
-            record_id = await self.identities.bind_deal(CRM, action.key, str(result["id"]))
+        made = [(index, action, result) for (index, action, _), result
+                in zip(part, answer, strict=True) if _made(result)]
+        bound = await self.identities.bind_deals(CRM, [(action.key, str(result["id"]))
+                                                       for _, action, result in made])
+        for (index, _, result), record_id in zip(made, bound, strict=True):
             created = bool(result.get("created"))
-            return Outcome(record_id, "opportunity created" if created else "opportunity exists",
-                           created)
+            results[index] = Outcome(record_id, "opportunity created" if created
+                                     else "opportunity exists", created)
+        for (index, action, _), result in zip(part, answer, strict=True):
+            if not _made(result):
+                results[index] = self._refused(action, result)
+
+    def _refused(self, action: CreateDeal, result: Any) -> Result:
+        """The error for an Opportunity the Collections upsert did not make."""
         errors = error_entries(result.get("errors") if isinstance(result, dict) else None)
         message = f"{CRM}: Opportunity {self.key_field}={action.key}: {describe_errors(errors)}"
         if {str(e.get("statusCode")) for e in errors} & TRANSIENT_CODES:
             return RetryableCRMError(message)
         return PermanentCRMError(message)
+
+
+def _made(result: Any) -> bool:
+    """Whether a Collections upsert result says the record was made (or found) with an id."""
+    return isinstance(result, dict) and bool(result.get("success")) and bool(result.get("id"))

@@ -281,18 +281,18 @@ class SalesforceTarget:
                 await self.identities.rebind_identity(CRM, key, record_id)
 
     async def _bind_all(self, bindings: Sequence[tuple[list[IdentityKey], str]]) -> None:
-        """`_bind` each (identity, Lead id), together; a binding that shares a key with an
-        earlier one (two Leads holding one email) goes after it, so the later Lead ends up
-        mapped, as when they were bound one by one."""
-        seen: set[IdentityKey] = set()
-        together: list[tuple[list[IdentityKey], str]] = []
-        after: list[tuple[list[IdentityKey], str]] = []
-        for identity, record_id in bindings:
-            (after if seen.intersection(identity) else together).append((identity, record_id))
-            seen.update(identity)
-        await at_once(self._bind(identity, record_id) for identity, record_id in together)
-        for identity, record_id in after:
-            await self._bind(identity, record_id)
+        """`_bind` each (identity, Lead id), in one write; then each key that names another
+        Lead is rebound, in order, so a key two Leads hold (one email) ends up mapped to the
+        later one, as when they were bound one by one."""
+        pairs = [(key, record_id) for identity, record_id in bindings for key in identity
+                 if self.leads.crm_name(key.field) is not None]
+        if not pairs:
+            return
+        winners = await self.identities.bind_identities(CRM, pairs)
+        for (key, record_id), winner in zip(pairs, winners, strict=True):
+            if winner != record_id:
+                # Salesforce is the authority: a stale mapping (merged Lead) is replaced.
+                await self.identities.rebind_identity(CRM, key, record_id)
 
     async def _upsert_batch(
         self, chunk: dict[str, list[int]], items: Sequence[tuple[Action, CallContext]],

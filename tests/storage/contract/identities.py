@@ -84,6 +84,37 @@ class IdentityMapContract:
         assert await storage.identities.lookup_deal("hubspot", "referral-tok_1") == "d1"
         assert await storage.identities.lookup_deal("pipedrive", "referral-tok_1") is None
 
+    async def test_many_binds_in_one_write_keep_the_first_and_answer_each_winner(
+        self, storage: Storage
+    ) -> None:
+        identities = storage.identities
+        await identities.bind_identity("salesforce", TOKEN, "101")
+        other = IdentityKey("deep_link_token", "tok_other \u00e9\U0001f600")
+        winners = await identities.bind_identities("salesforce", [
+            (TOKEN, "202"), (EMAIL, "303"), (EMAIL, "404"), (other, "505")])
+        assert winners == ["101", "303", "303", "505"]  # mapped already; first of two; new
+        assert await identities.lookup_identity("salesforce", [EMAIL]) == "303"
+        assert await identities.lookup_identity("salesforce", [other]) == "505"
+        assert await identities.lookup_identity("hubspot", [EMAIL]) is None
+        assert await identities.bind_identities("salesforce", []) == []
+        fresh = IdentityKey("email", "fresh@example.com")
+        with pytest.raises(UnstorableValueError, match="NUL"):  # checked before any write
+            await identities.bind_identities("salesforce", [
+                (fresh, "606"), (IdentityKey("email", "ada\x00"), "707")])
+        assert await identities.lookup_identity("salesforce", [fresh]) is None
+
+    async def test_many_deal_binds_in_one_write_keep_the_first(self, storage: Storage) -> None:
+        identities = storage.identities
+        assert await identities.bind_deal("salesforce", "referral-a", "d1") == "d1"
+        assert await identities.bind_deals("salesforce", [
+            ("referral-a", "d2"), ("referral-b", "d3"), ("referral-b", "d4")]) == \
+            ["d1", "d3", "d3"]
+        assert await identities.lookup_deal("salesforce", "referral-b") == "d3"
+        assert await identities.bind_deals("salesforce", []) == []
+        with pytest.raises(UnstorableValueError):
+            await identities.bind_deals("salesforce", [("referral-c", "d5"), ("k\x00", "d6")])
+        assert await identities.lookup_deal("salesforce", "referral-c") is None
+
     async def test_keys_and_ids_are_kept_exactly_or_refused_the_same_way(
         self, storage: Storage
     ) -> None:

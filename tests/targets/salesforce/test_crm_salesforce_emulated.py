@@ -361,8 +361,9 @@ async def test_a_batch_of_deals_is_one_query_and_one_collections_upsert(
 async def test_a_batch_binds_its_records_in_the_identity_map_together(
         emulator: SalesforceEmulator, storage: Storage, client: httpx.AsyncClient,
         url: str) -> None:
-    """A batch's identity-map calls start together, not one after another (each would wait
-    for a commit of its own: most of a 200-record batch's time), and every key is bound."""
+    """A batch's identity-map binds go in one write, not one call each (each would wait for
+    a commit of its own, or be a task of its own: most of a 200-record batch's time), and
+    every key is bound."""
     identities = InFlight(storage.identities)
     target = SalesforceTarget(
         client, instance_url=url, credentials=ClientCredentials(emulator.client_id,
@@ -374,13 +375,15 @@ async def test_a_batch_binds_its_records_in_the_identity_map_together(
     results = await target.execute_many(installs)
     assert all(isinstance(r, Outcome) for r in results), results
     assert len({r.record_id for r in results if isinstance(r, Outcome)}) == 20
-    assert identities.peak >= 20
+    assert identities.calls.count("bind_identities") == 1
+    assert "bind_identity" not in identities.calls
     deals = [item for n in range(20) for item in actions_of(story(f"tok_{n}")[2])
              if isinstance(item[0], CreateDeal)]
-    identities.peak = 0
+    identities.peak, identities.calls = 0, []
     made = await target.execute_many(deals)
     assert all(isinstance(r, Outcome) and r.created for r in made), made
-    assert identities.peak >= 20  # the lookups, then the binds of the new Opportunities
+    assert identities.peak >= 20  # the lookups start together
+    assert identities.calls.count("bind_deals") == 1 and "bind_deal" not in identities.calls
     for (action, _), result in zip(installs, results, strict=True):
         assert isinstance(result, Outcome)
         assert await storage.identities.lookup_identity("salesforce", action.identity[:1]) == \
@@ -394,9 +397,9 @@ async def test_a_batch_binds_its_records_in_the_identity_map_together(
 async def test_two_leads_sharing_an_email_in_one_batch_map_it_to_the_later(
         emulator: SalesforceEmulator, storage: Storage, client: httpx.AsyncClient,
         url: str) -> None:
-    """The batch's bindings go together, except one that shares a key with an earlier one: it
-    goes after, so the email ends up mapped to the later Lead, as when they went one by one
-    (on PostgreSQL, two binds of one key at once could leave either)."""
+    """The batch's bindings go in one write, in order; the email the earlier Lead won is then
+    rebound to the later one, so it ends up mapped to the later Lead, as when they went one
+    by one (on PostgreSQL, two binds of one key at once could leave either)."""
     identities = KeyOverlaps(storage.identities)
     target = SalesforceTarget(
         client, instance_url=url, credentials=ClientCredentials(emulator.client_id,
@@ -414,4 +417,5 @@ async def test_two_leads_sharing_an_email_in_one_batch_map_it_to_the_later(
     email = IdentityKey("email", "shared@example.com")
     assert await storage.identities.lookup_identity("salesforce", [email]) == later.record_id
     assert identities.overlaps == 0
-    assert identities.calls.count("bind_identity") == 4  # each Lead's token and the email
+    assert "bind_identity" not in identities.calls
+    assert identities.calls.count("rebind_identity") == 1  # the email, to the later Lead
