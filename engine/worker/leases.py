@@ -5,6 +5,7 @@
     keeper.running(event_id)        # already at work here (claimed again after a pause)?
     keeper.hold(event_id, task)     # when the event's task starts
     keeper.release(event_id, task)  # when it ends, however it ends (None: it never started)
+    keeper.forget(task)             # a task that failed on a bug: its leases run out
     await keeper.aclose()           # when the worker stops
 
 Every third of a lease, one write extends them all (`Inbox.extend_leases`). An event whose
@@ -52,6 +53,13 @@ class LeaseKeeper:
             del self._held[event_id]
         if task is None:
             self._lost.discard(event_id)
+
+    def forget(self, task: asyncio.Task[None]) -> None:
+        """Stop keeping the leases of every event `task` still holds: it ended on a bug
+        without letting go of them, and kept forever they would never be worked on again.
+        They run out in the store, and a later claim (here or elsewhere) takes the events."""
+        for event_id in [e for e, holder in self._held.items() if holder is task]:
+            del self._held[event_id]
 
     @property
     def held(self) -> int:

@@ -418,6 +418,7 @@ class Worker:
         if error is not None:
             log.error("event task failed", extra={"error_type": type(error).__name__,
                                                   "where": where(error)})
+            self.leases.forget(task)
         self._notify()
 
     async def _drain(self) -> None:

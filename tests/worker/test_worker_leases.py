@@ -185,3 +185,38 @@ async def _wait_for_reclaim(storage: Storage, event_id: int) -> int:
         if event.attempts > 2:
             return event.attempts - 1
     raise AssertionError("the worker never claimed its own event again")
+
+
+async def test_an_event_task_failing_on_a_bug_lets_its_leases_run_out(
+        storage: Storage, rules: RuleSet, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A task that fails without letting go of its events (a bug) is not kept alive in the
+    store forever: its leases run out, and the events are claimed again and finished."""
+    ids = [await store(storage, "install.tracked", token=f"t{n}", prefix="p") for n in range(2)]
+    target = FakeTarget()
+    worker = Worker(storage, rules, [target], options=WorkerOptions(
+        lease_seconds=LEASE, poll_interval=0.05))
+    real = worker._process
+    failing, failed = True, 0
+
+    async def buggy(*args: object, **kwargs: object) -> None:
+        nonlocal failed
+        if failing:
+            failed += 1
+            raise RuntimeError("a bug before the event's task took its lease")
+        await real(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(worker, "_process", buggy)
+    running = asyncio.create_task(worker.run())
+    try:
+        await wait_until(lambda: failed >= 2 and worker.leases.held == 0, timeout=5)
+        failing = False
+
+        async def all_processed() -> bool:
+            events = [await storage.inbox.get(i) for i in ids]
+            return all(e is not None and e.status == "processed" for e in events)
+
+        await wait_until(all_processed, timeout=10, what="the events claimed again")
+    finally:
+        worker.stop()
+        await running
+    assert len(target.calls) == 4  # each event's two actions, once
