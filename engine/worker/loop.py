@@ -11,7 +11,10 @@ arrival order: an event records one ordering key per (target, identity) before a
 starts, drops a target's keys once that target is done with it, and a later event's share for a
 target waits while an earlier unfinished event still holds one of its keys; on a target with
 batch endpoints, when this worker is applying those earlier events, it queues its calls right
-behind theirs instead, so one batch writes them all in order (`engine.worker.chain`).
+behind theirs instead, so one batch writes them all in order (`engine.worker.chain`). Where
+the one target is the embedded CRM on SQLite or a CRM with batch endpoints, most of a claim's
+events go in one write or one pass instead of a task each (`engine.worker.claimwrite`,
+`engine.worker.claimpipe`).
 """
 
 from __future__ import annotations
