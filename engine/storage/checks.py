@@ -69,6 +69,18 @@ def identity_binding(key: IdentityKey, record_id: str | None) -> None:
         values.require_key("record id", record_id)
 
 
+def identity_bindings(bindings: Sequence[tuple[IdentityKey, str]]) -> None:
+    """Keys and the CRM records they name, to bind at once: all checked before any write."""
+    for key, record_id in bindings:
+        identity_binding(key, record_id)
+
+
+def deal_bindings(bindings: Sequence[tuple[str, str]]) -> None:
+    """Deal keys and the CRM deals they name, to bind at once: all checked before any write."""
+    for key, deal_id in bindings:
+        deal_key(key, deal_id)
+
+
 def deal_key(key: str, deal_id: str | None = None) -> None:
     """A deal key, and the CRM deal it names when binding one."""
     values.require_key("deal key", key)

@@ -40,7 +40,7 @@ from typing import Any, Generic, Protocol, TypeVar
 from engine.targets.base import CallContext, Outcome
 from engine.worker.apply import PartResult, Queueing
 from engine.worker.chain import Chains, Link
-from engine.worker.claimwrite import ClaimedJob, ClaimFinishing, log_failures
+from engine.worker.claimwrite import ClaimedJob, ClaimFinishing, log_failures, untried
 
 Replies = Sequence[Outcome | Exception]
 
@@ -97,8 +97,7 @@ class ClaimPipeline(ClaimFinishing[J]):
         name = self.target.name
         chosen: ClaimPass[J] = ClaimPass()
         for job in jobs:
-            if name not in job.keys or not job.work.actions \
-                    or any((name, keyed.key) in job.known for keyed in job.work.actions):
+            if not untried(job, name):
                 continue
             behind = self._behind_of(job, chosen.links)
             if behind is None:
@@ -155,7 +154,7 @@ class ClaimPipeline(ClaimFinishing[J]):
                     answers.expect(index, self.target.submit(
                         keyed.action, CallContext(keyed.key, event.id, keyed.action.rule)))
                 claim.links[event.id].settle(queued=True)
-            while answers.waiting:
+            while answers.undecided:
                 settled, apart = self._decide(claim, await answers.next(), answers)
                 alone += [asyncio.create_task(self.alone(job, pipelined, None),
                                               name=f"linkcrm-event-{job.event.id}")
@@ -239,7 +238,6 @@ class _Answers(Generic[J]):
         self._parked: list[int] = []
         self._wake = asyncio.Event()
         self._nudged = False
-        self.waiting = len(jobs)  # events not yet decided
         self.undecided = {job.event.id for job in jobs}
         self.written: set[int] = set()  # events finished together, outcomes written
 
@@ -278,7 +276,6 @@ class _Answers(Generic[J]):
 
     def decided(self, index: int) -> None:
         self.undecided.discard(self.jobs[index].event.id)
-        self.waiting -= 1
 
     def replies(self, index: int) -> list[Outcome | Exception]:
         """Its calls' answers, in order (cancelled: the batcher stopped, so the worker is

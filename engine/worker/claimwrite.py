@@ -156,9 +156,7 @@ class ClaimWriter(ClaimFinishing[J]):
     def goes_together(self, job: J) -> bool:
         """Whether the event's part goes in its claim's one write: nothing earlier of its
         identities to wait for, actions to write, none of them tried before."""
-        name = self.target.name
-        return job.clear and name in job.keys and bool(job.work.actions) \
-            and not any((name, keyed.key) in job.known for keyed in job.work.actions)
+        return job.clear and untried(job, self.target.name)
 
     def _conclude_alone(self, job: J, result: PartResult) -> Awaitable[None]:
         return self.alone(job, None, result)
@@ -210,6 +208,13 @@ class ClaimWriter(ClaimFinishing[J]):
         return answers
 
 
+def untried(job: ClaimedJob, target: str) -> bool:
+    """Whether the event has actions for `target` and none of them was tried before: what a
+    claim-level write may send for it."""
+    return target in job.keys and bool(job.work.actions) \
+        and not any((target, keyed.key) in job.known for keyed in job.work.actions)
+
+
 def log_failures(ended: Sequence[object]) -> None:
     """Log the errors among what the tasks of a claim ended with (a bug: the events they
     held are handed back when their leases run out)."""
@@ -219,4 +224,4 @@ def log_failures(ended: Sequence[object]) -> None:
                                                   "where": where(error)})
 
 
-__all__ = ["ClaimFinishing", "ClaimWriter", "ClaimedJob", "log_failures"]
+__all__ = ["ClaimFinishing", "ClaimWriter", "ClaimedJob", "log_failures", "untried"]

@@ -40,8 +40,7 @@ class PostgresIdentityMap(PostgresPart, IdentityMap):
 
     async def bind_identities(self, target: str, bindings: Sequence[tuple[IdentityKey, str]]
                               ) -> list[str]:
-        for key, record_id in bindings:
-            checks.identity_binding(key, record_id)
+        checks.identity_bindings(bindings)
         if not bindings:
             return []
         fields = [key.field for key, _ in bindings]
@@ -98,27 +97,16 @@ class PostgresIdentityMap(PostgresPart, IdentityMap):
             return await _lookup_deal(connection, target, deal_key)
 
     async def bind_deal(self, target: str, deal_key: str, deal_id: str) -> str:
-        checks.deal_key(deal_key, deal_id)
-        async with self._db.connection("bind the deal") as connection:
-            cursor = await connection.execute(
-                "INSERT INTO deal_keys (target, deal_key, deal_id, created_at)"
-                f" VALUES (%(target)s, %(key)s, %(deal)s, {NOW})"
-                " ON CONFLICT (target, deal_key) DO NOTHING RETURNING deal_id",
-                {"target": target, "key": deal_key, "deal": deal_id, "now": self._db.now()},
-            )
-            row = await cursor.fetchone()
-            winner = str(row[0]) if row else await _lookup_deal(connection, target, deal_key)
-        assert winner is not None  # deal keys are never deleted
-        return winner
+        return (await self.bind_deals(target, [(deal_key, deal_id)]))[0]
 
     async def bind_deals(self, target: str, bindings: Sequence[tuple[str, str]]) -> list[str]:
-        for deal_key, deal_id in bindings:
-            checks.deal_key(deal_key, deal_id)
+        checks.deal_bindings(bindings)
         if not bindings:
             return []
         params = {"target": target, "keys": [key for key, _ in bindings],
                   "deals": [deal for _, deal in bindings], "now": self._db.now()}
-        async with self._db.connection("bind the deals") as connection:
+        doing = "bind the deals" if len(bindings) > 1 else "bind the deal"
+        async with self._db.connection(doing) as connection:
             await connection.execute(
                 "INSERT INTO deal_keys (target, deal_key, deal_id, created_at)"
                 f" SELECT %(target)s, k.deal_key, k.deal_id, {NOW} FROM unnest("

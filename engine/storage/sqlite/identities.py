@@ -40,24 +40,14 @@ class SQLiteIdentityMap(SQLitePart, IdentityMap):
         return await self._db.read(run, "look up the identity")
 
     async def bind_identity(self, target: str, key: IdentityKey, record_id: str) -> str:
-        checks.identity_binding(key, record_id)
-        where, now = (target, key.field, key.value), self._db.now()
-        return await self._db.write(lambda c: _winner(c, _BIND, _LOOKUP, where, record_id, now),
-                                    "bind the identity")
+        return (await self.bind_identities(target, [(key, record_id)]))[0]
 
     async def bind_identities(self, target: str, bindings: Sequence[tuple[IdentityKey, str]]
                               ) -> list[str]:
-        for key, record_id in bindings:
-            checks.identity_binding(key, record_id)
-        if not bindings:
-            return []
-        now = self._db.now()
-
-        def run(connection: sqlite3.Connection) -> list[str]:
-            return [_winner(connection, _BIND, _LOOKUP, (target, key.field, key.value),
-                            record_id, now) for key, record_id in bindings]
-
-        return await self._db.write(run, "bind the identities")
+        checks.identity_bindings(bindings)
+        return await self._winners(_BIND, _LOOKUP, [
+            ((target, key.field, key.value), record_id) for key, record_id in bindings],
+            "bind the identities" if len(bindings) > 1 else "bind the identity")
 
     async def rebind_identity(self, target: str, key: IdentityKey, record_id: str) -> None:
         checks.identity_binding(key, record_id)
@@ -86,23 +76,23 @@ class SQLiteIdentityMap(SQLitePart, IdentityMap):
                                   lambda row: str(row[0]))
 
     async def bind_deal(self, target: str, deal_key: str, deal_id: str) -> str:
-        checks.deal_key(deal_key, deal_id)
-        where, now = (target, deal_key), self._db.now()
-        return await self._db.write(
-            lambda c: _winner(c, _BIND_DEAL, _LOOKUP_DEAL, where, deal_id, now), "bind the deal")
+        return (await self.bind_deals(target, [(deal_key, deal_id)]))[0]
 
     async def bind_deals(self, target: str, bindings: Sequence[tuple[str, str]]) -> list[str]:
-        for deal_key, deal_id in bindings:
-            checks.deal_key(deal_key, deal_id)
+        checks.deal_bindings(bindings)
+        return await self._winners(_BIND_DEAL, _LOOKUP_DEAL, [
+            ((target, deal_key), deal_id) for deal_key, deal_id in bindings],
+            "bind the deals" if len(bindings) > 1 else "bind the deal")
+
+    async def _winners(self, insert: str, lookup: str,
+                       bindings: Sequence[tuple[tuple[str, ...], str]], doing: str) -> list[str]:
+        """`_winner` for each (key columns, value), in order, in one writer job."""
         if not bindings:
             return []
         now = self._db.now()
-
-        def run(connection: sqlite3.Connection) -> list[str]:
-            return [_winner(connection, _BIND_DEAL, _LOOKUP_DEAL, (target, deal_key), deal_id,
-                            now) for deal_key, deal_id in bindings]
-
-        return await self._db.write(run, "bind the deals")
+        return await self._db.write(
+            lambda c: [_winner(c, insert, lookup, where, value, now) for where, value in bindings],
+            doing)
 
 
 def _winner(connection: sqlite3.Connection, insert: str, lookup: str, where: tuple[str, ...],

@@ -269,21 +269,14 @@ class SalesforceTarget:
             if not isinstance(answer, dict) or not answer.get("id"):
                 raise PermanentCRMError(f"{CRM}: Lead create answered without an id")
             record_id, created, summary = str(answer["id"]), True, "lead created"
-        await self._bind(identity, record_id)
+        await self._bind_all([(list(identity), record_id)])
         return Outcome(record_id, summary, created)
 
-    async def _bind(self, identity: Iterable[IdentityKey], record_id: str) -> None:
-        for key in identity:
-            if self.leads.crm_name(key.field) is None:
-                continue
-            if await self.identities.bind_identity(CRM, key, record_id) != record_id:
-                # Salesforce is the authority: a stale mapping (merged Lead) is replaced.
-                await self.identities.rebind_identity(CRM, key, record_id)
-
     async def _bind_all(self, bindings: Sequence[tuple[list[IdentityKey], str]]) -> None:
-        """`_bind` each (identity, Lead id), in one write; then each key that names another
-        Lead is rebound, in order, so a key two Leads hold (one email) ends up mapped to the
-        later one, as when they were bound one by one."""
+        """Bind each key (that Leads hold) of each (identity, Lead id) in one write; then
+        each key that names another Lead is rebound, in order: Salesforce is the authority
+        (a stale mapping: a merged Lead), and a key two Leads hold (one email) ends up mapped
+        to the later one, as when they were bound one by one."""
         pairs = [(key, record_id) for identity, record_id in bindings for key in identity
                  if self.leads.crm_name(key.field) is not None]
         if not pairs:
@@ -291,7 +284,6 @@ class SalesforceTarget:
         winners = await self.identities.bind_identities(CRM, pairs)
         for (key, record_id), winner in zip(pairs, winners, strict=True):
             if winner != record_id:
-                # Salesforce is the authority: a stale mapping (merged Lead) is replaced.
                 await self.identities.rebind_identity(CRM, key, record_id)
 
     async def _upsert_batch(
